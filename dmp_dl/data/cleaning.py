@@ -1,0 +1,392 @@
+"""Cleaning raw event logs into canonical events, with a data-quality report.
+
+Every row that is dropped is counted under exactly one reason (the first check it fails, in the
+order of :data:`DROP_REASONS`), so ``rows_in - rows_out == sum(dropped.values())`` always holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, normalize_ids
+from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = (
+    "malformed_row",  # wrong number of fields (CSV)
+    "missing_user_id",
+    "missing_item_id",
+    "bad_timestamp",  # missing or unparseable
+    "timestamp_out_of_range",
+    "unknown_event_type",  # not a key of event_weights
+    "bad_value",  # value present but not a finite number
+    "erased_user",  # on the erasure list
+    "below_min_value",  # positive rule: value < min_value
+    "not_positive_event",  # positive rule: event type not in positive_event_types
+    "duplicate",  # exact duplicate of an earlier event
+    "kcore",  # k-core filter
+)
+MISSING_TOKENS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
+
+
+@dataclass
+class CleaningOptions:
+    """How raw events become clean events (``data.cleaning`` in the config).
+
+    event_weights: event type -> loss weight. Types not listed are dropped (``unknown_event_type``);
+        ``None`` accepts every type with weight 1.
+    default_event_type: the type given to every event when the log has no ``event_type`` column.
+    min_timestamp / max_timestamp: sane range (epoch seconds or ISO-8601); ``max_timestamp=None``
+        means one day after now.
+    timestamp_unit: unit of numeric timestamps, ``s`` or ``ms``.
+    value_fill: value given to events whose ``value`` is missing (empty cell, null).
+    min_value: positive rule, keep events with ``value >= min_value`` (e.g. ratings >= 4).
+    positive_event_types: positive rule, keep only these event types.
+    kcore_users / kcore_items: iteratively drop users / items with fewer events.
+    dedupe: drop exact duplicate events.
+    """
+
+    event_weights: dict[str, float] | None = None
+    default_event_type: str = "interaction"
+    min_timestamp: str | int | float = "1990-01-01"
+    max_timestamp: str | int | float | None = None
+    timestamp_unit: str = "s"
+    value_fill: float = 0.0
+    min_value: float | None = None
+    positive_event_types: list[str] | None = None
+    kcore_users: int = 0
+    kcore_items: int = 0
+    dedupe: bool = True
+
+    def __post_init__(self) -> None:
+        if self.event_weights is not None:
+            weights = {str(k).strip().lower(): float(v) for k, v in dict(self.event_weights).items()}
+            bad = {k: v for k, v in weights.items() if not np.isfinite(v) or v < 0}
+            if bad:
+                raise ConfigError(f"data.cleaning.event_weights must be finite and >= 0, got {bad}")
+            self.event_weights = weights
+        if self.timestamp_unit not in ("s", "ms"):
+            raise ConfigError(f"data.cleaning.timestamp_unit must be 's' or 'ms', got {self.timestamp_unit!r}")
+        if self.positive_event_types is not None:
+            self.positive_event_types = [str(t).strip().lower() for t in self.positive_event_types]
+
+
+@dataclass
+class TableReport:
+    """Row accounting for one table: ``rows_in - rows_out == sum(dropped.values())``."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    filled: dict[str, int] = field(default_factory=dict)
+    ignored_columns: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, n: int) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + int(n)
+
+    def check(self, what: str) -> None:
+        lost = self.rows_in - self.rows_out - sum(self.dropped.values())
+        if lost != 0:  # a bug, not a user error: every drop must be counted
+            raise AssertionError(f"{what}: {lost} rows unaccounted for in {self}")
+
+
+@dataclass
+class QualityReport:
+    """What cleaning (and later splitting) did to the data; written as ``data_quality.json``."""
+
+    source: str
+    events: TableReport
+    users_table: TableReport | None = None
+    items_table: TableReport | None = None
+    n_users: int = 0
+    n_items: int = 0
+    events_per_type: dict[str, int] = field(default_factory=dict)
+    time_range: dict[str, str | None] = field(default_factory=dict)
+    attributes: dict[str, dict[str, str]] = field(default_factory=dict)
+    split: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write_json(self, path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str))
+
+    def summary(self) -> str:
+        e = self.events
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(e.dropped.items())) or "none"
+        return (
+            f"{self.source}: {e.rows_in} events in, {e.rows_out} kept "
+            f"({self.n_users} users, {self.n_items} items); dropped: {dropped}"
+        )
+
+
+def _to_epoch_seconds(value: str | int | float) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot parse timestamp bound {value!r} (data.cleaning.min/max_timestamp): {exc}") from None
+    if stamp.tzinfo is None:
+        stamp = stamp.tz_localize("UTC")
+    return stamp.timestamp()
+
+
+def parse_timestamps(col: pd.Series, unit: str = "s") -> np.ndarray:
+    """Epoch seconds (float64) from epoch numbers, ISO-8601 strings or datetimes; NaN if unparseable.
+
+    A column may mix numeric epochs and ISO-8601 strings. Naive datetimes are taken as UTC.
+    """
+    scale = 1000.0 if unit == "ms" else 1.0
+    if pd.api.types.is_datetime64_any_dtype(col.dtype):
+        dt = pd.to_datetime(col, utc=True)
+        return ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        return col.to_numpy(dtype=np.float64, na_value=np.nan) / scale
+    text = col.astype(object).where(col.notna(), "").map(str).str.strip()
+    out = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) / scale
+    rest = np.isnan(out) & (text.str.lower().isin(MISSING_TOKENS) == False).to_numpy()  # noqa: E712
+    if rest.any():
+        dt = pd.to_datetime(text[rest], format="ISO8601", utc=True, errors="coerce")
+        out[rest] = ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
+    return out
+
+
+def _parse_values(col: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values float64, missing mask, bad mask). Missing: empty/null. Bad: present but not finite."""
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        vals = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        missing = np.isnan(vals)
+        bad = np.isinf(vals)
+        return vals, missing, bad
+    text = col.astype(object).where(col.notna(), "").map(str).str.strip()
+    missing = (text == "").to_numpy()
+    vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~missing & ~np.isfinite(vals)
+    return vals, missing, bad
+
+
+def _missing_id(ids: pd.Series) -> np.ndarray:
+    return ids.str.lower().isin(MISSING_TOKENS).to_numpy()
+
+
+def clean_events(
+    raw: pd.DataFrame,
+    opts: CleaningOptions,
+    *,
+    malformed_rows: int = 0,
+    exclude_users: Collection[str] = (),
+) -> tuple[pd.DataFrame, TableReport]:
+    """Canonical events from a raw event table.
+
+    Parameters
+    ----------
+    raw: columns ``user_id``, ``item_id``, ``timestamp`` and optionally ``event_type``, ``value``;
+        any dtypes (strings from CSV, native from Parquet or generators). Other columns are ignored
+        and listed in the report.
+    opts: the cleaning options.
+    malformed_rows: rows the reader skipped (counted as ``malformed_row``).
+    exclude_users: user ids to drop (``erased_user``), e.g. the erasure list.
+
+    Returns
+    -------
+    events: DataFrame with ``user_id`` (str), ``item_id`` (str), ``timestamp`` (int64 s),
+        ``event_type`` (str), ``value`` (float64), ``weight`` (float32), sorted by timestamp.
+    report: the row accounting.
+    """
+    rep = TableReport(rows_in=len(raw) + malformed_rows)
+    rep.drop("malformed_row", malformed_rows)
+    rep.ignored_columns = [c for c in raw.columns if c not in (USER, ITEM, TIME, TYPE, VALUE)]
+    n = len(raw)
+    keep = np.ones(n, dtype=bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        hit = keep & mask
+        rep.drop(reason, int(hit.sum()))
+        keep[hit] = False
+
+    users = normalize_ids(raw[USER])
+    items = normalize_ids(raw[ITEM])
+    drop(_missing_id(users), "missing_user_id")
+    drop(_missing_id(items), "missing_item_id")
+
+    ts = parse_timestamps(raw[TIME], opts.timestamp_unit)
+    drop(~np.isfinite(ts), "bad_timestamp")
+    lo = _to_epoch_seconds(opts.min_timestamp)
+    hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
+    with np.errstate(invalid="ignore"):
+        drop((ts < lo) | (ts > hi), "timestamp_out_of_range")
+
+    if TYPE in raw.columns:
+        types = raw[TYPE].astype(object).where(raw[TYPE].notna(), "").map(str).str.strip().str.lower()
+        types = types.where(types != "", opts.default_event_type)
+    else:
+        types = pd.Series(opts.default_event_type, index=raw.index, dtype=object)
+    if opts.event_weights is not None and TYPE in raw.columns:
+        drop(~types.isin(list(opts.event_weights)).to_numpy(), "unknown_event_type")
+
+    if VALUE in raw.columns:
+        values, missing, bad = _parse_values(raw[VALUE])
+        drop(bad, "bad_value")
+        values = np.where(missing, opts.value_fill, values)
+    else:
+        missing = np.zeros(n, dtype=bool)
+        values = np.full(n, opts.value_fill, dtype=np.float64)
+
+    if exclude_users:
+        drop(users.isin(set(exclude_users)).to_numpy(), "erased_user")
+    if opts.min_value is not None:
+        drop(values < float(opts.min_value), "below_min_value")
+    if opts.positive_event_types is not None:
+        drop(~types.isin(opts.positive_event_types).to_numpy(), "not_positive_event")
+
+    events = pd.DataFrame(
+        {
+            USER: users.to_numpy()[keep],
+            ITEM: items.to_numpy()[keep],
+            TIME: np.floor(ts[keep]).astype(np.int64),
+            TYPE: types.to_numpy()[keep],
+            VALUE: values[keep].astype(np.float64),
+        }
+    )
+    if opts.dedupe and len(events):
+        dup = events.duplicated(keep="first").to_numpy()
+        rep.drop("duplicate", int(dup.sum()))
+        events = events.loc[~dup]
+    if opts.kcore_users > 0 or opts.kcore_items > 0:
+        events = _kcore(events, opts.kcore_users, opts.kcore_items, rep)
+    n_filled = int(missing[keep][events.index.to_numpy()].sum())
+    if n_filled:
+        rep.filled[VALUE] = n_filled
+    events = events.sort_values(TIME, kind="stable").reset_index(drop=True)
+    if opts.event_weights is not None:
+        events[WEIGHT] = events[TYPE].map(opts.event_weights).fillna(1.0).to_numpy(dtype=np.float32)
+    else:
+        events[WEIGHT] = np.ones(len(events), dtype=np.float32)
+    rep.rows_out = len(events)
+    rep.check("events")
+    return events, rep
+
+
+def _kcore(events: pd.DataFrame, k_users: int, k_items: int, rep: TableReport) -> pd.DataFrame:
+    while True:
+        before = len(events)
+        if k_users > 0:
+            counts = events.groupby(USER)[ITEM].transform("size")
+            events = events.loc[counts >= k_users]
+        if k_items > 0:
+            counts = events.groupby(ITEM)[USER].transform("size")
+            events = events.loc[counts >= k_items]
+        rep.drop("kcore", before - len(events))
+        if len(events) == before:
+            return events
+
+
+def clean_attributes(
+    raw: pd.DataFrame, id_col: str, *, malformed_rows: int = 0, exclude_ids: Collection[str] = ()
+) -> tuple[pd.DataFrame, TableReport, dict[str, str]]:
+    """Clean a user or item attribute table.
+
+    Ids are normalised; rows with a missing id (``missing_id``) or an id listed in ``exclude_ids``
+    (``erased_user``) are dropped; for a repeated id the last row wins (``duplicate_id``). A column
+    whose non-empty values all parse as numbers becomes float64 (empty -> NaN); any other column
+    stays categorical (str, empty -> None).
+
+    Returns
+    -------
+    (table with ``id_col`` first, row accounting, {column: "numeric" | "categorical"})
+    """
+    rep = TableReport(rows_in=len(raw) + malformed_rows)
+    rep.drop("malformed_row", malformed_rows)
+    frame = raw.copy()
+    frame[id_col] = normalize_ids(frame[id_col])
+    missing = _missing_id(frame[id_col])
+    rep.drop("missing_id", int(missing.sum()))
+    frame = frame.loc[~missing]
+    if exclude_ids:
+        erased = frame[id_col].isin(set(exclude_ids)).to_numpy()
+        rep.drop("erased_user", int(erased.sum()))
+        frame = frame.loc[~erased]
+    dup = frame.duplicated(subset=[id_col], keep="last").to_numpy()
+    rep.drop("duplicate_id", int(dup.sum()))
+    frame = frame.loc[~dup].reset_index(drop=True)
+    kinds: dict[str, str] = {}
+    for col in frame.columns:
+        if col == id_col:
+            continue
+        series = frame[col]
+        if pd.api.types.is_bool_dtype(series.dtype):
+            frame[col] = series.astype(object).map(lambda v: None if pd.isna(v) else str(v).lower())
+            kinds[col] = "categorical"
+            continue
+        if pd.api.types.is_numeric_dtype(series.dtype):
+            vals = series.to_numpy(dtype=np.float64, na_value=np.nan)
+            frame[col] = np.where(np.isfinite(vals), vals, np.nan)
+            kinds[col] = "numeric"
+            continue
+        text = series.astype(object).where(series.notna(), "").map(str).str.strip()
+        empty = text.str.lower().isin(MISSING_TOKENS)
+        numbers = pd.to_numeric(text.where(~empty), errors="coerce")
+        if (~empty).any() and numbers[~empty].notna().all():
+            vals = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+            frame[col] = np.where(np.isfinite(vals), vals, np.nan)
+            kinds[col] = "numeric"
+        else:
+            frame[col] = text.where(~empty, None).astype(object)
+            kinds[col] = "categorical"
+    rep.rows_out = len(frame)
+    rep.check(f"{id_col} table")
+    return frame, rep, kinds
+
+
+def clean_log(
+    raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = ()
+) -> tuple[EventLog, QualityReport]:
+    """Clean all tables of a raw :class:`EventLog` and describe the result.
+
+    Raises
+    ------
+    DataError if no event survives cleaning (the message carries the per-reason counts).
+    """
+    malformed: Mapping[str, int] = raw.meta.get("malformed_rows", {})
+    events, ev_rep = clean_events(
+        raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users
+    )
+    report = QualityReport(source=raw.source, events=ev_rep)
+    if ev_rep.rows_out == 0:
+        raise DataError(
+            f"{raw.source}: no events left after cleaning ({ev_rep.rows_in} rows in; dropped: {ev_rep.dropped}). "
+            "Check the file's columns, timestamps and data.cleaning settings (event_weights, min_timestamp, ...)."
+        )
+    users = items = None
+    if raw.users is not None:
+        users, report.users_table, report.attributes["users"] = clean_attributes(
+            raw.users, USER, malformed_rows=malformed.get("users", 0), exclude_ids=exclude_users
+        )
+    if raw.items is not None:
+        items, report.items_table, report.attributes["items"] = clean_attributes(
+            raw.items, ITEM, malformed_rows=malformed.get("items", 0)
+        )
+    report.n_users = int(events[USER].nunique())
+    report.n_items = int(events[ITEM].nunique())
+    report.events_per_type = {str(k): int(v) for k, v in events[TYPE].value_counts().sort_index().items()}
+    t0, t1 = int(events[TIME].min()), int(events[TIME].max())
+    report.time_range = {
+        "min": pd.Timestamp(t0, unit="s", tz="UTC").isoformat(),
+        "max": pd.Timestamp(t1, unit="s", tz="UTC").isoformat(),
+    }
+    log.info(report.summary())
+    return EventLog(events, users, items, raw.source, dict(raw.meta)), report

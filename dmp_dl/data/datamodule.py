@@ -1,0 +1,319 @@
+"""The LightningDataModule: events -> clean -> vocab -> split -> training batches and eval sets."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
+from dmp_dl.data.features import FeatureTable
+from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT, EventLog
+from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, assign_split
+from dmp_dl.data.vocab import IdVocab
+from dmp_dl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def pair_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> sp.csr_matrix:
+    """Binary (n_users, n_items) CSR matrix of the distinct (user, item) pairs."""
+    data = np.ones(len(users), dtype=np.float32)
+    m = sp.csr_matrix((data, (users, items)), shape=(n_users, n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int) -> np.ndarray:
+    """Each user's ``length`` most recent items, most recent first, padded with ``pad``.
+
+    ``user``/``item`` must be in time order. Returns (n_users, length) int64.
+    """
+    out = np.full((n_users, max(length, 0)), pad, dtype=np.int64)
+    if length <= 0 or len(user) == 0:
+        return out
+    order = np.lexsort((np.arange(len(user)), user))
+    u, it = user[order], item[order]
+    ends = np.r_[np.flatnonzero(u[1:] != u[:-1]), len(u) - 1]
+    starts = np.r_[0, ends[:-1] + 1]
+    for k in range(length):  # `length` vectorised passes, not one per user
+        pos = ends - k
+        ok = pos >= starts
+        out[u[ends[ok]], k] = it[pos[ok]]
+    return out
+
+
+def _keep(batch):
+    """collate_fn for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+class TrainExamples(Dataset):
+    """Training events, one example each, batched by ``__getitems__`` without per-example Python.
+
+    Events are held sorted by (user, time), so an example's history (the user's ``history_len``
+    previous training items, most recent first) is a vectorised gather.
+
+    A batch is a dict: ``user`` (B,) int64, ``item`` (B,) int64, ``weight`` (B,) float32 and,
+    if ``history_len > 0``, ``history`` (B, L) int64 padded with ``pad``.
+    """
+
+    def __init__(self, user: np.ndarray, item: np.ndarray, weight: np.ndarray, history_len: int, pad: int):
+        order = np.lexsort((np.arange(len(user)), user))
+        self.user = torch.from_numpy(np.ascontiguousarray(user[order]))
+        self.item = torch.from_numpy(np.ascontiguousarray(item[order]))
+        self.weight = torch.from_numpy(np.ascontiguousarray(weight[order], dtype=np.float32))
+        u = user[order]
+        starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+        counts = np.diff(np.r_[starts, len(u)])
+        self.start = torch.from_numpy(np.repeat(starts, counts).astype(np.int64))
+        self.history_len = history_len
+        self.pad = pad
+        self._offsets = torch.arange(1, history_len + 1)
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        batch = {"user": self.user[idx], "item": self.item[idx], "weight": self.weight[idx]}
+        if self.history_len > 0:
+            pos = idx[:, None] - self._offsets
+            valid = pos >= self.start[idx][:, None]
+            batch["history"] = torch.where(valid, self.item[pos.clamp(min=0)], self.pad)
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class EvalUsers(Dataset):
+    """Users to evaluate with what full-ranking evaluation needs, batched by ``__getitems__``.
+
+    A batch: ``user`` (B,), ``history`` (B, L), and two sparse sets as (row-in-batch, item) pairs:
+    ``seen_rows``/``seen_cols`` (items to exclude) and ``rel_rows``/``rel_cols`` (held-out items).
+    """
+
+    def __init__(self, users: np.ndarray, history: np.ndarray, seen: sp.csr_matrix, relevant: sp.csr_matrix):
+        self.users = np.asarray(users, dtype=np.int64)
+        self.history = history
+        self.seen = seen
+        self.relevant = relevant
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        users = self.users[np.asarray(indices, dtype=np.int64)]
+        seen = self.seen[users].tocoo()
+        rel = self.relevant[users].tocoo()
+        return {
+            "user": torch.from_numpy(users),
+            "history": torch.from_numpy(self.history[users]),
+            "seen_rows": torch.from_numpy(seen.row.astype(np.int64)),
+            "seen_cols": torch.from_numpy(seen.col.astype(np.int64)),
+            "rel_rows": torch.from_numpy(rel.row.astype(np.int64)),
+            "rel_cols": torch.from_numpy(rel.col.astype(np.int64)),
+        }
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])
+
+
+class InteractionDataModule(pl.LightningDataModule):
+    """Loads, cleans, indexes and splits an event log; serves batches for the embedding models.
+
+    Parameters
+    ----------
+    source: a source object with ``load() -> EventLog``, or a factory (Hydra ``_partial_``) that is
+        called with the given ``path`` / ``users`` / ``items``.
+    path, users, items: input files (``data.path`` ...), passed to the source factory.
+    cleaning, split: :class:`CleaningOptions`, :class:`SplitOptions` (or dicts of them).
+    batch_size: training batch size; eval_batch_size: users per evaluation batch.
+    history_len: recent items per user fed to models that use history (0: none).
+    erasure_list: file of erased user ids (one per line); their events are dropped on load.
+    """
+
+    def __init__(
+        self,
+        source: Callable[..., object] | object,
+        cleaning: CleaningOptions | dict | None = None,
+        split: SplitOptions | dict | None = None,
+        path: str | None = None,
+        users: str | None = None,
+        items: str | None = None,
+        batch_size: int = 2048,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        history_len: int = 20,
+        erasure_list: str | None = None,
+        name: str = "data",
+    ):
+        super().__init__()
+        self.source = _make_source(source, path=path, users=users, items=items, name=name)
+        self.cleaning = cleaning if isinstance(cleaning, CleaningOptions) else CleaningOptions(**(cleaning or {}))
+        self.split_opts = split if isinstance(split, SplitOptions) else SplitOptions(**(split or {}))
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.history_len = int(history_len)
+        self.erasure_list = erasure_list
+        self.name = name
+        self._prepared = False
+
+    # -- loading -------------------------------------------------------------------------
+    def prepare(self) -> "InteractionDataModule":
+        """Load, clean, index and split (once). Returns ``self``."""
+        if self._prepared:
+            return self
+        raw = self.source.load()
+        self.raw_meta = raw.meta
+        cleaned, report = clean_log(raw, self.cleaning, exclude_users=self._erased_users())
+        ev = cleaned.events
+        self.user_vocab = IdVocab.from_values(ev[USER].unique(), "user")
+        self.item_vocab = IdVocab.from_values(ev[ITEM].unique(), "item")
+        ev["user_idx"] = self.user_vocab.index_of(ev[USER].tolist())
+        ev["item_idx"] = self.item_vocab.index_of(ev[ITEM].tolist())
+        ev["split"] = assign_split(ev["user_idx"].to_numpy(), ev[TIME].to_numpy(), self.split_opts)
+        self.log_ = cleaned
+        self.report = report
+        self._index_splits(ev)
+        self.user_features = FeatureTable.build(cleaned.users, USER, self.user_vocab, report.attributes.get("users"))
+        self.item_features = FeatureTable.build(cleaned.items, ITEM, self.item_vocab, report.attributes.get("items"))
+        report.attributes["skipped"] = {
+            **{f"users.{k}": v for k, v in self.user_features.skipped_columns.items()},
+            **{f"items.{k}": v for k, v in self.item_features.skipped_columns.items()},
+        }
+        self._prepared = True
+        return self
+
+    def _erased_users(self) -> Collection[str]:
+        if not self.erasure_list:
+            return ()
+        path = Path(self.erasure_list)
+        if not path.exists():
+            raise DataError(f"erasure list not found: {path} (set data.erasure_list to an existing file or null)")
+        return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+    def _index_splits(self, ev: pd.DataFrame) -> None:
+        n_users, n_items = len(self.user_vocab), len(self.item_vocab)
+        u, i, s = ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev["split"].to_numpy()
+        train = s == TRAIN
+        if not train.any():
+            raise DataError(f"{self.report.source}: the split left no training events; lower data.split.val_frac/test_frac")
+        self.train_idx = np.flatnonzero(train)
+        self.item_counts = np.bincount(i[train], minlength=n_items).astype(np.int64)
+        self.train_seen = pair_matrix(n_users, n_items, u[train], i[train])
+        self.train_history = last_items(u[train], i[train], n_users, self.history_len, pad=n_items)
+        self.all_seen = pair_matrix(n_users, n_items, u, i)
+        self.full_history = last_items(u, i, n_users, self.history_len, pad=n_items)
+        users_in_train = np.zeros(n_users, dtype=bool)
+        users_in_train[u[train]] = True
+        items_in_train = self.item_counts > 0
+        stats: dict[str, object] = {
+            "method": self.split_opts.method,
+            "events": {"train": int(train.sum()), "val": int((s == VAL).sum()), "test": int((s == TEST).sum())},
+            "train_time_max": int(ev.loc[train, TIME].max()),
+        }
+        exclude = self.train_seen
+        for name, code in (("val", VAL), ("test", TEST)):
+            m = s == code
+            warm = m & users_in_train[u]
+            stats[f"{name}_events_user_unseen_in_train"] = int((m & ~users_in_train[u]).sum())
+            stats[f"{name}_events_item_unseen_in_train"] = int((m & ~items_in_train[i]).sum())
+            held = pair_matrix(n_users, n_items, u[warm], i[warm])
+            overlap = held.multiply(exclude)
+            stats[f"{name}_pairs_already_seen"] = int(overlap.nnz)
+            held = (held - overlap).tocsr()
+            held.eliminate_zeros()
+            setattr(self, f"{name}_relevant", held)
+            setattr(self, f"{name}_seen", exclude)
+            users_with = np.flatnonzero(np.diff(held.indptr) > 0)
+            setattr(self, f"{name}_users", users_with)
+            stats[f"{name}_users"] = int(len(users_with))
+            stats[f"{name}_pairs"] = int(held.nnz)
+            # the test period excludes what the user did in training and validation
+            exclude = (exclude + pair_matrix(n_users, n_items, u[m], i[m])).tocsr()
+            exclude.data[:] = 1.0
+        self.report.split = stats
+
+    # -- views ---------------------------------------------------------------------------
+    @property
+    def events(self) -> pd.DataFrame:
+        """Clean events with ``user_idx``, ``item_idx`` and ``split`` columns, in time order."""
+        return self.log_.events
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_vocab)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_vocab)
+
+    def net_kwargs(self) -> dict:
+        """Sizes and feature tables a network needs (passed to ``model.net``)."""
+        return {
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "user_features": self.user_features,
+            "item_features": self.item_features,
+        }
+
+    def train_dataset(self) -> TrainExamples:
+        ev = self.events
+        idx = self.train_idx
+        return TrainExamples(
+            ev["user_idx"].to_numpy()[idx], ev["item_idx"].to_numpy()[idx],
+            ev[WEIGHT].to_numpy()[idx], self.history_len, pad=self.n_items,
+        )
+
+    def eval_dataset(self, stage: str) -> EvalUsers:
+        """``stage`` is ``val`` or ``test``."""
+        return EvalUsers(
+            getattr(self, f"{stage}_users"), self.train_history,
+            getattr(self, f"{stage}_seen"), getattr(self, f"{stage}_relevant"),
+        )
+
+    # -- Lightning hooks -----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_keep,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
+
+
+def _make_source(source, *, path, users, items, name):
+    if hasattr(source, "load") and not isinstance(source, type):
+        if path or users or items:
+            raise ConfigError(f"data={name}: pass the files to the source factory, not to a built source")
+        return source
+    given = {k: v for k, v in (("path", path), ("users", users), ("items", items)) if v}
+    accepted = inspect.signature(source).parameters
+    extra = [k for k in given if k not in accepted]
+    if extra:
+        raise ConfigError(f"data={name} does not read files given by {', '.join('data.' + k for k in extra)}; remove them")
+    return source(**given)

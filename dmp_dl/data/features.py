@@ -1,0 +1,164 @@
+"""Encoding user / item attribute tables into tensors for the towers.
+
+Categorical columns become tokens ``"column=value"`` (a multi-valued cell ``a|b`` gives two
+tokens); numeric columns are standardised with missing values at the mean (0). Row ``n`` (one past
+the last vocabulary index) is the all-missing row used for unknown users/items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dmp_dl.data.schema import MULTI_VALUE_SEP
+from dmp_dl.data.vocab import IdVocab
+
+
+@dataclass
+class FeatureTable:
+    """Encoded attributes of the rows of a vocabulary.
+
+    tokens: (n + 1, T) int64; 0 is padding, ``t > 0`` is ``token_vocab[t - 1]``.
+    numeric: (n + 1, D) float32, standardised; 0 where missing.
+    """
+
+    tokens: np.ndarray
+    numeric: np.ndarray
+    token_vocab: list[str]
+    categorical_columns: list[str]
+    numeric_columns: list[str]
+    numeric_mean: list[float]
+    numeric_std: list[float]
+    skipped_columns: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        """Embedding-table size including the padding token 0."""
+        return len(self.token_vocab) + 1
+
+    @property
+    def n_numeric(self) -> int:
+        return len(self.numeric_columns)
+
+    @classmethod
+    def build(
+        cls,
+        table: pd.DataFrame | None,
+        id_col: str,
+        vocab: IdVocab,
+        kinds: Mapping[str, str] | None = None,
+        max_unique_ratio: float = 0.5,
+    ) -> "FeatureTable":
+        """Encode ``table`` (one row per id, as cleaned) for the ids of ``vocab``.
+
+        Categorical columns with more distinct values than ``max_unique_ratio`` of the rows (and
+        over 50), such as titles or zip codes, identify rows rather than describe them and are
+        skipped (listed in ``skipped_columns``).
+        """
+        n = len(vocab)
+        if table is None or len(table) == 0:
+            return cls(np.zeros((n + 1, 1), np.int64), np.zeros((n + 1, 0), np.float32), [], [], [], [], [])
+        kinds = dict(kinds or {})
+        rows = vocab.index_of(table[id_col].tolist())
+        known = rows >= 0
+        table, rows = table.loc[known], rows[known]
+        cat_cols, num_cols, skipped = [], [], {}
+        for col in table.columns:
+            if col == id_col:
+                continue
+            kind = kinds.get(col) or ("numeric" if pd.api.types.is_numeric_dtype(table[col].dtype) else "categorical")
+            if kind == "numeric":
+                num_cols.append(col)
+                continue
+            distinct = table[col].nunique(dropna=True)
+            if distinct > 50 and distinct > max_unique_ratio * len(table):
+                skipped[col] = f"{distinct} distinct values (looks like an identifier or free text)"
+                continue
+            cat_cols.append(col)
+
+        # Categorical: explode multi-valued cells into (row, token) pairs, then pad per row.
+        pairs = []
+        for col in cat_cols:
+            values = table[col].astype(object).where(table[col].notna(), None)
+            split = values.map(lambda v: [] if v is None else [p.strip() for p in str(v).split(MULTI_VALUE_SEP) if p.strip()])
+            s = pd.Series(split.to_numpy(), index=rows).explode().dropna()
+            pairs.append(pd.DataFrame({"row": s.index.to_numpy(np.int64), "token": (col + "=" + s.astype(str)).to_numpy()}))
+        pairs_df = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame({"row": [], "token": []})
+        pairs_df = pairs_df.drop_duplicates()
+        token_vocab = sorted(pairs_df["token"].unique().tolist())
+        tok_index = {t: i + 1 for i, t in enumerate(token_vocab)}
+        width = max(1, int(pairs_df.groupby("row").size().max()) if len(pairs_df) else 1)
+        tokens = np.zeros((n + 1, width), dtype=np.int64)
+        if len(pairs_df):
+            pairs_df = pairs_df.sort_values(["row", "token"])
+            slot = pairs_df.groupby("row").cumcount().to_numpy()
+            tokens[pairs_df["row"].to_numpy(np.int64), slot] = pairs_df["token"].map(tok_index).to_numpy(np.int64)
+
+        numeric = np.zeros((n + 1, len(num_cols)), dtype=np.float32)
+        means, stds = [], []
+        for j, col in enumerate(num_cols):
+            vals = pd.to_numeric(table[col], errors="coerce").to_numpy(np.float64)
+            finite = np.isfinite(vals)
+            mean = float(vals[finite].mean()) if finite.any() else 0.0
+            std = float(vals[finite].std()) if finite.sum() > 1 else 1.0
+            std = std if std > 1e-12 else 1.0
+            numeric[rows[finite], j] = ((vals[finite] - mean) / std).astype(np.float32)
+            means.append(mean)
+            stds.append(std)
+        return cls(tokens, numeric, token_vocab, cat_cols, num_cols, means, stds, skipped)
+
+    def encode_records(self, records: Sequence[Mapping[str, object]]) -> tuple[np.ndarray, np.ndarray]:
+        """Encode raw attribute dicts (e.g. a new user's CRM fields) like the training rows.
+
+        Unknown columns and categories are ignored; missing numeric values are 0 (the mean).
+
+        Returns
+        -------
+        tokens (len(records), T) int64, numeric (len(records), D) float32
+        """
+        width = self.tokens.shape[1]
+        tokens = np.zeros((len(records), width), dtype=np.int64)
+        numeric = np.zeros((len(records), len(self.numeric_columns)), dtype=np.float32)
+        tok_index = {t: i + 1 for i, t in enumerate(self.token_vocab)}
+        for r, rec in enumerate(records):
+            found = []
+            for col in self.categorical_columns:
+                v = rec.get(col)
+                if v is None:
+                    continue
+                for part in str(v).split(MULTI_VALUE_SEP):
+                    t = tok_index.get(f"{col}={part.strip()}")
+                    if t is not None and t not in found:
+                        found.append(t)
+            found = found[:width]
+            tokens[r, : len(found)] = found
+            for j, col in enumerate(self.numeric_columns):
+                try:
+                    v = float(rec.get(col))  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    continue
+                if np.isfinite(v):
+                    numeric[r, j] = (v - self.numeric_mean[j]) / self.numeric_std[j]
+        return tokens, numeric
+
+    def spec(self) -> dict:
+        """JSON-safe description (everything but the arrays)."""
+        return {
+            "token_vocab": self.token_vocab,
+            "categorical_columns": self.categorical_columns,
+            "numeric_columns": self.numeric_columns,
+            "numeric_mean": self.numeric_mean,
+            "numeric_std": self.numeric_std,
+            "skipped_columns": self.skipped_columns,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping, tokens: np.ndarray, numeric: np.ndarray) -> "FeatureTable":
+        return cls(
+            tokens, numeric, list(spec["token_vocab"]), list(spec["categorical_columns"]),
+            list(spec["numeric_columns"]), list(spec["numeric_mean"]), list(spec["numeric_std"]),
+            dict(spec.get("skipped_columns", {})),
+        )

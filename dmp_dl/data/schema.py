@@ -1,0 +1,75 @@
+"""The event-log schema shared by every loader.
+
+An event log is three tables:
+
+* ``events``: one row per event, columns ``user_id``, ``item_id``, ``timestamp`` and optionally
+  ``event_type`` and ``value``. Loaders return them raw (strings or native types); cleaning turns
+  them into the canonical dtypes below.
+* ``users`` (optional): ``user_id`` plus categorical (strings) or numeric attribute columns.
+* ``items`` (optional): ``item_id`` plus categorical attribute columns; a multi-valued column holds
+  its values joined with ``|`` (e.g. ``Action|Comedy``).
+
+External ids are strings everywhere: ``123``, ``"123"`` and ``123.0`` read from a float column are
+the same id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+USER = "user_id"
+ITEM = "item_id"
+TIME = "timestamp"
+TYPE = "event_type"
+VALUE = "value"
+WEIGHT = "weight"
+
+REQUIRED_EVENT_COLUMNS = (USER, ITEM, TIME)
+OPTIONAL_EVENT_COLUMNS = (TYPE, VALUE)
+MULTI_VALUE_SEP = "|"
+
+
+@dataclass
+class EventLog:
+    """Events plus optional user and item attribute tables.
+
+    After cleaning, ``events`` has exactly the columns ``user_id`` (str), ``item_id`` (str),
+    ``timestamp`` (int64 epoch seconds), ``event_type`` (str), ``value`` (float64) and
+    ``weight`` (float32, from the event-type weights), sorted by timestamp (stable).
+    """
+
+    events: pd.DataFrame
+    users: pd.DataFrame | None = None
+    items: pd.DataFrame | None = None
+    source: str = "<memory>"
+    meta: dict = field(default_factory=dict)
+
+
+def normalize_ids(values: pd.Series) -> pd.Series:
+    """External ids as stripped strings; missing ids become ``""``.
+
+    Integral floats (``123.0``, as read from a numeric column with gaps) become ``"123"`` so
+    that the same id written as an integer, a string or a float maps to one key.
+
+    Returns
+    -------
+    pd.Series of object dtype (python ``str``), same index as ``values``.
+    """
+    if pd.api.types.is_float_dtype(values.dtype):
+        arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        out = np.full(arr.shape, "", dtype=object)
+        finite = np.isfinite(arr)
+        integral = finite & (np.floor(arr) == arr) & (np.abs(arr) < 2**53)
+        out[integral] = arr[integral].astype(np.int64).astype(str)
+        rest = finite & ~integral
+        out[rest] = arr[rest].astype(str)
+        return pd.Series(out, index=values.index, dtype=object)
+    if pd.api.types.is_integer_dtype(values.dtype) and not isinstance(values.dtype, pd.CategoricalDtype):
+        if values.isna().any():  # nullable integer with gaps
+            return values.astype(object).map(lambda v: "" if pd.isna(v) else str(int(v)))
+        return pd.Series(values.to_numpy().astype(str), index=values.index, dtype=object)
+    out = values.astype(object).where(values.notna(), "")
+    return out.map(str).str.strip().astype(object)

@@ -1,0 +1,47 @@
+"""Evaluating any scorer (a model or a baseline) with full ranking on an evaluation set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dmp_dl.evaluation.metrics import RankingAccumulator, batch_metrics
+
+ScoreFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def default_batch_size(n_items: int, budget: int = 2**24) -> int:
+    """Users per batch so that a (B, n_items) score matrix stays near ``budget`` elements."""
+    return max(1, min(4096, budget // max(n_items, 1)))
+
+
+@torch.no_grad()
+def evaluate_scorer(
+    score_fn: ScoreFn,
+    dataset,
+    n_items: int,
+    ks: Sequence[int],
+    item_popularity: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Average full-ranking metrics of ``score_fn`` over the users of ``dataset``.
+
+    Parameters
+    ----------
+    score_fn: batch dict (``user`` (B,), ``history`` (B, L), ...) -> scores (B, n_items).
+    dataset: an ``EvalUsers`` (users with held-out items, their seen items and histories).
+    item_popularity: (n_items,) share of training events per item, for ``avg_popularity@K``.
+    batch_size: users per batch (default: keeps the score matrix near 16M elements).
+
+    Memory is O(batch_size * n_items), independent of the number of users.
+    """
+    acc = RankingAccumulator(n_items, ks, item_popularity)
+    bs = batch_size or default_batch_size(n_items)
+    for start in range(0, len(dataset), bs):
+        batch = dataset.__getitems__(list(range(start, min(start + bs, len(dataset)))))
+        scores = score_fn(batch).to(device=device, dtype=torch.float32)
+        metrics, top = batch_metrics(scores, batch, ks)
+        acc.update(metrics, top)
+    return acc.result()

@@ -1,0 +1,1 @@
+"""Embedding models: networks (mf, two_tower) and the Lightning training module."""

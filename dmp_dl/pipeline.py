@@ -1,0 +1,110 @@
+"""The whole training job as one plain function: ``run(cfg)``.
+
+events -> clean + vocab + split (InteractionDataModule) -> embedding model (Lightning) ->
+full-ranking evaluation against baselines -> exported vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.embeddings import inference_device, item_vectors, user_vectors
+from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
+from dmp_dl.evaluation.ranking import evaluate_scorer
+from dmp_dl.io import atomic_write_text
+from dmp_dl.training import build_module, build_trainer, load_best_weights, resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+
+def load_data(cfg: DictConfig) -> InteractionDataModule:
+    """The prepared DataModule for ``cfg.data``."""
+    return instantiate(cfg.data, _convert_="all").prepare()
+
+
+def evaluate_ranking(cfg: DictConfig, dm: InteractionDataModule, net: torch.nn.Module, model_name: str) -> dict[str, dict]:
+    """Test-split metrics of the trained model and the configured baselines, same protocol."""
+    ev = cfg.get("evaluation", {})
+    ks = list(ev.get("ks", [5, 10, 20, 50]))
+    dataset = dm.eval_dataset("test")
+    if len(dataset) == 0:
+        log.warning("no test users with held-out items: ranking evaluation skipped")
+        return {}
+    popularity = torch.as_tensor(dm.item_counts / max(dm.item_counts.sum(), 1), dtype=torch.float32)
+    device = inference_device()
+    net.to(device).eval()
+    # Users are represented as of the end of training (train history only): no test leakage.
+    users = user_vectors(net, np.arange(dm.n_users), dm.train_history, device=device)
+    items = item_vectors(net, dm.n_items, device=device)
+    scorers: dict[str, Any] = {model_name: EmbeddingScorer(users, items)}
+    for name in ev.get("baselines", ["popularity", "ease"]):
+        if name == "popularity":
+            scorers[name] = PopularityScorer(dm.item_counts)
+        elif name == "ease":
+            if dm.n_items > int(ev.get("ease_max_items", 20000)):
+                log.warning("EASE skipped: %d items > evaluation.ease_max_items", dm.n_items)
+                continue
+            scorers[name] = EASEScorer(dm.train_seen, float(ev.get("ease_l2", 500.0)))
+        else:
+            raise ValueError(f"unknown baseline {name!r} in evaluation.baselines (popularity | ease)")
+    results = {}
+    for name, scorer in scorers.items():
+        t0 = time.perf_counter()
+        results[name] = evaluate_scorer(scorer, dataset, dm.n_items, ks, popularity)
+        results[name]["eval_seconds"] = time.perf_counter() - t0
+    return results
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, evaluate and export as configured. Returns metrics and the objects built.
+
+    Everything is written under ``cfg.paths.output_dir``.
+    """
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    t0 = time.perf_counter()
+    dm = load_data(cfg)
+    dm.report.write_json(out / "data_quality.json")
+    log.info(dm.report.summary())
+
+    module = build_module(cfg, dm)
+    trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0)
+    t_fit = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), out))
+    fit_seconds = time.perf_counter() - t_fit
+    result: dict[str, Any] = {"datamodule": dm, "module": module, "trainer": trainer}
+    if trainer.global_rank != 0:  # DDP: rank 0 evaluates and exports
+        return result
+    best = load_best_weights(module, trainer)
+    n_train = len(dm.train_idx)
+    epochs = max(trainer.current_epoch, 1)
+    metrics: dict[str, Any] = {
+        "train": {
+            "best_checkpoint": best,
+            "epochs": trainer.current_epoch,
+            "fit_seconds": fit_seconds,
+            "train_events": n_train,
+            "examples_per_second": n_train * epochs / fit_seconds if fit_seconds > 0 else None,
+            "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        },
+        "ranking": evaluate_ranking(cfg, dm, module.net, cfg.model.get("name", "model")),
+    }
+    metrics["total_seconds"] = time.perf_counter() - t0
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    for name, m in metrics["ranking"].items():
+        log.info("test %-12s recall@20=%.4f ndcg@20=%.4f", name, m.get("recall@20", float("nan")), m.get("ndcg@20", float("nan")))
+    result["metrics"] = metrics
+    return result

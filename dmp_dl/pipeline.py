@@ -86,7 +86,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), out))
     fit_seconds = time.perf_counter() - t_fit
     result: dict[str, Any] = {"datamodule": dm, "module": module, "trainer": trainer}
-    if trainer.global_rank != 0:  # DDP: rank 0 evaluates and exports
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP: the rest of the job (evaluation, propensity, export) runs on rank 0 alone.
+        torch.distributed.destroy_process_group()
+    if trainer.global_rank != 0:
         return result
     best = load_best_weights(module, trainer)
     n_train = len(dm.train_idx)

@@ -60,14 +60,23 @@ def _keep(batch):
 class TrainExamples(Dataset):
     """Training events, one example each, batched by ``__getitems__`` without per-example Python.
 
-    Events are held sorted by (user, time), so an example's history (the user's ``history_len``
-    previous training items, most recent first) is a vectorised gather.
+    Events are held grouped by user (in time order), so an example's history is a vectorised gather:
+
+    * ``history_sampling="recent"``: the user's ``history_len`` previous training items, most recent
+      first — right when held-out events come after training ones (temporal splits).
+    * ``history_sampling="random"``: up to ``history_len`` other training items of the user, drawn
+      afresh for every batch (a random window of the user's items, the example's own item masked) —
+      right when held-out items are a random subset of the user's items (random splits), where
+      "what came before" is not what the model is asked at evaluation time.
 
     A batch is a dict: ``user`` (B,) int64, ``item`` (B,) int64, ``weight`` (B,) float32 and,
     if ``history_len > 0``, ``history`` (B, L) int64 padded with ``pad``.
     """
 
-    def __init__(self, user: np.ndarray, item: np.ndarray, weight: np.ndarray, history_len: int, pad: int):
+    def __init__(self, user: np.ndarray, item: np.ndarray, weight: np.ndarray, history_len: int, pad: int,
+                 history_sampling: str = "recent"):
+        if history_sampling not in ("recent", "random"):
+            raise ConfigError(f"data.history_sampling must be recent, random or auto, got {history_sampling!r}")
         order = np.lexsort((np.arange(len(user)), user))
         self.user = torch.from_numpy(np.ascontiguousarray(user[order]))
         self.item = torch.from_numpy(np.ascontiguousarray(item[order]))
@@ -76,7 +85,9 @@ class TrainExamples(Dataset):
         starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
         counts = np.diff(np.r_[starts, len(u)])
         self.start = torch.from_numpy(np.repeat(starts, counts).astype(np.int64))
+        self.count = torch.from_numpy(np.repeat(counts, counts).astype(np.int64))
         self.history_len = history_len
+        self.history_sampling = history_sampling
         self.pad = pad
         self._offsets = torch.arange(1, history_len + 1)
 
@@ -87,8 +98,16 @@ class TrainExamples(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         batch = {"user": self.user[idx], "item": self.item[idx], "weight": self.weight[idx]}
         if self.history_len > 0:
-            pos = idx[:, None] - self._offsets
-            valid = pos >= self.start[idx][:, None]
+            start = self.start[idx][:, None]
+            if self.history_sampling == "recent":
+                pos = idx[:, None] - self._offsets
+                valid = pos >= start
+            else:
+                count = self.count[idx][:, None]
+                offset = (torch.rand(len(idx), 1) * count).long()
+                rel = (offset + self._offsets - 1) % count
+                pos = start + rel
+                valid = (pos != idx[:, None]) & (self._offsets <= count)
             batch["history"] = torch.where(valid, self.item[pos.clamp(min=0)], self.pad)
         return batch
 
@@ -140,6 +159,8 @@ class InteractionDataModule(pl.LightningDataModule):
     cleaning, split: :class:`CleaningOptions`, :class:`SplitOptions` (or dicts of them).
     batch_size: training batch size; eval_batch_size: users per evaluation batch.
     history_len: recent items per user fed to models that use history (0: none).
+    history_sampling: how training examples get their history (see :class:`TrainExamples`):
+        ``recent``, ``random``, or ``auto`` (``random`` for the random_per_user split, else ``recent``).
     erasure_list: file of erased user ids (one per line); their events are dropped on load.
     """
 
@@ -155,6 +176,7 @@ class InteractionDataModule(pl.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         history_len: int = 20,
+        history_sampling: str = "auto",
         erasure_list: str | None = None,
         name: str = "data",
     ):
@@ -168,6 +190,9 @@ class InteractionDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size)
         self.num_workers = int(num_workers)
         self.history_len = int(history_len)
+        if history_sampling == "auto":
+            history_sampling = "random" if self.split_opts.method == "random_per_user" else "recent"
+        self.history_sampling = history_sampling
         self.erasure_list = erasure_list
         self.name = name
         self._prepared = False
@@ -277,6 +302,7 @@ class InteractionDataModule(pl.LightningDataModule):
         return TrainExamples(
             ev["user_idx"].to_numpy()[idx], ev["item_idx"].to_numpy()[idx],
             ev[WEIGHT].to_numpy()[idx], self.history_len, pad=self.n_items,
+            history_sampling=self.history_sampling,
         )
 
     def eval_dataset(self, stage: str) -> EvalUsers:

@@ -1,1 +1,1 @@
-"""Offline evaluation: full-ranking metrics, baselines."""
+"""Offline evaluation: full-ranking metrics, baselines, and the offline report (report.json/.md/.html)."""

@@ -1,4 +1,8 @@
-"""Classic baselines scored with the same full-ranking protocol as the models."""
+"""Classic baselines scored with the same full-ranking protocol as the models.
+
+Each scorer maps an evaluation batch (``user`` (B,) ...) to scores (B, n_items) on its device
+(default: CUDA when present, else CPU).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,19 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dmp_dl.embeddings import inference_device
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else inference_device()
+
 
 class PopularityScorer:
     """Every user gets the items ranked by training popularity."""
 
-    def __init__(self, item_counts: np.ndarray):
-        self.scores = torch.as_tensor(np.log1p(item_counts.astype(np.float64)), dtype=torch.float32)
+    def __init__(self, item_counts: np.ndarray, device: str | torch.device | None = None):
+        scores = np.log1p(np.asarray(item_counts, dtype=np.float64))
+        self.scores = torch.as_tensor(scores, dtype=torch.float32, device=_device(device))
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.scores.expand(len(batch["user"]), -1).clone()
@@ -21,28 +32,45 @@ class EASEScorer:
     """EASE (Steck, WWW 2019): closed-form item-item model B = I - P / diag(P), P = (X'X + l2 I)^-1.
 
     Needs an (n_items, n_items) float64 matrix: use it for catalogues up to a few tens of thousands.
+    The inverse runs on the device (float64); scoring multiplies the users' training rows of X by B,
+    as a sparse product on CPU and a dense one on CUDA.
     """
 
-    def __init__(self, interactions: sp.csr_matrix, l2: float = 500.0):
-        self.x = interactions.astype(np.float32).tocsr()
-        gram = (self.x.T @ self.x).toarray().astype(np.float64)
-        gram[np.diag_indices_from(gram)] += l2
-        p = np.linalg.inv(gram)
-        b = -p / np.diag(p)
-        b[np.diag_indices_from(b)] = 0.0
-        self.b = torch.as_tensor(b, dtype=torch.float32)
+    def __init__(self, interactions: sp.csr_matrix, l2: float = 500.0, device: str | torch.device | None = None):
+        self.device = _device(device)
+        self.x = sp.csr_matrix(interactions, dtype=np.float32)
+        gram = torch.as_tensor((self.x.T @ self.x).toarray(), dtype=torch.float64, device=self.device)
+        gram.diagonal().add_(l2)
+        p = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # gram is symmetric positive definite
+        b = p / (-p.diagonal())
+        b.diagonal().zero_()
+        self.b = b.float()
+        self._b_numpy = self.b.numpy() if self.device.type == "cpu" else None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = self.x[batch["user"].numpy()]
-        return torch.as_tensor(rows @ self.b.numpy(), dtype=torch.float32)
+        rows = self.x[batch["user"].cpu().numpy()]
+        if self._b_numpy is not None:
+            return torch.from_numpy(np.asarray(rows @ self._b_numpy, dtype=np.float32))
+        return rows_times_dense(rows, self.b)
+
+
+def rows_times_dense(rows: sp.csr_matrix, dense: torch.Tensor) -> torch.Tensor:
+    """(B, n) sparse rows times (n, m) ``dense``, on ``dense``'s device via a dense (B, n) copy."""
+    coo = rows.tocoo()
+    x = torch.zeros(rows.shape, dtype=dense.dtype, device=dense.device)
+    x[torch.from_numpy(coo.row).to(dense.device), torch.from_numpy(coo.col).to(dense.device)] = torch.from_numpy(
+        coo.data
+    ).to(device=dense.device, dtype=dense.dtype)
+    return x @ dense
 
 
 class EmbeddingScorer:
     """Dot product of precomputed user vectors (by user index) with item vectors."""
 
-    def __init__(self, user_vectors: np.ndarray, item_vectors: np.ndarray):
-        self.users = torch.as_tensor(user_vectors)
-        self.items = torch.as_tensor(item_vectors)
+    def __init__(self, user_vectors: np.ndarray, item_vectors: np.ndarray, device: str | torch.device | None = None):
+        device = _device(device)
+        self.users = torch.as_tensor(user_vectors, device=device)
+        self.items = torch.as_tensor(item_vectors, device=device)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.users[batch["user"]] @ self.items.T
+        return self.users[batch["user"].to(self.users.device)] @ self.items.T

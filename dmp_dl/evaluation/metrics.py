@@ -4,13 +4,15 @@ Protocol: every item of the catalogue is ranked; items the user has already inte
 the training period are excluded (their score is set to -inf before ranking); ties in score are
 broken by the lower item index, so results are deterministic.
 
-Definitions, for one user with relevant (held-out) set R and top-K list (r_1 .. r_K):
+Definitions (:data:`DEFINITIONS`), for one user with relevant (held-out) set R and top-K list
+(r_1 .. r_K):
 
 * Recall@K   = |hits in top K| / min(K, |R|)
 * NDCG@K     = sum_{i<=K, r_i in R} 1/log2(i+1)  /  sum_{i<=min(K,|R|)} 1/log2(i+1)   (binary gains)
 * HitRate@K  = 1 if any of the top K is relevant
 * MAP@K      = (1 / min(K, |R|)) * sum_{i<=K, r_i in R} Precision@i
-* MRR        = 1 / rank of the first relevant item within the top max(K) (0 if none there)
+* MRR        = 1 / rank of the best-ranked relevant item in the full ranking (0 if every relevant
+  item is excluded)
 * Precision@K = |hits in top K| / K
 
 Users with an empty R have no defined value: they get NaN here and are left out of averages
@@ -19,18 +21,58 @@ Users with an empty R have no defined value: they get NaN here and are left out 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 _INDEX_BITS = 31
 
+# The definitions the numbers follow, quoted verbatim by the offline report.
+DEFINITIONS: dict[str, str] = {
+    "recall@K": "hits in the top K / min(K, |R|)",
+    "precision@K": "hits in the top K / K",
+    "ndcg@K": "DCG@K / ideal DCG@K with binary gains and discount 1/log2(rank + 1); the ideal list has min(K, |R|) hits",
+    "hit_rate@K": "1 if at least one of the top K is relevant, else 0",
+    "map@K": "(1 / min(K, |R|)) * sum over ranks i <= K holding a relevant item of precision@i",
+    "mrr": "1 / rank of the best-ranked relevant item in the full ranking (not truncated at K); "
+    "0 if every relevant item is excluded",
+    "coverage@K": "distinct items in the evaluated users' top-K lists / catalogue size",
+    "avg_popularity@K": "mean share of training events of the recommended items (top K of every evaluated user); "
+    "lower means more novel recommendations",
+}
+
+
+def tie_broken_keys(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer sort keys: a larger key ranks higher; equal scores rank the lower column index first.
+
+    The key packs an order-preserving integer image of the float32 score above the inverted
+    column index, so one integer comparison orders by (score desc, index asc).
+
+    Parameters
+    ----------
+    scores: (B, N) float; NaN counts as -inf. N must be below 2**31.
+
+    Returns
+    -------
+    scores (B, N) float32 with NaN replaced by -inf, and keys (B, N) int64.
+    """
+    n = scores.shape[-1]
+    if n >= 2**_INDEX_BITS:
+        raise ValueError("catalogue too large for tie-broken ranking")
+    s = scores.float()
+    s = torch.where(torch.isnan(s), float("-inf"), s) + 0.0  # + 0.0 turns -0.0 into +0.0
+    bits = s.view(torch.int32)
+    # Flipping the magnitude bits of negative floats makes the int32 order equal the float order.
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = ordered.to(torch.int64)
+    key.mul_(2**_INDEX_BITS)
+    key.add_(torch.arange(2**_INDEX_BITS - 1, 2**_INDEX_BITS - 1 - n, -1, device=scores.device, dtype=torch.int64))
+    return s, key
+
 
 def topk_with_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` per row, best first, ties broken by the lower column index.
-
-    Implemented as one ``torch.topk`` over an int64 key that packs an order-preserving integer
-    image of the float32 score above the (inverted) column index.
 
     Parameters
     ----------
@@ -44,14 +86,7 @@ def topk_with_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     n = scores.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n}, got {k}")
-    if n >= 2**_INDEX_BITS:
-        raise ValueError("catalogue too large for tie-broken top-k")
-    s = scores.float()
-    s = torch.where(torch.isnan(s), float("-inf"), s) + 0.0  # + 0.0 turns -0.0 into +0.0
-    bits = s.view(torch.int32).to(torch.int64)
-    ordered = torch.where(bits >= 0, bits + 2**31, -1 - bits)  # monotone in the float value
-    col = torch.arange(n, device=scores.device, dtype=torch.int64)
-    key = ordered * 2**_INDEX_BITS + (2**_INDEX_BITS - 1 - col)
+    s, key = tie_broken_keys(scores)
     _, idx = torch.topk(key, k, dim=-1, sorted=True)
     return s.gather(-1, idx), idx
 
@@ -73,7 +108,7 @@ def ranking_metrics(
     ----------
     scores: (B, N) float, with excluded (seen) items already at -inf.
     relevant: (B, N) bool, the held-out items.
-    ks: cut-offs.
+    ks: cut-offs (positive integers; a K above N ranks the whole catalogue).
 
     Returns
     -------
@@ -83,34 +118,41 @@ def ranking_metrics(
         were rankable (all others excluded).
     """
     ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"cut-offs must be positive integers, got {ks}")
+    device = scores.device
     kmax = min(ks[-1], scores.shape[1])
-    values, top = topk_with_ties(scores, kmax)
-    valid = torch.isfinite(values)
+    s, key = tie_broken_keys(scores)
+    _, top = torch.topk(key, kmax, dim=-1, sorted=True)
+    valid = s.gather(1, top) > float("-inf")
     hits = relevant.gather(1, top) & valid  # (B, kmax)
     n_rel = relevant.sum(dim=1).to(torch.float64)
     empty = n_rel == 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=scores.device)
-    ranks = torch.arange(1, kmax + 1, device=scores.device, dtype=torch.float64)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+    ranks = torch.arange(1, kmax + 1, device=device, dtype=torch.float64)
     discounts = 1.0 / torch.log2(ranks + 1.0)
+    ideal_dcg = torch.cumsum(discounts, 0)
     h = hits.to(torch.float64)
-    cum_hits = h.cumsum(dim=1)
+    precision_at_rank = h.cumsum(dim=1) / ranks
     out: dict[str, torch.Tensor] = {}
     for k in ks:
         kk = min(k, kmax)
         hk = h[:, :kk]
-        denom = torch.clamp(torch.minimum(n_rel, torch.tensor(float(k), dtype=torch.float64, device=scores.device)), min=1.0)
+        denom = torch.clamp(torch.clamp(n_rel, max=float(k)), min=1.0)  # min(K, |R|), 1 for empty R
         n_hits = hk.sum(dim=1)
-        ideal_len = denom.to(torch.int64)
-        ideal = torch.cumsum(discounts, 0)[torch.clamp(ideal_len, max=kmax) - 1]
+        ideal = ideal_dcg[torch.clamp(denom.to(torch.int64), max=kmax) - 1]
         dcg = (hk * discounts[:kk]).sum(dim=1)
-        prec_at_i = cum_hits[:, :kk] / ranks[:kk]
         out[f"recall@{k}"] = torch.where(empty, nan, n_hits / denom)
         out[f"precision@{k}"] = torch.where(empty, nan, n_hits / k)
         out[f"ndcg@{k}"] = torch.where(empty, nan, dcg / ideal)
         out[f"hit_rate@{k}"] = torch.where(empty, nan, (n_hits > 0).to(torch.float64))
-        out[f"map@{k}"] = torch.where(empty, nan, (prec_at_i * hk).sum(dim=1) / denom)
-    first = torch.where(hits.any(dim=1), hits.to(torch.int64).argmax(dim=1).to(torch.float64) + 1.0, torch.inf)
-    out["mrr"] = torch.where(empty, nan, 1.0 / first)
+        out[f"map@{k}"] = torch.where(empty, nan, (precision_at_rank[:, :kk] * hk).sum(dim=1) / denom)
+    # Full-ranking MRR: the rank of the best relevant item is 1 + the number of items keyed above it.
+    rankable = relevant & (s > float("-inf"))
+    best = torch.where(rankable, key, torch.iinfo(torch.int64).min).amax(dim=1)
+    rank = (key > best[:, None]).sum(dim=1).to(torch.float64) + 1.0
+    rr = torch.where(rankable.any(dim=1), 1.0 / rank, torch.zeros_like(rank))
+    out["mrr"] = torch.where(empty, nan, rr)
     top = torch.where(valid, top, torch.full_like(top, -1))
     return out, top
 
@@ -121,26 +163,33 @@ class RankingAccumulator:
     coverage@K: distinct items in anyone's top K / catalogue size.
     avg_popularity@K: mean training popularity (share of training events) of the items in the
     top-K lists; lower means more novel recommendations.
+
+    ``result()`` also gives the standard error of each averaged metric (``stderr``), so two models
+    can be told apart from noise.
     """
 
     def __init__(self, n_items: int, ks: Sequence[int], item_popularity: torch.Tensor | None = None):
         self.n_items = n_items
         self.ks = sorted({int(k) for k in ks})
         self.sums: dict[str, float] = {}
+        self.sums_sq: dict[str, float] = {}
         self.n_users = 0
         self.n_users_no_relevant = 0
-        self.popularity = item_popularity
+        self.popularity = None if item_popularity is None else torch.as_tensor(item_popularity).cpu()
         self._seen = {k: torch.zeros(n_items, dtype=torch.bool) for k in self.ks}
         self._pop_sum = {k: 0.0 for k in self.ks}
         self._pop_n = {k: 0 for k in self.ks}
 
     def update(self, metrics: dict[str, torch.Tensor], top: torch.Tensor) -> None:
+        """Add a batch: ``metrics`` name -> (B,) (NaN for users without relevant items), ``top`` (B, K)."""
         first = next(iter(metrics.values()))
         ok = ~torch.isnan(first)
         self.n_users += int(ok.sum())
         self.n_users_no_relevant += int((~ok).sum())
         for name, vals in metrics.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(vals[ok].sum())
+            v = vals[ok]
+            self.sums[name] = self.sums.get(name, 0.0) + float(v.sum())
+            self.sums_sq[name] = self.sums_sq.get(name, 0.0) + float((v * v).sum())
         top = top[ok.to(top.device)].cpu()
         for k in self.ks:
             t = top[:, :k]
@@ -150,15 +199,27 @@ class RankingAccumulator:
                 self._pop_sum[k] += float(self.popularity[t].sum())
                 self._pop_n[k] += int(t.numel())
 
-    def result(self) -> dict[str, float]:
-        res = {name: (s / self.n_users if self.n_users else float("nan")) for name, s in self.sums.items()}
+    def result(self) -> dict:
+        """Averages (``recall@10`` ...), ``coverage@K``, ``avg_popularity@K``, ``n_users``,
+        ``n_users_no_relevant`` and ``stderr`` (metric -> standard error of its mean)."""
+        n = self.n_users
+        res: dict = {name: (s / n if n else float("nan")) for name, s in self.sums.items()}
         for k in self.ks:
             res[f"coverage@{k}"] = float(self._seen[k].sum()) / max(self.n_items, 1)
             if self.popularity is not None:
                 res[f"avg_popularity@{k}"] = self._pop_sum[k] / self._pop_n[k] if self._pop_n[k] else float("nan")
-        res["n_users"] = self.n_users
+        res["n_users"] = n
         res["n_users_no_relevant"] = self.n_users_no_relevant
+        res["stderr"] = {name: _stderr(self.sums[name], self.sums_sq[name], n) for name in self.sums}
         return res
+
+
+def _stderr(total: float, total_sq: float, n: int) -> float:
+    """Standard error of a mean from the sum and the sum of squares of n values (sample variance)."""
+    if n < 2:
+        return float("nan")
+    var = max(total_sq - total * total / n, 0.0) / (n - 1)
+    return math.sqrt(var / n)
 
 
 def batch_metrics(

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dmp_dl.embeddings import inference_device
+from dmp_dl.errors import ConfigError
 from dmp_dl.evaluation.metrics import RankingAccumulator, batch_metrics
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -16,6 +18,17 @@ def default_batch_size(n_items: int, budget: int = 2**24) -> int:
     return max(1, min(4096, budget // max(n_items, 1)))
 
 
+def check_cutoffs(ks: Sequence[int]) -> list[int]:
+    """``evaluation.ks`` as sorted distinct positive ints, or a :class:`ConfigError`."""
+    try:
+        out = sorted({int(k) for k in ks})
+    except (TypeError, ValueError):
+        out = []
+    if not out or out[0] < 1 or any(float(k) != int(k) for k in ks):
+        raise ConfigError(f"evaluation.ks must be a non-empty list of positive integers, got {list(ks)}")
+    return out
+
+
 @torch.no_grad()
 def evaluate_scorer(
     score_fn: ScoreFn,
@@ -24,8 +37,8 @@ def evaluate_scorer(
     ks: Sequence[int],
     item_popularity: torch.Tensor | None = None,
     batch_size: int | None = None,
-    device: str | torch.device = "cpu",
-) -> dict[str, float]:
+    device: str | torch.device | None = None,
+) -> dict:
     """Average full-ranking metrics of ``score_fn`` over the users of ``dataset``.
 
     Parameters
@@ -34,9 +47,13 @@ def evaluate_scorer(
     dataset: an ``EvalUsers`` (users with held-out items, their seen items and histories).
     item_popularity: (n_items,) share of training events per item, for ``avg_popularity@K``.
     batch_size: users per batch (default: keeps the score matrix near 16M elements).
+    device: where ranking runs (default: CUDA when present, else CPU).
 
-    Memory is O(batch_size * n_items), independent of the number of users.
+    Returns :meth:`RankingAccumulator.result`. Memory is O(batch_size * n_items), independent of
+    the number of users.
     """
+    ks = check_cutoffs(ks)
+    device = torch.device(device) if device is not None else inference_device()
     acc = RankingAccumulator(n_items, ks, item_popularity)
     bs = batch_size or default_batch_size(n_items)
     for start in range(0, len(dataset), bs):

@@ -1,0 +1,301 @@
+"""The offline evaluation report: ``report.json``, ``report.md`` and a self-contained ``report.html``.
+
+:func:`write_report` is a function of plain inputs (the config dict, the data-quality dict, the
+ranking metrics, and optionally propensity and segment inputs), so ``train.py`` calls it at the end
+of a run and a later command can call it with metrics recomputed from an artifact bundle. A
+section whose inputs are absent is replaced by a sentence saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmp_dl.evaluation import diagnostics
+from dmp_dl.evaluation.protocol import cutoffs, describe_protocol
+from dmp_dl.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PROPENSITY_MODEL = "mlp"
+PROPENSITY_COLUMNS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10")
+
+
+@dataclass
+class PropensityInputs:
+    """What the propensity section needs.
+
+    metrics: model name -> test metrics (``roc_auc``, ``pr_auc``, ``log_loss``, ``brier``, ``ece``,
+        ``lift@10``, ...); the deep model is ``mlp``, the others baselines.
+    labels: (n_test,) 0/1 outcomes of the test users.
+    predictions: model name -> (n_test,) predicted probabilities, aligned with ``labels``.
+    """
+
+    metrics: dict[str, dict]
+    labels: np.ndarray
+    predictions: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels).astype(np.int64).reshape(-1)
+        self.predictions = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in self.predictions.items()}
+        if not np.isin(self.labels, (0, 1)).all():
+            raise ValueError("propensity labels must be 0/1")
+        for name, p in self.predictions.items():
+            if p.shape != self.labels.shape:
+                raise ValueError(f"propensity predictions[{name!r}] has {p.shape[0]} values for {self.labels.shape[0]} labels")
+
+    @classmethod
+    def coerce(cls, obj: Any) -> "PropensityInputs | None":
+        """``obj`` itself, ``None``, or any object with ``metrics``, ``test_labels`` and
+        ``test_predictions`` (the propensity step's result)."""
+        if obj is None or isinstance(obj, cls):
+            return obj
+        return cls(metrics=dict(obj.metrics), labels=obj.test_labels, predictions=dict(obj.test_predictions))
+
+
+@dataclass
+class SegmentInputs:
+    """What the segment section needs: ``assignments`` (n_users,) int segment per user and the
+    ``user_vectors`` (n_users, d) they were built from."""
+
+    assignments: np.ndarray
+    user_vectors: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.assignments = np.asarray(self.assignments).astype(np.int64).reshape(-1)
+        self.user_vectors = np.asarray(self.user_vectors, dtype=np.float32)
+        if self.user_vectors.ndim != 2 or len(self.user_vectors) != len(self.assignments):
+            raise ValueError(f"segment user_vectors must be (n_users, d) with n_users = {len(self.assignments)}, "
+                             f"got {self.user_vectors.shape}")
+
+
+@dataclass
+class Figure:
+    title: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Report:
+    """``data``: the content of ``report.json``; ``figures``: section -> its figures."""
+
+    data: dict
+    figures: dict[str, list[Figure]] = field(default_factory=dict)
+
+
+def _json_safe(x: Any) -> Any:
+    """Plain JSON types; NaN and infinities become null."""
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _json_safe(x.tolist())
+    if isinstance(x, (np.integer, bool, np.bool_)):
+        return x.item() if isinstance(x, np.generic) else x
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if x is None or isinstance(x, (int, str)):
+        return x
+    return str(x)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def headline_cutoff(ks: list[int]) -> int | None:
+    """K the summary quotes: 20 when evaluated, else the middle cut-off."""
+    if not ks:
+        return None
+    return 20 if 20 in ks else ks[len(ks) // 2]
+
+
+def compare(ranking: Mapping[str, Mapping], model_name: str, metric: str) -> dict | None:
+    """The model against the best baseline on ``metric``, with an approximate z score.
+
+    The z score uses unpaired standard errors, which overstate the noise of a comparison on the
+    same users, so |z| > 2 is a conservative sign of a real difference.
+    """
+    if model_name not in ranking:
+        return None
+    baselines = {n: m[metric] for n, m in ranking.items() if n != model_name and _finite(m.get(metric))}
+    ours = ranking[model_name].get(metric)
+    if not baselines or not _finite(ours):
+        return None
+    best = max(baselines, key=baselines.get)
+    theirs = baselines[best]
+    se = [ranking[n].get("stderr", {}).get(metric) for n in (model_name, best)]
+    z = None
+    if all(_finite(s) for s in se) and (se[0] or se[1]):
+        z = (ours - theirs) / math.sqrt(se[0] ** 2 + se[1] ** 2)
+    if z is not None and z > 2:
+        verdict = f"{model_name} beats the best baseline ({best})"
+    elif z is not None and z < -2:
+        verdict = f"the {best} baseline beats {model_name}"
+    else:
+        verdict = f"no clear difference between {model_name} and the best baseline ({best})"
+    return {
+        "metric": metric, "model": model_name, "model_value": ours, "best_baseline": best, "baseline_value": theirs,
+        "relative_change": (ours - theirs) / theirs if theirs else None, "z": z, "verdict": verdict,
+    }
+
+
+def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tuple[dict, list[Figure]]:
+    from dmp_dl.evaluation import plots
+
+    y = inputs.labels
+    ours = PROPENSITY_MODEL if PROPENSITY_MODEL in inputs.predictions else next(iter(inputs.predictions), None)
+    data: dict[str, Any] = {
+        "model": ours,
+        "n_test_users": int(len(y)),
+        "n_positive": int(y.sum()),
+        "base_rate": float(y.mean()) if len(y) else None,
+        "metrics": inputs.metrics,
+        "gains": {name: diagnostics.gains_table(y, p) for name, p in inputs.predictions.items()},
+    }
+    roc = {n: m.get("roc_auc") for n, m in inputs.metrics.items() if n != ours and _finite(m.get("roc_auc"))}
+    if ours in inputs.metrics and _finite(inputs.metrics[ours].get("roc_auc")) and roc:
+        best = max(roc, key=roc.get)
+        data["comparison"] = {"model": ours, "roc_auc": inputs.metrics[ours].get("roc_auc"),
+                              "best_baseline": best, "baseline_roc_auc": roc[best]}
+    figures: list[Figure] = []
+    if len(np.unique(y)) < 2:
+        data["note"] = "the test users are all of one class: ROC, PR, calibration and gains curves are undefined"
+        return data, figures
+    if inputs.predictions:
+        figures.append(Figure("ROC and precision-recall curves",
+                              "Test users; the dotted lines are a random scorer.",
+                              plots.roc_pr_curves(y, inputs.predictions, ours)))
+        figures.append(Figure("Calibration, cumulative gains and lift",
+                              "Calibration: observed positive rate per quantile bin of the predicted probability "
+                              "(on the diagonal = calibrated). Gains and lift: users contacted in descending score order.",
+                              plots.calibration_and_gains(y, inputs.predictions, ours, calibration_bins)))
+    return data, figures
+
+
+def _segment_section(inputs: SegmentInputs, sample: int) -> tuple[dict, list[Figure]]:
+    from dmp_dl.evaluation import plots
+
+    sizes = diagnostics.segment_sizes(inputs.assignments)
+    rows, coords, explained = diagnostics.pca_2d(inputs.user_vectors, sample)
+    data = {
+        "n_users": int(len(inputs.assignments)),
+        "n_segments": len(sizes),
+        "sizes": {str(k): v for k, v in sizes.items()},
+        "map": {"method": "PCA (numpy SVD) of the user vectors", "users_drawn": int(len(rows)),
+                "explained_variance": explained.tolist()},
+    }
+    fig = Figure("Segment sizes and user map",
+                 f"User vectors projected on their first two principal components; {len(rows)} users drawn at random.",
+                 plots.segment_map(sizes, coords, inputs.assignments[rows], explained))
+    return data, [fig]
+
+
+def build_report(
+    *,
+    config: Mapping,
+    data_quality: Mapping,
+    ranking: Mapping[str, Mapping],
+    model_name: str | None = None,
+    train: Mapping | None = None,
+    propensity: PropensityInputs | Any | None = None,
+    segments: SegmentInputs | None = None,
+    protocol_notes: Mapping[str, str] | None = None,
+    calibration_bins: int = 10,
+    segment_sample: int = 5000,
+) -> Report:
+    """Assemble the report's numbers and figures.
+
+    Parameters
+    ----------
+    config: the resolved run config as a dict (shown in full; ``data.split`` and ``evaluation`` are read).
+    data_quality: the content of ``data_quality.json``.
+    ranking: model or baseline name -> test ranking metrics (as from ``evaluate_scorer``); empty when
+        no user could be evaluated.
+    model_name: the trained model's entry in ``ranking`` (default: the first).
+    train: training summary (epochs, fit seconds, validation metrics), optional.
+    propensity: :class:`PropensityInputs` or the propensity step's result object, optional.
+    segments: :class:`SegmentInputs`, optional.
+    protocol_notes: statements that replace or extend the protocol's (e.g. how a bundle was evaluated).
+    calibration_bins: quantile bins of the calibration curve.
+    segment_sample: at most this many users are drawn for the 2-D segment map.
+    """
+    from dmp_dl.evaluation import plots
+
+    ranking = {name: dict(m) for name, m in ranking.items()}
+    model_name = model_name or next(iter(ranking), None) or "model"
+    ks = cutoffs(ranking)
+    k = headline_cutoff(ks)
+    protocol = describe_protocol(config, data_quality, ranking, model_name)
+    protocol["statements"].update(protocol_notes or {})
+    summary = [c for c in (compare(ranking, model_name, f"{m}@{k}") for m in ("recall", "ndcg")) if c] if k else []
+    absent: dict[str, str] = {}
+    figures: dict[str, list[Figure]] = {}
+    if ranking and ks:
+        n_items = int(data_quality.get("n_items") or 0)
+        figures["ranking"] = [
+            Figure("Recall@K and NDCG@K", "Higher is better. The trained model is the solid line, baselines dashed.",
+                   plots.ranking_curves(ranking, ks, model_name)),
+            Figure("Popularity bias and coverage",
+                   "Left: mean training popularity of the recommended items relative to the mean catalogue item "
+                   "(lower = more novel). Right: share of the catalogue appearing in anyone's top K.",
+                   plots.popularity_bias(ranking, ks, n_items, model_name)),
+        ]
+    else:
+        absent["ranking"] = "no test user had a held-out item the model could be evaluated on, so there are no ranking metrics"
+    prop_inputs = PropensityInputs.coerce(propensity)
+    prop_data = None
+    if prop_inputs is None:
+        absent["propensity"] = "no propensity model was trained in this run"
+    else:
+        prop_data, figures["propensity"] = _propensity_section(prop_inputs, calibration_bins)
+    seg_data = None
+    if segments is None:
+        absent["segments"] = "no user segments were built in this run"
+    else:
+        seg_data, figures["segments"] = _segment_section(segments, segment_sample)
+    source = data_quality.get("source", "data")
+    data = {
+        "title": f"Offline evaluation: {model_name} on {source}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model_name,
+        "cutoffs": ks,
+        "headline_cutoff": k,
+        "summary": summary,
+        "protocol": protocol,
+        "ranking": ranking,
+        "train": dict(train) if train else None,
+        "propensity": prop_data,
+        "segments": seg_data,
+        "sections_absent": absent,
+        "data_quality": dict(data_quality),
+        "config": dict(config),
+        "figures": {section: [f.title for f in figs] for section, figs in figures.items()},
+    }
+    return Report(data=_json_safe(data), figures=figures)
+
+
+def write_report(output_dir: str | os.PathLike, **inputs: Any) -> dict[str, Path]:
+    """Build the report (:func:`build_report` takes ``inputs``) and write ``report.json``,
+    ``report.md`` and ``report.html`` atomically into ``output_dir``. Returns format -> path."""
+    from dmp_dl.evaluation.render import to_html, to_markdown
+
+    report = build_report(**inputs)
+    out = Path(output_dir)
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    atomic_write_text(paths["json"], json.dumps(report.data, indent=2, allow_nan=False))
+    atomic_write_text(paths["md"], to_markdown(report))
+    atomic_write_text(paths["html"], to_html(report))
+    log.info("report written to %s", paths["html"])
+    return paths

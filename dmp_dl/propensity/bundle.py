@@ -1,0 +1,183 @@
+"""Storing a trained propensity model as plain files, and loading it for serving.
+
+A propensity directory holds::
+
+    propensity.json     format and version, the feature spec (event types, decay half-lives,
+                        attribute encodings, cleaning rules for new users' events), the network's
+                        constructor arguments, the embedding network's class and arguments, the
+                        calibration, the task (target, horizon, cutoff) and test metrics
+    weights.pt          the network's state_dict (with the embedding network under ``encoder.``)
+    known_scores.npy    (n_users,) float64: every known user's probability as of the end of the
+                        data; index i = user i of the embedding model's user vocabulary
+    items.json          the embedding network's item vocabulary (only with the embedding feature)
+
+Nothing is pickled: weights load with ``torch.load(weights_only=True)``, arrays with
+``np.load(allow_pickle=False)``; an embedding-network class is looked up in an allowlist, never
+imported from a name read from a file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmp_dl.data.features import FeatureTable
+from dmp_dl.data.vocab import IdVocab
+from dmp_dl.errors import BundleError
+from dmp_dl.io import atomic_write_bytes, atomic_write_text
+from dmp_dl.propensity.calibration import Calibrator
+from dmp_dl.propensity.features import UserFeatures
+from dmp_dl.propensity.net import PropensityNet
+from dmp_dl.propensity.scorer import PropensityScorer
+
+FORMAT = "dmp_dl.propensity"
+FORMAT_VERSION = 1
+SPEC_FILE, WEIGHTS_FILE, SCORES_FILE, ITEMS_FILE = "propensity.json", "weights.pt", "known_scores.npy", "items.json"
+ENCODER_CLASSES = ("TwoTowerNet", "MatrixFactorization")
+SUMMARY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10")
+
+
+def _encoder_class(name: str) -> type:
+    from dmp_dl.models.mf import MatrixFactorization
+    from dmp_dl.models.two_tower import TwoTowerNet
+
+    return {"TwoTowerNet": TwoTowerNet, "MatrixFactorization": MatrixFactorization}[name]
+
+
+def save_propensity(result: Any, directory: Path) -> dict:
+    """Write ``result`` (a :class:`~dmp_dl.propensity.train.PropensityResult`) into the existing,
+    empty ``directory``. Returns a small JSON-safe entry for the bundle manifest."""
+    directory = Path(directory)
+    scorer: PropensityScorer = result.scorer
+    summary = result.summary()
+    metrics = {name: {k: m.get(k) for k in SUMMARY_METRICS} for name, m in summary["metrics"].items()}
+    task = summary["task"]
+    spec = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "features": scorer.features.spec(),
+        "net": scorer.net.config,
+        "encoder": scorer.info.get("encoder"),
+        "calibration": scorer.calibrator.to_dict(),
+        "data_end": scorer.data_end,
+        "n_users": scorer.n_users,
+        "task": task,
+        "metrics": metrics,
+        "training": summary["training"],
+    }
+    atomic_write_text(directory / SPEC_FILE, json.dumps(spec, indent=1))
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in scorer.net.state_dict().items()}, buf)
+    atomic_write_bytes(directory / WEIGHTS_FILE, buf.getvalue())
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(scorer.known_scores, dtype=np.float64), allow_pickle=False)
+    atomic_write_bytes(directory / SCORES_FILE, buf.getvalue())
+    files = [SPEC_FILE, WEIGHTS_FILE, SCORES_FILE]
+    if scorer.item_vocab is not None and spec["encoder"] is not None:
+        scorer.item_vocab.save(directory / ITEMS_FILE)
+        files.append(ITEMS_FILE)
+    return {
+        "label_source": task["label_source"],
+        "target_event": task["target_event"],
+        "target_resolved": task["target_resolved"],
+        "horizon_days": task["horizon_days"],
+        "cutoff": task["cutoff"],
+        "cutoff_iso": task["cutoff_iso"],
+        "data_end": scorer.data_end,
+        "embedding": summary["training"].get("embedding"),
+        "metrics": metrics,
+        "files": files,
+    }
+
+
+def _read_spec(path: Path) -> dict:
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; not a propensity model directory (export the bundle again)")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc}); export the bundle again") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a propensity model spec (format must be {FORMAT!r})")
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: propensity format version {spec.get('format_version')!r}, this dmp_dl reads "
+                          f"{FORMAT_VERSION}; export the bundle again with this version")
+    return spec
+
+
+def _build_encoder(spec: dict | None, state: dict[str, torch.Tensor], where: Path) -> torch.nn.Module | None:
+    if spec is None:
+        return None
+    name = spec.get("class")
+    if name not in ENCODER_CLASSES:
+        raise BundleError(f"{where}: unknown embedding network class {name!r} (known: {', '.join(ENCODER_CLASSES)})")
+    cls = _encoder_class(name)
+    kwargs = dict(spec.get("kwargs") or {})
+    accepted = inspect.signature(cls).parameters
+    for side in ("user", "item"):
+        tokens, numeric = state.get(f"encoder.{side}_attr.tokens"), state.get(f"encoder.{side}_attr.numeric")
+        if f"{side}_features" in accepted and tokens is not None and numeric is not None:
+            # The attribute encoder is sized by these arrays only; their vocabulary lives in the feature spec.
+            kwargs[f"{side}_features"] = FeatureTable(tokens.numpy(), numeric.numpy(), [], [], [], [], [])
+    return cls(n_users=int(spec["n_users"]), n_items=int(spec["n_items"]), **kwargs)
+
+
+def load_propensity(directory: Path) -> PropensityScorer:
+    """The :class:`PropensityScorer` stored in ``directory`` by :func:`save_propensity`.
+
+    Raises :class:`BundleError` naming the file when one is missing, unreadable or inconsistent.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: propensity model directory not found")
+    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+    spec = _read_spec(spec_path)
+    try:
+        features = UserFeatures.from_spec(spec["features"])
+        calibrator = Calibrator.from_dict(spec["calibration"])
+        net_kwargs = dict(spec["net"])
+        n_users, data_end = int(spec["n_users"]), int(spec["data_end"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{spec_path}: incomplete or invalid propensity spec ({type(exc).__name__}: {exc})") from None
+    if not weights_path.is_file():
+        raise BundleError(f"{weights_path}: missing; the propensity model is incomplete (export the bundle again)")
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise BundleError(f"{weights_path}: not a readable weights file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleError(f"{weights_path}: not a state_dict of tensors")
+    try:
+        encoder = _build_encoder(spec.get("encoder"), state, spec_path)
+        net = PropensityNet(encoder=encoder, **net_kwargs)
+        net.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise BundleError(f"{weights_path}: the network cannot be rebuilt from these weights and {SPEC_FILE} "
+                          f"({str(exc).splitlines()[0]})") from None
+    scores_path = directory / SCORES_FILE
+    if not scores_path.is_file():
+        raise BundleError(f"{scores_path}: missing; the propensity model is incomplete (export the bundle again)")
+    try:
+        scores = np.load(scores_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BundleError(f"{scores_path}: not a readable array ({exc})") from None
+    if scores.shape != (n_users,) or not np.issubdtype(scores.dtype, np.floating) or not (
+            np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()):
+        raise BundleError(f"{scores_path}: expected {n_users} probabilities in [0, 1], got shape {scores.shape} {scores.dtype}")
+    item_vocab = None
+    if encoder is not None:
+        items_path = directory / ITEMS_FILE
+        if not items_path.is_file():
+            raise BundleError(f"{items_path}: missing; the propensity model is incomplete (export the bundle again)")
+        item_vocab = IdVocab.load(items_path)
+        if len(item_vocab) != features.n_items:
+            raise BundleError(f"{items_path}: {len(item_vocab)} items, the network was trained on {features.n_items}")
+    info = {k: spec.get(k) for k in ("task", "metrics", "training", "encoder")}
+    return PropensityScorer(net, calibrator, features, scores, data_end, item_vocab, info)

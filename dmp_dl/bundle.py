@@ -1,0 +1,466 @@
+"""The versioned artifact bundle: writing it atomically, reading and verifying it.
+
+A bundle is a directory::
+
+    manifest.json             written last: format version, created-at, package versions, the
+                              resolved config, dim, metric, index settings and quality, counts,
+                              and the sha256 and size of every other file
+    users.json, items.json    id vocabularies (IdVocab): row i of every user/item array is id i
+    user_vectors.npy          (n_users, dim) float32, from each user's full history
+    item_vectors.npy          (n_items, dim) float32
+    seen_indptr.npy           (n_users + 1,) int64  } CSR rows: the items each user interacted
+    seen_items.npy            (nnz,) int32           } with in the cleaned data (for exclusion)
+    item_popularity.npy       (n_items,) int64 training events per item
+    item_index.faiss          FAISS inner-product index over item_vectors (row i = item i)
+    user_index.faiss          FAISS inner-product index over user_vectors (row i = user i)
+    network/weights.pt        the network's state_dict (cold start: recommend_for_history)
+    network/network.json      its class (from an allowlist), constructor kwargs, feature specs
+    propensity/               the propensity model, when trained
+
+:class:`BundleWriter` builds a bundle in a temporary directory beside the target and publishes it
+with a rename only once every file and the manifest are written and fsynced, so a crashed export
+never leaves a half bundle under the target name (the previous bundle stays until the new one is
+complete). :class:`Bundle` refuses a bundle whose manifest is missing, whose format version it does
+not know, or whose files do not match their checksums, with a :class:`BundleError` naming the file.
+Nothing is unpickled: arrays load with ``allow_pickle=False``, weights with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import inspect
+import json
+import logging
+import os
+import platform
+import shutil
+import stat
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from dmp_dl.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dmp_dl.bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+USER_VOCAB, ITEM_VOCAB = "users.json", "items.json"
+USER_VECTORS, ITEM_VECTORS = "user_vectors.npy", "item_vectors.npy"
+SEEN_INDPTR, SEEN_ITEMS = "seen_indptr.npy", "seen_items.npy"
+ITEM_POPULARITY = "item_popularity.npy"
+ITEM_INDEX, USER_INDEX = "item_index.faiss", "user_index.faiss"
+NETWORK_WEIGHTS, NETWORK_SPEC = "network/weights.pt", "network/network.json"
+PROPENSITY_DIR = "propensity"
+
+
+class MissingPartError(BundleError):
+    """The bundle is valid but lacks an optional part (e.g. the propensity model)."""
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_relative(name: str) -> PurePosixPath:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or not rel.parts or ".." in rel.parts or rel.as_posix() == MANIFEST:
+        raise ValueError(f"bundle file names must be relative paths inside the bundle, got {name!r}")
+    return rel
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that write and read bundle files."""
+    out = {"python": platform.python_version()}
+    for dist in ("dmp_dl", "numpy", "scipy", "torch", "faiss-cpu", "faiss-gpu", "pandas"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class BundleWriter:
+    """Builds a bundle in a temporary directory beside ``target``; :meth:`commit` publishes it.
+
+    Use as a context manager: leaving the block with an exception (or without ``commit``) deletes
+    the temporary directory and leaves ``target`` untouched::
+
+        with BundleWriter(out / "artifacts") as w:
+            w.save_array("user_vectors.npy", users)
+            w.save_json("users.json", {...})
+            save_part(w.subdir("propensity"))
+            w.commit({"dim": 64})
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target).absolute()
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.committed = False
+
+    def __enter__(self) -> "BundleWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        """Where to write bundle file ``name`` (a relative path; parent folders are created)."""
+        p = self.root / _check_relative(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def subdir(self, name: str) -> Path:
+        """An empty, existing folder ``name`` inside the bundle for a part written by other code."""
+        p = self.path(name)
+        p.mkdir()
+        return p
+
+    def save_array(self, name: str, array: np.ndarray) -> str:
+        """Save ``array`` as ``.npy`` (C-contiguous; object arrays are refused)."""
+        array = np.ascontiguousarray(array)
+        if array.dtype == object:
+            raise TypeError(f"{name}: object arrays cannot be stored without pickle")
+        with open(self.path(name), "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+        return name
+
+    def save_json(self, name: str, obj: Any) -> str:
+        self.path(name).write_text(json.dumps(obj, indent=1), encoding="utf-8")
+        return name
+
+    def save_torch(self, name: str, state_dict: Mapping[str, Any]) -> str:
+        """Save a state_dict of tensors (readable with ``torch.load(weights_only=True)``)."""
+        import torch
+
+        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, self.path(name))
+        return name
+
+    def save_index(self, name: str, index) -> str:
+        import faiss
+
+        faiss.write_index(index, str(self.path(name)))
+        return name
+
+    def commit(self, content: Mapping[str, Any]) -> Path:
+        """Checksum every file, write ``manifest.json`` (``content`` plus the format fields) and
+        publish the bundle at ``target``. Returns ``target``."""
+        files = {}
+        for p in sorted(self.root.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(self.root).as_posix()
+                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                _fsync_path(p)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "packages": package_versions(),
+            **content,
+            "files": files,
+        }
+        with open(self.root / MANIFEST, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(manifest, indent=1, default=str))
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkdtemp/mkstemp create owner-only entries: give the bundle the parent folder's access bits
+        mode = stat.S_IMODE(self.target.parent.stat().st_mode)
+        for p in self.root.rglob("*"):
+            os.chmod(p, mode if p.is_dir() else mode & 0o666)
+        os.chmod(self.root, mode)
+        for d in sorted({p.parent for p in self.root.rglob("*")} | {self.root}, reverse=True):
+            _fsync_path(d)
+        self._publish()
+        self.committed = True
+        return self.target
+
+    def _publish(self) -> None:
+        # rename(2) cannot replace a non-empty directory: move the old bundle aside first. A crash
+        # between the two renames leaves no bundle at ``target`` and the old one under `.NAME.old-*`
+        # (never a partial one); Bundle.open names it in its error.
+        old = None
+        if self.target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            os.replace(self.target, old / "bundle")
+        os.replace(self.root, self.target)
+        _fsync_path(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class Bundle:
+    """A verified bundle on disk. ``Bundle.open(path)`` checks the manifest and every checksum."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = True) -> "Bundle":
+        root = Path(path)
+        manifest_path = root / MANIFEST
+        if not root.is_dir():
+            kept = sorted(root.parent.glob(f".{root.name}.old-*/bundle")) if root.name else []
+            hint = f"; an interrupted export kept the previous bundle at {kept[-1]}" if kept else ""
+            raise BundleError(f"bundle not found: {root} is not a directory (set artifacts=DIR to an exported bundle{hint})")
+        if not manifest_path.is_file():
+            raise BundleError(f"{manifest_path}: missing, so {root} is not a complete bundle (export it again)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{manifest_path}: unreadable ({exc}); export the bundle again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleError(f"{manifest_path}: not a dmp_dl bundle manifest (format must be {FORMAT!r})")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            what = "upgrade dmp_dl" if newer else "export the bundle again with this version"
+            raise BundleError(f"{manifest_path}: bundle format version {version!r}, this dmp_dl reads {FORMAT_VERSION}; {what}")
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise BundleError(f"{manifest_path}: no 'files' table; export the bundle again")
+        bundle = cls(root, manifest)
+        if verify:
+            for name in files:
+                bundle._verify(name)
+        return bundle
+
+    def _verify(self, name: str) -> None:
+        entry = self.manifest["files"][name]
+        try:
+            rel = _check_relative(name)
+        except ValueError:
+            raise BundleError(f"{self.root / MANIFEST}: file entry {name!r} points outside the bundle") from None
+        p = self.root / rel
+        if not p.is_file():
+            raise BundleError(f"{p}: listed in the manifest but missing; the bundle is incomplete (export it again)")
+        if p.stat().st_size != entry.get("bytes") or sha256_file(p) != entry.get("sha256"):
+            raise BundleError(f"{p}: checksum mismatch, the file is corrupt or was modified (export the bundle again)")
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is a file, or a folder holding files, listed in the manifest."""
+        files = self.manifest["files"]
+        return name in files or any(f.startswith(name.rstrip("/") + "/") for f in files)
+
+    def file(self, name: str) -> Path:
+        """Path of listed file or folder ``name``; :class:`MissingPartError` if not in the bundle."""
+        if not self.has(name):
+            raise MissingPartError(f"{self.root}: the bundle has no {name}")
+        return self.root / name
+
+    def array(self, name: str, mmap: bool = False) -> np.ndarray:
+        path = self.file(name)
+        try:
+            return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path}: not a readable array ({exc})") from None
+
+    def json(self, name: str) -> Any:
+        path = self.file(name)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path}: not valid JSON ({exc})") from None
+
+    def index(self, name: str):
+        import faiss
+
+        path = self.file(name)
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise BundleError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[-1]})") from None
+
+    def torch_state(self, name: str) -> dict:
+        import pickle
+
+        import torch
+
+        path = self.file(name)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise BundleError(f"{path}: not a readable weights file ({str(exc).splitlines()[0]})") from None
+
+
+# -- the model's parts -------------------------------------------------------------------------
+
+
+def network_classes() -> dict[str, type]:
+    """The only network classes a bundle can name (a class path read from a file is never imported)."""
+    from dmp_dl.models.mf import MatrixFactorization
+    from dmp_dl.models.two_tower import TwoTowerNet
+
+    return {"TwoTowerNet": TwoTowerNet, "MatrixFactorization": MatrixFactorization}
+
+
+def save_network(writer: BundleWriter, net, kwargs: Mapping[str, Any], user_features, item_features,
+                 history_len: int) -> dict | None:
+    """Store ``net``'s weights and how to rebuild it. Returns the manifest entry (None if the
+    class is not in :func:`network_classes`, in which case cold start is unavailable)."""
+    name = type(net).__name__
+    if network_classes().get(name) is not type(net):
+        log.warning("network %s is not exportable (known: %s): the bundle has no cold-start model",
+                    name, ", ".join(network_classes()))
+        return None
+    drop = {"n_users", "n_items", "user_features", "item_features"}
+    spec = {
+        "class": name,
+        "kwargs": {k: v for k, v in kwargs.items() if k not in drop and not k.startswith("_")},
+        "n_users": int(net.n_users),
+        "n_items": int(net.n_items),
+        "history_len": int(history_len),
+        "user_features": user_features.spec() if user_features is not None else None,
+        "item_features": item_features.spec() if item_features is not None else None,
+    }
+    writer.save_torch(NETWORK_WEIGHTS, net.state_dict())
+    writer.save_json(NETWORK_SPEC, spec)
+    return {"class": name, "history_len": int(history_len)}
+
+
+def load_network(bundle: Bundle):
+    """Rebuild the network in eval mode on CPU. Returns (net, user FeatureTable or None, history_len)."""
+    from dmp_dl.data.features import FeatureTable
+
+    spec = bundle.json(NETWORK_SPEC)
+    where = bundle.root / NETWORK_SPEC
+    cls = network_classes().get(spec.get("class")) if isinstance(spec, dict) else None
+    if cls is None:
+        raise BundleError(f"{where}: unknown network class {spec.get('class') if isinstance(spec, dict) else spec!r} "
+                          f"(known: {', '.join(network_classes())})")
+    state = bundle.torch_state(NETWORK_WEIGHTS)
+    tables = {}
+    for side in ("user", "item"):
+        fspec, key = spec.get(f"{side}_features"), f"{side}_attr"
+        if fspec is not None and f"{key}.tokens" in state:
+            tables[f"{side}_features"] = FeatureTable.from_spec(
+                fspec, state[f"{key}.tokens"].numpy(), state[f"{key}.numeric"].numpy())
+    accepted = inspect.signature(cls).parameters
+    kwargs = {**spec["kwargs"], **{k: v for k, v in tables.items() if k in accepted}}
+    try:
+        net = cls(n_users=spec["n_users"], n_items=spec["n_items"], **kwargs)
+        net.load_state_dict(state, strict=True)
+    except (TypeError, RuntimeError, KeyError) as exc:
+        raise BundleError(f"{where}: the network cannot be rebuilt from its weights ({str(exc).splitlines()[0]})") from None
+    return net.eval(), tables.get("user_features"), int(spec.get("history_len", 20))
+
+
+def export_bundle(
+    target: str | os.PathLike,
+    *,
+    user_vocab,
+    item_vocab,
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    seen: sp.csr_matrix,
+    item_popularity: np.ndarray,
+    index_options=None,
+    network: Mapping[str, Any] | None = None,
+    propensity: Any = None,
+    config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a complete bundle to ``target`` (atomically; see the module docstring).
+
+    Parameters
+    ----------
+    user_vocab, item_vocab: :class:`IdVocab`; row i of every array is id i.
+    user_vectors: (n_users, dim) float32; item_vectors: (n_items, dim) float32.
+    seen: (n_users, n_items) CSR of the items each user interacted with.
+    item_popularity: (n_items,) training events per item.
+    index_options: :class:`dmp_dl.index.IndexOptions` (default: ``auto``).
+    network: optional ``{"net", "kwargs", "user_features", "item_features", "history_len"}`` for
+        cold start; propensity: an optional propensity result object (``dmp_dl.propensity``).
+    config: the resolved run configuration, stored in the manifest.
+    """
+    from dmp_dl.index import METRIC, IndexOptions, build_and_measure
+
+    options = index_options or IndexOptions()
+    user_vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
+    item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    n_users, n_items = len(user_vocab), len(item_vocab)
+    if user_vectors.shape[0] != n_users or item_vectors.shape[0] != n_items or user_vectors.shape[1] != item_vectors.shape[1]:
+        raise ValueError(f"vector shapes {user_vectors.shape}, {item_vectors.shape} do not match {n_users} users, {n_items} items")
+    seen = sp.csr_matrix(seen)
+    if seen.shape != (n_users, n_items):
+        raise ValueError(f"seen matrix shape {seen.shape} != ({n_users}, {n_items})")
+    seen.sort_indices()
+
+    with BundleWriter(target) as w:
+        user_vocab.save(w.path(USER_VOCAB))
+        item_vocab.save(w.path(ITEM_VOCAB))
+        w.save_array(USER_VECTORS, user_vectors)
+        w.save_array(ITEM_VECTORS, item_vectors)
+        w.save_array(SEEN_INDPTR, seen.indptr.astype(np.int64))
+        w.save_array(SEEN_ITEMS, seen.indices.astype(np.int32))
+        w.save_array(ITEM_POPULARITY, np.asarray(item_popularity, dtype=np.int64))
+        item_index, item_info = build_and_measure(item_vectors, user_vectors, options, "item")
+        w.save_index(ITEM_INDEX, item_index)
+        del item_index
+        user_index, user_info = build_and_measure(user_vectors, user_vectors, options, "user")
+        w.save_index(USER_INDEX, user_index)
+        del user_index
+        content: dict[str, Any] = {
+            "dim": int(item_vectors.shape[1]),
+            "metric": METRIC,
+            "counts": {"users": n_users, "items": n_items, "seen_pairs": int(seen.nnz)},
+            "indexes": {"items": {"file": ITEM_INDEX, **item_info}, "users": {"file": USER_INDEX, **user_info}},
+            "index_options": dict(vars(options)),
+        }
+        if network is not None:
+            entry = save_network(w, **network)
+            if entry is not None:
+                content["network"] = entry
+        if propensity is not None:
+            from dmp_dl.propensity.bundle import save_propensity
+
+            content["propensity"] = save_propensity(propensity, w.subdir(PROPENSITY_DIR))
+        content["config"] = dict(config or {})
+        return w.commit(content)
+
+
+def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Path:
+    """Export the bundle of a finished ``pipeline.run`` (its ``datamodule``, ``module`` and, when
+    present, ``propensity``) to ``target``."""
+    from hydra.utils import instantiate
+
+    from dmp_dl.embeddings import export_embeddings
+    from dmp_dl.index import IndexOptions
+    from dmp_dl.training import config_to_dict
+
+    dm, net = result["datamodule"], result["module"].net
+    options = instantiate(cfg.index, _convert_="all") if cfg.get("index") is not None else IndexOptions()
+    users, items = export_embeddings(net, dm.full_history)
+    net_kwargs = config_to_dict(cfg.model.net) if cfg.get("model") is not None and "net" in cfg.model else {}
+    return export_bundle(
+        target,
+        user_vocab=dm.user_vocab, item_vocab=dm.item_vocab,
+        user_vectors=users, item_vectors=items,
+        seen=dm.all_seen, item_popularity=dm.item_counts,
+        index_options=options,
+        network={"net": net, "kwargs": net_kwargs, "user_features": dm.user_features,
+                 "item_features": dm.item_features, "history_len": dm.history_len},
+        propensity=result.get("propensity"),
+        config=config_to_dict(cfg),
+    )

@@ -23,7 +23,7 @@ from dmp_dl.embeddings import inference_device, item_vectors, user_vectors
 from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
 from dmp_dl.evaluation.ranking import evaluate_scorer
 from dmp_dl.io import atomic_write_text
-from dmp_dl.training import build_module, build_trainer, load_best_weights, resolve_ckpt_path
+from dmp_dl.training import build_module, build_trainer, config_to_dict, load_best_weights, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "ranking": evaluate_ranking(cfg, dm, module.net, cfg.model.get("name", "model")),
     }
+    if cfg.get("propensity") is not None and cfg.propensity.get("enabled", False):
+        from dmp_dl.propensity import train_propensity
+
+        result["propensity"] = train_propensity(cfg, dm, module.net)
+        metrics["propensity"] = result["propensity"].summary()
     metrics["total_seconds"] = time.perf_counter() - t0
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
     for name, m in metrics["ranking"].items():
         log.info("test %-12s recall@20=%.4f ndcg@20=%.4f", name, m.get("recall@20", float("nan")), m.get("ndcg@20", float("nan")))
     result["metrics"] = metrics
+    if cfg.get("export", True):
+        from dmp_dl.bundle import export_run
+
+        result["bundle_dir"] = export_run(cfg, result, out / "artifacts")
+        log.info("bundle written to %s", result["bundle_dir"])
+    report = cfg.get("evaluation", {}).get("report")
+    if report is not None:  # report.json / .md / .html from what the run produced
+        result["report"] = instantiate(report)(
+            out, config=config_to_dict(cfg), data_quality=dm.report.to_dict(), ranking=metrics["ranking"],
+            model_name=cfg.model.get("name", "model"), train=metrics["train"], propensity=result.get("propensity"),
+        )
     return result

@@ -37,7 +37,7 @@ import platform
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -379,6 +379,7 @@ def export_bundle(
     index_options=None,
     network: Mapping[str, Any] | None = None,
     propensity: Any = None,
+    parts: Mapping[str, Callable[[BundleWriter], Mapping[str, Any]]] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete bundle to ``target`` (atomically; see the module docstring).
@@ -392,6 +393,10 @@ def export_bundle(
     index_options: :class:`dmp_dl.index.IndexOptions` (default: ``auto``).
     network: optional ``{"net", "kwargs", "user_features", "item_features", "history_len"}`` for
         cold start; propensity: an optional propensity result object (``dmp_dl.propensity``).
+    parts: further parts, name -> function that writes its files with the writer and returns its
+        manifest entry (stored under ``name``). An entry's ``user_aligned`` list names the part's
+        files whose first axis is the user vocabulary, so that jobs which remove users (erasure)
+        can find every per-user row.
     config: the resolved run configuration, stored in the manifest.
     """
     from dmp_dl.index import METRIC, IndexOptions, build_and_measure
@@ -436,6 +441,8 @@ def export_bundle(
             from dmp_dl.propensity.bundle import save_propensity
 
             content["propensity"] = save_propensity(propensity, w.subdir(PROPENSITY_DIR))
+        for name, write_part in (parts or {}).items():
+            content[name] = dict(write_part(w))
         content["config"] = dict(config or {})
         return w.commit(content)
 

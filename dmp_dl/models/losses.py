@@ -58,6 +58,18 @@ def sampled_softmax_loss(
     return _weighted_mean(F.cross_entropy(logits.float(), target, reduction="none"), weight)
 
 
+def full_softmax_loss(
+    user: torch.Tensor, items: torch.Tensor, pos_ids: torch.Tensor, temperature: float = 1.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact softmax over the whole catalogue: no sampling, so no sampling bias to correct.
+
+    user: (B, d); items: (n_items, d) all item vectors; pos_ids: (B,) the positives' indices.
+    """
+    logits = (user / temperature) @ items.T
+    return _weighted_mean(F.cross_entropy(logits.float(), pos_ids, reduction="none"), weight)
+
+
 def bpr_loss(
     user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:

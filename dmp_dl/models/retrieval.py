@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from dmp_dl.errors import ConfigError
 from dmp_dl.evaluation.metrics import batch_metrics
-from dmp_dl.models.losses import bpr_loss, sampled_softmax_loss
+from dmp_dl.models.losses import bpr_loss, full_softmax_loss, sampled_softmax_loss
 
 LOSSES = ("softmax", "bpr")
 
@@ -36,6 +36,8 @@ class RetrievalModule(pl.LightningModule):
     temperature: softmax temperature.
     logq_correction: subtract log item frequency from in-batch logits.
     num_negatives: extra uniform negatives per batch (softmax) or per example (bpr, at least 1).
+    full_softmax_max_items: with ``loss=softmax``, catalogues up to this size use the exact softmax
+        over every item (each step scores the whole catalogue) instead of in-batch sampling.
     l2: L2 penalty on the batch's user/item vectors (useful for un-normalised MF).
     val_ks: cut-offs logged during validation.
     scheduler: optional partial LR scheduler.
@@ -50,6 +52,7 @@ class RetrievalModule(pl.LightningModule):
         temperature: float = 0.05,
         logq_correction: bool = True,
         num_negatives: int = 0,
+        full_softmax_max_items: int = 0,
         l2: float = 0.0,
         val_ks: Sequence[int] = (10, 20),
         scheduler: Callable | None = None,
@@ -76,10 +79,13 @@ class RetrievalModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         h = self.hparams
         user = self.net.user_vectors(batch["user"], batch.get("history"))
-        pos = self.net.item_vectors(batch["item"])
         weight = batch.get("weight")
         n_items = self.net.n_items
-        if h.loss == "softmax":
+        if h.loss == "softmax" and n_items <= h.full_softmax_max_items:
+            items = self.net.item_vectors(torch.arange(n_items, device=self.device))
+            loss = full_softmax_loss(user, items, batch["item"], h.temperature, weight)
+        elif h.loss == "softmax":
+            pos = self.net.item_vectors(batch["item"])
             neg = neg_ids = None
             if h.num_negatives > 0:
                 neg_ids = torch.randint(n_items, (h.num_negatives,), device=self.device)
@@ -89,6 +95,7 @@ class RetrievalModule(pl.LightningModule):
                 neg, neg_ids, n_items, weight,
             )
         else:
+            pos = self.net.item_vectors(batch["item"])
             k = max(1, h.num_negatives)
             neg_ids = torch.randint(n_items, (user.shape[0], k), device=self.device)
             neg = self.net.item_vectors(neg_ids.reshape(-1)).reshape(user.shape[0], k, -1)

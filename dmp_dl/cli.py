@@ -14,14 +14,29 @@ from dmp_dl.errors import DmpError
 log = logging.getLogger("dmp_dl")
 
 
+def user_error(exc: BaseException) -> DmpError | None:
+    """The :class:`DmpError` behind ``exc``: itself, or the cause Hydra's ``instantiate`` wrapped
+    (a bad option raised while a ``_target_`` was being built), else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, DmpError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def report_errors() -> Iterator[None]:
-    """Turn a :class:`DmpError` into one line on stderr and exit status 2 (no stack trace)."""
+    """Turn a :class:`DmpError` (also one wrapped by Hydra) into one line on stderr and exit status 2."""
     try:
         yield
-    except DmpError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

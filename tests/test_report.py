@@ -237,7 +237,10 @@ def test_train_writes_the_report_and_it_can_be_switched_off(tiny_cfg):
     assert data["data_quality"] == json.loads((out / "data_quality.json").read_text())
     trained_propensity = "propensity" in result  # the propensity step runs when propensity.enabled
     assert (data["propensity"] is not None) == trained_propensity
-    assert len(_images((out / "report.html").read_text())) == (4 if trained_propensity else 2)
+    built_segments = data["segments"] is not None  # the audience step segments users when audience.enabled
+    assert built_segments == ("audience" in result)
+    expected_images = 2 + 2 * trained_propensity + built_segments  # ranking 2, propensity 2, segment map 1
+    assert len(_images((out / "report.html").read_text())) == expected_images
 
     for name in ("report.json", "report.md", "report.html"):
         (out / name).unlink()

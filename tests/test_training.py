@@ -107,3 +107,15 @@ def test_embedding_shapes_and_cold_start(tiny_cfg):
     np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-5)  # normalised towers
     cold = module.net.cold_user_vectors(torch.as_tensor(dm.full_history[:3]))
     assert cold.shape == (3, cfg.model.dim)
+
+
+def test_bad_option_inside_a_built_object_is_one_line(tiny_cfg, capsys):
+    """A DmpError raised while Hydra builds a `_target_` reaches the user as one line, exit 2."""
+    from dmp_dl.cli import report_errors
+
+    cfg = tiny_cfg("data.split.method=by_moon_phase")
+    with pytest.raises(SystemExit) as exit_info, report_errors():
+        run(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "by_moon_phase" in err and err.count("\n") == 1

@@ -161,7 +161,9 @@ def segment_map(sizes: Mapping[int, int], coords: np.ndarray, segments: np.ndarr
     colour = {s: cmap(i % cmap.N) for i, s in enumerate(labels)}
     with plt.rc_context(_STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.4]})
-        axes[0].bar([str(s) for s in labels], [sizes[s] for s in labels], color=[colour[s] for s in labels])
+        positions = np.arange(len(labels))
+        axes[0].bar(positions, [sizes[s] for s in labels], color=[colour[s] for s in labels])
+        axes[0].set_xticks(positions, [str(s) for s in labels])
         axes[0].set(xlabel="segment", ylabel="users", title="Segment sizes")
         axes[0].grid(axis="x", visible=False)
         for s in labels:

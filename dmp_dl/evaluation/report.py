@@ -286,12 +286,18 @@ def build_report(
     return Report(data=_json_safe(data), figures=figures)
 
 
-def write_report(output_dir: str | os.PathLike, **inputs: Any) -> dict[str, Path]:
+def write_report(output_dir: str | os.PathLike, *, absent: Mapping[str, str] | None = None,
+                 **inputs: Any) -> dict[str, Path]:
     """Build the report (:func:`build_report` takes ``inputs``) and write ``report.json``,
-    ``report.md`` and ``report.html`` atomically into ``output_dir``. Returns format -> path."""
+    ``report.md`` and ``report.html`` atomically into ``output_dir``. Returns format -> path.
+
+    ``absent``: section -> sentence replacing the default reason a section is missing (e.g. for a
+    report re-created from a bundle)."""
     from dmp_dl.evaluation.render import to_html, to_markdown
 
     report = build_report(**inputs)
+    reasons = report.data["sections_absent"]
+    reasons.update({k: v for k, v in (absent or {}).items() if k in reasons})
     out = Path(output_dir)
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     atomic_write_text(paths["json"], json.dumps(report.data, indent=2, allow_nan=False))

@@ -71,6 +71,8 @@ class TwoTowerNet(nn.Module):
     normalize: L2-normalise both towers' outputs.
     id_dropout: probability of replacing a training user's id by the unknown-user row, so the tower
         also learns to work from history and attributes alone (cold start).
+    history_dropout: probability of hiding each history item during training (denoising: the tower
+        must predict from partial histories, which regularises like a denoising autoencoder).
     use_user_id, use_history, use_attributes: switch the user-tower inputs.
     history_len: number of recent items the user tower reads.
     """
@@ -86,6 +88,7 @@ class TwoTowerNet(nn.Module):
         dropout: float = 0.1,
         normalize: bool = True,
         id_dropout: float = 0.1,
+        history_dropout: float = 0.0,
         use_user_id: bool = True,
         use_history: bool = True,
         use_attributes: bool = True,
@@ -95,6 +98,7 @@ class TwoTowerNet(nn.Module):
         self.n_users, self.n_items, self.dim = n_users, n_items, dim
         self.normalized = normalize
         self.id_dropout = id_dropout
+        self.history_dropout = history_dropout
         self.use_user_id, self.use_history = use_user_id, use_history
         self.item_id = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
         self.user_id = nn.Embedding(n_users + 1, dim) if use_user_id else None
@@ -120,6 +124,8 @@ class TwoTowerNet(nn.Module):
         L = min(history.shape[1], self.position_logits.shape[0])
         history = history[:, :L]
         mask = history != self.n_items
+        if self.training and self.history_dropout > 0:
+            mask = mask & (torch.rand(history.shape, device=history.device) >= self.history_dropout)
         w = torch.softmax(self.position_logits[:L], 0).expand_as(history) * mask
         w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
         return (self.item_id(history) * w.unsqueeze(-1)).sum(1)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.errors import ConfigError
+from dmp_dl.io import atomic_write_bytes
 from dmp_dl.models.retrieval import RetrievalModule
 
 log = logging.getLogger(__name__)
@@ -22,6 +27,27 @@ def build_module(cfg: DictConfig, dm: InteractionDataModule) -> RetrievalModule:
     """The network (``model.net``) sized from the data, wrapped in ``model.module``."""
     net = instantiate(cfg.model.net, _convert_="all")(**dm.net_kwargs())
     return instantiate(cfg.model.module, _convert_="all")(net=net, item_counts=dm.item_counts)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written like every other file (:mod:`dmp_dl.io`): to a temporary file beside the
+    target, fsynced, then renamed, so a kill mid-write leaves the previous ``last.ckpt`` whole.
+
+    Lightning's own writer goes through the system temp folder and ``shutil.move``, which is a
+    plain, interruptible copy when that folder is on another filesystem. Loading (resume) never
+    unpickles arbitrary objects.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getbuffer())
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resume without unpickling: tensors and plain containers only (``weights_only=True``)."""
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -34,7 +60,8 @@ def build_trainer(cfg: DictConfig, has_validation: bool) -> pl.Trainer:
     """The Trainer with the configured callbacks and loggers.
 
     Without validation users (e.g. ``val_frac=0``) validation is switched off and the callbacks that
-    monitor a validation metric keep only the last checkpoint.
+    monitor a validation metric keep only the last checkpoint. Checkpoints are written atomically
+    (:class:`AtomicCheckpointIO`).
     """
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
@@ -43,26 +70,54 @@ def build_trainer(cfg: DictConfig, has_validation: bool) -> pl.Trainer:
         log.warning("no validation users: validation, early stopping and best-checkpoint selection are off")
         callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]
         for c in callbacks:
-            if isinstance(c, ModelCheckpoint):
+            if isinstance(c, ModelCheckpoint) and c.monitor is not None:
                 c.monitor = None
                 c.save_top_k = 1
         extra["limit_val_batches"] = 0
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **extra)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                       _convert_="all", **extra)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``last`` -> this run's ``checkpoints/last.ckpt`` (None if absent: a fresh start)."""
+    """``last`` -> this run's ``checkpoints/last.ckpt`` (None if absent: a fresh start).
+
+    Raises :class:`ConfigError` for a missing file, or one that is not a complete checkpoint
+    (torch checkpoints are zip archives; a truncated one has no central directory).
+    """
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if last.exists():
-            return str(last)
-        log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
-        return None
-    if not Path(ckpt_path).exists():
-        raise ConfigError(f"ckpt_path: checkpoint not found: {ckpt_path}")
-    return str(ckpt_path)
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.exists():
+            log.warning("ckpt_path=last but %s does not exist: starting from scratch", path)
+            return None
+    else:
+        path = Path(ckpt_path)
+        if not path.exists():
+            raise ConfigError(f"ckpt_path: checkpoint not found: {ckpt_path}")
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        raise ConfigError(f"ckpt_path: {path} is not a complete checkpoint (truncated or corrupt); delete it to "
+                          f"start from scratch or set ckpt_path to another checkpoint in {path.parent}")
+    position = checkpoint_position(path)
+    log.info("resuming from %s: %d epochs completed, global step %d, %d batches into the next epoch", path,
+             position["epochs_completed"], position["global_step"], position["batches_into_epoch"])
+    return str(path)
+
+
+def checkpoint_position(path: str | Path) -> dict[str, int]:
+    """Where training stood when checkpoint ``path`` was written: ``epochs_completed``,
+    ``global_step`` (optimizer steps so far) and ``batches_into_epoch`` (training batches of the
+    unfinished epoch, 0 at an epoch boundary). Raises :class:`ConfigError` for a file that is not a
+    Lightning checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        at_boundary = bool(progress.get("is_last_batch"))  # written at the end of epoch ``ckpt["epoch"]``
+        return {"epochs_completed": int(ckpt["epoch"]) + at_boundary, "global_step": int(ckpt["global_step"]),
+                "batches_into_epoch": 0 if at_boundary else int(progress["current"]["processed"])}
+    except Exception as exc:  # torch.load and a foreign layout raise many types
+        raise ConfigError(f"ckpt_path: {path} is not a training checkpoint of this project ({type(exc).__name__}: "
+                          f"{exc})") from None
 
 
 def load_best_weights(module: RetrievalModule, trainer: pl.Trainer) -> str | None:

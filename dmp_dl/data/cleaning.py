@@ -70,15 +70,26 @@ class CleaningOptions:
 
     def __post_init__(self) -> None:
         if self.event_weights is not None:
-            weights = {str(k).strip().lower(): float(v) for k, v in dict(self.event_weights).items()}
-            bad = {k: v for k, v in weights.items() if not np.isfinite(v) or v < 0}
+            if not isinstance(self.event_weights, Mapping):
+                raise ConfigError(f"data.cleaning.event_weights must map event type -> weight, got {self.event_weights!r}")
+            weights = {str(k).strip().lower(): _number(v, f"event_weights.{k}") for k, v in self.event_weights.items()}
+            bad = {k: v for k, v in weights.items() if v < 0}
             if bad:
                 raise ConfigError(f"data.cleaning.event_weights must be finite and >= 0, got {bad}")
             self.event_weights = weights
         if self.timestamp_unit not in ("s", "ms"):
             raise ConfigError(f"data.cleaning.timestamp_unit must be 's' or 'ms', got {self.timestamp_unit!r}")
+        self.value_fill = _number(self.value_fill, "value_fill")
+        if self.min_value is not None:
+            self.min_value = _number(self.min_value, "min_value")
+        for key in ("kcore_users", "kcore_items"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ConfigError(f"data.cleaning.{key} must be an integer >= 0, got {value!r}")
         if self.positive_event_types is not None:
-            self.positive_event_types = [str(t).strip().lower() for t in self.positive_event_types]
+            types = self.positive_event_types
+            types = [types] if isinstance(types, str) else types  # one type given as a plain string
+            self.positive_event_types = [str(t).strip().lower() for t in types]
 
 
 @dataclass
@@ -129,6 +140,19 @@ class QualityReport:
             f"{self.source}: {e.rows_in} events in, {e.rows_out} kept "
             f"({self.n_users} users, {self.n_items} items); dropped: {dropped}"
         )
+
+
+def _number(value: object, key: str) -> float:
+    """``value`` as a float, or :class:`ConfigError` naming ``data.cleaning.<key>``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.cleaning.{key} must be a number, got {value!r}") from None
+    if not np.isfinite(number):
+        raise ConfigError(f"data.cleaning.{key} must be a finite number, got {value!r}")
+    return number
 
 
 def _to_epoch_seconds(value: str | int | float) -> float:

@@ -162,6 +162,9 @@ class InteractionDataModule(pl.LightningDataModule):
     history_sampling: how training examples get their history (see :class:`TrainExamples`):
         ``recent``, ``random``, or ``auto`` (``random`` for the random_per_user split, else ``recent``).
     erasure_list: file of erased user ids (one per line); their events are dropped on load.
+    privacy: a :class:`dmp_dl.privacy.PrivacyOptions` (``privacy`` in the train config): user ids
+        are replaced by keyed pseudonyms right after loading when ``privacy.pseudonymize``, and the
+        erasure lists (``privacy.erasure_list`` and ``erasure_list``) may hold keyed-hash entries.
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class InteractionDataModule(pl.LightningDataModule):
         history_sampling: str = "auto",
         erasure_list: str | None = None,
         name: str = "data",
+        privacy: object | None = None,
     ):
         super().__init__()
         self.source = _make_source(source, path=path, users=users, items=items, name=name)
@@ -190,10 +194,13 @@ class InteractionDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size)
         self.num_workers = int(num_workers)
         self.history_len = int(history_len)
+        if self.history_len < 0:
+            raise ConfigError(f"data.history_len must be >= 0, got {history_len}")
         if history_sampling == "auto":
             history_sampling = "random" if self.split_opts.method == "random_per_user" else "recent"
         self.history_sampling = history_sampling
         self.erasure_list = erasure_list
+        self.privacy = privacy
         self.name = name
         self._prepared = False
 
@@ -203,8 +210,12 @@ class InteractionDataModule(pl.LightningDataModule):
         if self._prepared:
             return self
         raw = self.source.load()
+        if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
+            raw, erased = self.privacy.prepare_log(raw, self.erasure_list)
+        else:
+            erased = self._erased_users()
         self.raw_meta = raw.meta
-        cleaned, report = clean_log(raw, self.cleaning, exclude_users=self._erased_users())
+        cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased)
         ev = cleaned.events
         self.user_vocab = IdVocab.from_values(ev[USER].unique(), "user")
         self.item_vocab = IdVocab.from_values(ev[ITEM].unique(), "item")
@@ -229,7 +240,15 @@ class InteractionDataModule(pl.LightningDataModule):
         path = Path(self.erasure_list)
         if not path.exists():
             raise DataError(f"erasure list not found: {path} (set data.erasure_list to an existing file or null)")
-        return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as exc:
+            raise DataError(f"erasure list {path}: cannot read it as UTF-8 text, one user id per line ({exc})") from None
+        ids = {line.strip() for line in text.splitlines() if line.strip()}
+        if any(i.startswith("hmac-sha256:") for i in ids):
+            raise DataError(f"{path} holds keyed-hash entries, which need the privacy settings to match: "
+                            "pass privacy=PrivacyOptions(...) (train.py does)")
+        return ids
 
     def _index_splits(self, ev: pd.DataFrame) -> None:
         n_users, n_items = len(self.user_vocab), len(self.item_vocab)

@@ -97,17 +97,24 @@ class FeatureTable:
             slot = pairs_df.groupby("row").cumcount().to_numpy()
             tokens[pairs_df["row"].to_numpy(np.int64), slot] = pairs_df["token"].map(tok_index).to_numpy(np.int64)
 
-        numeric = np.zeros((n + 1, len(num_cols)), dtype=np.float32)
-        means, stds = [], []
-        for j, col in enumerate(num_cols):
+        kept, means, stds = [], [], []
+        for col in num_cols:
             vals = pd.to_numeric(table[col], errors="coerce").to_numpy(np.float64)
             finite = np.isfinite(vals)
-            mean = float(vals[finite].mean()) if finite.any() else 0.0
-            std = float(vals[finite].std()) if finite.sum() > 1 else 1.0
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+                mean = float(vals[finite].mean()) if finite.any() else 0.0
+                std = float(vals[finite].std()) if finite.sum() > 1 else 1.0
             std = std if std > 1e-12 else 1.0
-            numeric[rows[finite], j] = ((vals[finite] - mean) / std).astype(np.float32)
+            if not (np.isfinite(mean) and np.isfinite(std)):  # e.g. 1e308: the mean or variance overflows
+                skipped[col] = "numeric values too large to standardise (mean or variance overflows float64)"
+                continue
+            kept.append((col, vals, finite))
             means.append(mean)
             stds.append(std)
+        num_cols = [col for col, _, _ in kept]
+        numeric = np.zeros((n + 1, len(num_cols)), dtype=np.float32)
+        for j, (col, vals, finite) in enumerate(kept):
+            numeric[rows[finite], j] = ((vals[finite] - means[j]) / stds[j]).astype(np.float32)
         return cls(tokens, numeric, token_vocab, cat_cols, num_cols, means, stds, skipped)
 
     def encode_records(self, records: Sequence[Mapping[str, object]]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +148,8 @@ class FeatureTable:
                 except (TypeError, ValueError):
                     continue
                 if np.isfinite(v):
-                    numeric[r, j] = (v - self.numeric_mean[j]) / self.numeric_std[j]
+                    with np.errstate(over="ignore"):  # beyond float32: inf, which the caller refuses
+                        numeric[r, j] = (v - self.numeric_mean[j]) / self.numeric_std[j]
         return tokens, numeric
 
     def spec(self) -> dict:

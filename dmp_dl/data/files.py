@@ -8,14 +8,16 @@ of fields are skipped and counted (``malformed_row``), never dropped silently.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
-from dmp_dl.errors import DataError
+from dmp_dl.errors import ConfigError, DataError
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".csv.bz2")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
@@ -65,11 +67,14 @@ def _first_line(path: Path, encoding: str) -> str:
         import bz2
 
         opener = bz2.open  # type: ignore[assignment]
-    with opener(path, "rb") as fh:
-        raw = fh.readline()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.readline()
+    except (OSError, EOFError) as exc:  # e.g. a .gz file that is not gzip, or a truncated one
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); is the file complete and of its suffix's type?") from None
     try:
         return raw.decode(encoding).lstrip("\ufeff").rstrip("\r\n")
-    except (UnicodeDecodeError, LookupError) as exc:
+    except (UnicodeError, LookupError) as exc:
         raise DataError(
             f"{path}: the header line is not valid {encoding} ({exc}); "
             "set data.encoding (e.g. data.encoding=latin-1) to the file's encoding"
@@ -114,6 +119,13 @@ def read_table(
     kind = _kind_of(path)
     if kind == "parquet":
         try:
+            names = pq.read_schema(path).names
+        except Exception as exc:  # pyarrow raises many types for corrupt files
+            raise DataError(f"{path}: cannot read as Parquet ({type(exc).__name__}: {exc})") from None
+        dup = sorted({c for c in names if names.count(c) > 1})
+        if dup:
+            raise DataError(f"{path}: duplicated column name(s) {dup}; rename or remove them")
+        try:
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for corrupt files
             raise DataError(f"{path}: cannot read as Parquet ({type(exc).__name__}: {exc})") from None
@@ -152,18 +164,30 @@ def _read_csv(path: Path, *, sep: str, encoding: str) -> Table:
         raise DataError(f"{path}: the file is empty (no header line); expected a CSV header with column names")
     if sep == "auto":
         sep = sniff_separator(header)
+    elif not isinstance(sep, str) or len(sep) != 1 or sep in "\r\n\"":
+        raise ConfigError(f"data.sep must be one character other than a quote or a line break (or auto), got {sep!r}")
     names = [c.strip().strip("\"").strip() for c in header.split(sep)]
     seen: set[str] = set()
     dup = [c for c in names if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
     if dup:
         raise DataError(f"{path}: duplicated column name(s) {sorted(set(dup))} in the header; rename or remove them")
     malformed = 0
+    undecodable: list[BaseException] = []
 
     def skip_row(row: pacsv.InvalidRow) -> str:
         nonlocal malformed
         malformed += 1
         return "skip"
 
+    def note_undecodable(unraisable) -> None:
+        # pyarrow decodes a malformed row's text before calling skip_row; when that text is not
+        # valid in the encoding the error cannot propagate, so it is caught here and reported below.
+        if unraisable.object is skip_row and isinstance(unraisable.exc_value, UnicodeError):
+            undecodable.append(unraisable.exc_value)
+        else:
+            previous_hook(unraisable)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, note_undecodable
     try:
         arrow = pacsv.read_csv(
             path,
@@ -179,14 +203,18 @@ def _read_csv(path: Path, *, sep: str, encoding: str) -> Table:
         )
     except pa.ArrowInvalid as exc:
         msg = str(exc)
-        if "UTF8" in msg or "utf8" in msg.lower():
+        if "UTF8" in msg or "utf8" in msg.lower() or undecodable:
             raise DataError(
                 f"{path}: contains bytes that are not valid {encoding}; "
                 "set data.encoding to the file's encoding (e.g. data.encoding=latin-1) or re-export it as UTF-8"
             ) from None
         raise DataError(f"{path}: cannot parse as CSV with separator {sep!r}: {msg}") from None
-    except (OSError, LookupError) as exc:
+    except UnicodeError as exc:  # raised by the Python codec pyarrow transcodes non-UTF-8 files with
+        raise DataError(f"{path}: cannot be read as {encoding} ({exc}); set data.encoding to the file's encoding") from None
+    except (OSError, EOFError, LookupError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
+    finally:
+        sys.unraisablehook = previous_hook
     frame = arrow.to_pandas(types_mapper=None)
     frame.columns = names
     frame = frame.astype(object)

@@ -32,6 +32,14 @@ def _read(path: Path, **kwargs) -> pd.DataFrame:
         raise DataError(f"{path}: cannot read MovieLens file ({exc})") from None
 
 
+def _require(frame: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: lacks column {missing[0]!r} (found columns: {list(frame.columns)}); "
+                        "is this a MovieLens release?")
+    return frame
+
+
 def _year_from_title(titles: pd.Series) -> pd.Series:
     return titles.astype(str).str.extract(_YEAR, expand=False).astype("float64")
 
@@ -89,11 +97,12 @@ class MovieLensSource:
 
     def _ml20m(self, root: Path) -> EventLog:
         ratings = _read(root / "ratings.csv", dtype={"userId": str, "movieId": str, "rating": np.float64, "timestamp": np.int64})
+        _require(ratings, root / "ratings.csv", ("userId", "movieId", "rating", "timestamp"))
         events = ratings.rename(columns={"userId": USER, "movieId": ITEM, "rating": VALUE, "timestamp": TIME})
         events[TYPE] = "rating"
         items = None
         if (root / "movies.csv").exists():
-            raw = _read(root / "movies.csv", dtype=str)
+            raw = _require(_read(root / "movies.csv", dtype=str), root / "movies.csv", ("movieId", "title", "genres"))
             genres = raw["genres"].replace("(no genres listed)", "")
             items = pd.DataFrame({ITEM: raw["movieId"], "genres": genres, "year": _year_from_title(raw["title"])})
         return EventLog(events, None, items, source=f"movielens({root})")

@@ -10,6 +10,7 @@ stopping monitor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -41,6 +42,8 @@ class RetrievalModule(pl.LightningModule):
     l2: L2 penalty on the batch's user/item vectors (useful for un-normalised MF).
     val_ks: cut-offs logged during validation.
     scheduler: optional partial LR scheduler.
+    dp: a :class:`dmp_dl.privacy.dp.DPSGD` engine: train with user-level DP-SGD (manual
+        optimisation with clipped, noised per-user gradients; ``privacy.dp`` in the config).
     """
 
     def __init__(
@@ -56,14 +59,17 @@ class RetrievalModule(pl.LightningModule):
         l2: float = 0.0,
         val_ks: Sequence[int] = (10, 20),
         scheduler: Callable | None = None,
+        dp: Any = None,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {LOSSES}, got {loss!r}")
         if temperature <= 0:
             raise ConfigError(f"model.temperature must be > 0, got {temperature}")
-        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "item_counts"])
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "item_counts", "dp"])
         self.net = net
+        self.dp = dp
+        self.automatic_optimization = dp is None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         counts = torch.as_tensor(item_counts if item_counts is not None else np.ones(net.n_items), dtype=torch.float64)
@@ -77,6 +83,8 @@ class RetrievalModule(pl.LightningModule):
 
     # -- training --------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.dp is not None:
+            return self.dp.training_step(self, batch)
         h = self.hparams
         user = self.net.user_vectors(batch["user"], batch.get("history"))
         weight = batch.get("weight")

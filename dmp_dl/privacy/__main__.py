@@ -1,0 +1,55 @@
+"""``python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE`` (config: ``conf/privacy_cli.yaml``).
+
+Prints a JSON summary (counts and paths, never an id) and exits 0; a bad bundle, file or key is
+one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dmp_dl.cli import report_errors
+from dmp_dl.errors import DataError
+
+COMMANDS = ("forget",)
+USAGE = "usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [erasure_list=FILE] [audit_log=FILE]"
+
+
+def read_user_ids(path: str | Path) -> list[str]:
+    """Non-blank lines of ``path`` (one user id each; ``#`` starts a comment line)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"user_ids: cannot read {path} ({exc}); give a text file with one user id per line") from None
+    ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not ids:
+        raise DataError(f"{path}: no user ids in the file (one id per line)")
+    return ids
+
+
+def forget(cfg: DictConfig) -> dict:
+    from dmp_dl.privacy.erasure import forget_users
+
+    return forget_users(cfg.artifacts, read_user_ids(cfg.user_ids), erasure_list=cfg.get("erasure_list"),
+                        audit_log=cfg.get("audit_log"), secret_env=cfg.get("secret_env"),
+                        secret_file=cfg.get("secret_file"))
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="privacy_cli")
+def main(cfg: DictConfig) -> None:
+    with report_errors():
+        print(json.dumps(forget(cfg), indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    sys.argv.pop(1)
+    main()

@@ -18,7 +18,7 @@ A bundle is a directory::
     propensity/               the propensity model, when trained
 
 :class:`BundleWriter` builds a bundle in a temporary directory beside the target and publishes it
-with a rename only once every file and the manifest are written and fsynced, so a crashed export
+with a rename (on Linux an atomic exchange with the previous bundle) only once every file and the manifest are written and fsynced, so a crashed export
 never leaves a half bundle under the target name (the previous bundle stays until the new one is
 complete). :class:`Bundle` refuses a bundle whose manifest is missing, whose format version it does
 not know, or whose files do not match their checksums, with a :class:`BundleError` naming the file.
@@ -28,6 +28,7 @@ Nothing is unpickled: arrays load with ``allow_pickle=False``, weights with ``we
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import inspect
 import json
@@ -36,6 +37,7 @@ import os
 import platform
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from importlib import metadata
@@ -197,17 +199,53 @@ class BundleWriter:
         return self.target
 
     def _publish(self) -> None:
-        # rename(2) cannot replace a non-empty directory: move the old bundle aside first. A crash
-        # between the two renames leaves no bundle at ``target`` and the old one under `.NAME.old-*`
-        # (never a partial one); Bundle.open names it in its error.
+        # Where the OS can, swap the new folder and the old bundle in one atomic step, so that
+        # ``target`` always holds a complete bundle, even if the process dies right here.
+        if (self.target.exists() or self.target.is_symlink()) and _exchange(self.root, self.target):
+            _fsync_path(self.target.parent)
+            if self.root.is_symlink():  # target was a symlink to a bundle: drop the link only
+                self.root.unlink()
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+            return
+        # Otherwise: rename(2) cannot replace a non-empty directory, so move the old bundle aside
+        # first. A crash between the two renames leaves no bundle at ``target`` and the old one
+        # under `.NAME.old-*` (never a partial one); Bundle.open names it in its error.
         old = None
-        if self.target.exists():
+        if self.target.exists() or self.target.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
             os.replace(self.target, old / "bundle")
-        os.replace(self.root, self.target)
+        try:
+            os.replace(self.root, self.target)
+        except BaseException:
+            if old is not None:  # put the previous bundle back
+                os.replace(old / "bundle", self.target)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         _fsync_path(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the OS, C library or filesystem cannot (the caller falls back to renames).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc < 2.28 or another C library
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 class Bundle:
@@ -449,7 +487,7 @@ def export_bundle(
 
 def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Path:
     """Export the bundle of a finished ``pipeline.run`` (its ``datamodule``, ``module`` and, when
-    present, ``propensity``) to ``target``."""
+    present, ``propensity`` and ``bundle_parts``, further parts for :func:`export_bundle`) to ``target``."""
     from hydra.utils import instantiate
 
     from dmp_dl.embeddings import export_embeddings
@@ -469,5 +507,6 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
         network={"net": net, "kwargs": net_kwargs, "user_features": dm.user_features,
                  "item_features": dm.item_features, "history_len": dm.history_len},
         propensity=result.get("propensity"),
+        parts=result.get("bundle_parts"),
         config=config_to_dict(cfg),
     )

@@ -12,18 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dmp_dl.data.datamodule import InteractionDataModule
-from dmp_dl.embeddings import inference_device, item_vectors, user_vectors
-from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
-from dmp_dl.evaluation.ranking import evaluate_scorer
+from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
 from dmp_dl.io import atomic_write_text
-from dmp_dl.training import build_module, build_trainer, config_to_dict, load_best_weights, resolve_ckpt_path
+from dmp_dl.privacy.training import PrivacyHooks
+from dmp_dl.training import build_trainer, config_to_dict, load_best_weights, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +33,7 @@ def load_data(cfg: DictConfig) -> InteractionDataModule:
 
 def evaluate_ranking(cfg: DictConfig, dm: InteractionDataModule, net: torch.nn.Module, model_name: str) -> dict[str, dict]:
     """Test-split metrics of the trained model and the configured baselines, same protocol."""
-    ev = cfg.get("evaluation", {})
-    ks = list(ev.get("ks", [5, 10, 20, 50]))
-    dataset = dm.eval_dataset("test")
-    if len(dataset) == 0:
-        log.warning("no test users with held-out items: ranking evaluation skipped")
-        return {}
-    popularity = torch.as_tensor(dm.item_counts / max(dm.item_counts.sum(), 1), dtype=torch.float32)
-    device = inference_device()
-    net.to(device).eval()
-    # Users are represented as of the end of training (train history only): no test leakage.
-    users = user_vectors(net, np.arange(dm.n_users), dm.train_history, device=device)
-    items = item_vectors(net, dm.n_items, device=device)
-    scorers: dict[str, Any] = {model_name: EmbeddingScorer(users, items)}
-    for name in ev.get("baselines", ["popularity", "ease"]):
-        if name == "popularity":
-            scorers[name] = PopularityScorer(dm.item_counts)
-        elif name == "ease":
-            if dm.n_items > int(ev.get("ease_max_items", 20000)):
-                log.warning("EASE skipped: %d items > evaluation.ease_max_items", dm.n_items)
-                continue
-            scorers[name] = EASEScorer(dm.train_seen, float(ev.get("ease_l2", 500.0)))
-        else:
-            raise ValueError(f"unknown baseline {name!r} in evaluation.baselines (popularity | ease)")
-    results = {}
-    for name, scorer in scorers.items():
-        t0 = time.perf_counter()
-        results[name] = evaluate_scorer(scorer, dataset, dm.n_items, ks, popularity)
-        results[name]["eval_seconds"] = time.perf_counter() - t0
-    return results
+    return evaluate_model_and_baselines(net, model_name, HeldOutSplit.from_datamodule(dm), cfg.get("evaluation", {}))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -80,10 +50,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm.report.write_json(out / "data_quality.json")
     log.info(dm.report.summary())
 
-    module = build_module(cfg, dm)
+    privacy = PrivacyHooks.from_config(cfg)
+    module, fit_data = privacy.build_module(cfg, dm)  # user-level DP-SGD when privacy.dp.enabled
     trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0)
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), out))
+    trainer.fit(module, **fit_data, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), out))
     fit_seconds = time.perf_counter() - t_fit
     result: dict[str, Any] = {"datamodule": dm, "module": module, "trainer": trainer}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -102,6 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train_events": n_train,
             "examples_per_second": n_train * epochs / fit_seconds if fit_seconds > 0 else None,
             "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+            "privacy": privacy.summary(trainer.global_step),
         },
         "ranking": evaluate_ranking(cfg, dm, module.net, cfg.model.get("name", "model")),
     }
@@ -110,6 +82,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         result["propensity"] = train_propensity(cfg, dm, module.net)
         metrics["propensity"] = result["propensity"].summary()
+    if cfg.get("audience") is not None and cfg.audience.get("enabled", False):
+        from dmp_dl.audience.build import build_audience
+
+        result["audience"] = build_audience(cfg.audience, dm, module.net, result.get("propensity"))
+        metrics["audience"] = result["audience"].summary()
+        result["bundle_parts"] = {**result.get("bundle_parts", {}), **result["audience"].bundle_parts()}
     metrics["total_seconds"] = time.perf_counter() - t0
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
     for name, m in metrics["ranking"].items():
@@ -118,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("export", True):
         from dmp_dl.bundle import export_run
 
+        result["bundle_parts"] = {**result.get("bundle_parts", {}), **privacy.bundle_parts()}
         result["bundle_dir"] = export_run(cfg, result, out / "artifacts")
         log.info("bundle written to %s", result["bundle_dir"])
     report = cfg.get("evaluation", {}).get("report")
@@ -125,5 +104,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result["report"] = instantiate(report)(
             out, config=config_to_dict(cfg), data_quality=dm.report.to_dict(), ranking=metrics["ranking"],
             model_name=cfg.model.get("name", "model"), train=metrics["train"], propensity=result.get("propensity"),
+            segments=result["audience"].segment_inputs() if "audience" in result else None,
         )
     return result

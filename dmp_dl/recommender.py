@@ -6,6 +6,8 @@
 * ``similar_items(item_id)``: nearest items to an item's vector.
 * ``lookalike(seed_user_ids)``: audience expansion, nearest users to a seed set.
 * ``propensity(user_ids)``: how likely each user is to buy (needs a bundle with a propensity model).
+* ``profile(user_id)`` / ``segment(user_id)`` / ``segments()``: interest profiles and segments
+  (bundles exported with ``audience.enabled``; :mod:`dmp_dl.audience`).
 
 Every score is an inner product of vectors, served by the bundle's FAISS indexes. Each single-id
 method has a batch form (``recommend_batch``, ``recommend_for_histories``, ``similar_items_batch``)
@@ -35,7 +37,7 @@ from dmp_dl.index import is_exact, search_excluding, set_search_params
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 1000
-LOOKALIKE_METHODS = ("centroid", "neighbours")
+LOOKALIKE_METHODS = ("centroid", "neighbours", "contrast")
 Ranked = list[tuple[str, float]]
 
 
@@ -74,12 +76,18 @@ class Recommender:
     history_len: recent items the network reads.
     propensity: a propensity scorer with ``score_known(user_idx)`` (or None).
     manifest: the bundle manifest; max_k: the largest ``k`` any query accepts.
+    pseudonymizer: when the bundle's user ids are keyed pseudonyms (``privacy.pseudonymize``), the
+        :class:`~dmp_dl.privacy.Pseudonymizer` that maps the raw ids queries give to them; users
+        returned (lookalike) are then pseudonyms.
+    profiles, segments: the bundle's :class:`~dmp_dl.audience.profiles.Profiles` and
+        :class:`~dmp_dl.audience.bundle.StoredSegments` (or None).
     """
 
     def __init__(self, *, user_vocab: IdVocab, item_vocab: IdVocab, user_vectors: np.ndarray,
                  item_vectors: np.ndarray, seen: sp.csr_matrix, item_index, user_index,
                  network=None, user_features=None, history_len: int = 20, propensity=None,
-                 manifest: Mapping[str, Any] | None = None, max_k: int = DEFAULT_MAX_K):
+                 manifest: Mapping[str, Any] | None = None, max_k: int = DEFAULT_MAX_K, pseudonymizer=None,
+                 profiles=None, segments=None):
         if int(max_k) < 1:
             raise InvalidRequestError(f"max_k must be >= 1, got {max_k}")
         self.user_vocab, self.item_vocab = user_vocab, item_vocab
@@ -95,18 +103,26 @@ class Recommender:
         self._propensity = propensity
         self.manifest = dict(manifest or {})
         self.max_k = int(max_k)
+        self.pseudonymizer = pseudonymizer
+        self.profiles, self.stored_segments = profiles, segments
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, max_k: int = DEFAULT_MAX_K, search_params: str | None = None) -> "Recommender":
+    def load(cls, path: str | os.PathLike, max_k: int = DEFAULT_MAX_K, search_params: str | None = None,
+             pseudonymizer=None) -> "Recommender":
         """Load and verify the bundle at ``path`` (manifest, format version, every checksum).
 
         search_params: optional ``ParameterSpace`` string (``efSearch=256``, ``nprobe=64``) that
         overrides the bundle's for its approximate indexes (exact ones are left alone).
+        pseudonymizer: the key of a bundle with pseudonymised user ids; default: the secret from
+        the environment variable / file its training run read (recorded in the manifest).
         Raises :class:`BundleError` naming the file when the bundle is missing, corrupt or from an
-        incompatible version.
+        incompatible version, and when its ids are pseudonymised and the secret is missing or wrong.
         """
+        from dmp_dl.privacy.pseudonymize import bundle_pseudonymizer
+
         b = Bundle.open(path)
+        pseudonymizer = bundle_pseudonymizer(b.manifest, b.root, pseudonymizer)
         user_vocab = IdVocab.load(b.file(layout.USER_VOCAB))
         item_vocab = IdVocab.load(b.file(layout.ITEM_VOCAB))
         users, items = b.array(layout.USER_VECTORS), b.array(layout.ITEM_VECTORS)
@@ -136,10 +152,13 @@ class Recommender:
             from dmp_dl.propensity.bundle import load_propensity
 
             propensity = load_propensity(b.file(layout.PROPENSITY_DIR))
+        from dmp_dl.audience.bundle import load_profiles, load_segments
+
+        profiles, segments = load_profiles(b, n_users), load_segments(b, n_users)
         return cls(user_vocab=user_vocab, item_vocab=item_vocab, user_vectors=users, item_vectors=items,
                    seen=seen, item_index=indexes["items"], user_index=indexes["users"], network=network,
                    user_features=user_features, history_len=history_len, propensity=propensity,
-                   manifest=b.manifest, max_k=max_k)
+                   manifest=b.manifest, max_k=max_k, pseudonymizer=pseudonymizer, profiles=profiles, segments=segments)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -170,6 +189,9 @@ class Recommender:
             "indexes": {k: {f: v.get(f) for f in ("factory", "search_params", "recall@10")} for k, v in indexes.items()},
             "cold_start": self.network is not None,
             "propensity": self.has_propensity,
+            "pseudonymized_user_ids": self.pseudonymizer is not None,
+            "profiles": self.profiles is not None,
+            "segments": self.stored_segments.k if self.stored_segments is not None else None,
         }
 
     # -- checks --------------------------------------------------------------------------------
@@ -193,6 +215,27 @@ class Recommender:
             raise UnknownIdError(kind, unknown[0] if len(unknown) == 1 else unknown)
         return rows
 
+    def _user_rows_of(self, ids: list) -> np.ndarray:
+        """Rows (len(ids),) of external user ids (hashed first when the bundle holds pseudonyms);
+        :class:`UnknownIdError` names the ids as given."""
+        if self.pseudonymizer is None:
+            return self._rows(self._user_rows, "user", ids)
+        keys = [self.pseudonymizer.one(str(x).strip()) for x in ids]
+        rows = np.fromiter((self._user_rows.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        if (rows < 0).any():
+            unknown = [str(ids[i]) for i in np.flatnonzero(rows < 0)[:5]]
+            raise UnknownIdError("user", unknown[0] if len(unknown) == 1 else unknown)
+        return rows
+
+    def user_rows(self, user_ids: Sequence[object], strict: bool = True) -> np.ndarray:
+        """Vocabulary rows (n,) int64 of external user ids (raw ids when the bundle holds pseudonyms).
+        Unknown ids raise :class:`UnknownIdError` when ``strict``, else get row -1."""
+        ids = self._check_ids(user_ids, "user_ids")
+        if strict:
+            return self._user_rows_of(ids)
+        keys = ids if self.pseudonymizer is None else [self.pseudonymizer.one(str(x).strip()) for x in ids]
+        return np.fromiter((self._user_rows.get(str(k), -1) for k in keys), dtype=np.int64, count=len(keys))
+
     def _ranked(self, ids: np.ndarray, scores: np.ndarray, vocab: IdVocab) -> list[Ranked]:
         """(B, k) ids padded with -1 -> B lists of (external id, score), best first."""
         keep = ids >= 0
@@ -209,7 +252,7 @@ class Recommender:
                         chunk: int = 4096) -> list[Ranked]:
         """:meth:`recommend` for many users, ``chunk`` users per index search."""
         k = self._check_k(k)
-        rows = self._rows(self._user_rows, "user", self._check_ids(user_ids, "user_ids"))
+        rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
         out: list[Ranked] = []
         for s in range(0, len(rows), chunk):
             ids, scores = self.recommend_rows(rows[s : s + chunk], k, exclude_seen)
@@ -286,7 +329,13 @@ class Recommender:
             raise InvalidRequestError(f"{which} is empty: give at least one item id (or attributes)")
         with torch.no_grad():
             vec = self.network.cold_user_vectors(torch.from_numpy(history), tokens, numeric)
-        return np.ascontiguousarray(vec.float().numpy()), rows, items
+        vectors = np.ascontiguousarray(vec.float().numpy())
+        broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if len(broken):  # e.g. {"age": 1e308}: the search would silently return nothing
+            which = "attributes" if b == 1 else f"attributes[{int(broken[0])}]"
+            raise InvalidRequestError(f"{which}: a numeric value is too far outside the range this model was "
+                                      "trained on (the user vector overflows); send a realistic value or leave it out")
+        return vectors, rows, items
 
     # -- items ---------------------------------------------------------------------------------
     def similar_items(self, item_id: object, k: int = 10) -> Ranked:
@@ -310,6 +359,9 @@ class Recommender:
         ``neighbours``: each seed's nearest users vote with their similarity and users are ranked
         by the summed votes, which favours users close to any part of a diverse seed set
         (e.g. best customers from several segments) over users near its average.
+        ``contrast``: inner product with the seed mean minus the mean of all users, which ranks
+        by what sets the seeds apart rather than by what every user shares (better on ML-100k
+        genre audiences: ``bench/audience.py``).
         The score is the centroid inner product or the summed similarity, respectively.
         """
         k = self._check_k(k)
@@ -318,13 +370,23 @@ class Recommender:
             raise InvalidRequestError("seed_user_ids is empty: give at least one known user id")
         if method not in LOOKALIKE_METHODS:
             raise InvalidRequestError(f"method must be one of {LOOKALIKE_METHODS}, got {method!r}")
-        rows = np.unique(self._rows(self._user_rows, "user", seeds))
+        top, scores = self.lookalike_rows(self._user_rows_of(seeds), k, exclude_seeds, method)
+        return list(zip(self.user_vocab.lookup(top), scores.astype(float).tolist()))
+
+    def lookalike_rows(self, seed_rows: np.ndarray, k: int, exclude_seeds: bool = True,
+                       method: str = "centroid") -> tuple[np.ndarray, np.ndarray]:
+        """Array form of :meth:`lookalike` for seed user rows (no ``max_k`` bound): user rows (m,)
+        int64 and scores (m,) float64, best first (m < k only when fewer users are left)."""
+        rows = np.unique(np.asarray(seed_rows, dtype=np.int64))
         excluded = (np.array([0, len(rows)], np.int64), rows) if exclude_seeds else (None, None)
         seed_vectors = self.user_vectors[rows]
-        if method == "centroid":
+        if method in ("centroid", "contrast"):
             centroid = seed_vectors.mean(axis=0, keepdims=True)
+            if method == "contrast":  # what sets the seeds apart from everybody (Rocchio)
+                centroid = centroid - self.user_vectors.mean(axis=0, keepdims=True)
             ids, scores = search_excluding(self.user_index, self.user_vectors, centroid, k, *excluded)
-            return self._ranked(ids, scores, self.user_vocab)[0]
+            keep = ids[0] >= 0
+            return ids[0][keep].astype(np.int64), scores[0][keep].astype(np.float64)
         per_seed = min(self.n_users, k + len(rows))
         ids, scores = search_excluding(self.user_index, self.user_vectors, seed_vectors, per_seed)
         found = ids >= 0
@@ -334,14 +396,68 @@ class Recommender:
         if exclude_seeds:
             candidate[rows] = False
         cand = np.flatnonzero(candidate)
-        order = np.lexsort((cand, -votes[cand]))[:k]
-        top = cand[order]
-        return list(zip(self.user_vocab.lookup(top), votes[top].astype(float).tolist()))
+        top = cand[np.lexsort((cand, -votes[cand]))[:k]]
+        return top.astype(np.int64), votes[top].astype(np.float64)
+
+    def user_activity(self) -> np.ndarray:
+        """(n_users,) int64 distinct items each user interacted with."""
+        return np.diff(self._seen_indptr)
 
     # -- propensity ----------------------------------------------------------------------------
     def propensity(self, user_ids: Sequence[object]) -> list[float]:
         """Purchase propensity of known users, one float each (in the order given)."""
         if self._propensity is None:
             raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
-        rows = self._rows(self._user_rows, "user", self._check_ids(user_ids, "user_ids"))
-        return np.asarray(self._propensity.score_known(rows), dtype=np.float64).astype(float).tolist()
+        rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
+        return self.propensity_rows(rows).astype(float).tolist()
+
+    def propensity_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Array form of :meth:`propensity` for user rows (n,): (n,) float64 probabilities."""
+        if self._propensity is None:
+            raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+        return np.asarray(self._propensity.score_known(np.asarray(rows, dtype=np.int64)), dtype=np.float64)
+
+    # -- profiles and segments -----------------------------------------------------------------
+    def _audience_part(self, part, name: str):
+        if part is None:
+            raise MissingPartError(f"this bundle has no {name} (train with audience.enabled=true and export again)")
+        return part
+
+    def profile(self, user_id: object, top: int | None = None) -> dict:
+        """A known user's interest profile: ``interests`` (up to ``top`` of the stored top-N
+        categories, each with its time-decayed ``weight`` I(c, u) and ``share`` of the user's total
+        interest), ``event_types`` (recency-weighted events per type), ``as_of`` and
+        ``half_life_days``; plus ``segment`` when the bundle has segments."""
+        profiles = self._audience_part(self.profiles, "interest profiles")
+        row = int(self._user_rows_of([user_id])[0])
+        n = profiles.top_categories.shape[1]
+        top = n if top is None else self._check_k(top, "top")
+        cats, weights = profiles.top_categories[row, :top], profiles.top_weights[row, :top]
+        total = float(profiles.interest_total[row])
+        keep = cats >= 0
+        return {
+            "user_id": str(self.user_vocab.ids[row]),
+            "interests": [{"category": profiles.categories[c], "weight": float(w), "share": float(w) / total if total > 0 else 0.0}
+                          for c, w in zip(cats[keep].tolist(), weights[keep].tolist())],
+            "event_types": dict(zip(profiles.event_types, profiles.event_type_affinity[row].astype(float).tolist())),
+            "as_of": int(profiles.as_of),
+            "half_life_days": float(profiles.half_life_days),
+            "segment": self._segment_of_row(row) if self.stored_segments is not None else None,
+        }
+
+    def _segment_of_row(self, row: int) -> dict:
+        seg = self.stored_segments
+        s = int(seg.assignments[row])
+        agg = seg.meta["segments"][s]
+        return {"segment": s, "distance": float(seg.distances[row]),
+                "top_categories": [c["category"] for c in agg.get("top_categories", [])]}
+
+    def segment(self, user_id: object) -> dict:
+        """A known user's segment: ``segment``, squared ``distance`` to its centre, its ``top_categories``."""
+        self._audience_part(self.stored_segments, "segments")
+        return self._segment_of_row(int(self._user_rows_of([user_id])[0]))
+
+    def segments(self, representatives: int = 5) -> list[dict]:
+        """Every segment's description: size, share, top categories, mean propensity, attribute
+        skew and the ``representatives`` users nearest its centre."""
+        return self._audience_part(self.stored_segments, "segments").describe(self.user_vocab.ids, representatives)

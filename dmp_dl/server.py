@@ -3,7 +3,9 @@
 ``create_app(recommender)`` builds the app; ``serve(cfg)`` loads a bundle and runs it with uvicorn
 (``python serve.py artifacts=DIR``). The loaded recommender lives in ``app.state.recommender``;
 every handler reads that attribute once per request, so assigning a new Recommender to it swaps
-bundles atomically for all later requests.
+bundles atomically for all later requests. ``POST /reload`` does that for a new bundle
+published at the served path (a directory an export replaced, or a re-pointed symlink): it loads and verifies the whole bundle first, and a bad one is
+refused (409) while the current one keeps serving.
 
 Errors: unknown ids -> 404, bad parameters -> 422, a part the bundle lacks (propensity, cold
 start) -> 409, a missing/invalid bearer token -> 401, a body over the size limit -> 413; always
@@ -11,19 +13,26 @@ with a JSON body whose ``detail`` says what is wrong (plus ``error``, a short ki
 errors this module raises).
 """
 
+import json
 import logging
+import math
 import os
 import secrets
+import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Literal
 
 import faiss
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from dmp_dl.bundle import MissingPartError
-from dmp_dl.errors import UnknownIdError
+from dmp_dl.bundle import MANIFEST, MissingPartError
+from dmp_dl.errors import BundleError, DmpError, UnknownIdError
 from dmp_dl.recommender import InvalidRequestError, Ranked, Recommender
 
 log = logging.getLogger(__name__)
@@ -49,7 +58,35 @@ class UserList(BaseModel):
     users: list[ScoredUser]
 
 
-class HistoryRequest(BaseModel):
+class Interest(BaseModel):
+    category: str
+    weight: float = Field(description="time-decayed interest I(c, u)")
+    share: float = Field(description="share of the user's total interest")
+
+
+class UserSegment(BaseModel):
+    segment: int
+    distance: float = Field(description="squared distance to the segment's centre")
+    top_categories: list[str]
+
+
+class Profile(BaseModel):
+    user_id: str
+    interests: list[Interest]
+    event_types: dict[str, float] = Field(description="recency-weighted events per event type")
+    as_of: int = Field(description="epoch seconds the ages are measured from (the last event of the data)")
+    half_life_days: float
+    segment: UserSegment | None
+
+
+class StrictBody(BaseModel):
+    """A request body: JSON types are taken as they are (``"5"`` is not a k, ``true`` is not an id)
+    and unknown fields are refused, so a typo (``exclude_seens``) is a 422, not a silent default."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class HistoryRequest(StrictBody):
     history: list[Id] = Field(description="item ids the new user interacted with, oldest first")
     k: int = 10
     exclude_seen: bool = Field(True, description="leave the history's items out")
@@ -57,15 +94,19 @@ class HistoryRequest(BaseModel):
         None, description="optional user attributes (columns of the user table), e.g. {\"age\": 34}")
 
 
-class LookalikeRequest(BaseModel):
+class LookalikeRequest(StrictBody):
     seed_user_ids: list[Id]
     k: int = 100
     exclude_seeds: bool = True
-    method: Literal["centroid", "neighbours"] = "centroid"
+    method: Literal["centroid", "neighbours", "contrast"] = "centroid"
 
 
-class PropensityRequest(BaseModel):
+class PropensityRequest(StrictBody):
     user_ids: list[Id]
+
+
+class ErasureRequest(StrictBody):
+    user_ids: list[Id] = Field(description="raw user ids to forget (right to be forgotten)")
 
 
 class BodyTooLarge(HTTPException):
@@ -100,23 +141,86 @@ class BodySizeLimit:
         return await self.app(scope, limited_receive, send)
 
 
+class TokenGuard:
+    """ASGI middleware: with a token, every HTTP request but ``GET /health`` needs
+    ``Authorization: Bearer <token>`` (routes added later, the docs and unknown paths included)."""
+
+    def __init__(self, app, token: str, open_paths: tuple[str, ...] = ("/health",)):
+        self.app, self.token, self.open_paths = app, token.encode(), open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") not in self.open_paths:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.token):
+                response = JSONResponse({"detail": "missing or invalid bearer token", "error": "unauthorized"}, 401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _json_safe(value):
+    """``value`` with non-finite floats as strings (a 422 may echo ``1e999`` or ``NaN`` from the body)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _manifest_on_disk(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def bundle_loader(path: str | os.PathLike, attempts: int = 3, **load_kwargs) -> Callable[[], Recommender]:
+    """A function that loads and verifies the bundle at ``path`` (``Recommender.load(path, **load_kwargs)``).
+
+    A new bundle may be published at ``path`` (an export, an erasure, a re-pointed symlink) while it
+    is being read; then the files read could come from two bundles. The load is accepted only if the
+    manifest at ``path`` afterwards is the one it loaded, and is retried otherwise.
+    """
+    path = Path(path)
+
+    def load() -> Recommender:
+        for _ in range(attempts):
+            rec = Recommender.load(path, **load_kwargs)
+            if _manifest_on_disk(path) == rec.manifest:
+                return rec
+        raise BundleError(f"{path}: a new bundle was published there during each of {attempts} loads; reload again")
+
+    return load
+
+
 def _items(ranked: Ranked) -> dict:
     return {"items": [{"item_id": i, "score": s} for i, s in ranked]}
 
 
 def create_app(recommender: Recommender, token: str | None = None, max_ids: int = 10_000,
-               max_body_bytes: int = 1 << 20, faiss_threads: int | None = None) -> FastAPI:
+               max_body_bytes: int = 1 << 20, faiss_threads: int | None = None, eraser=None,
+               reload: Callable[[], Recommender] | None = None, reload_without_token: bool = False) -> FastAPI:
     """The API app over ``recommender``.
 
-    token: if set, every endpoint but ``/health`` (and the docs) needs ``Authorization: Bearer <token>``.
+    token: if set, every endpoint but ``/health`` (docs included) needs ``Authorization: Bearer <token>``.
     max_ids: most ids in one request's list (history, seeds, user ids); max_body_bytes: request size cap.
     faiss_threads: OpenMP threads per FAISS call in the request threads (None: FAISS default).
     ``k`` is bounded by ``recommender.max_k``.
+    eraser: a :class:`dmp_dl.privacy.erasure.ErasureService` for ``POST /erase`` (refused with 403
+    when no token is set: erasure rewrites the bundle, so it is never open to anonymous callers).
+    reload: loads the bundle to switch to, for ``POST /reload`` (e.g. :func:`bundle_loader`);
+    refused with 403 when no token is set, unless ``reload_without_token``.
     """
     app = FastAPI(title="dmp_dl recommender", version=recommender.manifest.get("created_at") or "bundle",
                   description="Recommendations, similar items, lookalike audiences and propensity from a dmp_dl bundle.")
     app.state.recommender = recommender
+    app.state.swap_lock = threading.Lock()  # one bundle swap (reload) at a time
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    if token is not None:
+        app.add_middleware(TokenGuard, token=token)  # outermost: checked before the body is read
     bearer = HTTPBearer(auto_error=False)
 
     def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
@@ -149,6 +253,10 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     @app.exception_handler(MissingPartError)
     async def missing_part(request: Request, exc: MissingPartError):
         return JSONResponse({"detail": str(exc), "error": "unavailable"}, 409)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_failed(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
 
     @app.exception_handler(InvalidRequestError)
     async def invalid(request: Request, exc: InvalidRequestError):
@@ -186,6 +294,52 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         ids = bounded(body.user_ids, "user_ids")
         return {"users": [{"user_id": str(u), "score": s} for u, s in zip(ids, current(request).propensity(ids))]}
 
+    @app.get("/profile", dependencies=guarded, response_model=Profile)
+    def profile(request: Request, user_id: str, top: int | None = None) -> dict:
+        """A known user's interest profile (top categories with time-decayed weights, event-type
+        affinities) and segment."""
+        return current(request).profile(user_id, top)
+
+    @app.post("/reload", dependencies=guarded)
+    def reload_bundle(request: Request) -> dict:
+        """Switch to the bundle now published at the served path: load and verify all of it, then
+        swap. Requests in flight finish on the bundle they started with; a bad bundle is refused
+        (409, naming the file) and the current one keeps serving."""
+        if token is None and not reload_without_token:
+            raise HTTPException(403, "reload needs an authenticated server: start serve.py with token=... "
+                                     "(or allow it with reload_without_token=true)")
+        if reload is None:
+            raise HTTPException(409, "reload is not available on this server (no bundle path to load from)")
+        with request.app.state.swap_lock:
+            previous = request.app.state.recommender
+            try:
+                fresh = reload()
+            except (DmpError, OSError) as exc:  # OSError: the bundle changed or vanished while read
+                log.warning("reload refused, still serving the bundle created at %s: %s",
+                            previous.manifest.get("created_at"), exc)
+                return JSONResponse({"detail": str(exc), "error": "bad_bundle"}, 409)
+            request.app.state.recommender = fresh
+        log.info("reloaded: now serving the bundle created at %s", fresh.manifest.get("created_at"))
+        return {"status": "reloaded", "previous_created_at": previous.manifest.get("created_at"), **fresh.info()}
+
+    @app.post("/erase", dependencies=guarded)
+    def erase(request: Request, body: ErasureRequest) -> dict:
+        """Forget users: remove them from the bundle, add them to the erasure list, audit it, and serve
+        the new bundle. Needs the bearer token; answers counts and paths, never the ids."""
+        if token is None:
+            raise HTTPException(403, "erasure needs an authenticated server: start serve.py with token=... "
+                                     "(or $DMP_SERVE_TOKEN)")
+        if eraser is None:
+            raise HTTPException(409, "erasure is not available on this server (no bundle directory to rewrite)")
+        ids = bounded(body.user_ids, "user_ids")
+        with request.app.state.swap_lock:  # not interleaved with a reload
+            try:
+                summary, fresh = eraser.forget(ids)
+            except DmpError as exc:  # no secret, a wrong key, a damaged bundle: nothing was served from it yet
+                raise HTTPException(409, str(exc)) from None
+            request.app.state.recommender = fresh
+        return summary
+
     return app
 
 
@@ -195,13 +349,23 @@ def serve(cfg) -> None:
 
     token = cfg.get("token") or os.environ.get(cfg.get("token_env") or "", "") or None
     threads = int(cfg.faiss_threads) if cfg.get("faiss_threads") else None
-    rec = Recommender.load(cfg.artifacts, max_k=int(cfg.max_k), search_params=cfg.get("search_params"))
+    load = bundle_loader(cfg.artifacts, max_k=int(cfg.max_k), search_params=cfg.get("search_params"))
+    rec = load()
     info = rec.info()
     log.info("loaded %s: %d users, %d items, item index %s", cfg.artifacts, info["users"], info["items"],
              info["indexes"].get("items", {}).get("factory"))
     if token is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who can reach the port can query it "
                     "(set token=... or $%s)", cfg.host, cfg.get("token_env"))
+    from dmp_dl.privacy.erasure import ErasureService
+
+    eraser = ErasureService(cfg.artifacts, load)
     app = create_app(rec, token=token, max_ids=int(cfg.max_ids), max_body_bytes=int(cfg.max_body_bytes),
-                     faiss_threads=threads)
-    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.get("log_level", "info"))
+                     faiss_threads=threads, eraser=eraser, reload=load,
+                     reload_without_token=bool(cfg.get("reload_without_token", False)))
+    if rec.pseudonymizer is not None:  # raw user ids travel in query strings: keep them out of the access log
+        from dmp_dl.privacy.redact import redact_access_log_queries
+
+        redact_access_log_queries()
+    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.get("log_level", "info"),
+                timeout_keep_alive=int(cfg.get("timeout_keep_alive", 5)))

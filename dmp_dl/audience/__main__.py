@@ -1,0 +1,111 @@
+"""``python -m dmp_dl.audience task=lookalike|segments|target artifacts=DIR ...`` (config:
+``conf/audience_cli.yaml``).
+
+Writes the audience to ``<output_dir>/<task>.csv`` (or ``.parquet``) and the summary to
+``<task>_summary.json`` (``target`` also writes ``gains.csv``), and prints the summary. A bad
+bundle, file, id or parameter is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dmp_dl.cli import report_errors
+from dmp_dl.errors import ConfigError
+from dmp_dl.io import atomic_write_text
+
+log = logging.getLogger("dmp_dl.audience")  # not __main__ under python -m
+
+TASKS = ("lookalike", "segments", "target")
+ALIASES = {"segment": "segments", "targeting": "target"}
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _int(cfg: DictConfig, name: str, low: int = 1) -> int:
+    value = cfg.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def run_task(cfg: DictConfig) -> dict:
+    """Run ``cfg.task`` and write its files. Returns the summary (with the paths written)."""
+    from dmp_dl.audience import jobs
+    from dmp_dl.recommender import Recommender
+
+    for name in ("task", "artifacts"):
+        if OmegaConf.is_missing(cfg, name):
+            raise ConfigError(f"{name} is required: python -m dmp_dl.audience task=lookalike|segments|target artifacts=DIR ...")
+    task = ALIASES.get(str(cfg.task), str(cfg.task))
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    fmt = str(cfg.get("format", "csv"))
+    if fmt not in jobs.FORMATS:
+        raise ConfigError(f"format must be one of {jobs.FORMATS}, got {fmt!r}")
+    size = _int(cfg, "size") if task == "lookalike" else 1
+    # lookalike audiences may be far larger than an API answer
+    rec = Recommender.load(cfg.artifacts, max_k=max(size, 1000))
+    out = Path(cfg.output_dir)
+    extra = {}
+    if task == "lookalike":
+        if (cfg.get("seeds") is None) == (cfg.get("seed_ids") is None):
+            raise ConfigError("give the seed users as seeds=FILE or seed_ids=[id,...] (one of the two)")
+        if cfg.get("seeds") is not None:
+            ids, source = jobs.read_seed_ids(cfg.seeds, str(cfg.get("seed_column", "user_id"))), str(cfg.seeds)
+        else:
+            given = _plain(cfg.seed_ids)
+            ids = [str(x) for x in (given if isinstance(given, list) else [given])]
+            source = "seed_ids"
+        table, summary = jobs.lookalike_job(rec, ids, size, str(cfg.method), source, bool(cfg.skip_unknown))
+    elif task == "segments":
+        k = None if cfg.get("k") is None else _int(cfg, "k")
+        table, summary = jobs.segments_job(rec, k, representatives=_int(cfg, "representatives"))
+    else:
+        table, summary, gains = jobs.target_job(
+            rec, cfg.get("budget"), _plain(cfg.cost), _plain(cfg.value), _plain(cfg.get("caps")), str(cfg.solver),
+            float(cfg.time_limit), _int(cfg, "gains_points"), seed=int(cfg.seed))
+        extra["gains"] = str(jobs.write_table(gains, out / f"gains.{fmt}", fmt))
+    summary["files"] = {"audience": str(jobs.write_table(table, out / f"{task}.{fmt}", fmt)), **extra}
+    summary_path = out / f"{task}_summary.json"
+    summary["files"]["summary"] = str(summary_path)
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
+    log.info("%s: %d users written to %s", task, len(table), summary["files"]["audience"])
+    return summary
+
+
+def short(summary: dict) -> dict:
+    """The summary to print: segment descriptions cut to size, label and mean propensity (the
+    summary file has them in full)."""
+    if "segments" not in summary:
+        return summary
+    keep = ("segment", "size", "label", "mean_propensity")
+    return {**summary, "segments": [{k: d.get(k) for k in keep} for d in summary["segments"]]}
+
+
+def run_limited(cfg: DictConfig) -> dict:
+    """:func:`run_task` with at most ``cfg.num_threads`` BLAS/OpenMP threads (None: unchanged)."""
+    from threadpoolctl import threadpool_limits
+
+    threads = cfg.get("num_threads")
+    if threads is None:
+        return run_task(cfg)
+    with threadpool_limits(limits=_int(cfg, "num_threads")):
+        return run_task(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="audience_cli")
+def main(cfg: DictConfig) -> None:
+    with report_errors():
+        print(json.dumps(short(run_limited(cfg)), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The marketer's audience jobs on a loaded bundle: lookalike, segments, budgeted targeting.
+
+Each job takes a :class:`~dmp_dl.recommender.Recommender` and plain parameters and returns the
+audience as a DataFrame (one row per user, ``user_id`` first) plus a JSON-safe summary; the command
+line (``python -m dmp_dl.audience``) reads the parameters from its config and writes both.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dmp_dl.audience.lookalike import expand
+from dmp_dl.audience.segments import SegmentOptions, describe_segments, segment_label, segment_users
+from dmp_dl.audience.targeting import gains_curve, per_user, plan_contacts, random_selection_profit
+from dmp_dl.errors import ConfigError, DataError, UnknownIdError
+from dmp_dl.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+FORMATS = ("csv", "parquet")
+
+
+# -- input ---------------------------------------------------------------------------------------
+
+
+def read_seed_ids(path: str | Path, column: str = "user_id") -> list[str]:
+    """User ids from ``path``: a CSV/TSV/Parquet file with a ``column`` column (or a single column),
+    otherwise a text file with one id per line (blank lines and ``#`` comment lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"seeds: {path} is not a file; give a text file with one user id per line or a CSV with a "
+                        f"{column!r} column")
+    try:
+        if path.suffix.lower() in TABLE_SUFFIXES:
+            if path.suffix.lower() == ".parquet":
+                table = pd.read_parquet(path)
+            else:
+                table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+            if column in table.columns:
+                values = table[column]
+            elif table.shape[1] == 1:
+                values = table.iloc[:, 0]
+            else:
+                raise DataError(f"{path}: no {column!r} column (found {list(table.columns)}); rename the id column "
+                                f"or set seed_column=NAME")
+            ids = [str(v).strip() for v in values.tolist()]
+            blank = [i for i, v in enumerate(ids) if v in ("", "nan", "None")]
+            if blank:
+                raise DataError(f"{path}: row {blank[0] + 2} has an empty {column!r}; remove the row or fill in the id")
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, ImportError) as exc:
+        raise DataError(f"seeds: cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        "give a UTF-8 text file with one user id per line or a CSV/Parquet file with a user_id column") from None
+    if not ids:
+        raise DataError(f"{path}: no user ids in the file")
+    return ids
+
+
+def seed_rows(rec, ids: Sequence[str], source: str, skip_unknown: bool = False) -> tuple[np.ndarray, int]:
+    """Distinct vocabulary rows of ``ids`` and how many ids were unknown (skipped).
+
+    Unknown ids raise :class:`UnknownIdError` naming up to five of them and ``source`` unless
+    ``skip_unknown``; a seed list with no known id at all is always an error.
+    """
+    rows = rec.user_rows(list(ids), strict=False)
+    unknown = np.flatnonzero(rows < 0)
+    if len(unknown) and not skip_unknown:
+        first = [ids[i] for i in unknown[:5]]
+        error = UnknownIdError("user", first[0] if len(first) == 1 else first)
+        error.args = (f"{source}: {len(unknown)} of {len(ids)} seed ids are not in the bundle (first: "
+                      f"{', '.join(map(repr, first))}); remove them or set skip_unknown=true",)
+        raise error
+    if len(unknown) == len(ids):
+        raise DataError(f"{source}: none of the {len(ids)} seed ids is in the bundle (first: {ids[0]!r}); "
+                        "check that the ids are the ones the bundle was trained on")
+    if len(unknown):
+        log.warning("%s: %d of %d seed ids are not in the bundle and were skipped (first: %s)", source,
+                    len(unknown), len(ids), ", ".join(repr(ids[i]) for i in unknown[:5]))
+    return np.unique(rows[rows >= 0]), int(len(unknown))
+
+
+def _number_or_mapping(value, name: str):
+    """A number, or a {segment: number} mapping from the config (keys as ints)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{name} must be a number or a {{segment: number}} mapping, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number or a {{segment: number}} mapping, got {value!r}") from None
+
+
+def parse_caps(caps, k: int | None) -> dict[int, int] | None:
+    """``caps`` ({segment: most contacts}) checked against the bundle's K segments."""
+    if caps is None:
+        return None
+    if not isinstance(caps, Mapping):
+        raise ConfigError(f"caps must be a {{segment: most contacts}} mapping, e.g. caps={{0:500,3:200}}, got {caps!r}")
+    if k is None:
+        raise ConfigError("caps are per segment but the bundle has no segments (train with audience.enabled=true)")
+    out = {}
+    for key, val in caps.items():
+        try:
+            seg, cap = int(key), int(val)
+        except (TypeError, ValueError):
+            raise ConfigError(f"caps: {key!r}: {val!r} is not a segment number and a whole number of contacts") from None
+        if not 0 <= seg < k:
+            raise ConfigError(f"caps: segment {seg} does not exist (the bundle has segments 0..{k - 1})")
+        if cap < 0:
+            raise ConfigError(f"caps: segment {seg} has a negative cap {cap}")
+        out[seg] = cap
+    return out
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def _segments_of(rec) -> np.ndarray | None:
+    return None if rec.stored_segments is None else rec.stored_segments.assignments
+
+
+def lookalike_job(rec, ids: Sequence[str], size: int, method: str = "centroid", source: str = "seeds",
+                  skip_unknown: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Expand the seed users ``ids`` to ``size`` users not in the seed list.
+
+    Returns columns ``user_id``, ``rank`` (1 = most similar), ``score`` (and ``segment`` when the
+    bundle has segments), and a summary (seeds used, unknown seeds skipped, users found, score range).
+    """
+    rows, skipped = seed_rows(rec, ids, source, skip_unknown)
+    found, scores = expand(rec, rows, size, method)
+    table = pd.DataFrame({"user_id": rec.user_vocab.ids[found], "rank": np.arange(1, len(found) + 1), "score": scores})
+    segments = _segments_of(rec)
+    if segments is not None:
+        table["segment"] = segments[found]
+    summary = {"task": "lookalike", "method": method, "seeds_given": len(ids), "seeds_used": int(len(rows)),
+               "seeds_unknown_skipped": skipped, "requested": int(size), "users": int(len(found)),
+               "score_max": float(scores.max()) if len(scores) else None,
+               "score_min": float(scores.min()) if len(scores) else None}
+    if len(found) < size:
+        log.warning("only %d users are left besides the %d seeds: the audience has %d users, not %d",
+                    rec.n_users - len(rows), len(rows), len(found), size)
+    if segments is not None:
+        summary["by_segment"] = {str(s): int(n) for s, n in enumerate(np.bincount(segments[found], minlength=rec.stored_segments.k))}
+    return table, summary
+
+
+def segments_job(rec, k: int | None = None, options: SegmentOptions | None = None,
+                 representatives: int = 5, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Every user's segment: the bundle's (``k`` None) or a new k-means with ``k`` segments on the
+    bundle's user vectors (``options`` as the bundle was built with, unless given).
+
+    Returns columns ``user_id``, ``segment``, ``distance`` (squared, to the segment's centre) and a
+    summary with one description per segment.
+    """
+    stored = rec.stored_segments
+    if k is None:
+        if stored is None:
+            raise ConfigError("the bundle has no segments (trained with audience.enabled=false); set k=N to build them")
+        assignments, distances = stored.assignments, stored.distances
+        descriptions = stored.describe(rec.user_vocab.ids, representatives)
+        silhouette = stored.meta.get("silhouette", {})
+    else:
+        if options is None:
+            recorded = dict((stored.meta.get("options") if stored is not None else None) or {})
+            known = set(SegmentOptions.__dataclass_fields__)
+            options = SegmentOptions(**{key: v for key, v in recorded.items() if key in known})
+        options.k, options.representatives = int(k), int(representatives)
+        options.__post_init__()
+        seg = segment_users(rec.user_vectors, options, progress=progress)
+        scores = rec.propensity_rows(np.arange(rec.n_users)) if rec.has_propensity else None
+        descriptions = describe_segments(seg, rec.user_vocab.ids, rec.profiles, scores, rec.user_features, options)
+        assignments, distances, silhouette = seg.assignments, seg.distances, {}
+    table = pd.DataFrame({"user_id": rec.user_vocab.ids, "segment": np.asarray(assignments, dtype=np.int64),
+                          "distance": np.asarray(distances, dtype=np.float64)})
+    for d in descriptions:
+        d["label"] = segment_label(d)
+    summary = {"task": "segments", "source": "bundle" if k is None else f"k-means, k={k}", "users": int(len(table)),
+               "k": len(descriptions), "silhouette": silhouette, "segments": descriptions}
+    return table, summary
+
+
+def target_job(rec, budget: float, cost, value, caps=None, solver: str = "auto", time_limit: float = 60.0,
+               gains_points: int = 20, random_draws: int = 20, seed: int = 0) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """Whom to contact to maximise expected profit Σ p·value − cost within ``budget``.
+
+    cost, value: per contact / per conversion, a number or {segment: number}; caps: {segment: most
+    contacts}. Returns the chosen users (``user_id``, ``rank``, ``probability``, ``value``, ``cost``,
+    ``expected_profit``, ``segment`` when the bundle has segments; best first), a summary (expected
+    conversions, cost, profit, the solver's bound, random contact order's profit for the same
+    budget) and the cumulative gains curve over all users.
+    """
+    if budget is None:
+        raise ConfigError("budget is required: the most to spend on contacts, e.g. budget=5000")
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budget must be a number, got {budget!r}") from None
+    if not np.isfinite(budget) or budget < 0:
+        raise ConfigError(f"budget must be a finite number >= 0, got {budget}")
+    segments = _segments_of(rec)
+    n = rec.n_users
+    k = rec.stored_segments.k if segments is not None else None
+    c = per_user(_number_or_mapping(cost, "cost"), segments, n, "cost")
+    v = per_user(_number_or_mapping(value, "value"), segments, n, "value")
+    caps = parse_caps(caps, k)
+    p = rec.propensity_rows(np.arange(n))
+    plan = plan_contacts(p, v, c, budget, groups=segments, caps=caps, solver=solver, time_limit=time_limit)
+    chosen = plan.selected
+    table = pd.DataFrame({"user_id": rec.user_vocab.ids[chosen], "rank": np.arange(1, len(chosen) + 1),
+                          "probability": p[chosen], "value": v[chosen], "cost": c[chosen],
+                          "expected_profit": p[chosen] * v[chosen] - c[chosen]})
+    if segments is not None:
+        table["segment"] = segments[chosen]
+    summary = {"task": "target", **plan.summary(),
+               "users": n, "users_with_positive_expected_profit": int((p * v - c > 0).sum()),
+               "random_order_expected_profit": random_selection_profit(p, v, c, budget, segments, caps, random_draws, seed)}
+    if segments is not None:
+        summary["contacts_by_segment"] = {str(s): int(m) for s, m in enumerate(np.bincount(segments[chosen], minlength=k))}
+    return table, summary, gains_curve(p, v, c, gains_points)
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def write_table(table: pd.DataFrame, path: str | Path, fmt: str = "csv") -> Path:
+    """Write ``table`` atomically as CSV or Parquet."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        atomic_write_text(path, table.to_csv(index=False))
+    else:
+        buf = io.BytesIO()
+        table.to_parquet(buf, index=False)
+        atomic_write_bytes(path, buf.getvalue())
+    return path

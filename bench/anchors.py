@@ -1,0 +1,153 @@
+"""The anchors our models are compared with, each tuned on a validation split and refitted.
+
+* ``popularity``: ``dmp_dl.evaluation.baselines.PopularityScorer`` (nothing to tune);
+* ``ease``: ``dmp_dl.evaluation.baselines.EASEScorer``, L2 from a grid;
+* ``als`` / ``bpr``: the ``implicit`` library's AlternatingLeastSquares and
+  BayesianPersonalizedRanking (bench-only dependency, CPU), a small grid each; the number of
+  iterations is tuned for free by snapshotting the factors during one long fit.
+
+Tuning fits on the tuning split's training part and scores its validation users; the chosen
+setting is then fitted once on the final training part (training + validation) and returned as a
+scorer for the package's evaluator (``ranking.evaluate``). All fits of one run use the same
+binary user-item matrix the package's EASE reads (``train_seen``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
+from dmp_dl.evaluation.heldout import HeldOutSplit
+from ranking import evaluate
+
+log = logging.getLogger(__name__)
+
+NAMES = ("popularity", "ease", "als", "bpr")
+
+# Light grids: each a few seconds on ML-100k with 2 cores. Iterations are snapshots of one fit.
+GRIDS: dict[str, dict[str, list]] = {
+    "ease": {"l2": [100.0, 200.0, 500.0, 1000.0]},
+    "als": {"factors": [64], "regularization": [0.01, 0.1, 1.0], "alpha": [1.0, 5.0, 20.0], "iterations": [5, 10, 15, 30]},
+    "bpr": {"factors": [64], "learning_rate": [0.01, 0.05, 0.1], "regularization": [0.001, 0.01],
+            "iterations": [25, 50, 100, 200]},
+}
+QUICK_GRIDS: dict[str, dict[str, list]] = {
+    "ease": {"l2": [200.0, 500.0]},
+    "als": {"factors": [64], "regularization": [0.1], "alpha": [1.0, 5.0], "iterations": [5, 15]},
+    "bpr": {"factors": [64], "learning_rate": [0.05], "regularization": [0.01], "iterations": [25, 50]},
+}
+
+
+@dataclass
+class ImplicitFit:
+    """Factors of one implicit fit and the snapshots taken during it.
+
+    snapshots: iteration (1-based) -> (cumulative fit seconds, user factors (n_users, f),
+        item factors (n_items, f)); BPR's factors carry its item bias as the last column
+        (users have a 1 there), so the dot product is its score.
+    """
+
+    seconds: float
+    snapshots: dict[int, tuple[float, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def scorer(self, iteration: int | None = None) -> EmbeddingScorer:
+        it = iteration or max(self.snapshots)
+        _, users, items = self.snapshots[it]
+        return EmbeddingScorer(users, items)
+
+
+def fit_implicit(kind: str, user_items: sp.csr_matrix, params: dict[str, Any], snapshot_at: list[int],
+                 seed: int = 0) -> ImplicitFit:
+    """Fit implicit's ``als`` or ``bpr`` on ``user_items`` (n_users, n_items) for max(snapshot_at)
+    iterations on every core, copying the factors after each iteration in ``snapshot_at``.
+    Seconds exclude the copies."""
+    from implicit.als import AlternatingLeastSquares
+    from implicit.bpr import BayesianPersonalizedRanking
+
+    iterations = max(snapshot_at)
+    if kind == "als":
+        model = AlternatingLeastSquares(factors=params["factors"], regularization=params["regularization"],
+                                        alpha=params["alpha"], iterations=iterations, random_state=seed)
+    elif kind == "bpr":
+        model = BayesianPersonalizedRanking(factors=params["factors"], learning_rate=params["learning_rate"],
+                                            regularization=params["regularization"], iterations=iterations,
+                                            random_state=seed)
+    else:
+        raise ValueError(f"unknown implicit model {kind!r}")
+    fit = ImplicitFit(0.0)
+    wanted = set(snapshot_at)
+    clock = {"spent": 0.0, "since": 0.0}
+
+    def callback(iteration, *_):
+        now = time.perf_counter()
+        clock["spent"] += now - clock["since"]
+        if iteration + 1 in wanted:
+            fit.snapshots[iteration + 1] = (clock["spent"], np.array(model.user_factors, np.float32),
+                                            np.array(model.item_factors, np.float32))
+        clock["since"] = time.perf_counter()
+
+    x = sp.csr_matrix(user_items, dtype=np.float32)
+    with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, single-threaded BLAS
+        clock["since"] = time.perf_counter()
+        model.fit(x, show_progress=False, callback=callback)
+    fit.seconds = clock["spent"]
+    return fit
+
+
+def _grid(grid: dict[str, list], skip: tuple[str, ...] = ("iterations",)) -> list[dict]:
+    keys = [k for k in grid if k not in skip]
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@dataclass
+class Anchor:
+    """A tuned, refitted anchor: ``scorer`` for the final split, the chosen ``params``, the tuning
+    validation score of every setting tried (``tried``), and the final fit's seconds."""
+
+    name: str
+    scorer: Any
+    params: dict
+    fit_seconds: float
+    tried: list[dict] = field(default_factory=list)
+
+
+def tune_and_fit(name: str, tune: HeldOutSplit, final: HeldOutSplit, metric: str, ks: list[int],
+                 grids: dict[str, dict[str, list]] = GRIDS, seed: int = 0) -> Anchor:
+    """Pick ``name``'s setting by ``metric`` (e.g. ``ndcg@10``) on ``tune``'s validation users, then
+    fit it on ``final``'s training data."""
+    if name == "popularity":
+        t0 = time.perf_counter()
+        scorer = PopularityScorer(final.item_counts)
+        return Anchor(name, scorer, {}, time.perf_counter() - t0)
+    tried = []
+    if name == "ease":
+        for params in _grid(grids["ease"]):
+            score = evaluate(EASEScorer(tune.train_seen, params["l2"]), tune, ks)[metric]
+            tried.append({**params, metric: score})
+        best = max(tried, key=lambda r: r[metric])
+        t0 = time.perf_counter()
+        scorer = EASEScorer(final.train_seen, best["l2"])
+        seconds = time.perf_counter() - t0
+        params = {"l2": best["l2"]}
+    elif name in ("als", "bpr"):
+        iterations = sorted(grids[name]["iterations"])
+        for params in _grid(grids[name]):
+            fit = fit_implicit(name, tune.train_seen, params, iterations, seed)
+            for it in iterations:
+                tried.append({**params, "iterations": it, metric: evaluate(fit.scorer(it), tune, ks)[metric]})
+        best = max(tried, key=lambda r: r[metric])
+        params = {k: v for k, v in best.items() if k != metric}
+        fit = fit_implicit(name, final.train_seen, params, [params["iterations"]], seed)
+        scorer, seconds = fit.scorer(), fit.seconds
+    else:
+        raise ValueError(f"unknown anchor {name!r} (one of {NAMES})")
+    log.info("%s: chose %s by validation %s", name, params, metric)
+    return Anchor(name, scorer, params, seconds, tried)

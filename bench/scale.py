@@ -1,0 +1,252 @@
+"""Scale: how cost grows with the data — training epoch time vs events, FAISS index build and query
+time vs catalogue size, peak memory — with the log-log slope of each curve.
+
+Every size runs in its own child process (``--child``), so its peak RSS (``VmHWM``) is its own.
+
+* **events**: the project's synthetic generator at ``--events`` (default 1M, 4M, 16M) with
+  ``events / --events-per-user`` users and ``events / --events-per-item`` items (so the embedding
+  tables grow with the data, as they do in practice); ``prepare`` = generate + clean + vocabularies
+  + split (the DataModule's ``prepare()``); then each model trains ``--steps`` batches of the
+  config's ``data.batch_size`` with the package's trainer (no validation); seconds per step are
+  timed after 5 warm-up batches and the epoch time is steps-per-epoch x seconds per step
+  (measured in full when ``--steps 0``). The per-step cost grows with the embedding tables.
+* **catalogue**: ``--items`` (default 10k, 100k, 1M) 64-d unit item vectors around shared
+  centres (``bench/serve.py``'s generator, ``--noise``), each index of ``--indexes`` built by the
+  package (``dmp_dl.index.build_index`` with ``conf/index/<name>.yaml``, every core): build
+  seconds; then ``dmp_dl.index.measure_index`` with one FAISS thread (as ``serve.py`` runs):
+  recall@10 against exact search, single-query p50 latency and queries/s of one batch call over
+  ``--queries`` user vectors; and the serialized index size.
+
+Slope: least-squares fit of log(cost) on log(size); 1 is linear growth.
+
+    python bench/scale.py                         # default sizes (CPU: minutes)
+    python bench/scale.py --quick                 # tiny sizes: checks the plumbing
+    python bench/scale.py --events 1000000 4000000 16000000 64000000 --items 10000 100000 1000000 10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import output  # noqa: E402
+from common import ROOT, markdown_table, write_section  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB: VmHWM (reset at exec, unlike ``ru_maxrss``, which
+    Linux carries over from the parent), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child_events(n_events: int, args) -> dict[str, Any]:
+    from hydra.utils import instantiate
+
+    import ours
+
+    users = max(1, n_events // args.events_per_user)
+    items = max(100, n_events // args.events_per_item)
+    data = ["data=synthetic", f"data.source.n_users={users}", f"data.source.n_items={items}",
+            f"data.source.n_events={n_events}", "callbacks=none"]
+    t0 = time.perf_counter()
+    dm = instantiate(ours.compose_train_cfg(data, Path(args.workdir) / "dm").data, _convert_="all").prepare()
+    prepare_s = time.perf_counter() - t0
+    import torch
+
+    out: dict[str, Any] = {"events": n_events, "device": "cuda" if torch.cuda.is_available() and not args.cpu else "cpu",
+                           "users": dm.n_users, "items": dm.n_items,
+                           "train_events": int(len(dm.train_idx)), "prepare_s": prepare_s,
+                           "rss_after_prepare_mib": peak_rss_mib(), "models": {}}
+    for model in args.models:
+        device = ["trainer.accelerator=cpu", "trainer.devices=1"] if args.cpu else []
+        cfg = ours.compose_train_cfg([*data, f"model={model}", *device, *args.overrides], Path(args.workdir) / model)
+        r = ours.train_steps(cfg, dm, args.steps or None)
+        r["epoch_s"] = r["seconds"] if r["steps"] == r["steps_per_epoch"] else r["seconds_per_step"] * r["steps_per_epoch"]
+        r["extrapolated"] = r["steps"] < r["steps_per_epoch"]
+        out["models"][model] = r
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def child_catalogue(n_items: int, args) -> dict[str, Any]:
+    import faiss
+    from omegaconf import OmegaConf
+
+    from dmp_dl.index import IndexOptions, build_index, measure_index
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "serve.py")  # not the root serve.py
+    bench_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_serve)
+    queries, items, _ = bench_serve.synthetic(args.queries, n_items, args.dim, args.noise)
+    out: dict[str, Any] = {"items": n_items, "dim": args.dim, "indexes": {}}
+    for name in args.indexes:
+        cfg = OmegaConf.load(ROOT / "conf" / "index" / f"{name}.yaml")
+        cfg.seed = 0
+        fields = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not k.startswith("_")}
+        opts = IndexOptions(**{**fields, "eval_queries": args.queries})
+        factory, params = opts.resolve(n_items)
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # build with every core
+        t0 = time.perf_counter()
+        index = build_index(items, factory, params, opts.train_size, opts.seed)
+        info = {"factory": factory, "search_params": params, "build_seconds": time.perf_counter() - t0}
+        faiss.omp_set_num_threads(1)  # query as serve.py does: one thread per query
+        info.update(measure_index(index, items, queries))
+        info["index_mib"] = faiss.serialize_index(index).nbytes / 2**20
+        out["indexes"][name] = info
+        del index
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def run_child(kind: str, size: int, args, workdir: Path) -> dict[str, Any]:
+    """One size in a fresh process; its JSON, or an ``error`` row (e.g. out of memory)."""
+    out = workdir / f"{kind}-{size}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(size), "--child-out", str(out),
+           "--workdir", str(workdir), *child_flags(args)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print(f"[scale] {kind} {size:,}: failed (exit {proc.returncode}): {' | '.join(tail)}", flush=True)
+        return {"size": size, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    res = json.loads(out.read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"[scale] {kind} {size:,}: {json.dumps(res, default=str)[:400]}", flush=True)
+    return res
+
+
+def child_flags(args) -> list[str]:
+    flags = ["--models", *args.models, "--indexes", *args.indexes, "--steps", str(args.steps),
+             "--events-per-user", str(args.events_per_user), "--events-per-item", str(args.events_per_item),
+             "--queries", str(args.queries), "--dim", str(args.dim), "--noise", str(args.noise)]
+    return flags + (["--cpu"] if args.cpu else []) + (["--", *args.overrides] if args.overrides else [])
+
+
+def slope(sizes: list[float], costs: list[float]) -> float | None:
+    """Least-squares slope of log(cost) on log(size) (None with fewer than two usable points)."""
+    pts = [(s, c) for s, c in zip(sizes, costs) if c is not None and c > 0 and s > 0]
+    if len(pts) < 2:
+        return None
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def summarise(events: list[dict], catalogue: list[dict], args) -> tuple[str, dict]:
+    ok_e = [r for r in events if "error" not in r]
+    rows, slopes = [], {}
+    for r in events:
+        if "error" in r:
+            rows.append({"events": f"{r['size']:,}", "model": "—", "epoch s": r["error"]})
+            continue
+        for model, m in r["models"].items():
+            rows.append({"events": f"{r['events']:,}", "users": f"{r['users']:,}", "items": f"{r['items']:,}",
+                         "prepare s": f"{r['prepare_s']:.1f}", "model": model,
+                         "s / step": f"{m['seconds_per_step']:.4f}",
+                         "epoch s": f"{m['epoch_s']:.1f}" + (" (extrap.)" if m["extrapolated"] else ""),
+                         "examples/s": f"{m['examples_per_second']:,.0f}", "peak RSS MiB": f"{r['peak_rss_mib']:,.0f}"})
+    sizes = [r["events"] for r in ok_e]
+    slopes["prepare_s"] = slope(sizes, [r["prepare_s"] for r in ok_e])
+    slopes["peak_rss_events"] = slope(sizes, [r["peak_rss_mib"] for r in ok_e])
+    for model in args.models:
+        have = [r for r in ok_e if model in r["models"]]
+        slopes[f"epoch_s.{model}"] = slope([r["events"] for r in have], [r["models"][model]["epoch_s"] for r in have])
+    crows = []
+    ok_c = [r for r in catalogue if "error" not in r]
+    for r in catalogue:
+        if "error" in r:
+            crows.append({"items": f"{r['size']:,}", "index": "—", "build s": r["error"]})
+            continue
+        for name, i in r["indexes"].items():
+            crows.append({"items": f"{r['items']:,}", "index": f"`{i['factory']}` {i['search_params']}".strip(),
+                          "build s": f"{i['build_seconds']:.2f}", "recall@10": i.get("recall@10"),
+                          "p50 ms": f"{i['latency_ms_p50']:.3f}", "batch q/s": f"{i['qps_batch']:,.0f}",
+                          "index MiB": f"{i['index_mib']:,.1f}", "peak RSS MiB": f"{r['peak_rss_mib']:,.0f}"})
+    csizes = [r["items"] for r in ok_c]
+    for name in args.indexes:
+        have = [r for r in ok_c if name in r["indexes"]]
+        slopes[f"build_s.{name}"] = slope([r["items"] for r in have], [r["indexes"][name]["build_seconds"] for r in have])
+        slopes[f"query_p50.{name}"] = slope([r["items"] for r in have], [r["indexes"][name]["latency_ms_p50"] for r in have])
+    slopes["peak_rss_catalogue"] = slope(csizes, [r["peak_rss_mib"] for r in ok_c])
+    srows = [{"cost": k, "log-log slope": "—" if v is None else f"{v:.2f}"} for k, v in slopes.items()]
+    steps = "whole epochs" if not args.steps else (f"{args.steps} batches per size and model, s / step after 5 "
+                                                    "warm-up batches, epoch time extrapolated")
+    body = "\n".join([
+        f"### Epoch time vs events (synthetic, users = events / {args.events_per_user}, items = events / "
+        f"{args.events_per_item}; {steps}; trained on {', '.join(sorted({r['device'] for r in ok_e})) or '—'})", "",
+        markdown_table(rows, ["events", "users", "items", "prepare s", "model", "s / step", "epoch s", "examples/s",
+                             "peak RSS MiB"]), "",
+        f"### FAISS index vs catalogue size ({args.dim}-d, {args.queries} queries, noise {args.noise}; "
+        "built with every core, queried with one thread: `p50 ms` one query, `batch q/s` all queries in one call)", "",
+        markdown_table(crows, ["items", "index", "build s", "recall@10", "p50 ms", "batch q/s", "index MiB", "peak RSS MiB"]), "",
+        "### Growth (slope of log cost on log size; 1 = linear)", "", markdown_table(srows)])
+    return body, slopes
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, nargs="*", default=[1_000_000, 4_000_000, 16_000_000])
+    ap.add_argument("--items", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--models", nargs="+", default=["mf", "two_tower"], choices=["mf", "two_tower"])
+    ap.add_argument("--indexes", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw", "ivf"])
+    ap.add_argument("--steps", type=int, default=30, help="batches run per size and model, the first 5 untimed (0: a whole epoch)")
+    ap.add_argument("--events-per-user", type=int, default=30)
+    ap.add_argument("--events-per-item", type=int, default=200)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--noise", type=float, default=1.5)
+    ap.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is present")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check, not numbers")
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored), not bench/RESULTS.md")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if args.child:
+        kind, size = args.child[0], int(args.child[1])
+        res = child_events(size, args) if kind == "events" else child_catalogue(size, args)
+        args.child_out.write_text(json.dumps(res, default=str))
+        return None
+    if args.quick:
+        args.events, args.items, args.steps, args.queries = [30_000, 120_000], [2_000, 20_000], 20, 200
+    output.use(args.quick or args.scratch)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dmp-bench-scale-") as tmp:
+        events = [run_child("events", n, args, Path(tmp)) for n in args.events]
+        catalogue = [run_child("catalogue", n, args, Path(tmp)) for n in args.items]
+    body, slopes = summarise(events, catalogue, args)
+    data = {"events": events, "catalogue": catalogue, "slopes": slopes, "quick": args.quick,
+            "seconds": time.perf_counter() - t0, "cpu_threads": os.cpu_count()}
+    if args.quick:
+        body = "**Quick run (`--quick`: tiny sizes) — checks the plumbing; not comparable numbers.**\n\n" + body
+    body += f"\n\nSection wall time: {data['seconds']:.0f} s."
+    write_section("scale", "Scale", body, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()

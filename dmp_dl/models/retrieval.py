@@ -31,7 +31,7 @@ class RetrievalModule(pl.LightningModule):
     Parameters
     ----------
     net: the network (``MatrixFactorization`` or ``TwoTowerNet``).
-    optimizer: a partial optimiser (``torch.optim.Adam`` with ``_partial_: true``).
+    optimizer: a partial optimiser (``dmp_dl.models.optim.LazyAdam`` with ``_partial_: true``).
     item_counts: (n_items,) training events per item, for the logQ correction.
     loss: ``softmax`` (in-batch sampled softmax) or ``bpr``.
     temperature: softmax temperature.

@@ -11,7 +11,7 @@ what a DMP must protect is the person. Each step therefore
    ``grad``), clips it to L2 norm ``max_grad_norm`` (C), sums, adds Gaussian noise of standard
    deviation ``noise_multiplier * C`` to every coordinate, and divides by the expected batch
    size ``q * n_users``;
-3. lets the configured optimiser (Adam) step on that noisy gradient (post-processing).
+3. lets the configured optimiser (LazyAdam: every row of a noised gradient is non-zero, so it is plain Adam here) step on that noisy gradient (post-processing).
 
 Why not the in-batch softmax, and why not Opacus' per-sample gradients: the default loss scores
 each positive against the *other examples'* positives, with a logQ correction from item counts.

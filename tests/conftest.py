@@ -9,6 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from dmp_dl import Recommender
+from dmp_dl.pipeline import run
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ML100K = Path(os.environ.get("DMP_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
 
@@ -53,3 +56,38 @@ def ml100k_path():
     if not (ML100K / "u.data").exists():
         pytest.skip(f"MovieLens 100K not found at {ML100K}")
     return ML100K
+
+
+_TRAINED: dict[tuple, dict] = {}
+
+
+def without_propensity(cfg):
+    """Switch the propensity step off where the config has one (bundles here test the rest)."""
+    if "propensity" in cfg and "enabled" in (cfg.propensity or {}):
+        with open_dict(cfg):
+            cfg.propensity.enabled = False
+    return cfg
+
+
+def trained_run(tmp_path_factory, *overrides: str) -> dict:
+    """One tiny trained run per set of overrides, shared by every test module of the session.
+
+    Returns pipeline.run's result (``bundle_dir``, ``datamodule``, ``module``, ...).
+    """
+    if overrides not in _TRAINED:
+        out = tmp_path_factory.mktemp("trained") / "run"
+        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", *overrides], out)
+        _TRAINED[overrides] = run(without_propensity(cfg))
+    return _TRAINED[overrides]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The tiny trained run every bundle, API and server test reads (see :func:`trained_run`)."""
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def rec(trained) -> Recommender:
+    """The trained run's bundle, loaded once for the session (tests must not change it)."""
+    return Recommender.load(trained["bundle_dir"])

@@ -33,20 +33,9 @@ from dmp_dl.pipeline import run
 from dmp_dl.server import create_app
 
 from .conftest import CONF_DIR, QUIET_TRAINER, TINY_DATA, compose_cfg
-from .test_bundle import trained_run
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = 86400
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def rec(trained) -> Recommender:
-    return Recommender.load(trained["bundle_dir"])
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,6 @@ from dmp_dl.errors import ConfigError, DataError, DmpError
 from dmp_dl.recommender import Recommender
 from dmp_dl.server import create_app
 
-from .test_bundle import trained_run
 
 TRIED: Counter = Counter()  # what this module fed to the code, by kind
 
@@ -450,11 +449,6 @@ def test_generated_frames_through_cleaning(frame):
 
 
 # -- the HTTP API ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -20,35 +20,7 @@ from dmp_dl.embeddings import export_embeddings
 from dmp_dl.errors import BundleError
 from dmp_dl.pipeline import run
 
-from .conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
-
-_TRAINED: dict[tuple, dict] = {}
-
-
-def without_propensity(cfg):
-    """Switch the propensity step off where the config has one (bundles here test the rest)."""
-    if "propensity" in cfg and "enabled" in (cfg.propensity or {}):
-        with open_dict(cfg):
-            cfg.propensity.enabled = False
-    return cfg
-
-
-def trained_run(tmp_path_factory, *overrides: str) -> dict:
-    """One tiny trained run per set of overrides, shared by every test module of the session.
-
-    Returns pipeline.run's result (``bundle_dir``, ``datamodule``, ``module``, ...).
-    """
-    if overrides not in _TRAINED:
-        out = tmp_path_factory.mktemp("trained") / "run"
-        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", *overrides], out)
-        _TRAINED[overrides] = run(without_propensity(cfg))
-    return _TRAINED[overrides]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
+from .conftest import without_propensity
 
 @pytest.fixture
 def bundle_copy(trained, tmp_path):

@@ -13,17 +13,6 @@ from dmp_dl.errors import BundleError, UnknownIdError
 from dmp_dl.index import IndexOptions
 from dmp_dl.recommender import InvalidRequestError
 
-from .test_bundle import trained_run
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def rec(trained) -> Recommender:
-    return Recommender.load(trained["bundle_dir"])
 
 
 def exact_top(rec: Recommender, query: np.ndarray, k: int, excluded=()) -> list[str]:

@@ -16,19 +16,8 @@ from fastapi.testclient import TestClient
 from dmp_dl import Recommender
 from dmp_dl.server import create_app
 
-from .test_bundle import trained_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def rec(trained) -> Recommender:
-    return Recommender.load(trained["bundle_dir"])
 
 
 @pytest.fixture

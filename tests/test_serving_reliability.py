@@ -27,7 +27,6 @@ from dmp_dl import Recommender
 from dmp_dl.bundle import ITEM_VECTORS, MANIFEST
 from dmp_dl.server import bundle_loader, create_app
 
-from .test_bundle import trained_run
 from .test_crash_safety import export_small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +62,6 @@ def restamped(bundle: Path, dest: Path, created_at: str) -> Path:
     manifest["created_at"] = created_at
     (dest / MANIFEST).write_text(json.dumps(manifest))
     return dest
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ML100K, ROOT, Timer, markdown_table, write_section  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
+from common import ML100K, Timer, compose_train_cfg, markdown_table, write_section  # noqa: E402
 
 from dmp_dl import Recommender  # noqa: E402
 from dmp_dl.audience.lookalike import holdout_quality  # noqa: E402
@@ -83,12 +81,9 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=["data=movielens", f"data.path={ML100K}", "propensity.enabled=false",
-                                              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                                              "logger=none", "evaluation.report=null", *args.overrides])
-        with open_dict(cfg):
-            cfg.paths.output_dir = tmp
+        cfg = compose_train_cfg(["data=movielens", f"data.path={ML100K}", "propensity.enabled=false",
+                                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                                 "logger=none", "evaluation.report=null", *args.overrides], tmp)
         with Timer() as train_time:
             result = run(cfg)
         rec = Recommender.load(result["bundle_dir"])

@@ -27,6 +27,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def compose_train_cfg(overrides: list[str], output_dir: str | Path):
+    """``conf/train.yaml`` with Hydra ``overrides``, writing everything under ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
 def machine() -> dict:
     """Cores, memory, GPU and package versions, stated in every bench's output."""
     import torch

@@ -16,10 +16,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from common import ROOT
+import common
 
 # What a benchmark fit leaves out of a normal run; the model, data and trainer settings stay.
 QUIET = [
@@ -37,11 +36,7 @@ QUIET = [
 
 def compose_train_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     """``conf/train.yaml`` with :data:`QUIET` and ``overrides`` (later ones win), writing under ``output_dir``."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*QUIET, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+    return common.compose_train_cfg([*QUIET, *overrides], output_dir)
 
 
 class EpochClock(pl.Callback):

@@ -31,12 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ML100K, ROOT, markdown_table, write_section  # noqa: E402
+from common import ML100K, compose_train_cfg, markdown_table, write_section  # noqa: E402
 
 from dmp_dl.pipeline import run  # noqa: E402
 
@@ -48,14 +46,6 @@ BASE = ["experiment=ml100k", f"data.path={ML100K}", "propensity.enabled=false", 
 # without DP), so it gets a larger learning rate; a user's id embedding would get signal only when
 # the user is sampled and noise at every step, so the DP runs leave it out.
 DP_OVERRIDES = ["model.module.optimizer.lr=0.03", "model.net.use_user_id=false"]
-
-
-def compose_cfg(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def settings(epsilons: list[float]) -> list[tuple[str, list[str]]]:
@@ -74,7 +64,7 @@ def bench(epsilons: list[float], epochs: int, overrides: list[str], dp_overrides
     popularity = None
     for i, (name, extra) in enumerate(settings(epsilons)):
         extra = [*extra, *dp_overrides] if extra else extra
-        cfg = compose_cfg([*BASE, f"trainer.max_epochs={epochs}", *extra, *overrides], workdir / f"run{i}")
+        cfg = compose_train_cfg([*BASE, f"trainer.max_epochs={epochs}", *extra, *overrides], workdir / f"run{i}")
         t0 = time.perf_counter()
         out = run(cfg)
         seconds = time.perf_counter() - t0

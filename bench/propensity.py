@@ -28,42 +28,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import ML100K, compose_train_cfg  # noqa: E402
 from dmp_dl.pipeline import run  # noqa: E402
 from dmp_dl.propensity import train_propensity  # noqa: E402
 
 COLUMNS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "ece_uncalibrated", "lift@10")
-ML100K = Path(os.environ.get("DMP_ML100K", ROOT.parent / "shared" / "data" / "ml-100k"))
 TASKS = {
     "synthetic": [],
     "ml100k": ["data=movielens", f"data.path={ML100K}"],
 }
 
 
-def compose_cfg(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
 def bench_task(name: str, seeds: list[int], overrides: list[str], workdir: Path) -> dict:
     base = [*TASKS[name], "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             "logger=none", "export=false", *overrides]
-    cfg = compose_cfg([*base, "propensity.enabled=false"], workdir / name)
+    cfg = compose_train_cfg([*base, "propensity.enabled=false"], workdir / name)
     t0 = time.perf_counter()
     pipeline = run(cfg)
     embed_seconds = time.perf_counter() - t0
     dm, net = pipeline["datamodule"], pipeline["module"].net
     runs = []
     for seed in seeds:
-        cfg_s = compose_cfg([*base, f"seed={seed}"], workdir / name)
+        cfg_s = compose_train_cfg([*base, f"seed={seed}"], workdir / name)
         t = time.perf_counter()
         result = train_propensity(cfg_s, dm, net)
         runs.append({"seconds": time.perf_counter() - t, "metrics": result.metrics, "task": result.task.summary(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,7 @@ from dmp_dl.cli import report_errors
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import BundleError, ConfigError, DataError, DmpError
 from dmp_dl.evaluation.heldout import evaluate_model_and_baselines, map_to_vocabularies
-from dmp_dl.evaluation.report import PropensityInputs, SegmentInputs, build_report
-from dmp_dl.io import atomic_write_text
+from dmp_dl.evaluation.report import PropensityInputs, SegmentInputs
 from dmp_dl.pipeline import load_data
 from dmp_dl.training import config_to_dict
 

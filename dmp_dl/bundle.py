@@ -20,15 +20,24 @@ A bundle is a directory::
 :class:`BundleWriter` builds a bundle in a temporary directory beside the target and publishes it
 with a rename (on Linux an atomic exchange with the previous bundle) only once every file and the manifest are written and fsynced, so a crashed export
 never leaves a half bundle under the target name (the previous bundle stays until the new one is
-complete). :class:`Bundle` refuses a bundle whose manifest is missing, whose format version it does
-not know, or whose files do not match their checksums, with a :class:`BundleError` naming the file.
+complete). :class:`Bundle` refuses a bundle whose manifest is missing, fails its digest or schema
+(:mod:`dmp_dl.manifest`), has a format version it does not know, or whose files do not match their
+checksums, with a :class:`BundleError` naming the file (and the manifest field).
 Nothing is unpickled: arrays load with ``allow_pickle=False``, weights with ``weights_only=True``.
+
+Temporary folders (``.NAME.tmp-*`` while a bundle is written, ``.NAME.old-*`` while one is swapped
+without an atomic exchange) are locked by the process that writes them; one left by a killed
+process is removed by the next writer of ``NAME`` (an export, an erasure) and by ``serve.py`` at
+start (:func:`remove_stale_temporaries`), and a previous bundle an interrupted swap left only under
+``.NAME.old-*`` is put back at ``NAME``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
+import fcntl
 import hashlib
 import inspect
 import json
@@ -48,12 +57,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from dmp_dl.errors import BundleError
+from dmp_dl.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_text, read_manifest, seal
 
 log = logging.getLogger(__name__)
-
-FORMAT = "dmp_dl.bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 USER_VOCAB, ITEM_VOCAB = "users.json", "items.json"
 USER_VECTORS, ITEM_VECTORS = "user_vectors.npy", "item_vectors.npy"
@@ -99,6 +105,75 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _lock_dir(path: Path) -> int | None:
+    """An exclusive ``flock`` on folder ``path`` (held until the returned descriptor is closed, or
+    the process ends), or None when another process holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _locked_tempdir(prefix: str, parent: Path) -> tuple[Path, int]:
+    """A new folder ``parent/prefix*`` and the lock on it, taken before anyone can clean it away."""
+    for _ in range(10):
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        try:
+            fd = _lock_dir(path)
+        except FileNotFoundError:  # a cleanup of stale folders took it between mkdtemp and the lock
+            continue
+        if fd is not None and path.exists() and os.path.samestat(os.fstat(fd), os.stat(path)):
+            return path, fd
+        if fd is not None:
+            os.close(fd)
+    raise OSError(f"cannot create a temporary folder in {parent}")
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the ``.NAME.tmp-*`` / ``.NAME.old-*`` folders that a killed export or erasure left
+    beside bundle ``target`` (and beside its real folder when ``target`` is a symlink). Folders a
+    live process is writing are locked and kept. A previous bundle that an interrupted swap left
+    only under ``.NAME.old-*/bundle`` is moved back to ``target`` when nothing is there.
+    Returns the folders removed. Best effort: what cannot be removed is logged and kept."""
+    target = Path(target).absolute()
+    places = {target}
+    with contextlib.suppress(OSError, RuntimeError):
+        places.add(target.resolve())
+    removed = []
+    for place in sorted(places):
+        if not place.name or not place.parent.is_dir():
+            continue
+        try:
+            candidates = sorted([*place.parent.glob(f".{place.name}.tmp-*"), *place.parent.glob(f".{place.name}.old-*")])
+        except OSError:
+            continue
+        for folder in candidates:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            try:
+                fd = _lock_dir(folder)
+            except OSError:
+                continue
+            if fd is None:  # being written right now
+                continue
+            try:
+                kept = folder / "bundle"
+                if ".old-" in folder.name and kept.exists() and not (place.exists() or place.is_symlink()):
+                    os.replace(kept, place)
+                    log.warning("%s: an interrupted swap left the previous bundle in %s; moved it back", place, folder)
+                shutil.rmtree(folder)
+                removed.append(folder)
+                log.info("removed %s, left by an interrupted export or erasure", folder)
+            except OSError as exc:
+                log.warning("cannot remove %s, left by an interrupted export or erasure: %s", folder, exc)
+            finally:
+                os.close(fd)
+    return removed
+
+
 class BundleWriter:
     """Builds a bundle in a temporary directory beside ``target``; :meth:`commit` publishes it.
 
@@ -110,13 +185,20 @@ class BundleWriter:
             w.save_json("users.json", {...})
             save_part(w.subdir("propensity"))
             w.commit({"dim": 64})
+
+    ``commit`` is :meth:`seal` (checksums and manifest written: the temporary folder is then a
+    complete bundle that can be opened and checked) followed by :meth:`publish` (the swap).
+    ``target`` is used as given: a symlink there is replaced by the new folder (to write through a
+    symlink, pass its resolved path).
     """
 
     def __init__(self, target: str | os.PathLike):
         self.target = Path(target).absolute()
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        remove_stale_temporaries(self.target)
+        self.root, self._lock = _locked_tempdir(f".{self.target.name}.tmp-", self.target.parent)
         self.committed = False
+        self.sealed = False
 
     def __enter__(self) -> "BundleWriter":
         return self
@@ -125,8 +207,14 @@ class BundleWriter:
         if not self.committed:
             self.abort()
 
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def abort(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        self._unlock()
 
     def path(self, name: str) -> Path:
         """Where to write bundle file ``name`` (a relative path; parent folders are created)."""
@@ -167,24 +255,29 @@ class BundleWriter:
         return name
 
     def commit(self, content: Mapping[str, Any]) -> Path:
-        """Checksum every file, write ``manifest.json`` (``content`` plus the format fields) and
-        publish the bundle at ``target``. Returns ``target``."""
+        """:meth:`seal` and :meth:`publish`. Returns ``target``."""
+        self.seal(content)
+        return self.publish()
+
+    def seal(self, content: Mapping[str, Any]) -> Path:
+        """Checksum every file and write ``manifest.json`` (``content`` plus the format fields and
+        the digest); everything fsynced. Returns the temporary folder, now a complete bundle."""
         files = {}
         for p in sorted(self.root.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(self.root).as_posix()
                 files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                 _fsync_path(p)
-        manifest = {
+        manifest = seal({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "packages": package_versions(),
             **content,
             "files": files,
-        }
+        })
         with open(self.root / MANIFEST, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(manifest, indent=1, default=str))
+            fh.write(manifest_text(manifest))
             fh.flush()
             os.fsync(fh.fileno())
         # mkdtemp/mkstemp create owner-only entries: give the bundle the parent folder's access bits
@@ -194,8 +287,16 @@ class BundleWriter:
         os.chmod(self.root, mode)
         for d in sorted({p.parent for p in self.root.rglob("*")} | {self.root}, reverse=True):
             _fsync_path(d)
+        self.sealed = True
+        return self.root
+
+    def publish(self) -> Path:
+        """Swap the sealed bundle in at ``target``. Returns ``target``."""
+        if not self.sealed:
+            raise RuntimeError("seal the bundle before publishing it")
         self._publish()
         self.committed = True
+        self._unlock()
         return self.target
 
     def _publish(self) -> None:
@@ -210,21 +311,37 @@ class BundleWriter:
             return
         # Otherwise: rename(2) cannot replace a non-empty directory, so move the old bundle aside
         # first. A crash between the two renames leaves no bundle at ``target`` and the old one
-        # under `.NAME.old-*` (never a partial one); Bundle.open names it in its error.
-        old = None
+        # under `.NAME.old-*` (never a partial one); Bundle.open names it in its error, and the next
+        # writer or server start moves it back.
+        old = old_lock = None
         if self.target.exists() or self.target.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            old, old_lock = _locked_tempdir(f".{self.target.name}.old-", self.target.parent)
             os.replace(self.target, old / "bundle")
         try:
-            os.replace(self.root, self.target)
-        except BaseException:
-            if old is not None:  # put the previous bundle back
-                os.replace(old / "bundle", self.target)
+            try:
+                os.replace(self.root, self.target)
+            except BaseException:
+                if old is not None:  # put the previous bundle back
+                    os.replace(old / "bundle", self.target)
+                    shutil.rmtree(old, ignore_errors=True)
+                raise
+            _fsync_path(self.target.parent)
+            if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-            raise
-        _fsync_path(self.target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if old_lock is not None:
+                os.close(old_lock)
+
+
+def write_manifest(root: str | os.PathLike, content: Mapping[str, Any]) -> dict:
+    """Replace the manifest of the bundle at ``root`` by ``content`` sealed with a fresh digest
+    (atomically). For tools that amend a manifest in place; the files' checksums are not
+    recomputed, so ``content["files"]`` must still describe them. Returns the manifest written."""
+    from dmp_dl.io import atomic_write_text
+
+    manifest = seal(content)
+    atomic_write_text(Path(root) / MANIFEST, manifest_text(manifest))
+    return manifest
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -265,23 +382,10 @@ class Bundle:
             raise BundleError(f"bundle not found: {root} is not a directory (set artifacts=DIR to an exported bundle{hint})")
         if not manifest_path.is_file():
             raise BundleError(f"{manifest_path}: missing, so {root} is not a complete bundle (export it again)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"{manifest_path}: unreadable ({exc}); export the bundle again") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise BundleError(f"{manifest_path}: not a dmp_dl bundle manifest (format must be {FORMAT!r})")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
-            what = "upgrade dmp_dl" if newer else "export the bundle again with this version"
-            raise BundleError(f"{manifest_path}: bundle format version {version!r}, this dmp_dl reads {FORMAT_VERSION}; {what}")
-        files = manifest.get("files")
-        if not isinstance(files, dict):
-            raise BundleError(f"{manifest_path}: no 'files' table; export the bundle again")
+        manifest = read_manifest(manifest_path)
         bundle = cls(root, manifest)
         if verify:
-            for name in files:
+            for name in manifest["files"]:
                 bundle._verify(name)
         return bundle
 

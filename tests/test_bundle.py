@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from dmp_dl import Recommender
 from dmp_dl.bundle import (
     FORMAT_VERSION, ITEM_VECTORS, MANIFEST, NETWORK_SPEC, NETWORK_WEIGHTS, Bundle, BundleWriter, MissingPartError,
-    load_network,
+    load_network, write_manifest,
 )
 from dmp_dl.embeddings import export_embeddings
 from dmp_dl.errors import BundleError
@@ -104,7 +104,7 @@ def test_missing_file_is_refused_naming_it(bundle_copy):
 def test_incompatible_manifest_is_refused(bundle_copy, change, message):
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
     manifest.update(change)
-    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)
     with pytest.raises(BundleError, match=message):
         Recommender.load(bundle_copy)
 
@@ -112,7 +112,7 @@ def test_incompatible_manifest_is_refused(bundle_copy, change, message):
 def test_manifest_cannot_point_outside_the_bundle(bundle_copy):
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
     manifest["files"]["../secret"] = {"sha256": "0" * 64, "bytes": 1}
-    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)
     with pytest.raises(BundleError, match="outside the bundle"):
         Bundle.open(bundle_copy)
 

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmp_dl.bundle import ITEM_VECTORS, MANIFEST, NETWORK_WEIGHTS, USER_VECTORS, Bundle
+from dmp_dl.bundle import ITEM_VECTORS, MANIFEST, NETWORK_WEIGHTS, USER_VECTORS, Bundle, write_manifest
 from dmp_dl.cli import report_errors
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.split import TRAIN
@@ -81,7 +81,7 @@ def without_propensity(bundle: Path, target: Path) -> Path:
     manifest = json.loads((copy / MANIFEST).read_text())
     manifest.pop("propensity")
     manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("propensity/")}
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(copy, manifest)
     return copy
 
 
@@ -270,7 +270,7 @@ def test_moved_training_data_are_found_with_a_data_key_and_reproduce_the_run(tra
     data = manifest["config"]["data"]
     data.update(name="events", path=str(tmp_path / "old" / "events.csv"),
                 source={"_target_": "dmp_dl.data.event_files.EventFileSource", "_partial_": True})
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
 
     line = _exit_line(capsys, lambda: evaluate(bundle, tmp_path / "report"))
     assert str(tmp_path / "old" / "events.csv") in line and "+data.path=" in line

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import ITEM_VECTORS, MANIFEST
+from dmp_dl.bundle import ITEM_VECTORS, MANIFEST, write_manifest
 from dmp_dl.server import bundle_loader, create_app
 
 from .test_crash_safety import export_small
@@ -60,7 +60,7 @@ def restamped(bundle: Path, dest: Path, created_at: str) -> Path:
     shutil.copytree(bundle, dest)
     manifest = json.loads((dest / MANIFEST).read_text())
     manifest["created_at"] = created_at
-    (dest / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(dest, manifest)
     return dest
 
 

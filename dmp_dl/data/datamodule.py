@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Collection
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -213,7 +212,7 @@ class InteractionDataModule(pl.LightningDataModule):
         if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
             raw, erased = self.privacy.prepare_log(raw, self.erasure_list)
         else:
-            erased = self._erased_users()
+            erased = self._erased_users(raw)
         self.raw_meta = raw.meta
         cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased)
         ev = cleaned.events
@@ -234,21 +233,20 @@ class InteractionDataModule(pl.LightningDataModule):
         self._prepared = True
         return self
 
-    def _erased_users(self) -> Collection[str]:
+    def _erased_users(self, raw) -> Collection[str]:
+        """The users of ``raw`` on ``erasure_list`` (raw ids and salted hashes; keyed hashes need
+        the privacy settings)."""
         if not self.erasure_list:
             return ()
-        path = Path(self.erasure_list)
-        if not path.exists():
-            raise DataError(f"erasure list not found: {path} (set data.erasure_list to an existing file or null)")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeError) as exc:
-            raise DataError(f"erasure list {path}: cannot read it as UTF-8 text, one user id per line ({exc})") from None
-        ids = {line.strip() for line in text.splitlines() if line.strip()}
-        if any(i.startswith("hmac-sha256:") for i in ids):
-            raise DataError(f"{path} holds keyed-hash entries, which need the privacy settings to match: "
+        from dmp_dl.privacy.erasure_list import read_erasure_list
+        from dmp_dl.privacy.options import log_user_ids
+
+        entries = read_erasure_list(self.erasure_list, required=True)
+        if entries.tagged:
+            raise DataError(f"{self.erasure_list} holds keyed-hash entries, which need the privacy settings to match: "
                             "pass privacy=PrivacyOptions(...) (train.py does)")
-        return ids
+        ids = log_user_ids(raw)
+        return set(ids[entries.resolve(ids, None)].tolist())
 
     def _index_splits(self, ev: pd.DataFrame) -> None:
         n_users, n_items = len(self.user_vocab), len(self.item_vocab)

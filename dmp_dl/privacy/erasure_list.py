@@ -2,9 +2,16 @@
 
 A text file, one entry per line (blank lines and lines starting with ``#`` are ignored):
 
-* ``hmac-sha256:<key fingerprint>:<pseudonym>``: what ``python -m dmp_dl.privacy forget`` and the
-  HTTP erasure endpoint append. No raw id is stored; the fingerprint names the key, so a list
-  used with a different key is refused instead of silently matching nobody.
+* ``hmac-sha256:<key fingerprint>:<pseudonym>``: a keyed hash, what ``forget`` writes for a bundle
+  whose ids are pseudonymised (and for any bundle when it is given ``secret_env``/``secret_file``).
+  Applying it needs the secret; the fingerprint names the key, so a list used with a different key
+  is refused instead of silently matching nobody.
+* ``salted-sha256:<salt>:<hash>``: a salted hash, what ``forget`` writes for a bundle of raw ids
+  without a configured secret: ``hash`` is the first 32 hex digits of HMAC-SHA256 keyed with the
+  16-byte ``salt`` (hex) of the id. The salt travels in the entry (one random salt per list), so
+  any run can apply the list without a secret, and no raw id is written. Unlike a keyed hash it
+  does not stop someone holding the list from testing a guessed id: pseudonymise (or give
+  ``forget`` a secret) when that matters.
 * anything else: a raw user id (a hand-written list; matched after id normalisation).
 
 Training reads the list configured as ``privacy.erasure_list`` (absent until the first erasure)
@@ -14,7 +21,11 @@ load and counted as ``erased_user`` in ``data_quality.json``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +36,51 @@ import pandas as pd
 from dmp_dl.data.schema import normalize_ids
 from dmp_dl.errors import ConfigError, DataError
 from dmp_dl.io import atomic_write_text
-from dmp_dl.privacy.pseudonymize import Pseudonymizer, parse_tag
+from dmp_dl.privacy.pseudonymize import TAG_PREFIX, Pseudonymizer, parse_tag
 
 log = logging.getLogger(__name__)
 
-HEADER = ("# dmp_dl erasure list: one erased user per line, as hmac-sha256:<key fingerprint>:<pseudonym>.\n"
-          "# Training runs drop these users; keep this file with the data and never edit entries out.\n")
+SALTED_PREFIX = "salted-sha256:"
+SALT_BYTES, SALTED_LENGTH = 16, 32
+HEADER = ("# dmp_dl erasure list: one erased user per line, as hmac-sha256:<key fingerprint>:<pseudonym> (keyed) or\n"
+          "# salted-sha256:<salt>:<hash> (salted). Training runs drop these users; keep it with the data, never edit entries out.\n")
+_HEX = set("0123456789abcdef")
+
+
+class SaltedHash:
+    """The salted hash of an erasure list: HMAC-SHA256 keyed with a public random salt.
+
+    salt: 16 bytes (a new random one when None).
+    """
+
+    def __init__(self, salt: bytes | None = None):
+        self.salt = secrets.token_bytes(SALT_BYTES) if salt is None else bytes(salt)
+        if len(self.salt) != SALT_BYTES:
+            raise ValueError(f"a salt has {SALT_BYTES} bytes, got {len(self.salt)}")
+
+    def one(self, external_id: object) -> str:
+        return hmac.new(self.salt, str(external_id).encode("utf-8"), hashlib.sha256).hexdigest()[:SALTED_LENGTH]
+
+    def many(self, ids: Iterable[object]) -> np.ndarray:
+        """Hashes (n,) object array of ``ids``; each distinct id is hashed once."""
+        codes, uniques = pd.factorize(pd.Series([str(x) for x in ids], dtype=object), sort=False)
+        hashed = np.asarray([self.one(u) for u in uniques], dtype=object)
+        return hashed[codes] if len(codes) else np.zeros(0, dtype=object)
+
+    def tag(self, hashed: str) -> str:
+        return f"{SALTED_PREFIX}{self.salt.hex()}:{hashed}"
+
+
+def parse_salted(text: str) -> tuple[str, str] | None:
+    """(salt hex, hash) of a salted entry, or None when ``text`` is not one."""
+    if not text.startswith(SALTED_PREFIX):
+        return None
+    parts = text[len(SALTED_PREFIX):].split(":")
+    if (len(parts) != 2 or len(parts[0]) != 2 * SALT_BYTES or len(parts[1]) != SALTED_LENGTH
+            or not set("".join(parts)) <= _HEX):
+        raise ValueError(f"malformed salted-sha256 entry: expected {SALTED_PREFIX}<{2 * SALT_BYTES} hex digits of salt>:"
+                         f"<{SALTED_LENGTH} hex digits of hash>")
+    return parts[0], parts[1]
 
 
 @dataclass
@@ -38,55 +88,73 @@ class ErasureEntries:
     """The parsed contents of one or more erasure lists.
 
     raw_ids: raw (normalised) user ids.
-    tagged: pseudonym -> (file, line) of tagged entries; fingerprints: the key fingerprint of each
-    tagged entry's (file, line).
+    tagged: pseudonym -> (file, line) of keyed-hash entries; fingerprints: the key fingerprint of
+    each keyed entry's (file, line).
+    salted: salt (hex) -> {hash: (file, line)} of salted entries.
     """
 
     raw_ids: set[str] = field(default_factory=set)
     tagged: dict[str, tuple[str, int]] = field(default_factory=dict)
     fingerprints: dict[tuple[str, int], str] = field(default_factory=dict)
+    salted: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.raw_ids) + len(self.tagged)
+        return len(self.raw_ids) + len(self.tagged) + sum(len(h) for h in self.salted.values())
 
-    def check_key(self, pseudonymizer: Pseudonymizer) -> None:
-        """Refuse tagged entries made with another key (they would match nobody)."""
+    @property
+    def salt(self) -> bytes | None:
+        """The salt of the first salted entry (new salted entries reuse it), or None."""
+        return bytes.fromhex(next(iter(self.salted))) if self.salted else None
+
+    def check_key(self, pseudonymizer: Pseudonymizer, how: str = "privacy.secret_env / privacy.secret_file") -> None:
+        """Refuse keyed entries made with another key (they would match nobody)."""
         for (path, line), fp in self.fingerprints.items():
             if fp != pseudonymizer.fingerprint:
                 raise ConfigError(
                     f"{path}, line {line}: erasure entry made with the key of fingerprint {fp}, but the configured "
                     f"secret has fingerprint {pseudonymizer.fingerprint}. Erased users would come back: use the "
-                    "secret the list was written with (privacy.secret_env / privacy.secret_file)")
+                    f"secret the list was written with ({how})")
 
-    def resolve(self, ids: Iterable[str], pseudonymizer: Pseudonymizer | None, ids_are_pseudonyms: bool) -> set[str]:
-        """The members of ``ids`` (the distinct user ids of a log, pseudonyms when
-        ``ids_are_pseudonyms``) that are on the list.
+    def resolve(self, ids: Iterable[str], pseudonymizer: Pseudonymizer | None,
+                pseudonyms: Iterable[str] | None = None) -> np.ndarray:
+        """(n,) bool: which of ``ids`` (distinct raw, normalised user ids) are on the list.
 
-        Tagged entries need ``pseudonymizer`` (the key): with raw ids in the log, each id is hashed
-        to compare; raw entries are hashed instead when the log holds pseudonyms.
+        Raw and salted entries are matched against ``ids``; keyed entries against ``pseudonyms``
+        (the ids' pseudonyms, aligned with ``ids``) when given, else against the ids hashed with
+        ``pseudonymizer`` (the key), which keyed entries need.
         """
         ids = np.asarray(list(ids), dtype=object)
-        if (self.tagged or (self.raw_ids and ids_are_pseudonyms)) and pseudonymizer is None:
-            where = next(iter(self.tagged.values()), ("the erasure list", 0))[0]
-            raise ConfigError(f"{where} holds keyed-hash entries: the pseudonymisation secret is needed to apply it "
-                              "(set $DMP_PSEUDONYM_KEY or privacy.secret_env / privacy.secret_file)")
-        if pseudonymizer is not None:
-            self.check_key(pseudonymizer)
-        if ids_are_pseudonyms:
-            wanted = set(self.tagged) | {pseudonymizer.one(r) for r in self.raw_ids}
-            return {str(x) for x in ids if x in wanted}
-        found = {str(x) for x in ids if x in self.raw_ids}
+        found = np.fromiter((x in self.raw_ids for x in ids.tolist()), dtype=bool, count=len(ids))
         if self.tagged:
-            hashed = pseudonymizer.many(ids)
-            found |= {str(x) for x, h in zip(ids.tolist(), hashed.tolist()) if h in self.tagged}
+            if pseudonymizer is None:
+                where = next(iter(self.tagged.values()))
+                raise ConfigError(f"{where[0]}, line {where[1]}: a keyed-hash (hmac-sha256) entry: the pseudonymisation "
+                                  "secret is needed to apply the list (set $DMP_PSEUDONYM_KEY or privacy.secret_env / "
+                                  "privacy.secret_file)")
+            self.check_key(pseudonymizer)
+            hashed = np.asarray(list(pseudonyms), dtype=object) if pseudonyms is not None else pseudonymizer.many(ids)
+            found |= np.fromiter((h in self.tagged for h in hashed.tolist()), dtype=bool, count=len(ids))
+        for salt, hashes in self.salted.items():
+            hashed = SaltedHash(bytes.fromhex(salt)).many(ids)
+            found |= np.fromiter((h in hashes for h in hashed.tolist()), dtype=bool, count=len(ids))
         return found
+
+
+def _check_regular(path: Path, what: str) -> None:
+    """Refuse a FIFO, device or folder where a text file belongs (reading a FIFO would hang)."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise DataError(f"{what} {path} is {kind}; point it at a text file")
 
 
 def read_erasure_list(path: str | Path, entries: ErasureEntries | None = None, required: bool = True) -> ErasureEntries:
     """Parse ``path`` into ``entries`` (a new :class:`ErasureEntries` by default).
 
     A missing file is an error when ``required`` (an explicitly configured list), else empty (the
-    default list before the first erasure). A malformed tagged line is refused naming the line.
+    default list before the first erasure). A malformed hash line is refused naming the line.
     """
     path = Path(path)
     entries = entries if entries is not None else ErasureEntries()
@@ -95,6 +163,7 @@ def read_erasure_list(path: str | Path, entries: ErasureEntries | None = None, r
             raise DataError(f"erasure list not found: {path} (set data.erasure_list to an existing file or null)")
         return entries
     try:
+        _check_regular(path, "erasure list")
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: the erasure list cannot be read ({exc}); restore it from a backup") from None
@@ -104,22 +173,29 @@ def read_erasure_list(path: str | Path, entries: ErasureEntries | None = None, r
         if not text or text.startswith("#"):
             continue
         try:
-            tag = parse_tag(text)
+            tag, salted = parse_tag(text), parse_salted(text)
         except ValueError as exc:
             raise DataError(f"{path}, line {number}: {exc}") from None
-        if tag is None:
-            raw.append(text)
-        else:
+        if tag is not None:
             entries.tagged.setdefault(tag[1], (str(path), number))
             entries.fingerprints[(str(path), number)] = tag[0]
+        elif salted is not None:
+            entries.salted.setdefault(salted[0], {}).setdefault(salted[1], (str(path), number))
+        else:
+            raw.append(text)
     if raw:
         entries.raw_ids |= set(normalize_ids(pd.Series(raw, dtype=object)).tolist())
     return entries
 
 
+def is_hashed_entry(text: str) -> bool:
+    """Whether ``text`` has the form of a keyed or salted list entry (not a raw id)."""
+    return text.startswith((TAG_PREFIX, SALTED_PREFIX))
+
+
 def append_to_erasure_list(path: str | Path, tags: Iterable[str]) -> int:
-    """Add tagged entries (``Pseudonymizer.tag``) not yet on the list at ``path`` (created with a
-    header when absent), atomically. Returns how many were added."""
+    """Add entries (keyed or salted tags) not yet on the list at ``path`` (created with a header
+    when absent), atomically. Returns how many were added."""
     path = Path(path)
     existing = path.read_text(encoding="utf-8") if path.exists() else HEADER
     present = {line.strip() for line in existing.splitlines()}

@@ -9,12 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from dmp_dl.data.schema import USER, normalize_ids
 from dmp_dl.privacy.erasure_list import ErasureEntries, read_erasure_list
-from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, pseudonymize_log
+from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, pseudonymize_ids, pseudonymize_log
 
 log = logging.getLogger(__name__)
+
+
+def log_user_ids(raw) -> np.ndarray:
+    """The distinct normalised user ids of an :class:`~dmp_dl.data.schema.EventLog`'s events and
+    user table."""
+    ids = normalize_ids(raw.events[USER]).unique().astype(str)
+    if raw.users is not None and USER in raw.users.columns:
+        ids = np.union1d(ids, normalize_ids(raw.users[USER]).unique().astype(str))
+    return ids
 
 
 class PrivacyOptions:
@@ -62,26 +72,29 @@ class PrivacyOptions:
 
     # -- loading ------------------------------------------------------------------------------
     def prepare_log(self, raw, extra_erasure_list: str | None = None):
-        """Pseudonymise ``raw`` (an :class:`~dmp_dl.data.schema.EventLog`, straight from its
-        source) when configured, and resolve the erasure lists (``privacy.erasure_list`` when it
-        exists, plus ``extra_erasure_list``, which must exist) into the user ids to drop, in the
-        log's id space. Returns (log, ids to drop)."""
+        """Resolve the erasure lists (``privacy.erasure_list`` when it exists, plus
+        ``extra_erasure_list``, which must exist) against the raw ids of ``raw`` (an
+        :class:`~dmp_dl.data.schema.EventLog`, straight from its source), then pseudonymise the log
+        when configured. Returns (log, the ids to drop, in the log's id space).
+
+        Keyed-hash entries need the secret (the run's, or the configured one when the run does not
+        pseudonymise); salted and raw entries need nothing."""
         p = self.pseudonymizer() if self.pseudonymize else None
-        if p is not None:
-            raw = pseudonymize_log(raw, p)
         entries = ErasureEntries()
         if extra_erasure_list:
             read_erasure_list(extra_erasure_list, entries, required=True)
         if self.erasure_list:
             read_erasure_list(self.erasure_list, entries, required=False)
-        if not len(entries):
-            return raw, set()
-        ids = normalize_ids(raw.events[USER]).unique()
-        if raw.users is not None and USER in raw.users.columns:
-            ids = np.union1d(ids.astype(str), normalize_ids(raw.users[USER]).unique().astype(str))
-        key = p if p is not None else (self.pseudonymizer() if entries.tagged else None)
-        erased = entries.resolve(ids, key, ids_are_pseudonyms=p is not None)
-        log.info("erasure lists: %d entries, %d of the log's users erased", len(entries), len(erased))
+        erased: set[str] = set()
+        if len(entries):
+            ids = log_user_ids(raw)
+            pseudonyms = pseudonymize_ids(pd.Series(ids, dtype=object), p).to_numpy() if p is not None else None
+            key = p if p is not None else (self.pseudonymizer() if entries.tagged else None)
+            found = entries.resolve(ids, key, pseudonyms)
+            erased = set((pseudonyms if p is not None else ids)[found].tolist())
+            log.info("erasure lists: %d entries, %d of the log's users erased", len(entries), len(erased))
+        if p is not None:
+            raw = pseudonymize_log(raw, p)
         return raw, erased
 
     # -- the bundle --------------------------------------------------------------------------

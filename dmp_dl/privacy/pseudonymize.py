@@ -33,30 +33,33 @@ MIN_SECRET_BYTES = 16
 _FINGERPRINT_LABEL = b"dmp_dl key fingerprint v1"
 
 
-def load_secret(secret_env: str | None = DEFAULT_SECRET_ENV, secret_file: str | os.PathLike | None = None) -> bytes:
+def load_secret(secret_env: str | None = DEFAULT_SECRET_ENV, secret_file: str | os.PathLike | None = None,
+                keys: tuple[str, str] = ("privacy.secret_env", "privacy.secret_file")) -> bytes:
     """The secret: the contents of ``secret_file`` when given (surrounding whitespace stripped),
     else the environment variable ``secret_env``.
 
     Raises :class:`ConfigError` (without ever echoing the secret) when neither is set, the file is
-    unreadable, or the secret is shorter than 16 bytes.
+    unreadable, or the secret is shorter than 16 bytes. ``keys``: the names of the two settings in
+    the command that reads them, for the message (``secret_env``/``secret_file`` for ``forget``).
     """
+    env_key, file_key = keys
     if secret_file:
         path = Path(secret_file)
         try:
             secret = path.read_bytes().strip()
         except OSError as exc:
-            raise ConfigError(f"privacy.secret_file: cannot read {path} ({exc.strerror or exc}); "
+            raise ConfigError(f"{file_key}: cannot read {path} ({exc.strerror or exc}); "
                               "point it at the file holding the pseudonymisation secret") from None
-        where = f"the file {path} (privacy.secret_file)"
+        where = f"the file {path} ({file_key})"
     else:
         value = os.environ.get(secret_env or "", "")
         if not value:
             raise ConfigError(
                 f"no pseudonymisation secret: set the environment variable ${secret_env or DEFAULT_SECRET_ENV} "
-                "(privacy.secret_env) or privacy.secret_file=FILE to a secret of at least "
+                f"({env_key}) or {file_key}=FILE to a secret of at least "
                 f"{MIN_SECRET_BYTES} bytes, e.g. `export {secret_env or DEFAULT_SECRET_ENV}=$(openssl rand -hex 32)`")
         secret = value.strip().encode("utf-8")
-        where = f"${secret_env} (privacy.secret_env)"
+        where = f"${secret_env} ({env_key})"
     if len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(f"the pseudonymisation secret in {where} is {len(secret)} bytes; use at least "
                           f"{MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`)")
@@ -83,8 +86,8 @@ class Pseudonymizer:
 
     @classmethod
     def from_env(cls, secret_env: str | None = DEFAULT_SECRET_ENV, secret_file: str | os.PathLike | None = None,
-                 length: int = 32) -> "Pseudonymizer":
-        return cls(load_secret(secret_env, secret_file), length)
+                 length: int = 32, keys: tuple[str, str] = ("privacy.secret_env", "privacy.secret_file")) -> "Pseudonymizer":
+        return cls(load_secret(secret_env, secret_file, keys), length)
 
     def __repr__(self) -> str:  # never the secret
         return f"Pseudonymizer({ALGORITHM}, fingerprint={self.fingerprint}, length={self.length})"
@@ -108,9 +111,16 @@ class Pseudonymizer:
         return {"pseudonymized": True, "algorithm": ALGORITHM, "id_length": self.length, "key_fingerprint": self.fingerprint}
 
 
+def recorded_privacy(manifest: object) -> dict:
+    """A manifest's ``privacy`` entry (``{}`` when it has none; the schema of
+    :mod:`dmp_dl.manifest` guarantees an object in a verified bundle)."""
+    entry = manifest.get("privacy") if isinstance(manifest, dict) else None
+    return entry if isinstance(entry, dict) else {}
+
+
 def check_key(manifest: dict, pseudonymizer: Pseudonymizer) -> None:
     """:class:`BundleError` when a bundle whose ids are pseudonymised was made with another key."""
-    recorded = manifest.get("privacy") or {}
+    recorded = recorded_privacy(manifest)
     if recorded.get("pseudonymized") and recorded.get("key_fingerprint") != pseudonymizer.fingerprint:
         raise BundleError(
             f"the pseudonymisation secret (fingerprint {pseudonymizer.fingerprint}) is not the one this bundle's ids were "
@@ -122,7 +132,7 @@ def bundle_pseudonymizer(manifest: dict, where: object, pseudonymizer: Pseudonym
     """The key for querying a bundle by raw user id: None when its ids are not pseudonymised; else
     ``pseudonymizer`` or the secret from where the training run read it (the manifest records the
     environment variable / file name, never the secret), checked against the recorded fingerprint."""
-    recorded = manifest.get("privacy") or {}
+    recorded = recorded_privacy(manifest)
     if not recorded.get("pseudonymized"):
         return None
     if pseudonymizer is None:
@@ -136,12 +146,16 @@ def bundle_pseudonymizer(manifest: dict, where: object, pseudonymizer: Pseudonym
 
 
 def parse_tag(text: str) -> tuple[str, str] | None:
-    """(fingerprint, pseudonym) of a tagged entry, or None when ``text`` is not one."""
+    """(fingerprint, pseudonym) of a tagged entry, or None when ``text`` is not one.
+
+    A text with the prefix but not the form raises ValueError (which does not echo the text)."""
     if not text.startswith(TAG_PREFIX):
         return None
     parts = text[len(TAG_PREFIX):].split(":")
-    if len(parts) != 2 or not all(parts) or not all(c in "0123456789abcdef" for c in "".join(parts)):
-        raise ValueError(f"malformed {ALGORITHM} entry {text!r}: expected {TAG_PREFIX}<fingerprint>:<hex pseudonym>")
+    if (len(parts) != 2 or len(parts[0]) != 16 or not 16 <= len(parts[1]) <= 64
+            or not all(c in "0123456789abcdef" for c in "".join(parts))):
+        raise ValueError(f"malformed {ALGORITHM} entry: expected {TAG_PREFIX}<16 hex digits of key fingerprint>:"
+                         "<16 to 64 hex digits of pseudonym>")
     return parts[0], parts[1]
 
 

@@ -177,21 +177,23 @@ def _manifest_on_disk(path: Path) -> dict | None:
         return None
 
 
-def bundle_loader(path: str | os.PathLike, attempts: int = 3, **load_kwargs) -> Callable[[], Recommender]:
-    """A function that loads and verifies the bundle at ``path`` (``Recommender.load(path, **load_kwargs)``).
+def bundle_loader(path: str | os.PathLike, attempts: int = 3, **load_kwargs) -> Callable[..., Recommender]:
+    """A function that loads and verifies the bundle at ``path`` (``Recommender.load(path, **load_kwargs)``),
+    or, called with a path, the bundle there with the same settings (erasure checks its new bundle so).
 
     A new bundle may be published at ``path`` (an export, an erasure, a re-pointed symlink) while it
     is being read; then the files read could come from two bundles. The load is accepted only if the
     manifest at ``path`` afterwards is the one it loaded, and is retried otherwise.
     """
-    path = Path(path)
+    served = Path(path)
 
-    def load() -> Recommender:
+    def load(at: str | os.PathLike | None = None) -> Recommender:
+        where = served if at is None else Path(at)
         for _ in range(attempts):
-            rec = Recommender.load(path, **load_kwargs)
-            if _manifest_on_disk(path) == rec.manifest:
+            rec = Recommender.load(where, **load_kwargs)
+            if _manifest_on_disk(where) == rec.manifest:
                 return rec
-        raise BundleError(f"{path}: a new bundle was published there during each of {attempts} loads; reload again")
+        raise BundleError(f"{where}: a new bundle was published there during each of {attempts} loads; reload again")
 
     return load
 
@@ -325,19 +327,31 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     @app.post("/erase", dependencies=guarded)
     def erase(request: Request, body: ErasureRequest) -> dict:
         """Forget users: remove them from the bundle, add them to the erasure list, audit it, and serve
-        the new bundle. Needs the bearer token; answers counts and paths, never the ids."""
+        the new bundle. Needs the bearer token; answers counts and paths, never the ids.
+
+        All or nothing: a malformed id is a 422, a bundle, erasure list, audit log or folder that
+        cannot be used a 409 (``error`` says which), and then nothing was changed and the bundle
+        served is the one on disk. Once the erasure is recorded, the users are never served again."""
         if token is None:
             raise HTTPException(403, "erasure needs an authenticated server: start serve.py with token=... "
                                      "(or $DMP_SERVE_TOKEN)")
         if eraser is None:
             raise HTTPException(409, "erasure is not available on this server (no bundle directory to rewrite)")
+        from dmp_dl.privacy.erasure import ErasureError
+
         ids = bounded(body.user_ids, "user_ids")
         with request.app.state.swap_lock:  # not interleaved with a reload
             try:
                 summary, fresh = eraser.forget(ids)
-            except DmpError as exc:  # no secret, a wrong key, a damaged bundle: nothing was served from it yet
-                raise HTTPException(409, str(exc)) from None
-            request.app.state.recommender = fresh
+            except ErasureError as exc:
+                if exc.fresh is not None:  # recorded, but the bundle was not replaced: serve it without them anyway
+                    request.app.state.recommender = exc.fresh
+                log.warning("erasure refused (%s): %s", exc.code, exc)
+                return JSONResponse({"detail": str(exc), "error": exc.code}, exc.status)
+            except DmpError as exc:
+                return JSONResponse({"detail": str(exc), "error": "erasure_failed"}, 409)
+            if fresh is not None:
+                request.app.state.recommender = fresh
         return summary
 
     return app
@@ -347,8 +361,11 @@ def serve(cfg) -> None:
     """Load ``cfg.artifacts`` and serve it with uvicorn (``conf/serve.yaml``)."""
     import uvicorn
 
+    from dmp_dl.bundle import remove_stale_temporaries
+
     token = cfg.get("token") or os.environ.get(cfg.get("token_env") or "", "") or None
     threads = int(cfg.faiss_threads) if cfg.get("faiss_threads") else None
+    remove_stale_temporaries(cfg.artifacts)  # what a killed export or erasure left beside the bundle
     load = bundle_loader(cfg.artifacts, max_k=int(cfg.max_k), search_params=cfg.get("search_params"))
     rec = load()
     info = rec.info()

@@ -346,7 +346,7 @@ def test_erase_endpoint_needs_a_token_and_then_forgets(erased, tmp_path):
 
     bundle = Path(shutil.copytree(erased["before"], tmp_path / "artifacts"))
     settings = {"pseudonymizer": key(), "erasure_list": tmp_path / "list.txt", "audit_log": tmp_path / "audit.jsonl"}
-    eraser = ErasureService(bundle, lambda: Recommender.load(bundle, pseudonymizer=key()), **settings)
+    eraser = ErasureService(bundle, lambda path: Recommender.load(path, pseudonymizer=key()), **settings)
     rec = Recommender.load(bundle, pseudonymizer=key())
     open_app = TestClient(create_app(rec, eraser=eraser))
     r = open_app.post("/erase", json={"user_ids": ["u000042"]})
@@ -363,7 +363,7 @@ def test_erase_endpoint_needs_a_token_and_then_forgets(erased, tmp_path):
     r = client.post("/lookalike", json={"seed_user_ids": ["u000043"], "k": 1000}, headers=auth)
     assert r.status_code == 200 and key().one("u000042") not in {u["user_id"] for u in r.json()["users"]}
     assert client.post("/propensity", json={"user_ids": ["u000042"]}, headers=auth).status_code == 404
-    no_key = ErasureService(bundle, lambda: rec, pseudonymizer=key(OTHER_SECRET), **{k: v for k, v in settings.items() if k != "pseudonymizer"})
+    no_key = ErasureService(bundle, lambda path: rec, pseudonymizer=key(OTHER_SECRET), **{k: v for k, v in settings.items() if k != "pseudonymizer"})
     r = TestClient(create_app(rec, token="s3cret", eraser=no_key)).post("/erase", json={"user_ids": ["u000043"]}, headers=auth)
     assert r.status_code == 409 and "fingerprint" in r.json()["detail"]
 

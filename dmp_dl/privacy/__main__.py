@@ -1,7 +1,8 @@
 """``python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE`` (config: ``conf/privacy_cli.yaml``).
 
-Prints a JSON summary (counts and paths, never an id) and exits 0; a bad bundle, file or key is
-one line on stderr and exit status 2.
+Prints a JSON summary (counts and paths, never an id) and exits 0; a bad bundle, id, file, path or
+key is one line on stderr and exit status 2, and then nothing was changed (see
+:mod:`dmp_dl.privacy.erasure`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from dmp_dl.cli import report_errors
 from dmp_dl.errors import DataError
 
 COMMANDS = ("forget",)
-USAGE = "usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [erasure_list=FILE] [audit_log=FILE]"
+USAGE = ("usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [erasure_list=FILE] [audit_log=FILE] "
+         "[secret_env=NAME] [secret_file=FILE]")
 
 
 def read_user_ids(path: str | Path) -> list[str]:
     """Non-blank lines of ``path`` (one user id each; ``#`` starts a comment line)."""
+    import stat
+
     path = Path(path)
     try:
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang the read
+            raise DataError(f"user_ids: {path} is not a regular file; give a text file with one user id per line")
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"user_ids: cannot read {path} ({exc}); give a text file with one user id per line") from None
@@ -34,11 +40,16 @@ def read_user_ids(path: str | Path) -> list[str]:
 
 
 def forget(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    from dmp_dl.errors import ConfigError
     from dmp_dl.privacy.erasure import forget_users
 
-    return forget_users(cfg.artifacts, read_user_ids(cfg.user_ids), erasure_list=cfg.get("erasure_list"),
-                        audit_log=cfg.get("audit_log"), secret_env=cfg.get("secret_env"),
-                        secret_file=cfg.get("secret_file"))
+    for name in ("artifacts", "user_ids"):
+        if OmegaConf.is_missing(cfg, name) or not cfg.get(name):
+            raise ConfigError(f"{name} is required; {USAGE}")
+    opt = {k: None if cfg.get(k) is None else str(cfg.get(k)) for k in ("erasure_list", "audit_log", "secret_env", "secret_file")}
+    return forget_users(str(cfg.artifacts), read_user_ids(str(cfg.user_ids)), **opt)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="privacy_cli")

@@ -1,14 +1,30 @@
 """The right to be forgotten: removing users from a bundle, the erasure list and the audit log.
 
-``forget_users(bundle, raw_ids)`` (the ``forget`` command and the HTTP endpoint):
+``forget_users(bundle, ids)`` (the ``forget`` command and ``POST /erase``) is one transaction:
 
-1. appends the users' keyed hashes to the erasure list, so that every later training run drops
-   their events (done first: if anything after it fails, the next run still forgets them);
-2. rewrites the bundle without them (:func:`erase_rows`): a new bundle is built with
-   :class:`~dmp_dl.bundle.BundleWriter` from the old one's files minus the users' rows, checksums
-   and manifest updated, and published with a rename, so readers see the old or the new bundle;
-3. appends one audit entry per user: the keyed hash (never the raw id), the time, and what was
-   removed from which file.
+1. **check everything first**: the bundle (manifest digest and schema, every checksum), the ids
+   (a malformed keyed hash, an empty id, a hash of another key), the erasure list (readable, well
+   formed, entries of the same key), the audit log and the folders the job writes to (existing,
+   writable, regular files, not folders or FIFOs), and the secret where one is needed;
+2. **build the new bundle** beside the old one without the users' rows (:func:`stage_erasure`) and
+   load all of it (a :class:`~dmp_dl.recommender.Recommender`), so that a bundle that would not
+   load is never published;
+3. **record**: append the users' entries to the erasure list and one audit line per user;
+4. **swap** the new bundle in (an atomic exchange of folders).
+
+A failure in 1-2 changes nothing. A failure in 3-4 puts the erasure list and audit log back as
+they were, so nothing has changed either; only if that too fails (the disk gave out in between)
+does the error say that the list and log are ahead of the bundle (run ``forget`` again: it is
+idempotent). Every failure is one :class:`ErasureError` line with a short ``code``.
+
+A ``bundle`` path that is a symlink (``bundle -> runs/r1/artifacts``) is resolved: the real
+folder is rewritten and the link keeps pointing at it.
+
+The erasure list never holds a raw id. For a bundle whose ids are pseudonymised, entries are keyed
+hashes ``hmac-sha256:<key fingerprint>:<pseudonym>`` (the run's secret). For a bundle of raw ids
+they are salted hashes ``salted-sha256:<salt>:<hash>`` (see :mod:`dmp_dl.privacy.erasure_list`),
+which any later run applies without a secret, unless ``forget`` is given a secret
+(``secret_env``/``secret_file``), then keyed hashes.
 
 Removed: the id from ``users.json`` (the vocabulary is re-indexed), the user's row of
 ``user_vectors.npy``, their vector from ``user_index.faiss`` (rebuilt), their row of the seen-items
@@ -23,7 +39,7 @@ weights, the item vectors and index, item popularity counts. Model weights may c
 influence until the next training run, which the erasure list keeps them out of; for a bound on
 that influence, train with ``privacy.dp.enabled=true``. Nor the training run's own directory: its
 ``checkpoints/`` hold the per-user id embedding (delete them once the run is done; they only serve
-to resume it).
+to resume it). Nor other copies of the bundle (older runs, backups).
 """
 
 from __future__ import annotations
@@ -33,8 +49,13 @@ import datetime as dt
 import fcntl
 import json
 import logging
+import os
 import shutil
-from collections.abc import Iterable
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +66,11 @@ from dmp_dl import bundle as layout
 from dmp_dl.bundle import Bundle, BundleWriter
 from dmp_dl.data.schema import normalize_ids
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, ConfigError
-from dmp_dl.io import atomic_write_text
-from dmp_dl.privacy.erasure_list import append_to_erasure_list
-from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag
+from dmp_dl.errors import BundleError, DmpError
+from dmp_dl.io import atomic_write_bytes
+from dmp_dl.manifest import DIGEST_KEY, part_entries
+from dmp_dl.privacy.erasure_list import SALTED_PREFIX, SaltedHash, append_to_erasure_list, read_erasure_list
+from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag, recorded_privacy
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +82,31 @@ NETWORK_USER_ROWS = {
 PROPENSITY_SPEC, PROPENSITY_WEIGHTS, PROPENSITY_SCORES = "propensity/propensity.json", "propensity/weights.pt", "propensity/known_scores.npy"
 WEIGHTS_NOTE = ("the removed rows are gone; shared model weights (towers, item vectors) may still carry the user's "
                 "influence until the next training run, which drops the user via the erasure list")
-_MANIFEST_OWN = ("format", "format_version", "created_at", "packages", "files")
+_MANIFEST_OWN = ("format", "format_version", "created_at", "packages", "files", DIGEST_KEY)
+CLI_KEYS = ("secret_env", "secret_file")
+
+
+class ErasureError(DmpError):
+    """An erasure that did not happen, with a short ``code`` and the HTTP ``status`` to answer.
+
+    code: ``invalid_user_id`` (422), ``bad_bundle``, ``bad_erasure_list``, ``not_writable``,
+    ``no_secret``, ``erasure_failed`` (409). recorded: True only when the erasure list and audit
+    log hold the erasure but the bundle was not replaced (the message says so).
+    """
+
+    def __init__(self, message: str, code: str, status: int = 409, recorded: bool = False):
+        super().__init__(message)
+        self.code, self.status, self.recorded = code, status, recorded
+        self.fresh = None  # ErasureService: the Recommender without the users, when recorded
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 # -- rewriting a bundle --------------------------------------------------------------------------
@@ -83,15 +125,12 @@ def _drop_state_rows(state: dict, keys: Iterable[str], keep_ext: np.ndarray, n_u
 
 
 def _user_aligned_files(bundle: Bundle) -> dict[str, str]:
-    """Bundle file -> manifest entry name, for every entry's ``user_aligned`` list (paths inside the
-    bundle, or inside the part's folder)."""
-    manifest = bundle.manifest
-    files = manifest["files"]
+    """Bundle file -> manifest entry name, for every part entry's ``user_aligned`` list (paths
+    inside the bundle, or inside the part's folder; the manifest schema checked they exist)."""
+    files = bundle.manifest["files"]
     out = {}
-    for name, entry in manifest.items():
-        if not isinstance(entry, dict) or not entry.get("user_aligned"):
-            continue
-        for f in entry["user_aligned"]:
+    for name, entry in part_entries(bundle.manifest).items():
+        for f in entry.get("user_aligned") or []:
             path = f if f in files else f"{name}/{f}"
             if path not in files:
                 raise BundleError(f"{bundle.root / layout.MANIFEST}: part {name!r} lists user_aligned file {f!r}, "
@@ -100,12 +139,20 @@ def _user_aligned_files(bundle: Bundle) -> dict[str, str]:
     return out
 
 
-def erase_rows(bundle: Bundle, rows: np.ndarray, erasure: dict | None = None) -> dict[str, Any]:
-    """Rewrite ``bundle`` in place (atomically) without the users at vocabulary ``rows``.
+def _spec_dict(bundle: Bundle, name: str) -> dict:
+    spec = bundle.json(name)
+    if not isinstance(spec, dict):
+        raise BundleError(f"{bundle.root / name}: not a JSON object")
+    return spec
+
+
+def stage_erasure(bundle: Bundle, rows: np.ndarray, w: BundleWriter, erasure: dict | None = None) -> dict[str, Any]:
+    """Write ``bundle`` without the users at vocabulary ``rows`` into writer ``w`` and seal it
+    (``w.root`` is then the complete new bundle; publishing it is the caller's).
 
     erasure: an entry appended to the manifest's ``privacy.erasures`` (time, counts).
     Returns ``{"removed": {file: what}, "seen_items": (len(rows),) seen counts, "users_before",
-    "users_after"}``. No-op (nothing rewritten) when ``rows`` is empty.
+    "users_after"}``.
     """
     from dmp_dl.index import IndexOptions, build_and_measure
 
@@ -115,228 +162,482 @@ def erase_rows(bundle: Bundle, rows: np.ndarray, erasure: dict | None = None) ->
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise ValueError(f"user rows out of range 0..{n - 1}")
     indptr, seen_items = bundle.array(layout.SEEN_INDPTR), bundle.array(layout.SEEN_ITEMS)
+    if indptr.shape != (n + 1,):
+        raise BundleError(f"{bundle.root / layout.SEEN_INDPTR}: {indptr.shape[0]} offsets for {n} users")
     seen_counts = (indptr[rows + 1] - indptr[rows]).astype(np.int64)
-    result: dict[str, Any] = {"removed": {}, "seen_items": seen_counts, "users_before": n, "users_after": n - len(rows)}
-    if not len(rows):
-        return result
     keep = np.setdiff1d(np.arange(n, dtype=np.int64), rows)
     keep_ext = np.r_[keep, n]
     manifest = bundle.manifest
     removed: dict[str, str] = {}
-    with BundleWriter(bundle.root) as w:
-        written = set()
+    written = set()
 
-        def done(name: str, what: str) -> None:
-            written.add(name)
-            removed[name] = what
+    def done(name: str, what: str) -> None:
+        written.add(name)
+        removed[name] = what
 
-        IdVocab(vocab.ids[keep], vocab.kind).save(w.path(layout.USER_VOCAB))
-        done(layout.USER_VOCAB, "id")
-        users = np.ascontiguousarray(bundle.array(layout.USER_VECTORS)[keep])
-        w.save_array(layout.USER_VECTORS, users)
-        done(layout.USER_VECTORS, "vector row")
-        n_items = len(IdVocab.load(bundle.file(layout.ITEM_VOCAB)))
-        seen = sp.csr_matrix((np.ones(len(seen_items), np.float32), seen_items, indptr), shape=(n, n_items))[keep]
-        w.save_array(layout.SEEN_INDPTR, seen.indptr.astype(np.int64))
-        w.save_array(layout.SEEN_ITEMS, seen.indices.astype(np.int32))
-        done(layout.SEEN_INDPTR, "seen-items row")
-        done(layout.SEEN_ITEMS, "seen items")
-        options = IndexOptions(**manifest.get("index_options", {}))
-        user_index, user_info = build_and_measure(users, users, options, "user")
-        w.save_index(layout.USER_INDEX, user_index)
-        done(layout.USER_INDEX, "vector (index rebuilt)")
+    IdVocab(vocab.ids[keep], vocab.kind).save(w.path(layout.USER_VOCAB))
+    done(layout.USER_VOCAB, "id")
+    users = np.ascontiguousarray(bundle.array(layout.USER_VECTORS)[keep])
+    w.save_array(layout.USER_VECTORS, users)
+    done(layout.USER_VECTORS, "vector row")
+    n_items = len(IdVocab.load(bundle.file(layout.ITEM_VOCAB)))
+    seen = sp.csr_matrix((np.ones(len(seen_items), np.float32), seen_items, indptr), shape=(n, n_items))[keep]
+    w.save_array(layout.SEEN_INDPTR, seen.indptr.astype(np.int64))
+    w.save_array(layout.SEEN_ITEMS, seen.indices.astype(np.int32))
+    done(layout.SEEN_INDPTR, "seen-items row")
+    done(layout.SEEN_ITEMS, "seen items")
+    options = IndexOptions(**(manifest.get("index_options") or {}))
+    user_index, user_info = build_and_measure(users, users, options, "user")
+    w.save_index(layout.USER_INDEX, user_index)
+    done(layout.USER_INDEX, "vector (index rebuilt)")
 
-        if bundle.has(layout.NETWORK_WEIGHTS):
-            spec = bundle.json(layout.NETWORK_SPEC)
-            state = bundle.torch_state(layout.NETWORK_WEIGHTS)
-            keys = _drop_state_rows(state, NETWORK_USER_ROWS.get(spec.get("class"), ()), keep_ext, n,
-                                    bundle.root / layout.NETWORK_WEIGHTS)
-            spec["n_users"] = len(keep)
-            w.save_torch(layout.NETWORK_WEIGHTS, state)
-            w.save_json(layout.NETWORK_SPEC, spec)
-            done(layout.NETWORK_WEIGHTS, "rows of " + ", ".join(keys) if keys else "no per-user rows")
-            written.add(layout.NETWORK_SPEC)
+    if bundle.has(layout.NETWORK_WEIGHTS):
+        spec = _spec_dict(bundle, layout.NETWORK_SPEC)
+        state = bundle.torch_state(layout.NETWORK_WEIGHTS)
+        keys = _drop_state_rows(state, NETWORK_USER_ROWS.get(spec.get("class"), ()), keep_ext, n,
+                                bundle.root / layout.NETWORK_WEIGHTS)
+        spec["n_users"] = len(keep)
+        w.save_torch(layout.NETWORK_WEIGHTS, state)
+        w.save_json(layout.NETWORK_SPEC, spec)
+        done(layout.NETWORK_WEIGHTS, "rows of " + ", ".join(keys) if keys else "no per-user rows")
+        written.add(layout.NETWORK_SPEC)
 
-        if bundle.has(PROPENSITY_SCORES):
-            scores = bundle.array(PROPENSITY_SCORES)
-            if scores.shape[0] != n:
-                raise BundleError(f"{bundle.root / PROPENSITY_SCORES}: {scores.shape[0]} scores for {n} users")
-            w.save_array(PROPENSITY_SCORES, scores[keep])
-            done(PROPENSITY_SCORES, "score")
-            spec = bundle.json(PROPENSITY_SPEC)
-            spec["n_users"] = len(keep)
-            encoder = spec.get("encoder")
-            if encoder and bundle.has(PROPENSITY_WEIGHTS):
-                state = bundle.torch_state(PROPENSITY_WEIGHTS)
-                names = [f"encoder.{k}" for k in NETWORK_USER_ROWS.get(encoder.get("class"), ())]
-                keys = _drop_state_rows(state, names, keep_ext, int(encoder["n_users"]), bundle.root / PROPENSITY_WEIGHTS)
-                encoder["n_users"] = len(keep)
-                w.save_torch(PROPENSITY_WEIGHTS, state)
-                done(PROPENSITY_WEIGHTS, "rows of " + ", ".join(keys) if keys else "no per-user rows")
-            w.path(PROPENSITY_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
-            written.add(PROPENSITY_SPEC)
+    if bundle.has(PROPENSITY_SCORES):
+        scores = bundle.array(PROPENSITY_SCORES)
+        if scores.shape[:1] != (n,):
+            raise BundleError(f"{bundle.root / PROPENSITY_SCORES}: {scores.shape[0] if scores.ndim else 0} scores for {n} users")
+        w.save_array(PROPENSITY_SCORES, scores[keep])
+        done(PROPENSITY_SCORES, "score")
+        spec = _spec_dict(bundle, PROPENSITY_SPEC)
+        spec["n_users"] = len(keep)
+        encoder = spec.get("encoder")
+        if isinstance(encoder, dict) and bundle.has(PROPENSITY_WEIGHTS):
+            state = bundle.torch_state(PROPENSITY_WEIGHTS)
+            names = [f"encoder.{k}" for k in NETWORK_USER_ROWS.get(encoder.get("class"), ())]
+            try:
+                encoder_users = int(encoder["n_users"])
+            except (KeyError, TypeError, ValueError):
+                raise BundleError(f"{bundle.root / PROPENSITY_SPEC}: encoder.n_users missing or not a number") from None
+            keys = _drop_state_rows(state, names, keep_ext, encoder_users, bundle.root / PROPENSITY_WEIGHTS)
+            encoder["n_users"] = len(keep)
+            w.save_torch(PROPENSITY_WEIGHTS, state)
+            done(PROPENSITY_WEIGHTS, "rows of " + ", ".join(keys) if keys else "no per-user rows")
+        w.path(PROPENSITY_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        written.add(PROPENSITY_SPEC)
 
-        for name, part in _user_aligned_files(bundle).items():
-            path = bundle.root / name
-            if name.endswith(".npy"):
-                array = bundle.array(name)
-                if array.shape[:1] != (n,):
-                    raise BundleError(f"{path}: part {part!r} declares it user-aligned but it has shape {array.shape} for {n} users")
-                w.save_array(name, array[keep])
-            elif name.endswith(".json"):
-                values = bundle.json(name)
-                if not isinstance(values, list) or len(values) != n:
-                    raise BundleError(f"{path}: part {part!r} declares it user-aligned but it is not a list of {n} entries")
-                w.save_json(name, [values[i] for i in keep.tolist()])
-            elif name.endswith(".parquet"):
-                import pandas as pd
+    for name, part in _user_aligned_files(bundle).items():
+        path = bundle.root / name
+        if name.endswith(".npy"):
+            array = bundle.array(name)
+            if array.shape[:1] != (n,):
+                raise BundleError(f"{path}: part {part!r} declares it user-aligned but it has shape {array.shape} for {n} users")
+            w.save_array(name, array[keep])
+        elif name.endswith(".json"):
+            values = bundle.json(name)
+            if not isinstance(values, list) or len(values) != n:
+                raise BundleError(f"{path}: part {part!r} declares it user-aligned but it is not a list of {n} entries")
+            w.save_json(name, [values[i] for i in keep.tolist()])
+        elif name.endswith(".parquet"):
+            import pandas as pd
 
+            try:
                 table = pd.read_parquet(bundle.file(name))
-                if len(table) != n:
-                    raise BundleError(f"{path}: part {part!r} declares it user-aligned but it has {len(table)} rows for {n} users")
-                table.iloc[keep].reset_index(drop=True).to_parquet(w.path(name), index=False)
-            else:
-                raise BundleError(f"{path}: cannot remove user rows from this file type (user-aligned files must be "
-                                  ".npy, a JSON list or .parquet, one row per user in vocabulary order)")
-            done(name, "row")
+            except (OSError, ValueError) as exc:
+                raise BundleError(f"{path}: not a readable Parquet table ({_one_line(exc)})") from None
+            if len(table) != n:
+                raise BundleError(f"{path}: part {part!r} declares it user-aligned but it has {len(table)} rows for {n} users")
+            table.iloc[keep].reset_index(drop=True).to_parquet(w.path(name), index=False)
+        else:
+            raise BundleError(f"{path}: cannot remove user rows from this file type (user-aligned files must be "
+                              ".npy, a JSON list or .parquet, one row per user in vocabulary order)")
+        done(name, "row")
 
-        for name in manifest["files"]:
-            if name not in written:
-                shutil.copyfile(bundle.root / name, w.path(name))
+    for name in manifest["files"]:
+        if name not in written:
+            shutil.copyfile(bundle.root / name, w.path(name))
 
-        content = {k: v for k, v in manifest.items() if k not in _MANIFEST_OWN}
-        content["counts"] = {**content.get("counts", {}), "users": int(len(keep)), "seen_pairs": int(seen.nnz)}
-        indexes = dict(content.get("indexes", {}))
-        indexes["users"] = {"file": layout.USER_INDEX, **user_info}
-        content["indexes"] = indexes
-        privacy = dict(content.get("privacy") or {"pseudonymized": False})
-        privacy["erasures"] = [*privacy.get("erasures", []), {**(erasure or {"time": _now()}), "users_removed": int(len(rows))}]
-        content["privacy"] = privacy
-        content.setdefault("trained_at", manifest.get("created_at"))
-        w.commit(content)
-    result["removed"] = removed
+    content = {k: v for k, v in manifest.items() if k not in _MANIFEST_OWN}
+    content["counts"] = {**(content.get("counts") or {}), "users": int(len(keep)), "seen_pairs": int(seen.nnz)}
+    indexes = dict(content.get("indexes") or {})
+    indexes["users"] = {"file": layout.USER_INDEX, **user_info}
+    content["indexes"] = indexes
+    privacy = dict(content.get("privacy") or {"pseudonymized": False})
+    privacy["erasures"] = [*privacy.get("erasures", []), {**(erasure or {"time": _now()}), "users_removed": int(len(rows))}]
+    content["privacy"] = privacy
+    content.setdefault("trained_at", manifest.get("created_at"))
+    w.seal(content)
+    return {"removed": removed, "seen_items": seen_counts, "users_before": n, "users_after": n - len(rows)}
+
+
+def erase_rows(bundle: Bundle, rows: np.ndarray, erasure: dict | None = None) -> dict[str, Any]:
+    """Rewrite ``bundle`` in place (atomically) without the users at vocabulary ``rows``; no
+    erasure list, no audit (that is :func:`forget_users`). No-op when ``rows`` is empty.
+    Returns what :func:`stage_erasure` returns."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        indptr = bundle.array(layout.SEEN_INDPTR)
+        n = len(indptr) - 1
+        return {"removed": {}, "seen_items": np.zeros(0, np.int64), "users_before": n, "users_after": n}
+    with BundleWriter(bundle.root) as w:
+        result = stage_erasure(bundle, rows, w, erasure)
+        w.publish()
     return result
 
 
-# -- the whole job -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _exclusive(path: Path):
-    """One erasure at a time per erasure list (an advisory lock beside it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+# -- what the job needs: ids, keys, paths --------------------------------------------------------
+@dataclass
+class _Plan:
+    """What one erasure will do, worked out before anything is written."""
+
+    given: Path  # the bundle path as given (may be a symlink)
+    target: Path  # the real bundle folder
+    list_path: Path
+    audit_path: Path
+    pseudonymized: bool
+    key: Pseudonymizer | None  # keyed entries (and pseudonymised bundles)
+    salted: SaltedHash | None  # salted entries (bundles of raw ids without a secret)
+    entries: list[str] = field(default_factory=list)  # the list entry of each requested user
+    lookups: list[str | None] = field(default_factory=list)  # its vocabulary id (None: find by pseudonym)
+    pseudonyms: list[str | None] = field(default_factory=list)  # its pseudonym, when known
+
+
+def _open_bundle(path: Path) -> Bundle:
+    try:
+        return Bundle.open(path)
+    except BundleError as exc:
+        raise ErasureError(f"{exc} (nothing was changed)", "bad_bundle") from None
+    except OSError as exc:
+        raise ErasureError(f"{path}: the bundle cannot be read ({_one_line(exc)}); nothing was changed", "bad_bundle") from None
+
+
+def _keys_from(bundle: Bundle, secret_env, secret_file, pseudonymizer) -> tuple[Pseudonymizer | None, bool]:
+    """(the key, whether the bundle's ids are pseudonyms). A bundle of raw ids gets a key only when
+    one is given (``pseudonymizer``, ``secret_env`` or ``secret_file``)."""
+    recorded = recorded_privacy(bundle.manifest)
+    pseudonymized = bool(recorded.get("pseudonymized"))
+    if pseudonymizer is None and (pseudonymized or secret_env or secret_file):
+        env = secret_env or recorded.get("secret_env") or DEFAULT_SECRET_ENV
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            pseudonymizer = Pseudonymizer.from_env(env, secret_file or (recorded.get("secret_file") if pseudonymized else None),
+                                                   int(recorded.get("id_length") or 32), keys=CLI_KEYS)
+        except DmpError as exc:
+            why = "the bundle's user ids are pseudonymised, so erasing by raw id needs its secret: " if pseudonymized else ""
+            raise ErasureError(f"{why}{exc}", "no_secret") from None
+    if pseudonymized:
+        try:
+            check_key(bundle.manifest, pseudonymizer)
+        except BundleError as exc:
+            raise ErasureError(str(exc).replace("privacy.secret_file", "secret_file=FILE"), "no_secret") from None
+    return pseudonymizer, pseudonymized
 
 
-def _append_audit(path: Path, entries: list[dict]) -> None:
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    if existing and not existing.endswith("\n"):
-        existing += "\n"
-    atomic_write_text(path, existing + "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+def _plan_ids(plan: _Plan, user_ids: Iterable[object]) -> None:
+    """Fill ``plan.entries`` / ``lookups`` / ``pseudonyms`` from the requested ids (normalised like
+    training does; ``hmac-sha256:...`` entries taken as the pseudonyms they name)."""
+    import pandas as pd
 
-
-def settings_from_manifest(bundle: Bundle, erasure_list=None, audit_log=None, secret_env=None, secret_file=None,
-                           pseudonymizer: Pseudonymizer | None = None) -> tuple[Path, Path, Pseudonymizer]:
-    """(erasure list, audit log, key) for erasing from ``bundle``: the given values, else what the
-    training run recorded in the manifest. The key must match a pseudonymised bundle's fingerprint."""
-    recorded = bundle.manifest.get("privacy") or {}
-    erasure_list = erasure_list or recorded.get("erasure_list")
-    audit_log = audit_log or recorded.get("audit_log")
-    if not erasure_list or not audit_log:
-        raise ConfigError(f"{bundle.root}: the bundle records no erasure list / audit log; give erasure_list=FILE and audit_log=FILE")
-    if pseudonymizer is None:
-        pseudonymizer = Pseudonymizer.from_env(secret_env or recorded.get("secret_env") or DEFAULT_SECRET_ENV,
-                                               secret_file or recorded.get("secret_file"),
-                                               int(recorded.get("id_length", 32)))
-    check_key(bundle.manifest, pseudonymizer)
-    return Path(erasure_list), Path(audit_log), pseudonymizer
-
-
-def pseudonyms_of(user_ids: Iterable[object], pseudonymizer: Pseudonymizer) -> list[str]:
-    """Pseudonyms of raw ids (normalised like training does); entries already in the tagged form
-    ``hmac-sha256:<fingerprint>:<pseudonym>`` are taken as they are (their key must match)."""
     raw, tagged = [], []
     for i, value in enumerate(user_ids):
         text = str(value).strip()
-        tag = parse_tag(text)
+        try:
+            tag = parse_tag(text)
+        except ValueError as exc:
+            raise ErasureError(f"user id #{i + 1}: {exc}", "invalid_user_id", 422) from None
+        if tag is None and text.startswith(SALTED_PREFIX):
+            raise ErasureError(f"user id #{i + 1} is a salted-sha256 erasure-list entry, not an id: give the raw id",
+                               "invalid_user_id", 422)
         if tag is None:
             raw.append(text)
-        elif tag[0] != pseudonymizer.fingerprint:
-            raise ConfigError(f"user id #{i + 1} is a keyed hash made with another key (fingerprint {tag[0]}, "
-                              f"configured {pseudonymizer.fingerprint})")
-        else:
-            tagged.append(tag[1])
-    import pandas as pd
-
+            continue
+        if plan.key is None:
+            raise ErasureError(f"user id #{i + 1} is a keyed hash (hmac-sha256); finding it in a bundle of raw ids needs "
+                               "the secret it was made with: give secret_env=NAME or secret_file=FILE", "no_secret")
+        if tag[0] != plan.key.fingerprint:
+            raise ErasureError(f"user id #{i + 1} is a keyed hash made with another key (fingerprint {tag[0]}, "
+                               f"configured {plan.key.fingerprint})", "invalid_user_id", 422)
+        tagged.append(tag[1])
     normalised = normalize_ids(pd.Series(raw, dtype=object)).tolist() if raw else []
     if any(x == "" for x in normalised):
-        raise ConfigError("an empty user id was given to forget; remove the blank entry")
-    return list(dict.fromkeys([*pseudonymizer.many(normalised).tolist(), *tagged]))
+        raise ErasureError("an empty user id was given to forget; remove the blank entry", "invalid_user_id", 422)
+    seen = set()
+    if plan.key is not None:
+        hashed = plan.key.many(normalised).tolist() if normalised else []
+        for raw_id, p in [*zip(normalised, hashed), *((None, p) for p in tagged)]:
+            if p in seen:
+                continue
+            seen.add(p)
+            plan.entries.append(plan.key.tag(p))
+            plan.pseudonyms.append(p)
+            plan.lookups.append(p if plan.pseudonymized else raw_id)
+    else:
+        hashed = plan.salted.many(normalised).tolist() if normalised else []
+        for raw_id, h in zip(normalised, hashed):
+            if h in seen:
+                continue
+            seen.add(h)
+            plan.entries.append(plan.salted.tag(h))
+            plan.pseudonyms.append(None)
+            plan.lookups.append(raw_id)
+    if not plan.entries:
+        raise ErasureError("no user ids given to forget", "invalid_user_id", 422)
+
+
+def _rows_of(plan: _Plan, bundle: Bundle) -> tuple[np.ndarray, int]:
+    """((len(plan.entries),) vocabulary row of each requested user, -1 when not in the bundle;
+    the bundle's user count)."""
+    vocab = IdVocab.load(bundle.file(layout.USER_VOCAB))
+    ids = vocab.ids.tolist()
+    row_of = {k: i for i, k in enumerate(ids)}
+    by_pseudonym = None
+    rows = []
+    for lookup, p in zip(plan.lookups, plan.pseudonyms):
+        if lookup is None:  # a keyed hash given for a bundle of raw ids: hash the vocabulary once
+            if by_pseudonym is None:
+                by_pseudonym = {h: i for i, h in enumerate(plan.key.many(ids).tolist())}
+            rows.append(by_pseudonym.get(p, -1))
+        else:
+            rows.append(row_of.get(lookup, -1))
+    return np.asarray(rows, dtype=np.int64), len(ids)
+
+
+def _check_file_target(path: Path, what: str, key: str) -> None:
+    """Refuse ``path`` unless the job can write it: an existing regular, readable file or a new
+    one, in a folder (existing, or creatable under a writable one) where files can be created."""
+    hint = f"(give {key}=FILE, or privacy.{key} when training)"
+    if path.exists() or path.is_symlink():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise ErasureError(f"{what} {path}: {_one_line(exc)} {hint}; nothing was changed", "not_writable") from None
+        if stat.S_ISDIR(mode):
+            raise ErasureError(f"{what} {path} is a folder {hint}; nothing was changed", "not_writable")
+        if not stat.S_ISREG(mode):
+            raise ErasureError(f"{what} {path} is not a regular file {hint}; nothing was changed", "not_writable")
+        if not os.access(path, os.R_OK):
+            raise ErasureError(f"{what} {path} is not readable; nothing was changed", "not_writable")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ErasureError(f"{what} {path}: {folder} is not a folder {hint}; nothing was changed", "not_writable")
+    if folder != path.parent:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ErasureError(f"{what} {path}: cannot create its folder in {folder} (permission denied); nothing was "
+                               "changed", "not_writable")
+        return
+    try:  # the real test: can a file be created (and renamed over the target) there?
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ErasureError(f"{what} {path}: cannot write in {folder} ({_one_line(exc)}); nothing was changed",
+                           "not_writable") from None
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
+
+
+def _restore(path: Path, before: bytes | None) -> None:
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write_bytes(path, before)
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """One erasure at a time per erasure list: an advisory lock on the list's folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _append_audit(path: Path, existing: bytes | None, entries: list[dict]) -> None:
+    """The audit log (JSON lines) with ``entries`` after its ``existing`` bytes, written atomically."""
+    existing = existing or b""
+    if existing and not existing.endswith(b"\n"):
+        existing += b"\n"
+    atomic_write_bytes(path, existing + "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode("utf-8"))
+
+
+def plan_erasure(artifacts: str | Path, user_ids: Iterable[object], *, erasure_list=None, audit_log=None,
+                 secret_env: str | None = None, secret_file: str | None = None,
+                 pseudonymizer: Pseudonymizer | None = None) -> tuple[_Plan, Bundle]:
+    """Step 1 of :func:`forget_users`: check the bundle, ids, key, list and paths; write nothing."""
+    given = Path(artifacts).absolute()
+    try:
+        target = given.resolve(strict=True)
+    except (OSError, RuntimeError):
+        target = given
+    bundle = _open_bundle(target)
+    recorded = recorded_privacy(bundle.manifest)
+    list_path = erasure_list or recorded.get("erasure_list")
+    audit_path = audit_log or recorded.get("audit_log")
+    if not list_path or not audit_path:
+        raise ErasureError(f"{given}: the bundle records no erasure list / audit log; give erasure_list=FILE and "
+                           "audit_log=FILE", "not_writable")
+    list_path, audit_path = Path(list_path).absolute(), Path(audit_path).absolute()
+    if list_path == audit_path:
+        raise ErasureError(f"erasure_list and audit_log are the same file {list_path}; give two files", "not_writable")
+    key, pseudonymized = _keys_from(bundle, secret_env, secret_file, pseudonymizer)
+    _check_file_target(list_path, "erasure list", "erasure_list")
+    _check_file_target(audit_path, "audit log", "audit_log")
+    try:
+        existing = read_erasure_list(list_path, required=False)
+        if key is not None:
+            existing.check_key(key, how="secret_env=NAME / secret_file=FILE")
+    except DmpError as exc:
+        raise ErasureError(f"{exc}; nothing was changed", "bad_erasure_list") from None
+    plan = _Plan(given, target, list_path, audit_path, pseudonymized, key,
+                 None if key is not None else SaltedHash(existing.salt))
+    _plan_ids(plan, user_ids)
+    _check_writable_bundle(target)
+    return plan, bundle
+
+
+def _check_writable_bundle(target: Path) -> None:
+    folder = target.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ErasureError(f"{target}: its folder {folder} is not writable, so the bundle cannot be replaced; "
+                           "nothing was changed", "not_writable")
+
+
+def _default_verify(plan: _Plan) -> Callable[[Path], Any]:
+    def verify(path: Path):
+        from dmp_dl.recommender import Recommender
+
+        return Recommender.load(path, pseudonymizer=plan.key if plan.pseudonymized else None)
+
+    return verify
 
 
 def forget_users(artifacts: str | Path, user_ids: Iterable[object], *, erasure_list=None, audit_log=None,
                  secret_env: str | None = None, secret_file: str | None = None,
-                 pseudonymizer: Pseudonymizer | None = None) -> dict[str, Any]:
-    """Forget ``user_ids`` (raw external ids, or tagged keyed hashes): erasure list, bundle, audit.
+                 pseudonymizer: Pseudonymizer | None = None,
+                 verify: Callable[[Path], Any] | None = None) -> dict[str, Any]:
+    """Forget ``user_ids`` (raw external ids, or tagged keyed hashes): check, build, record, swap
+    (see the module docstring). Raises :class:`ErasureError`; nothing is changed then unless its
+    ``recorded`` is set.
 
     Paths and the secret default to what the bundle's manifest recorded at training time.
-    Returns a summary without any raw id: ``requested``, ``removed_from_bundle``, ``not_in_bundle``,
-    ``added_to_erasure_list``, ``erasure_list``, ``audit_log``, ``removed`` (file -> what).
+    verify: loads the new bundle's folder before it is published (default:
+    :meth:`~dmp_dl.recommender.Recommender.load`); a failure refuses the erasure. Returns a summary
+    without any raw id: ``requested``, ``removed_from_bundle``, ``not_in_bundle``,
+    ``added_to_erasure_list``, ``erasure_list``, ``audit_log``, ``bundle`` (the real folder),
+    ``removed`` (file -> what), ``users_after``.
     """
-    bundle = Bundle.open(artifacts)
-    list_path, audit_path, key = settings_from_manifest(bundle, erasure_list, audit_log, secret_env, secret_file, pseudonymizer)
-    pseudonyms = pseudonyms_of(user_ids, key)
-    if not pseudonyms:
-        raise ConfigError("no user ids given to forget")
-    with _exclusive(list_path):
-        added = append_to_erasure_list(list_path, [key.tag(p) for p in pseudonyms])
-        bundle = Bundle.open(artifacts)  # again, under the lock: another erasure may have just published
-        vocab = IdVocab.load(bundle.file(layout.USER_VOCAB))
-        pseudonymized = bool((bundle.manifest.get("privacy") or {}).get("pseudonymized"))
-        vocab_keys = vocab.ids if pseudonymized else key.many(vocab.ids)
-        row_of = {k: i for i, k in enumerate(vocab_keys.tolist())}
-        rows = np.asarray([row_of.get(p, -1) for p in pseudonyms], dtype=np.int64)
-        time = _now()
-        result = erase_rows(bundle, rows[rows >= 0], {"time": time, "audit_log": str(audit_path)})
-        seen_by_row = dict(zip(np.unique(rows[rows >= 0]).tolist(), result["seen_items"].tolist()))
+    return _run(artifacts, user_ids, verify, False, erasure_list=erasure_list, audit_log=audit_log,
+                secret_env=secret_env, secret_file=secret_file, pseudonymizer=pseudonymizer)[0]
+
+
+def _run(artifacts, user_ids, verify, load_unchanged: bool, **settings) -> tuple[dict[str, Any], Any]:
+    """(summary, what ``verify`` loaded: the new bundle, or with ``load_unchanged`` the current one
+    when none of the users is in it, else None)."""
+    plan, _ = plan_erasure(artifacts, list(user_ids), **settings)
+    verify = verify or _default_verify(plan)
+    try:
+        with _exclusive(plan.list_path.parent):
+            return _forget_locked(plan, verify, load_unchanged)
+    except ErasureError:
+        raise
+    except (OSError, DmpError, ValueError) as exc:  # before the commit point: nothing changed
+        raise ErasureError(f"erasure failed: {_one_line(exc)}; nothing was changed", "erasure_failed") from None
+
+
+def _forget_locked(plan: _Plan, verify: Callable[[Path], Any], load_unchanged: bool) -> tuple[dict[str, Any], Any]:
+    bundle = _open_bundle(plan.target)  # again, under the lock: another erasure may have just published
+    rows, n_users = _rows_of(plan, bundle)
+    in_bundle = rows[rows >= 0]
+    time = _now()
+    result = {"removed": {}, "seen_items": np.zeros(0, np.int64), "users_after": n_users}
+    writer = loaded = None
+    with contextlib.ExitStack() as stack:
+        if len(in_bundle):
+            writer = stack.enter_context(BundleWriter(plan.target))
+            try:
+                result = stage_erasure(bundle, in_bundle, writer, {"time": time, "audit_log": str(plan.audit_path)})
+            except (DmpError, ValueError) as exc:  # e.g. an index option that no longer fits the data
+                raise ErasureError(f"{_one_line(exc)} (the bundle cannot be rewritten; nothing was changed)",
+                                   "bad_bundle") from None
+        if writer is not None or load_unchanged:
+            try:
+                loaded = verify(writer.root if writer is not None else plan.target)
+            except (DmpError, OSError) as exc:
+                what = "the bundle without these users" if writer is not None else "the bundle"
+                raise ErasureError(f"{what} does not load ({_one_line(exc)}); nothing was changed", "bad_bundle") from None
+
+        # -- the commit point: record, then swap; undo the records if anything fails ------------
+        list_before, audit_before = _read_bytes(plan.list_path), _read_bytes(plan.audit_path)
+        seen_by_row = dict(zip(np.unique(in_bundle).tolist(), result["seen_items"].tolist()))
         entries = []
-        for p, row in zip(pseudonyms, rows.tolist()):
+        for entry, row in zip(plan.entries, rows.tolist()):
             removed = {}
             if row >= 0:
                 removed = dict(result["removed"])
                 removed[layout.SEEN_ITEMS] = f"{seen_by_row[row]} seen items"
-            entries.append({"time": time, "user": key.tag(p), "bundle": str(Path(artifacts).absolute()),
-                            "in_bundle": row >= 0, "removed": removed, "erasure_list": str(list_path),
-                            "note": WEIGHTS_NOTE})
-        _append_audit(audit_path, entries)
-    summary = {"requested": len(pseudonyms), "removed_from_bundle": int((rows >= 0).sum()),
+            audit = {"time": time, "user": entry, "bundle": str(plan.target), "in_bundle": row >= 0,
+                     "removed": removed, "erasure_list": str(plan.list_path), "note": WEIGHTS_NOTE}
+            if plan.given != plan.target:
+                audit["bundle_link"] = str(plan.given)
+            entries.append(audit)
+        try:
+            added = append_to_erasure_list(plan.list_path, plan.entries)
+            _append_audit(plan.audit_path, audit_before, entries)
+            if writer is not None:
+                writer.publish()
+        except Exception as exc:
+            if _undo(plan, list_before, audit_before):
+                raise ErasureError(f"erasure failed: {_one_line(exc)}; the erasure list and audit log were put back, "
+                                   "nothing was changed", "erasure_failed") from None
+            err = ErasureError(f"erasure failed half-way: {_one_line(exc)}; the erasure list {plan.list_path} and audit "
+                               f"log {plan.audit_path} record the users but the bundle {plan.target} was not replaced: "
+                               "run forget again", "erasure_failed", recorded=True)
+            err.fresh = loaded
+            raise err from None
+    summary = {"requested": len(plan.entries), "removed_from_bundle": int((rows >= 0).sum()),
                "not_in_bundle": int((rows < 0).sum()), "added_to_erasure_list": added,
-               "erasure_list": str(list_path), "audit_log": str(audit_path), "removed": result["removed"],
-               "users_after": result["users_after"]}
+               "erasure_list": str(plan.list_path), "audit_log": str(plan.audit_path), "bundle": str(plan.target),
+               "removed": result["removed"], "users_after": int(result["users_after"])}
     log.info("forget: %d users requested, %d removed from %s, %d not in the bundle; erasure list %s, audit %s",
-             summary["requested"], summary["removed_from_bundle"], artifacts, summary["not_in_bundle"], list_path, audit_path)
-    return summary
+             summary["requested"], summary["removed_from_bundle"], plan.target, summary["not_in_bundle"],
+             plan.list_path, plan.audit_path)
+    return summary, loaded
+
+
+def _undo(plan: _Plan, list_before: bytes | None, audit_before: bytes | None) -> bool:
+    """Put the erasure list and audit log back as they were; whether that worked."""
+    ok = True
+    for path, before in ((plan.list_path, list_before), (plan.audit_path, audit_before)):
+        try:
+            _restore(path, before)
+        except OSError as exc:
+            ok = False
+            log.error("could not put %s back after a failed erasure: %s", path, exc)
+    return ok
 
 
 class ErasureService:
-    """Erasure for a running server: :func:`forget_users` on its bundle, then the new bundle loaded.
+    """Erasure for a running server: :func:`forget_users` on its bundle, checked by loading the new
+    bundle the way the server loads bundles, which is then the one to serve.
 
-    artifacts: the served bundle; load: builds a Recommender from it (the server's settings);
-    settings: ``erasure_list``, ``audit_log``, ``secret_env``, ``secret_file``, ``pseudonymizer``
-    for :func:`forget_users` (default: what the manifest recorded).
+    artifacts: the served bundle path; load: ``(path) -> Recommender``, the server's loader (default
+    ``Recommender.load`` with the bundle's key); settings: ``erasure_list``, ``audit_log``,
+    ``secret_env``, ``secret_file``, ``pseudonymizer`` for :func:`forget_users` (default: what the
+    manifest recorded).
     """
 
-    def __init__(self, artifacts: str | Path, load, **settings):
-        import threading
-
+    def __init__(self, artifacts: str | Path, load: Callable[[Path], Any] | None = None, **settings):
         self.artifacts, self.load, self.settings = Path(artifacts), load, settings
         self._lock = threading.Lock()
 
     def forget(self, user_ids: Iterable[object]):
-        """(summary, the reloaded Recommender). One erasure at a time."""
+        """(summary, the Recommender to serve from now on: the bundle without the users, or the
+        bundle now on disk when none of them was in it). One erasure at a time. On an
+        :class:`ErasureError` whose erasure was recorded, ``error.fresh`` is that Recommender."""
         with self._lock:
-            summary = forget_users(self.artifacts, list(user_ids), **self.settings)
-            return summary, self.load()
+            return _run(self.artifacts, list(user_ids), self.load, True, **self.settings)

@@ -8,6 +8,8 @@
 * ``propensity(user_ids)``: how likely each user is to buy (needs a bundle with a propensity model).
 * ``profile(user_id)`` / ``segment(user_id)`` / ``segments()``: interest profiles and segments
   (bundles exported with ``audience.enabled``; :mod:`dmp_dl.audience`).
+* ``uplift(user_ids)``: how much a contact raises each user's chance to convert (bundles with an
+  uplift model, added by ``python -m dmp_dl.audience task=uplift``; :mod:`dmp_dl.campaign`).
 
 Every score is an inner product of vectors, served by the bundle's FAISS indexes. Each single-id
 method has a batch form (``recommend_batch``, ``recommend_for_histories``, ``similar_items_batch``)
@@ -105,6 +107,7 @@ class Recommender:
         self.max_k = int(max_k)
         self.pseudonymizer = pseudonymizer
         self.profiles, self.stored_segments = profiles, segments
+        self.uplift_model = None  # a campaign.bundle.UpliftScorer, when the bundle has one
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -155,10 +158,14 @@ class Recommender:
         from dmp_dl.audience.bundle import load_profiles, load_segments
 
         profiles, segments = load_profiles(b, n_users), load_segments(b, n_users)
-        return cls(user_vocab=user_vocab, item_vocab=item_vocab, user_vectors=users, item_vectors=items,
-                   seen=seen, item_index=indexes["items"], user_index=indexes["users"], network=network,
-                   user_features=user_features, history_len=history_len, propensity=propensity,
-                   manifest=b.manifest, max_k=max_k, pseudonymizer=pseudonymizer, profiles=profiles, segments=segments)
+        rec = cls(user_vocab=user_vocab, item_vocab=item_vocab, user_vectors=users, item_vectors=items,
+                  seen=seen, item_index=indexes["items"], user_index=indexes["users"], network=network,
+                  user_features=user_features, history_len=history_len, propensity=propensity,
+                  manifest=b.manifest, max_k=max_k, pseudonymizer=pseudonymizer, profiles=profiles, segments=segments)
+        from dmp_dl.campaign.bundle import load_uplift
+
+        rec.uplift_model = load_uplift(b, rec)  # reads the inputs above, so checked against them
+        return rec
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -192,6 +199,7 @@ class Recommender:
             "pseudonymized_user_ids": self.pseudonymizer is not None,
             "profiles": self.profiles is not None,
             "segments": self.stored_segments.k if self.stored_segments is not None else None,
+            "uplift": self.uplift_model is not None,
         }
 
     # -- checks --------------------------------------------------------------------------------
@@ -416,6 +424,25 @@ class Recommender:
         if self._propensity is None:
             raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
         return np.asarray(self._propensity.score_known(np.asarray(rows, dtype=np.int64)), dtype=np.float64)
+
+    # -- uplift --------------------------------------------------------------------------------
+    def _uplift_part(self):
+        if self.uplift_model is None:
+            raise MissingPartError("this bundle has no uplift model (train one on a measured campaign: python -m "
+                                   "dmp_dl.audience task=uplift artifacts=DIR assignments=target.csv outcomes=FILE)")
+        return self.uplift_model
+
+    def uplift(self, user_ids: Sequence[object]) -> list[dict]:
+        """For known users (in the order given): ``uplift`` (how much a contact raises the chance to
+        convert: ``p_treated - p_control``), ``p_control`` and ``p_treated`` (calibrated)."""
+        model = self._uplift_part()
+        rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
+        uplift, p_c, p_t = model.score_rows(self, rows)
+        return [{"uplift": float(u), "p_control": float(c), "p_treated": float(t)} for u, c, t in zip(uplift, p_c, p_t)]
+
+    def uplift_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Array form of :meth:`uplift` for user rows (n,): (n,) float64 uplifts in [-1, 1]."""
+        return self._uplift_part().score_rows(self, np.asarray(rows, dtype=np.int64))[0]
 
     # -- profiles and segments -----------------------------------------------------------------
     def _audience_part(self, part, name: str):

@@ -1,9 +1,12 @@
-"""``python -m dmp_dl.audience task=lookalike|segments|target artifacts=DIR ...`` (config:
+"""``python -m dmp_dl.audience task=lookalike|segments|target|measure|uplift ...`` (config:
 ``conf/audience_cli.yaml``).
 
-Writes the audience to ``<output_dir>/<task>.csv`` (or ``.parquet``) and the summary to
-``<task>_summary.json`` (``target`` also writes ``gains.csv``), and prints the summary. A bad
-bundle, file, id or parameter is one line on stderr and exit status 2.
+lookalike, segments, target: write the audience to ``<output_dir>/<task>.csv`` (or ``.parquet``)
+and the summary to ``<task>_summary.json`` (``target`` also writes ``gains.csv``). measure: the
+campaign's lift (``measure_summary.json``, ``measure.md``, ``measure.html``). uplift: an uplift
+model trained on a measured campaign, added to the bundle (``uplift_summary.json``, ``qini.csv``,
+``uplift.md``, ``uplift.html``). Each prints its summary. A bad bundle, file, id or parameter is
+one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from dmp_dl.io import atomic_write_text
 
 log = logging.getLogger("dmp_dl.audience")  # not __main__ under python -m
 
-TASKS = ("lookalike", "segments", "target")
-ALIASES = {"segment": "segments", "targeting": "target"}
+TASKS = ("lookalike", "segments", "target", "measure", "uplift")
+ALIASES = {"segment": "segments", "targeting": "target", "measurement": "measure"}
+USAGE = "python -m dmp_dl.audience task=lookalike|segments|target|measure|uplift artifacts=DIR ..."
 
 
 def _plain(value):
@@ -41,19 +45,37 @@ def run_task(cfg: DictConfig) -> dict:
     from dmp_dl.audience import jobs
     from dmp_dl.recommender import Recommender
 
-    for name in ("task", "artifacts"):
-        if OmegaConf.is_missing(cfg, name):
-            raise ConfigError(f"{name} is required: python -m dmp_dl.audience task=lookalike|segments|target artifacts=DIR ...")
+    if OmegaConf.is_missing(cfg, "task"):
+        raise ConfigError(f"task is required: {USAGE}")
     task = ALIASES.get(str(cfg.task), str(cfg.task))
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    out = Path(cfg.output_dir)
+    if task == "measure":  # needs no bundle; with one, its training run's reading rules and id keys
+        from dmp_dl.campaign.jobs import measure_job
+
+        artifacts = None if OmegaConf.is_missing(cfg, "artifacts") or cfg.artifacts is None else str(cfg.artifacts)
+        return measure_job(_campaign_files(cfg), out, str(cfg.metric), float(cfg.confidence), artifacts)
+    if OmegaConf.is_missing(cfg, "artifacts"):
+        raise ConfigError(f"artifacts is required: {USAGE}")
     fmt = str(cfg.get("format", "csv"))
     if fmt not in jobs.FORMATS:
         raise ConfigError(f"format must be one of {jobs.FORMATS}, got {fmt!r}")
     size = _int(cfg, "size") if task == "lookalike" else 1
+    if task == "target":  # checked before the bundle is read
+        from dmp_dl.campaign.control import check_fraction
+
+        check_fraction(cfg.get("control_frac", 0.0))
+        if str(cfg.get("score", "propensity")) not in jobs.SCORES:
+            raise ConfigError(f"score must be one of {jobs.SCORES}, got {cfg.get('score')!r}")
+    if task == "uplift":
+        options = _uplift_options(cfg)
     # lookalike audiences may be far larger than an API answer
     rec = Recommender.load(cfg.artifacts, max_k=max(size, 1000))
-    out = Path(cfg.output_dir)
+    if task == "uplift":
+        from dmp_dl.campaign.jobs import uplift_job
+
+        return uplift_job(rec, str(cfg.artifacts), _campaign_files(cfg), out, options)
     extra = {}
     if task == "lookalike":
         if (cfg.get("seeds") is None) == (cfg.get("seed_ids") is None):
@@ -71,7 +93,8 @@ def run_task(cfg: DictConfig) -> dict:
     else:
         table, summary, gains = jobs.target_job(
             rec, cfg.get("budget"), _plain(cfg.cost), _plain(cfg.value), _plain(cfg.get("caps")), str(cfg.solver),
-            float(cfg.time_limit), _int(cfg, "gains_points"), seed=int(cfg.seed))
+            float(cfg.time_limit), _int(cfg, "gains_points"), seed=int(cfg.seed), score=str(cfg.score),
+            control_frac=cfg.control_frac, control_seed=None if cfg.control_seed is None else int(cfg.control_seed))
         extra["gains"] = str(jobs.write_table(gains, out / f"gains.{fmt}", fmt))
     summary["files"] = {"audience": str(jobs.write_table(table, out / f"{task}.{fmt}", fmt)), **extra}
     summary_path = out / f"{task}_summary.json"
@@ -81,9 +104,29 @@ def run_task(cfg: DictConfig) -> dict:
     return summary
 
 
+def _campaign_files(cfg: DictConfig):
+    from dmp_dl.campaign.jobs import CampaignFiles
+
+    return CampaignFiles(cfg.get("assignments"), cfg.get("outcomes"), cfg.get("conversion_event"), cfg.get("start"),
+                         cfg.get("window_days"), _plain(cfg.get("outcome_columns")) or {}, str(cfg.get("outcome_sep", "auto")))
+
+
+def _uplift_options(cfg: DictConfig):
+    from dmp_dl.campaign.uplift import UpliftOptions
+
+    given = _plain(cfg.get("uplift")) or {}
+    known = set(UpliftOptions.__dataclass_fields__)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"uplift: unknown key(s) {unknown}; known: {sorted(known)}")
+    return UpliftOptions(**given)
+
+
 def short(summary: dict) -> dict:
-    """The summary to print: segment descriptions cut to size, label and mean propensity (the
-    summary file has them in full)."""
+    """The summary to print: segment descriptions cut to size, label and mean propensity; a
+    measurement without its per-segment and per-decile tables (the summary file has them in full)."""
+    if summary.get("task") in ("measure", "uplift"):
+        return {k: v for k, v in summary.items() if k not in ("by_segment", "by_decile", "overall", "uplift_by_decile")}
     if "segments" not in summary:
         return summary
     keep = ("segment", "size", "label", "mean_propensity")

@@ -191,16 +191,42 @@ def segments_job(rec, k: int | None = None, options: SegmentOptions | None = Non
     return table, summary
 
 
+SCORES = ("propensity", "uplift")
+
+
+def _ranking_scores(rec, score: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(what to rank by (n_users,), the propensity (n_users,) or None) for ``score``."""
+    every = np.arange(rec.n_users)
+    propensity = rec.propensity_rows(every) if rec.has_propensity or score == "propensity" else None
+    if score == "propensity":
+        return propensity, propensity
+    return rec.uplift_rows(every), propensity
+
+
 def target_job(rec, budget: float, cost, value, caps=None, solver: str = "auto", time_limit: float = 60.0,
-               gains_points: int = 20, random_draws: int = 20, seed: int = 0) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+               gains_points: int = 20, random_draws: int = 20, seed: int = 0, score: str = "propensity",
+               control_frac: float = 0.0, control_seed: int | None = None) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """Whom to contact to maximise expected profit Σ p·value − cost within ``budget``.
 
     cost, value: per contact / per conversion, a number or {segment: number}; caps: {segment: most
-    contacts}. Returns the chosen users (``user_id``, ``rank``, ``probability``, ``value``, ``cost``,
-    ``expected_profit``, ``segment`` when the bundle has segments; best first), a summary (expected
-    conversions, cost, profit, the solver's bound, random contact order's profit for the same
-    budget) and the cumulative gains curve over all users.
+    contacts}. score: ``propensity`` (p is the conversion probability) or ``uplift`` (p is the
+    bundle's uplift model's predicted change in it: the profit is the incremental one).
+    control_frac: share of the selected users held out as a control group, stratified by segment
+    and decile of the propensity (:mod:`dmp_dl.campaign.control`), drawn with ``control_seed``
+    (None: a fresh seed, recorded in the summary).
+
+    Returns the chosen users (``user_id``, ``rank``, ``probability`` (score=uplift: ``uplift``
+    first), ``value``, ``cost``, ``expected_profit``, ``segment`` when the bundle has segments,
+    and with a control group ``group`` (treatment / control) and ``decile``; best first), a
+    summary (expected conversions, cost, profit, the solver's bound, random contact order's profit
+    for the same budget; the control group's sizes, seed, strata and balance) and the cumulative
+    gains curve over all users.
     """
+    from dmp_dl.campaign.control import check_fraction, draw_control
+
+    if score not in SCORES:
+        raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
+    control_frac = check_fraction(control_frac)
     if budget is None:
         raise ConfigError("budget is required: the most to spend on contacts, e.g. budget=5000")
     try:
@@ -215,20 +241,62 @@ def target_job(rec, budget: float, cost, value, caps=None, solver: str = "auto",
     c = per_user(_number_or_mapping(cost, "cost"), segments, n, "cost")
     v = per_user(_number_or_mapping(value, "value"), segments, n, "value")
     caps = parse_caps(caps, k)
-    p = rec.propensity_rows(np.arange(n))
-    plan = plan_contacts(p, v, c, budget, groups=segments, caps=caps, solver=solver, time_limit=time_limit)
+    p, propensity = _ranking_scores(rec, score)
+    signed = score == "uplift"
+    plan = plan_contacts(p, v, c, budget, groups=segments, caps=caps, solver=solver, time_limit=time_limit, signed=signed)
     chosen = plan.selected
-    table = pd.DataFrame({"user_id": rec.user_vocab.ids[chosen], "rank": np.arange(1, len(chosen) + 1),
-                          "probability": p[chosen], "value": v[chosen], "cost": c[chosen],
-                          "expected_profit": p[chosen] * v[chosen] - c[chosen]})
+    columns = {"user_id": rec.user_vocab.ids[chosen], "rank": np.arange(1, len(chosen) + 1)}
+    if signed:
+        columns["uplift"] = p[chosen]
+    if propensity is not None:
+        columns["probability"] = propensity[chosen]
+    table = pd.DataFrame({**columns, "value": v[chosen], "cost": c[chosen], "expected_profit": p[chosen] * v[chosen] - c[chosen]})
     if segments is not None:
         table["segment"] = segments[chosen]
-    summary = {"task": "target", **plan.summary(),
+    summary = {"task": "target", "score": score, **plan.summary(),
                "users": n, "users_with_positive_expected_profit": int((p * v - c > 0).sum()),
-               "random_order_expected_profit": random_selection_profit(p, v, c, budget, segments, caps, random_draws, seed)}
+               "random_order_expected_profit": random_selection_profit(p, v, c, budget, segments, caps, random_draws, seed,
+                                                                       signed=signed)}
+    if signed:  # the plan's conversions are the incremental ones
+        summary["expected_incremental_conversions"] = summary.pop("expected_conversions")
+        summary["expected_incremental_revenue"] = summary.pop("expected_revenue")
     if segments is not None:
         summary["contacts_by_segment"] = {str(s): int(m) for s, m in enumerate(np.bincount(segments[chosen], minlength=k))}
+    if control_frac > 0:
+        strata_scores = (propensity if propensity is not None else p)[chosen]
+        hold = draw_control(chosen, strata_scores, control_frac, control_seed,
+                            None if segments is None else segments[chosen])
+        table["group"] = hold.groups
+        table["decile"] = hold.decile
+        summary["control"] = _control_summary(hold, strata_scores, "probability" if propensity is not None else score,
+                                              table, budget, propensity is not None)
     return table, summary, gains_curve(p, v, c, gains_points)
+
+
+def _control_summary(hold, strata_scores: np.ndarray, decile_of: str, table: pd.DataFrame, budget: float,
+                     has_propensity: bool) -> dict:
+    """The holdout's summary plus what the treatment group (the users actually contacted) costs and
+    is expected to bring, and the smallest lift the campaign can show (80 % power, 95 %)."""
+    from dmp_dl.campaign.stats import minimum_detectable_effect
+
+    out = hold.summary(strata_scores)
+    out["decile_of"] = decile_of
+    treated = ~hold.control
+    out["treatment_cost"] = float(table["cost"].to_numpy()[treated].sum())
+    out["budget_unspent"] = float(budget - out["treatment_cost"])
+    out["treatment_expected_profit"] = float(table["expected_profit"].to_numpy()[treated].sum())
+    if has_propensity:
+        base = float(table["probability"].to_numpy()[hold.control].mean()) if hold.control.any() else None
+        mde = None if base is None else float(minimum_detectable_effect(np.sqrt(base * (1 - base)), out["treatment"], out["control"]))
+        out["expected_control_conversion_rate"] = base
+        out["minimum_detectable_lift"] = mde
+        if mde is not None and np.isfinite(mde) and mde > base:
+            log.warning("the control group (%d users) is small: only a lift of %.4f or more in the conversion rate "
+                        "(expected without contact: %.4f) can be told from chance; raise control_frac or the budget",
+                        out["control"], mde, base)
+    log.info("control group: %d of %d selected users held out (seed %d, %d strata)", out["control"],
+             out["control"] + out["treatment"], out["seed"], out["strata"]["count"])
+    return out
 
 
 # -- output --------------------------------------------------------------------------------------

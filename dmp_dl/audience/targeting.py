@@ -98,12 +98,14 @@ def per_user(setting: float | Mapping, groups: np.ndarray | None, n: int, name: 
     return values
 
 
-def _check(probability, value, cost, budget, groups, caps):
+def _check(probability, value, cost, budget, groups, caps, signed: bool = False):
     p = np.asarray(probability, dtype=np.float64)
     v, c = np.broadcast_to(np.asarray(value, np.float64), p.shape), np.broadcast_to(np.asarray(cost, np.float64), p.shape)
     if not np.isfinite(budget) or budget < 0:
         raise ConfigError(f"budget must be a finite number >= 0, got {budget}")
-    if not ((p >= 0) & (p <= 1)).all():
+    if signed and not ((p >= -1) & (p <= 1)).all():
+        raise ConfigError("uplifts must be differences of probabilities, in [-1, 1]")
+    if not signed and not ((p >= 0) & (p <= 1)).all():
         raise ConfigError("propensities must be probabilities in [0, 1]")
     if (c < 0).any() or (v < 0).any() or not (np.isfinite(c).all() and np.isfinite(v).all()):
         raise ConfigError("cost and value must be finite and >= 0")
@@ -163,16 +165,17 @@ def _greedy_fill(chosen: np.ndarray, candidates: np.ndarray, profit: np.ndarray,
 
 def plan_contacts(probability: np.ndarray, value: np.ndarray | float, cost: np.ndarray | float, budget: float,
                   groups: np.ndarray | None = None, caps: Mapping[int, int] | None = None,
-                  solver: str = "auto", time_limit: float = 60.0) -> TargetingPlan:
+                  solver: str = "auto", time_limit: float = 60.0, signed: bool = False) -> TargetingPlan:
     """Choose whom to contact (see the module docstring).
 
-    probability: (n,) conversion probabilities; value, cost: (n,) or scalars per conversion /
-    contact; budget: total spend allowed; groups: (n,) int segment of each user (for caps);
-    caps: segment -> most contacts in it; solver: auto | greedy | lp | milp.
+    probability: (n,) conversion probabilities, or with ``signed`` the uplift (the change in the
+    conversion probability a contact causes, in [-1, 1]); value, cost: (n,) or scalars per
+    conversion / contact; budget: total spend allowed; groups: (n,) int segment of each user (for
+    caps); caps: segment -> most contacts in it; solver: auto | greedy | lp | milp.
     """
     if solver not in SOLVERS:
         raise ConfigError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    p, v, c, cap_of = _check(probability, value, cost, float(budget), groups, caps)
+    p, v, c, cap_of = _check(probability, value, cost, float(budget), groups, caps, signed)
     budget = float(budget)
     profit = p * v - c
     candidates = np.flatnonzero(profit > 0)
@@ -243,10 +246,10 @@ def _solve_lp(profit, c, budget, candidates, groups, cap_of, exact: bool, time_l
 
 
 def random_selection_profit(probability, value, cost, budget: float, groups=None, caps=None, draws: int = 20,
-                            seed: int = 0) -> float:
+                            seed: int = 0, signed: bool = False) -> float:
     """Mean expected profit of contacting users in a random order until the next one would exceed
     the budget (or its segment's cap), over ``draws`` random orders: the no-model baseline."""
-    p, v, c, cap_of = _check(probability, value, cost, float(budget), groups, caps)
+    p, v, c, cap_of = _check(probability, value, cost, float(budget), groups, caps, signed)
     profit = p * v - c
     rng = np.random.default_rng(seed)
     totals = []

@@ -11,8 +11,16 @@ What is planted (and what later stages are expected to recover):
   an event is an add-to-cart or a purchase; some users churn (stop being active). -> past
   purchases, recency and segment predict future purchases.
 
-The truth is kept in ``EventLog.meta`` (``user_segment``, ``user_buy_rate``, ``item_category``) and
-never in the tables, so no model can read it as a feature.
+* With ``campaign_response=true``, how each user responds to a marketing contact (the log itself is
+  unchanged: the responses are drawn from a separate random stream). *Sure things* (the most
+  active buyers) convert whether contacted or not; *persuadables* (active users of a few planted
+  segments) convert far more often when contacted; *lost causes* (everyone else) rarely convert
+  either way. -> propensity finds the sure things, only an uplift model finds the persuadables.
+  :func:`campaign_outcomes` draws a campaign's outcome log from them.
+
+The truth is kept in ``EventLog.meta`` (``user_segment``, ``user_buy_rate``, ``item_category``;
+with ``campaign_response`` also ``user_response``, ``p_control``, ``p_treated``) and never in the
+tables, so no model can read it as a feature.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ from dmp_dl.errors import ConfigError
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 REGIONS = ("north", "south", "east", "west", "central")
+# Campaign response types and their conversion probabilities in a campaign's window:
+# (without contact, with contact).
+RESPONSES = {"sure_thing": (0.40, 0.40), "persuadable": (0.03, 0.25), "lost_cause": (0.01, 0.01)}
+SURE_THING_SHARE = 0.2     # the most active buyers (by planted buy rate) among active users
+PERSUADABLE_SEGMENTS = 2   # planted segments whose active users are persuadable
 
 
 @dataclass
@@ -43,6 +56,7 @@ class SyntheticSource:
     session_stickiness: float = 0.6
     churn_rate: float = 0.35
     seed: int = 0
+    campaign_response: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_items", "n_segments", "n_categories", "days"):
@@ -149,4 +163,57 @@ class SyntheticSource:
             "user_buy_rate": pd.Series(user_buy, index=uid, name="buy_rate"),
             "item_category": pd.Series(item_cat, index=iid, name="category"),
         }
+        if self.campaign_response:
+            meta.update(self._responses(uid, user_seg, user_buy, churned))
         return EventLog(events, users, items, source=f"synthetic(seed={self.seed})", meta=meta)
+
+    def _responses(self, uid, user_seg, user_buy, churned) -> dict[str, pd.Series]:
+        """Planted campaign responses (see the module docstring), from their own random stream."""
+        rng = np.random.default_rng([self.seed, 1])
+        active = ~churned
+        cut = np.quantile(user_buy[active], 1 - SURE_THING_SHARE) if active.any() else np.inf
+        persuadable_segs = rng.choice(self.n_segments, size=min(PERSUADABLE_SEGMENTS, self.n_segments), replace=False)
+        kind = np.full(len(uid), "lost_cause", dtype=object)
+        kind[active & np.isin(user_seg, persuadable_segs)] = "persuadable"
+        kind[active & (user_buy >= cut)] = "sure_thing"
+        base = np.array([RESPONSES[k] for k in kind])
+        # each user's rates scatter around their type's (the ratio of the two stays the type's)
+        scale = rng.lognormal(0.0, 0.25, size=len(uid))
+        p = np.clip(base * scale[:, None], 0.0, 0.95)
+        return {"user_response": pd.Series(kind, index=uid, name="response"),
+                "p_control": pd.Series(p[:, 0], index=uid, name="p_control"),
+                "p_treated": pd.Series(p[:, 1], index=uid, name="p_treated")}
+
+
+def campaign_outcomes(log: EventLog, treated_ids, start: float | None = None, days: float = 14.0, seed: int = 0,
+                      views_per_user: float = 2.0) -> pd.DataFrame:
+    """A campaign's outcome log drawn from the planted responses of ``log`` (generated with
+    ``campaign_response=true``): every user of the log converts in ``[start, start + days]`` with
+    their ``p_treated`` when in ``treated_ids`` and their ``p_control`` otherwise (a purchase with a
+    price as ``value``), and browses meanwhile (``views_per_user`` views on average).
+
+    start: epoch seconds, default one day after the log's last event. Returns the events
+    (``user_id``, ``item_id``, ``timestamp``, ``event_type``, ``value``), sorted by time.
+    """
+    if "p_treated" not in log.meta:
+        raise ConfigError("campaign_outcomes needs a log generated with campaign_response=true")
+    rng = np.random.default_rng([seed, 2])
+    users = log.meta["p_treated"].index.to_numpy()
+    treated = np.isin(users, np.asarray(list(treated_ids), dtype=object))
+    p = np.where(treated, log.meta["p_treated"].to_numpy(), log.meta["p_control"].to_numpy())
+    t0 = float(log.events[TIME].max()) + 86400.0 if start is None else float(start)
+    span = float(days) * 86400.0
+    buyers = users[rng.random(len(users)) < p]
+    n_views = rng.poisson(views_per_user, size=len(users))
+    viewers = np.repeat(users, n_views)
+    items = log.items[ITEM].to_numpy() if log.items is not None else np.array(["i0"], dtype=object)
+    prices = log.items["price"].to_numpy(np.float64) if log.items is not None and "price" in log.items else np.ones(len(items))
+    bought = rng.integers(len(items), size=len(buyers))
+    events = pd.DataFrame({
+        USER: np.r_[buyers, viewers],
+        ITEM: np.r_[items[bought], items[rng.integers(len(items), size=len(viewers))]],
+        TIME: np.floor(t0 + rng.random(len(buyers) + len(viewers)) * span).astype(np.int64),
+        TYPE: np.r_[np.full(len(buyers), "purchase", dtype=object), np.full(len(viewers), "view", dtype=object)],
+        VALUE: np.r_[prices[bought], np.zeros(len(viewers))],
+    })
+    return events.sort_values(TIME, kind="stable").reset_index(drop=True)

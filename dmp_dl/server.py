@@ -105,6 +105,26 @@ class PropensityRequest(StrictBody):
     user_ids: list[Id]
 
 
+class UpliftRequest(StrictBody):
+    user_ids: list[Id] = Field(description="known user ids")
+
+
+class UpliftScore(BaseModel):
+    user_id: str
+    uplift: float = Field(description="how much a contact raises the chance to convert: p_treated - p_control")
+    p_control: float = Field(description="calibrated probability of converting without a contact")
+    p_treated: float = Field(description="calibrated probability of converting when contacted")
+
+
+class UpliftList(BaseModel):
+    users: list[UpliftScore]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    error: str
+
+
 class ErasureRequest(StrictBody):
     user_ids: list[Id] = Field(description="raw user ids to forget (right to be forgotten)")
 
@@ -295,6 +315,19 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         """Purchase propensity of known users, in the order given."""
         ids = bounded(body.user_ids, "user_ids")
         return {"users": [{"user_id": str(u), "score": s} for u, s in zip(ids, current(request).propensity(ids))]}
+
+    @app.post("/uplift", dependencies=guarded, response_model=UpliftList, responses={
+        401: {"model": ErrorBody, "description": "missing or invalid bearer token"},
+        404: {"model": ErrorBody, "description": "an unknown user id"},
+        409: {"model": ErrorBody, "description": "the bundle has no uplift model (train one with task=uplift)"},
+        413: {"model": ErrorBody, "description": "request body too large"},
+        422: {"model": ErrorBody, "description": "invalid request (too many ids, wrong JSON types)"}})
+    def uplift(request: Request, body: UpliftRequest) -> dict:
+        """Uplift of known users, in the order given: how much a contact raises each one's chance to
+        convert, with both calibrated probabilities (a bundle with an uplift model; 409 otherwise)."""
+        ids = bounded(body.user_ids, "user_ids")
+        scores = current(request).uplift(ids)
+        return {"users": [{"user_id": str(u), **s} for u, s in zip(ids, scores)]}
 
     @app.get("/profile", dependencies=guarded, response_model=Profile)
     def profile(request: Request, user_id: str, top: int | None = None) -> dict:

@@ -50,7 +50,8 @@ def bundle(tmp_path_factory) -> Path:
     """A tiny trained run with propensity and segments on the planted log: its bundle directory."""
     out = tmp_path_factory.mktemp("campaign") / "run"
     cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=2", "logger=none", "evaluation.report=null",
-                       "data.source.campaign_response=true", "audience.segments.k=4"], out)
+                       "data.source.campaign_response=true", "audience.segments.k=4", "~propensity.baselines",
+                       "propensity.early_stopping.patience=3"], out)
     return Path(run(cfg)["bundle_dir"])
 
 
@@ -291,9 +292,10 @@ def test_measure_command_line_exit_status_and_one_line(tmp_path):
     (tmp_path / "target.csv").write_text("user_id,group\nu1,treatment\nu2,control\n")
     done = subprocess.run([sys.executable, "-m", "dmp_dl.audience", "task=measure", f"assignments={tmp_path / 'target.csv'}",
                            f"outcomes={tmp_path / 'nope.csv'}", f"output_dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"error: outcome events file not found: {tmp_path / 'nope.csv'} (set outcomes to an existing file)"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: outcome events file not found: {tmp_path / 'nope.csv'} (set outcomes to an existing file)"]
 
 
 # -- the uplift model ----------------------------------------------------------------------------

@@ -124,6 +124,7 @@ def test_control_group_is_stratified_random_and_reproducible():
     summary = hold.summary(scores)
     assert abs(summary["balance"]["standardised_mean_difference"]) < 0.05
     assert summary["treatment"] + summary["control"] == n and summary["seed"] == 7
+    assert summary["strata"]["count"] == 50 and summary["strata"]["largest_gap_users"] < 1
     # reproducible by seed, whatever the order the users come in; another seed draws others
     again = draw_control(rows, scores, 0.1, seed=7, segments=segments)
     np.testing.assert_array_equal(again.control, hold.control)
@@ -256,12 +257,15 @@ def test_measure_recovers_the_planted_lift_and_writes_its_report(learning_campai
 def test_measure_reports_no_lift_when_none_is_planted(learning_campaign, truth, bundle, tmp_path):
     d = learning_campaign["dir"]
     nobody = campaign_outcomes(truth, [], days=14, seed=5)  # treated users respond as if never contacted
-    nobody.to_csv(tmp_path / "outcomes.csv", index=False)
+    odd = nobody.iloc[:1].assign(event_type="refund")  # a type the training run did not accept
+    pd.concat([nobody, odd]).to_csv(tmp_path / "outcomes.csv", index=False)
     summary = run_task(cli_cfg("task=measure", f"assignments={d / 'target.csv'}", f"outcomes={tmp_path / 'outcomes.csv'}",
                                f"output_dir={tmp_path}", f"artifacts={bundle}"))
     assert summary["ci_low"] <= 0 <= summary["ci_high"] and not summary["significant"]
     assert any("minimum" not in w and "detectable" in w for w in summary["warnings"])
     assert summary["minimum_detectable_effect"]["lift"] > abs(summary["lift"])
+    # read with the bundle's training rules: the unknown type is dropped and counted
+    assert summary["outcomes"]["dropped"] == {"unknown_event_type": 1}
 
 
 @pytest.mark.parametrize("assignments, outcomes, extra, kind, message", [
@@ -316,6 +320,12 @@ def test_uplift_targeting_beats_propensity_on_the_planted_log(with_uplift, truth
     assert gained["uplift"] > 2 * gained["propensity"], gained
     assert list(by_uplift.columns[:4]) == ["user_id", "rank", "uplift", "probability"]
     assert s_up["expected_incremental_conversions"] == pytest.approx(by_uplift["uplift"].sum())
+    # every solver, caps and a control group work on uplift too; nobody with an expected incremental loss
+    k = rec.stored_segments.k
+    table, summary, _ = jobs.target_job(rec, 30.0, {s: 0.5 + s for s in range(k)}, 20.0, caps={0: 3}, solver="lp",
+                                        score="uplift", control_frac=0.2, control_seed=1)
+    assert summary["cost"] <= 30 and (table["segment"] == 0).sum() <= 3
+    assert (table["uplift"] * table["value"] > table["cost"]).all() and set(table["group"]) == {"treatment", "control"}
     # the files of the job
     out = with_uplift["out"]
     assert (out / "uplift.html").read_text().count("data:image/png;base64,") == 2

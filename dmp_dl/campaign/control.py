@@ -79,7 +79,8 @@ class Holdout:
 
     def summary(self, scores: np.ndarray) -> dict:
         """Sizes, seed, strata and balance: per group the mean score and the standardised mean
-        difference, the largest gap between a stratum's control share and ``fraction``."""
+        difference; the largest gap, in users, between a stratum's control count and ``fraction``
+        of its size."""
         c = self.control
         sizes = pd.crosstab(self.stratum, c)
         per_stratum = sizes.get(True, pd.Series(0, index=sizes.index))
@@ -101,8 +102,8 @@ class Holdout:
             "control": int(c.sum()),
             "strata": {"by": (["segment"] if (self.segment >= 0).any() else []) + ["propensity_decile"],
                        "count": int(len(totals)),
-                       "largest_control_share_gap": float(np.max(np.abs(per_stratum / totals - self.fraction)))
-                       if len(totals) else 0.0},
+                       # < 1 by construction: no stratum is more than one user off its share
+                       "largest_gap_users": float(np.max(np.abs(per_stratum - self.fraction * totals))) if len(totals) else 0.0},
             "balance": {"mean_score": {TREATMENT: mean_t, CONTROL: mean_c}, "standardised_mean_difference": smd},
             "by_segment": by_segment,
         }

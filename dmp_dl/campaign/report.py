@@ -135,9 +135,11 @@ def _lift_figure(summary: dict, metric: str) -> bytes:
         o = summary["overall"]
         rate = "rate" if metric == "conversion" else "mean"
         for i, group in enumerate(("treatment", "control")):
-            ax.bar(i, o[f"{metric}_{rate}_{group}"] or 0, color=COLOURS[group], width=0.6)
+            value, n = o[f"{metric}_{rate}_{group}"] or 0.0, max(o[group], 1)
+            half = 1.96 * np.sqrt(value * (1 - value) / n) if metric == "conversion" else None
+            ax.bar(i, value, color=COLOURS[group], width=0.6, yerr=half, capsize=4)
         ax.set_xticks([0, 1], ["treatment", "control"])
-        ax.set_title(f"{metric} per user")
+        ax.set_title(f"{metric} per user" + (" (±1.96 SE)" if metric == "conversion" else ""))
         for ax, key in zip(axes[0, 1:], panels):
             rows = summary[key]
             x = np.arange(len(rows))

@@ -27,12 +27,13 @@ from dmp_dl.bundle import Bundle, BundleWriter
 from dmp_dl.campaign.features import UpliftFeatures, uplift_inputs
 from dmp_dl.campaign.net import UpliftNet
 from dmp_dl.errors import BundleError
+from dmp_dl.manifest import DIGEST_KEY
 from dmp_dl.propensity.calibration import Calibrator
 
 PART = "uplift"
 FORMAT, FORMAT_VERSION = "dmp_dl.uplift", 1
 SPEC_FILE, WEIGHTS_FILE = f"{PART}/uplift.json", f"{PART}/weights.pt"
-_MANIFEST_OWN = ("format", "format_version", "created_at", "packages", "files")
+_MANIFEST_OWN = ("format", "format_version", "created_at", "packages", "files", DIGEST_KEY)
 
 
 class UpliftScorer:

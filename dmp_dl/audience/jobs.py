@@ -30,26 +30,35 @@ FORMATS = ("csv", "parquet")
 # -- input ---------------------------------------------------------------------------------------
 
 
-def read_seed_ids(path: str | Path, column: str = "user_id") -> list[str]:
+def _separator(path: Path) -> str:
+    """The separator of a CSV/TSV file from its header line: the first of tab, comma, semicolon and
+    pipe it holds (a one-column file has none; sniffing would take a letter of the header for one)."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        header = fh.readline()
+    return next((sep for sep in ("\t", ",", ";", "|") if sep in header), ",")
+
+
+def read_seed_ids(path: str | Path, column: str = "user_id", what: str = "seeds") -> list[str]:
     """User ids from ``path``: a CSV/TSV/Parquet file with a ``column`` column (or a single column),
-    otherwise a text file with one id per line (blank lines and ``#`` comment lines skipped)."""
+    otherwise a text file with one id per line (blank lines and ``#`` comment lines skipped).
+    ``what``: the config key that named the file, for the error messages."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"seeds: {path} is not a file; give a text file with one user id per line or a CSV with a "
+        raise DataError(f"{what}: {path} is not a file; give a text file with one user id per line or a CSV with a "
                         f"{column!r} column")
     try:
         if path.suffix.lower() in TABLE_SUFFIXES:
             if path.suffix.lower() == ".parquet":
                 table = pd.read_parquet(path)
             else:
-                table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+                table = pd.read_csv(path, sep=_separator(path), dtype=str, keep_default_na=False)
             if column in table.columns:
                 values = table[column]
             elif table.shape[1] == 1:
                 values = table.iloc[:, 0]
             else:
                 raise DataError(f"{path}: no {column!r} column (found {list(table.columns)}); rename the id column "
-                                f"or set seed_column=NAME")
+                                f"or set {'seed' if what == 'seeds' else 'user'}_column=NAME")
             ids = [str(v).strip() for v in values.tolist()]
             blank = [i for i, v in enumerate(ids) if v in ("", "nan", "None")]
             if blank:
@@ -60,7 +69,7 @@ def read_seed_ids(path: str | Path, column: str = "user_id") -> list[str]:
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, ImportError) as exc:
-        raise DataError(f"seeds: cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+        raise DataError(f"{what}: cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                         "give a UTF-8 text file with one user id per line or a CSV/Parquet file with a user_id column") from None
     if not ids:
         raise DataError(f"{path}: no user ids in the file")

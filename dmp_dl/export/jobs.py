@@ -1,0 +1,221 @@
+"""The activation exports, as streams of pyarrow tables over a loaded bundle.
+
+Each task maps a :class:`~dmp_dl.recommender.Recommender` and the user rows to export to a schema
+and an iterator of chunks (``(users done, table)``); :func:`write_export` writes them with a
+:class:`~dmp_dl.export.tables.TableWriter`. Everything goes through the Recommender's batch
+methods (``recommend_rows``, ``propensity_rows``, ``lookalike_rows``, the stored segments), so the
+files hold exactly what the API serves.
+
+``user_id`` is the bundle's id: for a bundle with pseudonymised ids (``privacy.pseudonymize``)
+that is the keyed pseudonym, never the raw id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from dmp_dl.errors import ConfigError, DataError, UnknownIdError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("recommendations", "scores", "segments", "lookalike")
+
+# column -> meaning, per task: the summary file and the README carry these
+COLUMNS = {
+    "recommendations": {
+        "user_id": "the bundle's user id (the pseudonym when the bundle's ids are pseudonymised)",
+        "rank": "1 = best; 1..k for every user",
+        "item_id": "a recommended item the user has not interacted with (unless exclude_seen=false)",
+        "score": "the model's score for the pair (higher = better; comparable within one bundle only)",
+    },
+    "scores": {
+        "user_id": "the bundle's user id (the pseudonym when pseudonymised)",
+        "probability": "calibrated probability of the propensity target event within the horizon",
+        "rank": "1 = most likely among the users exported",
+        "decile": "1 = the top 10 % of the users exported by probability, 10 = the bottom 10 %",
+    },
+    "segments": {
+        "user_id": "the bundle's user id (the pseudonym when pseudonymised)",
+        "segment": "segment number (0..K-1)",
+        "label": "the segment's label: top interest categories and the most over-represented attribute",
+        "distance": "squared distance of the user's vector to the segment's centre (lower = more typical)",
+    },
+    "lookalike": {
+        "user_id": "a user most like the seeds (never a seed); the pseudonym when pseudonymised",
+        "rank": "1 = most similar",
+        "score": "similarity to the seed set (method-dependent scale)",
+        "segment": "the user's segment (when the bundle has segments)",
+    },
+}
+
+
+@dataclass
+class Export:
+    """A task ready to write: its ``schema``, the number of ``users`` it covers, its ``chunks``
+    (an iterator of (users done in this chunk, table)) and ``stats`` the chunks fill in as they go."""
+
+    task: str
+    schema: pa.Schema
+    users: int
+    chunks: Iterator[tuple[int, pa.Table]]
+    stats: dict = field(default_factory=dict)
+
+
+def _strings(ids: np.ndarray) -> pa.Array:
+    """Ids as an Arrow string array: ``take`` then maps vocabulary rows to ids in C++."""
+    return pa.array(np.asarray(ids, dtype=object).tolist(), type=pa.string())
+
+
+def select_users(rec, user_ids: Sequence[str] | None, source: str = "users", skip_unknown: bool = False) -> tuple[np.ndarray, dict]:
+    """Vocabulary rows of the users to export: all (``user_ids`` None), else the given ids in
+    their order, each once. Unknown ids stop the export (naming up to five) unless
+    ``skip_unknown``; returns the rows and counts (``given``, ``duplicates``, ``unknown_skipped``)."""
+    if user_ids is None:
+        return np.arange(rec.n_users, dtype=np.int64), {"given": "all"}
+    ids = list(user_ids)
+    rows = rec.user_rows(ids, strict=False)
+    unknown = np.flatnonzero(rows < 0)
+    if len(unknown) and not skip_unknown:
+        first = [ids[i] for i in unknown[:5]]
+        error = UnknownIdError("user", first[0] if len(first) == 1 else first)
+        error.args = (f"{source}: {len(unknown)} of {len(ids)} user ids are not in the bundle (first: "
+                      f"{', '.join(map(repr, first))}); remove them or set skip_unknown=true",)
+        raise error
+    if len(unknown) == len(ids):
+        raise DataError(f"{source}: none of the {len(ids)} user ids is in the bundle (first: {ids[0]!r}); "
+                        "check that the ids are the ones the bundle was trained on")
+    if len(unknown):
+        log.warning("%s: %d of %d user ids are not in the bundle and were skipped (first: %s)", source,
+                    len(unknown), len(ids), ", ".join(repr(ids[i]) for i in unknown[:5]))
+    known = rows[rows >= 0]
+    _, first_at = np.unique(known, return_index=True)
+    unique = known[np.sort(first_at)]  # each user once, in the order given
+    return unique, {"given": len(ids), "duplicates": int(len(known) - len(unique)), "unknown_skipped": int(len(unknown))}
+
+
+def recommendations(rec, rows: np.ndarray, k: int, exclude_seen: bool = True, chunk: int = 8192) -> Export:
+    """Top ``k`` items of each user at ``rows``: ``user_id, rank, item_id, score``, users in the order
+    of ``rows``, ranks 1..k within a user. A user with fewer than ``k`` items left to recommend
+    (``exclude_seen`` and a catalogue nearly all seen) gets fewer rows, counted in
+    ``stats["users_short"]``."""
+    n_items = rec.n_items
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_items:
+        raise ConfigError(f"k must be a whole number in 1..{n_items} (the bundle's items), got {k!r}")
+    k = int(k)
+    schema = pa.schema([("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())])
+    users, items = _strings(rec.user_vocab.ids), _strings(rec.item_vocab.ids)
+    stats = {"k": k, "users_short": 0, "exclude_seen": bool(exclude_seen)}
+    ranks = np.arange(1, k + 1, dtype=np.int32)
+
+    def chunks() -> Iterator[tuple[int, pa.Table]]:
+        for s in range(0, len(rows), chunk):
+            batch = rows[s : s + chunk]
+            ids, scores = rec.recommend_rows(batch, k, exclude_seen)  # (B, k), padded with -1 at the end
+            keep = ids >= 0
+            stats["users_short"] += int((~keep[:, -1]).sum())
+            flat = keep.ravel()
+            yield len(batch), pa.table({
+                "user_id": users.take(pa.array(np.repeat(batch, k)[flat])),
+                "rank": pa.array(np.tile(ranks, len(batch))[flat]),
+                "item_id": items.take(pa.array(ids.ravel()[flat])),
+                "score": pa.array(scores.ravel()[flat].astype(np.float32)),
+            })
+
+    return Export("recommendations", schema, len(rows), chunks(), stats)
+
+
+def scores(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
+    """Propensity of each user at ``rows``: ``user_id, probability, rank, decile`` (rank and decile
+    among the users exported; ties share neither: the lower row ranks first)."""
+    p = np.concatenate([rec.propensity_rows(rows[s : s + chunk]) for s in range(0, len(rows), chunk)]) if len(rows) \
+        else np.zeros(0)
+    order = np.lexsort((np.arange(len(p)), -p))
+    rank = np.empty(len(p), dtype=np.int64)
+    rank[order] = np.arange(1, len(p) + 1)
+    decile = np.minimum(10, (rank - 1) * 10 // max(len(p), 1) + 1).astype(np.int8)
+    schema = pa.schema([("user_id", pa.string()), ("probability", pa.float64()), ("rank", pa.int64()), ("decile", pa.int8())])
+    users = _strings(rec.user_vocab.ids)
+    stats = {"probability_mean": float(p.mean()) if len(p) else None}
+
+    def chunks() -> Iterator[tuple[int, pa.Table]]:
+        for s in range(0, len(rows), chunk):
+            sl = slice(s, s + chunk)
+            yield len(rows[sl]), pa.table({"user_id": users.take(pa.array(rows[sl])), "probability": pa.array(p[sl]),
+                                           "rank": pa.array(rank[sl]), "decile": pa.array(decile[sl])})
+
+    return Export("scores", schema, len(rows), chunks(), stats)
+
+
+def segment_descriptions(rec) -> list[dict]:
+    """The bundle's segments with their ``label`` (raises MissingPartError without segments)."""
+    from dmp_dl.audience.segments import segment_label
+
+    descriptions = rec.segments(representatives=0)
+    for d in descriptions:
+        d["label"] = segment_label(d)
+    return descriptions
+
+
+def segments(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
+    """Segment membership of each user at ``rows``: ``user_id, segment, label, distance``."""
+    descriptions = segment_descriptions(rec)
+    stored = rec.stored_segments
+    labels = pa.array([d["label"] for d in descriptions], type=pa.string())
+    schema = pa.schema([("user_id", pa.string()), ("segment", pa.int32()), ("label", pa.string()), ("distance", pa.float32())])
+    users = _strings(rec.user_vocab.ids)
+    seg = np.asarray(stored.assignments, dtype=np.int32)
+    dist = np.asarray(stored.distances, dtype=np.float32)
+    stats = {"k": len(descriptions), "segments": [{key: d.get(key) for key in ("segment", "size", "label")} for d in descriptions]}
+
+    def chunks() -> Iterator[tuple[int, pa.Table]]:
+        for s in range(0, len(rows), chunk):
+            r = rows[s : s + chunk]
+            yield len(r), pa.table({"user_id": users.take(pa.array(r)), "segment": pa.array(seg[r]),
+                                    "label": labels.take(pa.array(seg[r])), "distance": pa.array(dist[r])})
+
+    return Export("segments", schema, len(rows), chunks(), stats)
+
+
+def lookalike(rec, seed_ids: Sequence[str], size: int, method: str = "centroid", source: str = "seeds",
+              skip_unknown: bool = False) -> Export:
+    """The ``size`` users most like the seeds, as ``python -m dmp_dl.audience task=lookalike``:
+    ``user_id, rank, score`` (+ ``segment``)."""
+    from dmp_dl.audience.jobs import lookalike_job
+
+    table, summary = lookalike_job(rec, seed_ids, size, method, source, skip_unknown)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.cast(pa.schema([(f.name, pa.string() if f.name == "user_id" else f.type) for f in arrow.schema]))
+    stats = {k: v for k, v in summary.items() if k != "task"}
+    return Export("lookalike", arrow.schema, len(table), iter([(len(table), arrow)]), stats)
+
+
+def write_export(export: Export, path, fmt: str, progress: bool | None = None,
+                 on_chunk: Callable[[int], None] | None = None) -> dict:
+    """Write ``export`` to ``path`` atomically; returns the summary (rows, seconds, rows/s, columns).
+
+    progress: a bar on stderr (True), none (False), or only when stderr is a terminal (None).
+    """
+    from tqdm.auto import tqdm
+
+    from dmp_dl.export.tables import TableWriter
+
+    t0 = time.perf_counter()
+    with TableWriter(path, fmt, export.schema) as writer, \
+            tqdm(total=export.users, unit="users", desc=export.task, disable=None if progress is None else not progress,
+                 dynamic_ncols=True, mininterval=1.0) as bar:
+        for done, table in export.chunks:
+            writer.write(table)
+            bar.update(done)
+            if on_chunk is not None:
+                on_chunk(done)
+    seconds = time.perf_counter() - t0
+    return {"task": export.task, "file": str(path), "format": fmt, "users": int(export.users), "rows": int(writer.rows),
+            **export.stats, "seconds": round(seconds, 3),
+            "rows_per_second": round(writer.rows / seconds) if seconds > 0 else None,
+            "columns": {name: COLUMNS[export.task].get(name, "") for name in export.schema.names}}

@@ -1,0 +1,209 @@
+"""Activation exports (``python -m dmp_dl.export``): recommendations, propensity scores, segment
+membership and lookalike audiences for every user, as CSV or Parquet, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dmp_dl import Recommender
+from dmp_dl.errors import ConfigError, DataError, UnknownIdError
+from dmp_dl.export import jobs
+from dmp_dl.export.__main__ import run_export
+from dmp_dl.export.tables import TableWriter
+from dmp_dl.pipeline import run
+from dmp_dl.privacy import Pseudonymizer
+
+from .conftest import CONF_DIR, QUIET_TRAINER, TINY_DATA, compose_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "export-test-secret-0123456789abcdef"
+
+
+def export_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("export", overrides=list(overrides))
+
+
+def read(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, dtype={"user_id": str, "item_id": str, "label": str}, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def pseudo_fdr(tmp_path_factory):
+    """A one-batch run (debug=fdr) with pseudonymised ids, the propensity model and segments."""
+    out = tmp_path_factory.mktemp("export_pseudo") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DMP_PSEUDONYM_KEY", SECRET)
+        root = out.parent
+        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "debug=fdr", "logger=none", "privacy.pseudonymize=true",
+                           f"privacy.erasure_list={root}/erased.txt", f"privacy.audit_log={root}/audit.jsonl",
+                           "audience.segments.k=3"], out)
+        result = run(cfg)
+        yield {"bundle": result["bundle_dir"], "rec": Recommender.load(result["bundle_dir"])}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_recommendations_every_user_exactly_k_unseen_items_once_per_rank(trained, rec, tmp_path, fmt):
+    k = 20
+    summary = run_export(export_cfg("task=recommendations", f"artifacts={trained['bundle_dir']}", f"k={k}",
+                                    f"format={fmt}", f"output_dir={tmp_path}", "chunk_users=97"))
+    path = tmp_path / f"recommendations.{fmt}"
+    table = read(path)
+    assert list(table.columns) == ["user_id", "rank", "item_id", "score"]
+    assert len(table) == rec.n_users * k == summary["rows"]
+    assert summary["users"] == rec.n_users and summary["users_short"] == 0
+    # every user once per rank 1..k, users in vocabulary order
+    assert not table.duplicated(["user_id", "rank"]).any()
+    assert (table.groupby("user_id")["rank"].apply(sorted) == pd.Series([list(range(1, k + 1))] * rec.n_users,
+                                                                         index=sorted(rec.user_vocab.ids))).all()
+    assert table["user_id"].iloc[::k].tolist() == rec.user_vocab.ids.tolist()
+    # no item the user has seen, no item twice for a user, scores best first
+    users = rec.user_vocab.index_of(table["user_id"])
+    items = rec.item_vocab.index_of(table["item_id"])
+    assert (items >= 0).all()
+    seen = {(u, i) for u in range(rec.n_users) for i in rec._seen_items[rec._seen_indptr[u]:rec._seen_indptr[u + 1]]}
+    assert not any((u, i) in seen for u, i in zip(users.tolist(), items.tolist()))
+    assert not table.duplicated(["user_id", "item_id"]).any()
+    assert (np.diff(table["score"].to_numpy().reshape(-1, k), axis=1) <= 1e-6).all()
+    # the same answer as the API
+    for u in ("u000042", rec.user_vocab.ids[-1]):
+        mine = table[table["user_id"] == u]
+        assert mine["item_id"].tolist() == [i for i, _ in rec.recommend(u, k)]
+    assert json.loads(Path(summary["summary_file"]).read_text())["columns"]["rank"].startswith("1 = best")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_recommendations_for_a_user_file_in_its_order_each_once(trained, rec, tmp_path):
+    ids = ["u000101", "u000007", "u000101", "u000399"]
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(ids) + "\n")
+    summary = run_export(export_cfg("task=recommendations", f"artifacts={trained['bundle_dir']}", "k=5",
+                                    f"users={users}", f"output={tmp_path}/out.csv"))
+    table = read(tmp_path / "out.csv")
+    assert table["user_id"].iloc[::5].tolist() == ["u000101", "u000007", "u000399"]
+    assert len(table) == 15 and summary["selection"] == {"given": 4, "duplicates": 1, "unknown_skipped": 0}
+
+
+def test_unknown_users_stop_the_export_unless_skipped(trained, tmp_path):
+    users = tmp_path / "users.csv"
+    pd.DataFrame({"user_id": ["u000001", "nobody", "u000002"]}).to_csv(users, index=False)
+    args = ["task=recommendations", f"artifacts={trained['bundle_dir']}", "k=3", f"users={users}", f"output_dir={tmp_path}"]
+    with pytest.raises(UnknownIdError, match=r"users\.csv: 1 of 3 user ids are not in the bundle .*'nobody'.*skip_unknown=true"):
+        run_export(export_cfg(*args))
+    assert not (tmp_path / "recommendations.csv").exists()
+    summary = run_export(export_cfg(*args, "skip_unknown=true"))
+    assert summary["rows"] == 6 and summary["selection"]["unknown_skipped"] == 1
+
+
+def test_k_and_task_and_format_are_checked_before_anything_is_written(trained, rec, tmp_path):
+    base = [f"artifacts={trained['bundle_dir']}", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=rf"k must be a whole number in 1\.\.{rec.n_items}"):
+        run_export(export_cfg("task=recommendations", *base, f"k={rec.n_items + 1}"))
+    with pytest.raises(ConfigError, match="task must be one of recommendations, scores, segments, lookalike"):
+        run_export(export_cfg("task=emails", *base))
+    with pytest.raises(ConfigError, match="format must be one of csv, parquet"):
+        run_export(export_cfg("task=scores", *base, "format=xlsx"))
+    with pytest.raises(ConfigError, match="seeds=FILE or seed_ids"):
+        run_export(export_cfg("task=lookalike", *base))
+    with pytest.raises(DataError, match="users: .*missing.txt is not a file"):
+        run_export(export_cfg("task=recommendations", *base, f"users={tmp_path}/missing.txt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_users_short_of_k_unseen_items_get_fewer_rows_and_are_counted(rec):
+    k = rec.n_items - int(np.diff(rec._seen_indptr).max()) + 1  # the heaviest user has k - 1 unseen items
+    export = jobs.recommendations(rec, np.arange(rec.n_users), k, chunk=128)
+    tables = [t for _, t in export.chunks]
+    rows = sum(t.num_rows for t in tables)
+    unseen = rec.n_items - np.diff(rec._seen_indptr)
+    assert rows == int(np.minimum(unseen, k).sum())
+    assert export.stats["users_short"] == int((unseen < k).sum()) >= 1
+
+
+def test_a_failed_export_leaves_the_previous_file_whole(tmp_path):
+    path = tmp_path / "out.csv"
+    path.write_text("previous\n")
+    schema = pa.schema([("user_id", pa.string())])
+    with pytest.raises(RuntimeError):
+        with TableWriter(path, "csv", schema) as w:
+            w.write(pa.table({"user_id": ["a", "b"]}))
+            raise RuntimeError("killed half-way")
+    assert path.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    with TableWriter(path, "csv", schema) as w:
+        w.write(pa.table({"user_id": ["a", "b"]}))
+    assert path.read_text().splitlines() == ['"user_id"', '"a"', '"b"']
+
+
+def test_scores_segments_and_lookalike_of_a_pseudonymised_bundle_carry_pseudonyms(pseudo_fdr, tmp_path, monkeypatch):
+    monkeypatch.setenv("DMP_PSEUDONYM_KEY", SECRET)
+    rec, bundle = pseudo_fdr["rec"], pseudo_fdr["bundle"]
+    key = Pseudonymizer(SECRET.encode())
+
+    run_export(export_cfg("task=scores", f"artifacts={bundle}", f"output_dir={tmp_path}", "format=parquet"))
+    scores = read(tmp_path / "scores.parquet")
+    assert list(scores.columns) == ["user_id", "probability", "rank", "decile"]
+    assert scores["user_id"].tolist() == rec.user_vocab.ids.tolist()  # pseudonyms, every user once
+    assert key.one("u000042") in set(scores["user_id"]) and "u000042" not in set(scores["user_id"])
+    np.testing.assert_allclose(scores["probability"], rec.propensity_rows(np.arange(rec.n_users)))
+    assert sorted(scores["rank"]) == list(range(1, rec.n_users + 1))
+    top = scores.sort_values("rank")
+    assert top["probability"].is_monotonic_decreasing and top["decile"].is_monotonic_increasing
+    assert set(scores["decile"]) == set(range(1, 11))
+
+    run_export(export_cfg("task=segments", f"artifacts={bundle}", f"output_dir={tmp_path}"))
+    seg = read(tmp_path / "segments.csv")
+    assert list(seg.columns) == ["user_id", "segment", "label", "distance"]
+    assert seg["user_id"].tolist() == rec.user_vocab.ids.tolist()
+    np.testing.assert_array_equal(seg["segment"], rec.stored_segments.assignments)
+    labels = {d["segment"]: d["label"] for d in jobs.segment_descriptions(rec)}
+    assert (seg["label"] == seg["segment"].map(labels)).all() and seg["label"].str.len().min() > 0
+
+    users = tmp_path / "raw_ids.txt"
+    users.write_text("u000042\nu000101\n")  # raw ids in, pseudonyms out
+    run_export(export_cfg("task=recommendations", f"artifacts={bundle}", "k=4", f"users={users}", f"output_dir={tmp_path}"))
+    recs = read(tmp_path / "recommendations.csv")
+    assert recs["user_id"].iloc[::4].tolist() == [key.one("u000042"), key.one("u000101")]
+
+    summary = run_export(export_cfg("task=lookalike", f"artifacts={bundle}", "seed_ids=[u000042,u000101]", "size=25",
+                                    f"output_dir={tmp_path}"))
+    look = read(tmp_path / "lookalike.csv")
+    assert len(look) == 25 == summary["rows"] and look["rank"].tolist() == list(range(1, 26))
+    expected = rec.lookalike(["u000042", "u000101"], k=25)
+    assert look["user_id"].tolist() == [u for u, _ in expected]
+    assert not {key.one("u000042"), key.one("u000101")} & set(look["user_id"])
+    assert summary["user_ids"] == "pseudonyms"
+
+
+def test_segments_of_a_bundle_without_segments_is_one_line(trained, tmp_path):
+    from dmp_dl.bundle import MissingPartError
+
+    rec = Recommender.load(trained["bundle_dir"])
+    rec.stored_segments = None
+    with pytest.raises(MissingPartError, match="no segments"):
+        jobs.segments(rec, np.arange(3))
+
+
+def test_command_line_on_a_pipe_prints_the_summary_and_no_progress_bar(trained, tmp_path):
+    cmd = [sys.executable, "-m", "dmp_dl.export", "task=recommendations", f"artifacts={trained['bundle_dir']}", "k=3",
+           f"output_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stdout + done.stderr and "users/s" not in done.stderr  # no bar on a pipe
+    assert json.loads(done.stdout[done.stdout.index("{"):])["rows"] == 3 * len(trained["datamodule"].user_vocab)
+    bad = subprocess.run([*cmd[:3], "task=nope", f"artifacts={trained['bundle_dir']}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: task must be one of recommendations, scores, segments, lookalike, got 'nope'"]

@@ -99,6 +99,26 @@ def select_users(rec, user_ids: Sequence[str] | None, source: str = "users", ski
     return unique, {"given": len(ids), "duplicates": int(len(known) - len(unique)), "unknown_skipped": int(len(unknown))}
 
 
+def _recommend_grouped(rec, batch: np.ndarray, k: int, activity: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``rec.recommend_rows(batch, k)`` with the batch's users grouped by how many items they have
+    seen: a search over-fetches by the largest seen count of its batch, so the few heavy users
+    (a long tail: hundreds of items) are searched apart from the rest instead of making every
+    user's search that deep (2-3x less work on a skewed log)."""
+    if activity is None:
+        return rec.recommend_rows(batch, k, False)
+    counts = activity[batch]
+    cuts = np.unique(np.quantile(counts, (0.9, 0.99), method="higher")) if len(batch) >= 100 else np.zeros(0)
+    group = np.searchsorted(cuts, counts, side="left")  # 0: <= the 90th percentile, 1: <= the 99th, 2: above
+    if len(np.unique(group)) < 2:
+        return rec.recommend_rows(batch, k, True)
+    ids = np.empty((len(batch), k), np.int64)
+    scores = np.empty((len(batch), k), np.float32)
+    for g in np.unique(group):
+        at = np.flatnonzero(group == g)
+        ids[at], scores[at] = rec.recommend_rows(batch[at], k, True)
+    return ids, scores
+
+
 def recommendations(rec, rows: np.ndarray, k: int, exclude_seen: bool = True, chunk: int = 8192) -> Export:
     """Top ``k`` items of each user at ``rows``: ``user_id, rank, item_id, score``, users in the order
     of ``rows``, ranks 1..k within a user. A user with fewer than ``k`` items left to recommend
@@ -112,11 +132,12 @@ def recommendations(rec, rows: np.ndarray, k: int, exclude_seen: bool = True, ch
     users, items = _strings(rec.user_vocab.ids), _strings(rec.item_vocab.ids)
     stats = {"k": k, "users_short": 0, "exclude_seen": bool(exclude_seen)}
     ranks = np.arange(1, k + 1, dtype=np.int32)
+    activity = rec.user_activity() if exclude_seen else None
 
     def chunks() -> Iterator[tuple[int, pa.Table]]:
         for s in range(0, len(rows), chunk):
             batch = rows[s : s + chunk]
-            ids, scores = rec.recommend_rows(batch, k, exclude_seen)  # (B, k), padded with -1 at the end
+            ids, scores = _recommend_grouped(rec, batch, k, activity)  # (B, k), padded with -1 at the end
             keep = ids >= 0
             stats["users_short"] += int((~keep[:, -1]).sum())
             flat = keep.ravel()

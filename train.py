@@ -8,9 +8,9 @@ from dmp_dl.cli import prepare_run_config, report_errors
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from dmp_dl.pipeline import run
+    with report_errors():  # also quiets third-party noise before the libraries load
+        from dmp_dl.pipeline import run
 
-    with report_errors():
         run(prepare_run_config(cfg))
 
 

@@ -26,17 +26,34 @@ def user_error(exc: BaseException) -> DmpError | None:
     return None
 
 
+def _log_to_files_only(level: int, message: str) -> None:
+    """Record ``message`` in the log files (``train.log``) but not on the console, which gets it
+    once, on stderr, from :func:`report_errors`."""
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 @contextlib.contextmanager
 def report_errors() -> Iterator[None]:
-    """Turn a :class:`DmpError` (also one wrapped by Hydra) into one line on stderr and exit status 2."""
+    """Turn a :class:`DmpError` (also one wrapped by Hydra) into one line on stderr and exit status 2.
+
+    The line is printed once: on stderr, and into the run's log file when there is one (never a
+    second time on the console through the logging handlers). Third-party noise is filtered for
+    the whole block (:func:`dmp_dl.logs.quiet_third_party`).
+    """
+    from dmp_dl.logs import quiet_third_party
+
+    quiet_third_party()
     try:
         yield
     except Exception as exc:
         error = user_error(exc)
         if error is None:
             raise
-        log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
+        _log_to_files_only(logging.ERROR, f"error: {error}")
+        print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ def build_trainer(cfg: DictConfig, has_validation: bool) -> pl.Trainer:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     extra = {}
+    if cfg.trainer.get("enable_progress_bar") == "auto":  # a bar on a terminal, none in a piped or captured log
+        extra["enable_progress_bar"] = sys.stdout.isatty()
     if not has_validation:
         log.warning("no validation users: validation, early stopping and best-checkpoint selection are off")
         callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]

@@ -259,8 +259,11 @@ def clean_events(
         types = types.where(types != "", opts.default_event_type)
     else:
         types = pd.Series(opts.default_event_type, index=raw.index, dtype=object)
+    unknown_types: dict[str, int] = {}
     if opts.event_weights is not None and TYPE in raw.columns:
-        drop(~types.isin(list(opts.event_weights)).to_numpy(), "unknown_event_type")
+        unknown = ~types.isin(list(opts.event_weights)).to_numpy()
+        unknown_types = {str(t): int(c) for t, c in types[unknown & keep].value_counts().items()}
+        drop(unknown, "unknown_event_type")
 
     if VALUE in raw.columns:
         values, missing, bad = _parse_values(raw[VALUE])
@@ -302,6 +305,12 @@ def clean_events(
         events[WEIGHT] = np.ones(len(events), dtype=np.float32)
     rep.rows_out = len(events)
     rep.check("events")
+    if unknown_types:
+        listed = ", ".join(f"{t!r} ({c})" for t, c in list(unknown_types.items())[:5])
+        log.warning("%d events of type(s) %s%s were dropped as unknown_event_type: they are not keys of "
+                    "data.cleaning.event_weights; to keep them, give each a weight, e.g. data.cleaning.event_weights.%s=1.0",
+                    sum(unknown_types.values()), listed, " ..." if len(unknown_types) > 5 else "",
+                    next(iter(unknown_types)))
     return events, rep
 
 
@@ -412,5 +421,5 @@ def clean_log(
         "min": pd.Timestamp(t0, unit="s", tz="UTC").isoformat(),
         "max": pd.Timestamp(t1, unit="s", tz="UTC").isoformat(),
     }
-    log.info(report.summary())
+    log.debug(report.summary())  # the caller logs the summary once (pipeline, evaluate)
     return EventLog(events, users, items, raw.source, dict(raw.meta)), report

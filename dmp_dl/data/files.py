@@ -139,7 +139,7 @@ def read_table(
         if missing_src:
             raise DataError(
                 f"{path}: column mapping names {missing_src} but the file has columns "
-                f"{list(frame.columns)}; fix data.columns"
+                f"{list(frame.columns)}; fix data.source.columns (canonical name -> your column name)"
             )
         frame = frame.rename(columns=inverse)
     dup = frame.columns[frame.columns.duplicated()].tolist()
@@ -152,7 +152,8 @@ def read_table(
             hint = f"; the header parsed as a single column {frame.columns[0]!r}: is data.sep right?"
         raise DataError(
             f"{path}: {what} file lacks required column {missing[0]!r} "
-            f"(found columns: {list(frame.columns)}){hint}"
+            f"(found columns: {list(frame.columns)}){hint}; if the file names it differently, map it with "
+            f"data.source.columns={{{missing[0]}: YOUR_COLUMN}}"
         )
     table.frame = frame
     return table

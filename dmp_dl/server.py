@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import faiss
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 
 from dmp_dl.bundle import MANIFEST, MissingPartError
@@ -77,6 +78,50 @@ class Profile(BaseModel):
     as_of: int = Field(description="epoch seconds the ages are measured from (the last event of the data)")
     half_life_days: float
     segment: UserSegment | None
+
+
+class CategoryLift(BaseModel):
+    category: str
+    share: float = Field(description="mean share of the segment's users' interest in the category")
+    lift: float | None = Field(description="share in the segment / share over all users (> 1: over-represented)")
+
+
+class AttributeValue(BaseModel):
+    value: str = Field(description="column=value of the user table")
+    share: float = Field(description="share of the segment's users with the value")
+    overall: float = Field(description="share of all users with the value")
+    lift: float
+
+
+class NumericMean(BaseModel):
+    mean: float = Field(description="mean in the segment")
+    overall: float = Field(description="mean over all users")
+
+
+class SegmentAttributes(BaseModel):
+    numeric: dict[str, NumericMean] = {}
+    over_represented: list[AttributeValue] = []
+
+
+class SegmentDescription(BaseModel):
+    segment: int
+    label: str = Field(description="top interest categories and the most over-represented attribute value")
+    size: int = Field(description="users in the segment")
+    share: float = Field(description="share of all users")
+    top_categories: list[CategoryLift] = []
+    mean_propensity: float | None = Field(None, description="mean propensity of its users (null without a propensity model)")
+    attributes: SegmentAttributes = SegmentAttributes()
+    representatives: list[str] = Field(description="the users nearest the segment's centre")
+
+
+class SegmentList(BaseModel):
+    k: int = Field(description="number of segments")
+    segments: list[SegmentDescription]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    error: str
 
 
 class StrictBody(BaseModel):
@@ -236,8 +281,11 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     reload: loads the bundle to switch to, for ``POST /reload`` (e.g. :func:`bundle_loader`);
     refused with 403 when no token is set, unless ``reload_without_token``.
     """
-    app = FastAPI(title="dmp_dl recommender", version=recommender.manifest.get("created_at") or "bundle",
-                  description="Recommendations, similar items, lookalike audiences and propensity from a dmp_dl bundle.")
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from assets the server itself serves
+    # (shipped in the fastapi-offline wheel), so the docs render without internet access.
+    app = FastAPIOffline(title="dmp_dl recommender", version=recommender.manifest.get("created_at") or "bundle",
+                         description="Recommendations, similar items, lookalike audiences, propensity and segments "
+                                     "from a dmp_dl bundle.")
     app.state.recommender = recommender
     app.state.swap_lock = threading.Lock()  # one bundle swap (reload) at a time
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
@@ -334,6 +382,17 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         """A known user's interest profile (top categories with time-decayed weights, event-type
         affinities) and segment."""
         return current(request).profile(user_id, top)
+
+    @app.get("/segments", dependencies=guarded, response_model=SegmentList,
+             responses={409: {"model": ErrorBody, "description": "the bundle has no segments (trained with "
+                                                                  "audience.enabled=false)"}})
+    def segments(request: Request, representatives: Annotated[int, Query(ge=0, le=100)] = 5) -> dict:
+        """Every segment's description: label, size, top interest categories with their lift, mean
+        propensity, over-represented attribute values and the users nearest its centre."""
+        from dmp_dl.audience.segments import segment_label
+
+        described = current(request).segments(representatives)
+        return {"k": len(described), "segments": [{**d, "label": segment_label(d)} for d in described]}
 
     @app.post("/reload", dependencies=guarded)
     def reload_bundle(request: Request) -> dict:

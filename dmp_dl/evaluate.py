@@ -283,7 +283,8 @@ def segment_inputs(bundle: Bundle, n_users: int) -> SegmentInputs | None:
     stored = load_segments(bundle, n_users)
     if stored is None:
         return None
-    return SegmentInputs(assignments=stored.assignments, user_vectors=bundle.array(USER_VECTORS))
+    return SegmentInputs(assignments=stored.assignments, user_vectors=bundle.array(USER_VECTORS),
+                         descriptions=stored.describe(np.arange(n_users), 0))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

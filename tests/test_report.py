@@ -239,7 +239,8 @@ def test_train_writes_the_report_and_it_can_be_switched_off(tiny_cfg):
     assert (data["propensity"] is not None) == trained_propensity
     built_segments = data["segments"] is not None  # the audience step segments users when audience.enabled
     assert built_segments == ("audience" in result)
-    expected_images = 2 + 2 * trained_propensity + built_segments  # ranking 2, propensity 2, segment map 1
+    curves = data["train_curves"] is not None  # from logs/version_N/metrics.csv when the CSV logger wrote one
+    expected_images = 2 + 2 * trained_propensity + built_segments + curves  # ranking 2, propensity 2, segment map 1, curves 1
     assert len(_images((out / "report.html").read_text())) == expected_images
 
     for name in ("report.json", "report.md", "report.html"):
@@ -259,3 +260,108 @@ def test_undefined_numbers_are_null_in_json_and_never_win(tmp_path, run_inputs):
     assert data["summary"][0]["metric"] == "recall@20" and data["summary"][0]["best_baseline"] == "popularity"
     assert data["propensity"]["metrics"]["gbm"]["roc_auc"] is None
     assert data["propensity"]["comparison"]["best_baseline"] == "logistic_regression"
+
+
+# -- the first section: what the bundle serves, whether it beats every baseline, what to do -----------
+def _with_model_winning(ranking: dict, model: str = "two_tower") -> dict:
+    ranking = json.loads(json.dumps(ranking))
+    for key in list(ranking[model]):
+        if key.startswith(("recall@", "ndcg@")):
+            ranking[model][key] = 0.99
+    for se in ranking[model].get("stderr", {}):
+        ranking[model]["stderr"][se] = 0.001
+    return ranking
+
+
+def test_overview_comes_first_and_warns_when_a_baseline_wins(tmp_path, run_inputs):
+    data, md, html = _read(write_report(tmp_path, **run_inputs))  # random vectors: EASE wins
+    o = data["overview"]
+    assert o["beats_every_baseline"] is False
+    assert "does not beat every baseline" in o["verdict"] and "ease" in o["verdict"]
+    assert any(w.startswith("two_tower is below its baseline: ease") for w in o["warnings"])
+    assert any(a.startswith("Deploy the stronger option: serve ease") for a in o["advice"])
+    assert md.index("## What this bundle serves, and what to do") < md.index("## Summary")
+    assert html.index('id="overview"') < html.index('id="summary"') and 'class="warn"' in html
+    assert "Training ran all" not in md  # 3 epochs of a 10-epoch budget: not a max_epochs warning
+
+    data, md, html = _read(write_report(tmp_path, **{**run_inputs, "ranking": _with_model_winning(run_inputs["ranking"])}))
+    o = data["overview"]
+    assert o["beats_every_baseline"] is True and o["warnings"] == [] and o["advice"] == []
+    assert o["verdict"].startswith("two_tower beats every baseline on recall@20 and ndcg@20 by more than the noise")
+    assert 'class="verdict"' in html and "Warning." not in md
+
+
+def test_a_propensity_model_at_chance_or_below_its_baseline_is_flagged(tmp_path, run_inputs):
+    prop = propensity_inputs()
+    prop.metrics["mlp"]["roc_auc"] = 0.44
+    data, md, html = _read(write_report(tmp_path, **run_inputs, propensity=prop))
+    warnings = data["overview"]["warnings"]
+    chance = [w for w in warnings if "at or below chance" in w]
+    assert len(chance) == 1 and "ROC-AUC 0.440" in chance[0]
+    assert any("below its baseline: logistic_regression reaches ROC-AUC 0.790" in w for w in warnings)
+    assert f"> **Warning.** {chance[0]}" in md and "at or below chance" in html
+    assert any("propensity.target_event" in a for a in data["overview"]["advice"])
+
+    prop.metrics["mlp"]["roc_auc"] = 0.80  # better than every baseline: no propensity warning
+    data, _, _ = _read(write_report(tmp_path, **run_inputs, propensity=prop))
+    assert not [w for w in data["overview"]["warnings"] if "propensity" in w]
+    assert any("Propensity scores (probability" in line for line in data["overview"]["serves"])
+
+
+def test_training_run_to_max_epochs_is_advised_to_train_longer(tmp_path, run_inputs):
+    train = {**run_inputs["train"], "epochs": 10}  # the config's trainer.max_epochs
+    data, _, _ = _read(write_report(tmp_path, **{**run_inputs, "train": train}))
+    assert any(a.startswith("Training ran all 10 epochs") and "trainer.max_epochs=20" in a for a in data["overview"]["advice"])
+
+
+def test_segment_table_has_labels_categories_lift_propensity_and_attributes(tmp_path, run_inputs):
+    seg = segment_inputs()
+    seg.descriptions = [{"segment": s, "size": int((seg.assignments == s).sum()), "share": 0.25,
+                         "top_categories": [{"category": f"cat_{s}", "share": 0.4, "lift": 2.0 + s}],
+                         "mean_propensity": 0.1 * (s + 1),
+                         "attributes": {"numeric": {}, "over_represented": [{"value": f"region=r{s}", "share": 0.5,
+                                                                             "overall": 0.25, "lift": 2.0}]}}
+                        for s in range(4)]
+    data, md, html = _read(write_report(tmp_path, **run_inputs, segments=seg))
+    table = data["segments"]["table"]
+    assert [r["label"] for r in table] == [f"cat_{s}, region=r{s}" for s in range(4)]
+    assert "| 2 | cat_2, region=r2 |" in md and "cat_2 (×4.0)" in md and "region=r2 (×2.0)" in md
+    assert "30.0\u00a0%" in md  # segment 2's mean propensity
+    assert "4 user segments with their descriptions" in " ".join(data["overview"]["serves"])
+
+
+def test_training_curves_come_from_the_latest_csv_log(tmp_path, run_inputs):
+    for version, loss in ((0, 9.0), (1, 5.0)):
+        log = tmp_path / "logs" / f"version_{version}"
+        log.mkdir(parents=True)
+        (log / "metrics.csv").write_text(
+            "epoch,step,train/loss_epoch,train/loss_step,val/recall@20\n"
+            f"0,9,,{loss + 1},\n0,9,,,0.10\n0,9,{loss},,\n1,19,,{loss},\n1,19,,,0.20\n1,19,{loss - 1},,\n")
+    data, md, html = _read(write_report(tmp_path, **run_inputs))
+    curves = data["train_curves"]
+    assert curves["epoch"] == [1, 2] and curves["train/loss"] == [5.0, 4.0] and curves["val/recall@20"] == [0.1, 0.2]
+    assert curves["source"].endswith("version_1/metrics.csv")
+    assert "Training curves" in html and len(_images(html)) == 3
+
+
+def test_selection_record_and_stage_statuses_are_read_from_metrics_json_defensively(tmp_path, run_inputs):
+    record = {"selected": "ease", "refit": True,
+              "candidates": {"two_tower": {"status": "ok", "val": {"ndcg@20": 0.11, "recall@20": 0.2}, "test": {},
+                                           "fit_seconds": 12.5},
+                             "ease": {"status": "ok", "val": {"ndcg@20": 0.13, "recall@20": 0.25}, "fit_seconds": 0.4},
+                             "multvae": {"status": "skipped", "reason": "catalogue too large"}},
+              "best_baseline": {"name": "popularity", "val": {"recall@20": 0.1}}}
+    stages = {"data": {"status": "ok", "seconds": 1.0}, "propensity": {"status": "skipped", "reason": "no purchase events"},
+              "audience": {"status": "failed", "reason": "ValueError: boom"}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"model": record, "stages": stages}))
+    data, md, html = _read(write_report(tmp_path, **run_inputs))
+    o = data["overview"]
+    assert "Model selection chose ease among two_tower (ok), ease (ok), multvae (skipped), refitted" in " ".join(o["serves"])
+    assert "Stage propensity skipped: no purchase events." in o["warnings"]
+    assert "Stage audience failed: ValueError: boom." in o["warnings"] and not [w for w in o["warnings"] if "data" in w]
+    assert any(a.startswith("Serve ease, the model the selection step chose") for a in o["advice"])
+    assert "ease (selected)" in md and "popularity (best baseline)" in md and "catalogue too large" in md
+    for odd in ({"model": "two_tower", "stages": ["data"]}, {"model": {"candidates": None}, "stages": {"x": "ok"}}, []):
+        (tmp_path / "metrics.json").write_text(json.dumps(odd))  # older or foreign shapes: ignored, never an error
+        data, _, _ = _read(write_report(tmp_path, **run_inputs))
+        assert data["overview"]["verdict"]

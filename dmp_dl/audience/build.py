@@ -54,7 +54,8 @@ class Audience:
 
         if self.segmentation is None:
             return None
-        return SegmentInputs(assignments=self.segmentation.assignments, user_vectors=self.user_vectors)
+        return SegmentInputs(assignments=self.segmentation.assignments, user_vectors=self.user_vectors,
+                             descriptions=self.descriptions)
 
     def summary(self) -> dict:
         """``metrics.json``'s ``audience``: K, silhouette per K, sizes and a label per segment."""

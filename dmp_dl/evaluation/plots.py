@@ -175,3 +175,37 @@ def segment_map(sizes: Mapping[int, int], coords: np.ndarray, segments: np.ndarr
         if len(labels) <= 20:
             axes[1].legend(title="segment", markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5))
         return _png(fig)
+
+
+def training_curves(curves: Mapping[str, Sequence]) -> bytes:
+    """Mean training loss (left) and validation metrics (right) against the epoch.
+
+    ``curves``: ``epoch`` (n,) and per metric (``train/loss``, ``val/*``) n values, None where the
+    epoch did not log it.
+    """
+    epochs = np.asarray(curves["epoch"], dtype=float)
+
+    def series(name: str) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in curves[name]], dtype=float)
+
+    val = sorted(k for k in curves if k.startswith("val/"))
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        if "train/loss" in curves:
+            y = series("train/loss")
+            axes[0].plot(epochs[np.isfinite(y)], y[np.isfinite(y)], marker="o", color="#333", linewidth=2)
+        axes[0].set(xlabel="epoch", ylabel="loss", title="Training loss (epoch mean)")
+        colours = _colours(val)
+        for name in val:
+            y = series(name)
+            keep = np.isfinite(y)
+            axes[1].plot(epochs[keep], y[keep], marker="o", color=colours[name], label=name.removeprefix("val/"),
+                         linewidth=2.2 if name.startswith("val/recall") else 1.4,
+                         linestyle="-" if name.startswith("val/recall") else "--")
+        axes[1].set(xlabel="epoch", title="Validation metrics")
+        axes[1].set_ylim(bottom=0)
+        if val:
+            axes[1].legend(loc="lower right")
+        for ax in axes:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        return _png(fig)

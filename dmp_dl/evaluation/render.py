@@ -20,6 +20,7 @@ from dmp_dl.evaluation.report import PROPENSITY_COLUMNS, Report
 
 QUALITY_METRICS = ("recall", "ndcg", "hit_rate", "map", "precision")
 SECTIONS = {
+    "overview": "What this bundle serves, and what to do",
     "summary": "Summary",
     "ranking": "Ranking metrics",
     "protocol": "Protocol",
@@ -41,7 +42,7 @@ class Table:
 
 @dataclass
 class Block:
-    kind: str  # h3 | p | note | list (of str or (label, text)) | table | tables (side by side) | figures | pre
+    kind: str  # h3 | p | note | warn | verdict | list (of str or (label, text)) | table | tables (side by side) | figures | pre
     content: Any
 
 
@@ -56,7 +57,7 @@ def _num(x: Any, digits: int = 4) -> str:
 
 
 def _pct(x: Any, digits: int = 1) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f} %"
+    return "–" if x is None else f"{100 * x:.{digits}f}\u00a0%"  # a no-break space: "39.2 %" never wraps
 
 
 def _bold_best(rows: list[list[Any]], columns: list[int]) -> set[tuple[int, int]]:
@@ -163,17 +164,81 @@ def _propensity_blocks(d: Mapping) -> list[Block]:
     return blocks
 
 
+def _lifts(entries: list[Mapping], name: str) -> str:
+    """``cat_3 (×2.1), cat_7 (×1.6)``."""
+    return ", ".join(f"{e.get(name)} (×{e['lift']:.1f})" if isinstance(e.get("lift"), (int, float)) else str(e.get(name))
+                     for e in entries) or "–"
+
+
 def _segment_blocks(d: Mapping) -> list[Block]:
     s = d["segments"]
     total = max(s["n_users"], 1)
-    rows = [[seg, _num(n), _pct(n / total)] for seg, n in s["sizes"].items()]
     ev = s["map"]["explained_variance"]
-    return [
-        Block("p", f"{_num(s['n_users'])} users in {s['n_segments']} segments. The map shows {s['map']['method']}; "
-                   f"the two components explain {_pct(ev[0])} and {_pct(ev[1])} of the variance."),
-        Block("table", Table(["segment", "users", "share"], rows)),
-        Block("figures", "segments"),
-    ]
+    blocks = [Block("p", f"{_num(s['n_users'])} users in {s['n_segments']} segments. The map shows {s['map']['method']}; "
+                         f"the two components explain {_pct(ev[0])} and {_pct(ev[1])} of the variance.")]
+    if s.get("table"):
+        rows = [[str(r["segment"]), r["label"], _num(r["size"]), _pct(r["share"]), _lifts(r["top_categories"], "category"),
+                 _pct(r["mean_propensity"]) if r.get("mean_propensity") is not None else "–",
+                 _lifts(r["over_represented"], "value")] for r in s["table"]]
+        blocks.append(Block("table", Table(["segment", "label", "users", "share", "top categories (lift)",
+                                            "mean propensity", "over-represented attributes (lift)"], rows, text=True)))
+        blocks.append(Block("note", "Lift: the share of the segment's interest (or users) in a category (or with an "
+                                    "attribute value) divided by the share over all users; ×2 = twice as common. "
+                                    "Mean propensity: the segment's mean predicted probability of the target event."))
+    else:
+        rows = [[seg, _num(n), _pct(n / total)] for seg, n in s["sizes"].items()]
+        blocks.append(Block("table", Table(["segment", "users", "share"], rows)))
+    blocks.append(Block("figures", "segments"))
+    return blocks
+
+
+def _overview_blocks(d: Mapping) -> list[Block]:
+    o = d.get("overview") or {}
+    blocks = [Block("h3", "What it serves"), Block("list", list(o.get("serves") or []))]
+    beats = o.get("beats_every_baseline")
+    blocks.append(Block("h3", "Does it beat every baseline?"))
+    blocks.append(Block("verdict" if beats else "warn", o.get("verdict", "")))
+    if o.get("warnings"):
+        blocks.append(Block("h3", "Warnings"))
+        blocks += [Block("warn", w) for w in o["warnings"]]
+    if o.get("advice"):
+        blocks.append(Block("h3", "What to do"))
+        blocks.append(Block("list", list(o["advice"])))
+    selection = o.get("selection") or {}
+    candidates = selection.get("candidates") or {}
+    if candidates:
+        metrics = sorted({m for c in candidates.values() for m in ((c or {}).get("val") or {})})[:4]
+        rows = []
+        for name, c in candidates.items():
+            c = c or {}
+            mark = " (selected)" if name == selection.get("selected") else ""
+            rows.append([f"{name}{mark}", str(c.get("status", "–")),
+                         *(_num((c.get("val") or {}).get(m)) for m in metrics),
+                         *(_num((c.get("test") or {}).get(m)) for m in metrics),
+                         _num(c.get("fit_seconds"), 1), str(c.get("reason") or "")])
+        best = selection.get("best_baseline") or {}
+        if best.get("name"):
+            rows.append([f"{best['name']} (best baseline)", "baseline", *(_num((best.get("val") or {}).get(m)) for m in metrics),
+                         *(_num((best.get("test") or {}).get(m)) for m in metrics), "–", ""])
+        blocks.append(Block("h3", "Model selection"))
+        blocks.append(Block("table", Table(["candidate", "status", *(f"val {m}" for m in metrics),
+                                            *(f"test {m}" for m in metrics), "fit s", "reason"], rows)))
+        blocks.append(Block("note", "Chosen on the validation split; the test columns are for the record only."))
+    return blocks
+
+
+def _train_blocks(d: Mapping) -> list[Block]:
+    blocks: list[Block] = []
+    if d.get("train"):
+        blocks.append(Block("table", _key_value_table(d["train"], ("training", "value"))))
+    else:
+        blocks.append(Block("note", "Not available: no training summary was given."))
+    if d.get("train_curves"):
+        blocks.append(Block("figures", "train"))
+    else:
+        blocks.append(Block("note", "No training curves: the run directory has no logs/version_N/metrics.csv "
+                                    "(logger=csv writes it)."))
+    return blocks
 
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -215,20 +280,19 @@ def layout(report: Report) -> tuple[str, list[tuple[str, list[Block]]]]:
     absent = d["sections_absent"]
     sections: list[tuple[str, list[Block]]] = []
     builders = {
+        "overview": lambda: _overview_blocks(d),
         "summary": lambda: _summary_blocks(d),
         "ranking": lambda: _ranking_blocks(d),
         "protocol": lambda: _protocol_blocks(d),
         "propensity": lambda: _propensity_blocks(d),
         "segments": lambda: _segment_blocks(d),
-        "train": lambda: [Block("table", _key_value_table(d["train"], ("training", "value")))],
+        "train": lambda: _train_blocks(d),
         "data_quality": lambda: _data_quality_blocks(d["data_quality"]),
         "config": lambda: [Block("pre", OmegaConf.to_yaml(OmegaConf.create(d["config"])))],
     }
     for key in SECTIONS:
         if key in absent:
             sections.append((key, [Block("note", f"Not available: {absent[key]}.")]))
-        elif key == "train" and not d.get("train"):
-            sections.append((key, [Block("note", "Not available: no training summary was given.")]))
         else:
             sections.append((key, builders[key]()))
     return d["title"], sections
@@ -261,6 +325,10 @@ def to_markdown(report: Report) -> str:
                 out += [b.content, ""]
             elif b.kind == "note":
                 out += [f"_{b.content}_", ""]
+            elif b.kind == "warn":
+                out += [f"> **Warning.** {b.content}", ""]
+            elif b.kind == "verdict":
+                out += [f"**{b.content}**", ""]
             elif b.kind == "list":
                 out += [f"- **{item[0]}.** {item[1]}" if isinstance(item, tuple) else f"- {item}" for item in b.content] + [""]
             elif b.kind == "table":
@@ -291,6 +359,8 @@ td.best{font-weight:700;color:#0b5d1e}table.text td,table.text th{text-align:lef
 figure{margin:14px 0 22px}figure img{max-width:100%;height:auto;border:1px solid #eceef2}figcaption{color:#556;font-size:13px;margin-top:4px}
 pre{background:#f6f8fa;padding:12px;border-radius:4px;font-size:12px;overflow:auto;max-height:480px}
 details summary{cursor:pointer;color:#2a5db0}
+.warn{background:#fff4e5;border-left:4px solid #e8590c;padding:8px 12px;margin:8px 0}
+.verdict{background:#ebfbee;border-left:4px solid #2b8a3e;padding:8px 12px;margin:8px 0;font-weight:600}
 """
 
 
@@ -330,6 +400,10 @@ def to_html(report: Report) -> str:
                 parts.append(f"<p>{html.escape(b.content)}</p>")
             elif b.kind == "note":
                 parts.append(f'<p class="note">{html.escape(b.content)}</p>')
+            elif b.kind == "warn":
+                parts.append(f'<p class="warn">{html.escape(b.content)}</p>')
+            elif b.kind == "verdict":
+                parts.append(f'<p class="verdict">{html.escape(b.content)}</p>')
             elif b.kind == "list":
                 parts.append("<ul>" + "".join(f"<li>{_html_item(i)}</li>" for i in b.content) + "</ul>")
             elif b.kind == "table":

@@ -65,10 +65,13 @@ class PropensityInputs:
 @dataclass
 class SegmentInputs:
     """What the segment section needs: ``assignments`` (n_users,) int segment per user and the
-    ``user_vectors`` (n_users, d) they were built from."""
+    ``user_vectors`` (n_users, d) they were built from; optionally the segment ``descriptions``
+    (:func:`~dmp_dl.audience.segments.describe_segments`: top categories with lift, mean
+    propensity, attribute skew) for the segment table."""
 
     assignments: np.ndarray
     user_vectors: np.ndarray
+    descriptions: list[dict] | None = None
 
     def __post_init__(self) -> None:
         self.assignments = np.asarray(self.assignments).astype(np.int64).reshape(-1)
@@ -184,6 +187,61 @@ def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tupl
     return data, figures
 
 
+def _segment_table(descriptions: list[dict]) -> list[dict]:
+    """One row per segment: label, size, share, top categories with lift, mean propensity and the
+    most over-represented attribute values with lift."""
+    from dmp_dl.audience.segments import segment_label
+
+    rows = []
+    for d in descriptions:
+        attrs = d.get("attributes") or {}
+        rows.append({
+            "segment": d.get("segment"), "label": segment_label(d), "size": d.get("size"), "share": d.get("share"),
+            "top_categories": [{"category": c.get("category"), "share": c.get("share"), "lift": c.get("lift")}
+                               for c in d.get("top_categories") or []],
+            "mean_propensity": d.get("mean_propensity"),
+            "over_represented": [{"value": a.get("value"), "share": a.get("share"), "lift": a.get("lift")}
+                                 for a in attrs.get("over_represented") or []],
+            "numeric": attrs.get("numeric") or {},
+        })
+    return rows
+
+
+def read_training_curves(path: str | os.PathLike) -> dict | None:
+    """Per-epoch training curves from a Lightning CSVLogger ``metrics.csv``: ``epoch`` (list) and,
+    per metric (``train/loss``, every ``val/*``), the epoch's value (None where not logged).
+    ``train/loss`` is the epoch mean (``train/loss_epoch``). None when the file has no epoch rows."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+    if "epoch" not in frame.columns or frame.empty:
+        return None
+    columns = {"train/loss": "train/loss_epoch" if "train/loss_epoch" in frame.columns else None}
+    columns.update({c: c for c in frame.columns if c.startswith("val/")})
+    columns = {name: col for name, col in columns.items() if col is not None}
+    per_epoch = frame.groupby("epoch")[list(columns.values())].last() if columns else None
+    if per_epoch is None or per_epoch.dropna(how="all").empty:
+        return None
+    per_epoch = per_epoch.dropna(how="all")
+    curves = {"epoch": [int(e) + 1 for e in per_epoch.index], "source": str(path)}
+    for name, col in columns.items():
+        curves[name] = [float(v) if np.isfinite(v) else None for v in per_epoch[col].to_numpy(dtype=float)]
+    return curves
+
+
+def latest_metrics_csv(run_dir: str | os.PathLike) -> Path | None:
+    """``logs/version_N/metrics.csv`` of the highest N under ``run_dir`` (the run's own training log)."""
+    found = []
+    for path in Path(run_dir).glob("logs/version_*/metrics.csv"):
+        suffix = path.parent.name.removeprefix("version_")
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return max(found)[1] if found else None
+
+
 def _segment_section(inputs: SegmentInputs, sample: int) -> tuple[dict, list[Figure]]:
     from dmp_dl.evaluation import plots
 
@@ -193,6 +251,7 @@ def _segment_section(inputs: SegmentInputs, sample: int) -> tuple[dict, list[Fig
         "n_users": int(len(inputs.assignments)),
         "n_segments": len(sizes),
         "sizes": {str(k): v for k, v in sizes.items()},
+        "table": _segment_table(inputs.descriptions) if inputs.descriptions else None,
         "map": {"method": "PCA (numpy SVD) of the user vectors", "users_drawn": int(len(rows)),
                 "explained_variance": explained.tolist()},
     }
@@ -214,6 +273,9 @@ def build_report(
     protocol_notes: Mapping[str, str] | None = None,
     calibration_bins: int = 10,
     segment_sample: int = 5000,
+    curves: Mapping | None = None,
+    selection: Mapping | None = None,
+    stages: Mapping | None = None,
 ) -> Report:
     """Assemble the report's numbers and figures.
 
@@ -230,7 +292,11 @@ def build_report(
     protocol_notes: statements that replace or extend the protocol's (e.g. how a bundle was evaluated).
     calibration_bins: quantile bins of the calibration curve.
     segment_sample: at most this many users are drawn for the 2-D segment map.
+    curves: per-epoch training curves (:func:`read_training_curves`), optional.
+    selection: the model-selection record (``metrics.json["model"]``: ``selected``, ``candidates``,
+        ``best_baseline``), optional; stages: the stage statuses (``metrics.json["stages"]``), optional.
     """
+    from dmp_dl.evaluation.advice import overview
     from dmp_dl.evaluation import plots
 
     ranking = {name: dict(m) for name, m in ranking.items()}
@@ -265,8 +331,16 @@ def build_report(
         absent["segments"] = "no user segments were built in this run"
     else:
         seg_data, figures["segments"] = _segment_section(segments, segment_sample)
+    if curves and len(curves.get("epoch") or []) >= 1:
+        figures["train"] = [Figure("Training curves",
+                                   "Per epoch: the mean training loss (left) and the validation metrics (right), "
+                                   f"from {Path(str(curves.get('source', 'metrics.csv'))).name}.",
+                                   plots.training_curves(curves))]
+    first = overview(model=model_name, summary=summary, propensity=prop_data, segments=seg_data,
+                     data_quality=data_quality, config=config, train=train, selection=selection, stages=stages)
     source = data_quality.get("source", "data")
     data = {
+        "overview": first,
         "title": f"Offline evaluation: {model_name} on {source}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model_name,
@@ -276,6 +350,7 @@ def build_report(
         "protocol": protocol,
         "ranking": ranking,
         "train": dict(train) if train else None,
+        "train_curves": dict(curves) if curves else None,
         "propensity": prop_data,
         "segments": seg_data,
         "sections_absent": absent,
@@ -284,6 +359,15 @@ def build_report(
         "figures": {section: [f.title for f in figs] for section, figs in figures.items()},
     }
     return Report(data=_json_safe(data), figures=figures)
+
+
+def _recorded_metrics(run_dir: Path) -> dict:
+    """``metrics.json`` of the run in ``run_dir`` (empty when absent or unreadable)."""
+    try:
+        data = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_report(output_dir: str | os.PathLike, *, absent: Mapping[str, str] | None = None,
@@ -295,10 +379,17 @@ def write_report(output_dir: str | os.PathLike, *, absent: Mapping[str, str] | N
     report re-created from a bundle)."""
     from dmp_dl.evaluation.render import to_html, to_markdown
 
+    out = Path(output_dir)
+    if "curves" not in inputs:  # the run's own training log, when the report is written into the run directory
+        csv = latest_metrics_csv(out)
+        inputs["curves"] = read_training_curves(csv) if csv is not None else None
+    recorded = _recorded_metrics(out)
+    for key, name in (("selection", "model"), ("stages", "stages")):
+        if inputs.get(key) is None and isinstance(recorded.get(name), Mapping):
+            inputs[key] = recorded[name]
     report = build_report(**inputs)
     reasons = report.data["sections_absent"]
     reasons.update({k: v for k, v in (absent or {}).items() if k in reasons})
-    out = Path(output_dir)
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     atomic_write_text(paths["json"], json.dumps(report.data, indent=2, allow_nan=False))
     atomic_write_text(paths["md"], to_markdown(report))

@@ -32,7 +32,7 @@ NOISE = {
 }
 # third-party warnings (category, message regex) a user can do nothing about
 QUIET_WARNINGS = (
-    (DeprecationWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning's pytree helper on torch >= 2.9
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning's pytree helper on torch >= 2.9
 )
 
 

@@ -128,7 +128,7 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
     "header_in_other_case": (lambda t: write(t / "e.csv", "User_ID,Item_ID,Timestamp\nu1,i1,1700000000\n"),
                              Err(DataError, "lacks required column 'user_id'")),
     "mapping_names_absent_column": (lambda t: {"path": write(t / "e.csv", H + GOOD), "columns": {"user_id": "customer"}},
-                                    Err(DataError, r"\['customer'\].*data\.columns")),
+                                    Err(DataError, r"\['customer'\].*data\.source\.columns")),
     "mapping_creates_duplicate": (lambda t: {"path": write(t / "e.csv", "user_id,cust,item_id,timestamp\nu,v,i,1700000000\n"),
                                              "columns": {"user_id": "cust"}},
                                   Err(DataError, r"duplicated column name\(s\) \['user_id'\]")),

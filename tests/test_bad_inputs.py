@@ -121,8 +121,8 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
     "empty_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": ""}, Err(ConfigError, "data.sep", "data.sep")),
     "newline_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": "\n"}, Err(ConfigError, "data.sep", "data.sep")),
     # columns
-    "missing_timestamp_column": (lambda t: write(t / "e.csv", "user_id,item_id\nu1,i1\n"),
-                                 Err(DataError, "lacks required column 'timestamp'")),
+    "missing_timestamp_column": (lambda t: write(t / "e.csv", "user_id,item_id\nu1,i1\n"), Drops(1)),  # a timeless log
+    "constant_placeholder_timestamps": (lambda t: write(t / "e.csv", H + "u1,i1,0\nu2,i2,0\n"), Drops(2)),  # no times, not out of range
     "missing_item_column_parquet": (lambda t: parquet(t / "e.parquet", pa.table({"user_id": ["u"], "timestamp": [1]})),
                                     Err(DataError, "lacks required column 'item_id'")),
     "header_in_other_case": (lambda t: write(t / "e.csv", "User_ID,Item_ID,Timestamp\nu1,i1,1700000000\n"),

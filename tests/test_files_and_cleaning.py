@@ -109,7 +109,7 @@ def test_column_mapping(tmp_path):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ("user_id,item_id\nu1,i1\n", "lacks required column 'timestamp'"),
+        ("user_id,timestamp\nu1,1\n", "lacks required column 'item_id'"),
         ("user_id;item_id;timestamp\nu1;i1;1700000000\n", None),  # auto-detected separator works
         ("", "empty"),
         ("user_id,user_id,item_id,timestamp\n1,1,a,1700000000\n", "duplicated column"),

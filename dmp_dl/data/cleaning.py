@@ -77,6 +77,9 @@ class CleaningOptions:
             if bad:
                 raise ConfigError(f"data.cleaning.event_weights must be finite and >= 0, got {bad}")
             self.event_weights = weights
+        for bound in (self.min_timestamp, self.max_timestamp):  # refused before any data is read
+            if bound is not None:
+                _to_epoch_seconds(bound)
         if self.timestamp_unit not in ("s", "ms"):
             raise ConfigError(f"data.cleaning.timestamp_unit must be 's' or 'ms', got {self.timestamp_unit!r}")
         self.value_fill = _number(self.value_fill, "value_fill")
@@ -123,6 +126,8 @@ class QualityReport:
     n_users: int = 0
     n_items: int = 0
     events_per_type: dict[str, int] = field(default_factory=dict)
+    has_timestamps: bool = True
+    timestamps_note: str | None = None  # why the log counts as having no event times
     time_range: dict[str, str | None] = field(default_factory=dict)
     attributes: dict[str, dict[str, str]] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
@@ -218,9 +223,12 @@ def clean_events(
 
     Parameters
     ----------
-    raw: columns ``user_id``, ``item_id``, ``timestamp`` and optionally ``event_type``, ``value``;
+    raw: columns ``user_id``, ``item_id`` and optionally ``timestamp``, ``event_type``, ``value``;
         any dtypes (strings from CSV, native from Parquet or generators). Other columns are ignored
-        and listed in the report.
+        and listed in the report. Without a ``timestamp`` column every event gets time 0; when
+        every parseable timestamp has the same value, that value is kept and the range check is
+        not applied (a constant carries no time, and is often a placeholder such as 0): see
+        :func:`describe_times`.
     opts: the cleaning options.
     malformed_rows: rows the reader skipped (counted as ``malformed_row``).
     exclude_users: user ids to drop (``erased_user``), e.g. the erasure list.
@@ -247,12 +255,19 @@ def clean_events(
     drop(_missing_id(users), "missing_user_id")
     drop(_missing_id(items), "missing_item_id")
 
-    ts = parse_timestamps(raw[TIME], opts.timestamp_unit)
-    drop(~np.isfinite(ts), "bad_timestamp")
-    lo = _to_epoch_seconds(opts.min_timestamp)
-    hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
-    with np.errstate(invalid="ignore"):
-        drop((ts < lo) | (ts > hi), "timestamp_out_of_range")
+    if TIME in raw.columns:
+        ts = parse_timestamps(raw[TIME], opts.timestamp_unit)
+        drop(~np.isfinite(ts), "bad_timestamp")
+        lo = _to_epoch_seconds(opts.min_timestamp)
+        hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
+        with np.errstate(invalid="ignore"):
+            outside = (ts < lo) | (ts > hi)
+        if len(np.unique(ts[keep])) > 1:
+            drop(outside, "timestamp_out_of_range")
+        else:  # one value for every event: no time at all, kept (as 0 when it is no sane time)
+            ts = np.where(outside, 0.0, ts)
+    else:
+        ts = np.zeros(n, dtype=np.float64)
 
     if TYPE in raw.columns:
         types = raw[TYPE].astype(object).where(raw[TYPE].notna(), "").map(str).str.strip().str.lower()
@@ -385,6 +400,18 @@ def clean_attributes(
     return frame, rep, kinds
 
 
+def describe_times(raw_events: pd.DataFrame, events: pd.DataFrame) -> str | None:
+    """Why a log counts as having no event times (None when it has them): no ``timestamp`` column,
+    or fewer than two distinct times among the clean ``events``."""
+    if TIME not in raw_events.columns:
+        return "the log has no timestamp column"
+    distinct = events[TIME].unique()
+    if len(distinct) < 2:
+        when = pd.Timestamp(int(distinct[0]), unit="s", tz="UTC").isoformat() if len(distinct) else "none"
+        return f"every event has the same timestamp ({when})"
+    return None
+
+
 def clean_log(
     raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = ()
 ) -> tuple[EventLog, QualityReport]:
@@ -416,10 +443,18 @@ def clean_log(
     report.n_users = int(events[USER].nunique())
     report.n_items = int(events[ITEM].nunique())
     report.events_per_type = {str(k): int(v) for k, v in events[TYPE].value_counts().sort_index().items()}
-    t0, t1 = int(events[TIME].min()), int(events[TIME].max())
-    report.time_range = {
-        "min": pd.Timestamp(t0, unit="s", tz="UTC").isoformat(),
-        "max": pd.Timestamp(t1, unit="s", tz="UTC").isoformat(),
-    }
+    report.timestamps_note = describe_times(raw.events, events)
+    report.has_timestamps = report.timestamps_note is None
+    if report.has_timestamps:
+        t0, t1 = int(events[TIME].min()), int(events[TIME].max())
+        report.time_range = {
+            "min": pd.Timestamp(t0, unit="s", tz="UTC").isoformat(),
+            "max": pd.Timestamp(t1, unit="s", tz="UTC").isoformat(),
+        }
+    else:
+        report.time_range = {"min": None, "max": None}
+        log.warning("%s: no event times (%s): events keep their file order, the split is per user at random, "
+                    "interest profiles are not time-decayed and time-window propensity labels cannot be made",
+                    raw.source, report.timestamps_note)
     log.debug(report.summary())  # the caller logs the summary once (pipeline, evaluate)
     return EventLog(events, users, items, raw.source, dict(raw.meta)), report

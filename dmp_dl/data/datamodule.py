@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
 from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT, EventLog
-from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, assign_split
+from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, split_events
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import ConfigError, DataError
 
@@ -159,7 +159,8 @@ class InteractionDataModule(pl.LightningDataModule):
     batch_size: training batch size; eval_batch_size: users per evaluation batch.
     history_len: recent items per user fed to models that use history (0: none).
     history_sampling: how training examples get their history (see :class:`TrainExamples`):
-        ``recent``, ``random``, or ``auto`` (``random`` for the random_per_user split, else ``recent``).
+        ``recent``, ``random``, or ``auto`` (``random`` when the split, once ``auto`` is resolved, is
+        random_per_user, else ``recent``).
     erasure_list: file of erased user ids (one per line); their events are dropped on load.
     privacy: a :class:`dmp_dl.privacy.PrivacyOptions` (``privacy`` in the train config): user ids
         are replaced by keyed pseudonyms right after loading when ``privacy.pseudonymize``, and the
@@ -195,9 +196,8 @@ class InteractionDataModule(pl.LightningDataModule):
         self.history_len = int(history_len)
         if self.history_len < 0:
             raise ConfigError(f"data.history_len must be >= 0, got {history_len}")
-        if history_sampling == "auto":
-            history_sampling = "random" if self.split_opts.method == "random_per_user" else "recent"
-        self.history_sampling = history_sampling
+        self.history_sampling_setting = history_sampling
+        self.history_sampling = self._resolve_history_sampling(self.split_opts.method)
         self.erasure_list = erasure_list
         self.privacy = privacy
         self.name = name
@@ -220,10 +220,18 @@ class InteractionDataModule(pl.LightningDataModule):
         self.item_vocab = IdVocab.from_values(ev[ITEM].unique(), "item")
         ev["user_idx"] = self.user_vocab.index_of(ev[USER].tolist())
         ev["item_idx"] = self.item_vocab.index_of(ev[ITEM].tolist())
-        ev["split"] = assign_split(ev["user_idx"].to_numpy(), ev[TIME].to_numpy(), self.split_opts)
+        labels, method, reason = split_events(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
+                                              report.has_timestamps, self.split_opts)
+        ev["split"] = labels
+        self.split_method = method
+        self.history_sampling = self._resolve_history_sampling(method)
+        if reason:
+            log.info("split: %s (%s)", method, reason)
         self.log_ = cleaned
         self.report = report
         self._index_splits(ev)
+        report.split = {"method": method, "method_requested": self.split_opts.method, "method_reason": reason,
+                        "history_sampling": self.history_sampling, **report.split}
         self.user_features = FeatureTable.build(cleaned.users, USER, self.user_vocab, report.attributes.get("users"))
         self.item_features = FeatureTable.build(cleaned.items, ITEM, self.item_vocab, report.attributes.get("items"))
         report.attributes["skipped"] = {
@@ -232,6 +240,18 @@ class InteractionDataModule(pl.LightningDataModule):
         }
         self._prepared = True
         return self
+
+    def _resolve_history_sampling(self, split_method: str) -> str:
+        """``history_sampling`` with ``auto`` resolved for ``split_method`` (left ``auto`` while the
+        split itself is still ``auto``)."""
+        if self.history_sampling_setting != "auto" or split_method == "auto":
+            return self.history_sampling_setting
+        return "random" if split_method == "random_per_user" else "recent"
+
+    @property
+    def has_timestamps(self) -> bool:
+        """Whether the clean log has event times (see :func:`dmp_dl.data.cleaning.describe_times`)."""
+        return self.report.has_timestamps
 
     def _erased_users(self, raw) -> Collection[str]:
         """The users of ``raw`` on ``erasure_list`` (raw ids and salted hashes; keyed hashes need
@@ -264,9 +284,8 @@ class InteractionDataModule(pl.LightningDataModule):
         users_in_train[u[train]] = True
         items_in_train = self.item_counts > 0
         stats: dict[str, object] = {
-            "method": self.split_opts.method,
             "events": {"train": int(train.sum()), "val": int((s == VAL).sum()), "test": int((s == TEST).sum())},
-            "train_time_max": int(ev.loc[train, TIME].max()),
+            "train_time_max": int(ev.loc[train, TIME].max()) if self.report.has_timestamps else None,
         }
         exclude = self.train_seen
         for name, code in (("val", VAL), ("test", TEST)):

@@ -2,8 +2,9 @@
 
 An event log is three tables:
 
-* ``events``: one row per event, columns ``user_id``, ``item_id``, ``timestamp`` and optionally
-  ``event_type`` and ``value``. Loaders return them raw (strings or native types); cleaning turns
+* ``events``: one row per event, columns ``user_id``, ``item_id`` and optionally ``timestamp``,
+  ``event_type`` and ``value`` (a log without usable times trains too: see
+  :func:`dmp_dl.data.cleaning.describe_times`). Loaders return them raw (strings or native types); cleaning turns
   them into the canonical dtypes below.
 * ``users`` (optional): ``user_id`` plus categorical (strings) or numeric attribute columns.
 * ``items`` (optional): ``item_id`` plus categorical attribute columns; a multi-valued column holds
@@ -27,8 +28,8 @@ TYPE = "event_type"
 VALUE = "value"
 WEIGHT = "weight"
 
-REQUIRED_EVENT_COLUMNS = (USER, ITEM, TIME)
-OPTIONAL_EVENT_COLUMNS = (TYPE, VALUE)
+REQUIRED_EVENT_COLUMNS = (USER, ITEM)
+OPTIONAL_EVENT_COLUMNS = (TIME, TYPE, VALUE)
 MULTI_VALUE_SEP = "|"
 
 

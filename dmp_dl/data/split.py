@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from dmp_dl.errors import ConfigError
 
 TRAIN, VAL, TEST = 0, 1, 2
-METHODS = ("global_temporal", "leave_last_n", "random_per_user")
+METHODS = ("auto", "global_temporal", "leave_last_n", "random_per_user")
+TIME_METHODS = ("global_temporal", "leave_last_n")  # need event times
 
 
 @dataclass
@@ -17,6 +18,10 @@ class SplitOptions:
     """``data.split``.
 
     method:
+      * ``auto`` (default): ``global_temporal`` when its cut leaves at least ``auto_min_users`` and
+        ``auto_min_user_share`` of all users with a held-out item to rank in both validation and
+        test, else ``leave_last_n`` when the log has event times, else ``random_per_user``
+        (:func:`split_events` says which and why).
       * ``global_temporal``: one cut in time; the last ``test_frac`` of events (by time) are test,
         the ``val_frac`` before them validation. No training event is later than any held-out one.
       * ``leave_last_n``: per user, the last ``n`` events are test and the ``n`` before them
@@ -25,11 +30,13 @@ class SplitOptions:
         (rounded down, so a user keeps at least one training event).
     """
 
-    method: str = "global_temporal"
+    method: str = "auto"
     val_frac: float = 0.1
     test_frac: float = 0.1
     n: int = 1
     seed: int = 42
+    auto_min_users: int = 100
+    auto_min_user_share: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -40,6 +47,63 @@ class SplitOptions:
             )
         if self.n < 1:
             raise ConfigError(f"data.split.n must be >= 1, got {self.n}")
+        if isinstance(self.auto_min_users, bool) or not isinstance(self.auto_min_users, int) or self.auto_min_users < 0:
+            raise ConfigError(f"data.split.auto_min_users must be an integer >= 0, got {self.auto_min_users!r}")
+        if not 0 <= self.auto_min_user_share <= 1:
+            raise ConfigError(f"data.split.auto_min_user_share must be in [0, 1], got {self.auto_min_user_share}")
+
+
+def heldout_users(user: np.ndarray, item: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    """Users the validation and the test split can rank: users with a training event and a held-out
+    item they did not already have (in training; for test, in training or validation). The
+    datamodule's ``val_users`` / ``test_users`` are these users.
+
+    user, item: (n,) int64 indices; labels: (n,) split labels. Returns (validation users, test users).
+    """
+    key = user.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
+    train = labels == TRAIN
+    has_train = np.zeros(int(user.max(initial=0)) + 1, dtype=bool)
+    has_train[user[train]] = True
+    seen = np.unique(key[train])
+    counts = []
+    for code in (VAL, TEST):
+        held = labels == code
+        fresh = held & has_train[user] & ~np.isin(key, seen)
+        counts.append(len(np.unique(user[fresh])))
+        seen = np.union1d(seen, key[held])
+    return counts[0], counts[1]
+
+
+def split_events(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, has_timestamps: bool,
+                 opts: SplitOptions) -> tuple[np.ndarray, str, str | None]:
+    """Split labels, the method used and, for ``auto``, why it was chosen.
+
+    user, item: (n,) int64 indices; timestamp: (n,) epoch seconds, sorted (see :func:`assign_split`);
+    has_timestamps: False for a log without event times (then only ``random_per_user`` applies).
+    Returns ((n,) int8 labels, method, reason or None). Raises :class:`ConfigError` for a method
+    that needs times on a log without them.
+    """
+    if opts.method != "auto":
+        if opts.method in TIME_METHODS and not has_timestamps:
+            raise ConfigError(f"data.split.method={opts.method} needs event times and this log has none; "
+                              "use data.split.method=auto or random_per_user")
+        return assign_split(user, timestamp, opts), opts.method, None
+    if not has_timestamps:
+        chosen = replace(opts, method="random_per_user")
+        return assign_split(user, timestamp, chosen), chosen.method, "auto: the log has no event times"
+    n_users = len(np.unique(user))
+    need = max(int(opts.auto_min_users), int(np.ceil(opts.auto_min_user_share * n_users)))
+    labels = assign_split(user, timestamp, replace(opts, method="global_temporal"))
+    val_users, test_users = heldout_users(user, item, labels)
+    found = (f"{val_users} validation and {test_users} test users of {n_users} with a held-out item to rank "
+             f"(auto needs at least {need} each: data.split.auto_min_users={opts.auto_min_users}, "
+             f"auto_min_user_share={opts.auto_min_user_share:g})")
+    wanted_val, wanted_test = opts.val_frac > 0, opts.test_frac > 0
+    if (val_users >= need or not wanted_val) and (test_users >= need or not wanted_test):
+        return labels, "global_temporal", f"auto: one cut in time leaves {found}"
+    chosen = replace(opts, method="leave_last_n")
+    return (assign_split(user, timestamp, chosen), chosen.method,
+            f"auto: one cut in time would leave {found}, so each user's last {opts.n} event(s) are held out instead")
 
 
 def assign_split(user: np.ndarray, timestamp: np.ndarray, opts: SplitOptions) -> np.ndarray:
@@ -54,6 +118,8 @@ def assign_split(user: np.ndarray, timestamp: np.ndarray, opts: SplitOptions) ->
     -------
     (n,) int8 labels.
     """
+    if opts.method not in METHODS[1:]:
+        raise ValueError(f"assign_split needs a concrete method, got {opts.method!r} (split_events resolves auto)")
     n = len(user)
     labels = np.zeros(n, dtype=np.int8)
     if n == 0:

@@ -17,6 +17,12 @@ class DataError(DmpError, ValueError):
     """An input file or table is missing, unreadable or lacks what is required."""
 
 
+class InsufficientDataError(DataError):
+    """The data cannot support an optional step (a time span shorter than the label window, too few
+    positives, no event times, too few users for the segments). The training job skips that stage
+    with this message as its reason, unless ``<stage>.required=true``, which makes it an error."""
+
+
 class ConfigError(DmpError, ValueError):
     """A configuration value is invalid."""
 

@@ -45,7 +45,6 @@ log = logging.getLogger("dmp_dl.evaluate")  # not __main__ under python -m
 
 # Settings of the `evaluation` group that decide the ranking numbers; null in conf/evaluate.yaml = the bundle's.
 RANKING_SETTINGS = ("ks", "baselines", "ease_l2", "ease_max_items")
-PROPENSITY_MODEL = "mlp"
 
 
 def training_config(bundle: Bundle) -> DictConfig:
@@ -148,12 +147,12 @@ def mapping_note(counts: Mapping, origin: str) -> str:
 def propensity_inputs(bundle: Bundle, run_cfg: DictConfig, dm) -> tuple[PropensityInputs | None, str]:
     """The propensity section's inputs re-derived from the bundle, or (None, why not).
 
-    The network's test predictions are recomputed exactly as in training: the task (cutoff,
+    The served model's test predictions are recomputed exactly as in training: the task (cutoff,
     labels) and the stratified user split are rebuilt from the training config, the features from
-    the data up to the cutoff, and the stored network and calibration score them. That is only
+    the data up to the cutoff, and the stored model and calibration score them. That is only
     possible on the bundle's training data, checked by the rebuilt feature encoding and task
-    matching the stored ones. The logistic-regression and GBM baselines are not in the bundle: their
-    metrics are the ones recorded at training, without curves.
+    matching the stored ones. The models the bundle does not serve are not in it: their metrics are
+    the ones recorded at training, without curves.
 
     Returns (inputs, protocol statement) or (None, the reason the section is absent).
     """
@@ -188,19 +187,20 @@ def propensity_inputs(bundle: Bundle, run_cfg: DictConfig, dm) -> tuple[Propensi
         labels = task.labels[test]
         # As in training: the snapshot of every eligible user, then the test rows.
         predictions = scorer.score_snapshot(features.known(dm.events, task.users, task.cutoff).take(test))
+    served = scorer.served
     metrics = {name: dict(m) for name, m in (stored.get("metrics") or {}).items()}
     recomputed = binary_metrics(labels, predictions, int(p.get("ece_bins", 10)))
-    gaps = [abs(recomputed[k] - v) for k, v in metrics.get(PROPENSITY_MODEL, {}).items()
+    gaps = [abs(recomputed[k] - v) for k, v in metrics.get(served, {}).items()
             if isinstance(v, float) and np.isfinite(recomputed.get(k, np.nan))]
-    metrics[PROPENSITY_MODEL] = recomputed
-    baselines = [n for n in metrics if n != PROPENSITY_MODEL]
-    note = (f"{PROPENSITY_MODEL}: test predictions re-derived from the bundle (the training run's cutoff "
-            f"{summary['cutoff_iso']}, labels, user split and features; stored network and calibration); its metrics "
+    metrics[served] = recomputed
+    others = [n for n in metrics if n != served]
+    note = (f"{served}: test predictions re-derived from the bundle (the training run's cutoff "
+            f"{summary['cutoff_iso']}, labels, user split and features; stored model and calibration); its metrics "
             f"match the recorded ones to {max(gaps, default=float('nan')):.1e}.")
-    if baselines:
-        note += (f" {', '.join(baselines)}: not stored in the bundle, so their metrics are those recorded at training "
-                 "on the same test users, without curves or gains.")
-    return PropensityInputs(metrics=metrics, labels=labels, predictions={PROPENSITY_MODEL: predictions}), note
+    if others:
+        note += (f" {', '.join(others)}: not served, so not stored in the bundle; their metrics are those recorded at "
+                 "training on the same test users, without curves or gains.")
+    return PropensityInputs(metrics=metrics, labels=labels, predictions={served: predictions}, served=served), note
 
 
 # -- the report -------------------------------------------------------------------------------

@@ -1,7 +1,14 @@
-"""The whole training job as one plain function: ``run(cfg)``.
+"""The whole training job as an ordered list of stages: ``run(cfg)``.
 
-events -> clean + vocab + split (InteractionDataModule) -> embedding model (Lightning) ->
-full-ranking evaluation against baselines -> exported vectors.
+    data -> model -> evaluation -> propensity -> audience -> export -> report
+
+The embeddings and the bundle are the job: ``data``, ``model`` and ``export`` must succeed.
+``evaluation``, ``propensity``, ``audience`` and ``report`` are optional: when the data cannot
+support one (no held-out users, a time span shorter than the label window, too few positives, no
+event times, too few users for the segments) it is skipped with one warning line and its reason,
+and the bundle is exported without that part (the API answers 409 for it); ``<stage>.required=true``
+makes such a skip the one-line error it used to be. How each stage ended is in
+``metrics.json["stages"]``, the bundle's manifest and the report (see :mod:`dmp_dl.stages`).
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.errors import ConfigError, InsufficientDataError
 from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
 from dmp_dl.io import atomic_write_text
 from dmp_dl.privacy.training import PrivacyHooks
-from dmp_dl.training import build_trainer, config_to_dict, load_best_weights, resolve_ckpt_path
+from dmp_dl.stages import SkipStage, Stage, StageResult, run_stages
+from dmp_dl.training import config_to_dict, fit_embedding_model
 
 log = logging.getLogger(__name__)
 
@@ -36,74 +45,140 @@ def evaluate_ranking(cfg: DictConfig, dm: InteractionDataModule, net: torch.nn.M
     return evaluate_model_and_baselines(net, model_name, HeldOutSplit.from_datamodule(dm), cfg.get("evaluation", {}))
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, evaluate and export as configured. Returns metrics and the objects built.
+def _enabled(cfg: DictConfig, group: str) -> bool:
+    node = cfg.get(group)
+    return node is not None and bool(node.get("enabled", False))
 
-    Everything is written under ``cfg.paths.output_dir``.
+
+# -- the stages: each reads and adds to `state` (what run() returns) ----------------------------
+def data_stage(cfg: DictConfig, state: dict) -> None:
+    out = Path(cfg.paths.output_dir)
+    dm = state["datamodule"] = load_data(cfg)
+    dm.report.write_json(out / "data_quality.json")
+    log.info(dm.report.summary())
+
+
+def model_stage(cfg: DictConfig, state: dict) -> None:
+    privacy = state["privacy"] = PrivacyHooks.from_config(cfg)
+    module, train = fit_embedding_model(cfg, state["datamodule"], privacy)
+    state.update(module=module, trainer=module.trainer)
+    if module.trainer.global_rank != 0:  # DDP: evaluation, propensity and export run on rank 0 alone
+        state["halt"] = True
+        return
+    state["metrics"]["train"] = train
+
+
+def evaluation_stage(cfg: DictConfig, state: dict) -> None:
+    dm = state["datamodule"]
+    split = HeldOutSplit.from_datamodule(dm)
+    if len(split.test) == 0:
+        s = dm.report.split
+        raise InsufficientDataError(
+            f"no test user has a held-out item to rank ({s['events']['test']} test events; "
+            f"{s['test_pairs_already_seen']} of their user-item pairs were already seen in training, "
+            f"{s['test_events_user_unseen_in_train']} belong to users unseen in training)")
+    ranking = evaluate_model_and_baselines(state["module"].net, cfg.model.get("name", "model"), split,
+                                           cfg.get("evaluation", {}))
+    state["metrics"]["ranking"] = ranking
+    for name, m in ranking.items():
+        log.info("test %-12s recall@20=%.4f ndcg@20=%.4f", name, m.get("recall@20", float("nan")), m.get("ndcg@20", float("nan")))
+
+
+def propensity_stage(cfg: DictConfig, state: dict) -> str | None:
+    if not _enabled(cfg, "propensity"):
+        raise SkipStage("propensity.enabled=false")
+    from dmp_dl.propensity import train_propensity
+
+    result = state["propensity"] = train_propensity(cfg, state["datamodule"], state["module"].net)
+    state["metrics"]["propensity"] = result.summary()
+    return None
+
+
+def audience_stage(cfg: DictConfig, state: dict) -> str | None:
+    if not _enabled(cfg, "audience"):
+        raise SkipStage("audience.enabled=false")
+    from dmp_dl.audience.build import build_audience
+
+    audience = state["audience"] = build_audience(cfg.audience, state["datamodule"], state["module"].net,
+                                                  state.get("propensity"))
+    state["metrics"]["audience"] = audience.summary()
+    state["bundle_parts"] = {**state.get("bundle_parts", {}), **audience.bundle_parts()}
+    return f"segments not built: {audience.segments_skipped}" if audience.segments_skipped else None
+
+
+def export_stage(cfg: DictConfig, state: dict) -> None:
+    if not cfg.get("export", True):
+        raise SkipStage("export=false")
+    from dmp_dl.bundle import export_run
+
+    stages = {name: r.to_dict() for name, r in state["stage_results"].items()}
+    state["bundle_parts"] = {**state.get("bundle_parts", {}), **state["privacy"].bundle_parts(),
+                             "stages": lambda writer: stages}
+    state["bundle_dir"] = export_run(cfg, state, Path(cfg.paths.output_dir) / "artifacts")
+    log.info("bundle written to %s", state["bundle_dir"])
+
+
+def report_stage(cfg: DictConfig, state: dict) -> None:
+    report = cfg.get("evaluation", {}).get("report")
+    if report is None:
+        raise SkipStage("evaluation.report=null")
+    dm, metrics = state["datamodule"], state["metrics"]
+    state["report"] = instantiate(report)(
+        Path(cfg.paths.output_dir), config=config_to_dict(cfg), data_quality=dm.report.to_dict(),
+        ranking=metrics["ranking"], model_name=cfg.model.get("name", "model"), train=metrics.get("train"),
+        propensity=state.get("propensity"),
+        segments=state["audience"].segment_inputs() if "audience" in state else None,
+        stages={name: r.to_dict() for name, r in state["stage_results"].items()},
+    )
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", data_stage),
+    Stage("model", model_stage),
+    Stage("evaluation", evaluation_stage, optional=True),
+    Stage("propensity", propensity_stage, optional=True),
+    Stage("audience", audience_stage, optional=True),
+    Stage("export", export_stage),
+    Stage("report", report_stage, optional=True),
+)
+
+
+def check_stage_settings(cfg: DictConfig) -> None:
+    """Settings that contradict each other, refused before any data is read."""
+    for group in ("propensity", "audience"):
+        node = cfg.get(group)
+        if node is not None and node.get("required") is True and not node.get("enabled", False):
+            raise ConfigError(f"{group}.required=true but {group}.enabled=false: enable the stage or drop required")
+    if cfg.get("report", {}).get("required") is True and cfg.get("evaluation", {}).get("report") is None:
+        raise ConfigError("report.required=true but evaluation.report=null: configure the report or drop required")
+    if _enabled(cfg, "propensity"):
+        serve = cfg.propensity.get("serve", "best")
+        allowed = ["best", "mlp", *(cfg.propensity.get("baselines") or {})]
+        if serve not in allowed:
+            raise ConfigError(f"propensity.serve must be one of {allowed}, got {serve!r}")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the stages as configured. Returns what they built: ``datamodule``, ``module``,
+    ``trainer``, ``metrics`` (also ``metrics.json``), ``stages`` (name -> :class:`StageResult`) and,
+    when they ran, ``propensity``, ``audience``, ``bundle_dir`` and ``report``.
+
+    Everything is written under ``cfg.paths.output_dir``; ``metrics.json`` is rewritten after every
+    stage, so it always says how far the run got.
     """
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-
+    check_stage_settings(cfg)
     t0 = time.perf_counter()
-    dm = load_data(cfg)
-    dm.report.write_json(out / "data_quality.json")
-    log.info(dm.report.summary())
+    state: dict[str, Any] = {"metrics": {"stages": {}, "ranking": {}}, "stage_results": {}}
 
-    privacy = PrivacyHooks.from_config(cfg)
-    module, fit_data = privacy.build_module(cfg, dm)  # user-level DP-SGD when privacy.dp.enabled
-    trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0)
-    t_fit = time.perf_counter()
-    trainer.fit(module, **fit_data, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), out))
-    fit_seconds = time.perf_counter() - t_fit
-    result: dict[str, Any] = {"datamodule": dm, "module": module, "trainer": trainer}
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # DDP: the rest of the job (evaluation, propensity, export) runs on rank 0 alone.
-        torch.distributed.destroy_process_group()
-    if trainer.global_rank != 0:
-        return result
-    best = load_best_weights(module, trainer)
-    n_train = len(dm.train_idx)
-    epochs = max(trainer.current_epoch, 1)
-    metrics: dict[str, Any] = {
-        "train": {
-            "best_checkpoint": best,
-            "epochs": trainer.current_epoch,
-            "fit_seconds": fit_seconds,
-            "train_events": n_train,
-            "examples_per_second": n_train * epochs / fit_seconds if fit_seconds > 0 else None,
-            "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-            "privacy": privacy.summary(trainer.global_step),
-        },
-        "ranking": evaluate_ranking(cfg, dm, module.net, cfg.model.get("name", "model")),
-    }
-    if cfg.get("propensity") is not None and cfg.propensity.get("enabled", False):
-        from dmp_dl.propensity import train_propensity
+    def record(results: dict[str, StageResult]) -> None:
+        state["stage_results"] = results
+        state["metrics"]["stages"] = {name: r.to_dict() for name, r in results.items()}
+        state["metrics"]["total_seconds"] = time.perf_counter() - t0
+        if not state.get("halt"):
+            atomic_write_text(out / "metrics.json", json.dumps(state["metrics"], indent=2, default=str))
 
-        result["propensity"] = train_propensity(cfg, dm, module.net)
-        metrics["propensity"] = result["propensity"].summary()
-    if cfg.get("audience") is not None and cfg.audience.get("enabled", False):
-        from dmp_dl.audience.build import build_audience
-
-        result["audience"] = build_audience(cfg.audience, dm, module.net, result.get("propensity"))
-        metrics["audience"] = result["audience"].summary()
-        result["bundle_parts"] = {**result.get("bundle_parts", {}), **result["audience"].bundle_parts()}
-    metrics["total_seconds"] = time.perf_counter() - t0
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    for name, m in metrics["ranking"].items():
-        log.info("test %-12s recall@20=%.4f ndcg@20=%.4f", name, m.get("recall@20", float("nan")), m.get("ndcg@20", float("nan")))
-    result["metrics"] = metrics
-    if cfg.get("export", True):
-        from dmp_dl.bundle import export_run
-
-        result["bundle_parts"] = {**result.get("bundle_parts", {}), **privacy.bundle_parts()}
-        result["bundle_dir"] = export_run(cfg, result, out / "artifacts")
-        log.info("bundle written to %s", result["bundle_dir"])
-    report = cfg.get("evaluation", {}).get("report")
-    if report is not None:  # report.json / .md / .html from what the run produced
-        result["report"] = instantiate(report)(
-            out, config=config_to_dict(cfg), data_quality=dm.report.to_dict(), ranking=metrics["ranking"],
-            model_name=cfg.model.get("name", "model"), train=metrics["train"], propensity=result.get("propensity"),
-            segments=result["audience"].segment_inputs() if "audience" in result else None,
-        )
-    return result
+    state["stages"] = run_stages(cfg, STAGES, state, after_each=record)
+    return state

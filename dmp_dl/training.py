@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,35 @@ def checkpoint_position(path: str | Path) -> dict[str, int]:
     except Exception as exc:  # torch.load and a foreign layout raise many types
         raise ConfigError(f"ckpt_path: {path} is not a training checkpoint of this project ({type(exc).__name__}: "
                           f"{exc})") from None
+
+
+def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy) -> tuple[RetrievalModule, dict[str, Any]]:
+    """Build the configured embedding model for ``dm``, fit it (resuming ``ckpt_path``) and load the
+    best checkpoint's weights.
+
+    privacy: the run's :class:`~dmp_dl.privacy.training.PrivacyHooks` (DP-SGD when configured).
+    Returns (module, the training summary for ``metrics.json["train"]``); ``module.trainer`` is the
+    Trainer. On DDP ranks other than 0 the summary is empty (the rest of the job runs on rank 0).
+    """
+    module, fit_data = privacy.build_module(cfg, dm)
+    trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0)
+    t0 = time.perf_counter()
+    trainer.fit(module, **fit_data, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir)))
+    fit_seconds = time.perf_counter() - t0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if trainer.global_rank != 0:
+        return module, {}
+    n_train = len(dm.train_idx)
+    return module, {
+        "best_checkpoint": load_best_weights(module, trainer),
+        "epochs": trainer.current_epoch,
+        "fit_seconds": fit_seconds,
+        "train_events": n_train,
+        "examples_per_second": n_train * max(trainer.current_epoch, 1) / fit_seconds if fit_seconds > 0 else None,
+        "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "privacy": privacy.summary(trainer.global_step),
+    }
 
 
 def load_best_weights(module: RetrievalModule, trainer: pl.Trainer) -> str | None:

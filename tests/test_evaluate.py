@@ -133,12 +133,13 @@ def test_propensity_section_is_re_derived_from_the_bundle(trained, tmp_path):
     inputs = result["propensity"]
     assert inputs is not None
     assert len(inputs.labels) == recorded["split"]["test"]
-    assert set(inputs.predictions) == {"mlp"}  # the baselines' models are not in the bundle
+    served = recorded["served"]  # the best on the validation users: the bundle stores it alone
+    assert set(inputs.predictions) == {served} and inputs.served == served
     for name, metrics in recorded["metrics"].items():
         for key in ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10"):
             assert inputs.metrics[name][key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-12), f"{name}.{key}"
-    gains = gains_table(inputs.labels, inputs.predictions["mlp"])  # per-user order, not only averages
-    assert json.loads(json.dumps(gains)) == recorded["gains"]["mlp"]
+    gains = gains_table(inputs.labels, inputs.predictions[served])  # per-user order, not only averages
+    assert json.loads(json.dumps(gains)) == recorded["gains"][served]
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["propensity"]["n_test_users"] == recorded["split"]["test"]
     assert "re-derived from the bundle" in data["protocol"]["statements"]["propensity"]

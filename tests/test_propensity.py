@@ -18,7 +18,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torchmetrics.functional.classification import binary_calibration_error
 
 from dmp_dl.data.schema import TIME, TYPE, EventLog
-from dmp_dl.errors import BundleError, ConfigError, DataError, UnknownIdError
+from dmp_dl.errors import BundleError, ConfigError, DataError, InsufficientDataError, UnknownIdError
 from dmp_dl.pipeline import load_data
 from dmp_dl.propensity import load_propensity, save_propensity, train_propensity
 from dmp_dl.propensity.calibration import Calibrator
@@ -62,7 +62,7 @@ def test_cutoff_leaves_a_full_label_window():
     assert resolve_cutoff(ts, 10, cutoff="1970-01-21") == 20 * DAY
     with pytest.raises(ConfigError, match="propensity.cutoff"):
         resolve_cutoff(ts, 10, cutoff=95 * DAY)
-    with pytest.raises(ConfigError, match="horizon_days"):
+    with pytest.raises(InsufficientDataError, match="horizon_days"):
         resolve_cutoff(ts, 100, quantile=0.5)
     with pytest.raises(ConfigError, match="cutoff_quantile"):
         resolve_cutoff(ts, 10, quantile=1.5)
@@ -262,7 +262,13 @@ def test_saved_model_reproduces_known_and_new_user_scores(stored):
     assert json.loads(json.dumps(entry)) == entry
     assert entry["target_resolved"] == "purchase" and entry["horizon_days"] == 30
     assert set(entry["metrics"]) == {"mlp", "logistic_regression", "gbm"}
-    assert sorted(p.name for p in directory.iterdir()) == ["items.json", "known_scores.npy", "propensity.json", "weights.pt"]
+    # the bundle serves the model best on the validation users; a classic one is stored as arrays
+    assert entry["model"] == result.served == scorer.served == result.selection["served"]
+    val_auc = result.selection["val_roc_auc"]
+    assert val_auc[result.served] == max(val_auc.values())
+    tabular = ["tabular.npz"] if result.served != "mlp" else []
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        ["items.json", "known_scores.npy", "propensity.json", "weights.pt", *tabular])
     idx = np.array([[0, 5], [7, dm.n_users - 1]])
     out = scorer.score_known(idx)
     assert out.shape == (2, 2) and out.dtype == np.float64
@@ -333,7 +339,7 @@ def test_split_is_stratified_and_disjoint():
 
 def test_finetuned_embedding_changes_a_copy_and_round_trips(tiny_cfg, tmp_path):
     cfg = tiny_cfg("propensity.features.embedding=finetune", "propensity.trainer.max_epochs=3",
-                   "propensity.early_stopping=null", "propensity.calibration=isotonic")
+                   "propensity.early_stopping=null", "propensity.calibration=isotonic", "propensity.serve=mlp")
     dm = load_data(cfg)
     net = build_module(cfg, dm).net
     original = {k: v.clone() for k, v in net.state_dict().items()}

@@ -30,6 +30,8 @@ SECTIONS = {
     "data_quality": "Data quality",
     "config": "Configuration",
 }
+STAGES_TITLE = "Run stages"  # after the summary, in reports of a training run (which records its stages)
+TITLES = {**SECTIONS, "stages": STAGES_TITLE}
 
 
 @dataclass
@@ -125,6 +127,15 @@ def _summary_blocks(d: Mapping) -> list[Block]:
     return blocks
 
 
+def _stage_blocks(d: Mapping) -> list[Block]:
+    rows = [[name, s.get("status", "?"), s.get("reason") or "", _num(s.get("seconds"), 1)] for name, s in d["stages"].items()]
+    split = (d.get("data_quality") or {}).get("split") or {}
+    blocks = [Block("table", Table(["stage", "status", "reason", "seconds"], rows, text=True))]
+    if split.get("method_reason"):
+        blocks.append(Block("p", f"Split: {split.get('method')} ({split['method_reason']})."))
+    return blocks
+
+
 def _protocol_blocks(d: Mapping) -> list[Block]:
     p = d["protocol"]
     blocks = [Block("list", [(topic.replace("_", " ").capitalize(), text) for topic, text in p["statements"].items()])]
@@ -140,7 +151,10 @@ def _protocol_blocks(d: Mapping) -> list[Block]:
 def _propensity_blocks(d: Mapping) -> list[Block]:
     p = d["propensity"]
     blocks = [Block("p", f"{_num(p['n_test_users'])} test users, {_num(p['n_positive'])} positive "
-                         f"(base rate {_pct(p['base_rate'], 2)}). The deep model is {p['model']}; the others are baselines.")]
+                         f"(base rate {_pct(p['base_rate'], 2)}). The bundle serves {p['model']}, the best on the validation "
+                         "users; the others are shown for comparison.")]
+    if p.get("warning"):
+        blocks.append(Block("note", f"Warning: {p['warning']}."))
     names = list(p["metrics"])
     cols = [c for c in PROPENSITY_COLUMNS if any(c in p["metrics"][n] for n in names)]
     raw = [[p["metrics"][n].get(c) for c in cols] for n in names]
@@ -282,6 +296,7 @@ def layout(report: Report) -> tuple[str, list[tuple[str, list[Block]]]]:
     builders = {
         "overview": lambda: _overview_blocks(d),
         "summary": lambda: _summary_blocks(d),
+        "stages": lambda: _stage_blocks(d),
         "ranking": lambda: _ranking_blocks(d),
         "protocol": lambda: _protocol_blocks(d),
         "propensity": lambda: _propensity_blocks(d),
@@ -295,6 +310,8 @@ def layout(report: Report) -> tuple[str, list[tuple[str, list[Block]]]]:
             sections.append((key, [Block("note", f"Not available: {absent[key]}.")]))
         else:
             sections.append((key, builders[key]()))
+        if key == "summary" and d.get("stages"):
+            sections.append(("stages", builders["stages"]()))
     return d["title"], sections
 
 
@@ -317,7 +334,7 @@ def to_markdown(report: Report) -> str:
     title, sections = layout(report)
     out = [f"# {title}", "", f"Created {report.data['created']}. Plots: report.html; every number: report.json.", ""]
     for key, blocks in sections:
-        out += [f"## {SECTIONS[key]}", ""]
+        out += [f"## {TITLES[key]}", ""]
         for b in blocks:
             if b.kind == "h3":
                 out += [f"### {b.content}", ""]
@@ -387,12 +404,12 @@ def _html_item(item: str | tuple[str, str]) -> str:
 def to_html(report: Report) -> str:
     """The report as one self-contained HTML page (plots embedded as PNG data URIs)."""
     title, sections = layout(report)
-    nav = "".join(f'<a href="#{k}">{html.escape(SECTIONS[k])}</a>' for k, _ in sections)
+    nav = "".join(f'<a href="#{k}">{html.escape(TITLES[k])}</a>' for k, _ in sections)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<div class="meta">Created {html.escape(report.data["created"])}; every number is also in report.json.</div>',
              f"<nav>{nav}</nav>"]
     for key, blocks in sections:
-        parts.append(f'<h2 id="{key}">{html.escape(SECTIONS[key])}</h2>')
+        parts.append(f'<h2 id="{key}">{html.escape(TITLES[key])}</h2>')
         for b in blocks:
             if b.kind == "h3":
                 parts.append(f"<h3>{html.escape(b.content)}</h3>")

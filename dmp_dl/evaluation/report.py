@@ -23,6 +23,7 @@ import numpy as np
 from dmp_dl.evaluation import diagnostics
 from dmp_dl.evaluation.protocol import cutoffs, describe_protocol
 from dmp_dl.io import atomic_write_text
+from dmp_dl.propensity.metrics import NEAR_CHANCE_ROC_AUC
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,13 @@ class PropensityInputs:
         ``lift@10``, ...); the deep model is ``mlp``, the others baselines.
     labels: (n_test,) 0/1 outcomes of the test users.
     predictions: model name -> (n_test,) predicted probabilities, aligned with ``labels``.
+    served: the model the bundle serves (default: ``mlp`` when present, else the first).
     """
 
     metrics: dict[str, dict]
     labels: np.ndarray
     predictions: dict[str, np.ndarray]
+    served: str | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels).astype(np.int64).reshape(-1)
@@ -59,7 +62,8 @@ class PropensityInputs:
         ``test_predictions`` (the propensity step's result)."""
         if obj is None or isinstance(obj, cls):
             return obj
-        return cls(metrics=dict(obj.metrics), labels=obj.test_labels, predictions=dict(obj.test_predictions))
+        return cls(metrics=dict(obj.metrics), labels=obj.test_labels, predictions=dict(obj.test_predictions),
+                   served=getattr(obj, "served", None))
 
 
 @dataclass
@@ -158,7 +162,8 @@ def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tupl
     from dmp_dl.evaluation import plots
 
     y = inputs.labels
-    ours = PROPENSITY_MODEL if PROPENSITY_MODEL in inputs.predictions else next(iter(inputs.predictions), None)
+    ours = inputs.served if inputs.served in inputs.predictions else (
+        PROPENSITY_MODEL if PROPENSITY_MODEL in inputs.predictions else next(iter(inputs.predictions), None))
     data: dict[str, Any] = {
         "model": ours,
         "n_test_users": int(len(y)),
@@ -172,6 +177,11 @@ def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tupl
         best = max(roc, key=roc.get)
         data["comparison"] = {"model": ours, "roc_auc": inputs.metrics[ours].get("roc_auc"),
                               "best_baseline": best, "baseline_roc_auc": roc[best]}
+    served_auc = inputs.metrics.get(ours, {}).get("roc_auc")
+    if _finite(served_auc) and served_auc < NEAR_CHANCE_ROC_AUC:
+        data["warning"] = (f"the served propensity model ({ours}), the best of those trained, ranks the test users "
+                           f"barely better than chance (ROC-AUC {served_auc:.3f} < {NEAR_CHANCE_ROC_AUC}): "
+                           "use its scores with care")
     figures: list[Figure] = []
     if len(np.unique(y)) < 2:
         data["note"] = "the test users are all of one class: ROC, PR, calibration and gains curves are undefined"
@@ -294,7 +304,8 @@ def build_report(
     segment_sample: at most this many users are drawn for the 2-D segment map.
     curves: per-epoch training curves (:func:`read_training_curves`), optional.
     selection: the model-selection record (``metrics.json["model"]``: ``selected``, ``candidates``,
-        ``best_baseline``), optional; stages: the stage statuses (``metrics.json["stages"]``), optional.
+        ``best_baseline``), optional; stages: stage name -> ``{"status", "reason", "seconds"}``
+        (``metrics.json["stages"]``), optional: the overview's warnings and the "Run stages" table.
     """
     from dmp_dl.evaluation.advice import overview
     from dmp_dl.evaluation import plots
@@ -353,6 +364,7 @@ def build_report(
         "train_curves": dict(curves) if curves else None,
         "propensity": prop_data,
         "segments": seg_data,
+        "stages": {name: dict(s) for name, s in (stages or {}).items()},
         "sections_absent": absent,
         "data_quality": dict(data_quality),
         "config": dict(config),

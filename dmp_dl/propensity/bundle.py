@@ -5,8 +5,12 @@ A propensity directory holds::
     propensity.json     format and version, the feature spec (event types, decay half-lives,
                         attribute encodings, cleaning rules for new users' events), the network's
                         constructor arguments, the embedding network's class and arguments, the
-                        calibration, the task (target, horizon, cutoff) and test metrics
+                        served model's name and how it was selected, the calibration of the
+                        served model, the task (target, horizon, cutoff) and test metrics
     weights.pt          the network's state_dict (with the embedding network under ``encoder.``)
+    tabular.npz         only when a classic model is served (``served`` is not ``mlp``): its
+                        arrays (:class:`~dmp_dl.propensity.tabular.TabularModel`); the network
+                        then only provides the embedding feature
     known_scores.npy    (n_users,) float64: every known user's probability as of the end of the
                         data; index i = user i of the embedding model's user vocabulary
     items.json          the embedding network's item vocabulary (only with the embedding feature)
@@ -36,10 +40,13 @@ from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import UserFeatures
 from dmp_dl.propensity.net import PropensityNet
 from dmp_dl.propensity.scorer import PropensityScorer
+from dmp_dl.propensity.tabular import TabularModel
 
 FORMAT = "dmp_dl.propensity"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the served model may be a classic one (tabular.npz)
+READABLE_VERSIONS = (1, 2)
 SPEC_FILE, WEIGHTS_FILE, SCORES_FILE, ITEMS_FILE = "propensity.json", "weights.pt", "known_scores.npy", "items.json"
+TABULAR_FILE = "tabular.npz"
 ENCODER_CLASSES = ("TwoTowerNet", "MatrixFactorization")
 SUMMARY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10")
 
@@ -65,6 +72,8 @@ def save_propensity(result: Any, directory: Path) -> dict:
         "features": scorer.features.spec(),
         "net": scorer.net.config,
         "encoder": scorer.info.get("encoder"),
+        "served": scorer.served,
+        "selection": summary.get("selection"),
         "calibration": scorer.calibrator.to_dict(),
         "data_end": scorer.data_end,
         "n_users": scorer.n_users,
@@ -80,10 +89,14 @@ def save_propensity(result: Any, directory: Path) -> dict:
     np.save(buf, np.ascontiguousarray(scorer.known_scores, dtype=np.float64), allow_pickle=False)
     atomic_write_bytes(directory / SCORES_FILE, buf.getvalue())
     files = [SPEC_FILE, WEIGHTS_FILE, SCORES_FILE]
+    if scorer.tabular is not None:
+        atomic_write_bytes(directory / TABULAR_FILE, scorer.tabular.to_bytes())
+        files.append(TABULAR_FILE)
     if scorer.item_vocab is not None and spec["encoder"] is not None:
         scorer.item_vocab.save(directory / ITEMS_FILE)
         files.append(ITEMS_FILE)
     return {
+        "model": scorer.served,
         "label_source": task["label_source"],
         "target_event": task["target_event"],
         "target_resolved": task["target_resolved"],
@@ -106,7 +119,7 @@ def _read_spec(path: Path) -> dict:
         raise BundleError(f"{path}: not valid JSON ({exc}); export the bundle again") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise BundleError(f"{path}: not a propensity model spec (format must be {FORMAT!r})")
-    if spec.get("format_version") != FORMAT_VERSION:
+    if spec.get("format_version") not in READABLE_VERSIONS:
         raise BundleError(f"{path}: propensity format version {spec.get('format_version')!r}, this dmp_dl reads "
                           f"{FORMAT_VERSION}; export the bundle again with this version")
     return spec
@@ -179,5 +192,24 @@ def load_propensity(directory: Path) -> PropensityScorer:
         item_vocab = IdVocab.load(items_path)
         if len(item_vocab) != features.n_items:
             raise BundleError(f"{items_path}: {len(item_vocab)} items, the network was trained on {features.n_items}")
-    info = {k: spec.get(k) for k in ("task", "metrics", "training", "encoder")}
-    return PropensityScorer(net, calibrator, features, scores, data_end, item_vocab, info)
+    served = spec.get("served", "mlp")
+    tabular = None
+    if served != "mlp":
+        tabular = _load_tabular(directory / TABULAR_FILE, net)
+    info = {k: spec.get(k) for k in ("task", "metrics", "training", "encoder", "selection")}
+    return PropensityScorer(net, calibrator, features, scores, data_end, item_vocab, info, tabular, str(served))
+
+
+def _load_tabular(path: Path, net: PropensityNet) -> TabularModel:
+    """The served classic model, checked against the feature widths the network was built for."""
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; the propensity model is incomplete (export the bundle again)")
+    try:
+        model = TabularModel.from_file(path)
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise BundleError(f"{path}: not a readable propensity model ({exc})") from None
+    c = net.config
+    width = c["n_behaviour"] + c["n_attr_numeric"] + max(c["n_tokens"] - 1, 0) + (net.encoder.dim if net.encoder is not None else 0)
+    if model.n_features != width:
+        raise BundleError(f"{path}: the model reads {model.n_features} features, the stored feature spec gives {width}")
+    return model

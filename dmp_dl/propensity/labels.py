@@ -21,7 +21,7 @@ import pandas as pd
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.schema import USER
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.errors import ConfigError, DataError, InsufficientDataError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ def resolve_cutoff(timestamps: np.ndarray, horizon_days: float, cutoff: str | in
     is fully observed).
 
     timestamps: (n,) epoch seconds of all events.
+
+    Raises :class:`InsufficientDataError` when the data span no more than the horizon (the
+    training job then skips the propensity stage) and :class:`ConfigError` for a bad setting.
     """
     if not np.isfinite(horizon_days) or horizon_days <= 0:
         raise ConfigError(f"propensity.horizon_days must be > 0, got {horizon_days}")
@@ -104,9 +107,10 @@ def resolve_cutoff(timestamps: np.ndarray, horizon_days: float, cutoff: str | in
     latest = t_max - horizon
     iso = lambda t: pd.Timestamp(int(t), unit="s", tz="UTC").isoformat()  # noqa: E731
     if latest <= t_min:
-        raise ConfigError(
-            f"propensity.horizon_days={horizon_days} is not shorter than the data's time range "
-            f"({iso(t_min)} .. {iso(t_max)}): no cutoff leaves a full label window; shorten the horizon"
+        raise InsufficientDataError(
+            f"propensity.horizon_days={horizon_days:g} is not shorter than the data's time range "
+            f"({iso(t_min)} .. {iso(t_max)}, {(t_max - t_min) / SECONDS_PER_DAY:.1f} days): no cutoff leaves a full "
+            "label window; shorten propensity.horizon_days"
         )
     if cutoff is not None and str(cutoff).strip() != "":
         t = parse_timestamps(pd.Series([cutoff]))[0]

@@ -20,6 +20,8 @@ from torchmetrics.functional.classification import binary_calibration_error
 
 log = logging.getLogger(__name__)
 
+NEAR_CHANCE_ROC_AUC = 0.6  # a served model below this test ROC-AUC is reported as barely better than chance
+
 
 def _ranked_labels(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Labels sorted by score, best first (ties: original order)."""

@@ -11,10 +11,12 @@ import torch
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import DataError, UnknownIdError
+from dmp_dl.propensity.baselines import design_matrix
 from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import Snapshot, UserFeatures
 from dmp_dl.propensity.module import snapshot_tensors
 from dmp_dl.propensity.net import PropensityNet
+from dmp_dl.propensity.tabular import TabularModel
 
 
 class PropensityScorer:
@@ -22,18 +24,23 @@ class PropensityScorer:
 
     Parameters
     ----------
-    net: the trained :class:`PropensityNet` (kept on CPU, eval mode).
-    calibrator: maps the network's logits to probabilities.
+    net: the trained :class:`PropensityNet` (kept on CPU, eval mode); with ``tabular`` it only
+        provides the embedding network's user vectors (its frozen encoder).
+    calibrator: maps the served model's logits to probabilities.
     features: how attributes and events become the network's inputs.
     known_scores: (n_users,) float64, the probability of every user of the embedding model's user
         vocabulary (index i = user i) as of ``data_end``, from all their events.
     data_end: epoch seconds of the data's last event (the moment known users are scored at).
     item_vocab: the embedding network's item vocabulary (for new users' histories), or None.
     info: JSON-safe facts (task, metrics summary) for manifests and health checks.
+    tabular: a classic model (logistic regression, trees) to serve instead of the network, on the
+        same features as in training (:func:`~dmp_dl.propensity.baselines.design_matrix`).
+    served: the served model's name (``mlp``, ``logistic_regression``, ``gbm``).
     """
 
     def __init__(self, net: PropensityNet, calibrator: Calibrator, features: UserFeatures, known_scores: np.ndarray,
-                 data_end: int, item_vocab: IdVocab | None = None, info: Mapping | None = None):
+                 data_end: int, item_vocab: IdVocab | None = None, info: Mapping | None = None,
+                 tabular: TabularModel | None = None, served: str = "mlp"):
         self.net = net.cpu().eval()
         self.calibrator = calibrator
         self.features = features
@@ -41,6 +48,8 @@ class PropensityScorer:
         self.data_end = int(data_end)
         self.item_vocab = item_vocab
         self.info = dict(info or {})
+        self.tabular = tabular
+        self.served = served
 
     @property
     def n_users(self) -> int:
@@ -80,11 +89,21 @@ class PropensityScorer:
 
     @torch.no_grad()
     def logits(self, snap: Snapshot, batch_size: int = 8192) -> np.ndarray:
-        """The network's raw logits (N,) float64 for ``snap``'s users."""
+        """The served model's raw logits (N,) float64 for ``snap``'s users."""
         self.net.eval()
         inputs = snapshot_tensors(snap)
-        out = [self.net(**{k: v[s : s + batch_size] for k, v in inputs.items()}).double() for s in range(0, len(snap), batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float64)
+        out = []
+        for s in range(0, len(snap), batch_size):
+            batch = {k: v[s : s + batch_size] for k, v in inputs.items()}
+            if self.tabular is None:
+                out.append(self.net(**batch).double().numpy())
+                continue
+            vectors = None
+            if self.net.encoder is not None:
+                vectors = self.net.user_vectors(batch["history"], batch["enc_tokens"], batch["enc_numeric"]).numpy()
+            rows = snap.take(np.arange(s, min(s + batch_size, len(snap))))
+            out.append(self.tabular.logits(design_matrix(rows, self.features.attributes.n_tokens, vectors)))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
 
     def score_snapshot(self, snap: Snapshot) -> np.ndarray:
         """Calibrated probabilities (N,) float64 for ``snap``'s users."""

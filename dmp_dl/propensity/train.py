@@ -21,20 +21,22 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
 from dmp_dl.data.schema import TIME, TYPE
-from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.errors import ConfigError, InsufficientDataError
 from dmp_dl.propensity.baselines import design_matrix, fit_baseline, positive_probability
 from dmp_dl.propensity.calibration import Calibrator, to_logit
 from dmp_dl.propensity.features import BehaviourSpec, Snapshot, UserFeatures
 from dmp_dl.propensity.labels import (
     SECONDS_PER_DAY, PropensityTask, crm_labels, resolve_cutoff, resolve_target, window_labels,
 )
-from dmp_dl.propensity.metrics import binary_metrics, gains_table
+from dmp_dl.propensity.metrics import NEAR_CHANCE_ROC_AUC, binary_metrics, gains_table
 from dmp_dl.propensity.module import LabelledUsers, loader, snapshot_tensors
 from dmp_dl.propensity.scorer import PropensityScorer
+from dmp_dl.propensity.tabular import TabularModel
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,13 @@ class PropensityResult:
         ``users``, ``positives``, ``gain``, ``lift``; see :func:`~dmp_dl.propensity.metrics.gains_table`).
     task: the labelled task (cutoff, horizon, target, eligible users and labels).
     split: ``{"train": n, "val": n, "test": n}`` users.
-    scorer: the trained model; ``scorer.known_scores`` (n_users,) are the probabilities of every
-        known user as of the end of the data.
+    scorer: the served model (the best on the validation users, ``served``);
+        ``scorer.known_scores`` (n_users,) are the probabilities of every known user as of the end
+        of the data.
     calibrators: model name -> the fitted :class:`Calibrator`.
     training: epochs, best validation AUC, pos_weight, embedding mode, seconds per stage.
+    served: the name of the served model; selection: how it was chosen (validation ROC-AUC of
+        each model, and the models that cannot be served).
     """
 
     metrics: dict[str, dict]
@@ -75,12 +80,17 @@ class PropensityResult:
     scorer: PropensityScorer
     calibrators: dict[str, Calibrator] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    served: str = DEEP_MODEL
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict:
-        """JSON-safe (NaN -> None) summary for ``metrics.json``: task, split, metrics, gains, training."""
+        """JSON-safe (NaN -> None) summary for ``metrics.json``: task, split, served model and how it
+        was selected, metrics, gains, training."""
         return _json_safe({
             "task": self.task.summary(),
             "split": self.split,
+            "served": self.served,
+            "selection": self.selection,
             "metrics": self.metrics,
             "gains": self.gains,
             "calibration": {k: c.method for k, c in self.calibrators.items()},
@@ -102,8 +112,17 @@ def _json_safe(obj: Any) -> Any:
 
 # -- the task -----------------------------------------------------------------------------------
 def build_task(p: DictConfig, dm) -> PropensityTask:
-    """Eligible users and labels as configured (event window or CRM column)."""
+    """Eligible users and labels as configured (event window or CRM column).
+
+    Raises :class:`InsufficientDataError` when the data cannot give labels: no event times (for
+    event-window labels), a time span no longer than the horizon, or fewer than ``MIN_PER_CLASS``
+    positives or negatives.
+    """
     events = dm.events
+    if not p.get("label_column") and not getattr(dm, "has_timestamps", True):
+        raise InsufficientDataError(
+            "propensity: the log has no event times, so there is no period after a cutoff to take labels from; "
+            "give 0/1 labels in a user-table column with propensity.label_column, or set propensity.enabled=false")
     ts = events[TIME].to_numpy()
     if p.get("label_column"):
         users, labels = crm_labels(dm.log_.users, str(p.label_column), dm.user_vocab)
@@ -120,7 +139,7 @@ def build_task(p: DictConfig, dm) -> PropensityTask:
         s = task.summary()
         what = (f"column {p.label_column!r}" if p.get("label_column")
                 else f"target {s['target_resolved']!r} in the {s['horizon_days']:g} days after {s['cutoff_iso']}")
-        raise DataError(
+        raise InsufficientDataError(
             f"propensity: {pos} of {len(task.labels)} eligible users are positive ({what}); at least "
             f"{MIN_PER_CLASS} positives and {MIN_PER_CLASS} negatives are needed. Change propensity.horizon_days, "
             "propensity.cutoff or propensity.target_event, or set propensity.enabled=false"
@@ -242,6 +261,7 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult
     events = dm.events
     mode = str(p.features.get("embedding", "frozen"))
     encoder, encoder_spec = encoder_for(mode, cfg, net)
+    frozen_encoder = copy.deepcopy(encoder) if mode == "finetune" and encoder is not None else None
     behaviour = BehaviourSpec(sorted(str(t) for t in events[TYPE].unique()),
                               [float(h) for h in p.features.decay_half_lives_days])
     features = UserFeatures.build(dm, behaviour, bool(p.features.attributes), encoder is not None, p.get("label_column"))
@@ -287,14 +307,24 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult
                                                 "test": {DEEP_MODEL: scorer.logits(sets["test"][0])}}
     x = {name: design_matrix(s, features.attributes.n_tokens, vectors[name]) for name, (s, _) in sets.items()}
     y_val, y_test = sets["val"][1], sets["test"][1]
+    tabular: dict[str, TabularModel | None] = {}
     for name, node in (p.get("baselines") or {}).items():
         tb = time.perf_counter()
         model = fit_baseline(instantiate(node, _convert_="all"), x["train"], y_train, x["val"], y_val)
+        tabular[name] = TabularModel.from_sklearn(model)  # scored as the bundle would serve it
         for split in ("val", "test"):
-            logits[split][name] = to_logit(positive_probability(model, x[split]))
+            logits[split][name] = (to_logit(positive_probability(model, x[split])) if tabular[name] is None
+                                   else tabular[name].logits(x[split]))
         timings[f"{name}_seconds"] = time.perf_counter() - tb
     calibrators = {name: Calibrator.fit(method, z, y_val) for name, z in logits["val"].items()}
-    scorer.calibrator = calibrators[DEEP_MODEL]
+    served, selection = select_served(logits["val"], y_val, tabular, str(p.get("serve", "best")))
+    scorer.calibrator = calibrators[served]
+    if served != DEEP_MODEL:
+        scorer.tabular, scorer.served = tabular[served], served
+        if frozen_encoder is not None:  # the fine-tuned encoder moved: the baselines read the original vectors
+            scorer.net = instantiate(p.net, _convert_="all")(
+                n_behaviour=snap.behaviour.shape[1], n_tokens=features.attributes.n_tokens,
+                n_attr_numeric=snap.attr_numeric.shape[1], encoder=frozen_encoder, encoder_trainable=False).eval()
     ece_bins = int(p.get("ece_bins", 10))
     predictions, metrics, gains = {}, {}, {}
     for name, z in logits["test"].items():
@@ -328,11 +358,35 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult
         metrics=metrics, test_labels=y_test.astype(np.int8), test_predictions=predictions,
         test_users=task.users[test_pos], gains=gains, task=task,
         split={"train": len(train_pos), "val": len(val_pos), "test": len(test_pos)},
-        scorer=scorer, calibrators=calibrators, training=training,
+        scorer=scorer, calibrators=calibrators, training=training, served=served, selection=selection,
     )
-    log.info("propensity (%s, %d test users, base rate %.3f):", task.summary()["target_resolved"] or task.label_source,
-             len(test_pos), float(y_test.mean()))
+    log.info("propensity (%s, %d test users, base rate %.3f), serving %s (best validation ROC-AUC):",
+             task.summary()["target_resolved"] or task.label_source, len(test_pos), float(y_test.mean()), served)
     for name, m in metrics.items():
         log.info("  %-20s roc_auc=%.4f pr_auc=%.4f log_loss=%.4f brier=%.4f ece=%.4f lift@10=%.2f", name,
                  m["roc_auc"], m["pr_auc"], m["log_loss"], m["brier"], m["ece"], m["lift@10"])
+    auc = metrics[served]["roc_auc"]
+    if math.isfinite(auc) and auc < NEAR_CHANCE_ROC_AUC:
+        log.warning("propensity: the served model (%s, the best trained) has test ROC-AUC %.3f < %g: barely better "
+                    "than chance on this data", served, auc, NEAR_CHANCE_ROC_AUC)
     return result
+
+
+def select_served(val_logits: dict[str, np.ndarray], y_val: np.ndarray, tabular: dict[str, TabularModel | None],
+                  serve: str = "best") -> tuple[str, dict[str, Any]]:
+    """The model to serve (``propensity.serve``): with ``best``, the highest validation ROC-AUC among
+    the network and the baselines that can be stored as arrays (:class:`TabularModel`), a tie going
+    to the one trained first (the network); else the model named. Returns (name, the selection
+    record for metrics.json and the manifest)."""
+    auc = {name: float(roc_auc_score(y_val, z)) if len(np.unique(y_val)) == 2 else float("nan")
+           for name, z in val_logits.items()}
+    servable = [name for name in val_logits if name == DEEP_MODEL or tabular.get(name) is not None]
+    if serve == "best":
+        ranked = sorted(servable, key=lambda n: -auc[n] if math.isfinite(auc[n]) else math.inf)
+        served = ranked[0] if ranked else DEEP_MODEL
+    elif serve in servable:
+        served = serve
+    else:
+        raise ConfigError(f"propensity.serve must be best or one of the servable models {servable}, got {serve!r}")
+    return served, {"metric": "validation roc_auc", "rule": serve, "val_roc_auc": auc, "served": served,
+                    "not_servable": [n for n in val_logits if n not in servable]}

@@ -143,8 +143,11 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def check_stage_settings(cfg: DictConfig) -> None:
-    """Settings that contradict each other, refused before any data is read."""
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that contradict each other or name missing files, refused before any data is read."""
+    from dmp_dl.warm_start import check_init_from
+
+    check_init_from(cfg.get("init_from"))
     for group in ("propensity", "audience"):
         node = cfg.get(group)
         if node is not None and node.get("required") is True and not node.get("enabled", False):
@@ -169,7 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    check_stage_settings(cfg)
+    check_settings(cfg)
     t0 = time.perf_counter()
     state: dict[str, Any] = {"metrics": {"stages": {}, "ranking": {}}, "stage_results": {}}
 

@@ -58,14 +58,14 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node, _convert_="all") for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def build_trainer(cfg: DictConfig, has_validation: bool) -> pl.Trainer:
-    """The Trainer with the configured callbacks and loggers.
+def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list | None = None) -> pl.Trainer:
+    """The Trainer with the configured callbacks (and ``extra_callbacks``) and loggers.
 
     Without validation users (e.g. ``val_frac=0``) validation is switched off and the callbacks that
     monitor a validation metric keep only the last checkpoint. Checkpoints are written atomically
     (:class:`AtomicCheckpointIO`).
     """
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks = _instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = _instantiate_all(cfg.get("logger"))
     extra = {}
     if cfg.trainer.get("enable_progress_bar") == "auto":  # a bar on a terminal, none in a piped or captured log
@@ -125,17 +125,28 @@ def checkpoint_position(path: str | Path) -> dict[str, int]:
 
 
 def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy) -> tuple[RetrievalModule, dict[str, Any]]:
-    """Build the configured embedding model for ``dm``, fit it (resuming ``ckpt_path``) and load the
-    best checkpoint's weights.
+    """Build the configured embedding model for ``dm``, fit it and load the best checkpoint's weights.
 
+    ``ckpt_path`` resumes an interrupted run on the same data; otherwise ``init_from`` (a previous
+    run's bundle or checkpoint) warm-starts the network by id (:mod:`dmp_dl.warm_start`).
     privacy: the run's :class:`~dmp_dl.privacy.training.PrivacyHooks` (DP-SGD when configured).
     Returns (module, the training summary for ``metrics.json["train"]``); ``module.trainer`` is the
     Trainer. On DDP ranks other than 0 the summary is empty (the rest of the job runs on rank 0).
     """
+    from dmp_dl.warm_start import VocabularyRecord, check_resumable, load_previous, warm_start
+
     module, fit_data = privacy.build_module(cfg, dm)
-    trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0)
+    vocabs = {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids}
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
+    warm = None
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module.net, vocabs)
+    elif cfg.get("init_from"):
+        warm = warm_start(module.net, load_previous(cfg.init_from), vocabs)
+    trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0,
+                            extra_callbacks=[VocabularyRecord(dm.user_vocab.ids, dm.item_vocab.ids)])
     t0 = time.perf_counter()
-    trainer.fit(module, **fit_data, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir)))
+    trainer.fit(module, **fit_data, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - t0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -150,6 +161,7 @@ def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy) -> 
         "examples_per_second": n_train * max(trainer.current_epoch, 1) / fit_seconds if fit_seconds > 0 else None,
         "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "privacy": privacy.summary(trainer.global_step),
+        "warm_start": warm,
     }
 
 

@@ -26,6 +26,10 @@ class MatrixFactorization(nn.Module):
         with torch.no_grad():
             self.item.weight[n_items].zero_()
 
+    def vocab_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """state_dict key -> the vocabulary of each axis (``user``, ``item`` or None)."""
+        return {"user.weight": ("user", None), "item.weight": ("item", None)}
+
     def user_vectors(self, user: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) user indices -> (B, dim)."""
         return self.user(user)

@@ -116,6 +116,17 @@ class TwoTowerNet(nn.Module):
         self.user_mlp = _mlp(dim * n_user_parts, hidden, dim, dropout)
         self.item_mlp = _mlp(dim * (1 + int(self.item_attr.active)), hidden, dim, dropout)
 
+    def vocab_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """state_dict key -> the vocabulary of each axis (``user``, ``item`` or None): the per-user and
+        per-item tables (rows past the vocabulary: the unknown user, the padding item)."""
+        axes: dict[str, tuple[str | None, ...]] = {"item_id.weight": ("item", None)}
+        if self.user_id is not None:
+            axes["user_id.weight"] = ("user", None)
+        for side in ("user", "item"):
+            axes[f"{side}_attr.tokens"] = (side, None)
+            axes[f"{side}_attr.numeric"] = (side, None)
+        return axes
+
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.normalized else x
 

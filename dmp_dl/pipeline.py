@@ -99,6 +99,8 @@ def audience_stage(cfg: DictConfig, state: dict) -> str | None:
         raise SkipStage("audience.enabled=false")
     from dmp_dl.audience.build import build_audience
 
+    if not state["datamodule"].has_timestamps:
+        log.info("audience: the log has no event times, so interest profiles are weighted counts without time decay")
     audience = state["audience"] = build_audience(cfg.audience, state["datamodule"], state["module"].net,
                                                   state.get("propensity"))
     state["metrics"]["audience"] = audience.summary()

@@ -51,8 +51,8 @@ def ratings_log_with_a_quiet_last_month(path: Path) -> Path:
 def play_counts_without_times(path: Path) -> Path:
     """user, artist, play count: no time column at all."""
     rng = np.random.default_rng(3)
-    n = 12000
-    plays = pd.DataFrame({"user_id": rng.integers(0, 500, n), "item_id": rng.zipf(1.3, n) % 800,
+    n = 8000
+    plays = pd.DataFrame({"user_id": rng.integers(0, 400, n), "item_id": rng.zipf(1.3, n) % 600,
                           "value": rng.integers(1, 300, n)}).drop_duplicates(["user_id", "item_id"])
     plays.to_csv(path, index=False)
     return path

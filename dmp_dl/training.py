@@ -143,6 +143,9 @@ def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy) -> 
         check_resumable(ckpt_path, module.net, vocabs)
     elif cfg.get("init_from"):
         warm = warm_start(module.net, load_previous(cfg.init_from), vocabs)
+        if privacy.options is not None and privacy.options.dp_enabled:
+            log.warning("privacy.dp: the (epsilon, delta) guarantee covers this run's training only, not the model "
+                        "init_from starts it from")
     trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0,
                             extra_callbacks=[VocabularyRecord(dm.user_vocab.ids, dm.item_vocab.ids)])
     t0 = time.perf_counter()

@@ -364,7 +364,7 @@ def build_report(
         "train_curves": dict(curves) if curves else None,
         "propensity": prop_data,
         "segments": seg_data,
-        "stages": {name: dict(s) for name, s in (stages or {}).items()},
+        "stages": {str(n): dict(s) for n, s in (stages.items() if isinstance(stages, Mapping) else ()) if isinstance(s, Mapping)},
         "sections_absent": absent,
         "data_quality": dict(data_quality),
         "config": dict(config),

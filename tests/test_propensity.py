@@ -355,3 +355,43 @@ def test_finetuned_embedding_changes_a_copy_and_round_trips(tiny_cfg, tmp_path):
     users = [0, 9]
     events = [_event_dicts(dm, u) for u in users]
     np.testing.assert_allclose(again.score_new([None, None], events), result.scorer.score_new([None, None], events))
+
+
+# -- which model the bundle serves ----------------------------------------------------------------
+def test_the_best_model_on_validation_users_is_served():
+    from dmp_dl.propensity.tabular import TabularModel
+    from dmp_dl.propensity.train import select_served
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    good, poor = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9]), np.array([0.9, 0.2, 0.3, 0.1, 0.8, 0.7])
+    arrays = TabularModel("linear", {}, 0)
+    assert select_served({"mlp": poor, "gbm": good}, y, {"gbm": arrays})[0] == "gbm"
+    assert select_served({"mlp": good, "gbm": good}, y, {"gbm": arrays})[0] == "mlp"  # a tie: the network
+    served, record = select_served({"mlp": poor, "custom": good}, y, {"custom": None})  # not storable: never served
+    assert served == "mlp" and record["not_servable"] == ["custom"] and record["val_roc_auc"]["custom"] == 1.0
+    assert select_served({"mlp": good, "gbm": poor}, y, {"gbm": arrays}, serve="gbm")[0] == "gbm"
+    with pytest.raises(ConfigError, match="propensity.serve"):
+        select_served({"mlp": good}, y, {}, serve="svm")
+
+
+@pytest.mark.parametrize("serve, embedding", [("logistic_regression", "frozen"), ("gbm", "finetune")])
+def test_a_served_classic_model_scores_exactly_as_it_was_evaluated(tiny_cfg, tmp_path, serve, embedding):
+    cfg = tiny_cfg(f"propensity.serve={serve}", f"propensity.features.embedding={embedding}", "propensity.trainer.max_epochs=2")
+    dm = load_data(cfg)
+    net = build_module(cfg, dm).net
+    result = train_propensity(cfg, dm, net)
+    scorer = result.scorer
+    assert result.served == scorer.served == serve and scorer.tabular.kind == {"logistic_regression": "linear", "gbm": "trees"}[serve]
+    # the bundle's model gives the test users the very probabilities the metrics were computed from
+    test_snapshot = scorer.features.known(dm.events, result.test_users, result.task.cutoff)
+    np.testing.assert_allclose(scorer.score_snapshot(test_snapshot), result.test_predictions[serve], rtol=1e-12)
+    # the baselines read the embedding network's original vectors, also when the network's copy was fine-tuned
+    for k, v in scorer.net.encoder.state_dict().items():
+        torch.testing.assert_close(v, net.state_dict()[k], rtol=0, atol=0)
+    entry = save_propensity(result, tmp_path)
+    assert entry["model"] == serve and "tabular.npz" in entry["files"]
+    again = load_propensity(tmp_path)
+    assert again.served == serve
+    np.testing.assert_allclose(again.score_known(np.arange(dm.n_users)), scorer.known_scores)
+    events = [_event_dicts(dm, u) for u in (2, 5)]
+    np.testing.assert_allclose(again.score_new([None, None], events), scorer.score_new([None, None], events))

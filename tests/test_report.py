@@ -144,6 +144,7 @@ def test_full_report_with_propensity_and_segments(full_report):
     assert "Not available" not in md and "Not available" not in html
     p = data["propensity"]
     assert p["model"] == "mlp" and p["n_test_users"] == 400 and p["n_positive"] == int(prop.test_labels.sum())
+    assert "warning" not in p and "barely better than chance" not in md  # served ROC-AUC 0.8
     assert p["metrics"]["gbm"]["roc_auc"] == pytest.approx(0.78)
     assert p["comparison"] == {"model": "mlp", "roc_auc": 0.8, "best_baseline": "logistic_regression", "baseline_roc_auc": 0.79}
     assert p["gains"]["mlp"] == gains_table(prop.test_labels, prop.test_predictions["mlp"])
@@ -365,3 +366,19 @@ def test_selection_record_and_stage_statuses_are_read_from_metrics_json_defensiv
         (tmp_path / "metrics.json").write_text(json.dumps(odd))  # older or foreign shapes: ignored, never an error
         data, _, _ = _read(write_report(tmp_path, **run_inputs))
         assert data["overview"]["verdict"]
+
+def test_stages_and_the_served_propensity_model_are_shown(tmp_path, run_inputs):
+    weak = propensity_inputs()
+    weak.metrics["gbm"]["roc_auc"] = 0.55
+    weak.served = "gbm"
+    stages = {"data": {"status": "ok", "reason": None, "seconds": 0.5},
+              "propensity": {"status": "skipped", "reason": "propensity: 5 of 511 eligible users are positive", "seconds": 0.1},
+              "audience": {"status": "failed", "reason": "RuntimeError: disk on fire", "seconds": 0.2}}
+    data, md, html = _read(write_report(tmp_path, **run_inputs, propensity=weak, stages=stages))
+    assert data["stages"] == stages
+    assert "## Run stages" in md and ">Run stages</h2>" in html
+    assert "| propensity | skipped | propensity: 5 of 511 eligible users are positive |" in md
+    assert "RuntimeError: disk on fire" in html
+    assert data["propensity"]["model"] == "gbm" and "The bundle serves gbm" in md
+    assert "barely better than chance (ROC-AUC 0.550 < 0.6)" in data["propensity"]["warning"]
+    assert md.count("barely better than chance") == 1  # in the propensity section (the overview warns on its own)

@@ -111,15 +111,15 @@ def _ids_equal(column: str, expected: list[str]):
 LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
     # delimiters
     "space_delimited": (lambda t: write(t / "e.csv", "user_id item_id timestamp\nu1 i1 1700000000\n"),
-                        Err(DataError, r"lacks required column 'user_id'.*data\.sep")),
+                        Err(DataError, r"lacks required column 'user_id'.*data\.source\.sep")),
     "semicolon_detected": (lambda t: write(t / "e.csv", "user_id;item_id;timestamp\nu1;i1;1700000000\n"), Drops(1)),
     "tab_detected": (lambda t: write(t / "e.tsv", "user_id\titem_id\ttimestamp\nu1\ti1\t1700000000\n"), Drops(1)),
     "pipe_detected": (lambda t: write(t / "e.csv", "user_id|item_id|timestamp\nu1|i1|1700000000\n"), Drops(1)),
     "explicit_wrong_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": ";"},
-                           Err(DataError, r"lacks required column 'user_id'.*data\.sep")),
-    "multichar_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": "::"}, Err(ConfigError, "data.sep", "data.sep")),
-    "empty_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": ""}, Err(ConfigError, "data.sep", "data.sep")),
-    "newline_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": "\n"}, Err(ConfigError, "data.sep", "data.sep")),
+                           Err(DataError, r"lacks required column 'user_id'.*data\.source\.sep")),
+    "multichar_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": "::"}, Err(ConfigError, "data.source.sep", "data.source.sep")),
+    "empty_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": ""}, Err(ConfigError, "data.source.sep", "data.source.sep")),
+    "newline_sep": (lambda t: {"path": write(t / "e.csv", H + GOOD), "sep": "\n"}, Err(ConfigError, "data.source.sep", "data.source.sep")),
     # columns
     "missing_timestamp_column": (lambda t: write(t / "e.csv", "user_id,item_id\nu1,i1\n"), Drops(1)),  # a timeless log
     "constant_placeholder_timestamps": (lambda t: write(t / "e.csv", H + "u1,i1,0\nu2,i2,0\n"), Drops(2)),  # no times, not out of range
@@ -196,14 +196,14 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
     "negative_timestamp": (lambda t: write(t / "e.csv", H + "u1,i1,-5\n" + GOOD), Drops(1, {"timestamp_out_of_range": 1})),
     # encodings
     "non_utf8_in_a_row": (lambda t: write(t / "e.csv", H.encode() + b"Jos\xe9,i1,1700000000\n"),
-                          Err(DataError, r"not valid utf-8.*data\.encoding")),
+                          Err(DataError, r"not valid utf-8.*data\.source\.encoding")),
     "non_utf8_in_the_header": (lambda t: write(t / "e.csv", b"us\xffer_id,item_id,timestamp\nu,i,1\n"),
-                               Err(DataError, r"header line is not valid utf-8.*data\.encoding")),
+                               Err(DataError, r"header line is not valid utf-8.*data\.source\.encoding")),
     "non_utf8_in_a_malformed_row": (lambda t: write(t / "e.csv", H.encode() + b"u1,i1,1700000000\nu\xff,i2,1,extra\n"),
-                                    Err(DataError, r"not valid utf-8.*data\.encoding")),
+                                    Err(DataError, r"not valid utf-8.*data\.source\.encoding")),
     "latin1_with_its_encoding": (lambda t: {"path": write(t / "e.csv", (H + "José,i1,1700000000\n").encode("latin-1")),
                                             "encoding": "latin-1"}, Drops(1, {}, _ids_equal("user_id", ["José"]))),
-    "utf16_read_as_utf8": (lambda t: write(t / "e.csv", (H + GOOD).encode("utf-16")), Err(DataError, "utf-8")),
+    "utf16_bom_detected": (lambda t: write(t / "e.csv", (H + GOOD).encode("utf-16")), Drops(1, {}, _ids_equal("user_id", ["u1"]))),
     "utf8_read_as_utf16": (lambda t: {"path": write(t / "e.csv", H + GOOD), "encoding": "utf-16"}, Err(DataError, "utf-16")),
     "unknown_encoding": (lambda t: {"path": write(t / "e.csv", H + GOOD), "encoding": "klingon"}, Err(DataError, "klingon")),
     "bom": (lambda t: write(t / "e.csv", b"\xef\xbb\xbf" + (H + GOOD).encode()), Drops(1)),
@@ -233,7 +233,7 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
     "corrupt_parquet": (lambda t: write(t / "e.parquet", b"PAR1 not really parquet PAR1"), Err(DataError, "cannot read as Parquet")),
     "truncated_parquet": (_truncated_parquet, Err(DataError, "cannot read as Parquet")),
     "csv_named_parquet": (lambda t: write(t / "e.parquet", H + GOOD), Err(DataError, "cannot read as Parquet")),
-    "not_gzip": (lambda t: write(t / "e.csv.gz", "plain text"), Err(DataError, "cannot read")),
+    "not_gzip": (lambda t: write(t / "e.csv.gz", "plain text"), Err(DataError, "lacks required column 'user_id'")),
     "truncated_gzip": (lambda t: write(t / "e.csv.gz", gzip.compress((H + GOOD * 3000).encode())[:-100]), Err(DataError, "cannot read")),
     "truncated_bz2": (lambda t: write(t / "e.csv.bz2", bz2.compress((H + GOOD * 3000).encode())[:-100]), Err(DataError, "cannot read")),
     # attribute tables
@@ -244,6 +244,43 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
                                Err(DataError, r"u\.csv: user attributes file lacks required column 'user_id'")),
     "items_table_is_a_directory": (lambda t: {"path": write(t / "e.csv", H + GOOD), "items": (t / "items").mkdir() or t / "items"},
                                    Err(DataError, "is a directory")),
+    # compression is recognised by the first bytes, whatever the name says
+    "gzip_with_upper_case_suffix": (lambda t: write(t / "E.CSV.GZ", gzip.compress((H + GOOD + "u2,i2,1700000001\n").encode())),
+                                    Drops(2, {}, _ids_equal("user_id", ["u1", "u2"]))),
+    "gzip_named_csv": (lambda t: write(t / "e.csv", gzip.compress((H + GOOD).encode())), Drops(1, {}, _ids_equal("user_id", ["u1"]))),
+    "bz2_named_tsv": (lambda t: write(t / "e.tsv.BZ2", bz2.compress(b"user_id\titem_id\ttimestamp\nu1\ti1\t1700000000\n")),
+                      Drops(1, {}, _ids_equal("user_id", ["u1"]))),
+    # UTF-16 and UTF-32: by byte-order mark, or data.source.encoding
+    "utf16_with_its_encoding": (lambda t: {"path": write(t / "e.csv", (H + "Jos\u00e9,i1,1700000000\n").encode("utf-16")),
+                                           "encoding": "utf-16"}, Drops(1, {}, _ids_equal("user_id", ["Jos\u00e9"]))),
+    "utf16_le_without_bom": (lambda t: {"path": write(t / "e.csv", (H + GOOD).encode("utf-16-le")), "encoding": "utf-16-le"},
+                             Drops(1, {}, _ids_equal("user_id", ["u1"]))),
+    "utf32_bom_detected": (lambda t: write(t / "e.csv", (H + "\U0001f600,i1,1700000000\n").encode("utf-32")),
+                           Drops(1, {}, _ids_equal("user_id", ["\U0001f600"]))),
+    "utf16_gzipped": (lambda t: write(t / "e.csv.gz", gzip.compress((H + GOOD).encode("utf-16"))), Drops(1)),
+    # Parquet ids stored as binary, dates past pandas' nanosecond range
+    "parquet_binary_ids_decoded": (lambda t: parquet(t / "e.parquet", pa.table({
+        "user_id": pa.array([b"u0", b"u1"], pa.binary()), "item_id": pa.array([b"i0", b"i\xc3\xa9"], pa.large_binary()),
+        "timestamp": [1700000000] * 2})), Drops(2, {}, _ids_equal("user_id", ["u0", "u1"]))),
+    "parquet_binary_ids_not_utf8": (lambda t: parquet(t / "e.parquet", pa.table({
+        "user_id": pa.array([b"u0", b"\xff\xfe"], pa.binary()), "item_id": ["i0", "i1"], "timestamp": [1700000000] * 2})),
+        Err(DataError, r"column 'user_id' is binary and row 2 is not UTF-8 text")),
+    "parquet_year_9999": (lambda t: parquet(t / "e.parquet", pa.table({
+        "user_id": ["u1", "u2", "u3"], "item_id": ["i1", "i2", "i3"],
+        "timestamp": pa.array([pd.Timestamp("2023-11-14").to_pydatetime(), pd.Timestamp("9999-12-31").to_pydatetime(), None],
+                              pa.timestamp("us"))})), Drops(1, {"timestamp_out_of_range": 1, "bad_timestamp": 1})),
+    "parquet_year_9999_in_ms_with_timezone": (lambda t: parquet(t / "e.parquet", pa.table({
+        "user_id": ["u1", "u2"], "item_id": ["i1", "i2"],
+        "timestamp": pa.array([1_700_000_000_000, 253_402_214_400_000], pa.timestamp("ms", tz="UTC"))})),
+        Drops(1, {"timestamp_out_of_range": 1})),
+    # absurd magnitudes are bad values, not numbers that overflow later
+    "absurd_values": (lambda t: write(t / "e.csv", "user_id,item_id,timestamp,value\n" + "u1,i1,1700000000,1e308\n"
+                                      "u2,i2,1700000000,-2e12\nu3,i3,1700000000,1e12\nu4,i4,1700000000,999999\n"
+                                      "u5,i5,1700000000," + "9" * 400 + "\n"),
+                      Drops(2, {"bad_value": 3}, _ids_equal("user_id", ["u3", "u4"]))),
+    "parquet_absurd_values": (lambda t: parquet(t / "e.parquet", pa.table({
+        "user_id": ["u1", "u2", "u3"], "item_id": ["i1", "i2", "i3"], "timestamp": [1700000000] * 3,
+        "value": [1e300, -1e13, 4.5]})), Drops(1, {"bad_value": 2}, _ids_equal("user_id", ["u3"]))),
 }
 
 
@@ -335,15 +372,32 @@ def test_datamodule_inputs(tmp_path, case):
     assert ("data.history_len" if case == "negative_history_len" else "erasure list") in str(info.value)
 
 
-def test_huge_numeric_attribute_is_skipped_not_nan(tmp_path):
-    """A numeric user column whose mean/variance overflows would make every feature NaN."""
+def test_huge_numeric_attribute_values_are_emptied_and_counted(tmp_path):
+    """Numeric attribute values beyond data.cleaning.max_abs_value (1e308 would make the mean, the
+    variance and every standardised feature overflow) are emptied and counted; the column stays."""
     TRIED["loader"] += 1
     events = write(tmp_path / "e.csv", H + "".join(f"u{i},i{i % 3},{1700000000 + i}\n" for i in range(30)))
-    users = write(tmp_path / "u.csv", "user_id,age,region\n" + "".join(f"u{i},{1e308 if i % 2 else 3},r{i % 2}\n" for i in range(30)))
+    users = write(tmp_path / "u.csv", "user_id,age,region\n" + "".join(f"u{i},{1e308 if i % 2 else 3 + i},r{i % 2}\n" for i in range(30)))
     dm = InteractionDataModule(EventFileSource, path=str(events), users=str(users)).prepare()
-    assert "age" in dm.user_features.skipped_columns and "age" not in dm.user_features.numeric_columns
-    assert np.isfinite(dm.user_features.numeric).all()
-    assert "users.age" in dm.report.attributes["skipped"]
+    assert "age" in dm.user_features.numeric_columns and np.isfinite(dm.user_features.numeric).all()
+    assert dm.report.users_table.bad_values == {"age": 15}
+    assert np.isfinite(dm.user_features.numeric_mean).all()
+
+
+def test_attribute_tables_that_match_no_event_are_warned_and_counted(tmp_path, caplog):
+    """A user table whose ids are written differently from the events' (here ``b'u0'`` against
+    ``u0``, as a Parquet binary column used to become) matches nobody: one warning, and a count."""
+    TRIED["loader"] += 1
+    events = write(tmp_path / "e.csv", H + "".join(f"u{i},i{i % 3},{1700000000 + i}\n" for i in range(10)))
+    users = write(tmp_path / "u.csv", "user_id,age\n" + "".join(f"b'u{i}',{20 + i}\n" for i in range(10)))
+    items = write(tmp_path / "i.csv", "item_id,genre\ni0,a\ni1,b\ni9,c\n")
+    with caplog.at_level("INFO", logger="dmp_dl.data.datamodule"):
+        dm = InteractionDataModule(EventFileSource, path=str(events), users=str(users), items=str(items)).prepare()
+    assert dm.report.users_table.unmatched_ids == 10 and dm.report.items_table.unmatched_ids == 1
+    assert dm.report.to_dict()["users_table"]["unmatched_ids"] == 10
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "data.users: none of its 10 user_id values matches an id of the events" in warnings[0]
+    assert "\"b'u0'\" in the table, 'u0' in the events" in warnings[0]
 
 
 def _movielens(tmp_path: Path, files: dict[str, bytes]) -> Path:

@@ -129,7 +129,7 @@ def test_bad_files_give_one_clear_message(tmp_path, content, expected):
 
 def test_wrong_separator_names_the_column_and_hints(tmp_path):
     path = write(tmp_path / "ev.csv", "user_id item_id timestamp\nu1 i1 1700000000\n")
-    with pytest.raises(DataError, match=r"lacks required column 'user_id'.*data\.sep"):
+    with pytest.raises(DataError, match=r"lacks required column 'user_id'.*data\.source\.sep"):
         load_clean(path)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, normalize_ids
+from dmp_dl.data.schema import ITEM, MAX_ABS_VALUE, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, normalize_ids
 from dmp_dl.errors import ConfigError, DataError
 from dmp_dl.io import atomic_write_text
 
@@ -29,7 +29,7 @@ DROP_REASONS = (
     "bad_timestamp",  # missing or unparseable
     "timestamp_out_of_range",
     "unknown_event_type",  # not a key of event_weights
-    "bad_value",  # value present but not a finite number
+    "bad_value",  # value present but not a finite number, or beyond max_abs_value
     "erased_user",  # on the erasure list
     "below_min_value",  # positive rule: value < min_value
     "not_positive_event",  # positive rule: event type not in positive_event_types
@@ -50,6 +50,8 @@ class CleaningOptions:
         means one day after now.
     timestamp_unit: unit of numeric timestamps, ``s`` or ``ms``.
     value_fill: value given to events whose ``value`` is missing (empty cell, null).
+    max_abs_value: a ``value`` (or numeric attribute) beyond ± this is an error in the data: the
+        event is dropped as ``bad_value`` (the attribute cell counted and left empty).
     min_value: positive rule, keep events with ``value >= min_value`` (e.g. ratings >= 4).
     positive_event_types: positive rule, keep only these event types.
     kcore_users / kcore_items: iteratively drop users / items with fewer events.
@@ -62,6 +64,7 @@ class CleaningOptions:
     max_timestamp: str | int | float | None = None
     timestamp_unit: str = "s"
     value_fill: float = 0.0
+    max_abs_value: float = MAX_ABS_VALUE
     min_value: float | None = None
     positive_event_types: list[str] | None = None
     kcore_users: int = 0
@@ -83,6 +86,9 @@ class CleaningOptions:
         if self.timestamp_unit not in ("s", "ms"):
             raise ConfigError(f"data.cleaning.timestamp_unit must be 's' or 'ms', got {self.timestamp_unit!r}")
         self.value_fill = _number(self.value_fill, "value_fill")
+        self.max_abs_value = _number(self.max_abs_value, "max_abs_value")
+        if self.max_abs_value <= 0:
+            raise ConfigError(f"data.cleaning.max_abs_value must be > 0, got {self.max_abs_value}")
         if self.min_value is not None:
             self.min_value = _number(self.min_value, "min_value")
         for key in ("kcore_users", "kcore_items"):
@@ -104,6 +110,8 @@ class TableReport:
     dropped: dict[str, int] = field(default_factory=dict)
     filled: dict[str, int] = field(default_factory=dict)
     ignored_columns: list[str] = field(default_factory=list)
+    bad_values: dict[str, int] = field(default_factory=dict)  # attribute cells emptied: not finite or beyond max_abs_value
+    unmatched_ids: int = 0  # attribute rows whose id is no id of the cleaned events (their attributes are unused)
 
     def drop(self, reason: str, n: int) -> None:
         if n:
@@ -179,8 +187,10 @@ def parse_timestamps(col: pd.Series, unit: str = "s") -> np.ndarray:
     """
     scale = 1000.0 if unit == "ms" else 1.0
     if pd.api.types.is_datetime64_any_dtype(col.dtype):
-        dt = pd.to_datetime(col, utc=True)
-        return ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+        # in the column's own unit: a nanosecond Timestamp(0) would overflow for years past 2262
+        naive = pd.to_datetime(col, utc=True).dt.tz_localize(None)
+        stamps = naive.to_numpy(dtype=f"datetime64[{naive.dt.unit}]")
+        return (stamps - np.datetime64(0, naive.dt.unit)) / np.timedelta64(1, "s")
     if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
         return col.to_numpy(dtype=np.float64, na_value=np.nan) / scale
     text = col.astype(object).where(col.notna(), "").map(str).str.strip()
@@ -194,17 +204,18 @@ def parse_timestamps(col: pd.Series, unit: str = "s") -> np.ndarray:
     return out
 
 
-def _parse_values(col: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values float64, missing mask, bad mask). Missing: empty/null. Bad: present but not finite."""
+def _parse_values(col: pd.Series, max_abs: float = MAX_ABS_VALUE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values float64, missing mask, bad mask). Missing: empty/null. Bad: present but not finite,
+    or beyond ``max_abs`` in magnitude."""
     if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
         vals = col.to_numpy(dtype=np.float64, na_value=np.nan)
         missing = np.isnan(vals)
-        bad = np.isinf(vals)
-        return vals, missing, bad
-    text = col.astype(object).where(col.notna(), "").map(str).str.strip()
-    missing = (text == "").to_numpy()
-    vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = ~missing & ~np.isfinite(vals)
+    else:
+        text = col.astype(object).where(col.notna(), "").map(str).str.strip()
+        missing = (text == "").to_numpy()
+        vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        bad = ~missing & ~(np.abs(vals) <= max_abs)  # NaN and inf compare False
     return vals, missing, bad
 
 
@@ -281,7 +292,7 @@ def clean_events(
         drop(unknown, "unknown_event_type")
 
     if VALUE in raw.columns:
-        values, missing, bad = _parse_values(raw[VALUE])
+        values, missing, bad = _parse_values(raw[VALUE], opts.max_abs_value)
         drop(bad, "bad_value")
         values = np.where(missing, opts.value_fill, values)
     else:
@@ -344,14 +355,16 @@ def _kcore(events: pd.DataFrame, k_users: int, k_items: int, rep: TableReport) -
 
 
 def clean_attributes(
-    raw: pd.DataFrame, id_col: str, *, malformed_rows: int = 0, exclude_ids: Collection[str] = ()
+    raw: pd.DataFrame, id_col: str, *, malformed_rows: int = 0, exclude_ids: Collection[str] = (),
+    max_abs_value: float = MAX_ABS_VALUE,
 ) -> tuple[pd.DataFrame, TableReport, dict[str, str]]:
     """Clean a user or item attribute table.
 
     Ids are normalised; rows with a missing id (``missing_id``) or an id listed in ``exclude_ids``
     (``erased_user``) are dropped; for a repeated id the last row wins (``duplicate_id``). A column
-    whose non-empty values all parse as numbers becomes float64 (empty -> NaN); any other column
-    stays categorical (str, empty -> None).
+    whose non-empty values all parse as numbers becomes float64 (empty -> NaN; a value that is not
+    finite or beyond ± ``max_abs_value`` -> NaN, counted in ``bad_values``); any other column stays
+    categorical (str, empty -> None).
 
     Returns
     -------
@@ -381,16 +394,16 @@ def clean_attributes(
             kinds[col] = "categorical"
             continue
         if pd.api.types.is_numeric_dtype(series.dtype):
-            vals = series.to_numpy(dtype=np.float64, na_value=np.nan)
-            frame[col] = np.where(np.isfinite(vals), vals, np.nan)
+            frame[col] = _bounded(series.to_numpy(dtype=np.float64, na_value=np.nan), series.notna().to_numpy(),
+                                  max_abs_value, rep, col)
             kinds[col] = "numeric"
             continue
         text = series.astype(object).where(series.notna(), "").map(str).str.strip()
         empty = text.str.lower().isin(MISSING_TOKENS)
         numbers = pd.to_numeric(text.where(~empty), errors="coerce")
         if (~empty).any() and numbers[~empty].notna().all():
-            vals = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-            frame[col] = np.where(np.isfinite(vals), vals, np.nan)
+            frame[col] = _bounded(numbers.to_numpy(dtype=np.float64, na_value=np.nan), (~empty).to_numpy(),
+                                  max_abs_value, rep, col)
             kinds[col] = "numeric"
         else:
             frame[col] = text.where(~empty, None).astype(object)
@@ -410,6 +423,16 @@ def describe_times(raw_events: pd.DataFrame, events: pd.DataFrame) -> str | None
         when = pd.Timestamp(int(distinct[0]), unit="s", tz="UTC").isoformat() if len(distinct) else "none"
         return f"every event has the same timestamp ({when})"
     return None
+
+
+def _bounded(vals: np.ndarray, present: np.ndarray, max_abs: float, rep: TableReport, col: str) -> np.ndarray:
+    """``vals`` with non-finite and out-of-range entries as NaN; the present ones emptied are counted."""
+    with np.errstate(invalid="ignore"):
+        ok = np.abs(vals) <= max_abs
+    n_bad = int((present & ~ok).sum())
+    if n_bad:
+        rep.bad_values[str(col)] = n_bad
+    return np.where(ok, vals, np.nan)
 
 
 def clean_log(
@@ -434,11 +457,12 @@ def clean_log(
     users = items = None
     if raw.users is not None:
         users, report.users_table, report.attributes["users"] = clean_attributes(
-            raw.users, USER, malformed_rows=malformed.get("users", 0), exclude_ids=exclude_users
+            raw.users, USER, malformed_rows=malformed.get("users", 0), exclude_ids=exclude_users,
+            max_abs_value=opts.max_abs_value,
         )
     if raw.items is not None:
         items, report.items_table, report.attributes["items"] = clean_attributes(
-            raw.items, ITEM, malformed_rows=malformed.get("items", 0)
+            raw.items, ITEM, malformed_rows=malformed.get("items", 0), max_abs_value=opts.max_abs_value
         )
     report.n_users = int(events[USER].nunique())
     report.n_items = int(events[ITEM].nunique())

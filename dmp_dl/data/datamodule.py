@@ -232,6 +232,8 @@ class InteractionDataModule(pl.LightningDataModule):
         self._index_splits(ev)
         report.split = {"method": method, "method_requested": self.split_opts.method, "method_reason": reason,
                         "history_sampling": self.history_sampling, **report.split}
+        count_unmatched(cleaned.users, USER, self.user_vocab, report.users_table, "data.users")
+        count_unmatched(cleaned.items, ITEM, self.item_vocab, report.items_table, "data.items")
         self.user_features = FeatureTable.build(cleaned.users, USER, self.user_vocab, report.attributes.get("users"))
         self.item_features = FeatureTable.build(cleaned.items, ITEM, self.item_vocab, report.attributes.get("items"))
         report.attributes["skipped"] = {
@@ -366,6 +368,27 @@ class InteractionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
+
+
+def count_unmatched(table: pd.DataFrame | None, id_col: str, vocab: IdVocab, report, key: str) -> int:
+    """Rows of an attribute table whose id is no id of the cleaned events: counted in ``report``
+    (its ``unmatched_ids``) and logged; a warning with examples when no row matches at all
+    (typically ids written differently in the two files)."""
+    if table is None or len(table) == 0:
+        return 0
+    ids = table[id_col].astype(str)
+    unmatched = vocab.index_of(ids.tolist()) < 0
+    n = int(unmatched.sum())
+    if report is not None:
+        report.unmatched_ids = n
+    if n == len(table):
+        log.warning("%s: none of its %d %s values matches an id of the events (e.g. %r in the table, %r in the "
+                    "events); its attributes are unused: check that both files write the ids the same way",
+                    key, n, id_col, ids.iloc[0], str(vocab.ids[0]) if len(vocab) else None)
+    elif n:  # e.g. catalogue items nobody interacted with: normal, but counted
+        log.info("%s: %d of %d rows have an %s that is no id of the events; their attributes are unused",
+                 key, n, len(table), id_col)
+    return n
 
 
 def _make_source(source, *, path, users, items, name):

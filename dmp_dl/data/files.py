@@ -3,10 +3,16 @@
 CSV is read with pyarrow with every column as a string, so that ids keep their exact spelling
 and nothing is coerced silently; the cleaning step parses and counts. Rows with the wrong number
 of fields are skipped and counted (``malformed_row``), never dropped silently.
+
+A compressed CSV (gzip, bz2, zstd) is recognised by its first bytes, whatever its name says
+(``events.CSV.GZ``, or gzip data named ``.csv``); a UTF-16 or UTF-32 file by its byte-order mark
+(or ``data.source.encoding=utf-16``). Only regular files are read: a named pipe or a device is
+refused instead of blocking forever.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import sys
 from dataclasses import dataclass
@@ -17,11 +23,20 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dmp_dl.data.schema import ITEM, USER
 from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.io import regular_file_problem
 
-CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".csv.bz2")
+CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 SEPARATORS = (",", "\t", ";", "|")
+# first bytes -> pyarrow codec name
+MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\x28\xb5\x2f\xfd", "zstd"))
+# byte-order marks of the encodings that are not ASCII-compatible (UTF-32 first: its LE mark starts like UTF-16's)
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"))
+ENCODING_KEY = "data.source.encoding"
 
 
 @dataclass
@@ -41,10 +56,12 @@ def _kind_of(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
     if name.endswith(CSV_SUFFIXES):
         return "csv"
     raise DataError(
-        f"{path}: unknown file type; use a .csv/.tsv (optionally .gz) or .parquet file"
+        f"{path}: unknown file type; use a .csv/.tsv (optionally .gz, .bz2 or .zst) or .parquet file"
     )
 
 
@@ -53,32 +70,54 @@ def _check_exists(path: Path, what: str, key: str) -> None:
         raise DataError(f"{what} file not found: {path} (set {key} to an existing file)")
     if path.is_dir():
         raise DataError(f"{what} path is a directory, expected a file: {path} (set {key})")
+    problem = regular_file_problem(path)
+    if problem:
+        raise DataError(f"{what} file {path} {problem} (set {key})")
     if not os.access(path, os.R_OK):
         raise DataError(f"{what} file is not readable: {path} (check its permissions)")
 
 
-def _first_line(path: Path, encoding: str) -> str:
-    opener = open
-    if path.name.lower().endswith(".gz"):
-        import gzip
+def compression_of(path: Path) -> str | None:
+    """The pyarrow codec of ``path`` from its first bytes (``gzip``, ``bz2``, ``zstd``), or None."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return next((codec for magic, codec in MAGIC if head.startswith(magic)), None)
 
-        opener = gzip.open  # type: ignore[assignment]
-    elif path.name.lower().endswith(".bz2"):
-        import bz2
 
-        opener = bz2.open  # type: ignore[assignment]
+def _head(path: Path, compression: str | None, size: int = 1 << 16) -> bytes:
+    """The first ``size`` bytes of the file's (decompressed) text."""
     try:
-        with opener(path, "rb") as fh:
-            raw = fh.readline()
-    except (OSError, EOFError) as exc:  # e.g. a .gz file that is not gzip, or a truncated one
-        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); is the file complete and of its suffix's type?") from None
+        with pa.input_stream(str(path), compression=compression) as fh:
+            return fh.read(size)
+    except (OSError, EOFError, pa.ArrowException) as exc:  # a truncated or damaged archive
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); is the file complete?") from None
+
+
+def resolve_encoding(head: bytes, encoding: str, path: Path) -> str:
+    """``encoding``, or the UTF-16/32 codec a byte-order mark names when the default UTF-8 was given."""
     try:
-        return raw.decode(encoding).lstrip("\ufeff").rstrip("\r\n")
-    except (UnicodeError, LookupError) as exc:
+        name = codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise DataError(f"{path}: unknown text encoding {encoding!r}; set {ENCODING_KEY} to one Python knows "
+                        "(utf-8, latin-1, utf-16, ...)") from None
+    if name == "utf-8":
+        return next((codec for bom, codec in BOMS if head.startswith(bom)), encoding)
+    return encoding
+
+
+def _first_line(head: bytes, encoding: str, path: Path) -> str:
+    """The header line of ``head`` (the file's first bytes) decoded with ``encoding``."""
+    try:
+        text = codecs.getincrementaldecoder(encoding)(errors="replace").decode(head, final=len(head) < (1 << 16))
+    except UnicodeError:  # e.g. utf-16 without a byte-order mark
+        text = "\ufffd"
+    line = text.split("\n", 1)[0].lstrip("\ufeff").rstrip("\r")
+    if "\ufffd" in line:
         raise DataError(
-            f"{path}: the header line is not valid {encoding} ({exc}); "
-            "set data.encoding (e.g. data.encoding=latin-1) to the file's encoding"
-        ) from None
+            f"{path}: the header line is not valid {encoding}; "
+            f"set {ENCODING_KEY} (e.g. {ENCODING_KEY}=latin-1) to the file's encoding"
+        )
+    return line
 
 
 def sniff_separator(header: str) -> str:
@@ -129,6 +168,7 @@ def read_table(
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for corrupt files
             raise DataError(f"{path}: cannot read as Parquet ({type(exc).__name__}: {exc})") from None
+        _decode_binary_ids(frame, pq.read_schema(path), path, rename or {})
         table = Table(frame, str(path))
     else:
         table = _read_csv(path, sep=sep, encoding=encoding)
@@ -149,7 +189,7 @@ def read_table(
     if missing:
         hint = ""
         if kind == "csv" and len(frame.columns) == 1:
-            hint = f"; the header parsed as a single column {frame.columns[0]!r}: is data.sep right?"
+            hint = f"; the header parsed as a single column {frame.columns[0]!r}: is data.source.sep right?"
         raise DataError(
             f"{path}: {what} file lacks required column {missing[0]!r} "
             f"(found columns: {list(frame.columns)}){hint}; if the file names it differently, map it with "
@@ -159,19 +199,45 @@ def read_table(
     return table
 
 
+def _decode_binary_ids(frame: pd.DataFrame, schema: pa.Schema, path: Path, rename: dict[str, str]) -> None:
+    """Id columns stored as Parquet ``binary`` become text (UTF-8), not ``"b'u0'"``; bytes that are
+    not UTF-8 are refused naming the column and row."""
+    for canonical in (USER, ITEM):
+        column = rename.get(canonical, canonical)
+        if column not in frame.columns or schema.get_field_index(column) < 0:
+            continue
+        kind = schema.field(column).type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)):
+            continue
+        values = frame[column].tolist()
+        for row, value in enumerate(values):
+            if isinstance(value, (bytes, bytearray)):
+                try:
+                    values[row] = bytes(value).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}: column {column!r} is binary and row {row + 1} is not UTF-8 text "
+                                    f"({bytes(value)[:20]!r}); write the ids as strings or integers") from None
+        frame[column] = pd.Series(values, index=frame.index, dtype=object)
+
+
 def _read_csv(path: Path, *, sep: str, encoding: str) -> Table:
-    header = _first_line(path, encoding)
+    compression = compression_of(path)
+    head = _head(path, compression)
+    encoding = resolve_encoding(head, encoding, path)
+    header = _first_line(head, encoding, path)
     if not header.strip():
         raise DataError(f"{path}: the file is empty (no header line); expected a CSV header with column names")
     if sep == "auto":
         sep = sniff_separator(header)
     elif not isinstance(sep, str) or len(sep) != 1 or sep in "\r\n\"":
-        raise ConfigError(f"data.sep must be one character other than a quote or a line break (or auto), got {sep!r}")
+        raise ConfigError(f"data.source.sep must be one character other than a quote or a line break (or auto), got {sep!r}")
     names = [c.strip().strip("\"").strip() for c in header.split(sep)]
     seen: set[str] = set()
     dup = [c for c in names if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
     if dup:
         raise DataError(f"{path}: duplicated column name(s) {sorted(set(dup))} in the header; rename or remove them")
+    if len(head) < (1 << 16) and b"\n" not in head.rstrip(b"\r\n\0"):  # the header is all there is
+        return Table(pd.DataFrame({n: pd.Series([], dtype=object) for n in names}), str(path), 0)
     malformed = 0
     undecodable: list[BaseException] = []
 
@@ -190,28 +256,29 @@ def _read_csv(path: Path, *, sep: str, encoding: str) -> Table:
 
     previous_hook, sys.unraisablehook = sys.unraisablehook, note_undecodable
     try:
-        arrow = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(
-                encoding=encoding, column_names=names, skip_rows=1, use_threads=True
-            ),
-            parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=skip_row),
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names},
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
+        with pa.input_stream(str(path), compression=compression) as source:
+            arrow = pacsv.read_csv(
+                source,
+                read_options=pacsv.ReadOptions(
+                    encoding=encoding, column_names=names, skip_rows=1, use_threads=True
+                ),
+                parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=skip_row),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={n: pa.string() for n in names},
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
     except pa.ArrowInvalid as exc:
         msg = str(exc)
         if "UTF8" in msg or "utf8" in msg.lower() or undecodable:
             raise DataError(
-                f"{path}: contains bytes that are not valid {encoding}; "
-                "set data.encoding to the file's encoding (e.g. data.encoding=latin-1) or re-export it as UTF-8"
+                f"{path}: contains bytes that are not valid {encoding}; set {ENCODING_KEY} to the file's "
+                f"encoding (e.g. {ENCODING_KEY}=latin-1) or re-export it as UTF-8"
             ) from None
         raise DataError(f"{path}: cannot parse as CSV with separator {sep!r}: {msg}") from None
     except UnicodeError as exc:  # raised by the Python codec pyarrow transcodes non-UTF-8 files with
-        raise DataError(f"{path}: cannot be read as {encoding} ({exc}); set data.encoding to the file's encoding") from None
+        raise DataError(f"{path}: cannot be read as {encoding} ({exc}); set {ENCODING_KEY} to the file's encoding") from None
     except (OSError, EOFError, LookupError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
     finally:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, EventLog
 from dmp_dl.errors import DataError
+from dmp_dl.io import regular_file_problem
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -26,6 +27,9 @@ _YEAR = re.compile(r"\((\d{4})\)\s*$")
 
 
 def _read(path: Path, **kwargs) -> pd.DataFrame:
+    problem = regular_file_problem(path)
+    if problem:  # e.g. a FIFO or a device, which would block the read
+        raise DataError(f"{path}: cannot read MovieLens file (it {problem})")
     try:
         return pd.read_csv(path, **kwargs)
     except (OSError, ValueError, pd.errors.ParserError) as exc:

@@ -28,6 +28,10 @@ TYPE = "event_type"
 VALUE = "value"
 WEIGHT = "weight"
 
+# A number larger than this in magnitude (a value, a numeric attribute) is an error, not a
+# measurement: no price, count or age is 1e12, and float32 features overflow not far above it.
+MAX_ABS_VALUE = 1e12
+
 REQUIRED_EVENT_COLUMNS = (USER, ITEM)
 OPTIONAL_EVENT_COLUMNS = (TIME, TYPE, VALUE)
 MULTI_VALUE_SEP = "|"

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from dmp_dl.cli import report_errors
 from dmp_dl.errors import DataError
+from dmp_dl.io import regular_file_problem
 
 COMMANDS = ("forget",)
 USAGE = ("usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [erasure_list=FILE] [audit_log=FILE] "
@@ -27,6 +28,9 @@ def read_user_ids(path: str | Path) -> list[str]:
     import stat
 
     path = Path(path)
+    problem = regular_file_problem(path)
+    if problem:  # a FIFO or device would block the read forever
+        raise DataError(f"user_ids: {path} {problem}; give a text file with one user id per line")
     try:
         if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang the read
             raise DataError(f"user_ids: {path} is not a regular file; give a text file with one user id per line")

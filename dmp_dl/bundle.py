@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from dmp_dl.errors import BundleError
+from dmp_dl.errors import BundleError, NonFiniteError
 from dmp_dl.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_text, read_manifest, seal
 
 log = logging.getLogger(__name__)
@@ -484,6 +484,8 @@ def save_network(writer: BundleWriter, net, kwargs: Mapping[str, Any], user_feat
 
 def load_network(bundle: Bundle):
     """Rebuild the network in eval mode on CPU. Returns (net, user FeatureTable or None, history_len)."""
+    import torch
+
     from dmp_dl.data.features import FeatureTable
 
     spec = bundle.json(NETWORK_SPEC)
@@ -501,6 +503,11 @@ def load_network(bundle: Bundle):
                 fspec, state[f"{key}.tokens"].numpy(), state[f"{key}.numeric"].numpy())
     accepted = inspect.signature(cls).parameters
     kwargs = {**spec["kwargs"], **{k: v for k, v in tables.items() if k in accepted}}
+    broken = sorted(k for k, v in state.items()
+                    if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all()))
+    if broken:
+        raise BundleError(f"{bundle.root / NETWORK_WEIGHTS}: weights {broken[:3]} hold NaN or infinite values; "
+                          "the bundle cannot serve (train and export again)")
     try:
         net = cls(n_users=spec["n_users"], n_items=spec["n_items"], **kwargs)
         net.load_state_dict(state, strict=True)
@@ -553,6 +560,8 @@ def export_bundle(
     if seen.shape != (n_users, n_items):
         raise ValueError(f"seen matrix shape {seen.shape} != ({n_users}, {n_items})")
     seen.sort_indices()
+    check_finite_vectors(user_vectors, "user vectors")
+    check_finite_vectors(item_vectors, "item vectors")
 
     with BundleWriter(target) as w:
         user_vocab.save(w.path(USER_VOCAB))
@@ -587,6 +596,19 @@ def export_bundle(
             content[name] = dict(write_part(w))
         content["config"] = dict(config or {})
         return w.commit(content)
+
+
+def nonfinite_rows(vectors: np.ndarray) -> int:
+    """Rows of ``vectors`` (n, dim) with a NaN or infinite entry."""
+    return int((~np.isfinite(vectors).all(axis=1)).sum()) if vectors.size else 0
+
+
+def check_finite_vectors(vectors: np.ndarray, what: str) -> None:
+    """:class:`NonFiniteError` when any row of ``vectors`` is not finite (nothing is exported)."""
+    bad = nonfinite_rows(vectors)
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} of {len(vectors)} rows are NaN or infinite (training diverged); nothing "
+                             "was exported. Lower model.module.optimizer.lr and check the data for extreme values")
 
 
 def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Path:

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from dmp_dl.errors import DmpError
@@ -65,3 +66,26 @@ def prepare_run_config(cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     return cfg
+
+
+class PreflightCallback(Callback):
+    """Hydra callback (``hydra.callbacks.preflight`` in a command's config) that runs the command's
+    checks (:data:`dmp_dl.checks.CHECKS`) before Hydra creates the run folder and its log file, so
+    a bad setting or an unwritable output folder is one line and exit status 2 with nothing written.
+
+    The command runs the same checks again itself (for callers that do not go through Hydra).
+    """
+
+    def __init__(self, command: str):
+        from dmp_dl.checks import CHECKS
+
+        if command not in CHECKS:
+            raise ValueError(f"PreflightCallback: unknown command {command!r} (known: {', '.join(CHECKS)})")
+        self.check = CHECKS[command]
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            self.check(config)
+        except DmpError as exc:  # logging is not configured yet: print the one line ourselves
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)

@@ -27,6 +27,10 @@ class ConfigError(DmpError, ValueError):
     """A configuration value is invalid."""
 
 
+class NonFiniteError(DmpError, ValueError):
+    """Training diverged (a NaN or infinite loss) or produced vectors that are not finite."""
+
+
 class BundleError(DmpError):
     """An artifact bundle is missing, corrupt or incompatible."""
 

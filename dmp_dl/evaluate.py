@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dmp_dl.audience.bundle import load_segments
 from dmp_dl.bundle import ITEM_VOCAB, PROPENSITY_DIR, USER_VECTORS, USER_VOCAB, Bundle, load_network
+from dmp_dl.checks import check_data_config, check_evaluate_config
 from dmp_dl.cli import report_errors
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import BundleError, ConfigError, DataError, DmpError
@@ -214,11 +215,13 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("artifacts: set artifacts=DIR to an exported bundle (e.g. outputs/<run>/artifacts)")
     if cfg.get("evaluation") is None or cfg.evaluation.get("report") is None:
         raise ConfigError("evaluation.report: null writes nothing, and the report is all this command makes; remove the override")
+    check_evaluate_config(cfg)  # every setting and the output folder, before the bundle is read
     bundle = Bundle.open(cfg.artifacts)
     run_cfg = training_config(bundle)
     net, _, history_len = load_network(bundle)
     user_vocab, item_vocab = IdVocab.load(bundle.file(USER_VOCAB)), IdVocab.load(bundle.file(ITEM_VOCAB))
     data_node, origin = data_config(cfg, run_cfg, bundle.root / "manifest.json")
+    check_data_config(OmegaConf.create({"data": data_node}), paths=False)  # files: read_table names them
     try:
         dm = build_data(data_node)
     except DataError as exc:

@@ -24,6 +24,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dmp_dl.checks import check_index_for_data, check_train_config
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.errors import ConfigError, InsufficientDataError
 from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
@@ -54,6 +55,7 @@ def _enabled(cfg: DictConfig, group: str) -> bool:
 def data_stage(cfg: DictConfig, state: dict) -> None:
     out = Path(cfg.paths.output_dir)
     dm = state["datamodule"] = load_data(cfg)
+    check_index_for_data(cfg, dm)  # index options against the data's size, before training
     dm.report.write_json(out / "data_quality.json")
     log.info(dm.report.summary())
 
@@ -171,6 +173,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Everything is written under ``cfg.paths.output_dir``; ``metrics.json`` is rewritten after every
     stage, so it always says how far the run got.
     """
+    check_train_config(cfg)  # every setting, before any data are read
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)

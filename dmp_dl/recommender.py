@@ -133,6 +133,11 @@ class Recommender:
         n_users, n_items = len(user_vocab), len(item_vocab)
         if users.shape[0] != n_users or items.shape[0] != n_items or users.ndim != 2 or items.shape[1:] != users.shape[1:]:
             raise BundleError(f"{b.root}: vectors {users.shape}, {items.shape} do not match {n_users} users, {n_items} items")
+        for name, vectors in ((layout.USER_VECTORS, users), (layout.ITEM_VECTORS, items)):
+            bad = layout.nonfinite_rows(vectors)
+            if bad:  # served as they are, every score would be NaN and every answer empty
+                raise BundleError(f"{b.root / name}: {bad} of {len(vectors)} vectors are NaN or infinite; the bundle "
+                                  "cannot serve (train and export again)")
         if indptr.shape != (n_users + 1,) or indptr[-1] != len(seen_items) or (len(seen_items) and seen_items.max() >= n_items):
             raise BundleError(f"{b.root / layout.SEEN_INDPTR}: seen-items rows do not match the vocabularies")
         seen = sp.csr_matrix((np.ones(len(seen_items), np.float32), seen_items, indptr), shape=(n_users, n_items))
@@ -386,6 +391,7 @@ class Recommender:
         """Array form of :meth:`lookalike` for seed user rows (no ``max_k`` bound): user rows (m,)
         int64 and scores (m,) float64, best first (m < k only when fewer users are left)."""
         rows = np.unique(np.asarray(seed_rows, dtype=np.int64))
+        k = min(int(k), self.n_users)  # a larger audience than there are users would only allocate padding
         excluded = (np.array([0, len(rows)], np.int64), rows) if exclude_seeds else (None, None)
         seed_vectors = self.user_vectors[rows]
         if method in ("centroid", "contrast"):

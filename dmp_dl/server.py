@@ -454,8 +454,11 @@ def serve(cfg) -> None:
     import uvicorn
 
     from dmp_dl.bundle import remove_stale_temporaries
+    from dmp_dl.checks import check_serve_config, token_from
 
-    token = cfg.get("token") or os.environ.get(cfg.get("token_env") or "", "") or None
+    token = check_serve_config(cfg)  # every setting (port, limits, token), before the bundle is read
+    if token is None and cfg.get("token_env"):
+        token = token_from(os.environ.get(str(cfg.token_env), ""), f"${cfg.token_env}")
     threads = int(cfg.faiss_threads) if cfg.get("faiss_threads") else None
     remove_stale_temporaries(cfg.artifacts)  # what a killed export or erasure left beside the bundle
     load = bundle_loader(cfg.artifacts, max_k=int(cfg.max_k), search_params=cfg.get("search_params"))

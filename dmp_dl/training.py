@@ -14,11 +14,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from dmp_dl.data.datamodule import InteractionDataModule
-from dmp_dl.errors import ConfigError
+from dmp_dl.errors import ConfigError, NonFiniteError
 from dmp_dl.io import atomic_write_bytes
 from dmp_dl.models.retrieval import RetrievalModule
 
@@ -52,6 +52,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+class FiniteLossGuard(Callback):
+    """Stop training at the first step whose loss is NaN or infinite (a learning rate far too high,
+    a temperature near 0, an overflowing feature), with one line naming the step, instead of
+    training on and exporting NaN vectors. Runs before the checkpoint callbacks (Lightning calls
+    them last), so no checkpoint holds the diverged weights."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(
+                f"training diverged: the loss is {float(loss.detach().float().mean())} at epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step}; nothing was exported. Lower the learning rate "
+                "(model.module.optimizer.lr) or raise model.module.temperature, and check the data for extreme values")
+
+
 def _instantiate_all(group: DictConfig | None) -> list:
     if not group:
         return []
@@ -65,7 +80,7 @@ def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list |
     monitor a validation metric keep only the last checkpoint. Checkpoints are written atomically
     (:class:`AtomicCheckpointIO`).
     """
-    callbacks = _instantiate_all(cfg.get("callbacks")) + list(extra_callbacks or [])
+    callbacks = [FiniteLossGuard(), *_instantiate_all(cfg.get("callbacks")), *(extra_callbacks or [])]
     loggers = _instantiate_all(cfg.get("logger"))
     extra = {}
     if cfg.trainer.get("enable_progress_bar") == "auto":  # a bar on a terminal, none in a piped or captured log

@@ -353,7 +353,7 @@ def test_cli_errors_name_the_problem(trained, rec, tmp_path):
     bad.write_text("customer,x\n1,2\n")
     cases = {
         (f"seeds={bad}",): (DataError, "no 'user_id' column"),
-        (f"seeds={tmp_path / 'missing.txt'}",): (DataError, "missing.txt is not a file"),
+        (f"seeds={tmp_path / 'missing.txt'}",): (DataError, r"seeds: .*missing.txt not found"),
         ("seed_ids=[a]", "size=0"): (ConfigError, "size must be"),
         (f"seed_ids=[{rec.user_vocab.ids[0]}]", "method=nearest"): (ConfigError, "method must be"),
         (): (ConfigError, "seeds=FILE or seed_ids"),

@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dmp_dl.checks import check_audience_config
 from dmp_dl.cli import report_errors
 from dmp_dl.errors import ConfigError
 from dmp_dl.io import atomic_write_text
@@ -50,6 +51,7 @@ def run_task(cfg: DictConfig) -> dict:
     task = ALIASES.get(str(cfg.task), str(cfg.task))
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    check_audience_config(cfg)  # every setting and the output folder, before any file is read
     out = Path(cfg.output_dir)
     if task == "measure":  # needs no bundle; with one, its training run's reading rules and id keys
         from dmp_dl.campaign.jobs import measure_job
@@ -59,8 +61,6 @@ def run_task(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "artifacts"):
         raise ConfigError(f"artifacts is required: {USAGE}")
     fmt = str(cfg.get("format", "csv"))
-    if fmt not in jobs.FORMATS:
-        raise ConfigError(f"format must be one of {jobs.FORMATS}, got {fmt!r}")
     size = _int(cfg, "size") if task == "lookalike" else 1
     if task == "target":  # checked before the bundle is read
         from dmp_dl.campaign.control import check_fraction
@@ -70,8 +70,11 @@ def run_task(cfg: DictConfig) -> dict:
             raise ConfigError(f"score must be one of {jobs.SCORES}, got {cfg.get('score')!r}")
     if task == "uplift":
         options = _uplift_options(cfg)
-    # lookalike audiences may be far larger than an API answer
-    rec = Recommender.load(cfg.artifacts, max_k=max(size, 1000))
+    rec = Recommender.load(cfg.artifacts, max_k=1000)
+    if size > rec.n_users:
+        log.warning("size=%d is more than the bundle's %d users: the audience can hold at most all of them", size, rec.n_users)
+        size = rec.n_users
+    rec.max_k = max(size, rec.max_k)  # lookalike audiences may be far larger than an API answer
     if task == "uplift":
         from dmp_dl.campaign.jobs import uplift_job
 
@@ -93,7 +96,7 @@ def run_task(cfg: DictConfig) -> dict:
     else:
         table, summary, gains = jobs.target_job(
             rec, cfg.get("budget"), _plain(cfg.cost), _plain(cfg.value), _plain(cfg.get("caps")), str(cfg.solver),
-            float(cfg.time_limit), _int(cfg, "gains_points"), seed=int(cfg.seed), score=str(cfg.score),
+            float(cfg.time_limit), _int(cfg, "gains_points"), seed=_int(cfg, "seed", low=0), score=str(cfg.score),
             control_frac=cfg.control_frac, control_seed=None if cfg.control_seed is None else int(cfg.control_seed))
         extra["gains"] = str(jobs.write_table(gains, out / f"gains.{fmt}", fmt))
     summary["files"] = {"audience": str(jobs.write_table(table, out / f"{task}.{fmt}", fmt)), **extra}

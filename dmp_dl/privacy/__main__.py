@@ -46,12 +46,14 @@ def read_user_ids(path: str | Path) -> list[str]:
 def forget(cfg: DictConfig) -> dict:
     from omegaconf import OmegaConf
 
+    from dmp_dl.checks import check_privacy_config
     from dmp_dl.errors import ConfigError
     from dmp_dl.privacy.erasure import forget_users
 
     for name in ("artifacts", "user_ids"):
         if OmegaConf.is_missing(cfg, name) or not cfg.get(name):
             raise ConfigError(f"{name} is required; {USAGE}")
+    check_privacy_config(cfg)  # the id file is a regular file, no setting is NaN
     opt = {k: None if cfg.get(k) is None else str(cfg.get(k)) for k in ("erasure_list", "audit_log", "secret_env", "secret_file")}
     return forget_users(str(cfg.artifacts), read_user_ids(str(cfg.user_ids)), **opt)
 

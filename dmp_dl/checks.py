@@ -1,0 +1,623 @@
+"""Checks that run before any work: every numeric and path setting of a command, in one line each.
+
+Each command (``train.py``, ``serve.py``, ``python -m dmp_dl.evaluate | audience | privacy``) calls
+its ``check_*_config`` first, so a bad value is a :class:`~dmp_dl.errors.ConfigError` naming the
+key and the allowed range before a file is read or a model trained, never a traceback after an hour
+of training. The same functions run from a Hydra callback (:class:`PreflightCallback`) before Hydra
+creates the run folder, so a bad ``output_dir`` is refused before anything is written.
+
+Rules are tables of ``key -> rule``; a key a config does not have (another model, a group switched
+off) is skipped, so a new knob is checked by adding one line here. Settings that depend on the data
+(index options against the number of vectors) are checked by :func:`check_index_against_data` right
+after the data are loaded, before training.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.io import regular_file_problem
+
+MAX_SEED = 2**32 - 1  # numpy and Lightning seeds are unsigned 32-bit integers
+_ABSENT = object()
+
+
+# -- rules ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int:
+    """A whole number in ``lo..hi`` (None: unbounded on that side); ``null`` allows None."""
+
+    lo: int | None = None
+    hi: int | None = None
+    null: bool = False
+    also: tuple[int, ...] = ()  # special values allowed outside the range (e.g. -1: no limit)
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.null else f"must be {self.describe()}"
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be {self.describe()}"
+        if value in self.also:
+            return None
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"an integer in {self.lo}..{self.hi}"
+        elif self.lo is not None:
+            text = f"an integer >= {self.lo}"
+        elif self.hi is not None:
+            text = f"an integer <= {self.hi}"
+        else:
+            text = "an integer"
+        return text + "".join(f" or {v}" for v in self.also) + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Num:
+    """A finite number in the interval given by ``lo``/``hi`` (open ends with ``lo_open``/``hi_open``)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    null: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.null else f"must be {self.describe()}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"must be {self.describe()}"
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return f"must be {self.describe()}"
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            text = f"a finite number {'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            text = "a finite number"
+        return text + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+    null: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if (value is None and self.null) or (value is not None and value in self.options):
+            return None
+        return f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        return "one of " + " | ".join(map(str, self.options)) + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Each:
+    """A non-empty list whose every element follows ``rule`` (one value is taken as a list of one)."""
+
+    rule: Int | Num
+    null: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.null else f"must be {self.describe()}"
+        values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+        if not values or any(self.rule.problem(v) for v in values):
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        return f"a non-empty list, each {self.rule.describe()}" + (", or null" if self.null else "")
+
+
+Rule = Int | Num | Choice | Each
+
+POSITIVE = Num(0, None, lo_open=True)
+NON_NEGATIVE = Num(0, None)
+FRACTION = Num(0, 1, hi_open=True)  # a dropout rate, a held-out share
+COUNT = Int(1, None)
+THREADS = Int(1, 4096, null=True)
+SEED = Int(0, MAX_SEED)
+
+# The embedding model and its data (train.py; the data keys also for evaluate's data=...).
+DATA_RULES: dict[str, Rule] = {
+    "data.batch_size": COUNT,
+    "data.eval_batch_size": COUNT,
+    "data.num_workers": Int(0, 1024),
+    "data.history_len": Int(0, 100_000),
+    "data.history_sampling": Choice(("auto", "recent", "random")),
+    "data.split.val_frac": FRACTION,
+    "data.split.test_frac": FRACTION,
+    "data.split.n": COUNT,
+    "data.split.seed": Int(0, MAX_SEED, null=True),  # null in evaluate: the training run's
+    "data.cleaning.kcore_users": Int(0, None),
+    "data.cleaning.kcore_items": Int(0, None),
+    "data.cleaning.max_abs_value": POSITIVE,
+    "data.cleaning.timestamp_unit": Choice(("s", "ms")),
+}
+MODEL_RULES: dict[str, Rule] = {
+    "seed": SEED,
+    "model.dim": Int(1, 65_536),
+    "model.net.hidden": Int(1, 1 << 20),
+    "model.net.dropout": FRACTION,
+    "model.net.id_dropout": FRACTION,
+    "model.net.history_dropout": FRACTION,
+    "model.net.init_std": POSITIVE,
+    "model.module.temperature": POSITIVE,
+    "model.module.num_negatives": Int(0, 1 << 20),
+    "model.module.full_softmax_max_items": Int(0, None),
+    "model.module.l2": NON_NEGATIVE,
+    "model.module.val_ks": Each(COUNT),
+    "model.module.optimizer.lr": POSITIVE,
+    "model.module.optimizer.weight_decay": NON_NEGATIVE,
+    "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping
+    "trainer.min_epochs": Int(0, None, null=True),
+    "callbacks.early_stopping.patience": Int(0, None),
+    "index.exact_below": Int(0, None),
+    "index.nlist": Int(1, None, null=True),
+    "index.train_size": COUNT,
+    "index.eval_queries": COUNT,
+    "index.seed": SEED,
+    "evaluation.ks": Each(COUNT),
+    "evaluation.ease_l2": NON_NEGATIVE,
+    "evaluation.ease_max_items": Int(0, None),
+    "evaluation.report.calibration_bins": COUNT,
+    "evaluation.report.segment_sample": COUNT,
+    "privacy.id_length": Int(16, 64),
+}
+PROPENSITY_RULES: dict[str, Rule] = {
+    "propensity.horizon_days": POSITIVE,
+    "propensity.cutoff_quantile": Num(0, 1, lo_open=True),
+    "propensity.train_snapshots": Int(1, 1000),
+    "propensity.split.val_frac": Num(0, 1, lo_open=True, hi_open=True),
+    "propensity.split.test_frac": Num(0, 1, lo_open=True, hi_open=True),
+    "propensity.split.seed": SEED,
+    "propensity.features.decay_half_lives_days": Each(POSITIVE),
+    "propensity.features.embedding": Choice(("off", "frozen", "finetune")),
+    "propensity.calibration": Choice(("platt", "isotonic", "none")),
+    "propensity.ece_bins": COUNT,
+    "propensity.num_threads": THREADS,
+    "propensity.batch_size": COUNT,
+    "propensity.net.hidden": Each(COUNT),
+    "propensity.net.dropout": FRACTION,
+    "propensity.net.token_dim": COUNT,
+    "propensity.module.encoder_lr_scale": NON_NEGATIVE,
+    "propensity.module.optimizer.lr": POSITIVE,
+    "propensity.module.optimizer.weight_decay": NON_NEGATIVE,
+    "propensity.trainer.max_epochs": COUNT,
+    "propensity.early_stopping.patience": Int(0, None),
+}
+AUDIENCE_RULES: dict[str, Rule] = {
+    "audience.num_threads": THREADS,
+    "audience.profiles.half_life_days": POSITIVE,
+    "audience.profiles.top_n": COUNT,
+    "audience.segments.k": Int(1, None, null=True),
+    "audience.segments.k_min": Int(2, None),
+    "audience.segments.k_max": Int(2, None),
+    "audience.segments.sample": COUNT,
+    "audience.segments.niter": COUNT,
+    "audience.segments.nredo": COUNT,
+    "audience.segments.seed": SEED,
+    "audience.segments.representatives": Int(0, None),
+    "audience.segments.top_categories": Int(0, None),
+    "audience.segments.top_attributes": Int(0, None),
+}
+DP_RULES: dict[str, Rule] = {
+    "privacy.dp.target_epsilon": Num(0, None, lo_open=True, null=True),
+    "privacy.dp.noise_multiplier": Num(0, None, null=True),
+    "privacy.dp.delta": Num(0, 1, lo_open=True, hi_open=True, null=True),
+    "privacy.dp.max_grad_norm": POSITIVE,
+    "privacy.dp.batch_users": COUNT,
+    "privacy.dp.max_events_per_user": COUNT,
+    "privacy.dp.num_negatives": COUNT,
+    "privacy.dp.chunk_users": COUNT,
+}
+SERVE_RULES: dict[str, Rule] = {
+    "port": Int(1, 65_535),
+    "max_k": Int(1, 1_000_000),
+    "max_ids": Int(1, 10_000_000),
+    "max_body_bytes": Int(1, 1 << 34),
+    "faiss_threads": THREADS,
+    "timeout_keep_alive": Int(1, 86_400),
+    "log_level": Choice(("critical", "error", "warning", "info", "debug", "trace")),
+}
+EVALUATE_RULES: dict[str, Rule] = {
+    "seed": Int(0, MAX_SEED, null=True),
+    "evaluation.ks": Each(COUNT, null=True),
+    "evaluation.ease_l2": Num(0, None, null=True),
+    "evaluation.ease_max_items": Int(0, None, null=True),
+    "evaluation.report.calibration_bins": COUNT,
+    "evaluation.report.segment_sample": COUNT,
+}
+# python -m dmp_dl.audience: the rules of every task, then those of each task (None: every task).
+AUDIENCE_CLI_RULES: dict[str | None, dict[str, Rule]] = {
+    None: {
+        "task": Choice(("lookalike", "segments", "target", "measure", "uplift", "segment", "targeting", "measurement")),
+        "format": Choice(("csv", "parquet")),
+        "num_threads": THREADS,
+    },
+    "lookalike": {"size": COUNT, "method": Choice(("centroid", "contrast", "neighbours"))},
+    "segments": {"k": Int(1, None, null=True), "representatives": Int(1, None)},
+    "target": {
+        "budget": Num(0, None, null=True),
+        "time_limit": POSITIVE,
+        "gains_points": COUNT,
+        "seed": SEED,
+        "solver": Choice(("auto", "greedy", "lp", "milp")),
+        "score": Choice(("propensity", "uplift")),
+        "control_frac": FRACTION,
+        "control_seed": Int(0, MAX_SEED, null=True),
+    },
+    "measure": {
+        "metric": Choice(("conversion", "revenue")),
+        "confidence": Num(0.5, 1, hi_open=True),
+        "window_days": Num(0, None, lo_open=True, null=True),
+    },
+    "uplift": {
+        "window_days": Num(0, None, lo_open=True, null=True),
+        "uplift.hidden": Each(COUNT),
+        "uplift.dropout": FRACTION,
+        "uplift.lr": POSITIVE,
+        "uplift.weight_decay": NON_NEGATIVE,
+        "uplift.batch_size": COUNT,
+        "uplift.max_epochs": COUNT,
+        "uplift.patience": Int(0, None),
+        "uplift.val_frac": Num(0, 1, lo_open=True, hi_open=True),
+        "uplift.test_frac": Num(0, 1, lo_open=True, hi_open=True),
+        "uplift.calibration": Choice(("platt", "isotonic", "none")),
+        "uplift.seed": SEED,
+        "uplift.num_threads": THREADS,
+    },
+}
+AUDIENCE_TASK_ALIASES = {"segment": "segments", "targeting": "target", "measurement": "measure"}
+
+
+def select(cfg: DictConfig, key: str) -> Any:
+    """``cfg``'s value at dotted ``key`` as a plain value (``_ABSENT`` when the key is not there)."""
+    try:
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    except Exception as exc:  # an interpolation that does not resolve, e.g. ${oc.env:UNSET}
+        raise ConfigError(f"{key}: cannot be resolved ({str(exc).splitlines()[0]})") from None
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def check_rules(cfg: DictConfig, rules: Mapping[str, Rule]) -> None:
+    """Raise :class:`ConfigError` for the first key of ``rules`` whose value breaks its rule."""
+    for key, rule in rules.items():
+        value = select(cfg, key)
+        if value is _ABSENT:  # not in this config (or ???, which Hydra reports itself)
+            continue
+        problem = rule.problem(value)
+        if problem:
+            raise ConfigError(f"{key} {problem}, got {value!r}")
+
+
+def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, leaf value) of every resolvable leaf under ``node``."""
+    if isinstance(node, DictConfig):
+        children = [(f"{prefix}{k}", k) for k in node.keys() if not OmegaConf.is_missing(node, k)]
+    elif isinstance(node, ListConfig):
+        children = [(f"{prefix}[{i}]", i) for i in range(len(node))]
+    else:
+        yield prefix, node
+        return
+    for name, key in children:
+        try:
+            child = node[key]
+        except Exception:  # an interpolation that cannot resolve: select() reports it where it matters
+            continue
+        yield from _walk(child, name + "." if isinstance(child, DictConfig) else name)
+
+
+def check_finite(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> None:
+    """Refuse a NaN or infinite number anywhere in ``cfg`` (``lr=nan`` would train NaN vectors)."""
+    for key, value in _walk(cfg, ""):
+        if key.split(".")[0].split("[")[0] in skip:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
+# -- paths ---------------------------------------------------------------------------------------
+def check_input_file(path: str | os.PathLike, key: str, *, must_exist: bool = True, allow_dir: bool = False) -> None:
+    """:class:`DataError` naming ``key`` when ``path`` is missing (if ``must_exist``) or is not a
+    regular file (a directory is accepted when ``allow_dir``, e.g. a MovieLens folder)."""
+    p = Path(path)
+    if not p.exists():
+        if must_exist:
+            raise DataError(f"{key}: {p} not found (set {key} to an existing file)")
+        return
+    if allow_dir and p.is_dir():
+        return
+    problem = regular_file_problem(p)
+    if problem:
+        raise DataError(f"{key}: {p} {problem}")
+
+
+def writable_dir_problem(path: str | os.PathLike, probe_bytes: int = 4096) -> str | None:
+    """Why nothing can be written under folder ``path`` (created later if absent), or None.
+
+    Writes and removes a small probe file in the folder (or its nearest existing parent), so a
+    read-only or full file system is found before the work, not after it."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        return f"{p} exists and is not a folder"
+    probe_dir = p
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{probe_dir} is not a folder, so {p} cannot be created"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check-", dir=probe_dir)
+    except OSError as exc:
+        return _why_not_writable(probe_dir, exc)
+    try:
+        try:
+            os.write(fd, b"\0" * probe_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return _why_not_writable(probe_dir, exc)
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    return None
+
+
+def _why_not_writable(where: Path, exc: OSError) -> str:
+    reason = {errno.ENOSPC: "the file system is full", errno.EDQUOT: "the disk quota is exhausted",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror or str(exc))
+    return f"cannot write in {where} ({reason})"
+
+
+def check_output_dir(path: Any, key: str) -> None:
+    """:class:`ConfigError` naming ``key`` when ``path`` cannot be created or written."""
+    if path is None or str(path).strip() == "":
+        raise ConfigError(f"{key} must be a folder path, got {path!r}")
+    problem = writable_dir_problem(str(path))
+    if problem:
+        raise ConfigError(f"{key}: {problem}; choose another folder with {key}=DIR")
+
+
+def _input_paths(cfg: DictConfig, keys: Mapping[str, dict]) -> None:
+    for key, options in keys.items():
+        value = select(cfg, key)
+        if value is _ABSENT or value is None or value == "":
+            continue
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"{key} must be a path, got {value!r}")
+        check_input_file(value, key, **options)
+
+
+# -- per command ---------------------------------------------------------------------------------
+def check_data_config(cfg: DictConfig, paths: bool = True) -> None:
+    """The ``data`` node's knobs and (when ``paths``) input files (``cfg`` holds ``data``)."""
+    check_finite(cfg)
+    check_rules(cfg, DATA_RULES)
+    val, test = select(cfg, "data.split.val_frac"), select(cfg, "data.split.test_frac")
+    if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
+        raise ConfigError(f"data.split.val_frac + data.split.test_frac must be below 1, got {val} + {test}")
+    if not paths:
+        return
+    data_dir = select(cfg, "data.name") in ("movielens", _ABSENT)  # a folder of files, or not known yet
+    _input_paths(cfg, {
+        "data.path": {"allow_dir": data_dir},
+        "data.users": {},
+        "data.items": {},
+        "data.erasure_list": {},
+    })
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Everything ``train.py`` reads from its config that can be checked before the data are read."""
+    check_rules(cfg, {"seed": SEED})  # before the keys that interpolate it (data.split.seed, ...)
+    check_finite(cfg)
+    check_data_config(cfg)
+    check_rules(cfg, MODEL_RULES)
+    if _enabled(cfg, "propensity"):
+        check_rules(cfg, PROPENSITY_RULES)
+        val, test = select(cfg, "propensity.split.val_frac"), select(cfg, "propensity.split.test_frac")
+        if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
+            raise ConfigError(f"propensity.split.val_frac + propensity.split.test_frac must be below 1, got {val} + {test}")
+    if _enabled(cfg, "audience"):
+        check_rules(cfg, AUDIENCE_RULES)
+        k_min, k_max = select(cfg, "audience.segments.k_min"), select(cfg, "audience.segments.k_max")
+        if isinstance(k_min, int) and isinstance(k_max, int) and k_min > k_max:
+            raise ConfigError(f"audience.segments.k_min must be <= audience.segments.k_max, got {k_min} > {k_max}")
+    if _enabled(cfg, "privacy.dp"):
+        check_rules(cfg, DP_RULES)
+    uses_history = select(cfg, "model.net.use_history")
+    if select(cfg, "model.net.history_len") is not _ABSENT and uses_history is not False:
+        history_len = select(cfg, "data.history_len")
+        if history_len == 0:
+            raise ConfigError(f"data.history_len must be an integer >= 1 for model={select(cfg, 'model.name')} "
+                              "(its user tower reads the recent items), got 0; or set model.net.use_history=false")
+    _input_paths(cfg, {"privacy.erasure_list": {"must_exist": False}, "privacy.secret_file": {"must_exist": False}})
+    ckpt = select(cfg, "ckpt_path")
+    if isinstance(ckpt, str) and ckpt not in ("", "last", "null"):
+        _input_paths(cfg, {"ckpt_path": {}})
+    check_index_config(cfg)
+    output = select(cfg, "paths.output_dir")
+    if output is not _ABSENT:
+        check_output_dir(output, "paths.output_dir")
+
+
+def _enabled(cfg: DictConfig, group: str) -> bool:
+    value = select(cfg, f"{group}.enabled")
+    return value is not _ABSENT and bool(value)
+
+
+def check_index_config(cfg: DictConfig) -> None:
+    """``index.factory`` / ``index.approximate`` / ``index.search_params`` against the model's
+    ``dim``, by building the (empty) FAISS index they describe."""
+    if select(cfg, "index") in (_ABSENT, None):
+        return
+    check_rules(cfg, {k: v for k, v in MODEL_RULES.items() if k.startswith("index.")})
+    dim = select(cfg, "model.dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        return
+    factory, approximate = select(cfg, "index.factory"), select(cfg, "index.approximate")
+    for key, value in (("index.factory", factory), ("index.approximate", approximate)):
+        if value is _ABSENT or value is None or (key == "index.factory" and value == "auto"):
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key} must be a faiss index_factory string (e.g. Flat, HNSW32, IVF{{nlist}},Flat), got {value!r}")
+        _empty_index(value, dim, key, select(cfg, "index.search_params"))
+
+
+def _empty_index(factory: str, dim: int, key: str, search_params: Any = None):
+    import faiss
+
+    from dmp_dl.index import is_exact, set_search_params
+
+    concrete = factory.replace("{nlist}", "1")
+    try:
+        index = faiss.index_factory(dim, concrete, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()[-1].split(":")[-1].strip()
+        raise ConfigError(f"{key}={factory!r} is not a faiss index_factory string for dim {dim} (model.dim): {msg}") from None
+    if isinstance(search_params, str) and search_params and not is_exact(concrete):
+        try:
+            set_search_params(index, search_params)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} ({key}={factory!r})") from None
+    return index
+
+
+def min_training_vectors(factory: str, dim: int) -> int:
+    """The fewest vectors that can train the index ``factory`` builds (0: needs no training):
+    an IVF index needs one per list, a product quantizer one per centroid of a sub-quantizer."""
+    import faiss
+
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return 0
+    need = 1
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        need = max(need, int(ivf.nlist))
+    for candidate in (faiss.downcast_index(index), ivf and faiss.downcast_index(ivf)):
+        pq = getattr(candidate, "pq", None)
+        if pq is not None:
+            need = max(need, int(pq.ksub))
+    return need
+
+
+def check_index_against_data(options, n_users: int, n_items: int, dim: int) -> None:
+    """The index each of the bundle's vector sets gets (``options``: :class:`~dmp_dl.index.IndexOptions`)
+    can be trained on that many vectors; checked right after the data are loaded, before training."""
+    for what, n in (("items", n_items), ("users", n_users)):
+        factory, _ = options.resolve(n)
+        try:
+            need = min_training_vectors(factory, dim)
+        except RuntimeError as exc:
+            msg = str(exc).strip().splitlines()[-1].split(":")[-1].strip()
+            raise ConfigError(f"index.factory={factory!r} is not a faiss index_factory string for dim {dim}: {msg}") from None
+        if need > n:
+            hint = ("set index.nlist to at most " + str(max(1, n // 39)) + " or null (sized from the data)"
+                    if "IVF" in factory else "use index=flat or index=hnsw, or a factory with fewer centroids")
+            raise ConfigError(f"index.factory={factory!r} needs at least {need} vectors to train, but the data have "
+                              f"{n} {what}; {hint}")
+
+
+def check_index_for_data(cfg: DictConfig, dm) -> None:
+    """:func:`check_index_against_data` for a run config and its prepared DataModule ``dm``."""
+    if select(cfg, "index") in (_ABSENT, None) or not cfg.get("export", True):
+        return
+    dim = select(cfg, "model.dim")
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return  # a model without a configured dimension: its vectors are checked at export
+    from hydra.utils import instantiate
+
+    check_index_against_data(instantiate(cfg.index, _convert_="all"), dm.n_users, dm.n_items, dim)
+
+
+def check_serve_config(cfg: DictConfig) -> str | None:
+    """``serve.py``'s knobs. Returns the bearer token as a string (or None)."""
+    check_finite(cfg)
+    check_rules(cfg, SERVE_RULES)
+    host = select(cfg, "host")
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError(f"host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0, got {host!r}")
+    return token_from(select(cfg, "token"), "token")
+
+
+def token_from(value: Any, key: str = "token") -> str | None:
+    """A bearer token as text: Hydra reads ``token=12345`` as an integer, which is taken as its
+    digits; a float or boolean (``token=1e5``, ``token=true``) is refused, as is text that cannot
+    travel in an HTTP header."""
+    if value is None or value is _ABSENT or value == "":
+        return None
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ConfigError(f"{key}={value!r} was read as a {type(value).__name__}; quote it so it stays text, "
+                          f"e.g. {key}=\"'{value}'\"")
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be text, got {value!r}")
+    if not all(33 <= ord(c) < 127 for c in value):
+        raise ConfigError(f"{key} must be printable ASCII without spaces (it travels in the Authorization header)")
+    return value
+
+
+def check_evaluate_config(cfg: DictConfig) -> None:
+    check_finite(cfg)
+    check_rules(cfg, EVALUATE_RULES)
+    if select(cfg, "data") not in (_ABSENT, None):
+        check_data_config(cfg)
+    check_output_dir(select(cfg, "output_dir"), "output_dir")
+
+
+def check_audience_config(cfg: DictConfig) -> None:
+    check_finite(cfg)
+    check_rules(cfg, AUDIENCE_CLI_RULES[None])
+    task = select(cfg, "task")
+    check_rules(cfg, AUDIENCE_CLI_RULES.get(AUDIENCE_TASK_ALIASES.get(task, task), {}))
+    _input_paths(cfg, {key: {} for key in ("seeds", "assignments", "outcomes")})  # the bundle: Bundle.open
+    check_output_dir(select(cfg, "output_dir"), "output_dir")
+
+
+def check_privacy_config(cfg: DictConfig) -> None:
+    check_finite(cfg)
+    _input_paths(cfg, {"user_ids": {}})
+
+
+CHECKS: dict[str, Callable[[DictConfig], Any]] = {
+    "train": check_train_config,
+    "serve": check_serve_config,
+    "evaluate": check_evaluate_config,
+    "audience": check_audience_config,
+    "privacy": check_privacy_config,
+}

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from dmp_dl import bundle as layout
 from dmp_dl.bundle import Bundle, MissingPartError
+from dmp_dl.data.schema import MAX_ABS_VALUE
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import BundleError, DmpError, UnknownIdError
 from dmp_dl.index import is_exact, search_excluding, set_search_params
@@ -334,6 +335,8 @@ class Recommender:
             unknown = sorted({str(key) for a in attributes if a for key in a} - known)
             if unknown:
                 raise InvalidRequestError(f"unknown attribute(s) {unknown}; this model reads {sorted(known)}")
+            for i, a in enumerate(attributes):
+                self._check_numeric_attributes(a or {}, "attributes" if b == 1 else f"attributes[{i}]")
             t, n = self.user_features.encode_records([dict(a or {}) for a in attributes])
             tokens, numeric = torch.from_numpy(t), torch.from_numpy(n)
         empty = np.flatnonzero((lengths == 0) & ~has_attrs)
@@ -349,6 +352,28 @@ class Recommender:
             raise InvalidRequestError(f"{which}: a numeric value is too far outside the range this model was "
                                       "trained on (the user vector overflows); send a realistic value or leave it out")
         return vectors, rows, items
+
+    def _check_numeric_attributes(self, attributes: Mapping[str, object], where: str) -> None:
+        """:class:`InvalidRequestError` for a numeric attribute that is not a number (or numeric
+        text) within ±``MAX_ABS_VALUE``: far outside, the user vector overflows or goes flat."""
+        for col in self.user_features.numeric_columns:
+            v = attributes.get(col)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, str, np.integer, np.floating)):
+                raise InvalidRequestError(f"{where}.{col} must be a number (or null), got {type(v).__name__}")
+            if isinstance(v, (int, np.integer)):
+                ok = abs(int(v)) <= MAX_ABS_VALUE
+                shown = repr(v) if len(repr(v)) <= 30 else f"a {len(str(abs(int(v))))}-digit integer"
+            else:
+                try:
+                    ok = bool(abs(float(v)) <= MAX_ABS_VALUE)  # NaN compares False
+                except ValueError:
+                    raise InvalidRequestError(f"{where}.{col} must be a number (or null), got {str(v)[:40]!r}") from None
+                shown = repr(v)[:40]
+            if not ok:
+                raise InvalidRequestError(f"{where}.{col} is {shown}, outside ±{MAX_ABS_VALUE:g}: send a realistic "
+                                          "value or leave it out")
 
     # -- items ---------------------------------------------------------------------------------
     def similar_items(self, item_id: object, k: int = 10) -> Ranked:

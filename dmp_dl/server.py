@@ -9,36 +9,46 @@ refused (409) while the current one keeps serving.
 
 Errors: unknown ids -> 404, bad parameters -> 422, a part the bundle lacks (propensity, cold
 start) -> 409, a missing/invalid bearer token -> 401, a body over the size limit -> 413; always
-with a JSON body whose ``detail`` says what is wrong (plus ``error``, a short kind, for the
-errors this module raises).
+the JSON body of :mod:`dmp_dl.http_errors` (``detail`` says what is wrong, ``error`` is a
+machine-readable code), and each route declares the statuses it can answer in the OpenAPI
+document. The request models carry their limits (``k`` in 1..max_k, at most ``max_ids`` ids, the
+attribute columns the model reads with their types and ranges), so what the schema allows is what
+the server accepts.
 """
 
 import json
 import logging
-import math
 import os
 import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import faiss
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
 
-from dmp_dl.bundle import MANIFEST, MissingPartError
-from dmp_dl.errors import BundleError, DmpError, UnknownIdError
+from dmp_dl.bundle import MANIFEST
+from dmp_dl.data.schema import MAX_ABS_VALUE
+from dmp_dl.errors import BundleError, DmpError
+from dmp_dl.http_errors import error_response, error_responses, install_error_handlers
 from dmp_dl.recommender import InvalidRequestError, Ranked, Recommender
 
 log = logging.getLogger(__name__)
 
-Id = str | int
+def _integral(value: Any) -> Any:
+    """JSON Schema's ``integer`` includes ``3.0``: take an integral float as the int it is (strict
+    validation still refuses ``3.5``, ``"3"`` and ``true``)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+Id = str | JsonInt
+ErasureId = Annotated[str, StringConstraints(pattern=r"\S")] | JsonInt  # a blank id is refused, not looked up
 
 
 class ScoredItem(BaseModel):
@@ -119,9 +129,11 @@ class SegmentList(BaseModel):
     segments: list[SegmentDescription]
 
 
-class ErrorBody(BaseModel):
-    detail: str
-    error: str
+class Health(BaseModel):
+    """Liveness and a summary of the loaded bundle (``Recommender.info()``)."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ok"]
 
 
 class StrictBody(BaseModel):
@@ -131,27 +143,83 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class HistoryRequest(StrictBody):
-    history: list[Id] = Field(description="item ids the new user interacted with, oldest first")
-    k: int = 10
-    exclude_seen: bool = Field(True, description="leave the history's items out")
-    attributes: dict[str, str | int | float | None] | None = Field(
-        None, description="optional user attributes (columns of the user table), e.g. {\"age\": 34}")
+def attributes_model(rec: Recommender) -> type[BaseModel]:
+    """The ``attributes`` object of ``POST /recommend``: one optional property per user-table column
+    the model reads (categorical: text or a number; numeric: a number within ±MAX_ABS_VALUE), nothing
+    else; an empty object when the model reads no attributes."""
+    features = rec.user_features
+    reads = features is not None and getattr(getattr(rec.network, "user_attr", None), "active", False)
+    fields: dict[str, Any] = {}
+    if reads:
+        for i, col in enumerate(features.categorical_columns):
+            fields[f"c{i}"] = (str | int | float | None, Field(None, alias=col, description="categorical"))
+        for i, col in enumerate(features.numeric_columns):
+            fields[f"n{i}"] = (float | None, Field(None, alias=col, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE,
+                                                         description="numeric"))
+    return create_model("Attributes", __config__=ConfigDict(strict=True, extra="forbid"), **fields)
 
 
-class LookalikeRequest(StrictBody):
-    seed_user_ids: list[Id]
-    k: int = 100
-    exclude_seeds: bool = True
-    method: Literal["centroid", "neighbours", "contrast"] = "centroid"
+def _explain(attributes: type[BaseModel]) -> Callable[[dict], str | None]:
+    """Clearer messages for validation errors of the attributes object (unknown or out-of-range columns)."""
+    known = sorted(f.alias for f in attributes.model_fields.values())
+
+    def explain(error: dict) -> str | None:
+        loc = tuple(error.get("loc", ()))
+        if loc[:2] != ("body", "attributes") or len(loc) < 3:
+            return None
+        if error.get("type") == "extra_forbidden":
+            return f"unknown attribute {loc[2]!r}; this model reads {known}" if known else \
+                "this model does not read user attributes; leave attributes out"
+        value = error.get("input")
+        too_big = error.get("type") == "float_type" and isinstance(value, int) and not isinstance(value, bool)
+        if too_big or error.get("type") in ("less_than_equal", "greater_than_equal"):  # too_big: past float range
+            return f"outside ±{MAX_ABS_VALUE:g}: send a realistic value or leave it out"
+        return None
+
+    return explain
 
 
-class PropensityRequest(StrictBody):
-    user_ids: list[Id]
+def request_models(rec: Recommender, max_ids: int) -> dict[str, type[BaseModel]]:
+    """The request bodies of an app over ``rec``, with its limits in their JSON schema: ``k`` in
+    1..``rec.max_k``, 1..``max_ids`` ids per list, the attributes the model reads. The handlers (and
+    the recommender) enforce the same limits with messages that say what to change."""
+    ids = {"minItems": 1, "maxItems": max_ids}
+    k_range = {"minimum": 1, "maximum": rec.max_k}
+    Attributes = attributes_model(rec)
+    reads_attributes = bool(Attributes.model_fields)
+    history_limits = {"maxItems": max_ids} if reads_attributes else ids
+    # With attribute columns, a new user may be described by attributes alone.
+    either = {"anyOf": [{"properties": {"history": {"minItems": 1}}},
+                        {"required": ["attributes"], "properties": {"attributes": {"type": "object", "minProperties": 1}}}]}
 
+    class HistoryRequest(StrictBody):
+        model_config = ConfigDict(json_schema_extra=either if reads_attributes else None)
+        history: list[Id] = Field(description="item ids the new user interacted with, oldest first"
+                                  + (" (may be empty when attributes are given)" if reads_attributes else ""),
+                                  json_schema_extra=history_limits)
+        k: JsonInt = Field(10, json_schema_extra=k_range)
+        exclude_seen: bool = Field(True, description="leave the history's items out")
+        attributes: Attributes | None = Field(  # type: ignore[valid-type]
+            None, description="optional user attributes: the user-table columns the model reads, e.g. {\"age\": 34}")
 
-class UpliftRequest(StrictBody):
-    user_ids: list[Id] = Field(description="known user ids")
+    class LookalikeRequest(StrictBody):
+        seed_user_ids: list[Id] = Field(json_schema_extra=ids)
+        k: JsonInt = Field(100, json_schema_extra=k_range)
+        exclude_seeds: bool = True
+        method: Literal["centroid", "neighbours", "contrast"] = "centroid"
+
+    class PropensityRequest(StrictBody):
+        user_ids: list[Id] = Field(json_schema_extra=ids)
+
+    class UpliftRequest(StrictBody):
+        user_ids: list[Id] = Field(description="known user ids", json_schema_extra=ids)
+
+    class ErasureRequest(StrictBody):
+        user_ids: list[ErasureId] = Field(description="raw user ids to forget (right to be forgotten)",
+                                          json_schema_extra=ids)
+
+    return {"history": HistoryRequest, "lookalike": LookalikeRequest, "propensity": PropensityRequest,
+            "uplift": UpliftRequest, "erasure": ErasureRequest, "attributes": Attributes}
 
 
 class UpliftScore(BaseModel):
@@ -163,15 +231,6 @@ class UpliftScore(BaseModel):
 
 class UpliftList(BaseModel):
     users: list[UpliftScore]
-
-
-class ErrorBody(BaseModel):
-    detail: str
-    error: str
-
-
-class ErasureRequest(StrictBody):
-    user_ids: list[Id] = Field(description="raw user ids to forget (right to be forgotten)")
 
 
 class BodyTooLarge(HTTPException):
@@ -190,7 +249,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes", "error": "too_large"}, 413)
+            response = error_response(413, f"request body over {self.max_bytes} bytes", "too_large")
             return await response(scope, receive, send)
         received = 0
 
@@ -218,21 +277,10 @@ class TokenGuard:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, given = header.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.token):
-                response = JSONResponse({"detail": "missing or invalid bearer token", "error": "unauthorized"}, 401,
-                                        headers={"WWW-Authenticate": "Bearer"})
+                response = error_response(401, "missing or invalid bearer token", "unauthorized",
+                                          headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
-
-
-def _json_safe(value):
-    """``value`` with non-finite floats as strings (a 422 may echo ``1e999`` or ``NaN`` from the body)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _manifest_on_disk(path: Path) -> dict | None:
@@ -272,7 +320,8 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
                reload: Callable[[], Recommender] | None = None, reload_without_token: bool = False) -> FastAPI:
     """The API app over ``recommender``.
 
-    token: if set, every endpoint but ``/health`` (docs included) needs ``Authorization: Bearer <token>``.
+    token: if set, every endpoint but ``/health`` (docs included) needs ``Authorization: Bearer <token>``
+    (an int, as Hydra reads ``token=12345``, is taken as its digits).
     max_ids: most ids in one request's list (history, seeds, user ids); max_body_bytes: request size cap.
     faiss_threads: OpenMP threads per FAISS call in the request threads (None: FAISS default).
     ``k`` is bounded by ``recommender.max_k``.
@@ -281,12 +330,22 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     reload: loads the bundle to switch to, for ``POST /reload`` (e.g. :func:`bundle_loader`);
     refused with 403 when no token is set, unless ``reload_without_token``.
     """
+    if token is not None:
+        from dmp_dl.checks import token_from
+
+        token = token_from(token)
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from assets the server itself serves
     # (shipped in the fastapi-offline wheel), so the docs render without internet access.
     app = FastAPIOffline(title="dmp_dl recommender", version=recommender.manifest.get("created_at") or "bundle",
                          description="Recommendations, similar items, lookalike audiences, propensity and segments "
-                                     "from a dmp_dl bundle.")
+                                     "from a dmp_dl bundle. Every error is a JSON object with `detail` (what is "
+                                     "wrong) and `error` (a code).")
     app.state.recommender = recommender
+    models = request_models(recommender, max_ids)
+    install_error_handlers(app, explain=_explain(models["attributes"]))
+    HistoryRequest, LookalikeRequest = models["history"], models["lookalike"]
+    PropensityRequest, UpliftRequest, ErasureRequest = models["propensity"], models["uplift"], models["erasure"]
+    k_query = {"json_schema_extra": {"minimum": 1, "maximum": recommender.max_k}}
     app.state.swap_lock = threading.Lock()  # one bundle swap (reload) at a time
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if token is not None:
@@ -309,67 +368,53 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
             faiss.omp_set_num_threads(faiss_threads)
         return request.app.state.recommender
 
-    def bounded(ids: list, name: str) -> list:
+    def bounded(ids: list, name: str, empty_ok: bool = False) -> list:
+        """``ids`` within the request schema's 1..max_ids (``empty_ok``: 0..max_ids)."""
         if len(ids) > max_ids:
             raise InvalidRequestError(f"{name} has {len(ids)} ids, at most {max_ids} per request")
+        if not ids and not empty_ok:
+            raise InvalidRequestError(f"{name} is empty: give at least one id")
         return ids
 
-    guarded = [Depends(authorised)]
+    # the bearer dependency declares the security scheme in OpenAPI (TokenGuard enforces it first)
+    guarded = [Depends(authorised)] if token is not None else []
+    get_errors = error_responses(401, 404, 422)
+    post_errors = error_responses(400, 401, 404, 413, 422)
 
-    @app.exception_handler(UnknownIdError)
-    async def unknown_id(request: Request, exc: UnknownIdError):
-        return JSONResponse({"detail": str(exc), "error": "unknown_id", "kind": exc.kind}, 404)
-
-    @app.exception_handler(MissingPartError)
-    async def missing_part(request: Request, exc: MissingPartError):
-        return JSONResponse({"detail": str(exc), "error": "unavailable"}, 409)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_failed(request: Request, exc: RequestValidationError):
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
-
-    @app.exception_handler(InvalidRequestError)
-    async def invalid(request: Request, exc: InvalidRequestError):
-        return JSONResponse({"detail": str(exc), "error": "invalid_request"}, 422)
-
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     def health(request: Request) -> dict:
         """Liveness and what is loaded (no token needed)."""
         return {"status": "ok", **current(request).info()}
 
-    @app.get("/recommend", dependencies=guarded, response_model=ItemList)
-    def recommend(request: Request, user_id: str, k: int = 10, exclude_seen: bool = True) -> dict:
+    @app.get("/recommend", dependencies=guarded, response_model=ItemList, responses=get_errors)
+    def recommend(request: Request, user_id: str, k: Annotated[int, Query(**k_query)] = 10, exclude_seen: bool = True) -> dict:
         """Top-k items for a known user, best first."""
         return _items(current(request).recommend(user_id, k, exclude_seen))
 
-    @app.post("/recommend", dependencies=guarded, response_model=ItemList)
+    @app.post("/recommend", dependencies=guarded, response_model=ItemList, responses={**post_errors, **error_responses(409)})
     def recommend_for_history(request: Request, body: HistoryRequest) -> dict:
         """Top-k items for a new user described by recent items (and optional attributes)."""
-        return _items(current(request).recommend_for_history(bounded(body.history, "history"), body.k, body.exclude_seen, body.attributes))
+        attributes = None if body.attributes is None else body.attributes.model_dump(by_alias=True, exclude_unset=True)
+        return _items(current(request).recommend_for_history(bounded(body.history, "history", empty_ok=True), body.k, body.exclude_seen, attributes))
 
-    @app.get("/similar-items", dependencies=guarded, response_model=ItemList)
-    def similar_items(request: Request, item_id: str, k: int = 10) -> dict:
+    @app.get("/similar-items", dependencies=guarded, response_model=ItemList, responses=get_errors)
+    def similar_items(request: Request, item_id: str, k: Annotated[int, Query(**k_query)] = 10) -> dict:
         """Top-k items most like ``item_id`` (itself excluded)."""
         return _items(current(request).similar_items(item_id, k))
 
-    @app.post("/lookalike", dependencies=guarded, response_model=UserList)
+    @app.post("/lookalike", dependencies=guarded, response_model=UserList, responses=post_errors)
     def lookalike(request: Request, body: LookalikeRequest) -> dict:
         """The k users most like the seed users (audience expansion)."""
         ranked = current(request).lookalike(bounded(body.seed_user_ids, "seed_user_ids"), body.k, body.exclude_seeds, body.method)
         return {"users": [{"user_id": u, "score": s} for u, s in ranked]}
 
-    @app.post("/propensity", dependencies=guarded, response_model=UserList)
+    @app.post("/propensity", dependencies=guarded, response_model=UserList, responses={**post_errors, **error_responses(409)})
     def propensity(request: Request, body: PropensityRequest) -> dict:
         """Purchase propensity of known users, in the order given."""
         ids = bounded(body.user_ids, "user_ids")
         return {"users": [{"user_id": str(u), "score": s} for u, s in zip(ids, current(request).propensity(ids))]}
 
-    @app.post("/uplift", dependencies=guarded, response_model=UpliftList, responses={
-        401: {"model": ErrorBody, "description": "missing or invalid bearer token"},
-        404: {"model": ErrorBody, "description": "an unknown user id"},
-        409: {"model": ErrorBody, "description": "the bundle has no uplift model (train one with task=uplift)"},
-        413: {"model": ErrorBody, "description": "request body too large"},
-        422: {"model": ErrorBody, "description": "invalid request (too many ids, wrong JSON types)"}})
+    @app.post("/uplift", dependencies=guarded, response_model=UpliftList, responses={**post_errors, **error_responses(409)})
     def uplift(request: Request, body: UpliftRequest) -> dict:
         """Uplift of known users, in the order given: how much a contact raises each one's chance to
         convert, with both calibrated probabilities (a bundle with an uplift model; 409 otherwise)."""
@@ -377,15 +422,14 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         scores = current(request).uplift(ids)
         return {"users": [{"user_id": str(u), **s} for u, s in zip(ids, scores)]}
 
-    @app.get("/profile", dependencies=guarded, response_model=Profile)
-    def profile(request: Request, user_id: str, top: int | None = None) -> dict:
+    @app.get("/profile", dependencies=guarded, response_model=Profile, responses={**get_errors, **error_responses(409)})
+    def profile(request: Request, user_id: str, top: Annotated[int | None, Query(**k_query)] = None) -> dict:
         """A known user's interest profile (top categories with time-decayed weights, event-type
         affinities) and segment."""
         return current(request).profile(user_id, top)
 
     @app.get("/segments", dependencies=guarded, response_model=SegmentList,
-             responses={409: {"model": ErrorBody, "description": "the bundle has no segments (trained with "
-                                                                  "audience.enabled=false)"}})
+             responses=error_responses(401, 409, 422))
     def segments(request: Request, representatives: Annotated[int, Query(ge=0, le=100)] = 5) -> dict:
         """Every segment's description: label, size, top interest categories with their lift, mean
         propensity, over-represented attribute values and the users nearest its centre."""
@@ -394,7 +438,7 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         described = current(request).segments(representatives)
         return {"k": len(described), "segments": [{**d, "label": segment_label(d)} for d in described]}
 
-    @app.post("/reload", dependencies=guarded)
+    @app.post("/reload", dependencies=guarded, responses=error_responses(401, 403, 409, 413))
     def reload_bundle(request: Request) -> dict:
         """Switch to the bundle now published at the served path: load and verify all of it, then
         swap. Requests in flight finish on the bundle they started with; a bad bundle is refused
@@ -411,12 +455,12 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
             except (DmpError, OSError) as exc:  # OSError: the bundle changed or vanished while read
                 log.warning("reload refused, still serving the bundle created at %s: %s",
                             previous.manifest.get("created_at"), exc)
-                return JSONResponse({"detail": str(exc), "error": "bad_bundle"}, 409)
+                return error_response(409, str(exc), "bad_bundle")
             request.app.state.recommender = fresh
         log.info("reloaded: now serving the bundle created at %s", fresh.manifest.get("created_at"))
         return {"status": "reloaded", "previous_created_at": previous.manifest.get("created_at"), **fresh.info()}
 
-    @app.post("/erase", dependencies=guarded)
+    @app.post("/erase", dependencies=guarded, responses={**post_errors, **error_responses(403, 409)})
     def erase(request: Request, body: ErasureRequest) -> dict:
         """Forget users: remove them from the bundle, add them to the erasure list, audit it, and serve
         the new bundle. Needs the bearer token; answers counts and paths, never the ids.
@@ -439,9 +483,9 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
                 if exc.fresh is not None:  # recorded, but the bundle was not replaced: serve it without them anyway
                     request.app.state.recommender = exc.fresh
                 log.warning("erasure refused (%s): %s", exc.code, exc)
-                return JSONResponse({"detail": str(exc), "error": exc.code}, exc.status)
+                return error_response(exc.status, str(exc), exc.code)
             except DmpError as exc:
-                return JSONResponse({"detail": str(exc), "error": "erasure_failed"}, 409)
+                return error_response(409, str(exc), "erasure_failed")
             if fresh is not None:
                 request.app.state.recommender = fresh
         return summary

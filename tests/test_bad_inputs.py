@@ -37,6 +37,7 @@ from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.event_files import EventFileSource
 from dmp_dl.data.movielens import MovieLensSource
 from dmp_dl.errors import ConfigError, DataError, DmpError
+from dmp_dl.http_errors import ErrorBody
 from dmp_dl.recommender import Recommender
 from dmp_dl.server import create_app
 
@@ -576,7 +577,11 @@ HTTP_CASES = [
     ("post", "/recommend", {"json": {"history": [I], "attributes": []}}, 422, "valid dictionary"),
     ("post", "/recommend", {"json": {"history": [I], "attributes": {"age": [1]}}}, 422, "attributes"),
     ("post", "/recommend", {"json": {"history": [I], "attributes": {"shoe": "x"}}}, 422, "unknown attribute"),
-    ("post", "/recommend", {"json": {"history": [I], "attributes": {"age": 1e308}}}, 422, "too far outside the range"),
+    ("post", "/recommend", {"json": {"history": [I], "attributes": {"age": 1e308}}}, 422, "outside ±1e+12"),
+    ("post", "/recommend", {"json": {"history": [I], "attributes": {"age": 1e30}}}, 422, "outside ±1e+12"),
+    ("post", "/recommend", {"json": {"history": [I], "attributes": {"age": -(10**13)}}}, 422, "outside ±1e+12"),
+    ("post", "/recommend", json_body(b'{"history": ["<item>"], "attributes": {"age": 1' + b"0" * 400 + b'}}'), 422, "outside"),
+    ("post", "/recommend", {"json": {"history": [I], "attributes": {"age": "34"}}}, 422, "valid number"),
     ("post", "/recommend", {"json": {"history": [I], "exclude_seens": False}}, 422, "extra inputs"),
     ("post", "/recommend", {"json": {"k": 3}}, 422, "history"),
     ("post", "/recommend", {"json": [1, 2]}, 422, "valid dictionary"),
@@ -619,11 +624,14 @@ def _fill(x, known: dict):
 
 
 def assert_json_4xx(r, status: int | None = None) -> None:
+    """A 4xx whose body is the declared error schema: a one-line ``detail`` and an ``error`` code."""
     assert r.status_code < 500, f"{r.status_code}: {r.text[:300]}"
     if status is not None:
         assert r.status_code == status, r.text[:300]
     assert r.headers["content-type"].startswith("application/json"), r.headers["content-type"]
-    assert "detail" in r.json()
+    body = ErrorBody.model_validate(r.json())
+    assert body.error and body.error == body.error.lower() and " " not in body.error, body
+    assert body.detail and "\n" not in body.detail, body
 
 
 @pytest.mark.parametrize("method, url, kwargs, status, needle", HTTP_CASES,
@@ -634,6 +642,23 @@ def test_http_corpus(client, rec, method, url, kwargs, status, needle):
     r = getattr(client, method)(url, **_fill(kwargs, known))
     assert_json_4xx(r, status)
     assert needle.lower() in r.text.lower(), r.text[:300]
+
+
+def test_attributes_alone_describe_a_new_user(client, rec):
+    """An empty history with attributes is a cold start from attributes (the schema allows it)."""
+    TRIED["http"] += 1
+    r = client.post("/recommend", json={"history": [], "attributes": {"age": 30}, "k": 3})
+    assert r.status_code == 200 and len(r.json()["items"]) == 3, r.text[:300]
+
+
+def test_a_numeric_token_guards_the_api(rec):
+    """``serve.py token=12345``: Hydra hands over an int; it is the token's digits, not a 500."""
+    client = TestClient(create_app(rec, token=12345), raise_server_exceptions=False)
+    TRIED["http"] += 3
+    assert client.get("/health").status_code == 200
+    assert_json_4xx(client.get("/recommend", params={"user_id": rec.user_vocab.ids[0]}), 401)
+    ok = client.get("/recommend", params={"user_id": rec.user_vocab.ids[0]}, headers={"Authorization": "Bearer 12345"})
+    assert ok.status_code == 200, ok.text[:300]
 
 
 def test_streamed_oversized_body(client):
@@ -686,6 +711,8 @@ def test_generated_json_bodies(client, rec, url, body):
     r = client.post(url, json=_fill(body, known))
     assert r.status_code < 500, r.text[:300]
     assert r.headers["content-type"].startswith("application/json")
+    if r.status_code >= 400:
+        assert_json_4xx(r)
 
 
 @HTTP_GENERATED
@@ -697,3 +724,5 @@ def test_generated_query_strings(client, url, params):
     r = client.get(url, params=params)
     assert r.status_code < 500, r.text[:300]
     assert r.headers["content-type"].startswith("application/json")
+    if r.status_code >= 400:
+        assert_json_4xx(r)

@@ -145,7 +145,7 @@ class FeatureTable:
             for j, col in enumerate(self.numeric_columns):
                 try:
                     v = float(rec.get(col))  # type: ignore[arg-type]
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range
                     continue
                 if np.isfinite(v):
                     with np.errstate(over="ignore"):  # beyond float32: inf, which the caller refuses

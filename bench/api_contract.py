@@ -1,0 +1,119 @@
+"""The HTTP API against its own OpenAPI document: schemathesis, a few hundred cases per endpoint.
+
+Starts ``serve.py`` on a bundle (with a bearer token), loads ``/openapi.json`` and, for every
+operation, generates schema-valid requests (which must be answered 2xx, or 401/403/404/409) and
+schema-invalid ones (which must be refused with a 4xx), checking every answer with all of
+schemathesis' checks: no server error, only documented statuses, bodies and content types as
+declared, unknown methods answered 405, the token enforced.
+
+    python bench/api_contract.py                          # trains a tiny bundle first (~1 min)
+    python bench/api_contract.py --artifacts DIR --examples 300
+
+``fuzz`` is also what ``tests/test_api_contract.py`` runs (in-process, fewer cases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOKEN = "contract-check-token"
+
+
+def fuzz(schema, examples: int, headers: dict[str, str], seed: int = 0) -> dict:
+    """Run every operation of ``schema`` (a schemathesis schema) with ``examples`` positive and
+    ``examples`` negative cases. Returns ``{"cases": {operation: {mode: n}}, "failures": [text]}``."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    cases: dict[str, dict[str, int]] = {}
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            cases.setdefault(operation.label, {})[mode.value] = 0
+
+            @hypothesis_seed(seed)
+            @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                cases[operation.label][mode.value] += 1
+                try:
+                    case.call_and_validate(headers=headers)
+                except BaseException as exc:  # noqa: BLE001 - a failed check is recorded, the run goes on
+                    failures.append(f"{operation.label} ({mode.value}): {str(exc).strip()[:2000]}")
+
+            try:
+                check()
+            except Unsatisfiable:  # e.g. no invalid request exists for an endpoint without parameters
+                pass
+    return {"cases": cases, "failures": failures}
+
+
+def tiny_bundle(where: Path) -> Path:
+    from common import compose_train_cfg
+
+    from dmp_dl.pipeline import run
+
+    overrides = ["data.source.n_users=400", "data.source.n_items=150", "data.source.n_events=12000",
+                 "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                 "logger=none", "propensity.enabled=false"]
+    return Path(run(compose_train_cfg(overrides, where / "run"))["bundle_dir"])
+
+
+def against_server(artifacts: Path, examples: int) -> dict:
+    """:func:`fuzz` over HTTP against ``python serve.py artifacts=...`` (bench/load.py's Server)."""
+    import schemathesis
+
+    from load import Server
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with Server(artifacts, TOKEN) as server:
+        schema = schemathesis.openapi.from_url(f"{server.base}/openapi.json", headers=auth)
+        t0 = time.perf_counter()
+        out = fuzz(schema, examples, auth)
+        out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, help="a bundle (default: train a tiny one)")
+    parser.add_argument("--examples", type=int, default=300, help="cases per operation and mode (valid / invalid)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import markdown_table, write_section
+
+    with tempfile.TemporaryDirectory(prefix="dmp-contract-") as tmp:
+        artifacts = args.artifacts or tiny_bundle(Path(tmp))
+        result = against_server(artifacts, args.examples)
+    rows = [{"operation": op, "valid cases": n.get("positive", 0), "invalid cases": n.get("negative", 0)}
+            for op, n in result["cases"].items()]
+    total = sum(r["valid cases"] + r["invalid cases"] for r in rows)
+    verdict = "**0 failures of any kind**" if not result["failures"] else f"**{len(result['failures'])} FAILURES**"
+    body = (f"schemathesis {_version()} against `serve.py` over HTTP (bearer token), every check enabled "
+            f"(server errors, undocumented statuses, response schemas and content types, valid data accepted, "
+            f"invalid data refused, 405 for other methods, the token enforced): {total} cases in "
+            f"{result['seconds']:.0f} s, {verdict}.\n\n{markdown_table(rows)}")
+    if result["failures"]:
+        body += "\n\n```\n" + "\n\n".join(result["failures"][:5]) + "\n```"
+    write_section("api_contract", "API contract: schemathesis against serve.py (bench/api_contract.py)", body,
+                  {"examples": args.examples, **result})
+    print(json.dumps({"cases": total, "failures": len(result["failures"])}))
+    return 0 if not result["failures"] else 1
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("schemathesis")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

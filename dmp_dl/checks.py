@@ -174,6 +174,8 @@ MODEL_RULES: dict[str, Rule] = {
     "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping
     "trainer.min_epochs": Int(0, None, null=True),
     "callbacks.early_stopping.patience": Int(0, None),
+    "callbacks.mid_epoch_checkpoint.every_n_train_steps": Int(1, None, null=True),
+    "callbacks.mid_epoch_checkpoint.train_time_interval.minutes": POSITIVE,
     "index.exact_below": Int(0, None),
     "index.nlist": Int(1, None, null=True),
     "index.train_size": COUNT,
@@ -448,6 +450,9 @@ def check_train_config(cfg: DictConfig) -> None:
         val, test = select(cfg, "propensity.split.val_frac"), select(cfg, "propensity.split.test_frac")
         if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
             raise ConfigError(f"propensity.split.val_frac + propensity.split.test_frac must be below 1, got {val} + {test}")
+        weight = select(cfg, "propensity.pos_weight")
+        if weight not in (_ABSENT, None, "auto", "none") and POSITIVE.problem(weight):
+            raise ConfigError(f"propensity.pos_weight must be auto, none or a finite number > 0, got {weight!r}")
     if _enabled(cfg, "audience"):
         check_rules(cfg, AUDIENCE_RULES)
         k_min, k_max = select(cfg, "audience.segments.k_min"), select(cfg, "audience.segments.k_max")

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from dmp_dl.data.datamodule import InteractionDataModule
-from dmp_dl.errors import ConfigError, NonFiniteError
+from dmp_dl.errors import ConfigError, DmpError, NonFiniteError
 from dmp_dl.io import atomic_write_bytes
 from dmp_dl.models.retrieval import RetrievalModule
 
@@ -93,8 +94,14 @@ def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list |
                 c.monitor = None
                 c.save_top_k = 1
         extra["limit_val_batches"] = 0
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-                       _convert_="all", **extra)
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                           _convert_="all", **extra)
+    except InstantiationException as exc:  # e.g. trainer.precision=banana, trainer.devices=99: Lightning's own check
+        cause = exc.__cause__ or exc
+        if isinstance(cause, DmpError):
+            raise cause from None
+        raise ConfigError(f"trainer: {type(cause).__name__}: {' '.join(str(cause).split())}") from None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:

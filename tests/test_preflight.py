@@ -87,6 +87,8 @@ def one_line(exc: BaseException) -> str:
     (["evaluation.ks=[0,10]"], "evaluation.ks must be a non-empty list, each an integer >= 1"),
     (["privacy.id_length=3"], "privacy.id_length must be an integer in 16..64"),
     (["data.cleaning.max_abs_value=-5"], "data.cleaning.max_abs_value must be a finite number > 0"),
+    (["propensity.pos_weight=-2"], "propensity.pos_weight must be auto, none or a finite number > 0"),
+    (["callbacks.mid_epoch_checkpoint.train_time_interval.minutes=0"], "train_time_interval.minutes must be a finite number > 0"),
 ])
 def test_bad_train_settings_are_one_line_before_the_data(tiny_cfg, no_data_read, overrides, message):
     cfg = tiny_cfg(*overrides)
@@ -112,6 +114,12 @@ def test_index_options_are_checked_against_the_data_before_training(tiny_cfg, no
         run(cfg)
     assert re.search(message, one_line(info.value)), str(info.value)
     assert not (Path(cfg.paths.output_dir) / "artifacts").exists()
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_line_before_training(tiny_cfg, no_training):
+    with pytest.raises(ConfigError) as info:
+        run(tiny_cfg("logger=none", "trainer.precision=banana"))
+    assert one_line(info.value).startswith("trainer: ") and "banana" in str(info.value)
 
 
 # -- output folders ------------------------------------------------------------------------------
@@ -216,6 +224,17 @@ def test_a_fifo_as_data_path_is_refused_by_train(tmp_path, no_data_read):
     outcome = refused_without_hanging(lambda: run(cfg), fifo)
     assert isinstance(outcome.get("error"), DataError), outcome
     assert f"data.path: {fifo} is a named pipe (FIFO)" in one_line(outcome["error"])
+
+
+def test_a_device_as_events_file_is_refused(tmp_path):
+    from dmp_dl.data.event_files import EventFileSource
+
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    link = tmp_path / "events.csv"
+    link.symlink_to("/dev/zero")  # endless: read, it would fill the memory
+    with pytest.raises(DataError, match=r"events\.csv is a device, not a regular file"):
+        EventFileSource(path=str(link)).load()
 
 
 def test_a_fifo_as_user_ids_is_refused(tmp_path):

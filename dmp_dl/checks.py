@@ -518,26 +518,27 @@ def _empty_index(factory: str, dim: int, key: str, search_params: Any = None):
     return index
 
 
-def min_training_vectors(factory: str, dim: int) -> int:
-    """The fewest vectors that can train the index ``factory`` builds (0: needs no training):
-    an IVF index needs one per list, a product quantizer one per centroid of a sub-quantizer."""
+def min_training_vectors(factory: str, dim: int) -> tuple[int, str]:
+    """The fewest vectors that can train the index ``factory`` builds, and what sets it: ``lists``
+    (an IVF index needs one vector per list), ``centroids`` (a product quantizer one per centroid of
+    a sub-quantizer), ``training`` (anything else that trains) or ``none`` (0: no training)."""
     import faiss
 
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if index.is_trained:
-        return 0
-    need = 1
+        return 0, "none"
+    need, reason = 1, "training"
     try:
         ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
+    except RuntimeError:  # not an IVF index
         ivf = None
-    if ivf is not None:
-        need = max(need, int(ivf.nlist))
+    if ivf is not None and int(ivf.nlist) > need:
+        need, reason = int(ivf.nlist), "lists"
     for candidate in (faiss.downcast_index(index), ivf and faiss.downcast_index(ivf)):
         pq = getattr(candidate, "pq", None)
-        if pq is not None:
-            need = max(need, int(pq.ksub))
-    return need
+        if pq is not None and int(pq.ksub) > need:
+            need, reason = int(pq.ksub), "centroids"
+    return need, reason
 
 
 def check_index_against_data(options, n_users: int, n_items: int, dim: int) -> None:
@@ -546,13 +547,14 @@ def check_index_against_data(options, n_users: int, n_items: int, dim: int) -> N
     for what, n in (("items", n_items), ("users", n_users)):
         factory, _ = options.resolve(n)
         try:
-            need = min_training_vectors(factory, dim)
+            need, reason = min_training_vectors(factory, dim)
         except RuntimeError as exc:
             msg = str(exc).strip().splitlines()[-1].split(":")[-1].strip()
             raise ConfigError(f"index.factory={factory!r} is not a faiss index_factory string for dim {dim}: {msg}") from None
         if need > n:
-            hint = ("set index.nlist to at most " + str(max(1, n // 39)) + " or null (sized from the data)"
-                    if "IVF" in factory else "use index=flat or index=hnsw, or a factory with fewer centroids")
+            hint = {"lists": f"set index.nlist to at most {max(1, n // 39)} or null (sized from the data)",
+                    "centroids": "use fewer bits per code (e.g. PQ8x4), or index=flat / index=hnsw"}.get(
+                reason, "use index=flat or index=hnsw")
             raise ConfigError(f"index.factory={factory!r} needs at least {need} vectors to train, but the data have "
                               f"{n} {what}; {hint}")
 

@@ -612,7 +612,7 @@ def check_audience_config(cfg: DictConfig) -> None:
     check_rules(cfg, AUDIENCE_CLI_RULES[None])
     task = select(cfg, "task")
     check_rules(cfg, AUDIENCE_CLI_RULES.get(AUDIENCE_TASK_ALIASES.get(task, task), {}))
-    _input_paths(cfg, {key: {} for key in ("seeds", "assignments", "outcomes")})  # the bundle: Bundle.open
+    _input_paths(cfg, {"seeds": {}})  # the bundle: Bundle.open; campaign files: their readers name them
     check_output_dir(select(cfg, "output_dir"), "output_dir")
 
 

@@ -27,10 +27,9 @@ from typing import Annotated, Any, Literal
 
 import faiss
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from dmp_dl.bundle import MANIFEST
 from dmp_dl.data.schema import MAX_ABS_VALUE
@@ -48,7 +47,6 @@ def _integral(value: Any) -> Any:
 
 JsonInt = Annotated[int, BeforeValidator(_integral)]
 Id = str | JsonInt
-ErasureId = Annotated[str, StringConstraints(pattern=r"\S")] | JsonInt  # a blank id is refused, not looked up
 
 
 class ScoredItem(BaseModel):
@@ -215,8 +213,9 @@ def request_models(rec: Recommender, max_ids: int) -> dict[str, type[BaseModel]]
         user_ids: list[Id] = Field(description="known user ids", json_schema_extra=ids)
 
     class ErasureRequest(StrictBody):
-        user_ids: list[ErasureId] = Field(description="raw user ids to forget (right to be forgotten)",
-                                          json_schema_extra=ids)
+        # a blank id is refused by the erasure itself (422 invalid_user_id): the schema says so
+        user_ids: list[Id] = Field(description="raw user ids to forget (right to be forgotten)", json_schema_extra={
+            **ids, "items": {"anyOf": [{"type": "string", "pattern": "\\S"}, {"type": "integer"}]}})
 
     return {"history": HistoryRequest, "lookalike": LookalikeRequest, "propensity": PropensityRequest,
             "uplift": UpliftRequest, "erasure": ErasureRequest, "attributes": Attributes}

@@ -63,7 +63,9 @@ def tiny_bundle(where: Path) -> Path:
 
     overrides = ["data.source.n_users=400", "data.source.n_items=150", "data.source.n_events=12000",
                  "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                 "logger=none", "propensity.enabled=false"]
+                 "logger=none", "propensity.enabled=false",
+                 # POST /erase is fuzzed too: its list and log stay in the temporary folder
+                 f"privacy.erasure_list={where / 'erased_users.txt'}", f"privacy.audit_log={where / 'audit.jsonl'}"]
     return Path(run(compose_train_cfg(overrides, where / "run"))["bundle_dir"])
 
 

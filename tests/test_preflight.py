@@ -341,6 +341,10 @@ def audience_cfg(*overrides: str):
     (["task=lookalike", "seed_ids=[x]", "size=-5"], "size must be an integer >= 1"),
     (["task=segments", "k=0"], "k must be an integer >= 1 or null"),
     (["task=segments", "num_threads=0"], "num_threads must be an integer in 1..4096 or null"),
+    (["task=target", "budget=10", "control_frac=1.5"], "control_frac must be a number in [0, 1)"),
+    (["task=measure", "confidence=2"], "confidence must be a number in [0.5, 1)"),
+    (["task=uplift", "uplift.lr=0"], "uplift.lr must be a finite number > 0"),
+    (["task=uplift", "uplift.hidden=[64,0]"], "uplift.hidden must be a non-empty list, each an integer >= 1"),
 ])
 def test_bad_audience_settings_before_the_bundle_is_read(tmp_path, overrides, message):
     from dmp_dl.audience.__main__ import run_task

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import lzma
 import os
 import re
 import string
@@ -274,6 +275,17 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
         "user_id": ["u1", "u2"], "item_id": ["i1", "i2"],
         "timestamp": pa.array([1_700_000_000_000, 253_402_214_400_000], pa.timestamp("ms", tz="UTC"))})),
         Drops(1, {"timestamp_out_of_range": 1})),
+    "parquet_date32_year_9999": (lambda t: parquet(t / "e.parquet", pa.table({
+        "user_id": ["u1", "u2"], "item_id": ["i1", "i2"],
+        "timestamp": pa.array([pd.Timestamp("2023-11-14").date(), pd.Timestamp("9999-01-01").date()], pa.date32())})),
+        Drops(1, {"timestamp_out_of_range": 1})),
+    "iso_text_year_9999": (lambda t: write(t / "e.csv", H + GOOD + "u2,i2,9999-12-31T00:00:00Z\n"),
+                           Drops(1, {"timestamp_out_of_range": 1})),
+    # archives that are not read, and UTF-16 without a byte-order mark read as UTF-8
+    "xz_named_csv": (lambda t: write(t / "e.csv", lzma.compress((H + GOOD).encode())), Err(DataError, "is an xz archive")),
+    "zip_named_csv": (lambda t: write(t / "e.csv", b"PK\x03\x04" + bytes(60)), Err(DataError, "is a zip archive")),
+    "utf16_le_without_bom_read_as_utf8": (lambda t: write(t / "e.csv", (H + GOOD).encode("utf-16-le")),
+                                          Err(DataError, r"NUL bytes.*data\.source\.encoding=utf-16-le")),
     # absurd magnitudes are bad values, not numbers that overflow later
     "absurd_values": (lambda t: write(t / "e.csv", "user_id,item_id,timestamp,value\n" + "u1,i1,1700000000,1e308\n"
                                       "u2,i2,1700000000,-2e12\nu3,i3,1700000000,1e12\nu4,i4,1700000000,999999\n"

@@ -187,21 +187,23 @@ def parse_timestamps(col: pd.Series, unit: str = "s") -> np.ndarray:
     """
     scale = 1000.0 if unit == "ms" else 1.0
     if pd.api.types.is_datetime64_any_dtype(col.dtype):
-        # in the column's own unit: a nanosecond Timestamp(0) would overflow for years past 2262
-        naive = pd.to_datetime(col, utc=True).dt.tz_localize(None)
-        stamps = naive.to_numpy(dtype=f"datetime64[{naive.dt.unit}]")
-        return (stamps - np.datetime64(0, naive.dt.unit)) / np.timedelta64(1, "s")
+        return _epoch_seconds(pd.to_datetime(col, utc=True))
     if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
         return col.to_numpy(dtype=np.float64, na_value=np.nan) / scale
     text = col.astype(object).where(col.notna(), "").map(str).str.strip()
     out = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) / scale
     rest = np.isnan(out) & (text.str.lower().isin(MISSING_TOKENS) == False).to_numpy()  # noqa: E712
     if rest.any():
-        dt = pd.to_datetime(text[rest], format="ISO8601", utc=True, errors="coerce")
-        out[rest] = ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(
-            dtype=np.float64, na_value=np.nan
-        )
+        out[rest] = _epoch_seconds(pd.to_datetime(text[rest], format="ISO8601", utc=True, errors="coerce"))
     return out
+
+
+def _epoch_seconds(stamps: pd.Series) -> np.ndarray:
+    """Epoch seconds (float64, NaN for NaT) of UTC datetimes, computed in their own unit: with a
+    nanosecond Timestamp(0) the subtraction overflows for dates past 2262 (9999-12-31, date32 columns)."""
+    naive = stamps.dt.tz_localize(None)
+    unit = naive.dt.unit
+    return (naive.to_numpy(dtype=f"datetime64[{unit}]") - np.datetime64(0, unit)) / np.timedelta64(1, "s")
 
 
 def _parse_values(col: pd.Series, max_abs: float = MAX_ABS_VALUE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

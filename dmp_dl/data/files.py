@@ -33,6 +33,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 SEPARATORS = (",", "\t", ";", "|")
 # first bytes -> pyarrow codec name
 MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\x28\xb5\x2f\xfd", "zstd"))
+UNREAD_ARCHIVES = ((b"\xfd7zXZ\x00", "an xz"), (b"PK\x03\x04", "a zip"), (b"7z\xbc\xaf\x27\x1c", "a 7z"))
 # byte-order marks of the encodings that are not ASCII-compatible (UTF-32 first: its LE mark starts like UTF-16's)
 BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
         (codecs.BOM_UTF16_BE, "utf-16"))
@@ -80,7 +81,11 @@ def _check_exists(path: Path, what: str, key: str) -> None:
 def compression_of(path: Path) -> str | None:
     """The pyarrow codec of ``path`` from its first bytes (``gzip``, ``bz2``, ``zstd``), or None."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
+        head = fh.read(8)
+    archive = next((kind for magic, kind in UNREAD_ARCHIVES if head.startswith(magic)), None)
+    if archive:
+        raise DataError(f"{path}: is {archive} archive, which is not read; extract the CSV (or compress it with "
+                        "gzip, bz2 or zstd)")
     return next((codec for magic, codec in MAGIC if head.startswith(magic)), None)
 
 
@@ -188,7 +193,10 @@ def read_table(
     missing = [c for c in required if c not in frame.columns]
     if missing:
         hint = ""
-        if kind == "csv" and len(frame.columns) == 1:
+        if kind == "csv" and any("\x00" in str(c) for c in frame.columns):
+            hint = (f"; the header holds NUL bytes: a UTF-16/32 file without a byte-order mark? set {ENCODING_KEY} "
+                    f"(e.g. {ENCODING_KEY}=utf-16-le)")
+        elif kind == "csv" and len(frame.columns) == 1:
             hint = f"; the header parsed as a single column {frame.columns[0]!r}: is data.source.sep right?"
         raise DataError(
             f"{path}: {what} file lacks required column {missing[0]!r} "

@@ -142,8 +142,8 @@ SEED = Int(0, MAX_SEED)
 
 # The embedding model and its data (train.py; the data keys also for evaluate's data=...).
 DATA_RULES: dict[str, Rule] = {
-    "data.batch_size": COUNT,
-    "data.eval_batch_size": COUNT,
+    "data.batch_size": Int(1, 2**31 - 1),
+    "data.eval_batch_size": Int(1, 2**31 - 1),
     "data.num_workers": Int(0, 1024),
     "data.history_len": Int(0, 100_000),
     "data.history_sampling": Choice(("auto", "recent", "random")),
@@ -450,6 +450,15 @@ def check_train_config(cfg: DictConfig) -> None:
         val, test = select(cfg, "propensity.split.val_frac"), select(cfg, "propensity.split.test_frac")
         if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
             raise ConfigError(f"propensity.split.val_frac + propensity.split.test_frac must be below 1, got {val} + {test}")
+        cutoff = select(cfg, "propensity.cutoff")
+        if cutoff not in (_ABSENT, None, ""):
+            import numpy as np
+            import pandas as pd
+
+            from dmp_dl.data.cleaning import parse_timestamps
+
+            if not np.isfinite(parse_timestamps(pd.Series([cutoff], dtype=object))[0]):
+                raise ConfigError(f"propensity.cutoff must be epoch seconds or an ISO-8601 time (or null), got {cutoff!r}")
         weight = select(cfg, "propensity.pos_weight")
         if weight not in (_ABSENT, None, "auto", "none") and POSITIVE.problem(weight):
             raise ConfigError(f"propensity.pos_weight must be auto, none or a finite number > 0, got {weight!r}")
@@ -460,12 +469,12 @@ def check_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"audience.segments.k_min must be <= audience.segments.k_max, got {k_min} > {k_max}")
     if _enabled(cfg, "privacy.dp"):
         check_rules(cfg, DP_RULES)
-    uses_history = select(cfg, "model.net.use_history")
-    if select(cfg, "model.net.history_len") is not _ABSENT and uses_history is not False:
-        history_len = select(cfg, "data.history_len")
-        if history_len == 0:
-            raise ConfigError(f"data.history_len must be an integer >= 1 for model={select(cfg, 'model.name')} "
-                              "(its user tower reads the recent items), got 0; or set model.net.use_history=false")
+    net_history = select(cfg, "model.net.history_len")  # usually ${data.history_len}
+    if net_history is not _ABSENT and select(cfg, "model.net.use_history") is not False:
+        key = "data.history_len" if select(cfg, "data.history_len") == net_history else "model.net.history_len"
+        if Int(1, 100_000).problem(net_history):
+            raise ConfigError(f"{key} must be an integer >= 1 for model={select(cfg, 'model.name')} (its user tower "
+                              f"reads the recent items), got {net_history!r}; or set model.net.use_history=false")
     _input_paths(cfg, {"privacy.erasure_list": {"must_exist": False}, "privacy.secret_file": {"must_exist": False}})
     ckpt = select(cfg, "ckpt_path")
     if isinstance(ckpt, str) and ckpt not in ("", "last", "null"):

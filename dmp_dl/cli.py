@@ -84,8 +84,11 @@ class PreflightCallback(Callback):
         self.check = CHECKS[command]
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from dmp_dl.logs import quiet_third_party
+
+        quiet_third_party()  # the checks import faiss (index options), whose loader logs on import
         try:
             self.check(config)
-        except DmpError as exc:  # logging is not configured yet: print the one line ourselves
-            print(f"error: {exc}", file=sys.stderr)
+        except DmpError as exc:  # the job's logging is not configured yet: print the one line ourselves
+            print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)

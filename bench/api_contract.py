@@ -24,20 +24,37 @@ from pathlib import Path
 TOKEN = "contract-check-token"
 
 
-def fuzz(schema, examples: int, headers: dict[str, str], seed: int = 0) -> dict:
-    """Run every operation of ``schema`` (a schemathesis schema) with ``examples`` positive and
-    ``examples`` negative cases. Returns ``{"cases": {operation: {mode: n}}, "failures": [text]}``."""
+def load_schema(source, token: str):
+    """The schemathesis schema of a URL (``.../openapi.json``) or an ASGI app, with the bearer token
+    as schemathesis auth: applied to every generated request, dropped or mangled only where a case
+    tests the auth itself (which must then be refused)."""
+    import schemathesis
+    from schemathesis.config import SchemathesisConfig
+
+    config = SchemathesisConfig.from_dict({"auth": {"openapi": {"HTTPBearer": {"bearer": token}}}})
+    headers = {"Authorization": f"Bearer {token}"}  # to read the document itself
+    if isinstance(source, str):
+        return schemathesis.openapi.from_url(source, config=config, headers=headers)
+    return schemathesis.openapi.from_asgi("/openapi.json", source, config=config, headers=headers)
+
+
+def fuzz(schema, examples: int, seed: int = 0) -> dict:
+    """Run every operation of ``schema`` (see :func:`load_schema`) with ``examples`` positive and
+    ``examples`` negative cases. Returns ``{"cases": {operation: {mode: n}}, "statuses": {operation:
+    {mode: {status: n}}}, "failures": [text]}``."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
     cases: dict[str, dict[str, int]] = {}
+    statuses: dict[str, dict[str, dict[str, int]]] = {}
     failures: list[str] = []
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             cases.setdefault(operation.label, {})[mode.value] = 0
+            seen = statuses.setdefault(operation.label, {}).setdefault(mode.value, {})
 
             @hypothesis_seed(seed)
             @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -45,7 +62,8 @@ def fuzz(schema, examples: int, headers: dict[str, str], seed: int = 0) -> dict:
             def check(case):
                 cases[operation.label][mode.value] += 1
                 try:
-                    case.call_and_validate(headers=headers)
+                    response = case.call_and_validate()
+                    seen[str(response.status_code)] = seen.get(str(response.status_code), 0) + 1
                 except BaseException as exc:  # noqa: BLE001 - a failed check is recorded, the run goes on
                     failures.append(f"{operation.label} ({mode.value}): {str(exc).strip()[:2000]}")
 
@@ -53,7 +71,7 @@ def fuzz(schema, examples: int, headers: dict[str, str], seed: int = 0) -> dict:
                 check()
             except Unsatisfiable:  # e.g. no invalid request exists for an endpoint without parameters
                 pass
-    return {"cases": cases, "failures": failures}
+    return {"cases": cases, "statuses": statuses, "failures": failures}
 
 
 def tiny_bundle(where: Path) -> Path:
@@ -71,15 +89,12 @@ def tiny_bundle(where: Path) -> Path:
 
 def against_server(artifacts: Path, examples: int) -> dict:
     """:func:`fuzz` over HTTP against ``python serve.py artifacts=...`` (bench/load.py's Server)."""
-    import schemathesis
-
     from load import Server
 
-    auth = {"Authorization": f"Bearer {TOKEN}"}
     with Server(artifacts, TOKEN) as server:
-        schema = schemathesis.openapi.from_url(f"{server.base}/openapi.json", headers=auth)
+        schema = load_schema(f"{server.base}/openapi.json", TOKEN)
         t0 = time.perf_counter()
-        out = fuzz(schema, examples, auth)
+        out = fuzz(schema, examples)
         out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -95,7 +110,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dmp-contract-") as tmp:
         artifacts = args.artifacts or tiny_bundle(Path(tmp))
         result = against_server(artifacts, args.examples)
-    rows = [{"operation": op, "valid cases": n.get("positive", 0), "invalid cases": n.get("negative", 0)}
+    def answers(op: str, mode: str) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(result["statuses"][op][mode].items()))
+
+    rows = [{"operation": op, "valid cases": n.get("positive", 0), "answers": answers(op, "positive"),
+             "invalid cases": n.get("negative", 0), "answers ": answers(op, "negative")}
             for op, n in result["cases"].items()]
     total = sum(r["valid cases"] + r["invalid cases"] for r in rows)
     verdict = "**0 failures of any kind**" if not result["failures"] else f"**{len(result['failures'])} FAILURES**"

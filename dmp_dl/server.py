@@ -310,6 +310,14 @@ def bundle_loader(path: str | os.PathLike, attempts: int = 3, **load_kwargs) -> 
     return load
 
 
+def _query_names(dependant) -> set[str]:
+    """The query parameters a route (FastAPI ``Dependant``) and its dependencies read."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 def _items(ranked: Ranked) -> dict:
     return {"items": [{"item_id": i, "score": s} for i, s in ranked]}
 
@@ -375,8 +383,20 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
             raise InvalidRequestError(f"{name} is empty: give at least one id")
         return ids
 
+    def known_query(request: Request) -> None:
+        """Refuse query parameters the route does not read (a typo such as ``exlude_seen`` is a 422, not
+        a silent default), as the request bodies refuse unknown fields."""
+        route = request.scope.get("route")
+        if route is None or not request.query_params:
+            return
+        declared = _query_names(route.dependant)
+        unknown = sorted(set(request.query_params) - declared)
+        if unknown:
+            raise InvalidRequestError(f"unknown query parameter(s) {unknown}; {request.url.path} reads "
+                                      f"{sorted(declared) if declared else 'none'}")
+
     # the bearer dependency declares the security scheme in OpenAPI (TokenGuard enforces it first)
-    guarded = [Depends(authorised)] if token is not None else []
+    guarded = [Depends(known_query), *([Depends(authorised)] if token is not None else [])]
     get_errors = error_responses(401, 404, 422)
     post_errors = error_responses(400, 401, 404, 413, 422)
 

@@ -38,7 +38,7 @@ from common import ML100K, compose_train_cfg, markdown_table, write_section  # n
 
 from dmp_dl.pipeline import run  # noqa: E402
 
-BASE = ["experiment=ml100k", f"data.path={ML100K}", "propensity.enabled=false", "export=false", "logger=none",
+BASE = ["experiment=ml100k", "model=two_tower", f"data.path={ML100K}", "propensity.enabled=false", "export=false", "logger=none",
         "evaluation.report=null", "evaluation.baselines=[popularity]", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "trainer.accelerator=cpu", "trainer.devices=1",
         "callbacks.mid_epoch_checkpoint=null"]

@@ -1,30 +1,31 @@
-"""Quality on MovieLens 100K: our ``mf`` and ``two_tower`` against popularity, EASE and implicit's
-ALS and BPR, all in one run, on one split, scored by one evaluator.
+"""Quality of the default model (``model=auto``) against popularity, EASE, implicit's ALS and BPR and
+a deep peer (cornac's VAECF), all on one split per log, scored by one evaluator, fit times side by side.
 
-Two protocols (both start from ``experiment=ml100k``, so any ML-100k setting of the project applies):
+Logs (``--logs``):
 
-* ``recommenders`` — the Microsoft Recommenders MovieLens benchmark: every rating is a relevant
-  interaction; per user a seeded random 25 % of the ratings is test (their
-  ``python_stratified_split(ratio=0.75, filter_by="user", seed=42)``: 75 % of *each user's*
-  ratings train; the package's ``random_per_user`` split with ``test_frac=0.25``, seed 42, keeps
-  floor(0.25 n) of a user's n ratings for test where theirs keeps n - round(0.75 n) — the same
-  protocol, not the same rows); k = 10; their metric definitions (``ranking.py``). Published
-  numbers (their README, MovieLens 100k): BiVAE nDCG@10 0.475, BPR (cornac) 0.442, SAR 0.382.
-* ``positives`` — ratings >= 4 are positives (the rest dropped); per user a seeded random 20 %
-  is test; full-ranking Recall@20 / NDCG@20 with training items excluded (the package's own
-  definitions).
+* ``ml100k-recommenders`` — MovieLens 100K, the Microsoft Recommenders benchmark protocol: every
+  rating relevant, per user a seeded random 25 % is test, k = 10 (their definitions, ``ranking.py``).
+  Published (their README): BiVAE nDCG@10 0.475, BPR (cornac) 0.442, SAR 0.382.
+* ``ml100k-positives`` — ratings >= 4 are positives (the rest dropped); per user a random 20 % test.
+* ``ml1m-positives`` — the same on MovieLens 1M users 1-2999 (``../shared/data``; partial file).
+* ``skewed-wide`` / ``skewed-small`` — generated logs with realistic skew (``skewed.py``): 1,900 users x
+  17,600 items (a play-count log's shape) and 610 users x 9,700 items (a small movie-rating log's).
 
-Tuning: every model is tuned on a validation carve-out of the training part (a further
-``--val-frac`` of each user's ratings, drawn from the same per-user permutation, so the test
-ratings are exactly the same): our models pick their epoch count by early stopping on
-val/recall@20 (the config's callbacks), the anchors their setting from a small grid
-(``anchors.py``). Then everything is refitted on the whole training part (75 % / 80 %) with the
-chosen setting and scored on the test ratings. Our models' hyperparameters are the project's
-config (``conf/model/*.yaml``, ``conf/experiment/ml100k.yaml``) plus any overrides after ``--``.
+Protocol everywhere but (a): full ranking over the catalogue, the user's training items excluded,
+Recall@20 / NDCG@20 with the package's definitions. Tuning: every model is tuned on a validation
+carve-out of the training part (a further ``--val-frac`` of each user's items, drawn from the same
+per-user permutation, so the test items are exactly the same). ``auto`` makes its own choice on that
+carve-out (candidates, epochs, l2, blend weight: ``dmp_dl.model_selection``), exactly as
+``train.py`` does; then it and every anchor are refitted on the whole training part and scored on
+the test items. Ours use the project config (``conf/model/*.yaml``) plus any overrides after ``--``.
 
-    python bench/quality.py                      # both protocols, full settings
-    python bench/quality.py --quick              # 2 epochs, tiny grids: checks the plumbing
-    python bench/quality.py -- model.dim=128     # Hydra overrides for our models
+``fit s``: the model's whole fitting time: for ``auto`` the candidate fits, the choice and the refit
+(everything ``train.py`` spends on the model); for an anchor its final fit (tuning excluded) — so the
+anchors' column is a lower bound on what a user of that library spends.
+
+    python bench/quality.py                                  # every log
+    python bench/quality.py --logs ml100k-positives --quick  # plumbing check
+    python bench/quality.py -- model.vae.net.hidden=300      # Hydra overrides for ours
 """
 
 from __future__ import annotations
@@ -42,55 +43,104 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 import output  # noqa: E402
-from common import ML100K, markdown_table, write_section  # noqa: E402
+from common import ML100K, ROOT, markdown_table, write_section  # noqa: E402
 
-OURS = ("mf", "two_tower")
+ML1M = ROOT.parent / "shared" / "data" / "ml-1m-users-1-2999"
+CHOICE_MODELS = ("auto", "vae", "ease")
+LEGACY_MODELS = ("mf", "two_tower")
 # Microsoft Recommenders README, "Algorithm Comparison" (MovieLens 100k, 75/25 stratified split, k=10).
 PUBLISHED = {
     "BiVAE (published)": {"map": 0.146126, "ndcg@10": 0.475077, "precision@10": 0.411771, "recall@10": 0.219145},
     "BPR, cornac (published)": {"map": 0.132478, "ndcg@10": 0.441997, "precision@10": 0.388229, "recall@10": 0.212522},
     "SAR (published)": {"map": 0.110591, "ndcg@10": 0.382461, "precision@10": 0.330753, "recall@10": 0.176385},
 }
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    "recommenders": {
-        "title": "(a) Microsoft Recommenders protocol: all ratings relevant, per-user 75/25, k = 10",
-        "overrides": ["data.cleaning.min_value=null", "data.split.test_frac=0.25"],
-        "ks": [10],
-        "metric": "ndcg@10",
-        "headline": "ndcg@10",
-    },
-    "positives": {
-        "title": "(b) Ratings >= 4, per-user 80/20, full ranking",
-        "overrides": ["data.split.test_frac=0.2"],
-        "ks": [10, 20],
-        "metric": "recall@20",
-        "headline": "ndcg@20",
-    },
+POSITIVES = {"ks": [10, 20], "metric": "ndcg@20", "test_frac": 0.2}
+LOGS: dict[str, dict[str, Any]] = {
+    "ml100k-recommenders": {"title": "(a) MovieLens 100K, Microsoft Recommenders protocol: all ratings relevant, per-user 75/25, k = 10",
+                            "data": ["data=movielens", f"data.path={ML100K}", "data.cleaning.min_value=null"],
+                            "ks": [10], "metric": "ndcg@10", "test_frac": 0.25, "recommenders": True, "needs": ML100K / "u.data"},
+    "ml100k-positives": {"title": "(b) MovieLens 100K, ratings >= 4, per-user 80/20, full ranking",
+                         "data": ["data=movielens", f"data.path={ML100K}", "data.cleaning.min_value=4"],
+                         "needs": ML100K / "u.data", **POSITIVES},
+    "ml1m-positives": {"title": "(c) MovieLens 1M users 1-2999 (partial file), ratings >= 4, per-user 80/20, full ranking",
+                       "data": ["data=movielens", f"data.path={ML1M}", "data.cleaning.min_value=4"],
+                       "needs": ML1M / "ratings.dat", **POSITIVES},
+    "skewed-wide": {"title": "(d) Generated, 1,900 users x 17,600 items (play-count shape), per-user 80/20, full ranking",
+                    "shape": "wide", **POSITIVES},
+    "skewed-small": {"title": "(e) Generated, 610 users x 9,700 items (small movie-rating shape), per-user 80/20, full ranking",
+                     "shape": "small", **POSITIVES},
 }
 
 
-def data_overrides(protocol: str, seed: int, val_frac: float) -> list[str]:
-    return ["experiment=ml100k", f"data.path={ML100K}", f"seed={seed}", "data.split.method=random_per_user",
-            *PROTOCOLS[protocol]["overrides"], f"data.split.val_frac={val_frac}"]
+def data_overrides(spec: dict, path: str | None, seed: int, val_frac: float) -> list[str]:
+    source = spec.get("data") or ["data=events", f"data.path={path}"]
+    return [*source, f"seed={seed}", "data.split.method=random_per_user", f"data.split.test_frac={spec['test_frac']}",
+            f"data.split.val_frac={val_frac}"]
 
 
-def run_protocol(protocol: str, args, workdir: Path) -> dict[str, Any]:
-    """Tune, refit and score every model under ``protocol``. Returns rows and the split sizes."""
+def fit_choice(model: str, spec: dict, tune_over: list[str], dm_tune, dm_final, args, workdir: Path) -> dict:
+    """``auto`` / ``vae`` / ``ease``: choose on the carve-out, refit on the whole training part."""
+    import numpy as np
+
+    import ours
+    from dmp_dl.embeddings import item_vectors, user_vectors
+    from dmp_dl.model_selection import choose_model, refit
+    from dmp_dl.models.scoring import BlendScorer
+
+    cfg = ours.compose_train_cfg([*tune_over, f"model={model}", f"model.selection_metric={spec['metric']}",
+                                  "model.refit=false", *(["model.vae.max_epochs=2"] if args.quick else []),
+                                  *args.overrides], workdir / f"{model}-tune")
+    t0 = time.perf_counter()
+    choice = choose_model(cfg, dm_tune)
+    refit(cfg, dm_final, choice, dm_final.interaction_rows("train"), dm_final.train_seen)
+    seconds = time.perf_counter() - t0
+    net = choice.net.attach_rows(dm_final.interaction_rows("train"))
+    users = user_vectors(net, np.arange(dm_final.n_users), dm_final.train_history)
+    items = item_vectors(net, dm_final.n_items)
+    record = choice.record
+    vals = {n: c.get("val", {}).get(spec["metric"]) for n, c in record["candidates"].items()}
+    setting = f"chose {record['selected']} ({record['served_score']}); " + ", ".join(
+        f"val {n} {v:.4f}" for n, v in vals.items() if v is not None)
+    return {"scorer": BlendScorer(choice.served, users, items, dm_final.train_seen), "fit_seconds": seconds,
+            "setting": setting, "tuning": {"record": record}}
+
+
+def fit_legacy(model: str, tune_over: list[str], final_over: list[str], final, args, workdir: Path) -> dict:
+    """``mf`` / ``two_tower``: epochs by early stopping on the carve-out, then a refit."""
+    import ours
+    from ranking import network_scorer
+
+    quick = ["trainer.max_epochs=2"] if args.quick else []
+    tuned = ours.fit(ours.compose_train_cfg([*tune_over, f"model={model}", *quick, *args.overrides],
+                                            workdir / f"{model}-tune"))
+    epochs = tuned["best_epoch"]
+    fitted = ours.fit(ours.compose_train_cfg([*final_over, f"model={model}", *quick, *args.overrides,
+                                              f"trainer.max_epochs={epochs}", f"trainer.min_epochs={epochs}"],
+                                             workdir / f"{model}-final"))
+    return {"scorer": network_scorer(fitted["net"], final), "fit_seconds": fitted["train_seconds"],
+            "setting": f"{epochs} epochs (early stopping on val/recall@20)", "tuning": {"epochs_run": len(tuned["epochs"])}}
+
+
+def run_log(name: str, args, workdir: Path) -> dict[str, Any]:
+    """Tune, refit and score every model on log ``name``. Returns rows and the split sizes."""
     from hydra.utils import instantiate
 
     import anchors
     import ours
-    from ranking import evaluate, network_scorer, recommenders_metrics, split_of
+    import skewed
+    from ranking import evaluate, recommenders_metrics, split_of
 
-    spec = PROTOCOLS[protocol]
+    spec = LOGS[name]
     ks, metric = spec["ks"], spec["metric"]
-    tune_over = data_overrides(protocol, args.seed, args.val_frac)
-    final_over = data_overrides(protocol, args.seed, 0.0)
-    quick = ["trainer.max_epochs=2"] if args.quick else []
+    path = str(skewed.write(spec["shape"], workdir.parent / f"skewed-{spec['shape']}.csv")) if "shape" in spec else None
+    tune_over = data_overrides(spec, path, args.seed, args.val_frac)
+    final_over = data_overrides(spec, path, args.seed, 0.0)
     dm_tune = instantiate(ours.compose_train_cfg(tune_over, workdir / "dm").data, _convert_="all").prepare()
     dm_final = instantiate(ours.compose_train_cfg(final_over, workdir / "dm").data, _convert_="all").prepare()
     if (dm_tune.test_relevant != dm_final.test_relevant).nnz:
-        raise RuntimeError("the validation carve-out changed the test ratings; the split no longer draws them first")
+        raise RuntimeError("the validation carve-out changed the test items; the split no longer draws them first")
+    if dm_tune.item_vocab != dm_final.item_vocab or dm_tune.user_vocab != dm_final.user_vocab:
+        raise RuntimeError("the carve-out changed the vocabularies")
     tune, final = split_of(dm_tune, "val"), split_of(dm_final, "test")
     sizes = {
         "events": int(len(dm_final.events)), "users": dm_final.n_users, "items": dm_final.n_items,
@@ -98,150 +148,148 @@ def run_protocol(protocol: str, args, workdir: Path) -> dict[str, Any]:
         "val_pairs": int(dm_tune.val_relevant.nnz), "test_users": len(final.test), "test_pairs": int(dm_final.test_relevant.nnz),
         "test_pairs_item_unseen_in_train": int(dm_final.report.split["test_events_item_unseen_in_train"]),
     }
-    print(f"[{protocol}] {sizes}", flush=True)
+    print(f"[{name}] {sizes}", flush=True)
 
     def score(scorer) -> dict:
         m = evaluate(scorer, final, ks)
-        if protocol == "recommenders":
+        if spec.get("recommenders"):
             m["recommenders"] = recommenders_metrics(scorer, final, 10)
         return m
 
     rows = []
     for model in args.models:
         t0 = time.perf_counter()
-        tuned = ours.fit(ours.compose_train_cfg([*tune_over, f"model={model}", *quick, *args.overrides],
-                                                workdir / f"{protocol}-{model}-tune"))
-        epochs = tuned["best_epoch"]
-        refit = ours.fit(ours.compose_train_cfg([*final_over, f"model={model}", *quick, *args.overrides,
-                                                 f"trainer.max_epochs={epochs}", f"trainer.min_epochs={epochs}"],
-                                                workdir / f"{protocol}-{model}-final"))
-        if refit["datamodule"].item_vocab != dm_final.item_vocab or refit["datamodule"].user_vocab != dm_final.user_vocab:
-            raise RuntimeError("the pipeline's split differs from the benchmark's: vocabularies do not match")
-        m = score(network_scorer(refit["net"], final))
-        pipeline_value = refit["ranking"].get(f"ndcg@{ks[-1]}")
-        rows.append({"model": model, "kind": "ours", "metrics": m, "fit_seconds": refit["train_seconds"],
-                     "setting": f"{epochs} epochs (early stopping on val/recall@20)",
-                     "tuning": {"val": {k: v for k, v in tuned["epochs"][epochs - 1].items() if k.startswith("val/")},
-                                "epochs_run": len(tuned["epochs"])},
-                     "examples_per_second": refit["examples_per_second"],
-                     "pipeline_check": {"pipeline": pipeline_value, "bench": m[f"ndcg@{ks[-1]}"]},
-                     "wall_seconds": time.perf_counter() - t0})
-        print(f"[{protocol}] {model}: {metric}={m[metric]:.4f} ({epochs} epochs)", flush=True)
+        if model in CHOICE_MODELS:
+            fitted = fit_choice(model, spec, tune_over, dm_tune, dm_final, args, workdir)
+        else:
+            fitted = fit_legacy(model, tune_over, final_over, final, args, workdir)
+        m = score(fitted["scorer"])
+        rows.append({"model": model, "kind": "ours", "metrics": m, "fit_seconds": fitted["fit_seconds"],
+                     "setting": fitted["setting"], "tuning": fitted["tuning"], "wall_seconds": time.perf_counter() - t0})
+        print(f"[{name}] {model}: {metric}={m[metric]:.4f} fit {fitted['fit_seconds']:.1f}s ({fitted['setting']})", flush=True)
     grids = anchors.QUICK_GRIDS if args.quick else anchors.GRIDS
-    for name in args.anchors:
+    for anchor in args.anchors:
         t0 = time.perf_counter()
-        a = anchors.tune_and_fit(name, tune, final, metric, ks, grids, seed=args.seed)
+        a = anchors.tune_and_fit(anchor, tune, final, metric, ks, grids, seed=args.seed)
         m = score(a.scorer)
-        rows.append({"model": name, "kind": "anchor", "metrics": m, "fit_seconds": a.fit_seconds,
+        rows.append({"model": anchor, "kind": "anchor", "metrics": m, "fit_seconds": a.fit_seconds,
                      "setting": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in a.params.items()) or "—",
                      "tuning": {"tried": a.tried}, "wall_seconds": time.perf_counter() - t0})
-        print(f"[{protocol}] {name}: {metric}={m[metric]:.4f} ({rows[-1]['setting']})", flush=True)
-    return {"title": spec["title"], "sizes": sizes, "rows": rows, "ks": ks, "tuned_by": f"validation {metric}"}
+        print(f"[{name}] {anchor}: {metric}={m[metric]:.4f} fit {a.fit_seconds:.1f}s ({rows[-1]['setting']})", flush=True)
+    return {"title": spec["title"], "sizes": sizes, "rows": rows, "ks": ks, "metric": metric,
+            "recommenders": bool(spec.get("recommenders"))}
 
 
-def headline(protocol: str, result: dict) -> dict:
-    """Best of ours vs the best anchor of this run (and, for (a), the best published number)."""
-    key = PROTOCOLS[protocol]["headline"]
+def _value(result: dict, row: dict) -> float:
+    key = result["metric"]
+    return row["metrics"]["recommenders"][key] if result["recommenders"] else row["metrics"][key]
 
-    def value(r):
-        return r["metrics"]["recommenders"][key] if protocol == "recommenders" else r["metrics"][key]
 
-    mine = [r for r in result["rows"] if r["kind"] == "ours"]
-    anch = [r for r in result["rows"] if r["kind"] == "anchor"]
-    out: dict[str, Any] = {"metric": key}
-    if mine:
-        b = max(mine, key=value)
-        out["ours"] = {"model": b["model"], "value": value(b)}
-    if anch:
-        b = max(anch, key=value)
-        out["best_anchor"] = {"model": b["model"], "value": value(b)}
-    if protocol == "recommenders":
-        name, vals = max(PUBLISHED.items(), key=lambda kv: kv[1][key])
-        out["best_published"] = {"model": name, "value": vals[key]}
+def headline(result: dict) -> dict:
+    """Ours (the first model listed) against the best of EASE / ALS / the deep peer, and the time ratio."""
+    rows = {r["model"]: r for r in result["rows"]}
+    mine = next((r for r in result["rows"] if r["kind"] == "ours"), None)
+    strong = [r for r in result["rows"] if r["model"] in ("ease", "als", "vaecf")]
+    out: dict[str, Any] = {"metric": result["metric"]}
+    if mine is not None and strong:
+        best = max(strong, key=lambda r: _value(result, r))
+        out.update(ours={"model": mine["model"], "value": _value(result, mine), "fit_seconds": mine["fit_seconds"]},
+                   best_anchor={"model": best["model"], "value": _value(result, best)},
+                   ratio=_value(result, mine) / _value(result, best))
+        if "ease" in rows:
+            out["ease"] = {"value": _value(result, rows["ease"]), "fit_seconds": rows["ease"]["fit_seconds"],
+                           "ratio": _value(result, mine) / _value(result, rows["ease"]),
+                           "time_ratio": mine["fit_seconds"] / max(rows["ease"]["fit_seconds"], 1e-9)}
+    if result["recommenders"]:
+        pub, vals = max(PUBLISHED.items(), key=lambda kv: kv[1][result["metric"]])
+        out["best_published"] = {"model": pub, "value": vals[result["metric"]]}
     return out
 
 
-def render(protocol: str, result: dict) -> str:
+def render(result: dict) -> str:
     rows = []
-    if protocol == "recommenders":
-        for r in result["rows"]:
-            m = r["metrics"]["recommenders"]
-            rows.append({"model": r["model"], "nDCG@10": m["ndcg@10"], "Precision@10": m["precision@10"],
-                         "Recall@10": m["recall@10"], "MAP": m["map"],
-                         "± nDCG@10": r["metrics"]["stderr"]["ndcg@10"], "fit s": f"{r['fit_seconds']:.1f}", "setting": r["setting"]})
+    for r in result["rows"]:
+        m = r["metrics"]
+        if result["recommenders"]:
+            rm = m["recommenders"]
+            rows.append({"model": r["model"], "nDCG@10": rm["ndcg@10"], "Precision@10": rm["precision@10"],
+                         "Recall@10": rm["recall@10"], "MAP": rm["map"], "± nDCG@10": m["stderr"]["ndcg@10"],
+                         "fit s": f"{r['fit_seconds']:.1f}", "setting": r["setting"]})
+        else:
+            rows.append({"model": r["model"], "NDCG@20": m["ndcg@20"], "Recall@20": m["recall@20"],
+                         "± NDCG@20": m["stderr"]["ndcg@20"], "NDCG@10": m["ndcg@10"], "coverage@20": m["coverage@20"],
+                         "fit s": f"{r['fit_seconds']:.1f}", "setting": r["setting"]})
+    if result["recommenders"]:
         for name, m in PUBLISHED.items():
             rows.append({"model": name, "nDCG@10": m["ndcg@10"], "Precision@10": m["precision@10"],
                          "Recall@10": m["recall@10"], "MAP": m["map"], "setting": "Microsoft Recommenders README"})
-    else:
-        for r in result["rows"]:
-            m = r["metrics"]
-            rows.append({"model": r["model"], "Recall@20": m["recall@20"], "NDCG@20": m["ndcg@20"],
-                         "± NDCG@20": m["stderr"]["ndcg@20"], "Recall@10": m["recall@10"], "NDCG@10": m["ndcg@10"],
-                         "coverage@20": m["coverage@20"], "fit s": f"{r['fit_seconds']:.1f}", "setting": r["setting"]})
     s = result["sizes"]
     lines = [f"### {result['title']}", "",
-             f"{s['events']:,} ratings, {s['users']} users, {s['items']} items; final training part "
-             f"{s['train_events_final']:,} ratings; test: {s['test_users']} users, {s['test_pairs']:,} held-out pairs "
-             f"({s['test_pairs_item_unseen_in_train']} of an item never seen in training: counted as relevant, "
-             f"rankable but unlearnable). "
-             f"Tuning: training part minus a validation carve-out ({s['train_events_tuning']:,} ratings, "
-             f"{s['val_pairs']:,} validation pairs); settings chosen by {result['tuned_by']}, then refitted on the "
-             f"whole training part. `fit s`: the final fit (ours: training loop only).", "",
-             markdown_table(rows), ""]
+             f"{s['events']:,} events, {s['users']:,} users, {s['items']:,} items; final training part "
+             f"{s['train_events_final']:,} events; test: {s['test_users']:,} users, {s['test_pairs']:,} held-out pairs "
+             f"({s['test_pairs_item_unseen_in_train']} of an item never seen in training). Tuning carve-out: "
+             f"{s['train_events_tuning']:,} training events, {s['val_pairs']:,} validation pairs; chosen by validation "
+             f"{result['metric']}.", "", markdown_table(rows), ""]
     h = result["headline"]
-    if "ours" in h and "best_anchor" in h:
-        lines.append(f"Best of ours ({h['ours']['model']}) / best anchor of this run ({h['best_anchor']['model']}), "
-                     f"{h['metric']}: **{h['ours']['value'] / h['best_anchor']['value']:.3f}**"
-                     + (f"; / best published ({h['best_published']['model']}): "
-                        f"**{h['ours']['value'] / h['best_published']['value']:.3f}**" if "best_published" in h else ""))
+    if "ratio" in h:
+        line = (f"{h['ours']['model']} / best of EASE, ALS, VAECF ({h['best_anchor']['model']}), {h['metric']}: "
+                f"**{h['ratio']:.3f}**")
+        if "ease" in h:
+            line += (f"; / EASE: **{h['ease']['ratio']:.3f}**; fit time {h['ours']['fit_seconds']:.1f} s vs EASE's "
+                     f"{h['ease']['fit_seconds']:.1f} s (**{h['ease']['time_ratio']:.2f}x**)")
+        if "best_published" in h:
+            line += f"; / best published ({h['best_published']['model']}): **{h['ours']['value'] / h['best_published']['value']:.3f}**"
+        lines.append(line)
     return "\n".join(lines)
 
 
 DEFINITIONS = (
-    "Protocol (a) metrics follow Microsoft Recommenders' `python_evaluation`: Precision@10 = hits / 10, "
-    "Recall@10 = hits / |R|, nDCG@10 with binary gains and an ideal list of min(10, |R|) hits, "
-    "MAP = (1/|R|) Σ Precision@i over the ranks i ≤ 10 holding a relevant item; computed from the package's "
-    "per-user metrics (`bench/ranking.py`). Protocol (b) uses the package's definitions "
-    "(Recall@K = hits / min(K, |R|)). Everywhere: full ranking over the catalogue, the user's training items "
-    "excluded, ties to the lower item index, `±` = standard error over users. Ours are trained with "
-    "`dmp_dl.pipeline.run` (what `train.py` runs) on the project config (`two_tower` also reads the MovieLens "
-    "user attributes and genres, as it does by default); the anchors see the interactions only: `popularity` and "
-    "`ease` are the package's baselines, `als` / `bpr` are `implicit` 0.7 on CPU."
+    "Everywhere: full ranking over the catalogue, the user's training items excluded, ties to the lower item index, "
+    "`±` = standard error over users; log (a) follows Microsoft Recommenders' `python_evaluation` definitions "
+    "(Recall@10 = hits / |R|, MAP = (1/|R|) Σ Precision@i), the others the package's (Recall@K = hits / min(K, |R|), "
+    "NDCG@K with binary gains). `auto` is the default `python train.py` model (`dmp_dl.model_selection`); the anchors "
+    "see the same binary user-item matrix: `popularity` and `ease` (float64 Cholesky, the package's "
+    "`EASEScorer`) are the package's baselines, `als` / `bpr` are `implicit` 0.7, `vaecf` is cornac's Mult-VAE, all on CPU."
 )
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
-    ap.add_argument("--models", nargs="*", default=list(OURS), choices=list(OURS))
-    ap.add_argument("--anchors", nargs="*", default=["popularity", "ease", "als", "bpr"],
-                    choices=["popularity", "ease", "als", "bpr"])
+    ap.add_argument("--logs", nargs="+", default=list(LOGS), choices=list(LOGS))
+    ap.add_argument("--models", nargs="*", default=["auto"], choices=[*CHOICE_MODELS, *LEGACY_MODELS])
+    ap.add_argument("--anchors", nargs="*", default=["popularity", "ease", "als", "bpr", "vaecf"],
+                    choices=["popularity", "ease", "als", "bpr", "vaecf"])
     ap.add_argument("--val-frac", type=float, default=0.1, help="validation carve-out per user for tuning")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--quick", action="store_true", help="2 epochs and tiny grids: a plumbing check, not numbers")
     ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored), not bench/RESULTS.md")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
     args = ap.parse_args(argv)
-    if not (ML100K / "u.data").exists():
-        msg = f"quality: skipped: MovieLens 100K not found at {ML100K} (set DMP_ML100K to its folder)"
-        print(msg)
-        return {"skipped": msg}
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     output.use(args.quick or args.scratch)
-    results, body = {}, [DEFINITIONS, ""]
+    results, body, skipped = {}, [DEFINITIONS, ""], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmp-bench-quality-") as tmp:
-        for protocol in args.protocols:
-            res = run_protocol(protocol, args, Path(tmp))
-            res["headline"] = headline(protocol, res)
-            results[protocol] = res
-            body += [render(protocol, res), ""]
-    data = {"protocols": results, "quick": args.quick, "overrides": args.overrides, "seconds": time.perf_counter() - t0,
-            "headline": {p: r["headline"] for p, r in results.items()}}
+        for name in args.logs:
+            needs = LOGS[name].get("needs")
+            if needs is not None and not Path(needs).exists():
+                skipped.append(f"{name}: {needs} not found")
+                print(f"quality: {name} skipped: {needs} not found", flush=True)
+                continue
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            res = run_log(name, args, workdir)
+            res["headline"] = headline(res)
+            results[name] = res
+            body += [render(res), ""]
+    data = {"logs": results, "quick": args.quick, "overrides": args.overrides, "skipped": skipped,
+            "seconds": time.perf_counter() - t0, "headline": {n: r["headline"] for n, r in results.items()}}
     if args.quick:
         body.insert(0, "**Quick run (`--quick`: 2 epochs, tiny grids) — checks the plumbing; not comparable numbers.**\n")
+    if skipped:
+        body.append("Skipped: " + "; ".join(skipped) + ".")
     body.append(f"Section wall time: {data['seconds']:.0f} s.")
-    write_section("quality", "Quality: MovieLens 100K", "\n".join(body), data)
+    write_section("quality", "Quality: the default model against EASE, ALS and a deep peer", "\n".join(body), data)
     return data
 
 

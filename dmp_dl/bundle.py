@@ -452,10 +452,11 @@ class Bundle:
 
 def network_classes() -> dict[str, type]:
     """The only network classes a bundle can name (a class path read from a file is never imported)."""
+    from dmp_dl.models.autoencoder import UserAutoencoder
     from dmp_dl.models.mf import MatrixFactorization
     from dmp_dl.models.two_tower import TwoTowerNet
 
-    return {"TwoTowerNet": TwoTowerNet, "MatrixFactorization": MatrixFactorization}
+    return {"TwoTowerNet": TwoTowerNet, "MatrixFactorization": MatrixFactorization, "UserAutoencoder": UserAutoencoder}
 
 
 def save_network(writer: BundleWriter, net, kwargs: Mapping[str, Any], user_features, item_features,
@@ -623,7 +624,9 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
     dm, net = result["datamodule"], result["module"].net
     options = instantiate(cfg.index, _convert_="all") if cfg.get("index") is not None else IndexOptions()
     users, items = export_embeddings(net, dm.full_history)
-    net_kwargs = config_to_dict(cfg.model.net) if cfg.get("model") is not None and "net" in cfg.model else {}
+    net_kwargs = result.get("network_kwargs")
+    if net_kwargs is None:
+        net_kwargs = config_to_dict(cfg.model.net) if cfg.get("model") is not None and "net" in cfg.model else {}
     return export_bundle(
         target,
         user_vocab=dm.user_vocab, item_vocab=dm.item_vocab,
@@ -631,7 +634,7 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
         seen=dm.all_seen, item_popularity=dm.item_counts,
         index_options=options,
         network={"net": net, "kwargs": net_kwargs, "user_features": dm.user_features,
-                 "item_features": dm.item_features, "history_len": dm.history_len},
+                 "item_features": dm.item_features, "history_len": result.get("history_len", dm.history_len)},
         propensity=result.get("propensity"),
         parts=result.get("bundle_parts"),
         config=config_to_dict(cfg),

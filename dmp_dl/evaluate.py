@@ -233,8 +233,16 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
 
     split, counts = map_to_vocabularies(dm, user_vocab, item_vocab, history_len)
     settings = evaluation_settings(cfg, run_cfg)
+    scoring = bundle.manifest.get("scoring")
+    if settings.get("ease_l2") is None and isinstance(scoring, dict) and scoring.get("ease_l2") is not None:
+        settings["ease_l2"] = float(scoring["ease_l2"])  # the l2 the run chose on validation
     model_name = str((run_cfg.get("model") or {}).get("name", "model"))
-    ranking = evaluate_model_and_baselines(net, model_name, split, settings)
+    from dmp_dl.models.scoring import load_scoring
+
+    ranking = evaluate_model_and_baselines(net, model_name, split, settings, served=load_scoring(bundle, split.n_items))
+    if isinstance(scoring, dict) and scoring.get("refit") and origin == "training":
+        log.warning("the bundle was refitted on every event of its training data, test period included: its test "
+                    "metrics on that data are not held-out numbers (metrics.json of the run has those)")
     for name, m in ranking.items():
         log.info("test %-12s recall@20=%.4f ndcg@20=%.4f", name, m.get("recall@20", float("nan")), m.get("ndcg@20", float("nan")))
 

@@ -51,6 +51,44 @@ def _enabled(cfg: DictConfig, group: str) -> bool:
     return node is not None and bool(node.get("enabled", False))
 
 
+def uses_model_choice(cfg: DictConfig) -> bool:
+    """Whether ``cfg.model`` is fitted by :mod:`dmp_dl.model_selection` (auto, vae, ease)."""
+    return cfg.get("model") is not None and "candidates" in cfg.model
+
+
+class _Fitted:
+    """The trained network where later stages expect a LightningModule (they read ``.net``)."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.trainer = None
+
+
+def _choose_model(cfg: DictConfig, state: dict) -> None:
+    """The model stage for ``model=auto|vae|ease``: candidates, choice on validation, test metrics
+    of the held-out fits, refit (:func:`dmp_dl.model_selection.choose_model`)."""
+    from dmp_dl.model_selection import choose_model
+    from dmp_dl.models.scoring import SCORING_DIR, scoring_part
+    from dmp_dl.training import _instantiate_all
+
+    privacy, dm = state["privacy"], state["datamodule"]
+    if privacy.options is not None and privacy.options.dp_enabled:
+        raise ConfigError("privacy.dp.enabled trains with DP-SGD, which model=two_tower and model=mf support; "
+                          f"set model=two_tower (model={cfg.model.get('name')} has no DP training)")
+    if cfg.get("ckpt_path") not in (None, "", "null"):
+        log.warning("ckpt_path is ignored by model=%s: it has no resumable epochs (its fits are bounded by "
+                    "model.time_budget_s and start afresh); resuming applies to model=two_tower and model=mf",
+                    cfg.model.get("name"))
+    choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")))
+    ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")
+    state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
+                 network_kwargs={k: v for k, v in config_to_dict(cfg.model.vae.net).items() if not k.startswith("_")},
+                 history_len=max(dm.history_len, int(cfg.model.get("history_len", 2048))))
+    state["bundle_parts"] = {**state.get("bundle_parts", {}),
+                             SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2)}
+    state["metrics"].update(train={**choice.train, "privacy": privacy.summary(0)}, model=choice.record)
+
+
 # -- the stages: each reads and adds to `state` (what run() returns) ----------------------------
 def data_stage(cfg: DictConfig, state: dict) -> None:
     out = Path(cfg.paths.output_dir)
@@ -62,6 +100,8 @@ def data_stage(cfg: DictConfig, state: dict) -> None:
 
 def model_stage(cfg: DictConfig, state: dict) -> None:
     privacy = state["privacy"] = PrivacyHooks.from_config(cfg)
+    if uses_model_choice(cfg):
+        return _choose_model(cfg, state)
     module, train = fit_embedding_model(cfg, state["datamodule"], privacy)
     state.update(module=module, trainer=module.trainer)
     if module.trainer.global_rank != 0:  # DDP: evaluation, propensity and export run on rank 0 alone
@@ -73,14 +113,18 @@ def model_stage(cfg: DictConfig, state: dict) -> None:
 def evaluation_stage(cfg: DictConfig, state: dict) -> None:
     dm = state["datamodule"]
     split = HeldOutSplit.from_datamodule(dm)
+    choice = state.get("choice")
     if len(split.test) == 0:
         s = dm.report.split
         raise InsufficientDataError(
             f"no test user has a held-out item to rank ({s['events']['test']} test events; "
             f"{s['test_pairs_already_seen']} of their user-item pairs were already seen in training, "
             f"{s['test_events_user_unseen_in_train']} belong to users unseen in training)")
-    ranking = evaluate_model_and_baselines(state["module"].net, cfg.model.get("name", "model"), split,
-                                           cfg.get("evaluation", {}))
+    if choice is not None:  # scored by the model stage on its held-out fits (the bundle's are refitted)
+        ranking = choice.ranking
+    else:
+        ranking = evaluate_model_and_baselines(state["module"].net, cfg.model.get("name", "model"), split,
+                                               cfg.get("evaluation", {}))
     state["metrics"]["ranking"] = ranking
     for name, m in ranking.items():
         log.info("test %-12s recall@20=%.4f ndcg@20=%.4f", name, m.get("recall@20", float("nan")), m.get("ndcg@20", float("nan")))

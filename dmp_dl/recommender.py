@@ -90,7 +90,7 @@ class Recommender:
                  item_vectors: np.ndarray, seen: sp.csr_matrix, item_index, user_index,
                  network=None, user_features=None, history_len: int = 20, propensity=None,
                  manifest: Mapping[str, Any] | None = None, max_k: int = DEFAULT_MAX_K, pseudonymizer=None,
-                 profiles=None, segments=None):
+                 profiles=None, segments=None, served=None):
         if int(max_k) < 1:
             raise InvalidRequestError(f"max_k must be >= 1, got {max_k}")
         self.user_vocab, self.item_vocab = user_vocab, item_vocab
@@ -109,6 +109,9 @@ class Recommender:
         self.pseudonymizer = pseudonymizer
         self.profiles, self.stored_segments = profiles, segments
         self.uplift_model = None  # a campaign.bundle.UpliftScorer, when the bundle has one
+        # How recommendations are scored: None or a plain dot product -> the FAISS item index;
+        # with the item-item (EASE) term -> exact scores over the catalogue (dmp_dl.models.scoring)
+        self.served = served if served is not None and served.uses_shallow else None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -164,12 +167,14 @@ class Recommender:
         from dmp_dl.audience.bundle import load_profiles, load_segments
 
         profiles, segments = load_profiles(b, n_users), load_segments(b, n_users)
+        from dmp_dl.campaign.bundle import load_uplift
+        from dmp_dl.models.scoring import load_scoring
+
         rec = cls(user_vocab=user_vocab, item_vocab=item_vocab, user_vectors=users, item_vectors=items,
                   seen=seen, item_index=indexes["items"], user_index=indexes["users"], network=network,
                   user_features=user_features, history_len=history_len, propensity=propensity,
-                  manifest=b.manifest, max_k=max_k, pseudonymizer=pseudonymizer, profiles=profiles, segments=segments)
-        from dmp_dl.campaign.bundle import load_uplift
-
+                  manifest=b.manifest, max_k=max_k, pseudonymizer=pseudonymizer, profiles=profiles, segments=segments,
+                  served=load_scoring(b, n_items))
         rec.uplift_model = load_uplift(b, rec)  # reads the inputs above, so checked against them
         return rec
 
@@ -276,8 +281,21 @@ class Recommender:
     def recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Array form for user rows (B,): item rows (B, k) padded with -1 and scores (B, k)."""
         rows = np.asarray(rows, dtype=np.int64)
-        exclude = _ragged_rows(self._seen_indptr, self._seen_items, rows) if exclude_seen else (None, None)
-        return search_excluding(self.item_index, self.item_vectors, self.user_vectors[rows], k, *exclude)
+        seen = _ragged_rows(self._seen_indptr, self._seen_items, rows)
+        exclude = seen if exclude_seen else (None, None)
+        return self._top_items(self.user_vectors[rows], seen, k, exclude)
+
+    def _top_items(self, vectors: np.ndarray, items_of: tuple[np.ndarray, np.ndarray], k: int,
+                   exclude: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` items for users given by their vectors (B, dim) and their items (CSR pieces):
+        a FAISS search, or exact scores over the catalogue when the bundle's score has the
+        item-item term (:mod:`dmp_dl.models.scoring`)."""
+        if self.served is None:
+            return search_excluding(self.item_index, self.item_vectors, vectors, k, *exclude)
+        from dmp_dl.models.scoring import exact_top_k, rows_matrix
+
+        scores = self.served.scores(vectors, self.item_vectors, rows_matrix(*items_of, self.n_items))
+        return exact_top_k(scores, k, *exclude)
 
     # -- new users (cold start) ----------------------------------------------------------------
     def recommend_for_history(self, item_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,
@@ -299,8 +317,8 @@ class Recommender:
         if attributes is not None and len(attributes) != len(histories):
             raise InvalidRequestError(f"attributes has {len(attributes)} entries for {len(histories)} histories")
         vectors, rows, items = self.cold_user_vectors(histories, attributes)
-        exclude = _distinct_rows(rows, items, len(histories), self.n_items) if exclude_seen else (None, None)
-        ids, scores = search_excluding(self.item_index, self.item_vectors, vectors, k, *exclude)
+        distinct = _distinct_rows(rows, items, len(histories), self.n_items)
+        ids, scores = self._top_items(vectors, distinct, k, distinct if exclude_seen else (None, None))
         return self._ranked(ids, scores, self.item_vocab)
 
     def cold_user_vectors(self, histories: list[list], attributes=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -389,17 +407,17 @@ class Recommender:
 
     # -- audiences -----------------------------------------------------------------------------
     def lookalike(self, seed_user_ids: Sequence[object], k: int = 100, exclude_seeds: bool = True,
-                  method: str = "centroid") -> Ranked:
+                  method: str = "contrast") -> Ranked:
         """The ``k`` users most like the seed set (audience expansion), best first.
 
-        ``centroid`` (default): users ranked by inner product with the mean of the seed vectors,
-        which for dot-product vectors is the mean similarity to the seeds; one index search.
+        ``contrast`` (default): inner product with the seed mean minus the mean of all users, which
+        ranks by what sets the seeds apart rather than by what every user shares — best on every
+        genre audience of ``bench/audience.py``, with every model's vectors.
+        ``centroid``: users ranked by inner product with the mean of the seed vectors, which for
+        dot-product vectors is the mean similarity to the seeds; one index search.
         ``neighbours``: each seed's nearest users vote with their similarity and users are ranked
         by the summed votes, which favours users close to any part of a diverse seed set
         (e.g. best customers from several segments) over users near its average.
-        ``contrast``: inner product with the seed mean minus the mean of all users, which ranks
-        by what sets the seeds apart rather than by what every user shares (better on ML-100k
-        genre audiences: ``bench/audience.py``).
         The score is the centroid inner product or the summed similarity, respectively.
         """
         k = self._check_k(k)
@@ -412,7 +430,7 @@ class Recommender:
         return list(zip(self.user_vocab.lookup(top), scores.astype(float).tolist()))
 
     def lookalike_rows(self, seed_rows: np.ndarray, k: int, exclude_seeds: bool = True,
-                       method: str = "centroid") -> tuple[np.ndarray, np.ndarray]:
+                       method: str = "contrast") -> tuple[np.ndarray, np.ndarray]:
         """Array form of :meth:`lookalike` for seed user rows (no ``max_k`` bound): user rows (m,)
         int64 and scores (m,) float64, best first (m < k only when fewer users are left)."""
         rows = np.unique(np.asarray(seed_rows, dtype=np.int64))

@@ -204,7 +204,7 @@ def request_models(rec: Recommender, max_ids: int) -> dict[str, type[BaseModel]]
         seed_user_ids: list[Id] = Field(json_schema_extra=ids)
         k: JsonInt = Field(100, json_schema_extra=k_range)
         exclude_seeds: bool = True
-        method: Literal["centroid", "neighbours", "contrast"] = "centroid"
+        method: Literal["centroid", "neighbours", "contrast"] = "contrast"
 
     class PropensityRequest(StrictBody):
         user_ids: list[Id] = Field(json_schema_extra=ids)

@@ -27,7 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def build_module(cfg: DictConfig, dm: InteractionDataModule) -> RetrievalModule:
-    """The network (``model.net``) sized from the data, wrapped in ``model.module``."""
+    """The network (``model.net``) sized from the data, wrapped in ``model.module``; for the models
+    of the automatic choice (``model=auto|vae|ease``), the untrained autoencoder (``model.vae``)
+    with the training rows attached."""
+    if "candidates" in cfg.model:
+        node = cfg.model.vae
+        net = instantiate(node.net, _convert_="all")(**dm.net_kwargs()).attach_rows(dm.interaction_rows("train"))
+        return instantiate(node.module, _convert_="all")(net=net, item_counts=dm.item_counts)
     net = instantiate(cfg.model.net, _convert_="all")(**dm.net_kwargs())
     return instantiate(cfg.model.module, _convert_="all")(net=net, item_counts=dm.item_counts)
 

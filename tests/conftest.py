@@ -29,6 +29,7 @@ QUIET_TRAINER = [
     "trainer.enable_model_summary=false",
     "trainer.accelerator=cpu",
     "trainer.devices=1",
+    "++model.vae.max_epochs=4",  # the default model's autoencoder: a few epochs on tiny data (ignored by two_tower/mf)
 ]
 
 

@@ -137,7 +137,7 @@ def test_run_exports_a_bundle_matching_the_model(trained):
     m = b.manifest
     assert m["counts"] == {"users": dm.n_users, "items": dm.n_items, "seen_pairs": int(dm.all_seen.nnz)}
     assert m["dim"] == net.dim and m["metric"] == "inner_product"
-    assert m["config"]["model"]["name"] == "two_tower"
+    assert m["config"]["model"]["name"] == "auto"
     for name in ("items", "users"):
         info = m["indexes"][name]
         assert info["factory"] == "Flat" and info["recall@10"] == 1.0 and info["qps_batch"] > 0

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- training: SIGKILL mid-epoch, then ckpt_path=last -----------------------------------------
 
 TRAIN = [
+    "model=two_tower",  # resuming from last.ckpt is the two-tower and MF training loop's
     *[o for o in TINY_DATA if not o.startswith("data.batch_size")], "data.batch_size=256",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.accelerator=cpu",
     "trainer.devices=1", "trainer.log_every_n_steps=1", "callbacks.early_stopping.patience=100",

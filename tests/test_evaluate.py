@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     """One tiny run with the propensity model (debug=fdr): its directory and metrics.json."""
     out = tmp_path_factory.mktemp("evaluate") / "run"
     cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "debug=fdr", "logger=none", "++propensity.enabled=true",
-                       *TRAIN_EVALUATION], out)
+                       "model.refit=false", *TRAIN_EVALUATION], out)  # a refitted bundle saw the test period
     result = run(cfg)
     assert "propensity" in result, "the run trained no propensity model"
     return {"dir": out, "bundle": Path(result["bundle_dir"]), "metrics": json.loads((out / "metrics.json").read_text()),
@@ -119,10 +119,10 @@ def test_user_vectors_come_from_training_histories_not_the_bundles_full_history_
     popularity = torch.as_tensor(dm.item_counts / dm.item_counts.sum(), dtype=torch.float32)
     leaky = evaluate_scorer(EmbeddingScorer(bundle.array(USER_VECTORS), bundle.array(ITEM_VECTORS), device="cpu"),
                             split.test, split.n_items, [3, 10, 20], popularity, device="cpu")
-    recorded = trained["metrics"]["ranking"]["two_tower"]
+    recorded = trained["metrics"]["ranking"]["auto"]
     gaps = [abs(leaky[k] - recorded[k]) for k in ("recall@10", "recall@20", "ndcg@20", "mrr")]
     assert max(gaps) > 1e-4, "full-history vectors score like training-history ones: this check cannot tell them apart"
-    ours = evaluate(trained["bundle"], tmp_path / "report")["ranking"]["two_tower"]
+    ours = evaluate(trained["bundle"], tmp_path / "report")["ranking"]["auto"]
     for k in ("recall@10", "recall@20", "ndcg@20", "mrr"):
         assert ours[k] == pytest.approx(recorded[k], abs=1e-9)
 
@@ -160,8 +160,8 @@ def test_a_bundle_without_propensity_says_so(trained, tmp_path):
 
 def test_evaluation_settings_can_be_overridden_and_the_report_says_so(trained, tmp_path):
     result = evaluate(trained["bundle"], tmp_path / "report", "evaluation.ks=[5]", "evaluation.baselines=[popularity]")
-    assert set(result["ranking"]) == {"two_tower", "popularity"}
-    assert {k for k in result["ranking"]["two_tower"] if k.startswith("recall@")} == {"recall@5"}
+    assert set(result["ranking"]) == {"auto", "popularity"}
+    assert {k for k in result["ranking"]["auto"] if k.startswith("recall@")} == {"recall@5"}
     note = json.loads((tmp_path / "report" / "report.json").read_text())["protocol"]["statements"]["settings"]
     assert "ks: [5] instead of [3, 10, 20]" in note and "baselines: ['popularity'] instead of" in note
 
@@ -184,7 +184,7 @@ def test_other_data_are_mapped_by_id_and_unknown_ids_are_counted_not_scored(trai
     pairs = {(other.user_vocab.ids[u], other.item_vocab.ids[i]) for u, i in zip(rel.row, rel.col)}
     kept = {(u, i) for u, i in pairs if u in known_users and i in known_items}
     assert counts["test_pairs"] == len(kept)
-    assert result["ranking"]["two_tower"]["n_users"] == len({u for u, _ in kept}) == counts["test_users"]
+    assert result["ranking"]["auto"]["n_users"] == len({u for u, _ in kept}) == counts["test_users"]
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["data_quality"]["n_items"] == bundle_dm.n_items  # the catalogue ranked is the bundle's
     assert data["data_quality"]["bundle_mapping"]["data_items"] == other.n_items

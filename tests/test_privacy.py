@@ -99,7 +99,8 @@ def pseudo_run(tmp_path_factory):
     pseudonymised ids and the propensity model, on the tiny synthetic data."""
     root = tmp_path_factory.mktemp("pseudo")
     out = root / "run"
-    cmd = [sys.executable, "train.py", *TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=1", "propensity.trainer.max_epochs=3",
+    cmd = [sys.executable, "train.py", *TINY_DATA, *QUIET_TRAINER, "model=two_tower", "trainer.max_epochs=1",
+           "propensity.trainer.max_epochs=3",
            "privacy.pseudonymize=true", f"privacy.erasure_list={root}/erased.txt", f"privacy.audit_log={root}/audit.jsonl",
            f"paths.output_dir={out}"]
     env = {**os.environ, "DMP_PSEUDONYM_KEY": SECRET}

@@ -129,7 +129,7 @@ def test_bad_dp_options_name_the_key(bad, message):
 
 
 def test_dp_run_records_epsilon_in_metrics_report_and_manifest(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.max_epochs=2", "propensity.enabled=false", "privacy.dp.enabled=true",
+    cfg = tiny_cfg("model=two_tower", "trainer.max_epochs=2", "propensity.enabled=false", "privacy.dp.enabled=true",
                    "privacy.dp.target_epsilon=4", "privacy.dp.batch_users=100", "model.net.use_user_id=false",
                    f"privacy.erasure_list={tmp_path}/erased.txt")
     result = run(cfg)
@@ -150,5 +150,10 @@ def test_dp_run_records_epsilon_in_metrics_report_and_manifest(tiny_cfg, tmp_pat
 
 def test_dp_refuses_what_breaks_the_guarantee(tiny_cfg):
     with pytest.raises(ConfigError, match="scheduler"):
-        run(tiny_cfg("privacy.dp.enabled=true",
+        run(tiny_cfg("model=two_tower", "privacy.dp.enabled=true",
                      "model.module.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1}"))
+
+
+def test_dp_with_a_model_that_has_no_dp_training_is_one_line(tiny_cfg):
+    with pytest.raises(ConfigError, match="model=two_tower"):
+        run(tiny_cfg("privacy.dp.enabled=true"))

@@ -13,6 +13,19 @@ from dmp_dl.errors import BundleError, UnknownIdError
 from dmp_dl.index import IndexOptions
 from dmp_dl.recommender import InvalidRequestError
 
+from .conftest import trained_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-tower bundle: its score is the plain dot product the FAISS index serves, its user tower
+    reads recent items in order and CRM attributes (the default model's bundle: test_user_level_models)."""
+    return trained_run(tmp_path_factory, "model=two_tower")
+
+
+@pytest.fixture(scope="module")
+def rec(trained) -> Recommender:
+    return Recommender.load(trained["bundle_dir"])
 
 
 def exact_top(rec: Recommender, query: np.ndarray, k: int, excluded=()) -> list[str]:

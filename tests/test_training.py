@@ -60,7 +60,7 @@ def test_fast_dev_run_end_to_end(tiny_cfg, model):
 
 
 def test_loss_decreases_on_planted_data(tiny_cfg):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("model=two_tower")
     torch.manual_seed(0)
     dm = load_data(cfg)
     module = build_module(cfg, dm)
@@ -88,17 +88,17 @@ def test_beats_popularity_on_synthetic(tiny_cfg, model, margin):
 
 
 def test_resume_from_last_checkpoint(tiny_cfg):
-    first = run(tiny_cfg("trainer.max_epochs=2", "callbacks.early_stopping.patience=100"))
+    first = run(tiny_cfg("model=two_tower", "trainer.max_epochs=2", "callbacks.early_stopping.patience=100"))
     steps = first["trainer"].global_step
     assert steps > 0
-    resumed = run(tiny_cfg("trainer.max_epochs=3", "ckpt_path=last", "callbacks.early_stopping.patience=100"))
+    resumed = run(tiny_cfg("model=two_tower", "trainer.max_epochs=3", "ckpt_path=last", "callbacks.early_stopping.patience=100"))
     t = resumed["trainer"]
     assert t.current_epoch == 3
     assert t.global_step == steps * 3 // 2  # continued from step `steps`, did one more epoch
 
 
 def test_embedding_shapes_and_cold_start(tiny_cfg):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("model=two_tower")
     dm = load_data(cfg)
     module = build_module(cfg, dm)
     users, items = export_embeddings(module.net, dm.full_history, torch.device("cpu"))

@@ -140,7 +140,7 @@ def _segments_of(rec) -> np.ndarray | None:
     return None if rec.stored_segments is None else rec.stored_segments.assignments
 
 
-def lookalike_job(rec, ids: Sequence[str], size: int, method: str = "centroid", source: str = "seeds",
+def lookalike_job(rec, ids: Sequence[str], size: int, method: str = "contrast", source: str = "seeds",
                   skip_unknown: bool = False) -> tuple[pd.DataFrame, dict]:
     """Expand the seed users ``ids`` to ``size`` users not in the seed list.
 

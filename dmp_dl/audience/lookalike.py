@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 BASELINES = ("random", "popularity")
 
 
-def expand(rec, seed_rows: np.ndarray, size: int, method: str = "centroid", exclude_seeds: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def expand(rec, seed_rows: np.ndarray, size: int, method: str = "contrast", exclude_seeds: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The ``size`` users most like the users at ``seed_rows``: rows (m,) int64 and scores (m,)
     float64, best first (m < size only when fewer candidates exist)."""
     if int(size) < 1:

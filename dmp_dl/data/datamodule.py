@@ -32,6 +32,19 @@ def pair_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray
     return m
 
 
+def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> sp.csr_matrix:
+    """(n_users, n_items) CSR of interaction strength: log2(1 + the summed event weights of a pair).
+
+    One event of weight 1 gives 1; repeated or heavier events (a purchase after views) count more,
+    with diminishing returns. The input of the user-level models.
+    """
+    m = sp.csr_matrix((np.asarray(weights, dtype=np.float32), (users, items)), shape=(n_users, n_items))
+    m.sum_duplicates()
+    m.data = np.log2(1.0 + np.maximum(m.data, 0.0)).astype(np.float32)
+    m.eliminate_zeros()
+    return m
+
+
 def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int) -> np.ndarray:
     """Each user's ``length`` most recent items, most recent first, padded with ``pad``.
 
@@ -333,6 +346,14 @@ class InteractionDataModule(pl.LightningDataModule):
             "user_features": self.user_features,
             "item_features": self.item_features,
         }
+
+    def interaction_rows(self, which: str = "train") -> sp.csr_matrix:
+        """Per-user interaction strengths (:func:`weighted_rows`) of the training events
+        (``which="train"``) or of every event (``"all"``). (n_users, n_items) CSR."""
+        ev = self.events
+        mask = ev["split"].to_numpy() == TRAIN if which == "train" else np.ones(len(ev), dtype=bool)
+        return weighted_rows(self.n_users, self.n_items, ev["user_idx"].to_numpy()[mask],
+                             ev["item_idx"].to_numpy()[mask], ev[WEIGHT].to_numpy()[mask])
 
     def train_dataset(self) -> TrainExamples:
         ev = self.events

@@ -31,19 +31,27 @@ class PopularityScorer:
 class EASEScorer:
     """EASE (Steck, WWW 2019): closed-form item-item model B = I - P / diag(P), P = (X'X + l2 I)^-1.
 
-    Needs an (n_items, n_items) float64 matrix: use it for catalogues up to a few tens of thousands.
-    The inverse runs on the device (float64); scoring multiplies the users' training rows of X by B,
-    as a sparse product on CPU and a dense one on CUDA.
+    Needs an (n_items, n_items) matrix: use it for catalogues up to a few tens of thousands.
+    ``precise=True`` (the textbook form): the float64 inverse of X'X + l2 I, on the device;
+    ``precise=False``: :func:`dmp_dl.models.ease.ease_weights` in float32, through the primal or the
+    dual (Woodbury) form, whichever is cheaper — what the report's baseline uses. Scoring multiplies
+    the users' training rows of X by B, as a sparse product on CPU and a dense one on CUDA.
     """
 
-    def __init__(self, interactions: sp.csr_matrix, l2: float = 500.0, device: str | torch.device | None = None):
+    def __init__(self, interactions: sp.csr_matrix, l2: float = 500.0, device: str | torch.device | None = None,
+                 precise: bool = True):
         self.device = _device(device)
         self.x = sp.csr_matrix(interactions, dtype=np.float32)
-        gram = torch.as_tensor((self.x.T @ self.x).toarray(), dtype=torch.float64, device=self.device)
-        gram.diagonal().add_(l2)
-        p = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # gram is symmetric positive definite
-        b = p / (-p.diagonal())
-        b.diagonal().zero_()
+        if precise:
+            gram = torch.as_tensor((self.x.T @ self.x).toarray(), dtype=torch.float64, device=self.device)
+            gram.diagonal().add_(l2)
+            p = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # gram is symmetric positive definite
+            b = p / (-p.diagonal())
+            b.diagonal().zero_()
+        else:
+            from dmp_dl.models.ease import ease_weights
+
+            b = ease_weights(self.x, l2, self.device)
         self.b = b.float()
         self._b_numpy = self.b.numpy() if self.device.type == "cpu" else None
 

@@ -45,6 +45,8 @@ class HeldOutSplit:
     train_seen: (n_users, n_items) binary CSR of the training user-item pairs (EASE's input).
     item_counts: (n_items,) int64 training events per item (popularity baseline, novelty).
     test: the users to evaluate (``EvalUsers``: their excluded and relevant items, as CSR rows).
+    train_rows: (n_users, n_items) CSR of training interaction strengths, what user-level models
+        encode a user from (None: ``train_seen``).
     """
 
     n_users: int
@@ -53,11 +55,13 @@ class HeldOutSplit:
     train_seen: sp.csr_matrix
     item_counts: np.ndarray
     test: EvalUsers
+    train_rows: sp.csr_matrix | None = None
 
     @classmethod
     def from_datamodule(cls, dm) -> "HeldOutSplit":
         """The test split of a prepared ``InteractionDataModule``, in its own index space."""
-        return cls(dm.n_users, dm.n_items, dm.train_history, dm.train_seen, dm.item_counts, dm.eval_dataset("test"))
+        return cls(dm.n_users, dm.n_items, dm.train_history, dm.train_seen, dm.item_counts, dm.eval_dataset("test"),
+                   dm.interaction_rows("train"))
 
 
 def _selection(index_map: np.ndarray, n_out: int) -> sp.csr_matrix:
@@ -103,6 +107,7 @@ def map_to_vocabularies(dm, user_vocab: IdVocab, item_vocab: IdVocab, history_le
     split = HeldOutSplit(
         n_users, n_items, history, pair_matrix(n_users, n_items, u[train], i[train]),
         np.bincount(i[train], minlength=n_items).astype(np.int64), EvalUsers(test_users, history, seen, relevant),
+        project(dm.interaction_rows("train")),
     )
     counts = {
         "same_vocabularies": bool(dm.user_vocab == user_vocab and dm.item_vocab == item_vocab),
@@ -119,10 +124,12 @@ def map_to_vocabularies(dm, user_vocab: IdVocab, item_vocab: IdVocab, history_le
 
 
 def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: HeldOutSplit,
-                                 evaluation: Mapping[str, Any] | None = None) -> dict[str, dict]:
+                                 evaluation: Mapping[str, Any] | None = None, served=None) -> dict[str, dict]:
     """Test metrics of the trained ``net`` and of the configured baselines on ``split``, same protocol.
 
     Users are represented as of the end of training (their training history only): no test leakage.
+    served: the bundle's :class:`~dmp_dl.models.scoring.ServedScore` when its score is not the plain
+    dot product (the item-item term then reads each user's training items).
 
     evaluation: ``ks`` (cut-offs), ``baselines`` (``popularity`` and/or ``ease``), ``ease_l2``,
         ``ease_max_items`` (EASE is skipped above this catalogue size); missing keys take the
@@ -144,9 +151,16 @@ def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: H
     popularity = torch.as_tensor(split.item_counts / max(split.item_counts.sum(), 1), dtype=torch.float32)
     device = inference_device()
     net.to(device).eval()
+    if hasattr(net, "attach_rows"):  # user-level models encode a user from their training row
+        net.attach_rows(split.train_rows if split.train_rows is not None else split.train_seen)
     users = user_vectors(net, np.arange(split.n_users), split.train_history, device=device)
     items = item_vectors(net, split.n_items, device=device)
-    scorers: dict[str, Any] = {model_name: EmbeddingScorer(users, items)}
+    if served is not None and served.uses_shallow:
+        from dmp_dl.models.scoring import BlendScorer
+
+        scorers: dict[str, Any] = {model_name: BlendScorer(served, users, items, split.train_seen)}
+    else:
+        scorers = {model_name: EmbeddingScorer(users, items)}
     for name in setting("baselines", DEFAULT_BASELINES):
         if name == "popularity":
             scorers[name] = PopularityScorer(split.item_counts)
@@ -154,7 +168,7 @@ def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: H
             if split.n_items > int(setting("ease_max_items", 20000)):
                 log.warning("EASE skipped: %d items > evaluation.ease_max_items", split.n_items)
                 continue
-            scorers[name] = EASEScorer(split.train_seen, float(setting("ease_l2", 500.0)))
+            scorers[name] = EASEScorer(split.train_seen, float(setting("ease_l2", 500.0)), precise=False)
         else:
             raise ConfigError(f"unknown baseline {name!r} in evaluation.baselines (popularity | ease)")
     results = {}

@@ -203,7 +203,7 @@ def segments(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
     return Export("segments", schema, len(rows), chunks(), stats)
 
 
-def lookalike(rec, seed_ids: Sequence[str], size: int, method: str = "centroid", source: str = "seeds",
+def lookalike(rec, seed_ids: Sequence[str], size: int, method: str = "contrast", source: str = "seeds",
               skip_unknown: bool = False) -> Export:
     """The ``size`` users most like the seeds, as ``python -m dmp_dl.audience task=lookalike``:
     ``user_id, rank, score`` (+ ``segment``)."""

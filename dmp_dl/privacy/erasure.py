@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 NETWORK_USER_ROWS = {
     "TwoTowerNet": ("user_id.weight", "user_attr.tokens", "user_attr.numeric"),
     "MatrixFactorization": ("user.weight",),
+    "UserAutoencoder": ("user_attr.tokens", "user_attr.numeric"),
 }
 PROPENSITY_SPEC, PROPENSITY_WEIGHTS, PROPENSITY_SCORES = "propensity/propensity.json", "propensity/weights.pt", "propensity/known_scores.npy"
 WEIGHTS_NOTE = ("the removed rows are gone; shared model weights (towers, item vectors) may still carry the user's "

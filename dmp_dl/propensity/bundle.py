@@ -47,15 +47,14 @@ FORMAT_VERSION = 2  # 2: the served model may be a classic one (tabular.npz)
 READABLE_VERSIONS = (1, 2)
 SPEC_FILE, WEIGHTS_FILE, SCORES_FILE, ITEMS_FILE = "propensity.json", "weights.pt", "known_scores.npy", "items.json"
 TABULAR_FILE = "tabular.npz"
-ENCODER_CLASSES = ("TwoTowerNet", "MatrixFactorization")
+ENCODER_CLASSES = ("TwoTowerNet", "MatrixFactorization", "UserAutoencoder")
 SUMMARY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10")
 
 
 def _encoder_class(name: str) -> type:
-    from dmp_dl.models.mf import MatrixFactorization
-    from dmp_dl.models.two_tower import TwoTowerNet
+    from dmp_dl.bundle import network_classes
 
-    return {"TwoTowerNet": TwoTowerNet, "MatrixFactorization": MatrixFactorization}[name]
+    return network_classes()[name]
 
 
 def save_propensity(result: Any, directory: Path) -> dict:

@@ -171,8 +171,10 @@ def encoder_for(mode: str, cfg: DictConfig, net: torch.nn.Module | None) -> tupl
                     type(net).__name__ if net is not None else "none")
         return None, None
     kwargs = {}
-    if cfg.get("model") is not None and cfg.model.get("net") is not None:
-        kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model.net, resolve=True).items() if not k.startswith("_")}
+    model = cfg.get("model")
+    node = None if model is None else model.get("net") if model.get("net") is not None else (model.get("vae") or {}).get("net")
+    if node is not None:
+        kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
     spec = {"class": type(net).__name__, "kwargs": kwargs, "n_users": int(net.n_users), "n_items": int(net.n_items)}
     return copy.deepcopy(net).cpu().eval(), spec
 

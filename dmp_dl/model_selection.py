@@ -145,17 +145,25 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
 
 
 def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool, max_epochs: int,
-                    loggers: list | None = None, time_budget_s: float | None = None) -> tuple[torch.nn.Module, dict]:
+                    loggers: list | None = None, time_budget_s: float | None = None,
+                    previous=None) -> tuple[torch.nn.Module, dict]:
     """Train ``cfg.model.vae`` on ``rows`` ((n_users, n_items) interaction strengths).
 
     With ``validate``, early stopping on the validation users picks the epoch and the best epoch's
     weights are returned; else ``max_epochs`` epochs run. Training also stops after
-    ``time_budget_s`` seconds (None: no limit). Returns (net, facts).
+    ``time_budget_s`` seconds (None: no limit). ``previous``: a
+    :class:`~dmp_dl.warm_start.PreviousNetwork` (``init_from``) the net starts from, row by row by
+    id. Returns (net, facts).
     """
     node = cfg.model.vae
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features)
     net.attach_rows(rows)
+    warm = None
+    if previous is not None:
+        from dmp_dl.warm_start import warm_start
+
+        warm = warm_start(net, previous, {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids})
     loader = user_loader(rows, batch_users(node.get("batch_users"), dm.n_users))
     counts = np.bincount(sp.csr_matrix(rows).indices, minlength=dm.n_items)
     module = instantiate(node.module, _convert_="all")(net=net, item_counts=counts, steps_per_epoch=len(loader))
@@ -173,7 +181,7 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=dm.val_dataloader() if validate else None)
     seconds = time.perf_counter() - t0
     facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size,
-             "steps": int(trainer.global_step)}
+             "steps": int(module._batches), "warm_start": warm}
     if keep is not None and keep.state is not None:
         module.load_state_dict(keep.state)
         facts.update(best_epoch=keep.best_epoch, epochs=keep.best_epoch + 1, val_best=keep.best)
@@ -328,6 +336,11 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
     candidates: dict[str, dict] = {}
     max_epochs = int(model.vae.get("max_epochs", 100))
     budget, budget_facts = time_budget(cfg, dm)
+    previous = None
+    if cfg.get("init_from"):  # a previous run's bundle or checkpoint: the autoencoder starts from it
+        from dmp_dl.warm_start import load_previous
+
+        previous = load_previous(cfg.init_from)
 
     shallow = None
     if SHALLOW in wanted:
@@ -348,7 +361,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
         ease_seconds = candidates.get(SHALLOW, {}).get("fit_seconds", 0.0)
         vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, float(model.get("min_time_budget_s", 10.0)) / 2.0)
     net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
-                                     time_budget_s=vae_budget)
+                                     time_budget_s=vae_budget, previous=previous)
     users = user_vectors(net, np.arange(dm.n_users), dm.train_history, device=torch.device("cpu"))
     items = item_vectors(net, dm.n_items, device=torch.device("cpu"))
     candidates[DEEP] = {"status": "ok", "reason": None, "fit_seconds": vae_facts["fit_seconds"],
@@ -404,11 +417,12 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
         "best_baseline": _best_baseline(ranking, candidates),
     }
     train = {"epochs": vae_facts.get("epochs"), "fit_seconds": fit_seconds, "selection_fit_seconds": fit_seconds,
-             "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)}}
+             "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)},
+             "warm_start": vae_facts.get("warm_start")}
     choice = ModelChoice(net=net, served=served, name=chosen, record=record, ranking=ranking, train=train)
     held_out = len(dm.train_idx) < len(dm.events)
     if bool(model.get("refit", True)) and held_out:
-        refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers)
+        refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers, previous)
     else:
         choice.record["refit"] = False
         net.attach_rows(dm.interaction_rows("all"))
@@ -416,7 +430,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
 
 
 def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: sp.csr_matrix,
-          loggers: list | None = None) -> ModelChoice:
+          loggers: list | None = None, previous=None) -> ModelChoice:
     """Step 4: train ``choice``'s winner again on ``rows`` (interaction strengths) and ``seen``
     (0/1, the EASE input), with the epochs and l2 chosen on validation; updates ``choice`` in place.
 
@@ -426,7 +440,7 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
     facts: dict[str, Any] = {}
     vae = choice.record["candidates"][DEEP]["details"]
     net, fitted = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=int(vae.get("epochs", 1)), loggers=loggers,
-                                  time_budget_s=vae.get("time_budget_s"))
+                                  time_budget_s=vae.get("time_budget_s"), previous=previous)
     facts["vae_seconds"] = fitted["fit_seconds"]
     served = choice.served
     if served.uses_shallow:

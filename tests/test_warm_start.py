@@ -154,8 +154,8 @@ def test_day_two_warm_starts_from_day_one_and_serves_its_new_users(tmp_path):
 
     day1, day2, day2_only = _days(tmp_path)
     assert len(day2_only) > 50
-    base = [*QUIET_TRAINER, "data=events", "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "logger=none",
-            "propensity.enabled=false", "audience.enabled=false", "evaluation.report=null"]
+    base = [*QUIET_TRAINER, "data=events", "model=two_tower", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+            "logger=none", "propensity.enabled=false", "audience.enabled=false", "evaluation.report=null"]
     first = run(compose_cfg([*base, f"data.path={day1}"], tmp_path / "day1"))
     # The nightly command: the day's log, warm-started from yesterday's bundle; ckpt_path=last only
     # matters when this same command is run again after a crash.
@@ -192,8 +192,8 @@ def test_an_incompatible_previous_model_is_one_line_and_exit_2(tmp_path, capsys)
                 RECORD_KEY: {"user": ["u1", "u2"], "item": ["i1", "i2"], "class": "MatrixFactorization", "dim": 8}}, path)
     log = tmp_path / "day.csv"
     log.write_text("user_id,item_id,timestamp\n" + "".join(f"u{i % 7},i{i % 5},{1700000000 + i}\n" for i in range(60)))
-    cfg = compose_cfg(["data=events", f"data.path={log}", f"init_from={path}", "trainer.accelerator=cpu", "logger=none"],
-                      tmp_path / "run")
+    cfg = compose_cfg(["data=events", "model=two_tower", f"data.path={log}", f"init_from={path}", "trainer.accelerator=cpu",
+                       "logger=none"], tmp_path / "run")
     with pytest.raises(SystemExit) as exited, report_errors():  # what train.py does with an error
         run(cfg)
     assert exited.value.code == 2
@@ -201,3 +201,24 @@ def test_an_incompatible_previous_model_is_one_line_and_exit_2(tmp_path, capsys)
         f"error: init_from: {path} holds a MatrixFactorization with dim 8 and this run builds a TwoTowerNet with dim 64 "
         "(another class); a network warm-starts only from one of the same class and width: match the model settings "
         "or train from scratch (init_from=null)"]
+
+
+def test_the_default_model_warm_starts_by_id_and_serves_day_two_users(tmp_path):
+    """The nightly recipe with the default model: the autoencoder's item rows are copied by id from
+    yesterday's bundle, today's new items start fresh, today's new users are served."""
+    from dmp_dl import Recommender
+    from dmp_dl.pipeline import run
+
+    from .conftest import QUIET_TRAINER, compose_cfg
+
+    day1, day2, day2_only = _days(tmp_path)
+    base = [*QUIET_TRAINER, "data=events", "model.vae.max_epochs=2", "logger=none", "propensity.enabled=false",
+            "audience.enabled=false", "evaluation.report=null"]
+    first = run(compose_cfg([*base, f"data.path={day1}"], tmp_path / "day1"))
+    second = run(compose_cfg([*base, f"data.path={day2}", f"init_from={tmp_path / 'day1' / 'artifacts'}"], tmp_path / "day2"))
+    warm = second["metrics"]["train"]["warm_start"]
+    i1, i2 = first["datamodule"].n_items, second["datamodule"].n_items
+    assert warm["items"] == {"known": i1, "new": i2 - i1, "not_in_this_data": 0}
+    assert {"encoder.weight", "item_embedding.weight", "item_bias"} <= set(warm["parameters_copied"])
+    rec = Recommender.load(second["bundle_dir"])
+    assert all(len(rec.recommend(u, k=5)) == 5 for u in day2_only[:5])

@@ -160,6 +160,27 @@ class PrivacyEntry(_Closed):
         return self
 
 
+class ShallowEntry(_Open):
+    kind: Literal["ease"]
+    items: Count
+    nnz: Count
+
+
+class ScoringEntry(_Open):
+    """How recommendations are scored (:mod:`dmp_dl.models.scoring`)."""
+
+    model: Name
+    refit: bool
+    deep_weight: Annotated[float, Field(allow_inf_nan=False)]
+    shallow_weight: Annotated[float, Field(allow_inf_nan=False)]
+    ease_l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    score: str = ""
+    shallow: ShallowEntry | None = None
+
+
+SCORING_FILES = ("scoring/item_item_indptr.npy", "scoring/item_item_indices.npy", "scoring/item_item_weights.npy")
+
+
 class PartEntry(_Open):
     user_aligned: list[Name] = []
     files: list[Name] = []
@@ -184,6 +205,7 @@ class Manifest(_Open):
     network: NetworkEntry = None
     propensity: PartEntry = None
     privacy: PrivacyEntry = None
+    scoring: ScoringEntry = None
     config: dict[str, Any] = None
 
     @field_validator("created_at", "trained_at")
@@ -253,6 +275,14 @@ def check_manifest(manifest: dict, path: Path) -> None:
                 raise _field_error(path, f"indexes.{side}.ntotal", f"{entry['ntotal']} vectors for counts.{side}={count}")
     if manifest.get("index_options") is not None:
         check_index_options(manifest["index_options"], path)
+    shallow = (manifest.get("scoring") or {}).get("shallow")
+    if shallow is not None:
+        for name in SCORING_FILES:
+            if name not in files:
+                raise _field_error(path, "scoring.shallow", f"{name!r} is not in the bundle")
+        n_items = (manifest.get("counts") or {}).get("items", shallow["items"])
+        if shallow["items"] != n_items:
+            raise _field_error(path, "scoring.shallow.items", f"{shallow['items']} items for counts.items={n_items}")
     for name, entry in part_entries(manifest).items():
         for i, f in enumerate(entry.get("user_aligned") or []):
             where = f"{name}.user_aligned[{i}]"

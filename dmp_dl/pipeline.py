@@ -108,6 +108,41 @@ def model_stage(cfg: DictConfig, state: dict) -> None:
         state["halt"] = True
         return
     state["metrics"]["train"] = train
+    _final_fit(cfg, state, privacy)
+
+
+def _final_fit(cfg: DictConfig, state: dict, privacy) -> None:
+    """``model.refit`` for two_tower / mf: score the held-out fit on the test users first (the
+    evaluation stage reports that), then train the exported network on every event for the epochs
+    early stopping chose."""
+    from dmp_dl.training import refit_embedding_model
+
+    dm, module, train = state["datamodule"], state["module"], state["metrics"]["train"]
+    reason = None
+    if not bool(cfg.model.get("refit", True)):
+        reason = "model.refit=false"
+    elif len(dm.train_idx) == len(dm.events):
+        reason = "no held-out events: the model already saw every event"
+    elif privacy.options is not None and privacy.options.dp_enabled:
+        reason = "privacy.dp: a second fit would spend a second privacy budget"
+    elif module.trainer.world_size > 1:
+        reason = "data-parallel training (trainer.devices > 1)"
+    if reason is not None:
+        train["refit"] = {"done": False, "reason": reason}
+        return
+    split = HeldOutSplit.from_datamodule(dm)
+    try:
+        if len(split.test):
+            state["held_out_ranking"] = evaluate_model_and_baselines(module.net, cfg.model.get("name", "model"), split,
+                                                                     cfg.get("evaluation", {}))
+    except Exception as exc:  # the evaluation stage reports it; the final fit goes on
+        state["held_out_error"] = exc
+    best = train.get("best_checkpoint")
+    epochs = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1 if best else module.trainer.current_epoch
+    refitted, facts = refit_embedding_model(cfg, dm, epochs)
+    state["module"] = refitted
+    train["refit"] = {"done": True, **facts}
+    log.info("final fit on every event: %d epoch(s), %d events, %.1f s", facts["epochs"], facts["train_events"], facts["seconds"])
 
 
 def evaluation_stage(cfg: DictConfig, state: dict) -> None:
@@ -122,6 +157,10 @@ def evaluation_stage(cfg: DictConfig, state: dict) -> None:
             f"{s['test_events_user_unseen_in_train']} belong to users unseen in training)")
     if choice is not None:  # scored by the model stage on its held-out fits (the bundle's are refitted)
         ranking = choice.ranking
+    elif "held_out_error" in state:
+        raise state["held_out_error"]
+    elif "held_out_ranking" in state:  # two_tower / mf scored before their final fit
+        ranking = state["held_out_ranking"]
     else:
         ranking = evaluate_model_and_baselines(state["module"].net, cfg.model.get("name", "model"), split,
                                                cfg.get("evaluation", {}))

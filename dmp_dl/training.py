@@ -6,6 +6,7 @@ import io
 import logging
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,25 @@ def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy) -> 
         "privacy": privacy.summary(trainer.global_step),
         "warm_start": warm,
     }
+
+
+def refit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, epochs: int) -> tuple[RetrievalModule, dict]:
+    """The final fit of ``model=two_tower|mf``: a fresh network trained for ``epochs`` epochs on
+    every event (:meth:`InteractionDataModule.everything_as_training`), no validation and no
+    checkpoint files (the run's checkpoints stay those of the held-out fit). Returns (module, facts)."""
+    view = dm.everything_as_training()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module = build_module(cfg, view)
+    callbacks = [c for c in _instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
+    extra = {"enable_progress_bar": sys.stdout.isatty()} if cfg.trainer.get("enable_progress_bar") == "auto" else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False,
+                          limit_val_batches=0, enable_checkpointing=False, max_epochs=max(int(epochs), 1), min_epochs=1,
+                          _convert_="all", **extra)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # a final fit without validation users is intended, not a slip
+        warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")
+        trainer.fit(module, datamodule=view)
+    return module, {"epochs": max(int(epochs), 1), "seconds": time.perf_counter() - t0, "train_events": len(view.train_idx)}
 
 
 def load_best_weights(module: RetrievalModule, trainer: pl.Trainer) -> str | None:

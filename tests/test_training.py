@@ -119,3 +119,22 @@ def test_bad_option_inside_a_built_object_is_one_line(tiny_cfg, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "by_moon_phase" in err and err.count("\n") == 1
+
+
+def test_two_tower_final_fit_trains_the_items_seen_only_in_the_held_out_period(tiny_cfg):
+    """model.refit (default): the exported network is trained on every event, so items whose every
+    event is in the held-out period get trained rows; without it they keep their initialisation."""
+    def exported(refit: bool):
+        result = run(tiny_cfg("model=two_tower", "trainer.max_epochs=2", "data.split.method=global_temporal",
+                              "data.split.test_frac=0.3", "propensity.enabled=false", "audience.enabled=false",
+                              "evaluation.report=null", f"model.refit={str(refit).lower()}", "logger=none"))
+        return result, result["module"].net.item_id.weight.detach().clone()
+
+    refitted, trained_rows = exported(True)
+    held_out_only = np.flatnonzero(refitted["datamodule"].item_counts == 0)
+    assert len(held_out_only) > 0, "the split left every item in training: this test cannot tell"
+    record = refitted["metrics"]["train"]["refit"]
+    assert record["done"] and record["train_events"] == len(refitted["datamodule"].events)
+    assert refitted["metrics"]["ranking"]["two_tower"]["recall@20"] > 0  # reported from the held-out fit
+    _, untouched_rows = exported(False)
+    assert not torch.equal(trained_rows[held_out_only], untouched_rows[held_out_only])

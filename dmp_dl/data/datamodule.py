@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Callable, Collection
@@ -346,6 +347,18 @@ class InteractionDataModule(pl.LightningDataModule):
             "user_features": self.user_features,
             "item_features": self.item_features,
         }
+
+    def everything_as_training(self) -> "InteractionDataModule":
+        """A view of this DataModule in which every event is a training event and nobody is held
+        out: what a final fit on all data trains on (same vocabularies, features and events)."""
+        view = copy.copy(self)
+        ev = self.events
+        view.train_idx = np.arange(len(ev))
+        view.item_counts = np.bincount(ev["item_idx"].to_numpy(), minlength=self.n_items).astype(np.int64)
+        view.train_seen, view.train_history = self.all_seen, self.full_history
+        for stage in ("val", "test"):
+            setattr(view, f"{stage}_users", np.zeros(0, dtype=np.int64))
+        return view
 
     def interaction_rows(self, which: str = "train") -> sp.csr_matrix:
         """Per-user interaction strengths (:func:`weighted_rows`) of the training events

@@ -128,10 +128,10 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
     per-epoch log line among them) plus ``callbacks``."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from dmp_dl.training import _instantiate_all
+    from dmp_dl.training import FiniteLossGuard, _instantiate_all
 
     configured = [c for c in _instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
-    callbacks = [*callbacks, *configured]
+    callbacks = [FiniteLossGuard(), *callbacks, *configured]
     extra: dict[str, Any] = {"max_epochs": int(max_epochs), "devices": 1, "strategy": "auto", "min_epochs": 0,
                              "enable_model_summary": False,
                              "enable_checkpointing": False, "num_sanity_val_steps": 0}

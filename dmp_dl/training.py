@@ -204,7 +204,8 @@ def refit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, epochs: in
     view = dm.everything_as_training()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_module(cfg, view)
-    callbacks = [c for c in _instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
+    callbacks = [FiniteLossGuard(), *(c for c in _instantiate_all(cfg.get("callbacks"))
+                                      if not isinstance(c, (ModelCheckpoint, EarlyStopping)))]
     extra = {"enable_progress_bar": sys.stdout.isatty()} if cfg.trainer.get("enable_progress_bar") == "auto" else {}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False,
                           limit_val_batches=0, enable_checkpointing=False, max_epochs=max(int(epochs), 1), min_epochs=1,

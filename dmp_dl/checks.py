@@ -171,6 +171,24 @@ MODEL_RULES: dict[str, Rule] = {
     "model.module.val_ks": Each(COUNT),
     "model.module.optimizer.lr": POSITIVE,
     "model.module.optimizer.weight_decay": NON_NEGATIVE,
+    # the automatic choice (model=auto|vae|ease); model.time_budget_s is checked where it is read (auto, null or > 0)
+    "model.min_time_budget_s": POSITIVE,
+    "model.vae.max_epochs": Int(1, 1_000_000),
+    "model.vae.patience": Int(0, None),
+    "model.vae.net.hidden": Int(1, 1 << 20),
+    "model.vae.net.layers": Int(1, 64),
+    "model.vae.net.dropout": FRACTION,
+    "model.vae.net.attribute_dropout": Num(0, 1),
+    "model.vae.module.beta": NON_NEGATIVE,
+    "model.vae.module.anneal_epochs": NON_NEGATIVE,
+    "model.vae.module.full_softmax_max_items": Int(0, None),
+    "model.vae.module.num_negatives": Int(1, 1 << 20),
+    "model.vae.module.optimizer.lr": POSITIVE,
+    "model.ease.l2": Num(0, None, lo_open=True, null=True),
+    "model.ease.l2_scales": Each(POSITIVE),
+    "model.ease.max_memory_gb": POSITIVE,
+    "model.ease.max_bundle_mb": POSITIVE,
+    "model.ease.short_grid_above_items": Int(0, None),
     "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping
     "trainer.min_epochs": Int(0, None, null=True),
     "callbacks.early_stopping.patience": Int(0, None),
@@ -182,7 +200,7 @@ MODEL_RULES: dict[str, Rule] = {
     "index.eval_queries": COUNT,
     "index.seed": SEED,
     "evaluation.ks": Each(COUNT),
-    "evaluation.ease_l2": NON_NEGATIVE,
+    "evaluation.ease_l2": Num(0, None, lo_open=True, null=True),
     "evaluation.ease_max_items": Int(0, None),
     "evaluation.report.calibration_bins": COUNT,
     "evaluation.report.segment_sample": COUNT,
@@ -490,13 +508,22 @@ def _enabled(cfg: DictConfig, group: str) -> bool:
     return value is not _ABSENT and bool(value)
 
 
+def vector_dim(cfg: DictConfig) -> Any:
+    """The width of the exported vectors: ``model.dim``, plus the item-bias entry the user-level
+    autoencoder of ``model=auto|vae|ease`` folds into its vectors."""
+    dim = select(cfg, "model.dim")
+    if isinstance(dim, int) and not isinstance(dim, bool) and select(cfg, "model.candidates") is not _ABSENT:
+        return dim + 1
+    return dim
+
+
 def check_index_config(cfg: DictConfig) -> None:
     """``index.factory`` / ``index.approximate`` / ``index.search_params`` against the model's
     ``dim``, by building the (empty) FAISS index they describe."""
     if select(cfg, "index") in (_ABSENT, None):
         return
     check_rules(cfg, {k: v for k, v in MODEL_RULES.items() if k.startswith("index.")})
-    dim = select(cfg, "model.dim")
+    dim = vector_dim(cfg)
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         return
     factory, approximate = select(cfg, "index.factory"), select(cfg, "index.approximate")
@@ -572,7 +599,7 @@ def check_index_for_data(cfg: DictConfig, dm) -> None:
     """:func:`check_index_against_data` for a run config and its prepared DataModule ``dm``."""
     if select(cfg, "index") in (_ABSENT, None) or not cfg.get("export", True):
         return
-    dim = select(cfg, "model.dim")
+    dim = vector_dim(cfg)
     if not isinstance(dim, int) or isinstance(dim, bool):
         return  # a model without a configured dimension: its vectors are checked at export
     from hydra.utils import instantiate

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        sys.executable, "train.py", "model=two_tower", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "propensity.enabled=false",
         f"paths.output_dir={out}", *TINY_DATA,
     ]

@@ -545,7 +545,7 @@ def _empty_index(factory: str, dim: int, key: str, search_params: Any = None):
         index = faiss.index_factory(dim, concrete, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1].split(":")[-1].strip()
-        raise ConfigError(f"{key}={factory!r} is not a faiss index_factory string for dim {dim} (model.dim): {msg}") from None
+        raise ConfigError(f"{key}={factory!r} is not a faiss index_factory string for the {dim}-wide vectors (model.dim): {msg}") from None
     if isinstance(search_params, str) and search_params and not is_exact(concrete):
         try:
             set_search_params(index, search_params)

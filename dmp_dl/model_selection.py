@@ -81,30 +81,37 @@ class KeepBest(Callback):
             self.state = copy.deepcopy(module.state_dict())
 
 
+def compute_seconds() -> float:
+    """The CPU seconds this process has used, every thread counted (``time.process_time``). Time
+    budgets count these, not wall time, so that a machine busy with other work gives a fit the same
+    epochs as an idle one (it takes longer on the clock instead)."""
+    return time.process_time()
+
+
 class TimeBudget(Callback):
-    """Stops a fit that would overrun ``seconds``: after an epoch when one more would not fit in what
-    is left, and within an epoch once the time is spent (so an epoch longer than the budget ends
-    early). Says so once in the log."""
+    """Stops a fit that would overrun ``seconds`` of compute (:func:`compute_seconds`): after an
+    epoch when one more would not fit in what is left, and within an epoch once the time is spent
+    (so an epoch longer than the budget ends early). Says so once in the log."""
 
     def __init__(self, seconds: float):
         self.seconds, self.t0, self.stopped = float(seconds), 0.0, False
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = compute_seconds()
 
     def _stop(self, trainer: pl.Trainer, why: str) -> None:
         if not self.stopped:
-            log.info("time budget: %s after %.1f s of %.1f s (model.time_budget_s)", why,
-                     time.perf_counter() - self.t0, self.seconds)
+            log.info("time budget: %s after %.1f of %.1f CPU seconds (model.time_budget_s)", why,
+                     compute_seconds() - self.t0, self.seconds)
         self.stopped = True
         trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if time.perf_counter() - self.t0 > self.seconds:
+        if compute_seconds() - self.t0 > self.seconds:
             self._stop(trainer, f"epoch {trainer.current_epoch + 1} cut short")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        elapsed = time.perf_counter() - self.t0
+        elapsed = compute_seconds() - self.t0
         per_epoch = elapsed / (trainer.current_epoch + 1)
         if not self.stopped and elapsed + per_epoch > self.seconds:
             self._stop(trainer, f"stopping after {trainer.current_epoch + 1} epoch(s), another would not fit")
@@ -128,7 +135,7 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
     per-epoch log line among them) plus ``callbacks``."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from dmp_dl.training import FiniteLossGuard, _instantiate_all
+    from dmp_dl.training import FiniteLossGuard, _instantiate_all, instantiate_trainer
 
     configured = [c for c in _instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
     callbacks = [FiniteLossGuard(), *callbacks, *configured]
@@ -141,7 +148,7 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
         callbacks.append(TimeBudget(time_budget_s))
     if not validate:
         extra["limit_val_batches"] = 0
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **extra)
+    return instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool, max_epochs: int,
@@ -197,7 +204,7 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None) -> 
     (pruned) weights and facts (l2, grid results, fit seconds)."""
     node = cfg.model.ease
     keep = ease_lib.keep_per_item_for(dm.n_items, float(node.get("max_bundle_mb", 256)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), compute_seconds()
     solver = ease_lib.EASESolver(x)
     if l2 is not None or node.get("l2") is not None:
         grid = [float(l2 if l2 is not None else node.l2)]
@@ -212,7 +219,7 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None) -> 
             results[value] = _validation_metric(cfg, dm, lambda batch, v=value: solver.scores(batch["user"].cpu().numpy(), v))
     best = max(results, key=results.get) if results else grid[0]
     shallow = solver.served(best, keep)
-    facts = {"l2": best, "fit_seconds": time.perf_counter() - t0, "kept_per_item": keep, "form": "dual" if solver.dual else "primal",
+    facts = {"l2": best, "fit_seconds": time.perf_counter() - t0, "cpu_seconds": compute_seconds() - c0, "kept_per_item": keep, "form": "dual" if solver.dual else "primal",
              "l2_grid": {f"{k:g}": v for k, v in results.items()}}
     return shallow, facts
 
@@ -221,23 +228,25 @@ _FLOPS: dict[str, float] = {}
 
 
 def float64_flops() -> float:
-    """This machine's float64 matrix-multiply rate (flop/s), measured once per process (~0.1 s)."""
+    """This process's float64 matrix-multiply rate in flops per CPU second (:func:`compute_seconds`,
+    every thread counted), measured once per process (~0.1 s)."""
     if "f64" not in _FLOPS:
         a = torch.randn(1024, 1024, dtype=torch.float64)
         a @ a  # warm-up
-        t0 = time.perf_counter()
+        t0 = compute_seconds()
         for _ in range(3):
             a @ a
-        _FLOPS["f64"] = 3 * 2 * 1024**3 / max(time.perf_counter() - t0, 1e-9)
+        _FLOPS["f64"] = 3 * 2 * 1024**3 / max(compute_seconds() - t0, 1e-3)
     return _FLOPS["f64"]
 
 
 def time_budget(cfg: DictConfig, dm) -> tuple[float | None, dict]:
-    """The model stage's time budget in seconds (None: none) and how it was set.
+    """The model stage's time budget in CPU seconds (:func:`compute_seconds`; None: none) and how
+    it was set.
 
-    ``auto``: below what one dense EASE fit on this data takes on this machine — half of the
+    ``auto``: below what one dense EASE fit on this data costs on this machine — half of the
     ``items^3`` flops of an (items x items) float64 Cholesky inverse at the measured
-    matrix-multiply rate (LAPACK runs slower than a multiply, so a real fit takes longer still) —
+    matrix-multiply rate (LAPACK runs slower than a multiply, so a real fit costs more still) —
     but at least ``min_time_budget_s``, so small logs still train the autoencoder properly. The autoencoder
     gets what EASE leaves, halved (the final fit repeats it), and never less than half the floor.
     """
@@ -253,7 +262,7 @@ def time_budget(cfg: DictConfig, dm) -> tuple[float | None, dict]:
             raise ConfigError(f"model.time_budget_s must be a number of seconds > 0, auto or null, got {setting!r}")
         return value, {"time_budget_s": value}
     reference = 0.5 * float(dm.n_items) ** 3 / float64_flops()
-    floor = float(cfg.model.get("min_time_budget_s", 10.0))
+    floor = float(cfg.model.get("min_time_budget_s", 40.0))
     return max(reference, floor), {"time_budget_s": max(reference, floor), "ease_reference_seconds": reference,
                                    "min_time_budget_s": floor}
 
@@ -358,8 +367,9 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
     # EASE left, halved (the final fit on every event repeats it), less one more EASE fit for that refit
     vae_budget = None
     if budget is not None:
-        ease_seconds = candidates.get(SHALLOW, {}).get("fit_seconds", 0.0)
-        vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, float(model.get("min_time_budget_s", 10.0)) / 2.0)
+        ease_seconds = candidates.get(SHALLOW, {}).get("details", {}).get("cpu_seconds", 0.0)
+        floor = float(budget_facts.get("min_time_budget_s", 0.0))  # auto only: a number given is kept
+        vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, floor / 2.0, 0.1 * budget)
     net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
                                      time_budget_s=vae_budget, previous=previous)
     users = user_vectors(net, np.arange(dm.n_users), dm.train_history, device=torch.device("cpu"))
@@ -377,10 +387,12 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
         candidates[BLEND] = {"status": "ok", "reason": None, "details": {}}
     if has_val and shallow is not None:
         grid = blend_on_validation(cfg, dm, users, items, x_train, shallow)
-        finite = {w: v for w, v in grid.items() if 0 < w < math.inf}
-        blend_weight = max(finite, key=finite.get)
-        val_scores = {DEEP: grid[0.0], SHALLOW: grid[math.inf], BLEND: finite[blend_weight]}
-        candidates[BLEND]["details"]["grid"] = {f"{w:.4g}": v for w, v in grid.items()}
+        val_scores = {DEEP: grid[0.0], SHALLOW: grid[math.inf]}
+        if BLEND in candidates:
+            finite = {w: v for w, v in grid.items() if 0 < w < math.inf}
+            blend_weight = max(finite, key=finite.get)
+            val_scores[BLEND] = finite[blend_weight]
+            candidates[BLEND]["details"]["grid"] = {f"{w:.4g}": v for w, v in grid.items()}
     elif has_val:
         val_scores = {DEEP: _validation_metric(cfg, dm, BlendScorer(ServedScore(), users, items, x_train))}
     elif shallow is not None:  # no validation users: blend at the ratio of the two scores' spreads

@@ -101,10 +101,16 @@ def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list |
                 c.monitor = None
                 c.save_top_k = 1
         extra["limit_val_batches"] = 0
+    return instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                               **extra)
+
+
+def instantiate_trainer(node: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """``node`` (a ``trainer`` config) built with ``kwargs``; a setting Lightning refuses (e.g.
+    ``trainer.precision=banana``, ``trainer.devices=99``) is one ``trainer: ...`` ConfigError line."""
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-                           _convert_="all", **extra)
-    except InstantiationException as exc:  # e.g. trainer.precision=banana, trainer.devices=99: Lightning's own check
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, DmpError):
             raise cause from None

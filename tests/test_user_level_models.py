@@ -194,3 +194,13 @@ def test_without_validation_users_the_blend_is_served_and_refitted(planted_log, 
     assert record["refit"] is True and "test" in record["candidates"]["vae+ease"]
     rec = Recommender.load(result["bundle_dir"])
     assert in_group_share(rec.recommend("g1_u05", k=5), 1) == 1.0
+
+
+def test_a_time_budget_given_as_a_number_caps_the_autoencoder(planted_log, tmp_path):
+    """An explicit budget is kept (not raised to the automatic floor): the fit stops within it."""
+    result = run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.time_budget_s=0.05",
+                             "model.vae.patience=100"))
+    record = result["metrics"]["model"]
+    vae = record["candidates"]["vae"]["details"]
+    assert record["budget"] == {"time_budget_s": 0.05}
+    assert 0 < vae["time_budget_s"] <= 0.05 and vae["epochs_run"] < 40

@@ -131,7 +131,23 @@ class Each:
         return f"a non-empty list, each {self.rule.describe()}" + (", or null" if self.null else "")
 
 
-Rule = Int | Num | Choice | Each
+@dataclass(frozen=True)
+class MetricAtK:
+    """A ranking metric at a cut-off, ``name@K`` with ``name`` in ``names`` and K >= 1 (e.g. ndcg@20)."""
+
+    names: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        name, at, k = str(value).partition("@")
+        if isinstance(value, str) and at and name in self.names and k.isdigit() and int(k) >= 1:
+            return None
+        return f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        return " or ".join(f"{n}@K" for n in self.names) + " with K >= 1 (e.g. ndcg@20)"
+
+
+Rule = Int | Num | Choice | Each | MetricAtK
 
 POSITIVE = Num(0, None, lo_open=True)
 NON_NEGATIVE = Num(0, None)
@@ -173,6 +189,8 @@ MODEL_RULES: dict[str, Rule] = {
     "model.module.optimizer.weight_decay": NON_NEGATIVE,
     # the automatic choice (model=auto|vae|ease); model.time_budget_s is checked where it is read (auto, null or > 0)
     "model.min_time_budget_s": POSITIVE,
+    "model.selection_metric": MetricAtK(("ndcg", "recall")),
+    "model.candidates": Each(Choice(("vae", "ease"))),
     "model.vae.max_epochs": Int(1, 1_000_000),
     "model.vae.patience": Int(0, None),
     "model.vae.net.hidden": Int(1, 1 << 20),

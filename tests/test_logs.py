@@ -78,7 +78,7 @@ def test_noise_filters_drop_only_the_noise(caplog):
 
 def test_a_run_on_a_pipe_is_short_readable_and_logs_every_epoch(tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "train.py", *TINY_DATA, "trainer.max_epochs=3", "trainer.accelerator=cpu",
+    done = subprocess.run([sys.executable, "train.py", *TINY_DATA, "model.vae.max_epochs=3", "trainer.accelerator=cpu",
                            "propensity.trainer.max_epochs=2", f"paths.output_dir={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_a_run_on_a_pipe_is_short_readable_and_logs_every_epoch(tmp_path):
     log = (out / "train.log").read_text().splitlines()
     epochs = [m for m in (EPOCH_LINE.search(line) for line in log) if m]
     assert [(m.group(1), m.group(2)) for m in epochs][:2] == [("1", "3"), ("2", "3")]
-    assert 1 <= len(epochs) <= 3  # early stopping may end it sooner
+    assert 1 <= len(epochs) <= 6  # the choice's fit and the final fit; early stopping may end the first sooner
 
 
 def test_an_error_is_printed_once_and_recorded_in_train_log(tmp_path):

@@ -65,21 +65,28 @@ def one_line(exc: BaseException) -> str:
 @pytest.mark.parametrize("overrides, message", [
     (["model.dim=-1"], "model.dim must be an integer in 1..65536, got -1"),
     (["model.dim=0"], "model.dim must be an integer in 1..65536, got 0"),
-    (["data.history_len=0"], "data.history_len must be an integer >= 1 for model=two_tower"),
-    (["model.net.history_len=0"], "model.net.history_len must be an integer >= 1 for model=two_tower"),
+    (["model=two_tower", "data.history_len=0"], "data.history_len must be an integer >= 1 for model=two_tower"),
+    (["model=two_tower", "model.net.history_len=0"], "model.net.history_len must be an integer >= 1 for model=two_tower"),
     (["propensity.cutoff=garbage"], "propensity.cutoff must be epoch seconds or an ISO-8601 time"),
     (["data.batch_size=99999999999999999999999"], "data.batch_size must be an integer in 1..2147483647"),
     (["seed=99999999999999999999"], "seed must be an integer in 0..4294967295"),
     (["seed=-1"], "seed must be an integer in 0..4294967295"),
-    (["model.module.optimizer.lr=nan"], "model.module.optimizer.lr must be a finite number, got nan"),
-    (["model.module.optimizer.lr=0"], "model.module.optimizer.lr must be a finite number > 0"),
-    (["model.module.temperature=-1"], "model.module.temperature must be a finite number > 0"),
-    (["model.net.dropout=1.5"], "model.net.dropout must be a number in [0, 1)"),
+    (["model=two_tower", "model.module.optimizer.lr=nan"], "model.module.optimizer.lr must be a finite number, got nan"),
+    (["model=two_tower", "model.module.optimizer.lr=0"], "model.module.optimizer.lr must be a finite number > 0"),
+    (["model=two_tower", "model.module.temperature=-1"], "model.module.temperature must be a finite number > 0"),
+    (["model=two_tower", "model.net.dropout=1.5"], "model.net.dropout must be a number in [0, 1)"),
+    (["model.vae.module.optimizer.lr=nan"], "model.vae.module.optimizer.lr must be a finite number, got nan"),
+    (["model.vae.net.dropout=1.5"], "model.vae.net.dropout must be a number in [0, 1)"),
+    (["model.vae.net.hidden=0"], "model.vae.net.hidden must be an integer in 1..1048576"),
+    (["model.ease.max_memory_gb=-1"], "model.ease.max_memory_gb must be a finite number > 0"),
+    (["model.selection_metric=auc"], "model.selection_metric must be ndcg@K or recall@K with K >= 1"),
+    (["model.candidates=[vae,als]"], "model.candidates must be a non-empty list, each one of vae | ease"),
     (["data.batch_size=0"], "data.batch_size must be an integer in 1..2147483647"),
     (["data.batch_size=1.5"], "data.batch_size must be an integer in 1..2147483647"),
     (["data.split.val_frac=0.6", "data.split.test_frac=0.5"], "data.split.val_frac + data.split.test_frac must be below 1"),
     (["trainer.max_epochs=0"], "trainer.max_epochs must be an integer >= 1 or -1"),
-    (["index.factory=PQ7"], "index.factory='PQ7' is not a faiss index_factory string for dim 64"),
+    (["model=two_tower", "index.factory=PQ7"], "index.factory='PQ7' is not a faiss index_factory string for the 64-wide vectors"),
+    (["index.factory=PQ7"], "index.factory='PQ7' is not a faiss index_factory string for the 201-wide vectors"),
     (["index.factory=NoSuchIndex"], "index.factory='NoSuchIndex' is not a faiss index_factory string"),
     (["index=hnsw", "index.search_params='nprobe=8'"], "index.search_params='nprobe=8' does not apply"),
     (["index.nlist=0"], "index.nlist must be an integer >= 1 or null"),
@@ -108,7 +115,7 @@ def test_a_model_without_history_accepts_history_len_0(tiny_cfg, no_data_read):
 @pytest.mark.parametrize("overrides, message", [
     (["index=ivf", "index.nlist=5000"], r"index.factory='IVF5000,Flat' needs at least 5000 vectors to train, but the data "
                                          r"have 1\d\d items; set index.nlist to at most 3 or null"),
-    (["index.factory=PQ8", "index.search_params=''"], r"index.factory='PQ8' needs at least 256 vectors to train, but "
+    (["index.factory=PQ3", "index.search_params=''"], r"index.factory='PQ3' needs at least 256 vectors to train, but "
                                                       r"the data have 1\d\d items"),
 ])
 def test_index_options_are_checked_against_the_data_before_training(tiny_cfg, no_training, overrides, message):
@@ -263,7 +270,7 @@ def test_a_fifo_in_a_movielens_folder_is_refused(tmp_path):
 # -- non-finite numbers --------------------------------------------------------------------------
 def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tiny_cfg):
     # 1/1e-40 overflows float32: every logit is infinite and the loss NaN from the first step
-    cfg = tiny_cfg("logger=none", "trainer.max_epochs=1", "model.module.temperature=1e-40")
+    cfg = tiny_cfg("logger=none", "model=two_tower", "trainer.max_epochs=1", "model.module.temperature=1e-40")
     with pytest.raises(NonFiniteError) as info:
         run(cfg)
     assert "training diverged: the loss is nan at epoch 0, step" in one_line(info.value)
@@ -416,3 +423,12 @@ def test_the_checks_cover_every_command():
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(name, return_hydra_config=True)
         assert cfg.hydra.callbacks.preflight._target_ == "dmp_dl.cli.PreflightCallback"
+
+
+def test_a_diverging_autoencoder_stops_with_one_line_and_exports_nothing(tiny_cfg):
+    # a learning rate of 1e30: the first updates blow the weights up, the loss becomes non-finite
+    cfg = tiny_cfg("logger=none", "model.vae.module.optimizer.lr=1e30", "model.time_budget_s=null")
+    with pytest.raises(NonFiniteError) as info:
+        run(cfg)
+    assert "training diverged: the loss is" in one_line(info.value)
+    assert not (Path(cfg.paths.output_dir) / "artifacts").exists()

@@ -66,6 +66,37 @@ def _distinct_rows(rows: np.ndarray, ids: np.ndarray, n_rows: int, n_ids: int) -
     return indptr, keys % n_ids
 
 
+def lookalike_search(user_index, user_vectors: np.ndarray, seed_vectors: np.ndarray, exclude_rows: np.ndarray | None,
+                     k: int, method: str = "centroid") -> tuple[np.ndarray, np.ndarray]:
+    """The users most like ``seed_vectors`` (s, dim) among ``user_vectors`` (n, dim), searched with
+    ``user_index`` (built over ``user_vectors``; :meth:`Recommender.lookalike` explains the methods).
+
+    exclude_rows: distinct user rows never returned (the seeds' own rows), or None.
+    Returns user rows (m,) int64 and scores (m,) float64, best first (m < k only when fewer users are left).
+    """
+    n_users = len(user_vectors)
+    k = min(int(k), n_users)  # a larger audience than there are users would only allocate padding
+    rows = np.unique(np.asarray(exclude_rows, dtype=np.int64)) if exclude_rows is not None else np.zeros(0, np.int64)
+    excluded = (np.array([0, len(rows)], np.int64), rows) if exclude_rows is not None else (None, None)
+    if method in ("centroid", "contrast"):
+        centroid = seed_vectors.mean(axis=0, keepdims=True)
+        if method == "contrast":  # what sets the seeds apart from everybody (Rocchio)
+            centroid = centroid - user_vectors.mean(axis=0, keepdims=True)
+        ids, scores = search_excluding(user_index, user_vectors, centroid, k, *excluded)
+        keep = ids[0] >= 0
+        return ids[0][keep].astype(np.int64), scores[0][keep].astype(np.float64)
+    per_seed = min(n_users, k + len(seed_vectors))
+    ids, scores = search_excluding(user_index, user_vectors, seed_vectors, per_seed)
+    found = ids >= 0
+    votes = np.bincount(ids[found], weights=scores[found], minlength=n_users)
+    candidate = np.zeros(n_users, dtype=bool)
+    candidate[ids[found]] = True
+    candidate[rows] = False
+    cand = np.flatnonzero(candidate)
+    top = cand[np.lexsort((cand, -votes[cand]))[:k]]
+    return top.astype(np.int64), votes[top].astype(np.float64)
+
+
 class Recommender:
     """Queries over one bundle, all in memory. Build with :meth:`load`.
 
@@ -321,6 +352,11 @@ class Recommender:
         ids, scores = self._top_items(vectors, distinct, k, distinct if exclude_seen else (None, None))
         return self._ranked(ids, scores, self.item_vocab)
 
+    @property
+    def reads_user_attributes(self) -> bool:
+        """Whether the cold-start network reads user attributes (``attributes=`` of the history methods)."""
+        return self.user_features is not None and bool(getattr(getattr(self.network, "user_attr", None), "active", False))
+
     def cold_user_vectors(self, histories: list[list], attributes=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Vectors (B, dim) for new users; also the (row, item) pairs of their histories."""
         if self.network is None:
@@ -346,8 +382,7 @@ class Recommender:
                 raise InvalidRequestError(f"attributes[{i}] must be an object of column: value, got {type(a).__name__}")
             has_attrs[i] = bool(a)
         if has_attrs.any():
-            reads = self.user_features is not None and getattr(getattr(self.network, "user_attr", None), "active", False)
-            if not reads:
+            if not self.reads_user_attributes:
                 raise InvalidRequestError("this model does not read user attributes; leave attributes out")
             known = set(self.user_features.categorical_columns) | set(self.user_features.numeric_columns)
             unknown = sorted({str(key) for a in attributes if a for key in a} - known)
@@ -435,26 +470,8 @@ class Recommender:
         int64 and scores (m,) float64, best first (m < k only when fewer users are left)."""
         rows = np.unique(np.asarray(seed_rows, dtype=np.int64))
         k = min(int(k), self.n_users)  # a larger audience than there are users would only allocate padding
-        excluded = (np.array([0, len(rows)], np.int64), rows) if exclude_seeds else (None, None)
-        seed_vectors = self.user_vectors[rows]
-        if method in ("centroid", "contrast"):
-            centroid = seed_vectors.mean(axis=0, keepdims=True)
-            if method == "contrast":  # what sets the seeds apart from everybody (Rocchio)
-                centroid = centroid - self.user_vectors.mean(axis=0, keepdims=True)
-            ids, scores = search_excluding(self.user_index, self.user_vectors, centroid, k, *excluded)
-            keep = ids[0] >= 0
-            return ids[0][keep].astype(np.int64), scores[0][keep].astype(np.float64)
-        per_seed = min(self.n_users, k + len(rows))
-        ids, scores = search_excluding(self.user_index, self.user_vectors, seed_vectors, per_seed)
-        found = ids >= 0
-        votes = np.bincount(ids[found], weights=scores[found], minlength=self.n_users)
-        candidate = np.zeros(self.n_users, dtype=bool)
-        candidate[ids[found]] = True
-        if exclude_seeds:
-            candidate[rows] = False
-        cand = np.flatnonzero(candidate)
-        top = cand[np.lexsort((cand, -votes[cand]))[:k]]
-        return top.astype(np.int64), votes[top].astype(np.float64)
+        return lookalike_search(self.user_index, self.user_vectors, self.user_vectors[rows],
+                                rows if exclude_seeds else None, k, method)
 
     def user_activity(self) -> np.ndarray:
         """(n_users,) int64 distinct items each user interacted with."""

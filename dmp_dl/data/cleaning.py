@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.schema import ITEM, MAX_ABS_VALUE, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, normalize_ids
+from dmp_dl.data.schema import EVENT_ID, ITEM, MAX_ABS_VALUE, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, normalize_ids
 from dmp_dl.errors import ConfigError, DataError
 from dmp_dl.io import atomic_write_text
 
@@ -33,7 +33,7 @@ DROP_REASONS = (
     "erased_user",  # on the erasure list
     "below_min_value",  # positive rule: value < min_value
     "not_positive_event",  # positive rule: event type not in positive_event_types
-    "duplicate",  # exact duplicate of an earlier event
+    "duplicate",  # exact duplicate of an earlier event, or an earlier event's event_id again
     "kcore",  # k-core filter
 )
 MISSING_TOKENS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
@@ -55,7 +55,8 @@ class CleaningOptions:
     min_value: positive rule, keep events with ``value >= min_value`` (e.g. ratings >= 4).
     positive_event_types: positive rule, keep only these event types.
     kcore_users / kcore_items: iteratively drop users / items with fewer events.
-    dedupe: drop exact duplicate events.
+    dedupe: drop exact duplicate events. Events that repeat an earlier event's ``event_id`` (when the
+        log has that column, e.g. the real-time journal) are dropped as duplicates either way.
     """
 
     event_weights: dict[str, float] | None = None
@@ -112,6 +113,8 @@ class TableReport:
     ignored_columns: list[str] = field(default_factory=list)
     bad_values: dict[str, int] = field(default_factory=dict)  # attribute cells emptied: not finite or beyond max_abs_value
     unmatched_ids: int = 0  # attribute rows whose id is no id of the cleaned events (their attributes are unused)
+    # rows in/out of each input file when a table was read from several (e.g. a log plus a journal)
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int) -> None:
         if n:
@@ -231,6 +234,8 @@ def clean_events(
     *,
     malformed_rows: int = 0,
     exclude_users: Collection[str] = (),
+    sources: Sequence[tuple[str, int, int]] = (),
+    carry: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, TableReport]:
     """Canonical events from a raw event table.
 
@@ -245,6 +250,10 @@ def clean_events(
     opts: the cleaning options.
     malformed_rows: rows the reader skipped (counted as ``malformed_row``).
     exclude_users: user ids to drop (``erased_user``), e.g. the erasure list.
+    sources: when ``raw`` is several files one after the other: (name, rows in ``raw``, malformed
+        rows) of each, in order; the report then counts rows in and out per file (``sources``).
+    carry: columns of ``raw`` passed through unchanged to the kept events (e.g. a request's row
+        numbers), never compared for duplicates.
 
     Returns
     -------
@@ -254,7 +263,7 @@ def clean_events(
     """
     rep = TableReport(rows_in=len(raw) + malformed_rows)
     rep.drop("malformed_row", malformed_rows)
-    rep.ignored_columns = [c for c in raw.columns if c not in (USER, ITEM, TIME, TYPE, VALUE)]
+    rep.ignored_columns = [c for c in raw.columns if c not in (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID, *carry)]
     n = len(raw)
     keep = np.ones(n, dtype=bool)
 
@@ -315,14 +324,24 @@ def clean_events(
             TIME: np.floor(ts[keep]).astype(np.int64),
             TYPE: types.to_numpy()[keep],
             VALUE: values[keep].astype(np.float64),
+            **{c: raw[c].to_numpy()[keep] for c in carry},
         }
     )
-    if opts.dedupe and len(events):
-        dup = events.duplicated(keep="first").to_numpy()
+    kept_rows = np.flatnonzero(keep)  # raw row of each event
+    canonical = [USER, ITEM, TIME, TYPE, VALUE]
+    dup = (events.duplicated(subset=canonical, keep="first").to_numpy() if opts.dedupe and len(events)
+           else np.zeros(len(events), bool))
+    if EVENT_ID in raw.columns and len(events):  # one event delivered twice (a retried real-time batch)
+        keys = normalize_ids(raw[EVENT_ID])[keep].reset_index(drop=True)
+        keyed = ~_missing_id(keys)
+        dup = dup | (keyed & keys.where(keyed, None).duplicated(keep="first").to_numpy())
+    if dup.any():
         rep.drop("duplicate", int(dup.sum()))
         events = events.loc[~dup]
     if opts.kcore_users > 0 or opts.kcore_items > 0:
         events = _kcore(events, opts.kcore_users, opts.kcore_items, rep)
+    if sources:
+        rep.sources = _per_source(sources, kept_rows[events.index.to_numpy()], len(raw))
     n_filled = int(missing[keep][events.index.to_numpy()].sum())
     if n_filled:
         rep.filled[VALUE] = n_filled
@@ -340,6 +359,21 @@ def clean_events(
                     sum(unknown_types.values()), listed, " ..." if len(unknown_types) > 5 else "",
                     next(iter(unknown_types)))
     return events, rep
+
+
+def _per_source(sources: Sequence[tuple[str, int, int]], kept_rows: np.ndarray, n_raw: int) -> dict[str, dict[str, int]]:
+    """Rows in and out of each file of a table read from several files one after the other."""
+    counts = np.array([int(n) for _, n, _ in sources], dtype=np.int64)
+    if counts.sum() != n_raw:
+        raise AssertionError(f"sources cover {counts.sum()} rows of a table of {n_raw}")
+    ends = np.cumsum(counts)
+    out_per = np.bincount(np.searchsorted(ends, kept_rows, side="right"), minlength=len(counts))
+    out: dict[str, dict[str, int]] = {}
+    for (name, n, malformed), kept in zip(sources, out_per.tolist()):
+        entry = out.setdefault(str(name), {"rows_in": 0, "rows_out": 0})
+        entry["rows_in"] += int(n) + int(malformed)
+        entry["rows_out"] += int(kept)
+    return out
 
 
 def _kcore(events: pd.DataFrame, k_users: int, k_items: int, rep: TableReport) -> pd.DataFrame:
@@ -448,7 +482,8 @@ def clean_log(
     """
     malformed: Mapping[str, int] = raw.meta.get("malformed_rows", {})
     events, ev_rep = clean_events(
-        raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users
+        raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users,
+        sources=raw.meta.get("sources", ()),
     )
     report = QualityReport(source=raw.source, events=ev_rep)
     if ev_rep.rows_out == 0:

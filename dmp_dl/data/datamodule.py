@@ -175,6 +175,11 @@ class InteractionDataModule(pl.LightningDataModule):
     history_sampling: how training examples get their history (see :class:`TrainExamples`):
         ``recent``, ``random``, or ``auto`` (``random`` when the split, once ``auto`` is resolved, is
         random_per_user, else ``recent``).
+    extra_paths: more event files, folders or real-time journal folders, read after the main log
+        and cleaned with it (``data.extra_paths``): duplicates across them count once, and
+        ``data_quality.json`` counts rows in and out per file. ``journal_marks`` then holds the last
+        sequence number read of each journal (the bundle records it, so that a server does not
+        apply those events twice).
     erasure_list: file of erased user ids (one per line); their events are dropped on load.
     privacy: a :class:`dmp_dl.privacy.PrivacyOptions` (``privacy`` in the train config): user ids
         are replaced by keyed pseudonyms right after loading when ``privacy.pseudonymize``, and the
@@ -197,6 +202,7 @@ class InteractionDataModule(pl.LightningDataModule):
         erasure_list: str | None = None,
         name: str = "data",
         privacy: object | None = None,
+        extra_paths: list[str] | None = None,
     ):
         super().__init__()
         self.source = _make_source(source, path=path, users=users, items=items, name=name)
@@ -214,6 +220,10 @@ class InteractionDataModule(pl.LightningDataModule):
         self.history_sampling = self._resolve_history_sampling(self.split_opts.method)
         self.erasure_list = erasure_list
         self.privacy = privacy
+        if isinstance(extra_paths, str):
+            extra_paths = [extra_paths]
+        self.extra_paths = [str(x) for x in (extra_paths or [])]
+        self.journal_marks: dict[str, int] = {}
         self.name = name
         self._prepared = False
 
@@ -223,6 +233,11 @@ class InteractionDataModule(pl.LightningDataModule):
         if self._prepared:
             return self
         raw = self.source.load()
+        if self.extra_paths:
+            from dmp_dl.data.event_files import add_extra_events
+
+            raw = add_extra_events(raw, self.extra_paths, self.cleaning.timestamp_unit)
+        self._check_journals(raw.meta.get("journals", {}))
         if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
             raw, erased = self.privacy.prepare_log(raw, self.erasure_list)
         else:
@@ -268,6 +283,21 @@ class InteractionDataModule(pl.LightningDataModule):
     def has_timestamps(self) -> bool:
         """Whether the clean log has event times (see :func:`dmp_dl.data.cleaning.describe_times`)."""
         return self.report.has_timestamps
+
+    def _check_journals(self, journals: dict[str, dict]) -> None:
+        """A journal of pseudonymised ids is read only by a run that pseudonymises with the same key."""
+        for info in journals.values():
+            if not info.get("pseudonymized"):
+                continue
+            pseudonymize = self.privacy is not None and getattr(self.privacy, "pseudonymize", False)
+            if not pseudonymize:
+                raise ConfigError(f"{info['path']}: this journal holds pseudonymised user ids (key fingerprint "
+                                  f"{info.get('key_fingerprint')}); train with privacy.pseudonymize=true and that key")
+            fingerprint = self.privacy.pseudonymizer().fingerprint
+            if info.get("key_fingerprint") != fingerprint:
+                raise ConfigError(f"{info['path']}: this journal's pseudonyms were made with the key of fingerprint "
+                                  f"{info.get('key_fingerprint')}, the configured secret has fingerprint {fingerprint}")
+        self.journal_marks = {jid: int(info["max_seq"]) for jid, info in journals.items()}
 
     def _erased_users(self, raw) -> Collection[str]:
         """The users of ``raw`` on ``erasure_list`` (raw ids and salted hashes; keyed hashes need

@@ -1,17 +1,128 @@
-"""``data=events``: a DMP event log from CSV or Parquet, with optional user and item tables."""
+"""``data=events``: a DMP event log from CSV or Parquet, with optional user and item tables.
+
+An event path may be a file, a folder of CSV / Parquet files (read in name order), or a real-time
+journal folder (:mod:`dmp_dl.realtime.journal`). ``data.extra_paths`` adds more of them after the
+main log (:func:`add_extra_events`), e.g. the historical log plus the journal of events that
+arrived since.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from dmp_dl.data.files import read_table
-from dmp_dl.data.schema import ITEM, REQUIRED_EVENT_COLUMNS, USER, EventLog
+import numpy as np
+import pandas as pd
+
+from dmp_dl.data.files import CSV_SUFFIXES, PARQUET_SUFFIXES, read_table
+from dmp_dl.data.schema import ITEM, REQUIRED_EVENT_COLUMNS, TIME, USER, EventLog, normalize_ids
 from dmp_dl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EventTable:
+    """Raw events read from one path (a file, a folder of files or a journal).
+
+    parts: (file, rows, malformed rows) of each file read, in order; journals: journal id ->
+    ``{"path", "max_seq", "pseudonymized", "key_fingerprint"}`` of each journal folder read.
+    """
+
+    frame: pd.DataFrame
+    parts: list[tuple[str, int, int]]
+    journals: dict[str, dict]
+
+    @property
+    def malformed_rows(self) -> int:
+        return sum(m for _, _, m in self.parts)
+
+
+def read_events(path: str | Path, *, key: str, sep: str = "auto", encoding: str = "utf-8",
+                rename: dict[str, str] | None = None) -> EventTable:
+    """Events from a file, a folder of event files, or a real-time journal folder."""
+    path = Path(path)
+    if path.is_dir():
+        from dmp_dl.realtime.journal import JOURNAL_ID, JOURNAL_SEQ, is_journal, read_journal
+
+        if is_journal(path):
+            rows, meta, parts = read_journal(path)
+            seq = pd.to_numeric(rows[JOURNAL_SEQ], errors="coerce")
+            journals = {}
+            for jid, top in seq.groupby(rows[JOURNAL_ID]).max().items():
+                journals[str(jid)] = {"path": str(path), "max_seq": int(top) if np.isfinite(top) else 0,
+                                      "pseudonymized": bool(meta.get("pseudonymized")),
+                                      "key_fingerprint": meta.get("key_fingerprint")}
+            if not len(rows):
+                journals[str(meta["id"])] = {"path": str(path), "max_seq": 0, "pseudonymized": bool(meta.get("pseudonymized")),
+                                             "key_fingerprint": meta.get("key_fingerprint")}
+            return EventTable(rows, parts, journals)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.name.lower().endswith(CSV_SUFFIXES + PARQUET_SUFFIXES))
+        if not files:
+            raise DataError(f"{path}: the folder holds no .csv or .parquet event files (set {key} to a file, "
+                            "a folder of event files or a journal folder)")
+        tables = [read_table(f, what="events", key=key, required=REQUIRED_EVENT_COLUMNS, sep=sep,
+                             encoding=encoding, rename=rename) for f in files]
+        frame = pd.concat([t.frame for t in tables], ignore_index=True)
+        return EventTable(frame, [(t.path, len(t.frame), t.malformed_rows) for t in tables], {})
+    table = read_table(path, what="events", key=key, required=REQUIRED_EVENT_COLUMNS, sep=sep,
+                       encoding=encoding, rename=rename)
+    return EventTable(table.frame, [(table.path, len(table.frame), table.malformed_rows)], {})
+
+
+def _like(times: pd.Series, target: pd.Series, unit: str) -> pd.Series:
+    """``times`` (any form) in the form of ``target``'s column where that is cheap: numbers in
+    ``unit`` or datetimes, so that concatenating them keeps a fast-to-parse column."""
+    from dmp_dl.data.cleaning import parse_timestamps
+
+    if pd.api.types.is_datetime64_any_dtype(target.dtype):
+        seconds = parse_timestamps(times)
+        out = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
+        return pd.Series(out if getattr(target.dtype, "tz", None) is not None else out.tz_localize(None), index=times.index)
+    if pd.api.types.is_numeric_dtype(target.dtype) and not pd.api.types.is_bool_dtype(target.dtype):
+        if pd.api.types.is_numeric_dtype(times.dtype) and not pd.api.types.is_bool_dtype(times.dtype):
+            return times
+        return pd.Series(parse_timestamps(times) * (1000.0 if unit == "ms" else 1.0), index=times.index)
+    return times
+
+
+def add_extra_events(raw: EventLog, paths: Sequence[str], timestamp_unit: str = "s") -> EventLog:
+    """``raw`` with the events of ``paths`` (files, folders or journals, ``data.extra_paths``)
+    appended after its own, for one cleaning pass: duplicates across them are dropped and counted
+    (an ``event_id`` seen before, or an exact repeat), and the quality report counts rows in and out
+    per file. Journal timestamps (ISO-8601) are put in the main log's form first."""
+    events = raw.events.copy()
+    frames = [events]
+    meta = dict(raw.meta)
+    malformed = dict(meta.get("malformed_rows", {}))
+    sources = list(meta.get("sources") or [(raw.source, len(events), malformed.get("events", 0))])
+    journals = dict(meta.get("journals", {}))
+    events[USER], events[ITEM] = normalize_ids(events[USER]), normalize_ids(events[ITEM])
+    for i, path in enumerate(paths):
+        table = read_events(path, key=f"data.extra_paths[{i}]")
+        frame = table.frame
+        frame[USER], frame[ITEM] = normalize_ids(frame[USER]), normalize_ids(frame[ITEM])
+        if TIME in events.columns and TIME in frame.columns:
+            frame[TIME] = _like(frame[TIME], events[TIME], timestamp_unit)
+        elif TIME in frame.columns:  # the main log has no times: neither has the combined log
+            log.warning("%s has timestamps but data.path has none: they are ignored (a log without event times)", path)
+            frame = frame.drop(columns=[TIME])
+        frames.append(frame)
+        sources.extend(table.parts)
+        malformed["events"] = malformed.get("events", 0) + table.malformed_rows
+        journals.update(table.journals)
+    meta.update({"malformed_rows": malformed, "sources": sources, "journals": journals})
+    combined = pd.concat(frames, ignore_index=True)
+    return EventLog(combined, raw.users, raw.items, raw.source, meta)
 
 
 @dataclass
 class EventFileSource:
-    """Reads ``path`` (events) and optionally ``users`` / ``items`` attribute files.
+    """Reads ``path`` (events: a file, a folder of event files or a journal folder) and optionally
+    ``users`` / ``items`` attribute files.
 
     columns: map of canonical column name -> the file's column name, e.g.
         ``{user_id: customer_id, item_id: sku, timestamp: ts}``.
@@ -30,10 +141,7 @@ class EventFileSource:
         if not self.path:
             raise DataError("data=events needs data.path=FILE (a CSV or Parquet event log)")
         rename = dict(self.columns or {})
-        events = read_table(
-            self.path, what="events", key="data.path", required=REQUIRED_EVENT_COLUMNS,
-            sep=self.sep, encoding=self.encoding, rename=rename,
-        )
+        events = read_events(self.path, key="data.path", sep=self.sep, encoding=self.encoding, rename=rename)
         malformed = {"events": events.malformed_rows}
         users = items = None
         if self.users:
@@ -44,4 +152,7 @@ class EventFileSource:
             t = read_table(self.items, what="item attributes", key="data.items", required=(ITEM,),
                            sep=self.sep, encoding=self.encoding, rename={ITEM: rename.get(ITEM, ITEM)})
             items, malformed["items"] = t.frame, t.malformed_rows
-        return EventLog(events.frame, users, items, source=str(self.path), meta={"malformed_rows": malformed})
+        meta = {"malformed_rows": malformed, "journals": events.journals}
+        if len(events.parts) > 1 or events.journals:
+            meta["sources"] = events.parts
+        return EventLog(events.frame, users, items, source=str(self.path), meta=meta)

@@ -3,9 +3,10 @@
 An event log is three tables:
 
 * ``events``: one row per event, columns ``user_id``, ``item_id`` and optionally ``timestamp``,
-  ``event_type`` and ``value`` (a log without usable times trains too: see
-  :func:`dmp_dl.data.cleaning.describe_times`). Loaders return them raw (strings or native types); cleaning turns
-  them into the canonical dtypes below.
+  ``event_type``, ``value`` (a log without usable times trains too: see
+  :func:`dmp_dl.data.cleaning.describe_times`) and ``event_id`` (a unique key: rows repeating one
+  count once). Loaders return them raw (strings or native types); cleaning turns them into the
+  canonical dtypes below.
 * ``users`` (optional): ``user_id`` plus categorical (strings) or numeric attribute columns.
 * ``items`` (optional): ``item_id`` plus categorical attribute columns; a multi-valued column holds
   its values joined with ``|`` (e.g. ``Action|Comedy``).
@@ -27,6 +28,8 @@ TIME = "timestamp"
 TYPE = "event_type"
 VALUE = "value"
 WEIGHT = "weight"
+# optional: an event's unique key (the real-time journal writes one); a repeated key is a duplicate
+EVENT_ID = "event_id"
 
 # A number larger than this in magnitude (a value, a numeric attribute) is an error, not a
 # measurement: no price, count or age is 1e12, and float32 features overflow not far above it.

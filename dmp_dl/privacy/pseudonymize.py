@@ -163,15 +163,27 @@ def pseudonymize_ids(values: pd.Series, pseudonymizer: Pseudonymizer) -> pd.Seri
     """Normalised ids (see :func:`dmp_dl.data.schema.normalize_ids`) replaced by pseudonyms.
 
     Missing ids (empty, ``nan``, ``null``, ...) are kept as they are so that cleaning still counts
-    them as missing instead of treating a hash of "nan" as a user.
+    them as missing instead of treating a hash of "nan" as a user. An id already in the tagged form
+    ``hmac-sha256:<fingerprint>:<pseudonym>`` (what the real-time journal of a pseudonymised bundle
+    holds) is that pseudonym; one made with another key is refused.
     """
     from dmp_dl.data.cleaning import MISSING_TOKENS
     from dmp_dl.data.schema import normalize_ids
 
     ids = normalize_ids(values)
     missing = ids.str.lower().isin(MISSING_TOKENS).to_numpy()
+    tagged = ids.str.startswith(TAG_PREFIX).to_numpy() & ~missing
     out = ids.to_numpy(dtype=object).copy()
-    out[~missing] = pseudonymizer.many(out[~missing])
+    out[~missing & ~tagged] = pseudonymizer.many(out[~missing & ~tagged])
+    if tagged.any():
+        prefix = f"{TAG_PREFIX}{pseudonymizer.fingerprint}:"
+        given = ids[tagged]
+        foreign = ~given.str.startswith(prefix).to_numpy()
+        if foreign.any():
+            raise ConfigError(f"user id {given.iloc[int(np.flatnonzero(foreign)[0])]!r} is a pseudonym made with another "
+                              f"key than the configured one (fingerprint {pseudonymizer.fingerprint}); set the secret "
+                              "the events were pseudonymised with")
+        out[tagged] = given.str.slice(len(prefix)).to_numpy(dtype=object)
     return pd.Series(out, index=values.index, dtype=object)
 
 

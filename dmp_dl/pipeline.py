@@ -193,6 +193,21 @@ def audience_stage(cfg: DictConfig, state: dict) -> str | None:
     return f"segments not built: {audience.segments_skipped}" if audience.segments_skipped else None
 
 
+def realtime_parts(state: dict) -> dict[str, Any]:
+    """The bundle part real-time updates need (recent items in order, propensity statistics, item
+    categories: :mod:`dmp_dl.realtime.part`). Without it a server still takes events, less exactly,
+    so a failure to build it is one warning, not a failed export."""
+    from dmp_dl.realtime.part import PART, realtime_part
+
+    try:
+        return {PART: realtime_part(state["datamodule"], state.get("propensity"), state.get("audience"))}
+    except Exception as exc:  # noqa: BLE001 - an optional part
+        log.warning("the bundle gets no realtime part (%s: %s): real-time updates of known users will be less exact",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.debug("realtime part", exc_info=True)
+        return {}
+
+
 def export_stage(cfg: DictConfig, state: dict) -> None:
     if not cfg.get("export", True):
         raise SkipStage("export=false")
@@ -200,7 +215,7 @@ def export_stage(cfg: DictConfig, state: dict) -> None:
 
     stages = {name: r.to_dict() for name, r in state["stage_results"].items()}
     state["bundle_parts"] = {**state.get("bundle_parts", {}), **state["privacy"].bundle_parts(),
-                             "stages": lambda writer: stages}
+                             **realtime_parts(state), "stages": lambda writer: stages}
     state["bundle_dir"] = export_run(cfg, state, Path(cfg.paths.output_dir) / "artifacts")
     log.info("bundle written to %s", state["bundle_dir"])
 

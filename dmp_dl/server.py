@@ -31,10 +31,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from dmp_dl.bundle import MANIFEST
+from dmp_dl.bundle import MANIFEST, MissingPartError
 from dmp_dl.data.schema import MAX_ABS_VALUE
 from dmp_dl.errors import BundleError, DmpError
-from dmp_dl.http_errors import error_response, error_responses, install_error_handlers
+from dmp_dl.http_errors import ErrorBody, error_response, error_responses, install_error_handlers
 from dmp_dl.recommender import InvalidRequestError, Ranked, Recommender
 
 log = logging.getLogger(__name__)
@@ -217,8 +217,14 @@ def request_models(rec: Recommender, max_ids: int) -> dict[str, type[BaseModel]]
         user_ids: list[Id] = Field(description="raw user ids to forget (right to be forgotten)", json_schema_extra={
             **ids, "items": {"anyOf": [{"type": "string", "pattern": "\\S"}, {"type": "integer"}]}})
 
+    class EventsRequest(StrictBody):
+        events: list[Any] = Field(description="events like the rows of a training log: {\"user_id\", \"item_id\", "
+                                              "\"timestamp\"?, \"event_type\"?, \"value\"?, \"event_id\"?}; an event "
+                                              "that is not such an object is counted as malformed_row",
+                                  json_schema_extra=ids)
+
     return {"history": HistoryRequest, "lookalike": LookalikeRequest, "propensity": PropensityRequest,
-            "uplift": UpliftRequest, "erasure": ErasureRequest, "attributes": Attributes}
+            "uplift": UpliftRequest, "erasure": ErasureRequest, "events": EventsRequest, "attributes": Attributes}
 
 
 class UpliftScore(BaseModel):
@@ -230,6 +236,13 @@ class UpliftScore(BaseModel):
 
 class UpliftList(BaseModel):
     users: list[UpliftScore]
+
+
+class IngestAnswer(BaseModel):
+    accepted: int = Field(description="events journaled (on disk) and applied")
+    rejected: dict[str, int] = Field(description="events refused, per reason (the training log's cleaning reasons, "
+                                                 "unknown_item, duplicate)")
+    ignored_fields: list[str] | None = Field(None, description="event fields this API does not know (ignored)")
 
 
 class BodyTooLarge(HTTPException):
@@ -352,6 +365,7 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     install_error_handlers(app, explain=_explain(models["attributes"]))
     HistoryRequest, LookalikeRequest = models["history"], models["lookalike"]
     PropensityRequest, UpliftRequest, ErasureRequest = models["propensity"], models["uplift"], models["erasure"]
+    EventsRequest = models["events"]
     k_query = {"json_schema_extra": {"minimum": 1, "maximum": recommender.max_k}}
     app.state.swap_lock = threading.Lock()  # one bundle swap (reload) at a time
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
@@ -457,6 +471,24 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         described = current(request).segments(representatives)
         return {"k": len(described), "segments": [{**d, "label": segment_label(d)} for d in described]}
 
+    @app.post("/events", dependencies=guarded, response_model=IngestAnswer, response_model_exclude_none=True,
+              responses={**error_responses(400, 401, 409, 413, 422),
+                         503: {"model": ErrorBody, "description": "The event journal cannot be written: nothing of the "
+                                                                  "batch was accepted, send it again (error `journal_unavailable`)."}})
+    def events(request: Request, body: EventsRequest) -> dict:
+        """Real-time events: cleaned like a training log, journaled to disk, then applied at once to
+        the users' history, vector, profile, segment and propensity. Answers how many were accepted
+        and how many were refused, per reason."""
+        from dmp_dl.realtime.service import JournalError
+
+        rec = current(request)
+        if not hasattr(rec, "ingest"):
+            raise MissingPartError("real-time events are off on this server (start serve.py with realtime.enabled=true)")
+        try:
+            return rec.ingest(bounded(body.events, "events"))
+        except JournalError as exc:
+            return error_response(503, str(exc), "journal_unavailable", headers={"Retry-After": "1"})
+
     @app.post("/reload", dependencies=guarded, responses=error_responses(401, 403, 409, 413))
     def reload_bundle(request: Request) -> dict:
         """Switch to the bundle now published at the served path: load and verify all of it, then
@@ -524,7 +556,23 @@ def serve(cfg) -> None:
         token = token_from(os.environ.get(str(cfg.token_env), ""), f"${cfg.token_env}")
     threads = int(cfg.faiss_threads) if cfg.get("faiss_threads") else None
     remove_stale_temporaries(cfg.artifacts)  # what a killed export or erasure left beside the bundle
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
     load = bundle_loader(cfg.artifacts, max_k=int(cfg.max_k), search_params=cfg.get("search_params"))
+    realtime = None
+    from dmp_dl.realtime.service import RealtimeOptions
+
+    options = RealtimeOptions.from_config(cfg.get("realtime"))
+    if options.enabled:  # POST /events; every load (start, reload, erasure) replays the journal
+        from dmp_dl.realtime.service import RealtimeService, default_journal_dir
+
+        realtime = RealtimeService(cfg.get("journal") or default_journal_dir(cfg.artifacts), options)
+        load_bundle = load
+
+        def load() -> Recommender:
+            return realtime.attach(load_bundle(), cfg.artifacts)
     rec = load()
     info = rec.info()
     log.info("loaded %s: %d users, %d items, item index %s", cfg.artifacts, info["users"], info["items"],
@@ -535,6 +583,12 @@ def serve(cfg) -> None:
     from dmp_dl.privacy.erasure import ErasureService
 
     eraser = ErasureService(cfg.artifacts, load)
+    if realtime is not None:
+        from dmp_dl.realtime.service import RealtimeEraser
+
+        eraser = RealtimeEraser(eraser, realtime)
+        realtime.start()
+        log.info("real-time events: journal %s", realtime.journal_dir)
     app = create_app(rec, token=token, max_ids=int(cfg.max_ids), max_body_bytes=int(cfg.max_body_bytes),
                      faiss_threads=threads, eraser=eraser, reload=load,
                      reload_without_token=bool(cfg.get("reload_without_token", False)))

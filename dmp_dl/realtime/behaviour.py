@@ -1,0 +1,150 @@
+"""The propensity model's behavioural features, kept up to date event by event.
+
+:func:`dmp_dl.propensity.features.behaviour_features` aggregates a user's whole event list. A
+server does not keep that list, so each user is summarised by sufficient statistics from which the
+same features follow at any later moment, and which a new event updates in O(1):
+
+    overall:   events, active days, last active day, first time, last time, value sum,
+               Σ 2^(-age/h) for each half-life h (as of a reference time ``ref``)
+    per type:  count, last time, value sum, Σ 2^(-age/h) per half-life
+
+Time-decayed sums move forward exactly: Σ 2^(-(T' - t)/h) = 2^(-(T' - T)/h) · Σ 2^(-(T - t)/h).
+Distinct items come from the user's item history. Active days are counted exactly for events in
+time order; an event on a day before the user's last active day is taken as falling on a day
+already counted (its day is not kept).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dmp_dl.propensity.features import SECONDS_PER_DAY, BehaviourSpec
+
+
+def _signed_log1p(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+class BehaviourStats:
+    """The statistics layout for one :class:`BehaviourSpec` (its event types and half-lives).
+
+    A user's statistics are a float64 row of :attr:`width` values (see the module docstring).
+    """
+
+    N, DAYS, LAST_DAY, FIRST, LAST, VALUE_SUM = range(6)
+
+    def __init__(self, spec: BehaviourSpec):
+        self.spec = spec
+        self.h = np.asarray(spec.half_lives_days, dtype=np.float64)
+        self.n_types = len(spec.event_types)
+        self.decay0 = 6
+        self.type0 = 6 + len(self.h)
+        self.per_type = 3 + len(self.h)  # count, last time, value sum, decayed sums
+        self.width = self.type0 + self.n_types * self.per_type
+        self._code = {t: k for k, t in enumerate(spec.event_types)}
+
+    def type_codes(self, types) -> np.ndarray:
+        """(n,) int64 index of each event type in the spec, -1 for types it does not list."""
+        return np.fromiter((self._code.get(str(t), -1) for t in types), dtype=np.int64, count=len(types))
+
+    def empty(self, n: int = 1) -> np.ndarray:
+        """Statistics (n, width) of users without events."""
+        s = np.zeros((n, self.width), dtype=np.float64)
+        s[:, [self.LAST_DAY, self.LAST]] = -np.inf
+        s[:, self.FIRST] = np.inf
+        s[:, self.type0 + 1 :: self.per_type] = -np.inf  # last time of each type
+        return s
+
+    def from_events(self, user: np.ndarray, t: np.ndarray, code: np.ndarray, value: np.ndarray, n_users: int,
+                    ref: float) -> np.ndarray:
+        """Statistics (n_users, width) of every user from all their events (all at or before ``ref``).
+
+        user: (n,) int64 row of each event; t: (n,) epoch seconds; code: (n,) :meth:`type_codes`;
+        value: (n,) float64.
+        """
+        s = self.empty(n_users)
+        t = np.asarray(t, dtype=np.float64)
+        age = np.maximum(ref - t, 0.0) / SECONDS_PER_DAY
+        s[:, self.N] = np.bincount(user, minlength=n_users)
+        day = np.floor(t / SECONDS_PER_DAY)
+        pairs = np.unique(np.stack([user.astype(np.float64), day], axis=1), axis=0) if len(user) else np.zeros((0, 2))
+        s[:, self.DAYS] = np.bincount(pairs[:, 0].astype(np.int64), minlength=n_users)
+        np.maximum.at(s[:, self.LAST_DAY], user, day)
+        np.minimum.at(s[:, self.FIRST], user, t)
+        np.maximum.at(s[:, self.LAST], user, t)
+        s[:, self.VALUE_SUM] = np.bincount(user, weights=value, minlength=n_users)
+        for j, h in enumerate(self.h):
+            s[:, self.decay0 + j] = np.bincount(user, weights=0.5 ** (age / h), minlength=n_users)
+        for k in range(self.n_types):
+            m = code == k
+            base = self.type0 + k * self.per_type
+            s[:, base] = np.bincount(user[m], minlength=n_users)
+            np.maximum.at(s[:, base + 1], user[m], t[m])
+            s[:, base + 2] = np.bincount(user[m], weights=value[m], minlength=n_users)
+            for j, h in enumerate(self.h):
+                s[:, base + 3 + j] = np.bincount(user[m], weights=0.5 ** (age[m] / h), minlength=n_users)
+        return s
+
+    def update(self, stats: np.ndarray, ref: float, t: np.ndarray, code: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, float]:
+        """One user's statistics (width,) as of ``ref`` plus events (t, code, value) -> (new
+        statistics, new reference time: the later of ``ref`` and the last event)."""
+        s = stats.copy()
+        t = np.asarray(t, dtype=np.float64)
+        new_ref = float(max(ref, t.max()))
+        shift = 0.5 ** ((new_ref - ref) / SECONDS_PER_DAY / self.h) if np.isfinite(ref) else np.zeros_like(self.h)
+        weights = 0.5 ** (((new_ref - t) / SECONDS_PER_DAY)[:, None] / self.h[None, :])  # (n, H)
+        s[self.N] += len(t)
+        days = np.unique(np.floor(t / SECONDS_PER_DAY))
+        s[self.DAYS] += int((days > s[self.LAST_DAY]).sum())
+        s[self.LAST_DAY] = max(s[self.LAST_DAY], days.max())
+        s[self.FIRST] = min(s[self.FIRST], t.min())
+        s[self.LAST] = max(s[self.LAST], t.max())
+        s[self.VALUE_SUM] += value.sum()
+        d = slice(self.decay0, self.decay0 + len(self.h))
+        s[d] = s[d] * shift + weights.sum(axis=0)
+        for k in range(self.n_types):
+            base = self.type0 + k * self.per_type
+            dk = slice(base + 3, base + 3 + len(self.h))
+            m = code == k
+            s[dk] = s[dk] * shift
+            if m.any():
+                s[base] += int(m.sum())
+                s[base + 1] = max(s[base + 1], t[m].max())
+                s[base + 2] += value[m].sum()
+                s[dk] += weights[m].sum(axis=0)
+        return s, new_ref
+
+    def features(self, stats: np.ndarray, ref: np.ndarray, as_of: np.ndarray, distinct_items: np.ndarray) -> np.ndarray:
+        """:func:`~dmp_dl.propensity.features.behaviour_features` of users (U,) from their statistics
+        (U, width) kept as of ``ref`` (U,), at moments ``as_of`` (U,) >= ``ref``; ``distinct_items``
+        (U,) the number of distinct items each user had. Returns (U, F) float32."""
+        stats = np.atleast_2d(stats)
+        as_of = np.asarray(as_of, dtype=np.float64)
+        gap = np.maximum(as_of - np.asarray(ref, dtype=np.float64), 0.0) / SECONDS_PER_DAY
+        shift = np.where(np.isfinite(gap)[:, None], 0.5 ** (np.nan_to_num(gap, posinf=0.0)[:, None] / self.h[None, :]), 0.0)
+        n = stats[:, self.N]
+        has = n > 0
+        first = np.where(has, stats[:, self.FIRST], as_of)
+        last = np.where(has, stats[:, self.LAST], as_of)
+        d = slice(self.decay0, self.decay0 + len(self.h))
+        cols = [
+            np.log1p(n), np.log1p(stats[:, self.DAYS]), np.log1p(np.asarray(distinct_items, dtype=np.float64)),
+            np.log1p(np.maximum(as_of - first, 0.0) / SECONDS_PER_DAY),
+            np.log1p(np.maximum(as_of - last, 0.0) / SECONDS_PER_DAY),
+            _signed_log1p(stats[:, self.VALUE_SUM]),
+            *np.log1p(stats[:, d] * shift).T,
+        ]
+        for k in range(self.n_types):
+            base = self.type0 + k * self.per_type
+            n_k = stats[:, base]
+            last_k = np.where(n_k > 0, stats[:, base + 1], first)
+            value_k = stats[:, base + 2]
+            cols += [
+                np.log1p(n_k),
+                np.log1p(np.maximum(as_of - last_k, 0.0) / SECONDS_PER_DAY),
+                (n_k == 0).astype(np.float64),
+                _signed_log1p(value_k),
+                np.where(n_k > 0, value_k / np.maximum(n_k, 1.0), 0.0),
+                *np.log1p(stats[:, base + 3 : base + 3 + len(self.h)] * shift).T,
+            ]
+        return np.stack(cols, axis=1).astype(np.float32)

@@ -1,0 +1,294 @@
+"""From a request's events to clean events a bundle can apply: the training log's cleaning, plus
+what only a server can check.
+
+Each event is ``{"user_id", "item_id", "timestamp"?, "event_type"?, "value"?, "event_id"?}``. The
+batch is cleaned by :func:`dmp_dl.data.cleaning.clean_events` with the bundle's own cleaning
+options (``data.cleaning`` of its training run), so an event means what the same row of a training
+log means and is refused for the same reasons (``missing_user_id``, ``bad_timestamp``,
+``unknown_event_type``, ``below_min_value``, ``duplicate``, ``erased_user``, ...). Before that, an
+event that is not an object of scalar fields is ``malformed_row``; after it, an item the bundle does
+not know is ``unknown_item`` (the next training run adds it to the catalogue), and an event whose
+``event_id`` (given, or a hash of its content) was journaled before is a ``duplicate``. Unknown
+fields are ignored and named in the answer, as a log's extra columns are. A missing timestamp is
+the time the server received the event; a missing event type is ``data.cleaning.default_event_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dmp_dl.data.cleaning import DROP_REASONS, MISSING_TOKENS, CleaningOptions, clean_events
+from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE, WEIGHT, normalize_ids
+from dmp_dl.errors import ConfigError
+from dmp_dl.privacy.pseudonymize import TAG_PREFIX, Pseudonymizer
+
+log = logging.getLogger(__name__)
+
+FIELDS = (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID)
+REJECT_REASONS = tuple(r for r in DROP_REASONS if r != "kcore") + ("unknown_item",)
+MAX_FIELD_CHARS = 512
+_ROW = "_row"
+
+
+def _event_hashes(keys: Iterable[str]) -> np.ndarray:
+    """(n,) uint64: the first 8 bytes of BLAKE2b of each key (collisions: ~1 in 10^19 per pair)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode("utf-8"), digest_size=8).digest(), "little")
+                        for k in keys), dtype=np.uint64)
+
+
+class KeySet:
+    """The event keys journaled so far, 8 bytes each: a sorted array plus a small set of recent ones."""
+
+    MERGE_AT = 1 << 16
+
+    def __init__(self):
+        self._base = np.zeros(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._base) + len(self._recent)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._base.nbytes) + 80 * len(self._recent)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of ``hashes`` (uint64) are in the set."""
+        found = np.zeros(len(hashes), dtype=bool)
+        if len(self._base):
+            at = np.searchsorted(self._base, hashes).clip(max=len(self._base) - 1)
+            found = self._base[at] == hashes
+        if self._recent:
+            found |= np.fromiter((int(h) in self._recent for h in hashes.tolist()), dtype=bool, count=len(hashes))
+        return found
+
+    def add(self, hashes: np.ndarray) -> None:
+        self._recent.update(int(h) for h in hashes.tolist())
+        if len(self._recent) >= self.MERGE_AT:
+            merged = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+            self._base = np.union1d(self._base, merged)
+            self._recent = set()
+
+
+class ErasedUsers:
+    """Who is on the erasure list, asked in the bundle's id space (pseudonyms or raw ids).
+
+    entries: the parsed list(s) (:class:`~dmp_dl.privacy.erasure_list.ErasureEntries`), or None;
+    pseudonymizer: the bundle's key (pseudonymised bundles), or the key the list was written with
+    (raw-id bundles whose list holds keyed hashes); pseudonymized: the bundle's id space.
+    """
+
+    def __init__(self, entries=None, pseudonymizer: Pseudonymizer | None = None, pseudonymized: bool = False):
+        self.entries, self.pseudonymizer, self.pseudonymized = entries, pseudonymizer, pseudonymized
+        self._hashed_raw = ({pseudonymizer.one(r) for r in entries.raw_ids}
+                            if entries is not None and pseudonymized and pseudonymizer is not None else set())
+
+    def __len__(self) -> int:
+        return 0 if self.entries is None else len(self.entries)
+
+    def among(self, keys: Iterable[str]) -> set[str]:
+        """The members of ``keys`` (user ids as the bundle holds them) that are on the list."""
+        if not len(self):
+            return set()
+        e = self.entries
+        if self.pseudonymized:
+            return {k for k in keys if k in e.tagged or k in self._hashed_raw}
+        keys = list(keys)
+        found = {k for k in keys if k in e.raw_ids}
+        if e.tagged:
+            found |= {k for k in keys if self.pseudonymizer.one(k) in e.tagged}
+        return found
+
+    @classmethod
+    def for_bundle(cls, manifest: dict, pseudonymizer: Pseudonymizer | None) -> "ErasedUsers":
+        """The erasure list the bundle's training run recorded (``privacy.erasure_list``)."""
+        from dmp_dl.privacy.erasure_list import read_erasure_list
+        from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV
+
+        recorded = manifest.get("privacy") or {}
+        path = recorded.get("erasure_list")
+        if not path:
+            return cls()
+        entries = read_erasure_list(path, required=False)
+        pseudonymized = pseudonymizer is not None
+        key = pseudonymizer
+        if entries.tagged and key is None:
+            try:
+                key = Pseudonymizer.from_env(recorded.get("secret_env") or DEFAULT_SECRET_ENV, recorded.get("secret_file"),
+                                             int(recorded.get("id_length", 32)))
+            except ConfigError as exc:
+                raise ConfigError(f"{path} holds erased users as keyed hashes: the server needs that secret to keep their "
+                                  f"events out ({exc})") from None
+        if key is not None and entries.fingerprints:
+            entries.check_key(key)
+        return cls(entries, key, pseudonymized)
+
+
+@dataclass
+class Intake:
+    """The outcome of :meth:`EventIntake.prepare`.
+
+    events: the accepted events in the order they are journaled and applied, columns ``user_id``
+        (as the bundle holds ids), ``item`` (item row), ``timestamp`` (int64 s), ``event_type``,
+        ``value``, ``weight``, ``event_id``.
+    rejected: reason -> events refused; ignored_fields: unknown fields seen (ignored).
+    """
+
+    events: pd.DataFrame
+    rejected: dict[str, int] = field(default_factory=dict)
+    ignored_fields: list[str] = field(default_factory=list)
+    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+
+    def answer(self) -> dict:
+        out = {"accepted": int(len(self.events)), "rejected": dict(self.rejected)}
+        if self.ignored_fields:
+            out["ignored_fields"] = list(self.ignored_fields)
+        return out
+
+
+def bundle_cleaning(manifest: dict) -> CleaningOptions:
+    """The cleaning options of the bundle's training run (``data.cleaning``), without the k-core
+    filter (a rule about the whole log, not about one event)."""
+    node = ((manifest.get("config") or {}).get("data") or {}).get("cleaning")
+    if not isinstance(node, Mapping):
+        log.warning("the bundle records no data.cleaning settings: real-time events are cleaned with the defaults")
+        node = {}
+    known = {f.name for f in dataclasses.fields(CleaningOptions)}
+    options = {k: v for k, v in node.items() if k in known}
+    options.update(kcore_users=0, kcore_items=0)
+    return CleaningOptions(**options)
+
+
+class EventIntake:
+    """Cleans batches of events for one bundle.
+
+    cleaning: the bundle's :func:`bundle_cleaning`; item_rows: item id -> row of the bundle;
+    pseudonymizer: the bundle's key when its user ids are pseudonyms; erased: :class:`ErasedUsers`.
+    """
+
+    def __init__(self, cleaning: CleaningOptions, item_rows: Mapping[str, int], pseudonymizer: Pseudonymizer | None,
+                 erased: ErasedUsers):
+        self.cleaning, self.item_rows, self.pseudonymizer, self.erased = cleaning, item_rows, pseudonymizer, erased
+        self._tag = f"{TAG_PREFIX}{pseudonymizer.fingerprint}:" if pseudonymizer is not None else None
+
+    def journal_user(self, key: str) -> str:
+        """How the journal writes a user id the bundle holds as ``key``: pseudonyms tagged with the key."""
+        return key if self._tag is None else self._tag + key
+
+    def _user_keys(self, users: pd.Series) -> pd.Series:
+        """Normalised ids -> the bundle's form (pseudonyms for pseudonymised bundles; an id already
+        tagged with the bundle's key is taken as that pseudonym). Missing ids stay as they are."""
+        if self.pseudonymizer is None:
+            return users
+        from dmp_dl.privacy.pseudonymize import pseudonymize_ids
+
+        return pseudonymize_ids(users, self.pseudonymizer)
+
+    def prepare(self, events: Sequence[object], received_at: int, seen: KeySet | None = None) -> Intake:
+        """Clean a request's ``events`` (dicts), ordered by time as a training log is.
+
+        received_at: epoch seconds given to events without a timestamp. seen: the keys journaled so
+        far (an event whose key is there is a ``duplicate``).
+        """
+        rejected: dict[str, int] = {}
+        ignored: set[str] = set()
+        rows: list[int] = []
+        columns: dict[str, list] = {f: [] for f in FIELDS}
+        for i, ev in enumerate(events):
+            if not isinstance(ev, Mapping) or not self._fill(ev, columns, ignored):
+                rejected["malformed_row"] = rejected.get("malformed_row", 0) + 1
+                continue
+            rows.append(i)
+        times = [received_at if t is None else t for t in columns[TIME]]
+        frame = pd.DataFrame({USER: pd.Series(columns[USER], dtype=object), ITEM: pd.Series(columns[ITEM], dtype=object),
+                              TIME: pd.Series(times, dtype=object if any(isinstance(t, str) for t in times) else None),
+                              TYPE: pd.Series(columns[TYPE], dtype=object), VALUE: pd.Series(columns[VALUE], dtype=object),
+                              EVENT_ID: pd.Series(columns[EVENT_ID], dtype=object), _ROW: np.asarray(rows, dtype=np.int64)})
+        intake = self.clean(frame, seen, journal_order=False)
+        for reason, n in rejected.items():
+            intake.rejected[reason] = intake.rejected.get(reason, 0) + n
+        intake.rejected = {r: intake.rejected[r] for r in REJECT_REASONS if intake.rejected.get(r)}
+        intake.ignored_fields = sorted(ignored)
+        return intake
+
+    def clean(self, frame: pd.DataFrame, seen: KeySet | None = None, journal_order: bool = False) -> Intake:
+        """Clean a frame of raw events (columns of :data:`FIELDS`, e.g. journal rows being replayed).
+
+        seen: the keys journaled so far, or None (replay). journal_order: keep the frame's row order
+        (a journal's) instead of ordering by time.
+        """
+        frame = frame.copy()
+        if _ROW not in frame.columns:
+            frame[_ROW] = np.arange(len(frame), dtype=np.int64)
+        for name in FIELDS:
+            if name not in frame.columns:
+                frame[name] = pd.Series([None] * len(frame), dtype=object)
+        rejected: dict[str, int] = {}
+        frame[USER] = self._user_keys(normalize_ids(frame[USER]))
+        erased = self.erased.among(set(frame[USER].tolist())) if len(self.erased) and len(frame) else set()
+        clean, report = clean_events(frame[list(FIELDS) + [_ROW]], self.cleaning, exclude_users=erased, carry=(_ROW,))
+        for reason, n in report.dropped.items():
+            rejected[reason] = rejected.get(reason, 0) + int(n)
+        if journal_order:
+            clean = clean.sort_values(_ROW, kind="stable").reset_index(drop=True)
+        item = np.fromiter((self.item_rows.get(x, -1) for x in clean[ITEM].tolist()), dtype=np.int64, count=len(clean))
+        unknown = item < 0
+        if unknown.any():
+            rejected["unknown_item"] = int(unknown.sum())
+            clean = clean.loc[~unknown].reset_index(drop=True)
+            item = item[~unknown]
+        given = frame[EVENT_ID].to_numpy(dtype=object)[np.searchsorted(frame[_ROW].to_numpy(), clean[_ROW].to_numpy())]
+        keys = [self._event_key(g, u, it, t, ty, v) for g, u, it, t, ty, v in zip(
+            given.tolist(), clean[USER].tolist(), clean[ITEM].tolist(), clean[TIME].tolist(), clean[TYPE].tolist(),
+            clean[VALUE].tolist())]
+        hashes = _event_hashes(keys)
+        if seen is not None and len(hashes):
+            dup = seen.contains(hashes)
+            if dup.any():
+                rejected["duplicate"] = rejected.get("duplicate", 0) + int(dup.sum())
+                keep = ~dup
+                clean, item, hashes = clean.loc[keep].reset_index(drop=True), item[keep], hashes[keep]
+                keys = [k for k, d in zip(keys, dup.tolist()) if not d]
+        accepted = pd.DataFrame({USER: clean[USER].to_numpy(dtype=object), "item": item,
+                                 TIME: clean[TIME].to_numpy(np.int64), TYPE: clean[TYPE].to_numpy(dtype=object),
+                                 VALUE: clean[VALUE].to_numpy(np.float64), WEIGHT: clean[WEIGHT].to_numpy(np.float32),
+                                 EVENT_ID: np.asarray(keys, dtype=object), ITEM: clean[ITEM].to_numpy(dtype=object)})
+        return Intake(accepted, {r: rejected[r] for r in REJECT_REASONS if rejected.get(r)}, [], hashes)
+
+    @staticmethod
+    def _fill(ev: Mapping, columns: dict[str, list], ignored: set[str]) -> bool:
+        """Append one event's fields to ``columns``; False (nothing appended) when it is malformed."""
+        values = {}
+        for name, value in ev.items():
+            if name not in FIELDS:
+                ignored.add(str(name)[:MAX_FIELD_CHARS])
+                continue
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+                return False
+            if isinstance(value, str) and (len(value) > MAX_FIELD_CHARS or not value.isprintable()):
+                return False  # control characters (a newline) in an id: no log could hold it either
+            if isinstance(value, int) and abs(value) >= 2**63:
+                return False
+            values[name] = value
+        for name in FIELDS:
+            columns[name].append(values.get(name))
+        return True
+
+    def _event_key(self, given, user: str, item: str, t: int, event_type: str, value: float) -> str:
+        """The event's key: the client's ``event_id``, else a hash of its content (so a resent event
+        is recognised), or a fresh random key when cleaning keeps exact repeats (``dedupe: false``)."""
+        text = "" if given is None else str(given).strip()
+        if text.lower() not in MISSING_TOKENS:
+            return text[:-2] if isinstance(given, float) and text.endswith(".0") else text
+        if not self.cleaning.dedupe:
+            return "r" + secrets.token_hex(8)
+        digest = hashlib.blake2b(f"{user}\x1f{item}\x1f{t}\x1f{event_type}\x1f{value!r}".encode("utf-8"), digest_size=8)
+        return "h" + digest.hexdigest()

@@ -1,0 +1,567 @@
+"""``LiveRecommender``: a bundle plus every user that real-time events changed since it was trained.
+
+A :class:`~dmp_dl.recommender.Recommender` whose user-facing queries (``recommend``, ``profile``,
+``segment``, ``propensity``, ``lookalike``) answer from an overlay of *live users* when a user has
+events the bundle has not seen, and from the bundle otherwise. A live user is a known user with new
+events, or a user the bundle does not know (a new row). Applying events (:meth:`LiveRecommender._apply`,
+called by :class:`~dmp_dl.realtime.service.RealtimeService`) updates, for each user they touch:
+
+* the item history: the user's whole known history, oldest first (the bundle's seen items, its
+  recorded most recent items in order, then the new events' items);
+* the user vector: the model's cold-start encoder on that whole history and the user's stored
+  attributes (:meth:`Recommender.cold_user_vectors`), so any exported model works unchanged;
+  recommendations for a live user are :meth:`Recommender.recommend_for_histories` of the same
+  history, i.e. scored exactly as that model scores a history;
+* the interest profile, decayed and added to exactly as in training (2^(-age/half-life), ages to
+  the user's latest event) and the event-type affinities;
+* the segment: the nearest centre of the bundle's segments;
+* the propensity features (from sufficient statistics, :mod:`dmp_dl.realtime.behaviour`) and the
+  calibrated score, as of the later of the data's end and the user's latest event.
+
+Lookalike seeds use their current vectors at once; the users searched come from a user index that
+is rebuilt with every user's current vector (new users included) at most ``refresh_seconds`` after a
+change (bounded staleness; :meth:`LiveRecommender.refresh_user_index`).
+
+The overlay is published per user by replacing an immutable :class:`LiveUser`, so a query sees a
+user's state before or after an update, never half of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from dmp_dl.bundle import MissingPartError
+from dmp_dl.data.schema import MULTI_VALUE_SEP, TIME, TYPE, USER, VALUE, WEIGHT
+from dmp_dl.errors import UnknownIdError
+from dmp_dl.recommender import LOOKALIKE_METHODS, InvalidRequestError, Ranked, Recommender, lookalike_search
+
+log = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86400.0
+VECTOR_CHUNK = 1024  # users per cold-start network pass
+
+
+@dataclass(frozen=True)
+class LiveUser:
+    """One user's state after real-time events (replaced as a whole on every update).
+
+    key: the id as the bundle holds it (the pseudonym for pseudonymised bundles); row: the bundle's
+    row, -1 for a user it does not know. items: (h,) int64 item rows, oldest first. attributes:
+    the user's attributes for the encoder (known users: as stored), or None. vector: (dim,)
+    float32 or None (no cold-start network). interest: (C,) float64 I(c, u) as of ``as_of``;
+    affinity: (T,) event-type affinities; stats: (S,) behaviour statistics as of ``stats_ref``.
+    """
+
+    key: str
+    row: int
+    items: np.ndarray
+    attributes: dict | None
+    vector: np.ndarray | None
+    segment: int | None
+    distance: float | None
+    interest: np.ndarray | None
+    interest_total: float
+    affinity: np.ndarray | None
+    as_of: float
+    stats: np.ndarray | None
+    stats_ref: float
+    propensity: float | None
+    events: int
+    last_event: int
+
+
+@dataclass
+class UserTable:
+    """The users lookalike searches: ids (n,), vectors (n, dim), an index over them, built at ``built_at``
+    (time.monotonic()) with the first ``n_new`` new users."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    index: object
+    n_new: int
+    built_at: float
+
+
+class LiveRecommender(Recommender):
+    """A :class:`Recommender` over a bundle plus live users; build it with :meth:`load` (Python) or
+    :meth:`RealtimeService.attach <dmp_dl.realtime.service.RealtimeService.attach>` (the server)."""
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path, journal=None, options=None, **load_kwargs) -> "LiveRecommender":
+        """Load the bundle at ``path`` with its journal (default: ``<path>.journal`` beside it),
+        replaying the journal's events the bundle has not seen. ``options``: a
+        :class:`~dmp_dl.realtime.service.RealtimeOptions`; other keywords go to :meth:`Recommender.load`.
+        Call :meth:`close` (or use ``with``) to release the journal."""
+        from dmp_dl.realtime.service import RealtimeService, default_journal_dir
+
+        service = RealtimeService(journal or default_journal_dir(path), options)
+        try:
+            return service.attach(Recommender.load(path, **load_kwargs), path)
+        except BaseException:
+            service.close()
+            raise
+
+    @classmethod
+    def wrap(cls, rec: Recommender, part, service, intake, refresh_seconds: float = 5.0) -> "LiveRecommender":
+        """A live view of the loaded ``rec`` (its arrays are shared, never copied)."""
+        live = cls.__new__(cls)
+        live.__dict__.update(rec.__dict__)
+        live._part, live._service, live._intake = part, service, intake
+        live._users: dict[str, LiveUser] = {}
+        live._new_keys: list[str] = []
+        live._new_rows: dict[str, int] = {}
+        live._refresh_seconds = float(refresh_seconds)
+        live._table = UserTable(rec.user_vocab.ids, rec.user_vectors, rec.user_index, 0, time.monotonic())
+        live._table_lock = threading.Lock()
+        live._changed_at: float | None = None  # first change the user index does not have yet
+        live._counts = {"events_applied": 0, "events_replayed": 0}
+        live._data_end = part.data_end
+        live._behaviour = None
+        live._propensity_items = None
+        scorer = rec._propensity
+        if scorer is not None:
+            from dmp_dl.realtime.behaviour import BehaviourStats
+
+            live._behaviour = BehaviourStats(scorer.features.behaviour)
+            if live._data_end is None:
+                live._data_end = int(scorer.data_end)
+            same_items = scorer.item_vocab is None or scorer.item_vocab == rec.item_vocab
+            live._propensity_items = None if same_items else scorer.item_vocab.index_of(rec.item_vocab.ids)
+        if live._data_end is None and rec.profiles is not None:
+            live._data_end = int(rec.profiles.as_of)
+        live._warn_missing()
+        return live
+
+    def _warn_missing(self) -> None:
+        part = self._part
+        if self.network is None:
+            log.warning("real time: the bundle has no cold-start network, so events update profiles and propensity "
+                        "but not user vectors; new users get no recommendations")
+        if part.recent_items is None:
+            log.warning("real time: the bundle has no realtime part (exported by an older version): a known user's "
+                        "history before their new events is their seen items, in no particular order")
+        if self._propensity is not None and part.behaviour_stats is None:
+            log.warning("real time: the bundle lacks propensity statistics: known users keep their exported "
+                        "propensity score; new users are scored from their events")
+        if self.profiles is not None and self.profiles.categories and part.item_categories is None:
+            log.warning("real time: the bundle lacks item categories: interest profiles decay but gain no new interests")
+
+    # -- the Python API ------------------------------------------------------------------------
+    def ingest(self, events: Sequence[Mapping]) -> dict:
+        """Journal ``events`` (durably, before returning) and apply them to the users at once.
+
+        events: dicts ``{"user_id", "item_id", "timestamp"?, "event_type"?, "value"?, "event_id"?}``.
+        Returns ``{"accepted": n, "rejected": {reason: count}}`` (plus ``ignored_fields`` when an
+        event had fields this API does not know); see :mod:`dmp_dl.realtime.intake` for the rules.
+        """
+        return self._service.ingest(events)
+
+    def close(self) -> None:
+        """Release the journal (its other users are then refused nothing; this object still answers)."""
+        self._service.close()
+
+    def __enter__(self) -> "LiveRecommender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- ids -----------------------------------------------------------------------------------
+    def _key(self, user_id: object) -> str:
+        if self.pseudonymizer is None:
+            return str(user_id)
+        return self.pseudonymizer.one(str(user_id).strip())
+
+    def live_user(self, user_id: object) -> LiveUser | None:
+        """The live state of ``user_id`` (a raw id), or None when events have not changed it."""
+        return self._users.get(self._key(user_id))
+
+    @property
+    def n_live_users(self) -> int:
+        return len(self._users)
+
+    @property
+    def n_new_users(self) -> int:
+        return len(self._new_keys)
+
+    # -- applying events -----------------------------------------------------------------------
+    def _initial(self, key: str) -> LiveUser:
+        """A user's state before any real-time event: from the bundle, or empty for a new user."""
+        row = self._user_rows.get(key, -1)
+        prof, seg, part = self.profiles, self.stored_segments, self._part
+        if row < 0:
+            return LiveUser(key, -1, np.zeros(0, np.int64), None, None, None, None,
+                            np.zeros(len(prof.categories)) if prof is not None else None, 0.0,
+                            np.zeros(len(prof.event_types)) if prof is not None else None, -np.inf,
+                            self._behaviour.empty(1)[0] if self._behaviour is not None else None,
+                            float(self._data_end) if self._data_end is not None else -np.inf, None, 0, 0)
+        seen = self._seen_items[self._seen_indptr[row] : self._seen_indptr[row + 1]]
+        if part.recent_items is not None:
+            recent = part.recent_items[row]
+            recent = recent[recent >= 0][::-1].astype(np.int64)  # oldest first
+            items = np.concatenate([seen[~np.isin(seen, recent)], recent])
+        else:
+            items = seen.astype(np.int64)
+        interest = affinity = None
+        total, as_of = 0.0, -np.inf
+        if prof is not None:
+            interest = np.zeros(len(prof.categories))
+            cats = prof.top_categories[row]
+            interest[cats[cats >= 0]] = prof.top_weights[row][cats >= 0]
+            total, affinity, as_of = float(prof.interest_total[row]), prof.event_type_affinity[row].astype(np.float64), float(prof.as_of)
+        stats = part.behaviour_stats[row].copy() if part.behaviour_stats is not None and self._behaviour is not None else None
+        score = float(self._propensity.known_scores[row]) if self._propensity is not None else None
+        return LiveUser(key, row, items, self._stored_attributes(row), self.user_vectors[row].copy(),
+                        int(seg.assignments[row]) if seg is not None else None,
+                        float(seg.distances[row]) if seg is not None else None,
+                        interest, total, affinity, as_of, stats, float(self._data_end or -np.inf), score, 0, 0)
+
+    def _stored_attributes(self, row: int) -> dict | None:
+        """The user's attributes as the encoder's attribute table stores them, as a record
+        ``cold_user_vectors`` encodes back to the same inputs (None when the model reads none)."""
+        table = self.user_features
+        if table is None or not self.reads_user_attributes:
+            return None
+        record: dict[str, object] = {}
+        for token in table.tokens[row].tolist():
+            if token <= 0:
+                continue
+            text = table.token_vocab[token - 1]
+            column = next((c for c in table.categorical_columns if text.startswith(c + "=")), None)
+            if column is not None:
+                value = text[len(column) + 1 :]
+                record[column] = f"{record[column]}{MULTI_VALUE_SEP}{value}" if column in record else value
+        for j, column in enumerate(table.numeric_columns):
+            record[column] = float(table.numeric[row, j]) * table.numeric_std[j] + table.numeric_mean[j]
+        return record or None
+
+    def _apply(self, events: pd.DataFrame, replay: bool = False) -> None:
+        """Apply clean events (:class:`~dmp_dl.realtime.intake.Intake` ``events``, in order)."""
+        if not len(events):
+            return
+        codes, keys = pd.factorize(events[USER].to_numpy(dtype=object))
+        order = np.argsort(codes, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(keys)))]
+        item = events["item"].to_numpy(np.int64)
+        t = events[TIME].to_numpy(np.int64)
+        types = events[TYPE].to_numpy(dtype=object)
+        value = events[VALUE].to_numpy(np.float64)
+        weight = events[WEIGHT].to_numpy(np.float64)
+        for start in range(0, len(keys), VECTOR_CHUNK):
+            drafts = []
+            for u in range(start, min(start + VECTOR_CHUNK, len(keys))):
+                idx = order[bounds[u] : bounds[u + 1]]
+                key = str(keys[u])
+                before = self._users.get(key) or self._initial(key)
+                drafts.append(self._updated(before, item[idx], t[idx], types[idx], value[idx], weight[idx]))
+            drafts = self._with_vectors(drafts)
+            for user in drafts:
+                if user.row < 0 and user.key not in self._new_rows:
+                    self._new_rows[user.key] = len(self._new_keys)
+                    self._new_keys.append(user.key)
+                self._users[user.key] = user
+        self._counts["events_replayed" if replay else "events_applied"] += int(len(events))
+        if self._changed_at is None:
+            self._changed_at = time.monotonic()
+
+    def _updated(self, user: LiveUser, item: np.ndarray, t: np.ndarray, types: np.ndarray, value: np.ndarray,
+                 weight: np.ndarray) -> LiveUser:
+        """``user`` after events (item rows, times, types, values, loss weights), in order; the vector,
+        segment and propensity are filled in per batch by :meth:`_with_vectors`."""
+        changes: dict = {"items": np.concatenate([user.items, item]), "events": user.events + len(item),
+                         "last_event": int(max(user.last_event, t.max()))}
+        prof = self.profiles
+        if prof is not None and user.interest is not None:
+            half_life = prof.half_life_days * SECONDS_PER_DAY
+            as_of = float(max(user.as_of, t.max()))
+            shift = 2.0 ** (-(as_of - user.as_of) / half_life) if np.isfinite(user.as_of) else 0.0
+            decay = 2.0 ** (-(as_of - t) / half_life)
+            if prof.event_weights is not None:
+                w = np.array([float(prof.event_weights.get(str(x), 0.0)) for x in types.tolist()])
+            else:
+                w = weight
+            interest, total = user.interest * shift, user.interest_total * shift
+            shares = self._part.item_categories
+            if shares is not None and shares.shape[1] == len(interest):
+                added = np.asarray(shares[item].T @ (w * decay)).ravel()
+                interest = interest + added
+                total += float(added.sum())
+            affinity = user.affinity * shift
+            type_index = pd.Index(prof.event_types).get_indexer(pd.Index(types.astype(str)))
+            np.add.at(affinity, type_index[type_index >= 0], decay[type_index >= 0])
+            changes.update(interest=interest, interest_total=total, affinity=affinity, as_of=as_of)
+        if self._behaviour is not None and user.stats is not None:
+            stats, ref = self._behaviour.update(user.stats, user.stats_ref, t.astype(np.float64),
+                                                self._behaviour.type_codes(types), value)
+            changes.update(stats=stats, stats_ref=ref)
+        return replace(user, **changes)
+
+    def _with_vectors(self, users: list[LiveUser]) -> list[LiveUser]:
+        """Vectors (one network pass), segments and propensity scores of updated users."""
+        if self.network is not None:
+            histories = [self.item_vocab.ids[u.items].tolist() for u in users]
+            attributes = [u.attributes for u in users]
+            vectors, _, _ = self.cold_user_vectors(histories, attributes if any(a for a in attributes) else None)
+            users = [replace(u, vector=v) for u, v in zip(users, vectors)]
+        seg = self.stored_segments
+        with_vec = [i for i, u in enumerate(users) if u.vector is not None]
+        if seg is not None and with_vec:
+            from dmp_dl.audience.segments import assign
+
+            labels, dist = assign(np.stack([users[i].vector for i in with_vec]), seg.centroids,
+                                  bool(seg.meta.get("normalize", True)))
+            for i, s, d in zip(with_vec, labels.tolist(), dist.tolist()):
+                users[i] = replace(users[i], segment=int(s), distance=float(d))
+        scored = [i for i, u in enumerate(users) if u.stats is not None and (u.row < 0 or self._part.behaviour_stats is not None)]
+        if self._propensity is not None and scored:
+            scores = self._propensity.score_snapshot(self._snapshot([users[i] for i in scored]))
+            for i, p in zip(scored, scores.tolist()):
+                users[i] = replace(users[i], propensity=float(p))
+        return users
+
+    def _snapshot(self, users: list[LiveUser]):
+        """The propensity model's inputs of live users, as of their latest statistics."""
+        from dmp_dl.propensity.features import Snapshot
+
+        features, part = self._propensity.features, self._part
+        refs = np.array([u.stats_ref for u in users])
+        behaviour = self._behaviour.features(np.stack([u.stats for u in users]), refs, refs,
+                                             np.array([len(np.unique(u.items)) for u in users]))
+        rows = np.array([u.row for u in users])
+        known = rows >= 0
+        blank_tokens, blank_numeric = features.attributes.encode_records([{}] * len(users))
+        if part.propensity_tokens is not None and known.any():
+            blank_tokens[known] = part.propensity_tokens[rows[known]]
+            blank_numeric[known] = part.propensity_numeric[rows[known]]
+        if features.encoder_attributes is not None:
+            enc_tokens, enc_numeric = features.encoder_attributes.encode_records([{}] * len(users))
+            if part.encoder_tokens is not None and known.any():
+                enc_tokens[known] = part.encoder_tokens[rows[known]]
+                enc_numeric[known] = part.encoder_numeric[rows[known]]
+        else:
+            enc_tokens, enc_numeric = np.zeros((len(users), 1), np.int64), np.zeros((len(users), 0), np.float32)
+        history = np.full((len(users), features.history_len), features.n_items, dtype=np.int64)
+        for r, u in enumerate(users):
+            recent = u.items[-features.history_len :][::-1] if features.history_len else u.items[:0]
+            if self._propensity_items is not None:
+                recent = self._propensity_items[recent]
+                recent = np.where(recent >= 0, recent, features.n_items)
+            history[r, : len(recent)] = recent
+        return Snapshot(behaviour, blank_tokens.astype(np.int64), blank_numeric.astype(np.float32), history,
+                        enc_tokens.astype(np.int64), enc_numeric.astype(np.float32))
+
+    # -- queries -------------------------------------------------------------------------------
+    def recommend_batch(self, user_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,
+                        chunk: int = 4096) -> list[Ranked]:
+        """:meth:`Recommender.recommend_batch`; a live user is answered from their whole current
+        history, exactly as the model scores a history (:meth:`Recommender.recommend_for_histories`)."""
+        k = self._check_k(k)
+        ids = self._check_ids(user_ids, "user_ids")
+        live = [self._users.get(self._key(x)) for x in ids]
+        if not any(live):
+            return super().recommend_batch(ids, k, exclude_seen, chunk)
+        out: list[Ranked | None] = [None] * len(ids)
+        rest = [i for i, u in enumerate(live) if u is None]
+        if rest:
+            for i, ranked in zip(rest, super().recommend_batch([ids[i] for i in rest], k, exclude_seen, chunk)):
+                out[i] = ranked
+        hit = [i for i, u in enumerate(live) if u is not None]
+        if self.network is None:
+            new = [ids[i] for i in hit if live[i].row < 0]
+            if new:
+                raise MissingPartError(f"user {new[0]!r} is new since this bundle was trained, and the bundle has no "
+                                       "cold-start network to recommend from their events")
+            for i in hit:  # known users keep their exported vector
+                out[i] = super().recommend_batch([ids[i]], k, exclude_seen)[0]
+            return out  # type: ignore[return-value]
+        histories = [self.item_vocab.ids[live[i].items].tolist() for i in hit]
+        attributes = [live[i].attributes for i in hit]
+        answers = self.recommend_for_histories(histories, k, exclude_seen, attributes if any(attributes) else None)
+        for i, ranked in zip(hit, answers):
+            out[i] = ranked
+        return out  # type: ignore[return-value]
+
+    def propensity(self, user_ids: Sequence[object]) -> list[float]:
+        """:meth:`Recommender.propensity`, live users scored as of their latest event."""
+        if self._propensity is None:
+            raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+        ids = self._check_ids(user_ids, "user_ids")
+        live = [self._users.get(self._key(x)) for x in ids]
+        out: list[float | None] = [u.propensity if u is not None else None for u in live]
+        rest = [i for i, p in enumerate(out) if p is None]
+        if rest:
+            known = [ids[i] for i in rest]
+            unknown = [x for x, u in zip(known, (live[i] for i in rest)) if u is not None and u.row < 0]
+            if unknown:  # a new user without a score (no network history and no statistics)
+                raise MissingPartError(f"user {unknown[0]!r} is new and cannot be scored by this bundle's propensity model")
+            for i, p in zip(rest, super().propensity(known)):
+                out[i] = p
+        return out  # type: ignore[return-value]
+
+    def profile(self, user_id: object, top: int | None = None) -> dict:
+        """:meth:`Recommender.profile`; a live user's interests and affinities are as of their latest event."""
+        user = self._users.get(self._key(user_id))
+        if user is None:
+            return super().profile(user_id, top)
+        profiles = self._audience_part(self.profiles, "interest profiles")
+        n = profiles.top_categories.shape[1]
+        top = n if top is None else self._check_k(top, "top")
+        interest = user.interest
+        order = np.lexsort((np.arange(len(interest)), -interest))[: min(top, n)]
+        order = order[interest[order] > 0]
+        total = float(user.interest_total)
+        return {
+            "user_id": self._display_id(user),
+            "interests": [{"category": profiles.categories[c], "weight": float(interest[c]),
+                           "share": float(interest[c]) / total if total > 0 else 0.0} for c in order.tolist()],
+            "event_types": dict(zip(profiles.event_types, user.affinity.astype(float).tolist())),
+            "as_of": int(user.as_of),
+            "half_life_days": float(profiles.half_life_days),
+            "segment": self._live_segment(user) if self.stored_segments is not None else None,
+        }
+
+    def _display_id(self, user: LiveUser) -> str:
+        return str(self.user_vocab.ids[user.row]) if user.row >= 0 else user.key
+
+    def _live_segment(self, user: LiveUser) -> dict | None:
+        if user.segment is None:
+            return None
+        agg = self.stored_segments.meta["segments"][user.segment]
+        return {"segment": int(user.segment), "distance": float(user.distance),
+                "top_categories": [c["category"] for c in agg.get("top_categories", [])]}
+
+    def segment(self, user_id: object) -> dict:
+        """:meth:`Recommender.segment`; a live user's segment is the nearest centre of their current vector."""
+        user = self._users.get(self._key(user_id))
+        if user is None:
+            return super().segment(user_id)
+        self._audience_part(self.stored_segments, "segments")
+        found = self._live_segment(user)
+        if found is None:
+            raise MissingPartError(f"user {user_id!r} has no vector to place in a segment (the bundle has no cold-start network)")
+        return found
+
+    def segments(self, representatives: int = 5) -> list[dict]:
+        """:meth:`Recommender.segments` with sizes, shares and representatives over the current users."""
+        from dmp_dl.audience.bundle import StoredSegments
+
+        seg = self._audience_part(self.stored_segments, "segments")
+        users = list(self._users.values())
+        assignments, distances = seg.assignments.copy(), seg.distances.copy()
+        for u in users:
+            if u.row >= 0 and u.segment is not None:
+                assignments[u.row], distances[u.row] = u.segment, u.distance
+        new = [self._users[k] for k in self._new_keys if self._users[k].segment is not None]
+        ids = np.concatenate([self.user_vocab.ids, np.array([u.key for u in new], dtype=object)])
+        current = StoredSegments(np.r_[assignments, [u.segment for u in new]].astype(np.int64),
+                                 np.r_[distances, [u.distance for u in new]].astype(np.float32), seg.centroids, seg.meta)
+        return current.describe(ids, representatives)
+
+    def lookalike(self, seed_user_ids: Sequence[object], k: int = 100, exclude_seeds: bool = True,
+                  method: str = "centroid") -> Ranked:
+        """:meth:`Recommender.lookalike` with the seeds' current vectors, over the user index of at
+        most ``refresh_seconds`` ago (every user, new ones included, with their vectors then)."""
+        k = self._check_k(k)
+        seeds = self._check_ids(seed_user_ids, "seed_user_ids")
+        if not seeds:
+            raise InvalidRequestError("seed_user_ids is empty: give at least one known user id")
+        if method not in LOOKALIKE_METHODS:
+            raise InvalidRequestError(f"method must be one of {LOOKALIKE_METHODS}, got {method!r}")
+        by_key = {}
+        for x in seeds:
+            by_key.setdefault(self._key(x), x)
+        if not any(key in self._users for key in by_key):
+            table = self._current_table()
+            if table.n_new == 0 and table.vectors is self.user_vectors:
+                return super().lookalike(seeds, k, exclude_seeds, method)
+        vectors, unknown = [], []
+        for key, x in by_key.items():
+            user = self._users.get(key)
+            if user is not None and user.vector is not None:
+                vectors.append(user.vector)
+            elif key in self._user_rows:
+                vectors.append(self.user_vectors[self._user_rows[key]])
+            elif user is None:
+                unknown.append(str(x))
+        if unknown:
+            raise UnknownIdError("user", unknown[0] if len(unknown) == 1 else unknown[:5])
+        if not vectors:
+            raise MissingPartError("the seed users have no vectors (the bundle has no cold-start network)")
+        table = self._current_table()
+        rows = [self._table_row(key, table) for key in by_key]
+        exclude = np.array([r for r in rows if r >= 0], dtype=np.int64) if exclude_seeds else None
+        found, scores = lookalike_search(table.index, table.vectors, np.stack(vectors).astype(np.float32),
+                                         exclude, k, method)
+        return list(zip([str(x) for x in table.ids[found]], scores.astype(float).tolist()))
+
+    # -- the lookalike user index --------------------------------------------------------------
+    def _table_row(self, key: str, table: UserTable) -> int:
+        row = self._user_rows.get(key)
+        if row is not None:
+            return row
+        j = self._new_rows.get(key)
+        return len(self.user_vocab) + j if j is not None and j < table.n_new else -1
+
+    def _current_table(self) -> UserTable:
+        """The user table lookalike searches; rebuilt here when it is stale and no background
+        refresher (the server's) keeps it fresh."""
+        if self._changed_at is not None and not self._service.refreshing and \
+                time.monotonic() - self._changed_at >= self._refresh_seconds:
+            self.refresh_user_index()
+        return self._table
+
+    @property
+    def user_index_age(self) -> float | None:
+        """Seconds since the oldest change the lookalike user index does not have yet (None: none)."""
+        changed = self._changed_at
+        return None if changed is None else time.monotonic() - changed
+
+    def refresh_user_index(self) -> UserTable:
+        """Rebuild the lookalike user index now, with every user's current vector (new users appended)."""
+        from dmp_dl.index import build_index
+
+        with self._table_lock:
+            changed_at = self._changed_at
+            users = list(self._users.values())
+            new_keys = list(self._new_keys)
+            vectors = self.user_vectors.copy()
+            for u in users:
+                if u.row >= 0 and u.vector is not None:
+                    vectors[u.row] = u.vector
+            new_vectors = [self._users[k].vector for k in new_keys]
+            usable = 0
+            while usable < len(new_vectors) and new_vectors[usable] is not None:
+                usable += 1
+            if usable:
+                vectors = np.concatenate([vectors, np.stack(new_vectors[:usable])]).astype(np.float32)
+            ids = np.concatenate([self.user_vocab.ids, np.array(new_keys[:usable], dtype=object)])
+            info = (self.manifest.get("indexes") or {}).get("users") or {}
+            t0 = time.perf_counter()
+            index = build_index(vectors, info.get("factory") or "Flat", info.get("search_params") or "")
+            self._table = UserTable(ids, vectors, index, usable, time.monotonic())
+            if self._changed_at == changed_at:
+                self._changed_at = None
+            log.debug("lookalike user index rebuilt: %d users in %.3f s", len(ids), time.perf_counter() - t0)
+            return self._table
+
+    # -- facts ---------------------------------------------------------------------------------
+    def info(self) -> dict:
+        out = super().info()
+        out["users"] = self.n_users + len(self._new_keys)
+        out["realtime"] = {
+            **self._counts,
+            "live_users": len(self._users),
+            "new_users": len(self._new_keys),
+            "user_index_age_seconds": self.user_index_age,
+            "user_index_refresh_seconds": self._refresh_seconds,
+            **self._service.describe(),
+        }
+        return out

@@ -1,0 +1,464 @@
+"""Real-time events: POST /events and LiveRecommender.ingest, the journal, replay, erasure, and the
+next training run over the journal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.data.synthetic import SyntheticSource
+from dmp_dl.errors import ConfigError, UnknownIdError
+from dmp_dl.pipeline import run
+from dmp_dl.realtime import LiveRecommender, RealtimeService
+from dmp_dl.realtime.behaviour import BehaviourStats
+from dmp_dl.realtime.journal import Journal, read_journal
+from dmp_dl.server import create_app
+from tests.conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
+
+KEY = "realtime-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def rt_run(tmp_path_factory):
+    """A tiny run with propensity, profiles and segments (what real-time updates touch)."""
+    out = tmp_path_factory.mktemp("rt") / "run"
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", "evaluation.report=null",
+                       f"privacy.erasure_list={out.parent / 'erased.txt'}", f"privacy.audit_log={out.parent / 'audit.jsonl'}"],
+                      out)
+    return run(cfg)
+
+
+@pytest.fixture
+def bundle(rt_run, tmp_path):
+    """A copy of the run's bundle of its own (its journal goes beside it), with its own erasure list."""
+    target = tmp_path / "artifacts"
+    shutil.copytree(rt_run["bundle_dir"], target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["privacy"].update(erasure_list=str(tmp_path / "erased.txt"), audit_log=str(tmp_path / "audit.jsonl"))
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.fixture
+def live(bundle):
+    with LiveRecommender.load(bundle) as rec:
+        yield rec
+
+
+def data_end(rec) -> int:
+    return int(rec._part.data_end)
+
+
+def category_of_items(rec) -> np.ndarray:
+    """(n_items,) each item's main category (index into rec.profiles.categories)."""
+    return np.asarray(rec._part.item_categories.argmax(axis=1)).ravel()
+
+
+# -- the update of a known user ------------------------------------------------------------------
+def test_a_burst_in_another_category_moves_recommendations_and_profile(live):
+    cat_of = category_of_items(live)
+    # the category with the most interactions, which even a 3-epoch model has learned
+    popularity = np.bincount(cat_of[live._seen_items], minlength=len(live.profiles.categories))
+    target = int(np.argmax(popularity))
+    name = live.profiles.categories[target]
+    members = np.flatnonzero(cat_of == target)
+    burst, rest = members[:8], set(live.item_vocab.ids[members[8:]].tolist())
+    interest = np.where(live.profiles.top_categories == target, live.profiles.top_shares(), 0).sum(axis=1)
+    users = live.user_vocab.ids[np.argsort(interest, kind="stable")[:5]]  # the least interested in it
+
+    def mean_rank(user) -> float:
+        ranked = [i for i, _ in live.recommend(user, live.n_items, exclude_seen=False)]
+        return float(np.mean([r for r, i in enumerate(ranked) if i in rest]))
+
+    def share(user) -> float:
+        return next((x["share"] for x in live.profile(user)["interests"] if x["category"] == name), 0.0)
+
+    in_top, in_top_before = 0, 0
+    for user in users:
+        before_rank, before_share = mean_rank(user), share(user)
+        in_top_before += sum(i in rest for i, _ in live.recommend(user, 20))
+        events = [{"user_id": user, "item_id": item, "event_type": "click", "timestamp": data_end(live) + 60 * (j + 1)}
+                  for j, item in enumerate(live.item_vocab.ids[burst].tolist())]
+        assert live.ingest(events) == {"accepted": 8, "rejected": {}}
+        assert mean_rank(user) < before_rank - 5, "the category's other items should rank higher"
+        assert share(user) > before_share + 0.2
+        assert live.profile(user)["as_of"] == data_end(live) + 60 * 8
+        in_top += sum(i in rest for i, _ in live.recommend(user, 20))
+        assert not set(live.item_vocab.ids[burst]) & {i for i, _ in live.recommend(user, 50)}, "seen items are excluded"
+    assert in_top > in_top_before
+
+
+def test_live_user_updates_segment_propensity_and_vector(live):
+    user = live.user_vocab.ids[7]
+    before = live.propensity([user])[0]
+    stored_vector = live.user_vectors[live._user_rows[user]].copy()
+    purchases = [{"user_id": user, "item_id": i, "event_type": "purchase", "value": 20.0,
+                  "timestamp": data_end(live) + 3600 * (j + 1)} for j, i in enumerate(live.item_vocab.ids[10:16])]
+    live.ingest(purchases)
+    after = live.propensity([user])[0]
+    assert 0 < after < 1 and after != before
+    state = live.live_user(user)
+    assert state.events == 6 and state.row == live._user_rows[user]
+    row = live._user_rows[user]
+    seen = live._seen_items[live._seen_indptr[row] : live._seen_indptr[row + 1]]
+    assert set(state.items[:-6].tolist()) == set(seen.tolist()), "the whole known history, then the new items"
+    assert live.item_vocab.ids[state.items[-6:]].tolist() == live.item_vocab.ids[10:16].tolist()
+    assert not np.allclose(state.vector, stored_vector)
+    # the vector is the model's cold-start encoder on the whole history, as recommend_for_history scores it
+    history = live.item_vocab.ids[state.items].tolist()
+    want = live.recommend_for_history(history, k=10, attributes=state.attributes)
+    assert live.recommend(user, 10) == want
+    seg = live.segment(user)
+    from dmp_dl.audience.segments import assign
+
+    label, _ = assign(state.vector[None], live.stored_segments.centroids, True)
+    assert seg["segment"] == int(label[0])
+    assert sum(s["size"] for s in live.segments()) == live.n_users
+
+
+def test_stored_attributes_round_trip_to_the_same_vector(live):
+    """A known user's cold vector from their stored attributes equals the network's own attribute row."""
+    import torch
+
+    if not live.reads_user_attributes:
+        pytest.skip("this model reads no attributes")
+    rows = np.arange(5)
+    histories = [[live.item_vocab.ids[0]]] * 5
+    records = [live._stored_attributes(int(r)) for r in rows]
+    got, _, _ = live.cold_user_vectors(histories, records)
+    net = live.network
+    with torch.no_grad():
+        hist = torch.full((5, live.history_len), live.n_items, dtype=torch.int64)
+        hist[:, 0] = 0
+        tokens = net.user_attr.tokens[torch.as_tensor(rows)]
+        numeric = net.user_attr.numeric[torch.as_tensor(rows)]
+        want = net.cold_user_vectors(hist, tokens, numeric).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# -- propensity statistics ------------------------------------------------------------------------
+def test_behaviour_statistics_give_the_training_features(rt_run):
+    """Features from the stored statistics (and from statistics updated event by event) are the
+    features the propensity model computes from the whole event list."""
+    dm, features = rt_run["datamodule"], rt_run["propensity"].scorer.features
+    ev = dm.events
+    end = int(ev["timestamp"].max())
+    layout = BehaviourStats(features.behaviour)
+    users = np.arange(40)
+    stats = layout.from_events(ev["user_idx"].to_numpy(), ev["timestamp"].to_numpy(np.float64),
+                               layout.type_codes(ev["event_type"].to_numpy()), ev["value"].to_numpy(np.float64),
+                               dm.n_users, float(end))
+    distinct = np.diff(dm.all_seen.indptr)[users]
+    want = features.known(ev, users, end).behaviour
+    got = layout.features(stats[users], np.full(len(users), end), np.full(len(users), end + 0.0), distinct)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the same, from the first half of each user's events updated with the second half
+    later = end + 86400 * 3.5
+    for u in users[:10]:
+        mine = ev.loc[ev["user_idx"] == u]
+        half = len(mine) // 2
+        first, second = mine.iloc[:half], mine.iloc[half:]
+        s = layout.from_events(np.zeros(len(first), np.int64), first["timestamp"].to_numpy(np.float64),
+                               layout.type_codes(first["event_type"].to_numpy()), first["value"].to_numpy(np.float64), 1,
+                               float(first["timestamp"].max()) if len(first) else float(end))[0]
+        ref = float(first["timestamp"].max()) if len(first) else -np.inf
+        s, ref = layout.update(s, ref, second["timestamp"].to_numpy(np.float64),
+                               layout.type_codes(second["event_type"].to_numpy()), second["value"].to_numpy(np.float64))
+        got = layout.features(s[None], np.array([ref]), np.array([later]), np.array([mine["item_idx"].nunique()]))
+        want = features.known(ev, np.array([u]), int(later)).behaviour
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- new users over HTTP -----------------------------------------------------------------------
+def test_a_new_user_is_served_by_every_endpoint(live):
+    client = TestClient(create_app(live, token="tok"))
+    auth = {"Authorization": "Bearer tok"}
+    items = live.item_vocab.ids[20:24].tolist()
+    events = [{"user_id": name, "item_id": i, "event_type": "view", "timestamp": data_end(live) + 10 * j}
+              for name in ("newbie", "twin") for j, i in enumerate(items)]
+    assert client.post("/events", json={"events": events}).status_code == 401
+    r = client.post("/events", json={"events": events}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"accepted": 8, "rejected": {}}
+    r = client.get("/recommend", params={"user_id": "newbie", "k": 5}, headers=auth)
+    assert r.status_code == 200 and len(r.json()["items"]) == 5
+    assert not {x["item_id"] for x in r.json()["items"]} & set(items)
+    assert [x["item_id"] for x in r.json()["items"]] == [i for i, _ in live.recommend_for_history(items, 5)]
+    profile = client.get("/profile", params={"user_id": "newbie"}, headers=auth).json()
+    assert profile["user_id"] == "newbie" and profile["interests"] and profile["segment"] is not None
+    assert profile["event_types"]["view"] > 0 and set(profile) == set(live.profile(live.user_vocab.ids[0]))
+    r = client.post("/propensity", json={"user_ids": ["newbie", live.user_vocab.ids[0]]}, headers=auth)
+    assert r.status_code == 200 and 0 < r.json()["users"][0]["score"] < 1
+    r = client.post("/lookalike", json={"seed_user_ids": ["newbie"], "k": 5}, headers=auth)
+    assert r.status_code == 200 and len(r.json()["users"]) == 5
+    assert "newbie" not in {u["user_id"] for u in r.json()["users"]}
+    live.refresh_user_index()  # new users join the searched users within lookalike_refresh_seconds
+    r = client.post("/lookalike", json={"seed_user_ids": ["newbie"], "k": 3}, headers=auth)
+    assert "twin" in {u["user_id"] for u in r.json()["users"]}, "the user with the same history is the most alike"
+    health = client.get("/health").json()
+    assert health["users"] == live.n_users + 2 and health["realtime"]["new_users"] == 2
+    assert "/events" in client.get("/openapi.json", headers=auth).json()["paths"]
+
+
+def test_bad_events_are_counted_never_a_crash(live):
+    client = TestClient(create_app(live, max_ids=40, max_body_bytes=8192))
+    item = live.item_vocab.ids[0]
+    user = live.user_vocab.ids[0]
+    t = data_end(live)
+    good = {"user_id": user, "item_id": item, "event_type": "view", "timestamp": t + 1}
+    events = [
+        5, "text", [1, 2], None,                                            # not objects
+        {"user_id": {"a": 1}, "item_id": item},                             # nested value
+        {"user_id": True, "item_id": item},                                 # a boolean is not an id
+        {"user_id": "a\nb", "item_id": item},                               # a line break in an id
+        {"item_id": item, "event_type": "view"},                            # missing_user_id
+        {"user_id": user, "event_type": "view"},                            # missing_item_id
+        {"user_id": user, "item_id": item, "timestamp": "yesterday", "event_type": "view"},   # bad_timestamp
+        {"user_id": user, "item_id": item, "timestamp": "1970-01-02", "event_type": "view"},  # timestamp_out_of_range
+        {"user_id": user, "item_id": item, "timestamp": t, "event_type": "teleport"},        # unknown_event_type
+        {"user_id": user, "item_id": item, "timestamp": t, "event_type": "view", "value": "lots"},  # bad_value
+        {"user_id": user, "item_id": "no-such-item", "timestamp": t, "event_type": "view"},    # unknown_item
+        good, dict(good),                                                    # the second is a duplicate
+        {**good, "timestamp": t + 2, "session": "s1"},                       # accepted, field ignored
+    ]
+    r = client.post("/events", json={"events": events})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accepted"] == 2
+    assert body["rejected"] == {"malformed_row": 7, "missing_user_id": 1, "missing_item_id": 1, "bad_timestamp": 1,
+                                "timestamp_out_of_range": 1, "unknown_event_type": 1, "bad_value": 1, "duplicate": 1,
+                                "unknown_item": 1}
+    assert body["ignored_fields"] == ["session"]
+    again = client.post("/events", json={"events": [good, {**good, "event_id": "e-1", "timestamp": t + 5},
+                                                    {**good, "event_id": "e-1", "timestamp": t + 6}]}).json()
+    assert again == {"accepted": 1, "rejected": {"duplicate": 2}}, "resent and repeated keys count once"
+    assert client.post("/events", json={"events": [{**good, "event_id": "e-1", "timestamp": t + 7}]}).json()["rejected"] == {"duplicate": 1}
+    for payload, status in (({"events": good}, 422), ({"events": [good] * 41}, 422), ({"evnts": []}, 422),
+                            ({"events": [{**good, "user_id": "x" * 400}] * 30}, 413)):
+        r = client.post("/events", json=payload)
+        assert r.status_code == status, (payload, r.text)
+        assert r.headers["content-type"].startswith("application/json") and "detail" in r.json()
+    assert client.post("/events", json={"events": []}).json() == {"accepted": 0, "rejected": {}}
+    rows = read_journal(live._service.journal_dir)[0]
+    assert len(rows) == 3 and rows["event_id"].is_unique
+
+
+def test_random_events_never_crash(live):
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                       st.text(max_size=8), st.sampled_from([live.item_vocab.ids[0], live.user_vocab.ids[0], "view"]))
+    value = st.one_of(scalar, st.lists(scalar, max_size=2), st.dictionaries(st.text(max_size=3), scalar, max_size=2))
+    event = st.one_of(value, st.fixed_dictionaries({}, optional={k: value for k in
+                                                                 ("user_id", "item_id", "timestamp", "event_type", "value", "event_id", "x")}))
+    tried = 0
+
+    @hypothesis.settings(max_examples=60, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(event, max_size=6))
+    def check(events):
+        nonlocal tried
+        tried += 1
+        answer = live.ingest(events)
+        assert answer["accepted"] + sum(answer["rejected"].values()) == len(events)
+
+    check()
+    assert tried >= 30
+
+
+# -- durability, replay, restart ---------------------------------------------------------------
+def test_restart_replays_the_journal_exactly_once(bundle):
+    events = [{"user_id": u, "item_id": i, "event_type": "purchase", "value": 3.0, "timestamp": 1767225600 + k}
+              for k, (u, i) in enumerate([("u000001", "i00003"), ("fresh", "i00004"), ("fresh", "i00005")])]
+    with LiveRecommender.load(bundle) as first:
+        assert first.ingest(events)["accepted"] == 3
+        want = {u: (first.recommend(u, 5), first.profile(u), first.propensity([u])) for u in ("u000001", "fresh")}
+    # a torn line of a batch that was being written when the process died (never acknowledged)
+    segment = sorted((bundle.parent / "artifacts.journal").glob("events-*.csv"))[-1]
+    with open(segment, "ab") as fh:
+        fh.write(b"deadbeef,4,hxyz,fresh,i0000")
+    for _ in range(2):  # replay is idempotent: every start gives the same state from the same journal
+        with LiveRecommender.load(bundle) as again:
+            assert again.info()["realtime"]["events_replayed"] == 3
+            for u, (recs, profile, score) in want.items():
+                assert again.recommend(u, 5) == recs and again.profile(u) == profile
+                assert again.propensity([u]) == pytest.approx(score)
+            assert again.ingest(events) == {"accepted": 0, "rejected": {"duplicate": 3}}
+    rows = read_journal(segment.parent)[0]
+    assert len(rows) == 3 and rows["journal_seq"].tolist() == ["1", "2", "3"]
+    assert segment.read_bytes().endswith(b"\n")
+
+
+def test_the_journal_is_refused_to_a_second_writer_and_to_another_id_space(tmp_path):
+    j = Journal(tmp_path / "j")
+    with pytest.raises(ConfigError, match="in use by another process"):
+        Journal(tmp_path / "j")
+    j.close()
+    with pytest.raises(ConfigError, match="holds raw user ids but this bundle's user ids are pseudonyms"):
+        Journal(tmp_path / "j", {"pseudonymized": True, "key_fingerprint": "abc"})
+
+
+def test_journal_rotates_segments_and_erases_rows(tmp_path):
+    j = Journal(tmp_path / "j", segment_bytes=4096)
+    for b in range(30):
+        _, token = j.append([(f"e{b}-{k}", f"user{k % 3}", "item", "2026-01-01T00:00:00Z", "view", "1.0") for k in range(5)])
+        j.sync(token)
+    rows = j.rows()
+    assert len(rows) == 150 and len(list((tmp_path / "j").glob("events-*.csv"))) > 1
+    assert j.forget(["user1"]) == 60
+    _, token = j.append([("late", "user1", "item", "2026-01-01T00:00:01Z", "view", "1.0")])
+    j.sync(token)
+    rows = j.rows()
+    assert len(rows) == 91 and (rows["user_id"] == "user1").sum() == 1
+    assert rows["journal_seq"].astype(int).is_monotonic_increasing and rows["journal_seq"].iloc[-1] == "151"
+    assert j.forget(["user1"]) == 1
+    j.close()
+    j = Journal(tmp_path / "j", segment_bytes=4096)  # numbering goes on after a restart, even past erased rows
+    assert j.last_seq == 151 and j.append([("x", "u", "i", "2026-01-01T00:00:00Z", "view", "1.0")])[0] == 152
+    j.close()
+
+
+# -- erasure -------------------------------------------------------------------------------------
+def test_erasure_removes_the_users_journal_rows(bundle, monkeypatch):
+    from dmp_dl.privacy.erasure import ErasureService
+    from dmp_dl.realtime.service import RealtimeEraser, default_journal_dir
+    from dmp_dl.server import bundle_loader
+
+    monkeypatch.setenv("DMP_PSEUDONYM_KEY", KEY)
+    service = RealtimeService(default_journal_dir(bundle))
+    plain = bundle_loader(bundle)
+
+    def load():
+        return service.attach(plain(), bundle)
+
+    rec = load()
+    eraser = RealtimeEraser(ErasureService(bundle, load), service)
+    client = TestClient(create_app(rec, token="tok", eraser=eraser))
+    auth = {"Authorization": "Bearer tok"}
+    known = str(rec.user_vocab.ids[3])
+    events = [{"user_id": u, "item_id": "i00001", "event_type": "view", "timestamp": 1767225600 + k}
+              for k, u in enumerate([known, known, "walk-in", "stays"])]
+    assert client.post("/events", json={"events": events}, headers=auth).json()["accepted"] == 4
+    r = client.post("/erase", json={"user_ids": [known, "walk-in"]}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["journal_rows_removed"] == 3 and r.json()["removed_from_bundle"] == 1
+    rows = read_journal(service.journal_dir)[0]
+    assert rows["user_id"].tolist() == ["stays"]
+    for user in (known, "walk-in"):
+        assert client.get("/profile", params={"user_id": user}, headers=auth).status_code == 404
+    assert client.get("/profile", params={"user_id": "stays"}, headers=auth).status_code == 200
+    again = client.post("/events", json={"events": [{**events[0], "timestamp": 1767225700}]}, headers=auth).json()
+    assert again == {"accepted": 0, "rejected": {"erased_user": 1}}, "an erased user's new events are refused"
+    service.close()
+
+
+# -- the next training run -----------------------------------------------------------------------
+def test_training_over_the_log_and_the_journal_counts_each_event_once(rt_run, bundle, tmp_path):
+    live = LiveRecommender.load(bundle)
+    end = data_end(live)
+    events = [{"user_id": "joiner", "item_id": i, "event_type": "purchase", "timestamp": end + 60 * k}
+              for k, i in enumerate(live.item_vocab.ids[:6].tolist())]
+    events += [{"user_id": "u000002", "item_id": "i00009", "event_type": "view", "timestamp": end + 500}]
+    assert live.ingest(events)["accepted"] == 7
+    journal = live._service.journal_dir
+    live.close()
+    # a second copy of one journaled event in another file, as if delivered twice
+    rows = read_journal(journal)[0]
+    rows.iloc[:1].drop(columns=["journal_id", "journal_seq"]).to_csv(tmp_path / "resent.csv", index=False)
+    out = tmp_path / "next"
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=1", "logger=none", "evaluation.report=null",
+                       "propensity.enabled=false", "audience.enabled=false",
+                       f"data.extra_paths=[{journal},{tmp_path / 'resent.csv'}]",
+                       f"privacy.erasure_list={tmp_path / 'erased.txt'}"], out)
+    result = run(cfg)
+    quality = json.loads((out / "data_quality.json").read_text())
+    sources = quality["events"]["sources"]
+    segment = str(sorted(journal.glob("events-*.csv"))[0])
+    assert sources[segment] == {"rows_in": 7, "rows_out": 7}
+    assert sources[str(tmp_path / "resent.csv")] == {"rows_in": 1, "rows_out": 0}
+    assert quality["events"]["dropped"].get("duplicate", 0) >= 1
+    assert "joiner" in result["datamodule"].user_vocab
+    ev = result["datamodule"].events
+    assert len(ev.loc[ev["user_id"] == "joiner"]) == 6
+    manifest = json.loads((out / "artifacts" / "manifest.json").read_text())
+    journal_id = rows["journal_id"].iloc[0]
+    assert manifest["realtime"]["journals"] == {journal_id: 7}
+    # the new bundle with the same journal: nothing is applied twice, later events are
+    with LiveRecommender.load(out / "artifacts", journal=journal) as fresh:
+        assert fresh.info()["realtime"]["events_replayed"] == 0
+        assert fresh.live_user("joiner") is None and fresh.n_new_users == 0
+        assert fresh.recommend("joiner", 3)
+        assert fresh.ingest([{"user_id": "joiner", "item_id": "i00010", "event_type": "view", "timestamp": end + 900}])["accepted"] == 1
+    with LiveRecommender.load(out / "artifacts", journal=journal) as again:
+        assert again.info()["realtime"]["events_replayed"] == 1 and again.info()["realtime"]["journal_last_seq"] == 8
+        assert again.live_user("joiner").events == 1
+
+
+def test_a_journal_folder_is_an_event_log(tmp_path):
+    j = Journal(tmp_path / "j")
+    j.append([("e1", "u1", "i1", "2026-01-01T00:00:00Z", "view", "1.0"), ("e1", "u1", "i1", "2026-01-01T00:00:00Z", "view", "1.0"),
+              ("e2", "u2", "i1", "2026-01-01T00:01:00Z", "click", "0.0")])
+    j.close()
+    from dmp_dl.data.event_files import EventFileSource
+
+    dm = InteractionDataModule(EventFileSource, path=str(tmp_path / "j"), cleaning={"event_weights": {"view": 1, "click": 2}},
+                               split={"method": "random_per_user", "val_frac": 0.0, "test_frac": 0.0}).prepare()
+    assert dm.report.events.rows_out == 2 and dm.report.events.dropped == {"duplicate": 1}
+    assert list(dm.journal_marks.values()) == [3]
+
+
+def test_a_pseudonymised_journal_needs_a_pseudonymising_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("DMP_PSEUDONYM_KEY", KEY)
+    from dmp_dl.privacy import PrivacyOptions
+    from dmp_dl.privacy.pseudonymize import Pseudonymizer
+
+    key = Pseudonymizer(KEY.encode())
+    j = Journal(tmp_path / "j", {"pseudonymized": True, "key_fingerprint": key.fingerprint})
+    j.append([("e1", key.tag(key.one("u000001")), "i00001", "2026-01-01T00:00:00Z", "view", "0.0")])
+    j.close()
+    source = SyntheticSource(n_users=50, n_items=30, n_events=600, seed=0)
+    common = {"source": source, "extra_paths": [str(tmp_path / "j")], "cleaning": {"event_weights": None},
+              "split": {"method": "random_per_user", "val_frac": 0.0, "test_frac": 0.0}}
+    with pytest.raises(ConfigError, match="holds pseudonymised user ids"):
+        InteractionDataModule(**common).prepare()
+    dm = InteractionDataModule(**common, privacy=PrivacyOptions(pseudonymize=True)).prepare()
+    ev = dm.events
+    assert not ev["user_id"].str.startswith("hmac").any() and not ev["user_id"].isin(["u000001"]).any()
+    joined = ev.loc[ev["item_id"] == "i00001", "user_id"]
+    assert key.one("u000001") in set(joined), "the journal's pseudonym is the log's pseudonym of the same user"
+    other = Pseudonymizer(b"another-secret-0123456789")
+    j2 = Journal(tmp_path / "k", {"pseudonymized": True, "key_fingerprint": other.fingerprint})
+    j2.close()
+    with pytest.raises(ConfigError, match="fingerprint"):
+        InteractionDataModule(**{**common, "extra_paths": [str(tmp_path / "k")]}, privacy=PrivacyOptions(pseudonymize=True)).prepare()
+
+
+def test_pseudonymised_bundles_journal_pseudonyms_only(tmp_path, monkeypatch, rt_run):
+    monkeypatch.setenv("DMP_PSEUDONYM_KEY", KEY)
+    out = tmp_path / "p"
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=1", "logger=none", "evaluation.report=null",
+                       "propensity.enabled=false", "audience.enabled=false", "privacy.pseudonymize=true",
+                       f"privacy.erasure_list={tmp_path / 'erased.txt'}"], out)
+    run(cfg)
+    with LiveRecommender.load(out / "artifacts") as live:
+        answer = live.ingest([{"user_id": "u000001", "item_id": "i00002", "event_type": "view", "timestamp": 1767225600},
+                              {"user_id": "walk-in-42", "item_id": "i00003", "event_type": "view", "timestamp": 1767225601}])
+        assert answer["accepted"] == 2
+        assert live.recommend("walk-in-42", 3) and live.live_user("u000001").row >= 0
+        text = b"".join(p.read_bytes() for p in live._service.journal_dir.iterdir() if p.is_file())
+    assert b"walk-in-42" not in text and b"u000001" not in text
+    rows = read_journal(out / "artifacts.journal")[0]
+    assert rows["user_id"].str.startswith("hmac-sha256:").all()
+
+
+def test_unknown_user_queries_still_answer_404(live):
+    with pytest.raises(UnknownIdError):
+        live.recommend("nobody")
+    with pytest.raises(UnknownIdError):
+        live.lookalike(["nobody"])

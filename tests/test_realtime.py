@@ -360,14 +360,23 @@ def test_erasure_removes_the_users_journal_rows(bundle, monkeypatch):
 
 # -- the next training run -----------------------------------------------------------------------
 def test_training_over_the_log_and_the_journal_counts_each_event_once(rt_run, bundle, tmp_path):
-    live = LiveRecommender.load(bundle)
+    from dmp_dl.server import bundle_loader
+
+    service = RealtimeService(tmp_path / "journal")
+    plain = bundle_loader(bundle)
+
+    def load():
+        return service.attach(plain(), bundle)
+
+    client = TestClient(create_app(load(), token="tok", reload=load))
+    auth = {"Authorization": "Bearer tok"}
+    live = service.current
     end = data_end(live)
     events = [{"user_id": "joiner", "item_id": i, "event_type": "purchase", "timestamp": end + 60 * k}
               for k, i in enumerate(live.item_vocab.ids[:6].tolist())]
     events += [{"user_id": "u000002", "item_id": "i00009", "event_type": "view", "timestamp": end + 500}]
-    assert live.ingest(events)["accepted"] == 7
-    journal = live._service.journal_dir
-    live.close()
+    assert client.post("/events", json={"events": events}, headers=auth).json()["accepted"] == 7
+    journal = service.journal_dir
     # a second copy of one journaled event in another file, as if delivered twice
     rows = read_journal(journal)[0]
     rows.iloc[:1].drop(columns=["journal_id", "journal_seq"]).to_csv(tmp_path / "resent.csv", index=False)
@@ -383,21 +392,25 @@ def test_training_over_the_log_and_the_journal_counts_each_event_once(rt_run, bu
     assert sources[segment] == {"rows_in": 7, "rows_out": 7}
     assert sources[str(tmp_path / "resent.csv")] == {"rows_in": 1, "rows_out": 0}
     assert quality["events"]["dropped"].get("duplicate", 0) >= 1
-    assert "joiner" in result["datamodule"].user_vocab
     ev = result["datamodule"].events
-    assert len(ev.loc[ev["user_id"] == "joiner"]) == 6
+    assert "joiner" in result["datamodule"].user_vocab and len(ev.loc[ev["user_id"] == "joiner"]) == 6
     manifest = json.loads((out / "artifacts" / "manifest.json").read_text())
-    journal_id = rows["journal_id"].iloc[0]
-    assert manifest["realtime"]["journals"] == {journal_id: 7}
-    # the new bundle with the same journal: nothing is applied twice, later events are
-    with LiveRecommender.load(out / "artifacts", journal=journal) as fresh:
-        assert fresh.info()["realtime"]["events_replayed"] == 0
-        assert fresh.live_user("joiner") is None and fresh.n_new_users == 0
-        assert fresh.recommend("joiner", 3)
-        assert fresh.ingest([{"user_id": "joiner", "item_id": "i00010", "event_type": "view", "timestamp": end + 900}])["accepted"] == 1
-    with LiveRecommender.load(out / "artifacts", journal=journal) as again:
-        assert again.info()["realtime"]["events_replayed"] == 1 and again.info()["realtime"]["journal_last_seq"] == 8
-        assert again.live_user("joiner").events == 1
+    assert manifest["realtime"]["journals"] == {rows["journal_id"].iloc[0]: 7}
+    # publish the new bundle where the server reads it and reload: nothing is applied twice
+    shutil.rmtree(bundle)
+    shutil.copytree(out / "artifacts", bundle)
+    r = client.post("/reload", headers=auth)
+    assert r.status_code == 200, r.text
+    health = client.get("/health").json()["realtime"]
+    assert health["events_replayed"] == 0 and health["live_users"] == 0 and health["new_users"] == 0
+    assert client.get("/recommend", params={"user_id": "joiner"}, headers=auth).status_code == 200
+    late = {"user_id": "joiner", "item_id": "i00010", "event_type": "view", "timestamp": end + 900}
+    assert client.post("/events", json={"events": [late]}, headers=auth).json()["accepted"] == 1
+    assert client.post("/reload", headers=auth).status_code == 200  # a later reload replays only what came after
+    health = client.get("/health").json()["realtime"]
+    assert health["events_replayed"] == 1 and health["journal_last_seq"] == 8
+    assert service.current.live_user("joiner").events == 1
+    service.close()
 
 
 def test_a_journal_folder_is_an_event_log(tmp_path):
@@ -462,3 +475,69 @@ def test_unknown_user_queries_still_answer_404(live):
         live.recommend("nobody")
     with pytest.raises(UnknownIdError):
         live.lookalike(["nobody"])
+
+
+# -- a real server killed right after it acknowledged a batch ---------------------------------
+def _start_server(bundle, journal, port, cwd):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.test_server import REPO
+
+    env = {**os.environ, "DMP_SERVE_TOKEN": "tok"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), f"artifacts={bundle}", f"port={port}",
+                             f"journal={journal}", "log_level=warning"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "serve.py did not come up"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # two serve.py starts: ~60 s on a busy 2-core machine
+def test_sigkill_right_after_an_acknowledged_batch_loses_nothing(bundle, tmp_path):
+    import httpx
+
+    from tests.test_server import free_port
+
+    journal, port = tmp_path / "journal", free_port()
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer tok"}
+    items = json.loads((bundle / "items.json").read_text())["ids"][:40]
+    batches = [[{"user_id": f"visitor-{b}-{k % 7}", "item_id": items[(b * 13 + k) % 40], "event_type": "view",
+                 "timestamp": 1767225600 + 10 * k} for k in range(25)] + [{"user_id": "u000004", "item_id": items[b],
+                                                                            "event_type": "purchase", "value": 9.5,
+                                                                            "timestamp": 1767226000 + b}]
+               for b in range(3)]
+    proc = _start_server(bundle, journal, port, tmp_path)
+    try:
+        for batch in batches:
+            r = httpx.post(f"{base}/events", json={"events": batch}, headers=auth, timeout=30)
+            assert r.status_code == 200 and r.json()["accepted"] == len(batch), r.text
+        proc.kill()  # SIGKILL: no shutdown code runs
+        proc.wait(timeout=30)
+        proc = _start_server(bundle, journal, port, tmp_path)
+        health = httpx.get(f"{base}/health").json()["realtime"]
+        assert health["events_replayed"] == sum(map(len, batches)) and health["journal_last_seq"] == 78
+        for b in range(3):
+            for k in range(7):
+                profile = httpx.get(f"{base}/profile", params={"user_id": f"visitor-{b}-{k}"}, headers=auth)
+                assert profile.status_code == 200 and profile.json()["event_types"]["view"] > 0
+        p = httpx.get(f"{base}/profile", params={"user_id": "u000004"}, headers=auth).json()
+        assert p["event_types"]["purchase"] > 0 and p["as_of"] == 1767226002
+        again = httpx.post(f"{base}/events", json={"events": batches[0]}, headers=auth).json()
+        assert again == {"accepted": 0, "rejected": {"duplicate": 26}}
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    rows = read_journal(journal)[0]
+    assert len(rows) == 78 and rows["event_id"].is_unique and rows["journal_seq"].astype(int).tolist() == list(range(1, 79))

@@ -88,30 +88,52 @@ class BehaviourStats:
     def update(self, stats: np.ndarray, ref: float, t: np.ndarray, code: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, float]:
         """One user's statistics (width,) as of ``ref`` plus events (t, code, value) -> (new
         statistics, new reference time: the later of ``ref`` and the last event)."""
-        s = stats.copy()
+        s, r = self.update_many(stats[None], np.array([ref], dtype=np.float64), np.zeros(len(t), np.int64), t, code, value)
+        return s[0], float(r[0])
+
+    def update_many(self, stats: np.ndarray, ref: np.ndarray, user: np.ndarray, t: np.ndarray, code: np.ndarray,
+                    value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Statistics (U, width) of U users as of ``ref`` (U,) plus events of those users (``user``
+        (n,) in 0..U-1, times, :meth:`type_codes`, values) -> (new statistics, new reference times:
+        the later of each user's ``ref`` and their last event). Users without events move forward
+        too when another's do not (their reference time stays)."""
+        s = np.array(stats, dtype=np.float64, copy=True)
+        n_users = len(s)
         t = np.asarray(t, dtype=np.float64)
-        new_ref = float(max(ref, t.max()))
-        shift = 0.5 ** ((new_ref - ref) / SECONDS_PER_DAY / self.h) if np.isfinite(ref) else np.zeros_like(self.h)
-        weights = 0.5 ** (((new_ref - t) / SECONDS_PER_DAY)[:, None] / self.h[None, :])  # (n, H)
-        s[self.N] += len(t)
-        days = np.unique(np.floor(t / SECONDS_PER_DAY))
-        s[self.DAYS] += int((days > s[self.LAST_DAY]).sum())
-        s[self.LAST_DAY] = max(s[self.LAST_DAY], days.max())
-        s[self.FIRST] = min(s[self.FIRST], t.min())
-        s[self.LAST] = max(s[self.LAST], t.max())
-        s[self.VALUE_SUM] += value.sum()
+        value = np.asarray(value, dtype=np.float64)
+        last_t = np.full(n_users, -np.inf)
+        np.maximum.at(last_t, user, t)
+        new_ref = np.maximum(ref, last_t)
+        with np.errstate(invalid="ignore", over="ignore"):
+            gap = (new_ref - ref) / SECONDS_PER_DAY
+            shift = np.where(np.isfinite(ref)[:, None], 0.5 ** (np.nan_to_num(gap, posinf=0.0)[:, None] / self.h[None, :]), 0.0)
+        weights = 0.5 ** (((new_ref[user] - t) / SECONDS_PER_DAY)[:, None] / self.h[None, :])  # (n, H)
+        s[:, self.N] += np.bincount(user, minlength=n_users)
+        day = np.floor(t / SECONDS_PER_DAY)
+        if len(t):
+            pairs = np.unique(np.stack([user.astype(np.float64), day], axis=1), axis=0)
+            pair_user = pairs[:, 0].astype(np.int64)
+            fresh = pairs[:, 1] > s[pair_user, self.LAST_DAY]  # days after the last active day are new
+            s[:, self.DAYS] += np.bincount(pair_user[fresh], minlength=n_users)
+        np.maximum.at(s[:, self.LAST_DAY], user, day)
+        np.minimum.at(s[:, self.FIRST], user, t)
+        np.maximum.at(s[:, self.LAST], user, t)
+        s[:, self.VALUE_SUM] += np.bincount(user, weights=value, minlength=n_users)
         d = slice(self.decay0, self.decay0 + len(self.h))
-        s[d] = s[d] * shift + weights.sum(axis=0)
+        s[:, d] *= shift
+        for j in range(len(self.h)):
+            s[:, self.decay0 + j] += np.bincount(user, weights=weights[:, j], minlength=n_users)
         for k in range(self.n_types):
             base = self.type0 + k * self.per_type
-            dk = slice(base + 3, base + 3 + len(self.h))
             m = code == k
-            s[dk] = s[dk] * shift
-            if m.any():
-                s[base] += int(m.sum())
-                s[base + 1] = max(s[base + 1], t[m].max())
-                s[base + 2] += value[m].sum()
-                s[dk] += weights[m].sum(axis=0)
+            s[:, base + 3 : base + 3 + len(self.h)] *= shift
+            if not m.any():
+                continue
+            s[:, base] += np.bincount(user[m], minlength=n_users)
+            np.maximum.at(s[:, base + 1], user[m], t[m])
+            s[:, base + 2] += np.bincount(user[m], weights=value[m], minlength=n_users)
+            for j in range(len(self.h)):
+                s[:, base + 3 + j] += np.bincount(user[m], weights=weights[m, j], minlength=n_users)
         return s, new_ref
 
     def features(self, stats: np.ndarray, ref: np.ndarray, as_of: np.ndarray, distinct_items: np.ndarray) -> np.ndarray:

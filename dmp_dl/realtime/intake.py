@@ -133,16 +133,33 @@ class ErasedUsers:
 
 
 @dataclass
-class Intake:
-    """The outcome of :meth:`EventIntake.prepare`.
+class EventBatch:
+    """Accepted events, in the order they are journaled and applied: arrays of equal length.
 
-    events: the accepted events in the order they are journaled and applied, columns ``user_id``
-        (as the bundle holds ids), ``item`` (item row), ``timestamp`` (int64 s), ``event_type``,
-        ``value``, ``weight``, ``event_id``.
-    rejected: reason -> events refused; ignored_fields: unknown fields seen (ignored).
+    user: user ids as the bundle holds them (pseudonyms for pseudonymised bundles); item: item rows;
+    item_id: item ids; timestamp: int64 epoch seconds; event_type; value; weight: the event type's
+    loss weight (``data.cleaning.event_weights``); event_id: the event's key.
     """
 
-    events: pd.DataFrame
+    user: np.ndarray
+    item: np.ndarray
+    item_id: np.ndarray
+    timestamp: np.ndarray
+    event_type: np.ndarray
+    value: np.ndarray
+    weight: np.ndarray
+    event_id: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+
+@dataclass
+class Intake:
+    """The outcome of :meth:`EventIntake.prepare`: the accepted :class:`EventBatch`, the events
+    refused per reason, the unknown fields seen (ignored) and the accepted events' key hashes."""
+
+    events: EventBatch
     rejected: dict[str, int] = field(default_factory=dict)
     ignored_fields: list[str] = field(default_factory=list)
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
@@ -211,8 +228,8 @@ class EventIntake:
         frame = pd.DataFrame({USER: pd.Series(columns[USER], dtype=object), ITEM: pd.Series(columns[ITEM], dtype=object),
                               TIME: pd.Series(times, dtype=object if any(isinstance(t, str) for t in times) else None),
                               TYPE: pd.Series(columns[TYPE], dtype=object), VALUE: pd.Series(columns[VALUE], dtype=object),
-                              EVENT_ID: pd.Series(columns[EVENT_ID], dtype=object), _ROW: np.asarray(rows, dtype=np.int64)})
-        intake = self.clean(frame, seen, journal_order=False)
+                              EVENT_ID: pd.Series(columns[EVENT_ID], dtype=object), _ROW: np.arange(len(rows), dtype=np.int64)})
+        intake = self._clean(frame, seen, journal_order=False)
         for reason, n in rejected.items():
             intake.rejected[reason] = intake.rejected.get(reason, 0) + n
         intake.rejected = {r: intake.rejected[r] for r in REJECT_REASONS if intake.rejected.get(r)}
@@ -226,42 +243,46 @@ class EventIntake:
         (a journal's) instead of ordering by time.
         """
         frame = frame.copy()
-        if _ROW not in frame.columns:
-            frame[_ROW] = np.arange(len(frame), dtype=np.int64)
+        frame[_ROW] = np.arange(len(frame), dtype=np.int64)
         for name in FIELDS:
             if name not in frame.columns:
                 frame[name] = pd.Series([None] * len(frame), dtype=object)
+        return self._clean(frame[list(FIELDS) + [_ROW]], seen, journal_order)
+
+    def _clean(self, frame: pd.DataFrame, seen: KeySet | None, journal_order: bool) -> Intake:
         rejected: dict[str, int] = {}
-        frame[USER] = self._user_keys(normalize_ids(frame[USER]))
-        erased = self.erased.among(set(frame[USER].tolist())) if len(self.erased) and len(frame) else set()
-        clean, report = clean_events(frame[list(FIELDS) + [_ROW]], self.cleaning, exclude_users=erased, carry=(_ROW,))
+        if self.pseudonymizer is not None:
+            frame[USER] = self._user_keys(normalize_ids(frame[USER]))
+        erased = set()
+        if len(self.erased) and len(frame):
+            erased = self.erased.among(set(normalize_ids(frame[USER]).tolist()))
+        clean, report = clean_events(frame, self.cleaning, exclude_users=erased, carry=(_ROW,))
         for reason, n in report.dropped.items():
             rejected[reason] = rejected.get(reason, 0) + int(n)
         if journal_order:
             clean = clean.sort_values(_ROW, kind="stable").reset_index(drop=True)
-        item = np.fromiter((self.item_rows.get(x, -1) for x in clean[ITEM].tolist()), dtype=np.int64, count=len(clean))
+        cols = {c: clean[c].to_numpy() for c in (USER, ITEM, TIME, TYPE, VALUE, WEIGHT, _ROW)}
+        item = np.fromiter((self.item_rows.get(x, -1) for x in cols[ITEM].tolist()), dtype=np.int64, count=len(clean))
         unknown = item < 0
         if unknown.any():
             rejected["unknown_item"] = int(unknown.sum())
-            clean = clean.loc[~unknown].reset_index(drop=True)
+            cols = {c: v[~unknown] for c, v in cols.items()}
             item = item[~unknown]
-        given = frame[EVENT_ID].to_numpy(dtype=object)[np.searchsorted(frame[_ROW].to_numpy(), clean[_ROW].to_numpy())]
+        given = frame[EVENT_ID].to_numpy(dtype=object)[cols[_ROW]]  # _ROW is the frame's position
         keys = [self._event_key(g, u, it, t, ty, v) for g, u, it, t, ty, v in zip(
-            given.tolist(), clean[USER].tolist(), clean[ITEM].tolist(), clean[TIME].tolist(), clean[TYPE].tolist(),
-            clean[VALUE].tolist())]
+            given.tolist(), cols[USER].tolist(), cols[ITEM].tolist(), cols[TIME].tolist(), cols[TYPE].tolist(),
+            cols[VALUE].tolist())]
         hashes = _event_hashes(keys)
+        keys = np.asarray(keys, dtype=object)
         if seen is not None and len(hashes):
             dup = seen.contains(hashes)
             if dup.any():
                 rejected["duplicate"] = rejected.get("duplicate", 0) + int(dup.sum())
-                keep = ~dup
-                clean, item, hashes = clean.loc[keep].reset_index(drop=True), item[keep], hashes[keep]
-                keys = [k for k, d in zip(keys, dup.tolist()) if not d]
-        accepted = pd.DataFrame({USER: clean[USER].to_numpy(dtype=object), "item": item,
-                                 TIME: clean[TIME].to_numpy(np.int64), TYPE: clean[TYPE].to_numpy(dtype=object),
-                                 VALUE: clean[VALUE].to_numpy(np.float64), WEIGHT: clean[WEIGHT].to_numpy(np.float32),
-                                 EVENT_ID: np.asarray(keys, dtype=object), ITEM: clean[ITEM].to_numpy(dtype=object)})
-        return Intake(accepted, {r: rejected[r] for r in REJECT_REASONS if rejected.get(r)}, [], hashes)
+                cols = {c: v[~dup] for c, v in cols.items()}
+                item, hashes, keys = item[~dup], hashes[~dup], keys[~dup]
+        batch = EventBatch(cols[USER].astype(object), item, cols[ITEM].astype(object), cols[TIME].astype(np.int64),
+                           cols[TYPE].astype(object), cols[VALUE].astype(np.float64), cols[WEIGHT].astype(np.float64), keys)
+        return Intake(batch, {r: rejected[r] for r in REJECT_REASONS if rejected.get(r)}, [], hashes)
 
     @staticmethod
     def _fill(ev: Mapping, columns: dict[str, list], ignored: set[str]) -> bool:

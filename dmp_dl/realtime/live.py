@@ -32,13 +32,14 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from dmp_dl.bundle import MissingPartError
-from dmp_dl.data.schema import MULTI_VALUE_SEP, TIME, TYPE, USER, VALUE, WEIGHT
+from dmp_dl.data.schema import MULTI_VALUE_SEP
 from dmp_dl.errors import UnknownIdError
 from dmp_dl.recommender import LOOKALIKE_METHODS, InvalidRequestError, Ranked, Recommender, lookalike_search
 
@@ -135,6 +136,7 @@ class LiveRecommender(Recommender):
                 live._data_end = int(scorer.data_end)
             same_items = scorer.item_vocab is None or scorer.item_vocab == rec.item_vocab
             live._propensity_items = None if same_items else scorer.item_vocab.index_of(rec.item_vocab.ids)
+        live._profile_types = {str(t): i for i, t in enumerate(rec.profiles.event_types)} if rec.profiles is not None else {}
         if live._data_end is None and rec.profiles is not None:
             live._data_end = int(rec.profiles.as_of)
         live._warn_missing()
@@ -243,120 +245,140 @@ class LiveRecommender(Recommender):
             record[column] = float(table.numeric[row, j]) * table.numeric_std[j] + table.numeric_mean[j]
         return record or None
 
-    def _apply(self, events: pd.DataFrame, replay: bool = False) -> None:
-        """Apply clean events (:class:`~dmp_dl.realtime.intake.Intake` ``events``, in order)."""
+    def _apply(self, events, replay: bool = False) -> None:
+        """Apply clean events (an :class:`~dmp_dl.realtime.intake.EventBatch`, in order): every
+        user's history, profile and statistics in vectorised passes over the batch, then their
+        vectors, segments and scores (:meth:`_with_vectors`), ``VECTOR_CHUNK`` users at a time."""
         if not len(events):
             return
-        codes, keys = pd.factorize(events[USER].to_numpy(dtype=object))
-        order = np.argsort(codes, kind="stable")
+        codes, keys = pd.factorize(events.user)
+        order = np.argsort(codes, kind="stable")  # each user's events together, in their order
         bounds = np.r_[0, np.cumsum(np.bincount(codes, minlength=len(keys)))]
-        item = events["item"].to_numpy(np.int64)
-        t = events[TIME].to_numpy(np.int64)
-        types = events[TYPE].to_numpy(dtype=object)
-        value = events[VALUE].to_numpy(np.float64)
-        weight = events[WEIGHT].to_numpy(np.float64)
+        item, t, types = events.item[order], events.timestamp[order], events.event_type[order]
+        value, weight = events.value[order], events.weight[order]
+        user = codes[order]
         for start in range(0, len(keys), VECTOR_CHUNK):
-            drafts = []
-            for u in range(start, min(start + VECTOR_CHUNK, len(keys))):
-                idx = order[bounds[u] : bounds[u + 1]]
-                key = str(keys[u])
-                before = self._users.get(key) or self._initial(key)
-                drafts.append(self._updated(before, item[idx], t[idx], types[idx], value[idx], weight[idx]))
+            stop = min(start + VECTOR_CHUNK, len(keys))
+            span = slice(bounds[start], bounds[stop])
+            before = [self._users.get(str(k)) or self._initial(str(k)) for k in keys[start:stop]]
+            drafts = self._updated(before, user[span] - start, bounds[start : stop + 1] - bounds[start], item[span],
+                                   t[span], types[span], value[span], weight[span])
             drafts = self._with_vectors(drafts)
-            for user in drafts:
-                if user.row < 0 and user.key not in self._new_rows:
-                    self._new_rows[user.key] = len(self._new_keys)
-                    self._new_keys.append(user.key)
-                self._users[user.key] = user
+            for u in drafts:
+                if u.row < 0 and u.key not in self._new_rows:
+                    self._new_rows[u.key] = len(self._new_keys)
+                    self._new_keys.append(u.key)
+                self._users[u.key] = u
         self._counts["events_replayed" if replay else "events_applied"] += int(len(events))
         if self._changed_at is None:
             self._changed_at = time.monotonic()
 
-    def _updated(self, user: LiveUser, item: np.ndarray, t: np.ndarray, types: np.ndarray, value: np.ndarray,
-                 weight: np.ndarray) -> LiveUser:
-        """``user`` after events (item rows, times, types, values, loss weights), in order; the vector,
-        segment and propensity are filled in per batch by :meth:`_with_vectors`."""
-        changes: dict = {"items": np.concatenate([user.items, item]), "events": user.events + len(item),
-                         "last_event": int(max(user.last_event, t.max()))}
+    def _updated(self, users: list[LiveUser], user: np.ndarray, bounds: np.ndarray, item: np.ndarray, t: np.ndarray,
+                 types: np.ndarray, value: np.ndarray, weight: np.ndarray) -> list[dict]:
+        """``users`` (U) after their events: ``user`` (n,) 0..U-1, grouped in order (user u's events are
+        ``bounds[u]:bounds[u + 1]``), item rows, times, types, values and loss weights. Histories,
+        interest profiles and propensity statistics, as the fields of each user's next
+        :class:`LiveUser`; vectors, segments and scores come after (:meth:`_with_vectors`)."""
+        n_users = len(users)
+        last = np.full(n_users, -np.inf)
+        np.maximum.at(last, user, t.astype(np.float64))
+        fields: list[dict] = [{} for _ in range(n_users)]
         prof = self.profiles
-        if prof is not None and user.interest is not None:
+        if prof is not None and users[0].interest is not None:
             half_life = prof.half_life_days * SECONDS_PER_DAY
-            as_of = float(max(user.as_of, t.max()))
-            shift = 2.0 ** (-(as_of - user.as_of) / half_life) if np.isfinite(user.as_of) else 0.0
-            decay = 2.0 ** (-(as_of - t) / half_life)
+            old = np.array([u.as_of for u in users])
+            as_of = np.maximum(old, last)
+            with np.errstate(invalid="ignore"):
+                shift = np.where(np.isfinite(old), np.exp2(-(as_of - np.where(np.isfinite(old), old, as_of)) / half_life), 0.0)
+            decay = np.exp2(-(as_of[user] - t) / half_life)
             if prof.event_weights is not None:
                 w = np.array([float(prof.event_weights.get(str(x), 0.0)) for x in types.tolist()])
             else:
                 w = weight
-            interest, total = user.interest * shift, user.interest_total * shift
+            interest = np.stack([u.interest for u in users]) * shift[:, None]
+            total = np.array([u.interest_total for u in users]) * shift
             shares = self._part.item_categories
-            if shares is not None and shares.shape[1] == len(interest):
-                added = np.asarray(shares[item].T @ (w * decay)).ravel()
-                interest = interest + added
-                total += float(added.sum())
-            affinity = user.affinity * shift
-            type_index = pd.Index(prof.event_types).get_indexer(pd.Index(types.astype(str)))
-            np.add.at(affinity, type_index[type_index >= 0], decay[type_index >= 0])
-            changes.update(interest=interest, interest_total=total, affinity=affinity, as_of=as_of)
-        if self._behaviour is not None and user.stats is not None:
-            stats, ref = self._behaviour.update(user.stats, user.stats_ref, t.astype(np.float64),
-                                                self._behaviour.type_codes(types), value)
-            changes.update(stats=stats, stats_ref=ref)
-        return replace(user, **changes)
+            if shares is not None and shares.shape[1] == interest.shape[1]:
+                per_user = sp.csr_matrix((w * decay, (user, item)), shape=(n_users, shares.shape[0]))
+                added = np.asarray((per_user @ shares).todense())
+                interest += added
+                total += added.sum(axis=1)
+            affinity = np.stack([u.affinity for u in users]) * shift[:, None]
+            index = self._profile_types.get
+            type_index = np.fromiter((index(x, -1) for x in types.tolist()), dtype=np.int64, count=len(types))
+            known = type_index >= 0
+            np.add.at(affinity, (user[known], type_index[known]), decay[known])
+            for i in range(n_users):
+                fields[i].update(interest=interest[i].copy(), interest_total=float(total[i]), affinity=affinity[i].copy(),
+                                 as_of=float(as_of[i]))
+        if self._behaviour is not None and users[0].stats is not None:
+            stats, refs = self._behaviour.update_many(np.stack([u.stats for u in users]), np.array([u.stats_ref for u in users]),
+                                                      user, t, self._behaviour.type_codes(types), value)
+            for i in range(n_users):
+                fields[i].update(stats=stats[i].copy(), stats_ref=float(refs[i]))
+        out = []
+        for i, u in enumerate(users):
+            lo, hi = bounds[i], bounds[i + 1]
+            draft = dict(u.__dict__)
+            draft.update(items=np.concatenate([u.items, item[lo:hi]]), events=u.events + int(hi - lo),
+                         last_event=int(max(u.last_event, last[i])), **fields[i])
+            out.append(draft)
+        return out
 
-    def _with_vectors(self, users: list[LiveUser]) -> list[LiveUser]:
-        """Vectors (one network pass), segments and propensity scores of updated users."""
+    def _with_vectors(self, drafts: list[dict]) -> list[LiveUser]:
+        """The updated users (fields from :meth:`_updated`) with their vectors (one network pass),
+        segments and propensity scores."""
         if self.network is not None:
-            histories = [self.item_vocab.ids[u.items].tolist() for u in users]
-            attributes = [u.attributes for u in users]
+            histories = [self.item_vocab.ids[d["items"]].tolist() for d in drafts]
+            attributes = [d["attributes"] for d in drafts]
             vectors, _, _ = self.cold_user_vectors(histories, attributes if any(a for a in attributes) else None)
-            users = [replace(u, vector=v) for u, v in zip(users, vectors)]
+            for d, v in zip(drafts, vectors):
+                d["vector"] = v
         seg = self.stored_segments
-        with_vec = [i for i, u in enumerate(users) if u.vector is not None]
+        with_vec = [d for d in drafts if d["vector"] is not None]
         if seg is not None and with_vec:
             from dmp_dl.audience.segments import assign
 
-            labels, dist = assign(np.stack([users[i].vector for i in with_vec]), seg.centroids,
+            labels, dist = assign(np.stack([d["vector"] for d in with_vec]), seg.centroids,
                                   bool(seg.meta.get("normalize", True)))
-            for i, s, d in zip(with_vec, labels.tolist(), dist.tolist()):
-                users[i] = replace(users[i], segment=int(s), distance=float(d))
-        scored = [i for i, u in enumerate(users) if u.stats is not None and (u.row < 0 or self._part.behaviour_stats is not None)]
+            for d, label, distance in zip(with_vec, labels.tolist(), dist.tolist()):
+                d["segment"], d["distance"] = int(label), float(distance)
+        scored = [d for d in drafts if d["stats"] is not None]
         if self._propensity is not None and scored:
-            scores = self._propensity.score_snapshot(self._snapshot([users[i] for i in scored]))
-            for i, p in zip(scored, scores.tolist()):
-                users[i] = replace(users[i], propensity=float(p))
-        return users
+            scores = self._propensity.score_snapshot(self._snapshot(scored))
+            for d, score in zip(scored, scores.tolist()):
+                d["propensity"] = float(score)
+        return [LiveUser(**d) for d in drafts]
 
-    def _snapshot(self, users: list[LiveUser]):
-        """The propensity model's inputs of live users, as of their latest statistics."""
+    def _snapshot(self, users: list[dict]):
+        """The propensity model's inputs of updated users (:meth:`_updated` fields), as of their statistics."""
         from dmp_dl.propensity.features import Snapshot
 
         features, part = self._propensity.features, self._part
-        refs = np.array([u.stats_ref for u in users])
-        behaviour = self._behaviour.features(np.stack([u.stats for u in users]), refs, refs,
-                                             np.array([len(np.unique(u.items)) for u in users]))
-        rows = np.array([u.row for u in users])
+        n = len(users)
+        refs = np.array([u["stats_ref"] for u in users])
+        behaviour = self._behaviour.features(np.stack([u["stats"] for u in users]), refs, refs,
+                                             np.array([len(np.unique(u["items"])) for u in users]))
+        rows = np.array([u["row"] for u in users])
         known = rows >= 0
-        blank_tokens, blank_numeric = features.attributes.encode_records([{}] * len(users))
+        # unknown attributes encode as zeros: no token, numeric values at the mean
+        tokens = np.zeros((n, features.attributes.tokens.shape[1]), np.int64)
+        numeric = np.zeros((n, len(features.attributes.numeric_columns)), np.float32)
         if part.propensity_tokens is not None and known.any():
-            blank_tokens[known] = part.propensity_tokens[rows[known]]
-            blank_numeric[known] = part.propensity_numeric[rows[known]]
-        if features.encoder_attributes is not None:
-            enc_tokens, enc_numeric = features.encoder_attributes.encode_records([{}] * len(users))
-            if part.encoder_tokens is not None and known.any():
-                enc_tokens[known] = part.encoder_tokens[rows[known]]
-                enc_numeric[known] = part.encoder_numeric[rows[known]]
-        else:
-            enc_tokens, enc_numeric = np.zeros((len(users), 1), np.int64), np.zeros((len(users), 0), np.float32)
-        history = np.full((len(users), features.history_len), features.n_items, dtype=np.int64)
+            tokens[known], numeric[known] = part.propensity_tokens[rows[known]], part.propensity_numeric[rows[known]]
+        enc = features.encoder_attributes
+        enc_tokens = np.zeros((n, enc.tokens.shape[1] if enc is not None else 1), np.int64)
+        enc_numeric = np.zeros((n, len(enc.numeric_columns) if enc is not None else 0), np.float32)
+        if enc is not None and part.encoder_tokens is not None and known.any():
+            enc_tokens[known], enc_numeric[known] = part.encoder_tokens[rows[known]], part.encoder_numeric[rows[known]]
+        history = np.full((n, features.history_len), features.n_items, dtype=np.int64)
         for r, u in enumerate(users):
-            recent = u.items[-features.history_len :][::-1] if features.history_len else u.items[:0]
+            recent = u["items"][-features.history_len :][::-1] if features.history_len else u["items"][:0]
             if self._propensity_items is not None:
                 recent = self._propensity_items[recent]
                 recent = np.where(recent >= 0, recent, features.n_items)
             history[r, : len(recent)] = recent
-        return Snapshot(behaviour, blank_tokens.astype(np.int64), blank_numeric.astype(np.float32), history,
-                        enc_tokens.astype(np.int64), enc_numeric.astype(np.float32))
+        return Snapshot(behaviour, tokens, numeric, history, enc_tokens, enc_numeric)
 
     # -- queries -------------------------------------------------------------------------------
     def recommend_batch(self, user_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from dmp_dl.bundle import Bundle
-from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE
+from dmp_dl.data.schema import EVENT_ID, USER
 from dmp_dl.errors import BundleError, ConfigError, DmpError
 from dmp_dl.realtime.intake import ErasedUsers, EventIntake, KeySet, _event_hashes, bundle_cleaning
 from dmp_dl.realtime.journal import JOURNAL_ID, JOURNAL_SEQ, Journal, iso_seconds, read_journal
@@ -190,9 +190,9 @@ class RealtimeService:
             accepted = intake.events
             token = None
             if len(accepted):
-                rows = list(zip(accepted[EVENT_ID].tolist(), map(live._intake.journal_user, accepted[USER].tolist()),
-                                accepted[ITEM].tolist(), iso_seconds(accepted[TIME].to_numpy()),
-                                accepted[TYPE].tolist(), map(repr, accepted[VALUE].astype(float).tolist())))
+                rows = list(zip(accepted.event_id.tolist(), map(live._intake.journal_user, accepted.user.tolist()),
+                                accepted.item_id.tolist(), iso_seconds(accepted.timestamp),
+                                accepted.event_type.tolist(), map(repr, accepted.value.tolist())))
                 try:
                     _, token = self.journal.append(rows)
                 except OSError as exc:

@@ -1,0 +1,300 @@
+"""Real-time events: ingest throughput, update latency, recommend-after-update latency, memory per
+journaled event; in process (``LiveRecommender.ingest``) and over HTTP (``POST /events`` of a
+``serve.py`` subprocess).
+
+Trains a default synthetic bundle (``trainer.max_epochs=1``: speed does not depend on quality) or
+uses ``--artifacts DIR``, then, each on a fresh copy of the bundle and journal:
+
+* batched: ``--batches`` batches of ``--batch-size`` events (users drawn with a Zipf-like skew from
+  the known users plus 10 % new ones, items by popularity), events/s;
+* single: ``--single`` one-event ingests, p50/p99 ms, and the same with the journal on ``/dev/shm``
+  (no disk: the update's own cost) and the bare fsync of the journal's disk (what durability costs);
+* recommend-after-update: ``recommend(user)`` right after that user's event, p50/p99 ms (and for a
+  user without real-time events, for comparison);
+* HTTP: the single and batched runs against ``serve.py`` (one keep-alive client), plus
+  ``GET /recommend`` right after each event;
+* memory: RSS growth while ingesting ``--memory-events`` events, per 1M events; and the time and
+  RSS of replaying that journal on a fresh start.
+
+Targets (on 2 cores): >= 5,000 events/s batched; single-event update p99 <= 10 ms in process,
+<= 20 ms over HTTP.
+
+    python bench/realtime.py                    # writes the `realtime` section of bench/RESULTS.md
+    python bench/realtime.py --quick            # tiny sizes into bench/out/ (a plumbing check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import output  # noqa: E402
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q)) if len(values) else float("nan")
+
+
+def train_bundle(out: Path, overrides: list[str]) -> Path:
+    from dmp_dl.pipeline import run
+
+    cfg = common.compose_train_cfg(["trainer.max_epochs=1", "logger=none", "evaluation.report=null",
+                                    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                                    f"privacy.erasure_list={out / 'erased.txt'}", *overrides], out)
+    return run(cfg)["bundle_dir"]
+
+
+class EventStream:
+    """Events with realistic skew: known users by a Zipf-like law, 10 % new users, items by popularity."""
+
+    def __init__(self, artifacts: Path, seed: int = 0):
+        import json
+
+        self.rng = np.random.default_rng(seed)
+        self.users = np.asarray(json.loads((artifacts / "users.json").read_text())["ids"], dtype=object)
+        self.items = np.asarray(json.loads((artifacts / "items.json").read_text())["ids"], dtype=object)
+        pop = np.load(artifacts / "item_popularity.npy").astype(np.float64) + 1
+        self.item_p = pop / pop.sum()
+        ranks = np.arange(1, len(self.users) + 1, dtype=np.float64)
+        self.user_p = ranks ** -0.8 / (ranks ** -0.8).sum()
+        manifest = json.loads((artifacts / "manifest.json").read_text())
+        weights = ((manifest.get("config") or {}).get("data") or {}).get("cleaning", {}).get("event_weights") or {"view": 1}
+        self.types = list(weights)
+        self.t = int(time.time()) - 86400
+        self.n = 0
+
+    def batch(self, n: int) -> list[dict]:
+        new = self.rng.random(n) < 0.1
+        known = self.users[self.rng.choice(len(self.users), n, p=self.user_p)]
+        fresh = np.array([f"rt-{x}" for x in self.rng.integers(0, max(1, len(self.users) // 3), n)], dtype=object)
+        users = np.where(new, fresh, known)
+        items = self.items[self.rng.choice(len(self.items), n, p=self.item_p)]
+        types = self.rng.choice(self.types, n)
+        out = []
+        for u, i, ty in zip(users.tolist(), items.tolist(), types.tolist()):
+            self.n += 1
+            out.append({"user_id": u, "item_id": i, "event_type": ty, "timestamp": self.t + self.n // 50,
+                        "event_id": f"b{self.n}"})
+        return out
+
+
+def fresh_copy(artifacts: Path, root: Path, name: str) -> Path:
+    target = root / name / "artifacts"
+    shutil.copytree(artifacts, target)
+    return target
+
+
+def fsync_latency(directory: Path, n: int = 200) -> dict:
+    path = directory / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    times = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            os.write(fd, b"x" * 120 + b"\n")
+            os.fsync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"p50_ms": pct(times, 50), "p99_ms": pct(times, 99)}
+
+
+def in_process(artifacts: Path, root: Path, args) -> dict:
+    import torch
+
+    from dmp_dl.realtime import LiveRecommender
+
+    torch.set_num_threads(1)  # what serve.py does (torch_threads: 1)
+    out: dict = {}
+    stream = EventStream(artifacts, seed=1)
+    with LiveRecommender.load(fresh_copy(artifacts, root, "batched")) as live:
+        live.ingest(stream.batch(args.batch_size))  # warm-up
+        t0 = time.perf_counter()
+        accepted = 0
+        for _ in range(args.batches):
+            accepted += live.ingest(stream.batch(args.batch_size))["accepted"]
+        seconds = time.perf_counter() - t0
+        out["batched"] = {"batch_size": args.batch_size, "batches": args.batches, "accepted": accepted,
+                          "events_per_second": accepted / seconds}
+    for where, journal in (("disk", None), ("tmpfs", Path(tempfile.mkdtemp(dir="/dev/shm")) / "journal")):
+        bundle = fresh_copy(artifacts, root, f"single-{where}")
+        with LiveRecommender.load(bundle, journal=journal) as live:
+            singles, after, plain = [], [], []
+            events = stream.batch(args.single + 20)
+            for k, ev in enumerate(events):
+                t = time.perf_counter()
+                live.ingest([ev])
+                dt = time.perf_counter() - t
+                t = time.perf_counter()
+                live.recommend(ev["user_id"], 10)
+                da = time.perf_counter() - t
+                if k >= 20:  # warm-up
+                    singles.append(dt)
+                    after.append(da)
+            quiet = [u for u in stream.users[-200:] if live.live_user(u) is None][:100]
+            for u in quiet:
+                t = time.perf_counter()
+                live.recommend(u, 10)
+                plain.append(time.perf_counter() - t)
+        if journal is not None:
+            shutil.rmtree(journal.parent, ignore_errors=True)
+        out[f"single_{where}"] = {"n": len(singles), "p50_ms": pct(singles, 50), "p99_ms": pct(singles, 99),
+                                   "recommend_after_p50_ms": pct(after, 50), "recommend_after_p99_ms": pct(after, 99),
+                                   "recommend_untouched_p50_ms": pct(plain, 50), "recommend_untouched_p99_ms": pct(plain, 99)}
+    out["fsync"] = fsync_latency(root)
+    return out
+
+
+def memory(artifacts: Path, root: Path, args) -> dict:
+    import gc
+
+    import torch
+
+    from dmp_dl.realtime import LiveRecommender
+
+    torch.set_num_threads(1)
+    stream = EventStream(artifacts, seed=2)
+    bundle = fresh_copy(artifacts, root, "memory")
+    gc.collect()
+    before = rss_mib()
+    with LiveRecommender.load(bundle) as live:
+        gc.collect()
+        loaded = rss_mib()
+        t0 = time.perf_counter()
+        while stream.n < args.memory_events:
+            live.ingest(stream.batch(min(5000, args.memory_events - stream.n)))
+        seconds = time.perf_counter() - t0
+        gc.collect()
+        after = rss_mib()
+        live_users, new_users = live.n_live_users, live.n_new_users
+    journal_bytes = sum(p.stat().st_size for p in (bundle.parent / "artifacts.journal").glob("events-*.csv"))
+    t0 = time.perf_counter()
+    with LiveRecommender.load(bundle) as again:
+        replay_seconds = time.perf_counter() - t0
+        replayed = again.info()["realtime"]["events_replayed"]
+        gc.collect()
+        replay_rss = rss_mib()
+    events = stream.n
+    return {"events": events, "ingest_seconds": seconds, "rss_mib_before_load": before, "rss_mib_loaded": loaded,
+            "rss_mib_after": after, "growth_mib_per_million": (after - loaded) / events * 1e6,
+            "live_users": live_users, "new_users": new_users, "journal_bytes_per_event": journal_bytes / events,
+            "replay_seconds": replay_seconds, "replayed": replayed, "replay_events_per_second": replayed / replay_seconds,
+            "rss_mib_after_replay": replay_rss}
+
+
+def over_http(artifacts: Path, root: Path, args) -> dict:
+    import secrets
+
+    import httpx
+    from load import Server
+
+    bundle = fresh_copy(artifacts, root, "http")
+    token = secrets.token_hex(8)
+    stream = EventStream(artifacts, seed=3)
+    out: dict = {}
+    with Server(bundle, token, "log_level=warning") as server, httpx.Client(base_url=server.base, timeout=60,
+                                                                              headers={"Authorization": f"Bearer {token}"}) as client:
+        singles, after = [], []
+        for k, ev in enumerate(stream.batch(args.single + 20)):
+            t = time.perf_counter()
+            r = client.post("/events", json={"events": [ev]})
+            dt = time.perf_counter() - t
+            assert r.status_code == 200, r.text
+            t = time.perf_counter()
+            r = client.get("/recommend", params={"user_id": ev["user_id"], "k": 10})
+            da = time.perf_counter() - t
+            assert r.status_code == 200, r.text
+            if k >= 20:
+                singles.append(dt)
+                after.append(da)
+        out["single"] = {"n": len(singles), "p50_ms": pct(singles, 50), "p99_ms": pct(singles, 99),
+                         "recommend_after_p50_ms": pct(after, 50), "recommend_after_p99_ms": pct(after, 99)}
+        accepted = 0
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            r = client.post("/events", json={"events": stream.batch(args.http_batch_size)})
+            assert r.status_code == 200, r.text
+            accepted += r.json()["accepted"]
+        seconds = time.perf_counter() - t0
+        out["batched"] = {"batch_size": args.http_batch_size, "batches": args.batches, "accepted": accepted,
+                          "events_per_second": accepted / seconds}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, help="a bundle to use (default: train a synthetic one)")
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--http-batch-size", type=int, default=1000)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--single", type=int, default=300)
+    parser.add_argument("--memory-events", type=int, default=300_000)
+    parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes into bench/out/")
+    parser.add_argument("--scratch", action="store_true", help="write into bench/out/, not bench/RESULTS.md")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the synthetic training run")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.single, args.memory_events = 3, 30, 5000
+        args.overrides = ["data.source.n_users=400", "data.source.n_items=150", "data.source.n_events=12000", *args.overrides]
+    output.use(args.quick or args.scratch)
+    root = Path(tempfile.mkdtemp(prefix="dmp-realtime-bench-"))
+    try:
+        artifacts = args.artifacts or train_bundle(root / "train", args.overrides)
+        data = {"bundle": str(args.artifacts or "synthetic (default config, 1 epoch)"), "in_process": in_process(artifacts, root, args)}
+        if not args.no_http:
+            data["http"] = over_http(artifacts, root, args)
+        data["memory"] = memory(artifacts, root, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    common.write_section("realtime", "Real-time events (bench/realtime.py)", render(data), data)
+
+
+def render(data: dict) -> str:
+    p, m = data["in_process"], data["memory"]
+    rows = [
+        {"what": "ingest, batched (events/s)", "in process": p["batched"]["events_per_second"],
+         "HTTP": data.get("http", {}).get("batched", {}).get("events_per_second"), "target": ">= 5,000"},
+        {"what": "one-event update p50 / p99 (ms)", "in process": f"{p['single_disk']['p50_ms']:.1f} / {p['single_disk']['p99_ms']:.1f}",
+         "HTTP": (f"{data['http']['single']['p50_ms']:.1f} / {data['http']['single']['p99_ms']:.1f}" if "http" in data else None),
+         "target": "p99 <= 10 in process, <= 20 HTTP"},
+        {"what": "  of which: the same with the journal on tmpfs (no disk)",
+         "in process": f"{p['single_tmpfs']['p50_ms']:.1f} / {p['single_tmpfs']['p99_ms']:.1f}"},
+        {"what": "  of which: fsync of one line on this disk", "in process": f"{p['fsync']['p50_ms']:.1f} / {p['fsync']['p99_ms']:.1f}"},
+        {"what": "recommend right after the user's event p50 / p99 (ms)",
+         "in process": f"{p['single_disk']['recommend_after_p50_ms']:.1f} / {p['single_disk']['recommend_after_p99_ms']:.1f}",
+         "HTTP": (f"{data['http']['single']['recommend_after_p50_ms']:.1f} / {data['http']['single']['recommend_after_p99_ms']:.1f}"
+                  if "http" in data else None)},
+        {"what": "recommend for a user without real-time events p50 / p99 (ms)",
+         "in process": f"{p['single_disk']['recommend_untouched_p50_ms']:.1f} / {p['single_disk']['recommend_untouched_p99_ms']:.1f}"},
+        {"what": "memory growth per 1M journaled events (MiB)", "in process": m["growth_mib_per_million"]},
+        {"what": "replay on start (events/s)", "in process": m["replay_events_per_second"]},
+    ]
+    body = common.markdown_table(rows, ["what", "in process", "HTTP", "target"], floatfmt=",.0f")
+    body += (f"\n\nMemory: {m['events']:,} events over {m['live_users']:,} users ({m['new_users']:,} new) grew the "
+             f"process from {m['rss_mib_loaded']:.0f} to {m['rss_mib_after']:.0f} MiB; the journal takes "
+             f"{m['journal_bytes_per_event']:.0f} bytes per event on disk; a restart replayed {m['replayed']:,} events "
+             f"in {m['replay_seconds']:.1f} s ({m['rss_mib_after_replay']:.0f} MiB after). Bundle: {data['bundle']}.")
+    return body
+
+
+if __name__ == "__main__":
+    main()

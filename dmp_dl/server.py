@@ -571,8 +571,9 @@ def serve(cfg) -> None:
         realtime = RealtimeService(cfg.get("journal") or default_journal_dir(cfg.artifacts), options)
         load_bundle = load
 
-        def load() -> Recommender:
-            return realtime.attach(load_bundle(), cfg.artifacts)
+        def load(at=None) -> Recommender:  # at: a bundle erasure checks before publishing it (no replay)
+            rec = load_bundle(at)
+            return rec if at is not None else realtime.attach(rec, cfg.artifacts)
     rec = load()
     info = rec.info()
     log.info("loaded %s: %d users, %d items, item index %s", cfg.artifacts, info["users"], info["items"],
@@ -586,7 +587,7 @@ def serve(cfg) -> None:
     if realtime is not None:
         from dmp_dl.realtime.service import RealtimeEraser
 
-        eraser = RealtimeEraser(eraser, realtime)
+        eraser = RealtimeEraser(eraser, realtime, cfg.artifacts)
         realtime.start()
         log.info("real-time events: journal %s", realtime.journal_dir)
     app = create_app(rec, token=token, max_ids=int(cfg.max_ids), max_body_bytes=int(cfg.max_body_bytes),

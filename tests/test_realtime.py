@@ -36,12 +36,9 @@ def rt_run(tmp_path_factory):
 
 @pytest.fixture
 def bundle(rt_run, tmp_path):
-    """A copy of the run's bundle of its own (its journal goes beside it), with its own erasure list."""
+    """A copy of the run's bundle of its own (its journal goes beside it)."""
     target = tmp_path / "artifacts"
     shutil.copytree(rt_run["bundle_dir"], target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["privacy"].update(erasure_list=str(tmp_path / "erased.txt"), audit_log=str(tmp_path / "audit.jsonl"))
-    (target / "manifest.json").write_text(json.dumps(manifest))
     return target
 
 
@@ -325,20 +322,20 @@ def test_journal_rotates_segments_and_erases_rows(tmp_path):
 
 
 # -- erasure -------------------------------------------------------------------------------------
-def test_erasure_removes_the_users_journal_rows(bundle, monkeypatch):
+def test_erasure_removes_the_users_journal_rows(bundle, tmp_path):
     from dmp_dl.privacy.erasure import ErasureService
     from dmp_dl.realtime.service import RealtimeEraser, default_journal_dir
     from dmp_dl.server import bundle_loader
 
-    monkeypatch.setenv("DMP_PSEUDONYM_KEY", KEY)
-    service = RealtimeService(default_journal_dir(bundle))
+    lists = {"erasure_list": tmp_path / "erased.txt", "audit_log": tmp_path / "audit.jsonl"}
+    service = RealtimeService(default_journal_dir(bundle), erasure_list=lists["erasure_list"])
     plain = bundle_loader(bundle)
 
-    def load():
-        return service.attach(plain(), bundle)
+    def load(at=None):  # as serve.py: erasure checks its new bundle with at=...
+        return plain(at) if at is not None else service.attach(plain(), bundle)
 
     rec = load()
-    eraser = RealtimeEraser(ErasureService(bundle, load), service)
+    eraser = RealtimeEraser(ErasureService(bundle, load, **lists), service, bundle)
     client = TestClient(create_app(rec, token="tok", eraser=eraser))
     auth = {"Authorization": "Bearer tok"}
     known = str(rec.user_vocab.ids[3])
@@ -467,7 +464,16 @@ def test_pseudonymised_bundles_journal_pseudonyms_only(tmp_path, monkeypatch, rt
         text = b"".join(p.read_bytes() for p in live._service.journal_dir.iterdir() if p.is_file())
     assert b"walk-in-42" not in text and b"u000001" not in text
     rows = read_journal(out / "artifacts.journal")[0]
-    assert rows["user_id"].str.startswith("hmac-sha256:").all()
+    assert rows["user_id"].str.startswith("hmac-sha256:").all() and len(rows) == 2
+    # erasure by the command-line job: the next start removes the users' journal rows (by pseudonym)
+    from dmp_dl.privacy.erasure import forget_users
+
+    forget_users(out / "artifacts", ["walk-in-42"])
+    with LiveRecommender.load(out / "artifacts") as live:
+        assert live.live_user("walk-in-42") is None and live.live_user("u000001") is not None
+        refused = live.ingest([{"user_id": "walk-in-42", "item_id": "i00004", "event_type": "view", "timestamp": 1767225609}])
+        assert refused == {"accepted": 0, "rejected": {"erased_user": 1}}
+    assert len(read_journal(out / "artifacts.journal")[0]) == 1
 
 
 def test_unknown_user_queries_still_answer_404(live):

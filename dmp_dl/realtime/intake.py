@@ -79,46 +79,54 @@ class KeySet:
 
 
 class ErasedUsers:
-    """Who is on the erasure list, asked in the bundle's id space (pseudonyms or raw ids).
+    """Who is on the erasure list (:mod:`dmp_dl.privacy.erasure_list`), for one bundle.
 
-    entries: the parsed list(s) (:class:`~dmp_dl.privacy.erasure_list.ErasureEntries`), or None;
-    pseudonymizer: the bundle's key (pseudonymised bundles), or the key the list was written with
-    (raw-id bundles whose list holds keyed hashes); pseudonymized: the bundle's id space.
+    entries: the parsed list, or None; key: the bundle's pseudonymisation key, or (raw-id bundles
+    whose list holds keyed hashes) the key the list was written with; pseudonymized: whether the
+    bundle's ids are pseudonyms.
     """
 
-    def __init__(self, entries=None, pseudonymizer: Pseudonymizer | None = None, pseudonymized: bool = False):
-        self.entries, self.pseudonymizer, self.pseudonymized = entries, pseudonymizer, pseudonymized
-        self._hashed_raw = ({pseudonymizer.one(r) for r in entries.raw_ids}
-                            if entries is not None and pseudonymized and pseudonymizer is not None else set())
+    def __init__(self, entries=None, key: Pseudonymizer | None = None, pseudonymized: bool = False):
+        self.entries, self.key, self.pseudonymized = entries, key, pseudonymized
+        self._hashed_raw = ({key.one(r) for r in entries.raw_ids} if entries is not None and pseudonymized else set())
+        self._warned = False
 
     def __len__(self) -> int:
         return 0 if self.entries is None else len(self.entries)
 
-    def among(self, keys: Iterable[str]) -> set[str]:
-        """The members of ``keys`` (user ids as the bundle holds them) that are on the list."""
-        if not len(self):
+    def among(self, raw_ids: Sequence[str | None], keys: Sequence[str]) -> set[str]:
+        """The ``keys`` (user ids as the bundle holds them) of users on the list. raw_ids: the same
+        users' normalised ids as given; ``None`` for an id given as its tagged pseudonym (what the
+        journal of a pseudonymised bundle holds), which is matched by its pseudonym alone."""
+        if not len(self) or not len(keys):
             return set()
-        e = self.entries
-        if self.pseudonymized:
-            return {k for k in keys if k in e.tagged or k in self._hashed_raw}
-        keys = list(keys)
-        found = {k for k in keys if k in e.raw_ids}
-        if e.tagged:
-            found |= {k for k in keys if self.pseudonymizer.one(k) in e.tagged}
-        return found
+        raw = np.asarray(raw_ids, dtype=object)
+        keys = np.asarray(keys, dtype=object)
+        known = np.array([r is not None for r in raw.tolist()], dtype=bool)
+        found = np.zeros(len(keys), dtype=bool)
+        if known.any():
+            found[known] = self.entries.resolve(raw[known].astype(str), self.key,
+                                                keys[known] if self.pseudonymized else None)
+        if (~known).any():  # pseudonyms alone: keyed entries, and raw entries hashed with the key
+            e = self.entries
+            found[~known] = [k in e.tagged or k in self._hashed_raw for k in keys[~known].tolist()]
+            if e.salted and not self._warned:
+                self._warned = True
+                log.warning("the erasure list has salted entries, which cannot be matched against journaled "
+                            "pseudonyms (they need the raw id); they apply to new events only")
+        return set(keys[found].tolist())
 
     @classmethod
-    def for_bundle(cls, manifest: dict, pseudonymizer: Pseudonymizer | None) -> "ErasedUsers":
-        """The erasure list the bundle's training run recorded (``privacy.erasure_list``)."""
+    def for_bundle(cls, manifest: dict, pseudonymizer: Pseudonymizer | None, erasure_list=None) -> "ErasedUsers":
+        """The erasure list of the bundle (``erasure_list``, default: what its training run recorded)."""
         from dmp_dl.privacy.erasure_list import read_erasure_list
-        from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV
+        from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, recorded_privacy
 
-        recorded = manifest.get("privacy") or {}
-        path = recorded.get("erasure_list")
+        recorded = recorded_privacy(manifest)
+        path = erasure_list or recorded.get("erasure_list")
         if not path:
             return cls()
         entries = read_erasure_list(path, required=False)
-        pseudonymized = pseudonymizer is not None
         key = pseudonymizer
         if entries.tagged and key is None:
             try:
@@ -129,7 +137,7 @@ class ErasedUsers:
                                   f"events out ({exc})") from None
         if key is not None and entries.fingerprints:
             entries.check_key(key)
-        return cls(entries, key, pseudonymized)
+        return cls(entries, key, pseudonymizer is not None)
 
 
 @dataclass
@@ -251,11 +259,14 @@ class EventIntake:
 
     def _clean(self, frame: pd.DataFrame, seen: KeySet | None, journal_order: bool) -> Intake:
         rejected: dict[str, int] = {}
+        raw = normalize_ids(frame[USER])
         if self.pseudonymizer is not None:
-            frame[USER] = self._user_keys(normalize_ids(frame[USER]))
+            frame[USER] = self._user_keys(raw)
         erased = set()
         if len(self.erased) and len(frame):
-            erased = self.erased.among(set(normalize_ids(frame[USER]).tolist()))
+            pairs = pd.DataFrame({"raw": raw.to_numpy(dtype=object), "key": frame[USER].to_numpy(dtype=object)}).drop_duplicates()
+            given = pairs["raw"].where(~pairs["raw"].str.startswith(TAG_PREFIX), None) if self._tag else pairs["raw"]
+            erased = self.erased.among(given.tolist(), pairs["key"].tolist())
         clean, report = clean_events(frame, self.cleaning, exclude_users=erased, carry=(_ROW,))
         for reason, n in report.dropped.items():
             rejected[reason] = rejected.get(reason, 0) + int(n)

@@ -34,6 +34,7 @@ from dmp_dl.errors import BundleError, ConfigError, DmpError
 from dmp_dl.realtime.intake import ErasedUsers, EventIntake, KeySet, _event_hashes, bundle_cleaning
 from dmp_dl.realtime.journal import JOURNAL_ID, JOURNAL_SEQ, Journal, iso_seconds, read_journal
 from dmp_dl.realtime.live import LiveRecommender
+from dmp_dl.privacy.pseudonymize import TAG_PREFIX
 from dmp_dl.realtime.part import load_realtime_part
 from dmp_dl.recommender import InvalidRequestError, Recommender
 
@@ -94,12 +95,15 @@ def _id_space(rec: Recommender) -> dict:
 class RealtimeService:
     """One journal and the live view of the bundle served (see the module docstring).
 
-    journal_dir: the journal folder (created on the first :meth:`attach`); options: :class:`RealtimeOptions`.
+    journal_dir: the journal folder (created on the first :meth:`attach`); options: :class:`RealtimeOptions`;
+    erasure_list: the erasure list whose users' events are refused and removed from the journal
+    (default: the one the served bundle's manifest records, which erasure uses too).
     """
 
-    def __init__(self, journal_dir: str | os.PathLike, options: RealtimeOptions | None = None):
+    def __init__(self, journal_dir: str | os.PathLike, options: RealtimeOptions | None = None, erasure_list=None):
         self.journal_dir = Path(journal_dir).absolute()
         self.options = options or RealtimeOptions()
+        self.erasure_list = erasure_list  # default: the list each bundle's training run recorded
         self.journal: Journal | None = None
         self.current: LiveRecommender | None = None
         self.seen = KeySet()
@@ -127,7 +131,7 @@ class RealtimeService:
             raise BundleError(f"{artifacts}: a new bundle was published while this one was loading; reload again")
         part = load_realtime_part(bundle, rec.n_users, rec.n_items)
         intake = EventIntake(bundle_cleaning(rec.manifest), rec._item_rows, rec.pseudonymizer,
-                             ErasedUsers.for_bundle(rec.manifest, rec.pseudonymizer))
+                             ErasedUsers.for_bundle(rec.manifest, rec.pseudonymizer, self.erasure_list))
         with self._lock:
             first = self.journal is None
             if first:
@@ -159,8 +163,12 @@ class RealtimeService:
             self.current = live
         return live
 
-    def _purge_erased(self, intake: EventIntake) -> int:
-        """Remove the journal rows of users on the erasure list (after an erasure, or at start)."""
+    def _purge_erased(self, intake: EventIntake, reread: bool = False) -> int:
+        """Remove the journal rows of users on the erasure list (after an erasure, or at start).
+        reread: read the list again first (it changed under the view being served)."""
+        if reread:
+            live = self.current
+            intake.erased = ErasedUsers.for_bundle(live.manifest, live.pseudonymizer, self.erasure_list)
         if not len(intake.erased):
             return 0
         rows, _, _ = read_journal(self.journal_dir)
@@ -168,11 +176,14 @@ class RealtimeService:
             return 0
         written = pd.Series(rows[USER].unique(), dtype=object)
         keys = intake._user_keys(written)
-        erased = intake.erased.among(set(keys.tolist()))
+        raw = written.where(~written.str.startswith(TAG_PREFIX), None) if intake.pseudonymizer is not None else written
+        erased = intake.erased.among(raw.tolist(), keys.tolist())
         if not erased:
             return 0
         gone = written[keys.isin(erased).to_numpy()].tolist()
-        return self.journal.forget(gone)
+        removed = self.journal.forget(gone)
+        log.info("journal %s: removed %d rows of %d erased users", self.journal_dir, removed, len(gone))
+        return removed
 
     # -- events --------------------------------------------------------------------------------
     def ingest(self, events: Sequence[Mapping]) -> dict:
@@ -241,13 +252,28 @@ class RealtimeService:
 
 
 class RealtimeEraser:
-    """The server's erasure (an :class:`~dmp_dl.privacy.erasure.ErasureService`) with the journal:
-    the reload that follows an erasure removes the users' journal rows (:meth:`RealtimeService.attach`),
-    and the answer says how many."""
+    """The server's erasure (an :class:`~dmp_dl.privacy.erasure.ErasureService`) with the journal.
 
-    def __init__(self, inner, service: RealtimeService):
-        self.inner, self.service = inner, service
+    Once the erasure is recorded and the new bundle published, the new bundle is attached
+    (:meth:`RealtimeService.attach`): that removes the users' journal rows (they are on the erasure
+    list now) and replays the rest; the answer says how many rows went. If the erasure was recorded
+    but the bundle could not be replaced, the rows go all the same and the users' new events are
+    refused.
+    """
+
+    def __init__(self, inner, service: RealtimeService, artifacts: str | os.PathLike):
+        self.inner, self.service, self.artifacts = inner, service, artifacts
 
     def forget(self, user_ids):
-        summary, fresh = self.inner.forget(user_ids)
+        from dmp_dl.privacy.erasure import ErasureError
+
+        try:
+            summary, fresh = self.inner.forget(user_ids)
+        except ErasureError as exc:
+            if exc.recorded and self.service.current is not None:
+                with self.service._lock:
+                    self.service._purge_erased(self.service.current._intake, reread=True)
+            raise
+        if fresh is not None:
+            fresh = self.service.attach(fresh, self.artifacts)
         return {**summary, "journal_rows_removed": int(self.service.last_purged)}, fresh

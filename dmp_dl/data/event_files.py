@@ -62,7 +62,7 @@ def read_events(path: str | Path, *, key: str, sep: str = "auto", encoding: str 
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
                        and p.name.lower().endswith(CSV_SUFFIXES + PARQUET_SUFFIXES))
         if not files:
-            raise DataError(f"{path}: the folder holds no .csv or .parquet event files (set {key} to a file, "
+            raise DataError(f"{path} is a directory without .csv or .parquet event files (set {key} to a file, "
                             "a folder of event files or a journal folder)")
         tables = [read_table(f, what="events", key=key, required=REQUIRED_EVENT_COLUMNS, sep=sep,
                              encoding=encoding, rename=rename) for f in files]

@@ -92,7 +92,11 @@ class UserTable:
 
 class LiveRecommender(Recommender):
     """A :class:`Recommender` over a bundle plus live users; build it with :meth:`load` (Python) or
-    :meth:`RealtimeService.attach <dmp_dl.realtime.service.RealtimeService.attach>` (the server)."""
+    :meth:`RealtimeService.attach <dmp_dl.realtime.service.RealtimeService.attach>` (the server).
+
+    The id-based queries answer for live users; the array forms over vocabulary rows
+    (``recommend_rows``, ``lookalike_rows``, ``propensity_rows``, ``user_rows``), which batch jobs
+    use on a bundle, answer from the bundle as exported."""
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
@@ -200,7 +204,7 @@ class LiveRecommender(Recommender):
         row = self._user_rows.get(key, -1)
         prof, seg, part = self.profiles, self.stored_segments, self._part
         if row < 0:
-            return LiveUser(key, -1, np.zeros(0, np.int64), None, None, None, None,
+            return LiveUser(key, -1, np.zeros(0, np.int32), None, None, None, None,
                             np.zeros(len(prof.categories)) if prof is not None else None, 0.0,
                             np.zeros(len(prof.event_types)) if prof is not None else None, -np.inf,
                             self._behaviour.empty(1)[0] if self._behaviour is not None else None,
@@ -208,10 +212,10 @@ class LiveRecommender(Recommender):
         seen = self._seen_items[self._seen_indptr[row] : self._seen_indptr[row + 1]]
         if part.recent_items is not None:
             recent = part.recent_items[row]
-            recent = recent[recent >= 0][::-1].astype(np.int64)  # oldest first
-            items = np.concatenate([seen[~np.isin(seen, recent)], recent])
+            recent = recent[recent >= 0][::-1]  # oldest first
+            items = np.concatenate([seen[~np.isin(seen, recent)], recent]).astype(np.int32)
         else:
-            items = seen.astype(np.int64)
+            items = seen.astype(np.int32)
         interest = affinity = None
         total, as_of = 0.0, -np.inf
         if prof is not None:
@@ -320,7 +324,7 @@ class LiveRecommender(Recommender):
         for i, u in enumerate(users):
             lo, hi = bounds[i], bounds[i + 1]
             draft = dict(u.__dict__)
-            draft.update(items=np.concatenate([u.items, item[lo:hi]]), events=u.events + int(hi - lo),
+            draft.update(items=np.concatenate([u.items, item[lo:hi]]).astype(np.int32), events=u.events + int(hi - lo),
                          last_event=int(max(u.last_event, last[i])), **fields[i])
             out.append(draft)
         return out

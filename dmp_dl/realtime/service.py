@@ -142,8 +142,10 @@ class RealtimeService:
                                   f"{self.journal_dir} (raw ids vs pseudonyms, or another key); serve it with its own journal")
             live = LiveRecommender.wrap(rec, part, self, intake, self.options.lookalike_refresh_seconds)
             t0 = time.perf_counter()
-            self.last_purged = self._purge_erased(intake)
             rows, _, _ = read_journal(self.journal_dir)
+            self.last_purged, gone = self._purge_erased(intake, rows)
+            if gone:
+                rows = rows.loc[~rows[USER].isin(gone).to_numpy()]
             if first:
                 self.seen.add(_event_hashes(rows[EVENT_ID].astype(str).tolist()))
             mark = part.journals.get(self.journal.id, 0)
@@ -163,27 +165,30 @@ class RealtimeService:
             self.current = live
         return live
 
-    def _purge_erased(self, intake: EventIntake, reread: bool = False) -> int:
+    def _purge_erased(self, intake: EventIntake, rows: pd.DataFrame | None = None,
+                      reread: bool = False) -> tuple[int, list[str]]:
         """Remove the journal rows of users on the erasure list (after an erasure, or at start).
-        reread: read the list again first (it changed under the view being served)."""
+        rows: the journal's rows, if just read; reread: read the list again first (it changed under
+        the view being served). Returns (rows removed, the user ids removed as journaled)."""
         if reread:
             live = self.current
             intake.erased = ErasedUsers.for_bundle(live.manifest, live.pseudonymizer, self.erasure_list)
         if not len(intake.erased):
-            return 0
-        rows, _, _ = read_journal(self.journal_dir)
+            return 0, []
+        if rows is None:
+            rows, _, _ = read_journal(self.journal_dir)
         if not len(rows):
-            return 0
+            return 0, []
         written = pd.Series(rows[USER].unique(), dtype=object)
         keys = intake._user_keys(written)
         raw = written.where(~written.str.startswith(TAG_PREFIX), None) if intake.pseudonymizer is not None else written
         erased = intake.erased.among(raw.tolist(), keys.tolist())
         if not erased:
-            return 0
+            return 0, []
         gone = written[keys.isin(erased).to_numpy()].tolist()
         removed = self.journal.forget(gone)
         log.info("journal %s: removed %d rows of %d erased users", self.journal_dir, removed, len(gone))
-        return removed
+        return removed, gone
 
     # -- events --------------------------------------------------------------------------------
     def ingest(self, events: Sequence[Mapping]) -> dict:
@@ -272,7 +277,7 @@ class RealtimeEraser:
         except ErasureError as exc:
             if exc.recorded and self.service.current is not None:
                 with self.service._lock:
-                    self.service._purge_erased(self.service.current._intake, reread=True)
+                    self.service.last_purged = self.service._purge_erased(self.service.current._intake, reread=True)[0]
             raise
         if fresh is not None:
             fresh = self.service.attach(fresh, self.artifacts)

@@ -171,7 +171,7 @@ class LiveRecommender(Recommender):
         return self._service.ingest(events)
 
     def close(self) -> None:
-        """Release the journal (its other users are then refused nothing; this object still answers)."""
+        """Close the journal and release its lock (later ``ingest`` calls are refused; queries still answer)."""
         self._service.close()
 
     def __enter__(self) -> "LiveRecommender":
@@ -228,7 +228,8 @@ class LiveRecommender(Recommender):
         return LiveUser(key, row, items, self._stored_attributes(row), self.user_vectors[row].copy(),
                         int(seg.assignments[row]) if seg is not None else None,
                         float(seg.distances[row]) if seg is not None else None,
-                        interest, total, affinity, as_of, stats, float(self._data_end or -np.inf), score, 0, 0)
+                        interest, total, affinity, as_of, stats,
+                        float(self._data_end) if self._data_end is not None else -np.inf, score, 0, 0)
 
     def _stored_attributes(self, row: int) -> dict | None:
         """The user's attributes as the encoder's attribute table stores them, as a record

@@ -14,7 +14,8 @@ uses ``--artifacts DIR``, then, each on a fresh copy of the bundle and journal:
 * HTTP: the single and batched runs against ``serve.py`` (one keep-alive client), plus
   ``GET /recommend`` right after each event;
 * memory: RSS growth while ingesting ``--memory-events`` events, per 1M events; and the time and
-  RSS of replaying that journal on a fresh start.
+  RSS of replaying that journal on a fresh start;
+* ``--quality``: whether updating users from their events helps (:func:`stream_quality`).
 
 Targets (on 2 cores): >= 5,000 events/s batched; single-event update p99 <= 10 ms in process,
 <= 20 ms over HTTP.
@@ -239,6 +240,59 @@ def over_http(artifacts: Path, root: Path, args) -> dict:
     return out
 
 
+def stream_quality(name: str, overrides: list[str], root: Path) -> dict:
+    """Does updating users from their events help? Train with a per-user ``leave_last_n`` split
+    (n = 5): each user's validation events play the events that arrive after training, the test
+    events what they do next. Test recall/NDCG@20 (full ranking, train and validation items
+    excluded) of the user vectors before the events (frozen) and after them, by the real-time path
+    (the cold-start encoder on the whole updated history) and by two alternatives."""
+    import torch
+
+    from dmp_dl.data.datamodule import last_items
+    from dmp_dl.data.split import TEST, TRAIN
+    from dmp_dl.embeddings import item_vectors, user_vectors
+    from dmp_dl.evaluation.baselines import EmbeddingScorer
+    from dmp_dl.evaluation.ranking import evaluate_scorer
+    from dmp_dl.pipeline import run
+
+    out = root / ("quality-" + "".join(c if c.isalnum() else "-" for c in name))
+    cfg = common.compose_train_cfg(["logger=none", "evaluation.report=null", "propensity.enabled=false",
+                                    "audience.enabled=false", "export=false", "trainer.enable_progress_bar=false",
+                                    "data.split.method=leave_last_n", "data.split.n=5",
+                                    f"privacy.erasure_list={out / 'erased.txt'}", *overrides], out)
+    result = run(cfg)
+    dm, net = result["datamodule"], result["module"].net.cpu().eval()
+    ev = dm.events
+    u, i, s = ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev["split"].to_numpy()
+    before = last_items(u[s == TRAIN], i[s == TRAIN], dm.n_users, dm.history_len, dm.n_items)
+    after = last_items(u[s != TEST], i[s != TEST], dm.n_users, dm.history_len, dm.n_items)
+    users = np.arange(dm.n_users)
+    attr = getattr(net, "user_attr", None)
+    reads = attr is not None and attr.active
+
+    def cold(history):
+        with torch.no_grad():
+            args = (attr.tokens[torch.as_tensor(users)], attr.numeric[torch.as_tensor(users)]) if reads else ()
+            return net.cold_user_vectors(torch.as_tensor(history), *args).numpy()
+
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        trained, trained_after = user_vectors(net, users, before, device=cpu), user_vectors(net, users, after, device=cpu)
+        items = item_vectors(net, dm.n_items, device=cpu)
+    residual = trained + cold(after) - cold(before)
+    if getattr(net, "normalized", False):
+        residual /= np.linalg.norm(residual, axis=1, keepdims=True).clip(1e-12)
+    rows = {}
+    for label, vectors in (("frozen: the trained vector, no update", trained),
+                           ("real-time path: cold-start encoder on the whole updated history", cold(after)),
+                           ("alternative: trained + cold(after) - cold(before)", residual),
+                           ("alternative: the network's user_vectors(user, updated history)", trained_after)):
+        m = evaluate_scorer(EmbeddingScorer(vectors, items, "cpu"), dm.eval_dataset("test"), dm.n_items, (20,), device="cpu")
+        rows[label] = {"recall@20": float(m["recall@20"]), "ndcg@20": float(m["ndcg@20"])}
+    return {"data": name, "test_users": len(dm.test_users), "users_with_new_events": int((before != after).any(axis=1).sum()),
+            "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, help="a bundle to use (default: train a synthetic one)")
@@ -248,6 +302,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=300)
     parser.add_argument("--memory-events", type=int, default=300_000)
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--quality", action="store_true",
+                        help="also: do real-time updates help? (ML-100k and synthetic, leave-last-5; ~10 min each)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes into bench/out/")
     parser.add_argument("--scratch", action="store_true", help="write into bench/out/, not bench/RESULTS.md")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the synthetic training run")
@@ -256,13 +312,20 @@ def main() -> None:
         args.batches, args.single, args.memory_events = 3, 30, 5000
         args.overrides = ["data.source.n_users=400", "data.source.n_items=150", "data.source.n_events=12000", *args.overrides]
     output.use(args.quick or args.scratch)
+    at_start = common.machine()  # the load average when the run starts
     root = Path(tempfile.mkdtemp(prefix="dmp-realtime-bench-"))
     try:
         artifacts = args.artifacts or train_bundle(root / "train", args.overrides)
-        data = {"bundle": str(args.artifacts or "synthetic (default config, 1 epoch)"), "in_process": in_process(artifacts, root, args)}
+        data = {"machine": at_start, "bundle": str(args.artifacts or "synthetic (default config, 1 epoch)"),
+                "in_process": in_process(artifacts, root, args)}
         if not args.no_http:
             data["http"] = over_http(artifacts, root, args)
         data["memory"] = memory(artifacts, root, args)
+        if args.quality:
+            data["quality"] = [stream_quality("synthetic (default, 5 epochs)", ["trainer.max_epochs=5"], root)]
+            if (common.ML100K / "u.data").exists():
+                data["quality"].append(stream_quality("ML-100k (experiment=ml100k)", [
+                    "data=movielens", f"data.path={common.ML100K}", "experiment=ml100k"], root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     common.write_section("realtime", "Real-time events (bench/realtime.py)", render(data), data)
@@ -288,11 +351,18 @@ def render(data: dict) -> str:
         {"what": "memory growth per 1M journaled events (MiB)", "in process": m["growth_mib_per_million"]},
         {"what": "replay on start (events/s)", "in process": m["replay_events_per_second"]},
     ]
-    body = common.markdown_table(rows, ["what", "in process", "HTTP", "target"], floatfmt=",.0f")
+    body = ("The machine was shared with other people's jobs while this ran (load average "
+            f"{data['machine']['load_average']:.1f} at the start on 2 cores): every time below is wall-clock under "
+            "that load.\n\n")
+    body += common.markdown_table(rows, ["what", "in process", "HTTP", "target"], floatfmt=",.0f")
     body += (f"\n\nMemory: {m['events']:,} events over {m['live_users']:,} users ({m['new_users']:,} new) grew the "
              f"process from {m['rss_mib_loaded']:.0f} to {m['rss_mib_after']:.0f} MiB; the journal takes "
              f"{m['journal_bytes_per_event']:.0f} bytes per event on disk; a restart replayed {m['replayed']:,} events "
              f"in {m['replay_seconds']:.1f} s ({m['rss_mib_after_replay']:.0f} MiB after). Bundle: {data['bundle']}.")
+    for q in data.get("quality", []):
+        body += (f"\n\n**Do the updates help?** {q['data']}: {q['users_with_new_events']:,} users get their 5 validation "
+                 f"events as real-time events, then their 5 test events are ranked ({q['test_users']:,} test users):\n\n")
+        body += common.markdown_table([{"user vector": k, **v} for k, v in q["rows"].items()], floatfmt=".4f")
     return body
 
 

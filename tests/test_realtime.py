@@ -244,6 +244,11 @@ def test_bad_events_are_counted_never_a_crash(live):
     assert len(rows) == 3 and rows["event_id"].is_unique
 
 
+def test_a_server_without_real_time_answers_409(rec):
+    r = TestClient(create_app(rec)).post("/events", json={"events": [{"user_id": "u", "item_id": "i"}]})
+    assert r.status_code == 409 and "real-time events are off" in r.json()["detail"]
+
+
 def test_random_events_never_crash(live):
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st

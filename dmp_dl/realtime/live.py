@@ -129,6 +129,7 @@ class LiveRecommender(Recommender):
         live._changed_at: float | None = None  # first change the user index does not have yet
         live._counts = {"events_applied": 0, "events_replayed": 0}
         live._data_end = part.data_end
+        live._timeless = part.entry.get("timestamps") is False
         live._behaviour = None
         live._propensity_items = None
         scorer = rec._propensity
@@ -292,10 +293,13 @@ class LiveRecommender(Recommender):
         if prof is not None and users[0].interest is not None:
             half_life = prof.half_life_days * SECONDS_PER_DAY
             old = np.array([u.as_of for u in users])
-            as_of = np.maximum(old, last)
-            with np.errstate(invalid="ignore"):
-                shift = np.where(np.isfinite(old), np.exp2(-(as_of - np.where(np.isfinite(old), old, as_of)) / half_life), 0.0)
-            decay = np.exp2(-(as_of[user] - t) / half_life)
+            if self._timeless:  # trained without event times: profiles are plain weighted counts
+                as_of, shift, decay = np.where(np.isfinite(old), old, 0.0), np.ones(n_users), np.ones(len(t))
+            else:
+                as_of = np.maximum(old, last)
+                with np.errstate(invalid="ignore"):
+                    shift = np.where(np.isfinite(old), np.exp2(-(as_of - np.where(np.isfinite(old), old, as_of)) / half_life), 0.0)
+                decay = np.exp2(-(as_of[user] - t) / half_life)
             if prof.event_weights is not None:
                 w = np.array([float(prof.event_weights.get(str(x), 0.0)) for x in types.tolist()])
             else:

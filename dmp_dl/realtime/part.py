@@ -14,7 +14,8 @@ entry ``realtime`` and the files::
     realtime/item_categories_{indptr,index,share}.npy   the (n_items, C) CSR of category shares the
                                      interest profiles were built from
 
-The entry records ``data_end`` (the last event of the training data) and ``journals``: for every
+The entry records ``data_end`` (the last event of the training data), ``timestamps`` (whether the
+training data had event times: without them profiles are not time-decayed) and ``journals``: for every
 real-time journal the run read (``data.extra_paths``), the last sequence number it read, so that
 a server replays only the journal rows the bundle has not seen. Every per-user file is listed
 under ``user_aligned``, so erasure removes a user's rows. The propensity and profile files are

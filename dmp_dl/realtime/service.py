@@ -119,7 +119,9 @@ class RealtimeService:
         return self._thread is not None and self._thread.is_alive()
 
     def describe(self) -> dict:
-        return {"journal": str(self.journal_dir), "journal_id": self.journal.id if self.journal else None,
+        """The journal's id, its last sequence number and the event keys known (no paths: ``/health``
+        answers without a token)."""
+        return {"journal_id": self.journal.id if self.journal else None,
                 "journal_last_seq": self.journal.last_seq if self.journal else 0, "event_keys": len(self.seen)}
 
     # -- attaching a bundle --------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -240,6 +241,9 @@ def test_bad_events_are_counted_never_a_crash(live):
         assert r.status_code == status, (payload, r.text)
         assert r.headers["content-type"].startswith("application/json") and "detail" in r.json()
     assert client.post("/events", json={"events": []}).json() == {"accepted": 0, "rejected": {}}
+    for when in ("1970-01-02", int(time.time()) + 30 * 86400, "yesterday"):  # one event is checked like a log's rows
+        answer = client.post("/events", json={"events": [{**good, "timestamp": when}]}).json()
+        assert answer["accepted"] == 0 and set(answer["rejected"]) <= {"timestamp_out_of_range", "bad_timestamp"}
     rows = read_journal(live._service.journal_dir)[0]
     assert len(rows) == 3 and rows["event_id"].is_unique
 
@@ -425,6 +429,21 @@ def test_a_journal_folder_is_an_event_log(tmp_path):
                                split={"method": "random_per_user", "val_frac": 0.0, "test_frac": 0.0}).prepare()
     assert dm.report.events.rows_out == 2 and dm.report.events.dropped == {"duplicate": 1}
     assert list(dm.journal_marks.values()) == [3]
+
+
+def test_a_log_without_times_plus_a_journal_is_a_log_without_times(tmp_path):
+    from dmp_dl.data.event_files import EventFileSource
+
+    (tmp_path / "log.csv").write_text("user_id,item_id,event_type\n" + "".join(
+        f"u{k % 5},i{k % 7},view\n" for k in range(40)))
+    j = Journal(tmp_path / "j")
+    j.append([(f"e{k}", f"u{k}", "i9", f"2026-01-01T00:0{k}:00Z", "view", "0.0") for k in range(3)])  # i9: not in the log
+    j.close()
+    dm = InteractionDataModule(EventFileSource, path=str(tmp_path / "log.csv"), extra_paths=[str(tmp_path / "j")],
+                               cleaning={"event_weights": {"view": 1}}).prepare()
+    segment = str(tmp_path / "j" / "events-000001.csv")
+    assert dm.report.events.sources[segment] == {"rows_in": 3, "rows_out": 3}, "journal rows are not dropped for their times"
+    assert not dm.has_timestamps
 
 
 def test_a_pseudonymised_journal_needs_a_pseudonymising_run(tmp_path, monkeypatch):

@@ -236,6 +236,7 @@ def clean_events(
     exclude_users: Collection[str] = (),
     sources: Sequence[tuple[str, int, int]] = (),
     carry: Sequence[str] = (),
+    constant_time_is_no_time: bool = True,
 ) -> tuple[pd.DataFrame, TableReport]:
     """Canonical events from a raw event table.
 
@@ -254,6 +255,8 @@ def clean_events(
         rows) of each, in order; the report then counts rows in and out per file (``sources``).
     carry: columns of ``raw`` passed through unchanged to the kept events (e.g. a request's row
         numbers), never compared for duplicates.
+    constant_time_is_no_time: read one timestamp shared by every event as "no times" (a whole
+        log); False for a batch of events that may well share one moment (the range check applies).
 
     Returns
     -------
@@ -284,7 +287,7 @@ def clean_events(
         hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
         with np.errstate(invalid="ignore"):
             outside = (ts < lo) | (ts > hi)
-        if len(np.unique(ts[keep])) > 1:
+        if not constant_time_is_no_time or len(np.unique(ts[keep])) > 1:
             drop(outside, "timestamp_out_of_range")
         else:  # one value for every event: no time at all, kept (as 0 when it is no sane time)
             ts = np.where(outside, 0.0, ts)

@@ -267,7 +267,8 @@ class EventIntake:
             pairs = pd.DataFrame({"raw": raw.to_numpy(dtype=object), "key": frame[USER].to_numpy(dtype=object)}).drop_duplicates()
             given = pairs["raw"].where(~pairs["raw"].str.startswith(TAG_PREFIX), None) if self._tag else pairs["raw"]
             erased = self.erased.among(given.tolist(), pairs["key"].tolist())
-        clean, report = clean_events(frame, self.cleaning, exclude_users=erased, carry=(_ROW,))
+        clean, report = clean_events(frame, self.cleaning, exclude_users=erased, carry=(_ROW,),
+                                     constant_time_is_no_time=False)
         for reason, n in report.dropped.items():
             rejected[reason] = rejected.get(reason, 0) + int(n)
         if journal_order:

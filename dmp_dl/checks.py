@@ -279,6 +279,10 @@ SERVE_RULES: dict[str, Rule] = {
     "faiss_threads": THREADS,
     "timeout_keep_alive": Int(1, 86_400),
     "log_level": Choice(("critical", "error", "warning", "info", "debug", "trace")),
+    "torch_threads": THREADS,
+    "realtime.enabled": Choice((True, False)),
+    "realtime.segment_bytes": Int(4096, 1 << 40),
+    "realtime.lookalike_refresh_seconds": NON_NEGATIVE,
 }
 EVALUATE_RULES: dict[str, Rule] = {
     "seed": Int(0, MAX_SEED, null=True),
@@ -473,6 +477,16 @@ def check_data_config(cfg: DictConfig, paths: bool = True) -> None:
         "data.items": {},
         "data.erasure_list": {},
     })
+    extra = select(cfg, "data.extra_paths")
+    if extra not in (_ABSENT, None):
+        if isinstance(extra, (str, os.PathLike)):
+            extra = [extra]
+        if not isinstance(extra, (list, tuple)):
+            raise ConfigError(f"data.extra_paths must be a list of event files or folders, got {extra!r}")
+        for i, value in enumerate(extra):
+            if not isinstance(value, (str, os.PathLike)) or str(value).strip() == "":
+                raise ConfigError(f"data.extra_paths[{i}] must be a path, got {value!r}")
+            check_input_file(value, f"data.extra_paths[{i}]", allow_dir=True)
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -632,6 +646,18 @@ def check_serve_config(cfg: DictConfig) -> str | None:
     host = select(cfg, "host")
     if not isinstance(host, str) or not host.strip():
         raise ConfigError(f"host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0, got {host!r}")
+    realtime = select(cfg, "realtime")
+    if realtime not in (_ABSENT, None):
+        from dmp_dl.realtime.service import RealtimeOptions
+
+        RealtimeOptions.from_config(realtime)  # unknown keys: one line naming them
+    journal = select(cfg, "journal")
+    if journal not in (_ABSENT, None, "") and select(cfg, "realtime.enabled") is not False:
+        if not isinstance(journal, (str, os.PathLike)):
+            raise ConfigError(f"journal must be a folder path (or null: beside the bundle), got {journal!r}")
+        problem = writable_dir_problem(str(journal))
+        if problem:
+            raise ConfigError(f"journal: {problem}; choose another folder with journal=DIR (or realtime.enabled=false)")
     return token_from(select(cfg, "token"), "token")
 
 

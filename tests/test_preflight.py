@@ -99,6 +99,8 @@ def one_line(exc: BaseException) -> str:
     (["data.cleaning.max_abs_value=-5"], "data.cleaning.max_abs_value must be a finite number > 0"),
     (["propensity.pos_weight=-2"], "propensity.pos_weight must be auto, none or a finite number > 0"),
     (["callbacks.mid_epoch_checkpoint.train_time_interval.minutes=0"], "train_time_interval.minutes must be a finite number > 0"),
+    (["data.extra_paths=[5]"], "data.extra_paths[0] must be a path, got 5"),
+    (["data.extra_paths=5"], "data.extra_paths must be a list of event files or folders, got 5"),
 ])
 def test_bad_train_settings_are_one_line_before_the_data(tiny_cfg, no_data_read, overrides, message):
     cfg = tiny_cfg(*overrides)
@@ -324,11 +326,23 @@ def serve_cfg(*overrides: str):
     (["host=''"], "host must be an address"),
     (["token=1e5"], "token=100000.0 was read as a float; quote it"),
     (["token=true"], "token=True was read as a bool"),
+    (["torch_threads=0"], "torch_threads must be an integer in 1..4096 or null"),
+    (["realtime.enabled=maybe"], "realtime.enabled must be one of True | False"),
+    (["realtime.segment_bytes=100"], "realtime.segment_bytes must be an integer in 4096..1099511627776, got 100"),
+    (["realtime.lookalike_refresh_seconds=-1"], "realtime.lookalike_refresh_seconds must be a finite number >= 0"),
+    (["+realtime.segments=3"], "realtime.segments is not a setting (known: enabled, lookalike_refresh_seconds, segment_bytes)"),
+    (["journal=/proc/journal"], "journal: cannot write in /proc"),
 ])
 def test_bad_serve_settings(overrides, message):
     with pytest.raises(ConfigError) as info:
         check_serve_config(serve_cfg(*overrides))
     assert message in one_line(info.value)
+
+
+def test_a_missing_extra_event_path_is_one_line_before_the_data(tiny_cfg, no_data_read, tmp_path):
+    with pytest.raises(DataError) as info:
+        run(tiny_cfg(f"data.extra_paths=[{tmp_path / 'journal-nowhere'}]"))
+    assert f"data.extra_paths[0]: {tmp_path / 'journal-nowhere'} not found" in one_line(info.value)
 
 
 def test_a_numeric_token_is_taken_as_its_digits():

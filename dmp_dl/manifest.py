@@ -186,6 +186,24 @@ class PartEntry(_Open):
     files: list[Name] = []
 
 
+class RealtimeBehaviour(_Open):
+    event_types: list[str]
+    half_lives_days: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+    width: Count
+
+
+class RealtimeEntry(PartEntry):
+    """What real-time updates read (:mod:`dmp_dl.realtime.part`): the training data's last event time,
+    the last journal row each journal the run read contributed, and the per-user files."""
+
+    data_end: int | None = None
+    journals: dict[Name, Count] = {}
+    history_len: Count = 0
+    timestamps: bool = True
+    behaviour: RealtimeBehaviour | None = None
+    categories: Count | None = None
+
+
 class Manifest(_Open):
     """Every bundle has the fields up to ``files``; an exported model (``export_bundle``) all of them."""
 
@@ -206,6 +224,7 @@ class Manifest(_Open):
     propensity: PartEntry = None
     privacy: PrivacyEntry = None
     scoring: ScoringEntry = None
+    realtime: RealtimeEntry = None
     config: dict[str, Any] = None
 
     @field_validator("created_at", "trained_at")
@@ -294,7 +313,7 @@ def check_manifest(manifest: dict, path: Path) -> None:
 
 def part_entries(manifest: Mapping[str, Any]) -> dict[str, dict]:
     """Name -> entry of every object-valued top-level field that may list ``user_aligned`` files."""
-    known = set(Manifest.model_fields) - {"propensity"}
+    known = set(Manifest.model_fields) - {"propensity", "realtime"}
     return {k: v for k, v in manifest.items() if k not in known and isinstance(v, dict)}
 
 

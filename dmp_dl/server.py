@@ -221,7 +221,7 @@ def request_models(rec: Recommender, max_ids: int) -> dict[str, type[BaseModel]]
         events: list[Any] = Field(description="events like the rows of a training log: {\"user_id\", \"item_id\", "
                                               "\"timestamp\"?, \"event_type\"?, \"value\"?, \"event_id\"?}; an event "
                                               "that is not such an object is counted as malformed_row",
-                                  json_schema_extra=ids)
+                                  json_schema_extra={"maxItems": max_ids})
 
     return {"history": HistoryRequest, "lookalike": LookalikeRequest, "propensity": PropensityRequest,
             "uplift": UpliftRequest, "erasure": ErasureRequest, "events": EventsRequest, "attributes": Attributes}
@@ -472,9 +472,10 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         return {"k": len(described), "segments": [{**d, "label": segment_label(d)} for d in described]}
 
     @app.post("/events", dependencies=guarded, response_model=IngestAnswer, response_model_exclude_none=True,
-              responses={**error_responses(400, 401, 409, 413, 422),
-                         503: {"model": ErrorBody, "description": "The event journal cannot be written: nothing of the "
-                                                                  "batch was accepted, send it again (error `journal_unavailable`)."}})
+              responses={**error_responses(400, 401, 413, 422),
+                         409: {"model": ErrorBody, "description": "Real-time events are off on this server (error "
+                               "`unavailable`), or the event journal cannot be written (error `journal_unavailable`: "
+                               "nothing of the batch was accepted; send it again later)."}})
     def events(request: Request, body: EventsRequest) -> dict:
         """Real-time events: cleaned like a training log, journaled to disk, then applied at once to
         the users' history, vector, profile, segment and propensity. Answers how many were accepted
@@ -485,9 +486,9 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         if not hasattr(rec, "ingest"):
             raise MissingPartError("real-time events are off on this server (start serve.py with realtime.enabled=true)")
         try:
-            return rec.ingest(bounded(body.events, "events"))
+            return rec.ingest(bounded(body.events, "events", empty_ok=True))
         except JournalError as exc:
-            return error_response(503, str(exc), "journal_unavailable", headers={"Retry-After": "1"})
+            return error_response(409, str(exc), "journal_unavailable", headers={"Retry-After": "1"})
 
     @app.post("/reload", dependencies=guarded, responses=error_responses(401, 403, 409, 413))
     def reload_bundle(request: Request) -> dict:

@@ -15,6 +15,7 @@ from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.synthetic import SyntheticSource
 from dmp_dl.errors import ConfigError, UnknownIdError
 from dmp_dl.pipeline import run
+from dmp_dl.recommender import Recommender
 from dmp_dl.realtime import LiveRecommender, RealtimeService
 from dmp_dl.realtime.behaviour import BehaviourStats
 from dmp_dl.realtime.journal import Journal, read_journal
@@ -24,27 +25,55 @@ from tests.conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
 KEY = "realtime-test-secret-0123456789abcdef"
 
 
+_RUNS: dict[str, dict] = {}
+
+
+def tiny_run(tmp_path_factory, *overrides: str) -> dict:
+    """A tiny run with propensity, profiles and segments (what real-time updates touch), once per module."""
+    if overrides not in _RUNS:
+        out = tmp_path_factory.mktemp("rt") / "run"
+        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", "evaluation.report=null",
+                           f"privacy.erasure_list={out.parent / 'erased.txt'}",
+                           f"privacy.audit_log={out.parent / 'audit.jsonl'}", *overrides], out)
+        _RUNS[overrides] = run(cfg)
+    return _RUNS[overrides]
+
+
 @pytest.fixture(scope="module")
 def rt_run(tmp_path_factory):
-    """A tiny run with propensity, profiles and segments (what real-time updates touch)."""
-    out = tmp_path_factory.mktemp("rt") / "run"
-    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", "evaluation.report=null",
-                       f"privacy.erasure_list={out.parent / 'erased.txt'}", f"privacy.audit_log={out.parent / 'audit.jsonl'}"],
-                      out)
-    return run(cfg)
+    """The default model (the automatic choice: on this data the autoencoder blended with EASE)."""
+    yield tiny_run(tmp_path_factory)
+    _RUNS.clear()
+
+
+@pytest.fixture(scope="module", params=["auto", "two_tower"])
+def any_run(request, rt_run, tmp_path_factory):
+    """The default model's run and a two-tower run (a sequence encoder over the recent items)."""
+    return rt_run if request.param == "auto" else tiny_run(tmp_path_factory, "model=two_tower")
+
+
+def _copy(run_result, tmp_path):
+    target = tmp_path / "artifacts"
+    shutil.copytree(run_result["bundle_dir"], target)
+    return target
 
 
 @pytest.fixture
 def bundle(rt_run, tmp_path):
     """A copy of the run's bundle of its own (its journal goes beside it)."""
-    target = tmp_path / "artifacts"
-    shutil.copytree(rt_run["bundle_dir"], target)
-    return target
+    return _copy(rt_run, tmp_path)
 
 
 @pytest.fixture
 def live(bundle):
     with LiveRecommender.load(bundle) as rec:
+        yield rec
+
+
+@pytest.fixture
+def any_live(any_run, tmp_path):
+    """:func:`live` over the default model's bundle and over a two-tower bundle."""
+    with LiveRecommender.load(_copy(any_run, tmp_path)) as rec:
         yield rec
 
 
@@ -58,7 +87,8 @@ def category_of_items(rec) -> np.ndarray:
 
 
 # -- the update of a known user ------------------------------------------------------------------
-def test_a_burst_in_another_category_moves_recommendations_and_profile(live):
+def test_a_burst_in_another_category_moves_recommendations_and_profile(any_live):
+    live = any_live
     cat_of = category_of_items(live)
     # the category with the most interactions, which even a 3-epoch model has learned
     popularity = np.bincount(cat_of[live._seen_items], minlength=len(live.profiles.categories))
@@ -91,7 +121,8 @@ def test_a_burst_in_another_category_moves_recommendations_and_profile(live):
     assert in_top > in_top_before
 
 
-def test_live_user_updates_segment_propensity_and_vector(live):
+def test_live_user_updates_segment_propensity_and_vector(any_live):
+    live = any_live
     user = live.user_vocab.ids[7]
     before = live.propensity([user])[0]
     stored_vector = live.user_vectors[live._user_rows[user]].copy()
@@ -117,6 +148,57 @@ def test_live_user_updates_segment_propensity_and_vector(live):
     label, _ = assign(state.vector[None], live.stored_segments.centroids, True)
     assert seg["segment"] == int(label[0])
     assert sum(s["size"] for s in live.segments()) == live.n_users
+
+
+def test_live_recommendations_are_the_bundles_served_score_of_the_live_history(live):
+    """The default bundle scores deep + shallow (autoencoder dot product + weighted EASE item-item
+    term); a live user, known or new, is scored by exactly that formula on their whole live history,
+    with the autoencoder's vector re-encoded from it."""
+    from dmp_dl.models.scoring import rows_matrix
+
+    assert live.served is not None and live.served.uses_shallow, "the tiny default run serves the blend"
+    assert type(live.network).__name__ == "UserAutoencoder"
+    known = live.user_vocab.ids[3]
+    row = live._user_rows[known]
+    seen = live._seen_items[live._seen_indptr[row] : live._seen_indptr[row + 1]]
+    fresh = [i for i in range(live.n_items) if i not in set(seen.tolist())][:4]
+    t = data_end(live)
+    events = [{"user_id": u, "item_id": live.item_vocab.ids[i], "event_type": "view", "timestamp": t + j + 1}
+              for u in (known, "brand-new") for j, i in enumerate(fresh)]
+    assert live.ingest(events)["accepted"] == 8
+    for user in (known, "brand-new"):
+        state = live.live_user(user)
+        items = np.unique(state.items)
+        expected_items = np.union1d(seen, fresh) if user == known else np.array(sorted(fresh))
+        assert items.tolist() == expected_items.tolist(), "the whole live history: trained items and new ones"
+        vector, _, _ = live.cold_user_vectors([live.item_vocab.ids[state.items].tolist()], [state.attributes])
+        np.testing.assert_allclose(state.vector, vector[0], atol=1e-5)
+        x = rows_matrix(np.array([0, len(items)]), items, live.n_items)
+        expected = live.served.scores(state.vector[None], live.item_vectors, x).numpy()[0]
+        expected[items] = -np.inf
+        top = np.argsort(-expected, kind="stable")[:10]
+        got = live.recommend(user, 10)
+        assert [i for i, _ in got] == live.item_vocab.ids[top].tolist()
+        np.testing.assert_allclose([s for _, s in got], expected[top], rtol=1e-4, atol=1e-4)
+    # a known user without real-time events is still the bundle's own answer
+    other = live.user_vocab.ids[4]
+    assert live.recommend(other, 10) == Recommender.recommend(live, other, 10)
+
+
+def test_the_realtime_manifest_entry_is_checked(bundle):
+    """The realtime entry passes the manifest schema, and a wrong type in it is refused in one line."""
+    from dmp_dl.errors import BundleError
+    from dmp_dl.manifest import check_manifest, manifest_text, seal
+
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = manifest["realtime"]
+    assert isinstance(entry["data_end"], int) and entry["user_aligned"]
+    check_manifest(manifest, path)
+    entry["data_end"] = "yesterday"
+    path.write_text(manifest_text(seal(manifest)))
+    with pytest.raises(BundleError, match="realtime.data_end"):
+        Recommender.load(bundle)
 
 
 def test_stored_attributes_round_trip_to_the_same_vector(live):
@@ -173,7 +255,8 @@ def test_behaviour_statistics_give_the_training_features(rt_run):
 
 
 # -- new users over HTTP -----------------------------------------------------------------------
-def test_a_new_user_is_served_by_every_endpoint(live):
+def test_a_new_user_is_served_by_every_endpoint(any_live):
+    live = any_live
     client = TestClient(create_app(live, token="tok"))
     auth = {"Authorization": "Bearer tok"}
     items = live.item_vocab.ids[20:24].tolist()
@@ -246,6 +329,24 @@ def test_bad_events_are_counted_never_a_crash(live):
         assert answer["accepted"] == 0 and set(answer["rejected"]) <= {"timestamp_out_of_range", "bad_timestamp"}
     rows = read_journal(live._service.journal_dir)[0]
     assert len(rows) == 3 and rows["event_id"].is_unique
+
+
+def test_post_events_keeps_the_api_contract(live):
+    """schemathesis against POST /events of a real-time server: valid batches answered 200 with the
+    declared body, invalid ones refused with a declared 4xx and the shared error body."""
+    pytest.importorskip("schemathesis")
+    from tests.test_api_contract import _bench_contract
+
+    bench = _bench_contract()
+    app = create_app(live, token="tok", max_ids=20, max_body_bytes=1 << 16)
+    spec = TestClient(app).get("/openapi.json", headers={"Authorization": "Bearer tok"}).json()
+    op = spec["paths"]["/events"]["post"]
+    assert {"400", "401", "409", "413", "422"} <= set(op["responses"]) and op.get("security")
+    assert spec["components"]["schemas"]["EventsRequest"]["properties"]["events"]["maxItems"] == 20
+    result = bench.fuzz(bench.load_schema(app, "tok").include(path="/events"), examples=25)
+    assert not result["failures"], "\n\n".join(result["failures"][:3])
+    answers = result["statuses"]["POST /events"]
+    assert answers["positive"].get("200", 0) >= 10 and "401" not in answers["positive"], answers
 
 
 def test_a_server_without_real_time_answers_409(rec):

@@ -277,9 +277,18 @@ def test_a_new_user_is_served_by_every_endpoint(any_live):
     r = client.post("/lookalike", json={"seed_user_ids": ["newbie"], "k": 5}, headers=auth)
     assert r.status_code == 200 and len(r.json()["users"]) == 5
     assert "newbie" not in {u["user_id"] for u in r.json()["users"]}
+    everyone = {"seed_user_ids": ["newbie"], "k": live.n_users + 1, "method": "contrast"}
+    assert "twin" not in {u["user_id"] for u in client.post("/lookalike", json=everyone, headers=auth).json()["users"]}
     live.refresh_user_index()  # new users join the searched users within lookalike_refresh_seconds
-    r = client.post("/lookalike", json={"seed_user_ids": ["newbie"], "k": 3}, headers=auth)
-    assert "twin" in {u["user_id"] for u in r.json()["users"]}, "the user with the same history is the most alike"
+    found = {u["user_id"]: u["score"] for u in client.post("/lookalike", json=everyone, headers=auth).json()["users"]}
+    assert "twin" in found and "newbie" not in found
+    # scored with its current vector, the seed's own (same history): v . (v - mean of the searched users)
+    twin = live.live_user("twin").vector
+    assert np.allclose(twin, live.live_user("newbie").vector)
+    want = float(twin @ (twin - live._table.vectors.mean(axis=0)))
+    assert found["twin"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    if not live.served:  # unit-length two-tower vectors: the user with the same history is among the most alike
+        assert "twin" in sorted(found, key=found.get, reverse=True)[:3]
     health = client.get("/health").json()
     assert health["users"] == live.n_users + 2 and health["realtime"]["new_users"] == 2
     assert "/events" in client.get("/openapi.json", headers=auth).json()["paths"]

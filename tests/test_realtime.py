@@ -358,6 +358,64 @@ def test_post_events_keeps_the_api_contract(live):
     assert answers["positive"].get("200", 0) >= 10 and "401" not in answers["positive"], answers
 
 
+@pytest.mark.parametrize("options", [
+    {"event_weights": {"view": 1.0, "purchase": 3.0}, "default_event_type": "view"},
+    {"event_weights": None, "min_value": 1.0, "value_fill": 2.0, "timestamp_unit": "ms"},
+    {"event_weights": {"view": 1.0, "click": 2.0}, "default_event_type": "view", "positive_event_types": ["click"],
+     "max_timestamp": 2_000_000_000, "max_abs_value": 100.0},
+    {"event_weights": None, "dedupe": False},
+])
+def test_small_batches_are_cleaned_like_a_training_log(options):
+    """A batch of up to FEW_EVENTS events is cleaned in plain Python (no pandas fixed cost): it must
+    give exactly what the training log's cleaning gives, for any mix of odd fields."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from dmp_dl.data.cleaning import CleaningOptions
+    from dmp_dl.realtime.intake import FIELDS, EventIntake, ErasedUsers
+
+    intake = EventIntake(CleaningOptions(**options), {"i1": 0, "i2": 1, "7": 2}, None, ErasedUsers())
+    some = st.sampled_from
+    event = st.fixed_dictionaries({}, optional={
+        "user_id": some(["u1", " u1 ", "U1", "", " ", "nan", "None", None, 3, 3.0, -0.0, float("nan"), "n/a"]),
+        "item_id": some(["i1", "i2", " i2", "i3", 7, 7.0, "7", "", None, "NULL"]),
+        "timestamp": some([None, 1_700_000_000, 1_700_000_000.9, 1_700_000_001, 1.7e12, 5, -3.5, 1e300, 2**62,
+                           float("nan"), float("inf"), 1_999_999_999, 2_000_000_001]),
+        "event_type": some([None, "view", " VIEW ", "click", "purchase", "bogus", "", 3, 1.5]),
+        "value": some([None, 0, 1, 2.5, -1, 1e13, 150.0, float("inf"), float("nan"), 2**40]),
+        "event_id": some([None, "e1", " e1", "e2", "", "nan", 5, 5.0, "5"]),
+    })
+
+    def columns(events):
+        out = {f: [] for f in FIELDS}
+        for ev in events:
+            for f in FIELDS:
+                out[f].append(ev.get(f))
+        return out
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(event, max_size=6), st.lists(st.tuples(st.integers(0, 5), some([None, "e1", "e3"])), max_size=3))
+    def check(events, copies):
+        for i, event_id in copies:  # the same event again, under another key or none
+            if events:
+                events.append({**events[i % len(events)], "event_id": event_id})
+        cols = columns(events)
+        times = [1_700_000_100 if t is None else t for t in cols["timestamp"]]
+        few = intake._clean_few(cols, times, None)
+        full = intake._clean_frame(cols, times, None)
+        assert few is not None
+        assert few.rejected == full.rejected
+        a, b = few.events, full.events
+        for name in ("user", "item", "item_id", "timestamp", "event_type", "value", "weight"):
+            assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+        if intake.cleaning.dedupe:
+            assert a.event_id.tolist() == b.event_id.tolist() and few.hashes.tolist() == full.hashes.tolist()
+
+    check()
+    text_times = columns([{"user_id": "u1", "item_id": "i1", "timestamp": "2026-01-01T00:00:00Z"}])
+    assert intake._clean_few(text_times, text_times["timestamp"], None) is None, "text times take the full cleaning"
+
+
 def test_a_server_without_real_time_answers_409(rec):
     r = TestClient(create_app(rec)).post("/events", json={"events": [{"user_id": "u", "item_id": "i"}]})
     assert r.status_code == 409 and "real-time events are off" in r.json()["detail"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -355,13 +356,117 @@ def clean_events(
         events[WEIGHT] = np.ones(len(events), dtype=np.float32)
     rep.rows_out = len(events)
     rep.check("events")
+    _warn_unknown_types(unknown_types)
+    return events, rep
+
+
+def _warn_unknown_types(unknown_types: Mapping[str, int]) -> None:
     if unknown_types:
         listed = ", ".join(f"{t!r} ({c})" for t, c in list(unknown_types.items())[:5])
         log.warning("%d events of type(s) %s%s were dropped as unknown_event_type: they are not keys of "
                     "data.cleaning.event_weights; to keep them, give each a weight, e.g. data.cleaning.event_weights.%s=1.0",
                     sum(unknown_types.values()), listed, " ..." if len(unknown_types) > 5 else "",
                     next(iter(unknown_types)))
-    return events, rep
+
+
+def plain_id(value: object) -> str:
+    """:func:`~dmp_dl.data.schema.normalize_ids` of one value of an object column."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
+
+
+def clean_few_events(users: Sequence, items: Sequence, times: Sequence, types: Sequence, values: Sequence,
+                     event_ids: Sequence, opts: CleaningOptions,
+                     exclude_users: Collection[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
+    """:func:`clean_events` of a few events given as plain Python values, without pandas (whose fixed
+    cost per call dominates a one-event batch), for callers that would pass them as object columns
+    with ``constant_time_is_no_time=False`` (:mod:`dmp_dl.realtime.intake`).
+
+    Each argument is a list of one field of every event (None: absent). Returns None, to be cleaned
+    by :func:`clean_events` instead, when a time or value is text (ISO dates, numbers as text) or a
+    k-core rule is set. Else: the kept events' columns (``user_id``, ``item_id``, ``timestamp``
+    int64, ``event_type``, ``value``, ``weight`` float32, ``_row``: each one's position in the
+    input), ordered by time as :func:`clean_events` orders them, and the drops per reason. The
+    same rules in the same order; tests check that both give the same result.
+    """
+    if opts.kcore_users > 0 or opts.kcore_items > 0:
+        return None
+    numeric = (int, float)
+    for column in (times, values):
+        for v in column:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numeric)):
+                return None
+    dropped: dict[str, int] = {}
+    unknown_types: dict[str, int] = {}
+    scale = 1000.0 if opts.timestamp_unit == "ms" else 1.0
+    lo = _to_epoch_seconds(opts.min_timestamp)
+    hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
+    weights = opts.event_weights
+    positive = set(opts.positive_event_types) if opts.positive_event_types is not None else None
+    excluded = set(exclude_users) if exclude_users else ()
+    max_abs = opts.max_abs_value
+    kept: list[tuple] = []
+    for row, (u, i, t, ty, v) in enumerate(zip(users, items, times, types, values)):
+        user, item = plain_id(u), plain_id(i)
+        reason = None
+        if user.lower() in MISSING_TOKENS:
+            reason = "missing_user_id"
+        elif item.lower() in MISSING_TOKENS:
+            reason = "missing_item_id"
+        ts = float("nan") if t is None else float(t) / scale
+        if reason is None and not math.isfinite(ts):
+            reason = "bad_timestamp"
+        elif reason is None and (ts < lo or ts > hi):
+            reason = "timestamp_out_of_range"
+        kind = "" if ty is None or (isinstance(ty, float) and ty != ty) else str(ty).strip().lower()
+        kind = kind or opts.default_event_type
+        if reason is None and weights is not None and kind not in weights:
+            reason = "unknown_event_type"
+            unknown_types[kind] = unknown_types.get(kind, 0) + 1
+        missing = v is None or (isinstance(v, float) and v != v)
+        value = opts.value_fill if missing else float(v)
+        if reason is None and not missing and not abs(value) <= max_abs:
+            reason = "bad_value"
+        if reason is None and excluded and user in excluded:
+            reason = "erased_user"
+        if reason is None and opts.min_value is not None and value < float(opts.min_value):
+            reason = "below_min_value"
+        if reason is None and positive is not None and kind not in positive:
+            reason = "not_positive_event"
+        if reason is not None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        kept.append((user, item, math.floor(ts), kind, value, row))
+    canonical, keys = set(), set()
+    out = []
+    for event in kept:
+        row = event[5]
+        duplicate = False
+        if opts.dedupe:
+            duplicate = event[:5] in canonical
+            canonical.add(event[:5])
+        key = plain_id(event_ids[row])
+        if key.lower() not in MISSING_TOKENS:  # one event delivered twice (a retried real-time batch)
+            duplicate = duplicate or key in keys
+            keys.add(key)
+        if duplicate:
+            dropped["duplicate"] = dropped.get("duplicate", 0) + 1
+        else:
+            out.append(event)
+    out.sort(key=lambda e: e[2])  # stable: events of one time keep their order
+    kinds = [e[3] for e in out]
+    columns = {
+        USER: np.array([e[0] for e in out], dtype=object),
+        ITEM: np.array([e[1] for e in out], dtype=object),
+        TIME: np.array([e[2] for e in out], dtype=np.int64),
+        TYPE: np.array(kinds, dtype=object),
+        VALUE: np.array([e[4] for e in out], dtype=np.float64),
+        WEIGHT: np.array([weights.get(k, 1.0) for k in kinds] if weights is not None else np.ones(len(out)), dtype=np.float32),
+        "_row": np.array([e[5] for e in out], dtype=np.int64),
+    }
+    _warn_unknown_types(unknown_types)
+    return columns, dropped
 
 
 def _per_source(sources: Sequence[tuple[str, int, int]], kept_rows: np.ndarray, n_raw: int) -> dict[str, dict[str, int]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.cleaning import DROP_REASONS, MISSING_TOKENS, CleaningOptions, clean_events
+from dmp_dl.data.cleaning import DROP_REASONS, MISSING_TOKENS, CleaningOptions, plain_id, clean_events, clean_few_events
 from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE, WEIGHT, normalize_ids
 from dmp_dl.errors import ConfigError
 from dmp_dl.privacy.pseudonymize import TAG_PREFIX, Pseudonymizer
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 FIELDS = (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID)
 REJECT_REASONS = tuple(r for r in DROP_REASONS if r != "kcore") + ("unknown_item",)
 MAX_FIELD_CHARS = 512
+FEW_EVENTS = 64  # batches up to this size are cleaned without pandas (its fixed cost per call dominates them)
 _ROW = "_row"
 
 
@@ -233,16 +234,39 @@ class EventIntake:
                 continue
             rows.append(i)
         times = [received_at if t is None else t for t in columns[TIME]]
-        frame = pd.DataFrame({USER: pd.Series(columns[USER], dtype=object), ITEM: pd.Series(columns[ITEM], dtype=object),
-                              TIME: pd.Series(times, dtype=object if any(isinstance(t, str) for t in times) else None),
-                              TYPE: pd.Series(columns[TYPE], dtype=object), VALUE: pd.Series(columns[VALUE], dtype=object),
-                              EVENT_ID: pd.Series(columns[EVENT_ID], dtype=object), _ROW: np.arange(len(rows), dtype=np.int64)})
-        intake = self._clean(frame, seen, journal_order=False)
+        intake = self._clean_few(columns, times, seen) if len(rows) <= FEW_EVENTS else None
+        if intake is None:
+            intake = self._clean_frame(columns, times, seen)
         for reason, n in rejected.items():
             intake.rejected[reason] = intake.rejected.get(reason, 0) + n
         intake.rejected = {r: intake.rejected[r] for r in REJECT_REASONS if intake.rejected.get(r)}
         intake.ignored_fields = sorted(ignored)
         return intake
+
+    def _clean_few(self, columns: dict[str, list], times: list, seen: KeySet | None) -> Intake | None:
+        """:meth:`_clean` of a few events in plain Python (:func:`~dmp_dl.data.cleaning.clean_few_events`);
+        None when they need the full cleaning (text times or values, pseudonymised ids)."""
+        if self.pseudonymizer is not None:
+            return None
+        erased: set[str] = set()
+        if len(self.erased) and columns[USER]:
+            raw = sorted({plain_id(u) for u in columns[USER]})
+            erased = self.erased.among(raw, raw)
+        cleaned = clean_few_events(columns[USER], columns[ITEM], times, columns[TYPE], columns[VALUE], columns[EVENT_ID],
+                                   self.cleaning, exclude_users=erased)
+        if cleaned is None:
+            return None
+        cols, rejected = cleaned
+        return self._finish({_ROW if c == "_row" else c: v for c, v in cols.items()},
+                            np.asarray(columns[EVENT_ID], dtype=object), rejected, seen)
+
+    def _clean_frame(self, columns: dict[str, list], times: list, seen: KeySet | None) -> Intake:
+        n = len(columns[USER])
+        frame = pd.DataFrame({USER: pd.Series(columns[USER], dtype=object), ITEM: pd.Series(columns[ITEM], dtype=object),
+                              TIME: pd.Series(times, dtype=object if any(isinstance(t, str) for t in times) else None),
+                              TYPE: pd.Series(columns[TYPE], dtype=object), VALUE: pd.Series(columns[VALUE], dtype=object),
+                              EVENT_ID: pd.Series(columns[EVENT_ID], dtype=object), _ROW: np.arange(n, dtype=np.int64)})
+        return self._clean(frame, seen, journal_order=False)
 
     def clean(self, frame: pd.DataFrame, seen: KeySet | None = None, journal_order: bool = False) -> Intake:
         """Clean a frame of raw events (columns of :data:`FIELDS`, e.g. journal rows being replayed).
@@ -274,13 +298,19 @@ class EventIntake:
         if journal_order:
             clean = clean.sort_values(_ROW, kind="stable").reset_index(drop=True)
         cols = {c: clean[c].to_numpy() for c in (USER, ITEM, TIME, TYPE, VALUE, WEIGHT, _ROW)}
-        item = np.fromiter((self.item_rows.get(x, -1) for x in cols[ITEM].tolist()), dtype=np.int64, count=len(clean))
+        return self._finish(cols, frame[EVENT_ID].to_numpy(dtype=object), rejected, seen)
+
+    def _finish(self, cols: dict[str, np.ndarray], given_ids: np.ndarray, rejected: dict[str, int],
+                seen: KeySet | None) -> Intake:
+        """Clean events (columns, ``_ROW`` their position in the input, whose ``event_id`` is
+        ``given_ids[_ROW]``) -> an :class:`Intake`: unknown items and journaled keys refused."""
+        item = np.fromiter((self.item_rows.get(x, -1) for x in cols[ITEM].tolist()), dtype=np.int64, count=len(cols[ITEM]))
         unknown = item < 0
         if unknown.any():
             rejected["unknown_item"] = int(unknown.sum())
             cols = {c: v[~unknown] for c, v in cols.items()}
             item = item[~unknown]
-        given = frame[EVENT_ID].to_numpy(dtype=object)[cols[_ROW]]  # _ROW is the frame's position
+        given = given_ids[cols[_ROW]]  # _ROW is the input's position
         keys = [self._event_key(g, u, it, t, ty, v) for g, u, it, t, ty, v in zip(
             given.tolist(), cols[USER].tolist(), cols[ITEM].tolist(), cols[TIME].tolist(), cols[TYPE].tolist(),
             cols[VALUE].tolist())]

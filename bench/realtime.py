@@ -2,8 +2,8 @@
 journaled event; in process (``LiveRecommender.ingest``) and over HTTP (``POST /events`` of a
 ``serve.py`` subprocess).
 
-Trains a default synthetic bundle (``trainer.max_epochs=1``: speed does not depend on quality) or
-uses ``--artifacts DIR``, then, each on a fresh copy of the bundle and journal:
+Trains a default synthetic bundle (the default model, with short training: ``trainer.max_epochs=1``,
+``model.vae.max_epochs=3``; speed does not depend on quality) or uses ``--artifacts DIR``, then, each on a fresh copy of the bundle and journal:
 
 * batched: ``--batches`` batches of ``--batch-size`` events (users drawn with a Zipf-like skew from
   the known users plus 10 % new ones, items by popularity), events/s;
@@ -56,7 +56,7 @@ def pct(values, q) -> float:
 def train_bundle(out: Path, overrides: list[str]) -> Path:
     from dmp_dl.pipeline import run
 
-    cfg = common.compose_train_cfg(["trainer.max_epochs=1", "logger=none", "evaluation.report=null",
+    cfg = common.compose_train_cfg(["trainer.max_epochs=1", "++model.vae.max_epochs=3", "logger=none", "evaluation.report=null",
                                     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                                     f"privacy.erasure_list={out / 'erased.txt'}", *overrides], out)
     return run(cfg)["bundle_dir"]
@@ -94,6 +94,20 @@ class EventStream:
             out.append({"user_id": u, "item_id": i, "event_type": ty, "timestamp": self.t + self.n // 50,
                         "event_id": f"b{self.n}"})
         return out
+
+
+def describe_bundle(artifacts: Path, trained: bool) -> str:
+    """Which data and model the bundle holds, and how it scores (its manifest's scoring entry)."""
+    import json
+
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    network = (manifest.get("network") or {}).get("class", "no network")
+    scoring = manifest.get("scoring") or {}
+    served = f"{scoring.get('model', '?')}: {scoring.get('score', 'embedding dot product')}" if scoring else "embedding dot product"
+    counts = manifest.get("counts") or {}
+    where = "synthetic, default config, short training" if trained else str(artifacts)
+    return (f"{where}; {counts.get('users', '?'):,} users, {counts.get('items', '?'):,} items; {network}, "
+            f"served score {served}")
 
 
 def fresh_copy(artifacts: Path, root: Path, name: str) -> Path:
@@ -245,7 +259,8 @@ def stream_quality(name: str, overrides: list[str], root: Path) -> dict:
     (n = 5): each user's validation events play the events that arrive after training, the test
     events what they do next. Test recall/NDCG@20 (full ranking, train and validation items
     excluded) of the user vectors before the events (frozen) and after them, by the real-time path
-    (the cold-start encoder on the whole updated history) and by two alternatives."""
+    (the cold-start encoder on the whole updated history) and by two alternatives. Written for a
+    model with a per-user embedding and a recent-items encoder (``model=two_tower``)."""
     import torch
 
     from dmp_dl.data.datamodule import last_items
@@ -316,16 +331,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="dmp-realtime-bench-"))
     try:
         artifacts = args.artifacts or train_bundle(root / "train", args.overrides)
-        data = {"machine": at_start, "bundle": str(args.artifacts or "synthetic (default config, 1 epoch)"),
+        data = {"machine": at_start, "bundle": describe_bundle(artifacts, args.artifacts is None),
                 "in_process": in_process(artifacts, root, args)}
         if not args.no_http:
             data["http"] = over_http(artifacts, root, args)
         data["memory"] = memory(artifacts, root, args)
         if args.quality:
-            data["quality"] = [stream_quality("synthetic (default, 5 epochs)", ["trainer.max_epochs=5"], root)]
+            data["quality"] = [stream_quality("synthetic (model=two_tower, 5 epochs)", ["model=two_tower", "trainer.max_epochs=5"], root)]
             if (common.ML100K / "u.data").exists():
-                data["quality"].append(stream_quality("ML-100k (experiment=ml100k)", [
-                    "data=movielens", f"data.path={common.ML100K}", "experiment=ml100k"], root))
+                data["quality"].append(stream_quality("ML-100k (experiment=ml100k, model=two_tower)", [
+                    "data=movielens", f"data.path={common.ML100K}", "experiment=ml100k", "model=two_tower"], root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     common.write_section("realtime", "Real-time events (bench/realtime.py)", render(data), data)

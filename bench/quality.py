@@ -26,6 +26,7 @@ anchors' column is a lower bound on what a user of that library spends.
     python bench/quality.py                                  # every log
     python bench/quality.py --logs ml100k-positives --quick  # plumbing check
     python bench/quality.py -- model.vae.net.hidden=300      # Hydra overrides for ours
+    python bench/quality.py --logs skewed-wide --merge       # one log again; the others kept from results/quality.json
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 import output  # noqa: E402
-from common import ML100K, ROOT, markdown_table, write_section  # noqa: E402
+from common import ML100K, ROOT, command, machine, machine_line, markdown_table, write_section  # noqa: E402
 
 ML1M = ROOT.parent / "shared" / "data" / "ml-1m-users-1-2999"
 CHOICE_MODELS = ("auto", "vae", "ease")
@@ -224,7 +225,8 @@ def render(result: dict) -> str:
             rows.append({"model": name, "nDCG@10": m["ndcg@10"], "Precision@10": m["precision@10"],
                          "Recall@10": m["recall@10"], "MAP": m["map"], "setting": "Microsoft Recommenders README"})
     s = result["sizes"]
-    lines = [f"### {result['title']}", "",
+    run = result.get("run")  # each log's own command and machine line (logs may come from separate --merge runs)
+    lines = [f"### {result['title']}", "", *([f"`{run['command']}`  ", run["machine_line"], ""] if run else []),
              f"{s['events']:,} events, {s['users']:,} users, {s['items']:,} items; final training part "
              f"{s['train_events_final']:,} events; test: {s['test_users']:,} users, {s['test_pairs']:,} held-out pairs "
              f"({s['test_pairs_item_unseen_in_train']} of an item never seen in training). Tuning carve-out: "
@@ -263,11 +265,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--quick", action="store_true", help="2 epochs and tiny grids: a plumbing check, not numbers")
     ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored), not bench/RESULTS.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the logs of results/quality.json that this run does not measure (each keeps its command)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     output.use(args.quick or args.scratch)
     results, body, skipped = {}, [DEFINITIONS, ""], []
+    previous: dict[str, Any] = {}
+    if args.merge and (output.common.RESULTS_DIR / "quality.json").exists():
+        import json
+
+        previous = json.loads((output.common.RESULTS_DIR / "quality.json").read_text()).get("logs", {})
+    run_info = {"command": command(), "machine_line": machine_line(machine())}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmp-bench-quality-") as tmp:
         for name in args.logs:
@@ -280,8 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
             workdir.mkdir()
             res = run_log(name, args, workdir)
             res["headline"] = headline(res)
+            res["run"] = run_info
             results[name] = res
-            body += [render(res), ""]
+    results = {n: results.get(n) or previous[n] for n in LOGS if n in results or n in previous}
+    body += [x for res in results.values() for x in (render(res), "")]
     data = {"logs": results, "quick": args.quick, "overrides": args.overrides, "skipped": skipped,
             "seconds": time.perf_counter() - t0, "headline": {n: r["headline"] for n, r in results.items()}}
     if args.quick:

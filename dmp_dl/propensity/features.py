@@ -97,29 +97,40 @@ def behaviour_features(row: np.ndarray, timestamp: np.ndarray, type_code: np.nda
         keys = np.unique(np.stack([row, codes], axis=1), axis=0) if len(row) else np.zeros((0, 2), np.int64)
         return np.bincount(keys[:, 0], minlength=n_rows).astype(np.float64)
 
-    n_events = count()
     first = -_last_time(row, -t, n_rows, -as_of)
-    last = _last_time(row, t, n_rows, as_of)
-    tenure = np.maximum(as_of - first, 0.0) / SECONDS_PER_DAY
-    recency = np.maximum(as_of - last, 0.0) / SECONDS_PER_DAY
     day = np.floor(t / SECONDS_PER_DAY).astype(np.int64)
-    cols = [
-        np.log1p(n_events), np.log1p(distinct(day)), np.log1p(distinct(item_code)),
-        np.log1p(tenure), np.log1p(recency), _signed_log1p(count(weights=value)),
-        *[np.log1p(count(weights=w)) for w in decay_w],
-    ]
+    per_type = []
     for k in range(len(spec.event_types)):
         m = type_code == k
-        n_k = count(m)
-        last_k = _last_time(row[m], t[m], n_rows, first)
-        value_k = count(m, value)
+        per_type.append((count(m), _last_time(row[m], t[m], n_rows, first), count(m, value),
+                         [count(m, w) for w in decay_w]))
+    return behaviour_columns(as_of, count(), distinct(day), distinct(item_code), first,
+                             _last_time(row, t, n_rows, as_of), count(weights=value),
+                             [count(weights=w) for w in decay_w], per_type)
+
+
+def behaviour_columns(as_of: np.ndarray, n_events: np.ndarray, days: np.ndarray, distinct_items: np.ndarray,
+                      first: np.ndarray, last: np.ndarray, value_sum: np.ndarray, decayed: list[np.ndarray],
+                      per_type: list[tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]]) -> np.ndarray:
+    """The behaviour features of U users from their aggregates, each (U,) float64: the moment
+    described, event count, active days, distinct items, first and last event time, value sum, the
+    time-decayed counts (one per half-life), and per event type (count, last time — ``first`` when
+    never —, value sum, decayed counts). The one layout for :func:`behaviour_features` (from events)
+    and :class:`dmp_dl.realtime.behaviour.BehaviourStats` (from running statistics). Returns (U, F) float32."""
+    cols = [
+        np.log1p(n_events), np.log1p(days), np.log1p(distinct_items),
+        np.log1p(np.maximum(as_of - first, 0.0) / SECONDS_PER_DAY),
+        np.log1p(np.maximum(as_of - last, 0.0) / SECONDS_PER_DAY),
+        _signed_log1p(value_sum), *[np.log1p(d) for d in decayed],
+    ]
+    for n_k, last_k, value_k, decayed_k in per_type:
         cols += [
             np.log1p(n_k),
             np.log1p(np.maximum(as_of - last_k, 0.0) / SECONDS_PER_DAY),
             (n_k == 0).astype(np.float64),
             _signed_log1p(value_k),
             np.where(n_k > 0, value_k / np.maximum(n_k, 1.0), 0.0),
-            *[np.log1p(count(m, w)) for w in decay_w],
+            *[np.log1p(d) for d in decayed_k],
         ]
     return np.stack(cols, axis=1).astype(np.float32)
 

@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmp_dl.propensity.features import SECONDS_PER_DAY, BehaviourSpec
-
-
-def _signed_log1p(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
+from dmp_dl.propensity.features import SECONDS_PER_DAY, BehaviourSpec, behaviour_columns
 
 
 class BehaviourStats:
@@ -149,24 +145,11 @@ class BehaviourStats:
         first = np.where(has, stats[:, self.FIRST], as_of)
         last = np.where(has, stats[:, self.LAST], as_of)
         d = slice(self.decay0, self.decay0 + len(self.h))
-        cols = [
-            np.log1p(n), np.log1p(stats[:, self.DAYS]), np.log1p(np.asarray(distinct_items, dtype=np.float64)),
-            np.log1p(np.maximum(as_of - first, 0.0) / SECONDS_PER_DAY),
-            np.log1p(np.maximum(as_of - last, 0.0) / SECONDS_PER_DAY),
-            _signed_log1p(stats[:, self.VALUE_SUM]),
-            *np.log1p(stats[:, d] * shift).T,
-        ]
+        per_type = []
         for k in range(self.n_types):
             base = self.type0 + k * self.per_type
             n_k = stats[:, base]
-            last_k = np.where(n_k > 0, stats[:, base + 1], first)
-            value_k = stats[:, base + 2]
-            cols += [
-                np.log1p(n_k),
-                np.log1p(np.maximum(as_of - last_k, 0.0) / SECONDS_PER_DAY),
-                (n_k == 0).astype(np.float64),
-                _signed_log1p(value_k),
-                np.where(n_k > 0, value_k / np.maximum(n_k, 1.0), 0.0),
-                *np.log1p(stats[:, base + 3 : base + 3 + len(self.h)] * shift).T,
-            ]
-        return np.stack(cols, axis=1).astype(np.float32)
+            per_type.append((n_k, np.where(n_k > 0, stats[:, base + 1], first), stats[:, base + 2],
+                             list((stats[:, base + 3 : base + 3 + len(self.h)] * shift).T)))
+        return behaviour_columns(as_of, n, stats[:, self.DAYS], np.asarray(distinct_items, dtype=np.float64), first, last,
+                                 stats[:, self.VALUE_SUM], list((stats[:, d] * shift).T), per_type)

@@ -76,27 +76,35 @@ def read_seed_ids(path: str | Path, column: str = "user_id", what: str = "seeds"
     return ids
 
 
-def seed_rows(rec, ids: Sequence[str], source: str, skip_unknown: bool = False) -> tuple[np.ndarray, int]:
-    """Distinct vocabulary rows of ``ids`` and how many ids were unknown (skipped).
-
-    Unknown ids raise :class:`UnknownIdError` naming up to five of them and ``source`` unless
-    ``skip_unknown``; a seed list with no known id at all is always an error.
-    """
-    rows = rec.user_rows(list(ids), strict=False)
+def user_rows_or_skip(rec, ids: Sequence[str], source: str, skip_unknown: bool = False,
+                      noun: str = "user") -> tuple[np.ndarray, int]:
+    """Vocabulary rows of ``ids`` in their order ((n,) int64, -1 for an unknown id) and how many
+    were unknown. Unknown ids raise :class:`UnknownIdError` naming up to five of them and
+    ``source`` unless ``skip_unknown`` (then one warning line); a list with no known id at all is
+    always an error. ``noun`` names the ids in the messages ("user", "seed")."""
+    ids = list(ids)
+    rows = rec.user_rows(ids, strict=False)
     unknown = np.flatnonzero(rows < 0)
     if len(unknown) and not skip_unknown:
         first = [ids[i] for i in unknown[:5]]
         error = UnknownIdError("user", first[0] if len(first) == 1 else first)
-        error.args = (f"{source}: {len(unknown)} of {len(ids)} seed ids are not in the bundle (first: "
+        error.args = (f"{source}: {len(unknown)} of {len(ids)} {noun} ids are not in the bundle (first: "
                       f"{', '.join(map(repr, first))}); remove them or set skip_unknown=true",)
         raise error
     if len(unknown) == len(ids):
-        raise DataError(f"{source}: none of the {len(ids)} seed ids is in the bundle (first: {ids[0]!r}); "
+        raise DataError(f"{source}: none of the {len(ids)} {noun} ids is in the bundle (first: {ids[0]!r}); "
                         "check that the ids are the ones the bundle was trained on")
     if len(unknown):
-        log.warning("%s: %d of %d seed ids are not in the bundle and were skipped (first: %s)", source,
-                    len(unknown), len(ids), ", ".join(repr(ids[i]) for i in unknown[:5]))
-    return np.unique(rows[rows >= 0]), int(len(unknown))
+        log.warning("%s: %d of %d %s ids are not in the bundle and were skipped (first: %s)", source,
+                    len(unknown), len(ids), noun, ", ".join(repr(ids[i]) for i in unknown[:5]))
+    return rows, int(len(unknown))
+
+
+def seed_rows(rec, ids: Sequence[str], source: str, skip_unknown: bool = False) -> tuple[np.ndarray, int]:
+    """Distinct vocabulary rows of ``ids`` and how many ids were unknown (skipped); unknown ids as
+    :func:`user_rows_or_skip` says."""
+    rows, n_unknown = user_rows_or_skip(rec, ids, source, skip_unknown, noun="seed")
+    return np.unique(rows[rows >= 0]), n_unknown
 
 
 def _number_or_mapping(value, name: str):

@@ -12,7 +12,6 @@ that is the keyed pseudonym, never the raw id.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from dmp_dl.errors import ConfigError, DataError, UnknownIdError
-
-log = logging.getLogger(__name__)
+from dmp_dl.audience.jobs import user_rows_or_skip
+from dmp_dl.errors import ConfigError
 
 TASKS = ("recommendations", "scores", "segments", "lookalike")
 
@@ -79,24 +77,11 @@ def select_users(rec, user_ids: Sequence[str] | None, source: str = "users", ski
     if user_ids is None:
         return np.arange(rec.n_users, dtype=np.int64), {"given": "all"}
     ids = list(user_ids)
-    rows = rec.user_rows(ids, strict=False)
-    unknown = np.flatnonzero(rows < 0)
-    if len(unknown) and not skip_unknown:
-        first = [ids[i] for i in unknown[:5]]
-        error = UnknownIdError("user", first[0] if len(first) == 1 else first)
-        error.args = (f"{source}: {len(unknown)} of {len(ids)} user ids are not in the bundle (first: "
-                      f"{', '.join(map(repr, first))}); remove them or set skip_unknown=true",)
-        raise error
-    if len(unknown) == len(ids):
-        raise DataError(f"{source}: none of the {len(ids)} user ids is in the bundle (first: {ids[0]!r}); "
-                        "check that the ids are the ones the bundle was trained on")
-    if len(unknown):
-        log.warning("%s: %d of %d user ids are not in the bundle and were skipped (first: %s)", source,
-                    len(unknown), len(ids), ", ".join(repr(ids[i]) for i in unknown[:5]))
+    rows, n_unknown = user_rows_or_skip(rec, ids, source, skip_unknown)
     known = rows[rows >= 0]
     _, first_at = np.unique(known, return_index=True)
     unique = known[np.sort(first_at)]  # each user once, in the order given
-    return unique, {"given": len(ids), "duplicates": int(len(known) - len(unique)), "unknown_skipped": int(len(unknown))}
+    return unique, {"given": len(ids), "duplicates": int(len(known) - len(unique)), "unknown_skipped": n_unknown}
 
 
 def _recommend_grouped(rec, batch: np.ndarray, k: int, activity: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

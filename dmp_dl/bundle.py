@@ -57,6 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dmp_dl.errors import BundleError, NonFiniteError
+from dmp_dl.io import fsync_path
 from dmp_dl.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_text, read_manifest, seal
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,6 @@ class MissingPartError(BundleError):
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_relative(name: str) -> PurePosixPath:
@@ -267,7 +260,7 @@ class BundleWriter:
             if p.is_file():
                 rel = p.relative_to(self.root).as_posix()
                 files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                _fsync_path(p)
+                fsync_path(p)
         manifest = seal({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -286,7 +279,7 @@ class BundleWriter:
             os.chmod(p, mode if p.is_dir() else mode & 0o666)
         os.chmod(self.root, mode)
         for d in sorted({p.parent for p in self.root.rglob("*")} | {self.root}, reverse=True):
-            _fsync_path(d)
+            fsync_path(d)
         self.sealed = True
         return self.root
 
@@ -303,7 +296,7 @@ class BundleWriter:
         # Where the OS can, swap the new folder and the old bundle in one atomic step, so that
         # ``target`` always holds a complete bundle, even if the process dies right here.
         if (self.target.exists() or self.target.is_symlink()) and _exchange(self.root, self.target):
-            _fsync_path(self.target.parent)
+            fsync_path(self.target.parent)
             if self.root.is_symlink():  # target was a symlink to a bundle: drop the link only
                 self.root.unlink()
             else:
@@ -325,7 +318,7 @@ class BundleWriter:
                     os.replace(old / "bundle", self.target)
                     shutil.rmtree(old, ignore_errors=True)
                 raise
-            _fsync_path(self.target.parent)
+            fsync_path(self.target.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:

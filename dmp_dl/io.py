@@ -31,6 +31,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory by path (a directory: so that a rename or a new entry in it
+    survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def regular_file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a data file, or None when it is a regular file (or a link to
     one). A FIFO, socket or device would block a reader forever or never end, so it is refused."""

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from dmp_dl.errors import ConfigError, DataError
-from dmp_dl.io import atomic_write_text
+from dmp_dl.io import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ def segment_paths(directory: Path) -> list[Path]:
     """The journal's segment files, oldest first."""
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := SEGMENT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _complete_part(data: bytes) -> bytes:
@@ -201,7 +193,7 @@ class Journal:
                     "pseudonymized": bool(id_space.get("pseudonymized")),
                     "key_fingerprint": id_space.get("key_fingerprint") if id_space.get("pseudonymized") else None}
             atomic_write_text(self.directory / META_FILE, json.dumps(meta, indent=1))
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         self.meta = read_meta(self.directory)
         mine = (bool(id_space.get("pseudonymized")), id_space.get("key_fingerprint") if id_space.get("pseudonymized") else None)
         theirs = (bool(self.meta.get("pseudonymized")), self.meta.get("key_fingerprint"))
@@ -258,7 +250,7 @@ class Journal:
         if new:
             self._write_all(HEADER)
             os.fsync(self._fd)
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         self._size = os.fstat(self._fd).st_size
 
     def _write_all(self, data: bytes) -> None:
@@ -356,7 +348,7 @@ class Journal:
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
-                _fsync_dir(self.directory)
+                fsync_path(self.directory)
                 removed += int(hit.sum())
                 if active:
                     self._open_segment()

@@ -7,7 +7,6 @@ line (``python -m dmp_dl.audience``) reads the parameters from its config and wr
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from dmp_dl.audience.lookalike import expand
 from dmp_dl.audience.segments import SegmentOptions, describe_segments, segment_label, segment_users
 from dmp_dl.audience.targeting import gains_curve, per_user, plan_contacts, random_selection_profit
 from dmp_dl.errors import ConfigError, DataError, UnknownIdError
-from dmp_dl.io import atomic_write_bytes, atomic_write_text
+from dmp_dl.io import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -319,16 +318,15 @@ def _control_summary(hold, strata_scores: np.ndarray, decile_of: str, table: pd.
 # -- output --------------------------------------------------------------------------------------
 
 
-def write_table(table: pd.DataFrame, path: str | Path, fmt: str = "csv") -> Path:
-    """Write ``table`` atomically as CSV or Parquet."""
+def write_table(table: pd.DataFrame, path: str | Path, fmt: str = "csv", mode: int | None = None) -> Path:
+    """Write ``table`` atomically as CSV or Parquet (permissions: ``mode``, or as
+    :func:`dmp_dl.io.atomic_writer` says: an existing file's kept, a new one's from the umask)."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        atomic_write_text(path, table.to_csv(index=False))
-    else:
-        buf = io.BytesIO()
-        table.to_parquet(buf, index=False)
-        atomic_write_bytes(path, buf.getvalue())
+    with atomic_writer(path, mode) as fh:
+        if fmt == "csv":
+            table.to_csv(fh, index=False)
+        else:
+            table.to_parquet(fh, index=False)
     return path

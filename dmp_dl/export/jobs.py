@@ -202,17 +202,18 @@ def lookalike(rec, seed_ids: Sequence[str], size: int, method: str = "contrast",
 
 
 def write_export(export: Export, path, fmt: str, progress: bool | None = None,
-                 on_chunk: Callable[[int], None] | None = None) -> dict:
+                 on_chunk: Callable[[int], None] | None = None, mode: int | None = None) -> dict:
     """Write ``export`` to ``path`` atomically; returns the summary (rows, seconds, rows/s, columns).
 
     progress: a bar on stderr (True), none (False), or only when stderr is a terminal (None).
+    mode: the file's permission bits; None: those of the file it replaces, or the umask's.
     """
     from tqdm.auto import tqdm
 
     from dmp_dl.export.tables import TableWriter
 
     t0 = time.perf_counter()
-    with TableWriter(path, fmt, export.schema) as writer, \
+    with TableWriter(path, fmt, export.schema, mode) as writer, \
             tqdm(total=export.users, unit="users", desc=export.task, disable=None if progress is None else not progress,
                  dynamic_ncols=True, mininterval=1.0) as bar:
         for done, table in export.chunks:

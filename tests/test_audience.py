@@ -367,6 +367,16 @@ def test_cli_errors_name_the_problem(trained, rec, tmp_path):
         run_task(cli_cfg("task=segments", f"artifacts={tmp_path / 'nope'}", out))
 
 
+def test_cli_lookalike_seed_files_and_lists_as_an_operator_writes_them(trained, rec, tmp_path):
+    art, out = f"artifacts={trained['bundle_dir']}", f"output_dir={tmp_path / 'out'}"
+    seeds = tmp_path / "best_customers.txt"  # saved by a Windows editor: byte-order mark, CRLF
+    seeds.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rec.user_vocab.ids[:3]).encode() + b"\r\n")
+    summary = run_task(cli_cfg("task=lookalike", art, out, f"seeds={seeds}", "size=5"))
+    assert summary["seeds_given"] == summary["seeds_used"] == 3 and summary["seeds_unknown_skipped"] == 0
+    with pytest.raises(DataError, match=r"^seed_ids: no seed ids given; give at least one$"):
+        run_task(cli_cfg("task=lookalike", art, out, "seed_ids=[]"))
+
+
 def test_cli_segments_from_the_bundle_and_reclustered(trained, rec, tmp_path):
     art = f"artifacts={trained['bundle_dir']}"
     summary = run_task(cli_cfg("task=segments", art, f"output_dir={tmp_path}", "format=parquet"))

@@ -117,7 +117,7 @@ def test_k_and_task_and_format_are_checked_before_anything_is_written(trained, r
         run_export(export_cfg("task=scores", *base, "format=xlsx"))
     with pytest.raises(ConfigError, match="seeds=FILE or seed_ids"):
         run_export(export_cfg("task=lookalike", *base))
-    with pytest.raises(DataError, match="users: .*missing.txt is not a file"):
+    with pytest.raises(DataError, match="users: .*missing.txt not found"):
         run_export(export_cfg("task=recommendations", *base, f"users={tmp_path}/missing.txt"))
     assert list(tmp_path.iterdir()) == []
 

@@ -374,3 +374,23 @@ def test_access_log_queries_are_redacted():
                                ("127.0.0.1:1", "GET", "/recommend?user_id=u000042&k=5", "1.1", 200), None)
     assert QueryStringRedactor().filter(record)
     assert "u000042" not in record.getMessage() and "/recommend?<redacted>" in record.getMessage()
+
+
+def test_forget_reads_an_ids_file_with_a_byte_order_mark_and_windows_line_ends(erased, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from dmp_dl.privacy.__main__ import forget
+
+    from .conftest import CONF_DIR
+
+    bundle = Path(shutil.copytree(erased["before"], tmp_path / "artifacts"))
+    modes = {p.name: p.stat().st_mode for p in bundle.iterdir()}
+    ids = tmp_path / "to_forget.csv"  # as a spreadsheet saves it; still one id per line, no header
+    ids.write_bytes(b"\xef\xbb\xbfu000300\r\nu000301\r\n\r\n")
+    monkeypatch.setenv("DMP_PSEUDONYM_KEY", SECRET)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("privacy_cli", overrides=[f"artifacts={bundle}", f"user_ids={ids}",
+                                                f"erasure_list={tmp_path}/list.txt", f"audit_log={tmp_path}/audit.jsonl"])
+    summary = forget(cfg)
+    assert (summary["requested"], summary["removed_from_bundle"], summary["not_in_bundle"]) == (2, 2, 0)
+    assert {p.name: p.stat().st_mode for p in bundle.iterdir()} == modes  # rewritten files keep their permissions

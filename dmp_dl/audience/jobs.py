@@ -17,62 +17,24 @@ import pandas as pd
 from dmp_dl.audience.lookalike import expand
 from dmp_dl.audience.segments import SegmentOptions, describe_segments, segment_label, segment_users
 from dmp_dl.audience.targeting import gains_curve, per_user, plan_contacts, random_selection_profit
+from dmp_dl.data.id_lists import read_id_file
+from dmp_dl.data.schema import normalize_ids
 from dmp_dl.errors import ConfigError, DataError, UnknownIdError
 from dmp_dl.io import atomic_writer
 
 log = logging.getLogger(__name__)
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 FORMATS = ("csv", "parquet")
 
 
 # -- input ---------------------------------------------------------------------------------------
 
 
-def _separator(path: Path) -> str:
-    """The separator of a CSV/TSV file from its header line: the first of tab, comma, semicolon and
-    pipe it holds (a one-column file has none; sniffing would take a letter of the header for one)."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        header = fh.readline()
-    return next((sep for sep in ("\t", ",", ";", "|") if sep in header), ",")
-
-
 def read_seed_ids(path: str | Path, column: str = "user_id", what: str = "seeds") -> list[str]:
-    """User ids from ``path``: a CSV/TSV/Parquet file with a ``column`` column (or a single column),
-    otherwise a text file with one id per line (blank lines and ``#`` comment lines skipped).
-    ``what``: the config key that named the file, for the error messages."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what}: {path} is not a file; give a text file with one user id per line or a CSV with a "
-                        f"{column!r} column")
-    try:
-        if path.suffix.lower() in TABLE_SUFFIXES:
-            if path.suffix.lower() == ".parquet":
-                table = pd.read_parquet(path)
-            else:
-                table = pd.read_csv(path, sep=_separator(path), dtype=str, keep_default_na=False)
-            if column in table.columns:
-                values = table[column]
-            elif table.shape[1] == 1:
-                values = table.iloc[:, 0]
-            else:
-                raise DataError(f"{path}: no {column!r} column (found {list(table.columns)}); rename the id column "
-                                f"or set {'seed' if what == 'seeds' else 'user'}_column=NAME")
-            ids = [str(v).strip() for v in values.tolist()]
-            blank = [i for i, v in enumerate(ids) if v in ("", "nan", "None")]
-            if blank:
-                raise DataError(f"{path}: row {blank[0] + 2} has an empty {column!r}; remove the row or fill in the id")
-        else:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    except DataError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, ImportError) as exc:
-        raise DataError(f"{what}: cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                        "give a UTF-8 text file with one user id per line or a CSV/Parquet file with a user_id column") from None
-    if not ids:
-        raise DataError(f"{path}: no user ids in the file")
-    return ids
+    """User ids from ``path`` (see :func:`dmp_dl.data.id_lists.read_id_file`): a CSV/TSV/Parquet
+    file with a ``column`` column (or a single column), otherwise a text file with one id per line.
+    ``what``: the config key that named the file (``seeds``; ``users``), for the messages."""
+    return read_id_file(path, what, column, "seed_column" if what == "seeds" else "user_column")
 
 
 def user_rows_or_skip(rec, ids: Sequence[str], source: str, skip_unknown: bool = False,
@@ -80,8 +42,12 @@ def user_rows_or_skip(rec, ids: Sequence[str], source: str, skip_unknown: bool =
     """Vocabulary rows of ``ids`` in their order ((n,) int64, -1 for an unknown id) and how many
     were unknown. Unknown ids raise :class:`UnknownIdError` naming up to five of them and
     ``source`` unless ``skip_unknown`` (then one warning line); a list with no known id at all is
-    always an error. ``noun`` names the ids in the messages ("user", "seed")."""
-    ids = list(ids)
+    always an error, and so is an empty list. ``noun`` names the ids in the messages ("user",
+    "seed"). The ids are taken as :func:`~dmp_dl.data.schema.normalize_ids` spells them, as the
+    training data's were."""
+    if not len(ids):
+        raise DataError(f"{source}: no {noun} ids given; give at least one")
+    ids = normalize_ids(pd.Series(list(ids), dtype=object)).tolist()
     rows = rec.user_rows(ids, strict=False)
     unknown = np.flatnonzero(rows < 0)
     if len(unknown) and not skip_unknown:

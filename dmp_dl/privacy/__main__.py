@@ -15,8 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dmp_dl.cli import report_errors
-from dmp_dl.errors import DataError
-from dmp_dl.io import regular_file_problem
+from dmp_dl.data.id_lists import read_id_file
 
 COMMANDS = ("forget",)
 USAGE = ("usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [erasure_list=FILE] [audit_log=FILE] "
@@ -24,23 +23,10 @@ USAGE = ("usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [er
 
 
 def read_user_ids(path: str | Path) -> list[str]:
-    """Non-blank lines of ``path`` (one user id each; ``#`` starts a comment line)."""
-    import stat
-
-    path = Path(path)
-    problem = regular_file_problem(path)
-    if problem:  # a FIFO or device would block the read forever
-        raise DataError(f"user_ids: {path} {problem}; give a text file with one user id per line")
-    try:
-        if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang the read
-            raise DataError(f"user_ids: {path} is not a regular file; give a text file with one user id per line")
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"user_ids: cannot read {path} ({exc}); give a text file with one user id per line") from None
-    ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not ids:
-        raise DataError(f"{path}: no user ids in the file (one id per line)")
-    return ids
+    """The ids of ``user_ids=FILE``, one per line whatever the file's suffix (no line is ever taken
+    for a header and skipped), as :func:`dmp_dl.data.id_lists.read_id_file` reads text: byte-order
+    mark, CRLF, blank and ``#`` lines handled."""
+    return read_id_file(path, "user_ids", tables=False)
 
 
 def forget(cfg: DictConfig) -> dict:

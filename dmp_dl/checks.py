@@ -1,6 +1,6 @@
 """Checks that run before any work: every numeric and path setting of a command, in one line each.
 
-Each command (``train.py``, ``serve.py``, ``python -m dmp_dl.evaluate | audience | privacy``) calls
+Each command (``train.py``, ``serve.py``, ``python -m dmp_dl.evaluate | audience | export | privacy``) calls
 its ``check_*_config`` first, so a bad value is a :class:`~dmp_dl.errors.ConfigError` naming the
 key and the allowed range before a file is read or a model trained, never a traceback after an hour
 of training. The same functions run from a Hydra callback (:class:`PreflightCallback`) before Hydra
@@ -15,6 +15,7 @@ after the data are loaded, before training.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import tempfile
@@ -147,7 +148,47 @@ class MetricAtK:
         return " or ".join(f"{n}@K" for n in self.names) + " with K >= 1 (e.g. ndcg@20)"
 
 
-Rule = Int | Num | Choice | Each | MetricAtK
+@dataclass(frozen=True)
+class Flag:
+    """true or false (a number is not taken for one)."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class FileMode:
+    """Permission bits of a file written, as octal text (``mode=0600``); ``null`` allows None.
+
+    Only text is taken: YAML reads an unquoted ``0644`` as the number 420, which no rule could tell
+    from a decimal 420, so a number is refused with the quoting to use."""
+
+    null: bool = True
+
+    def problem(self, value: Any) -> str | None:
+        if (value is None and self.null) or (value is not None and self.bits(value) is not None):
+            return None
+        return f"must be {self.describe()}"
+
+    @staticmethod
+    def bits(value: Any) -> int | None:
+        """The permission bits (e.g. 0o600) ``value`` spells, or None."""
+        if not isinstance(value, str):
+            return None
+        digits = value.strip().lower().removeprefix("0o")
+        if not 3 <= len(digits) <= 4 or any(c not in "01234567" for c in digits) or int(digits, 8) > 0o777:
+            return None
+        return int(digits, 8)
+
+    def describe(self) -> str:
+        return ("file permissions in octal, e.g. 0600 or 0644 (in a YAML file quoted: '0600')"
+                + (" or null" if self.null else ""))
+
+
+Rule = Int | Num | Choice | Each | MetricAtK | Flag | FileMode
 
 POSITIVE = Num(0, None, lo_open=True)
 NON_NEGATIVE = Num(0, None)
@@ -333,6 +374,19 @@ AUDIENCE_CLI_RULES: dict[str | None, dict[str, Rule]] = {
     },
 }
 AUDIENCE_TASK_ALIASES = {"segment": "segments", "targeting": "target", "measurement": "measure"}
+# python -m dmp_dl.export: the rules of every task, then those of each task (None: every task).
+EXPORT_CLI_RULES: dict[str | None, dict[str, Rule]] = {
+    None: {
+        "format": Choice(("csv", "parquet")),
+        "chunk_users": COUNT,
+        "skip_unknown": Flag(),
+        "progress": Choice(("auto", True, False)),
+        "num_threads": THREADS,
+        "mode": FileMode(),
+    },
+    "recommendations": {"k": COUNT, "exclude_seen": Flag()},
+    "lookalike": {"size": COUNT, "method": Choice(("contrast", "centroid", "neighbours"))},
+}
 
 
 def select(cfg: DictConfig, key: str) -> Any:
@@ -448,6 +502,49 @@ def check_output_dir(path: Any, key: str) -> None:
     problem = writable_dir_problem(str(path))
     if problem:
         raise ConfigError(f"{key}: {problem}; choose another folder with {key}=DIR")
+
+
+def enclosing_bundle(folder: str | os.PathLike) -> Path | None:
+    """The bundle folder that ``folder`` (existing or not) is or lies in, symlinks resolved, or
+    None: ``folder`` itself when it holds a ``manifest.json``, or a folder above it whose
+    ``manifest.json`` is a bundle's (``folder`` is then one of the bundle's part folders, or would
+    be created inside the bundle)."""
+    from dmp_dl.manifest import FORMAT, MANIFEST
+
+    real = Path(folder).resolve()
+    for place in (real, *real.parents):
+        manifest = place / MANIFEST
+        if not manifest.is_file():
+            continue
+        if place == real:
+            return place
+        try:
+            if json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT:
+                return place
+        except (OSError, ValueError, AttributeError):  # unreadable, or not a bundle's manifest
+            continue
+    return None
+
+
+def check_output_file(path: Any, key: str, folder_key: bool = False) -> None:
+    """:class:`ConfigError` naming ``key`` unless a file can be written at ``path``: not a folder
+    or a pipe, not inside a bundle, in a folder where files can be created (checked by writing a
+    probe, so a read-only or full file system is found before the work). ``folder_key``: ``key``
+    sets the folder of ``path``, not the file."""
+    if path is None or str(path).strip() == "":
+        raise ConfigError(f"{key} must be a file path, got {path!r}")
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{key}: {p} is a folder; give the file to write, e.g. {key}={p / 'export.csv'}")
+    if p.exists() and regular_file_problem(p):
+        raise ConfigError(f"{key}: {p} exists and is not a regular file; give another file path")
+    bundle = enclosing_bundle(p.parent)
+    if bundle is not None:
+        raise ConfigError(f"{key}: {p} is inside the bundle {bundle} (a file written there replaces or adds to "
+                          "the bundle's files); write it to a folder outside the bundle")
+    problem = writable_dir_problem(p.parent)
+    if problem:
+        raise ConfigError(f"{key}: {problem}; choose another place with {key}={'DIR' if folder_key else 'FILE'}")
 
 
 def _input_paths(cfg: DictConfig, keys: Mapping[str, dict]) -> None:
@@ -696,6 +793,40 @@ def check_audience_config(cfg: DictConfig) -> None:
     check_output_dir(select(cfg, "output_dir"), "output_dir")
 
 
+def check_export_config(cfg: DictConfig) -> tuple[str, Path]:
+    """Every setting ``python -m dmp_dl.export`` reads, its id file and the file it will write,
+    before the bundle is loaded. Returns the task (an alias resolved) and the file to write."""
+    from dmp_dl.export import TASK_ALIASES, TASKS
+
+    for name in ("task", "artifacts"):
+        if OmegaConf.is_missing(cfg, name):
+            raise ConfigError(f"{name} is required: python -m dmp_dl.export task={'|'.join(TASKS)} artifacts=DIR ...")
+    task = TASK_ALIASES.get(str(cfg.task), str(cfg.task))
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    check_finite(cfg)
+    check_rules(cfg, EXPORT_CLI_RULES[None])
+    check_rules(cfg, EXPORT_CLI_RULES.get(task, {}))
+    if task == "lookalike":
+        if (select(cfg, "seeds") in (None, _ABSENT)) == (select(cfg, "seed_ids") in (None, _ABSENT)):
+            raise ConfigError("task=lookalike needs the seed users as seeds=FILE or seed_ids=[id,...] (one of the two)")
+        _input_paths(cfg, {"seeds": {}})
+    else:
+        users = select(cfg, "users")
+        if users in (None, "", _ABSENT):
+            raise ConfigError("users must be `all` or a file of user ids (one per line, or a CSV/Parquet with a "
+                              "user_id column)")
+        if users != "all":
+            _input_paths(cfg, {"users": {}})
+    output = select(cfg, "output")
+    if output in (None, "", _ABSENT):
+        output = Path(str(select(cfg, "output_dir"))) / f"{task}.{select(cfg, 'format')}"
+        check_output_file(output, "output_dir", folder_key=True)
+    else:
+        check_output_file(output, "output")
+    return task, Path(output)
+
+
 def check_privacy_config(cfg: DictConfig) -> None:
     check_finite(cfg)
     _input_paths(cfg, {"user_ids": {}})
@@ -706,5 +837,6 @@ CHECKS: dict[str, Callable[[DictConfig], Any]] = {
     "serve": check_serve_config,
     "evaluate": check_evaluate_config,
     "audience": check_audience_config,
+    "export": check_export_config,
     "privacy": check_privacy_config,
 }

@@ -113,7 +113,7 @@ def test_k_and_task_and_format_are_checked_before_anything_is_written(trained, r
         run_export(export_cfg("task=recommendations", *base, f"k={rec.n_items + 1}"))
     with pytest.raises(ConfigError, match="task must be one of recommendations, scores, segments, lookalike"):
         run_export(export_cfg("task=emails", *base))
-    with pytest.raises(ConfigError, match="format must be one of csv, parquet"):
+    with pytest.raises(ConfigError, match=r"format must be one of csv \| parquet"):
         run_export(export_cfg("task=scores", *base, "format=xlsx"))
     with pytest.raises(ConfigError, match="seeds=FILE or seed_ids"):
         run_export(export_cfg("task=lookalike", *base))
@@ -207,3 +207,99 @@ def test_command_line_on_a_pipe_prints_the_summary_and_no_progress_bar(trained, 
                          text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: task must be one of recommendations, scores, segments, lookalike, got 'nope'"]
+
+
+# -- what a careless operator can give: id files, empty lists, output paths, permissions -----------
+@pytest.fixture
+def no_bundle_load(monkeypatch):
+    """Fail the test if the export loads the bundle (the checks must come first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bundle was loaded before the settings and the output were checked")
+
+    monkeypatch.setattr(Recommender, "load", refuse)
+
+
+def test_a_users_file_with_a_byte_order_mark_and_windows_line_ends_exports_every_user(trained, tmp_path):
+    users = tmp_path / "crm_ids.txt"
+    users.write_bytes(b"\xef\xbb\xbfu000101\r\nu000007\r\n\r\nu000399\r\n")
+    summary = run_export(export_cfg("task=recommendations", f"artifacts={trained['bundle_dir']}", "k=2",
+                                    f"users={users}", f"output={tmp_path}/out.csv"))
+    assert read(tmp_path / "out.csv")["user_id"].iloc[::2].tolist() == ["u000101", "u000007", "u000399"]
+    assert summary["selection"] == {"given": 3, "duplicates": 0, "unknown_skipped": 0}
+
+
+def test_an_empty_seed_list_is_one_line_before_the_bundle_is_loaded(trained, tmp_path, no_bundle_load):
+    with pytest.raises(ConfigError, match=r"^seed_ids is empty; give at least one user id"):
+        run_export(export_cfg("task=lookalike", f"artifacts={trained['bundle_dir']}", "seed_ids=[]",
+                              f"output_dir={tmp_path}"))
+    empty = tmp_path / "seeds.txt"
+    empty.write_bytes(b"\xef\xbb\xbf\r\n# none yet\r\n")
+    with pytest.raises(DataError, match=r"^seeds: .*seeds.txt holds no user ids"):
+        run_export(export_cfg("task=lookalike", f"artifacts={trained['bundle_dir']}", f"seeds={empty}",
+                              f"output_dir={tmp_path}"))
+    assert [p.name for p in tmp_path.iterdir()] == ["seeds.txt"]
+
+
+def test_a_bad_output_is_refused_before_the_bundle_is_loaded(trained, tmp_path, monkeypatch, no_bundle_load):
+    import errno
+    import types
+
+    import dmp_dl.checks as checks
+
+    bundle = Path(trained["bundle_dir"]).resolve()
+    files_before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    folder = tmp_path / "push"
+    folder.mkdir()
+    link = tmp_path / "current"
+    link.symlink_to(bundle, target_is_directory=True)
+    cases = {
+        str(folder): rf"^output: {folder} is a folder; give the file to write",
+        str(bundle / "seen_items.npy"): rf"^output: .*seen_items.npy is inside the bundle {bundle} ",
+        str(link / "users.json"): rf"^output: .*users.json is inside the bundle {bundle} ",  # through a symlink
+        str(bundle / "segments" / "segments.csv"): rf"inside the bundle {bundle} ",  # one of its part folders
+        str(bundle / "exports" / "recs.csv"): rf"inside the bundle {bundle} ",  # a new folder in it
+    }
+    for output, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            run_export(export_cfg("task=recommendations", f"artifacts={bundle}", f"output={output}"))
+    assert {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == files_before
+    assert not (bundle / "exports").exists()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(checks, "tempfile", types.SimpleNamespace(mkstemp=read_only))  # the write probe
+    with pytest.raises(ConfigError, match=rf"^output: cannot write in {folder} \(the file system is read-only\); "
+                                          r"choose another place with output=FILE"):
+        run_export(export_cfg("task=recommendations", f"artifacts={bundle}", f"output={folder}/recs.csv"))
+    with pytest.raises(ConfigError, match=r"^output_dir: cannot write in .*read-only.*output_dir=DIR"):
+        run_export(export_cfg("task=scores", f"artifacts={bundle}", f"output_dir={folder}/nightly"))
+
+
+def test_exports_get_the_permissions_of_a_plain_write_unless_a_mode_is_set(trained, tmp_path):
+    path = tmp_path / "recs.csv"
+    summary_file = tmp_path / "recs.csv.summary.json"
+    args = ["task=recommendations", f"artifacts={trained['bundle_dir']}", "k=2", f"output={path}", "progress=false"]
+    saved = os.umask(0o022)
+    try:
+        run_export(export_cfg(*args))
+        assert oct(path.stat().st_mode & 0o777) == oct(summary_file.stat().st_mode & 0o777) == "0o644"
+        path.chmod(0o640)  # an operator's choice for the file it replaces is kept
+        run_export(export_cfg(*args))
+        assert oct(path.stat().st_mode & 0o777) == "0o640"
+        run_export(export_cfg(*args, "mode=0600"))
+        assert oct(path.stat().st_mode & 0o777) == oct(summary_file.stat().st_mode & 0o777) == "0o600"
+    finally:
+        os.umask(saved)
+    with pytest.raises(ConfigError, match=r"mode must be file permissions in octal, e.g. 0600 .*got 600"):
+        run_export(export_cfg(*args, "mode=600"))  # read as the number 600, not as 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recs.csv", "recs.csv.summary.json"]
+
+
+def test_command_line_empty_seed_list_is_one_line(trained, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dmp_dl.export", "task=lookalike", f"artifacts={trained['bundle_dir']}",
+                           "seed_ids=[]", f"output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: seed_ids is empty; give at least one user id, e.g. seed_ids=[u000042,u000101]"]

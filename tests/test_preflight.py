@@ -432,8 +432,8 @@ def test_serve_command_refuses_a_port_out_of_range(trained, tmp_path):
 def test_the_checks_cover_every_command():
     from dmp_dl.checks import CHECKS
 
-    assert set(CHECKS) == {"train", "serve", "evaluate", "audience", "privacy"}
-    for name in ("train", "evaluate", "audience_cli"):
+    assert set(CHECKS) == {"train", "serve", "evaluate", "audience", "export", "privacy"}
+    for name in ("train", "evaluate", "audience_cli", "export"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(name, return_hydra_config=True)
         assert cfg.hydra.callbacks.preflight._target_ == "dmp_dl.cli.PreflightCallback"

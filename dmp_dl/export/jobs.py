@@ -22,8 +22,6 @@ import pyarrow as pa
 from dmp_dl.audience.jobs import user_rows_or_skip
 from dmp_dl.errors import ConfigError
 
-TASKS = ("recommendations", "scores", "segments", "lookalike")
-
 # column -> meaning, per task: the summary file and the README carry these
 COLUMNS = {
     "recommendations": {

@@ -30,6 +30,15 @@ from dmp_dl.errors import ConfigError, DataError
 from dmp_dl.io import regular_file_problem
 
 MAX_SEED = 2**32 - 1  # numpy and Lightning seeds are unsigned 32-bit integers
+MAX_SEGMENT = 2**31 - 1  # segment ids are int32 in the bundle and the campaign files
+# A money amount (a budget, a cost per contact, a value per conversion) above this is a typo, not a
+# plan: the same bound as an event's value (dmp_dl.data.schema.MAX_ABS_VALUE), and sums over a
+# billion users stay finite.
+MAX_AMOUNT = 1e12
+# A campaign starts between these (epoch seconds: 1970-01-01 and 2200-01-01) and is measured over at
+# most a century: beyond them the window's end is not a date.
+CAMPAIGN_START_RANGE = (0.0, 7_258_118_400.0)
+MAX_WINDOW_DAYS = 36_525.0
 _ABSENT = object()
 
 
@@ -188,7 +197,138 @@ class FileMode:
                 + (" or null" if self.null else ""))
 
 
-Rule = Int | Num | Choice | Each | MetricAtK | Flag | FileMode
+@dataclass(frozen=True)
+class Text:
+    """A non-empty text (an integer is taken as its digits: Hydra reads ``conversion_event=3`` as one)."""
+
+    null: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.null else f"must be {self.describe()}"
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        return "a non-empty text" + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Separator:
+    """A CSV field separator: one character other than a quote or a line break, or ``auto``."""
+
+    def problem(self, value: Any) -> str | None:
+        if value == "auto" or (isinstance(value, str) and len(value) == 1 and value not in "\r\n\""):
+            return None
+        return f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        return "one character other than a quote or a line break, or auto"
+
+
+@dataclass(frozen=True)
+class Time:
+    """A moment as epoch seconds or an ISO-8601 text, between ``lo`` and ``hi`` (epoch seconds)."""
+
+    lo: float
+    hi: float
+    null: bool = False
+
+    def seconds(self, value: Any) -> float | None:
+        """``value`` in epoch seconds (None: not a time)."""
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            return None
+        if isinstance(value, (int, float)):
+            t = float(value)
+        else:
+            import pandas as pd
+
+            from dmp_dl.data.cleaning import parse_timestamps
+
+            t = float(parse_timestamps(pd.Series([value], dtype=object))[0])
+        return t if math.isfinite(t) else None
+
+    def problem(self, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None if self.null else f"must be {self.describe()}"
+        t = self.seconds(value)
+        if t is None or not self.lo <= t <= self.hi:
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        import datetime as dt
+
+        day = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).date().isoformat()  # noqa: E731
+        return (f"epoch seconds or an ISO-8601 time from {day(self.lo)} to {day(self.hi)}"
+                + (" or null" if self.null else ""))
+
+
+@dataclass(frozen=True)
+class PerSegment:
+    """A value following ``rule``, or a ``{segment: value}`` mapping with whole segment numbers in
+    0..``MAX_SEGMENT`` and values following ``rule`` (``mapping_only``: the mapping form only)."""
+
+    rule: Int | Num
+    null: bool = False
+    mapping_only: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.null else f"must be {self.describe()}"
+        if isinstance(value, Mapping):
+            for key, v in value.items():
+                if segment_number(key) is None:
+                    return f"has segment {key!r}; a segment is a whole number in 0..{MAX_SEGMENT}"
+                if self.rule.problem(v):
+                    return f"gives segment {key} {v!r}; each value must be {self.rule.describe()}"
+            return None
+        if self.mapping_only or self.rule.problem(value):
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        text = "" if self.mapping_only else f"{self.rule.describe()}, or "
+        return text + f"a {{segment: value}} mapping, each value {self.rule.describe()}" + (", or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Renames:
+    """A ``{canonical column: the file's column}`` mapping with canonical names in ``names``."""
+
+    names: tuple[str, ...]
+    null: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.null else f"must be {self.describe()}"
+        if not isinstance(value, Mapping):
+            return f"must be {self.describe()}"
+        for key, column in value.items():
+            if key not in self.names:
+                return f"renames {key!r}; the names to map are {', '.join(self.names)} (e.g. {{{self.names[0]}: customer_id}})"
+            if Text().problem(column):
+                return f"maps {key} to {column!r}; a column name is a non-empty text"
+        return None
+
+    def describe(self) -> str:
+        return (f"a {{canonical name: the file's column}} mapping (canonical names: {', '.join(self.names)}), "
+                f"e.g. {{{self.names[0]}: customer_id}}" + (", or null" if self.null else ""))
+
+
+def segment_number(key: Any) -> int | None:
+    """A segment key of a per-segment mapping as an int in 0..MAX_SEGMENT (digits accepted), else None."""
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, str) and key.strip().isdigit():
+        key = int(key.strip())
+    if isinstance(key, int) and 0 <= key <= MAX_SEGMENT:
+        return key
+    return None
+
+
+Rule = Int | Num | Choice | Each | MetricAtK | Flag | FileMode | Text | Separator | Time | PerSegment | Renames
 
 POSITIVE = Num(0, None, lo_open=True)
 NON_NEGATIVE = Num(0, None)
@@ -333,6 +473,20 @@ EVALUATE_RULES: dict[str, Rule] = {
     "evaluation.report.calibration_bins": COUNT,
     "evaluation.report.segment_sample": COUNT,
 }
+# python -m dmp_dl.audience task=measure|uplift: one campaign's files and window.
+CAMPAIGN_START = Time(*CAMPAIGN_START_RANGE, null=True)
+WINDOW_DAYS = Num(0, MAX_WINDOW_DAYS, lo_open=True, null=True)
+CONFIDENCE = Num(0.5, 0.999)  # below 0.5 an "interval" misses more often than it holds; above 0.999 no campaign is big enough
+CAMPAIGN_RULES: dict[str, Rule] = {
+    "assignments": Text(null=True),
+    "outcomes": Text(null=True),
+    "outcome_columns": Renames(("user_id", "timestamp", "event_type", "value", "item_id"), null=True),
+    "outcome_sep": Separator(),
+    "conversion_event": Text(null=True),
+    "start": CAMPAIGN_START,
+    "window_days": WINDOW_DAYS,
+}
+AMOUNT = Num(0, MAX_AMOUNT)
 # python -m dmp_dl.audience: the rules of every task, then those of each task (None: every task).
 AUDIENCE_CLI_RULES: dict[str | None, dict[str, Rule]] = {
     None: {
@@ -343,9 +497,12 @@ AUDIENCE_CLI_RULES: dict[str | None, dict[str, Rule]] = {
     "lookalike": {"size": COUNT, "method": Choice(("centroid", "contrast", "neighbours"))},
     "segments": {"k": Int(1, None, null=True), "representatives": Int(1, None)},
     "target": {
-        "budget": Num(0, None, null=True),
-        "time_limit": POSITIVE,
-        "gains_points": COUNT,
+        "budget": Num(0, MAX_AMOUNT, null=True),  # null: refused below with what to give
+        "cost": PerSegment(AMOUNT),
+        "value": PerSegment(AMOUNT),
+        "caps": PerSegment(Int(0, MAX_SEGMENT), null=True, mapping_only=True),  # contacts: fewer than 2**31 users
+        "time_limit": Num(0, 7 * 86_400, lo_open=True),  # seconds; a week is more than any MILP here deserves
+        "gains_points": Int(1, 10_000),
         "seed": SEED,
         "solver": Choice(("auto", "greedy", "lp", "milp")),
         "score": Choice(("propensity", "uplift")),
@@ -353,19 +510,20 @@ AUDIENCE_CLI_RULES: dict[str | None, dict[str, Rule]] = {
         "control_seed": Int(0, MAX_SEED, null=True),
     },
     "measure": {
+        **CAMPAIGN_RULES,
+        "artifacts": Text(null=True),
         "metric": Choice(("conversion", "revenue")),
-        "confidence": Num(0.5, 1, hi_open=True),
-        "window_days": Num(0, None, lo_open=True, null=True),
+        "confidence": CONFIDENCE,
     },
     "uplift": {
-        "window_days": Num(0, None, lo_open=True, null=True),
-        "uplift.hidden": Each(COUNT),
+        **CAMPAIGN_RULES,
+        "uplift.hidden": Each(Int(1, 1 << 16)),
         "uplift.dropout": FRACTION,
-        "uplift.lr": POSITIVE,
-        "uplift.weight_decay": NON_NEGATIVE,
-        "uplift.batch_size": COUNT,
-        "uplift.max_epochs": COUNT,
-        "uplift.patience": Int(0, None),
+        "uplift.lr": Num(0, 1, lo_open=True),
+        "uplift.weight_decay": Num(0, 1),
+        "uplift.batch_size": Int(1, 1 << 24),
+        "uplift.max_epochs": Int(1, 100_000),
+        "uplift.patience": Int(1, 100_000),
         "uplift.val_frac": Num(0, 1, lo_open=True, hi_open=True),
         "uplift.test_frac": Num(0, 1, lo_open=True, hi_open=True),
         "uplift.calibration": Choice(("platt", "isotonic", "none")),
@@ -785,10 +943,29 @@ def check_evaluate_config(cfg: DictConfig) -> None:
 
 
 def check_audience_config(cfg: DictConfig) -> None:
+    """Every setting of ``python -m dmp_dl.audience`` the task reads, and the output folder."""
     check_finite(cfg)
     check_rules(cfg, AUDIENCE_CLI_RULES[None])
     task = select(cfg, "task")
-    check_rules(cfg, AUDIENCE_CLI_RULES.get(AUDIENCE_TASK_ALIASES.get(task, task), {}))
+    task = AUDIENCE_TASK_ALIASES.get(task, task)
+    check_rules(cfg, AUDIENCE_CLI_RULES.get(task, {}))
+    if task == "uplift":  # every option of the model is in the rules: another key is a typo
+        known = sorted(k.removeprefix("uplift.") for k in AUDIENCE_CLI_RULES["uplift"] if k.startswith("uplift."))
+        given = select(cfg, "uplift")
+        unknown = sorted(set(given) - set(known)) if isinstance(given, Mapping) else []
+        if unknown:
+            raise ConfigError(f"uplift: unknown key(s) {unknown}; known: {known}")
+    if task == "target" and select(cfg, "budget") is None:
+        raise ConfigError("budget is required: the most to spend on contacts, e.g. budget=5000")
+    if task in ("measure", "uplift"):
+        for key, what in (("assignments", "the campaign's target.csv (task=target ... control_frac=0.1)"),
+                          ("outcomes", "the event log from the campaign's start on (user_id, timestamp, event_type, value)")):
+            if select(cfg, key) in (None, ""):
+                raise ConfigError(f"{key} is required: {what}")
+    if task == "uplift":
+        val, test = select(cfg, "uplift.val_frac"), select(cfg, "uplift.test_frac")
+        if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1:
+            raise ConfigError(f"uplift.val_frac + uplift.test_frac must be below 1, got {val} + {test}")
     _input_paths(cfg, {"seeds": {}})  # the bundle: Bundle.open; campaign files: their readers name them
     check_output_dir(select(cfg, "output_dir"), "output_dir")
 

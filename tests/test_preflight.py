@@ -360,15 +360,24 @@ def audience_cfg(*overrides: str):
 
 @pytest.mark.parametrize("overrides, message", [
     (["task=target", "budget=10", "seed=abc"], "seed must be an integer in 0..4294967295, got 'abc'"),
-    (["task=target", "budget=10", "time_limit=-1"], "time_limit must be a finite number > 0"),
+    (["task=target", "budget=10", "time_limit=-1"], "time_limit must be a number in (0, 604800]"),
     (["task=target", "budget=nan"], "budget must be a finite number"),
     (["task=lookalike", "seed_ids=[x]", "size=-5"], "size must be an integer >= 1"),
     (["task=segments", "k=0"], "k must be an integer >= 1 or null"),
     (["task=segments", "num_threads=0"], "num_threads must be an integer in 1..4096 or null"),
     (["task=target", "budget=10", "control_frac=1.5"], "control_frac must be a number in [0, 1)"),
-    (["task=measure", "confidence=2"], "confidence must be a number in [0.5, 1)"),
-    (["task=uplift", "uplift.lr=0"], "uplift.lr must be a finite number > 0"),
-    (["task=uplift", "uplift.hidden=[64,0]"], "uplift.hidden must be a non-empty list, each an integer >= 1"),
+    (["task=measure", "confidence=2"], "confidence must be a number in [0.5, 0.999]"),
+    (["task=measure", "confidence=0.9999999999"], "confidence must be a number in [0.5, 0.999], got 0.9999999999"),
+    (["task=measure", "assignments=t.csv", "outcomes=o.csv", "window_days=1e308"], "window_days must be a number in (0, 36525]"),
+    (["task=measure", "assignments=t.csv", "outcomes=o.csv", "start=1e300"], "start must be epoch seconds or an ISO-8601 time"),
+    (["task=measure", "outcomes=o.csv"], "assignments is required"),
+    (["task=uplift", "assignments=t.csv", "outcomes=o.csv", "uplift.val_frac=0.6", "uplift.test_frac=0.5"],
+     "uplift.val_frac + uplift.test_frac must be below 1, got 0.6 + 0.5"),
+    (["task=uplift", "assignments=t.csv", "outcomes=o.csv", "uplift.patience=0"], "uplift.patience must be an integer in 1..100000"),
+    (["task=target", "budget=10", "value=1e308"], "value must be a number in [0, 1e+12]"),
+    (["task=target", "budget=10", "caps={0: -1}"], "caps gives segment 0 -1; each value must be an integer in 0..2147483647"),
+    (["task=uplift", "uplift.lr=0"], "uplift.lr must be a number in (0, 1]"),
+    (["task=uplift", "uplift.hidden=[64,0]"], "uplift.hidden must be a non-empty list, each an integer in 1..65536"),
 ])
 def test_bad_audience_settings_before_the_bundle_is_read(tmp_path, overrides, message):
     from dmp_dl.audience.__main__ import run_task

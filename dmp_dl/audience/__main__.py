@@ -11,7 +11,6 @@ one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -44,6 +43,7 @@ def _int(cfg: DictConfig, name: str, low: int = 1) -> int:
 def run_task(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and write its files. Returns the summary (with the paths written)."""
     from dmp_dl.audience import jobs
+    from dmp_dl.campaign.jobs import summary_json
     from dmp_dl.recommender import Recommender
 
     if OmegaConf.is_missing(cfg, "task"):
@@ -102,7 +102,7 @@ def run_task(cfg: DictConfig) -> dict:
     summary["files"] = {"audience": str(jobs.write_table(table, out / f"{task}.{fmt}", fmt)), **extra}
     summary_path = out / f"{task}_summary.json"
     summary["files"]["summary"] = str(summary_path)
-    atomic_write_text(summary_path, json.dumps(summary, indent=1))
+    atomic_write_text(summary_path, summary_json(summary))
     log.info("%s: %d users written to %s", task, len(table), summary["files"]["audience"])
     return summary
 
@@ -110,8 +110,12 @@ def run_task(cfg: DictConfig) -> dict:
 def _campaign_files(cfg: DictConfig):
     from dmp_dl.campaign.jobs import CampaignFiles
 
-    return CampaignFiles(cfg.get("assignments"), cfg.get("outcomes"), cfg.get("conversion_event"), cfg.get("start"),
-                         cfg.get("window_days"), _plain(cfg.get("outcome_columns")) or {}, str(cfg.get("outcome_sep", "auto")))
+    def text(value):  # Hydra reads a file or column named 3 as an int
+        return None if value is None else str(value)
+
+    columns = {str(k): text(v) for k, v in (_plain(cfg.get("outcome_columns")) or {}).items()}
+    return CampaignFiles(text(cfg.get("assignments")), text(cfg.get("outcomes")), cfg.get("conversion_event"),
+                         cfg.get("start"), cfg.get("window_days"), columns, str(cfg.get("outcome_sep", "auto")))
 
 
 def _uplift_options(cfg: DictConfig):
@@ -150,7 +154,10 @@ def run_limited(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="audience_cli")
 def main(cfg: DictConfig) -> None:
     with report_errors():
-        print(json.dumps(short(run_limited(cfg)), indent=1))
+        summary = short(run_limited(cfg))
+        from dmp_dl.campaign.jobs import summary_json
+
+        print(summary_json(summary))
 
 
 if __name__ == "__main__":

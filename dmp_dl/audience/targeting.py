@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dmp_dl.checks import MAX_AMOUNT, segment_number
 from dmp_dl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,56 +70,70 @@ class TargetingPlan:
 
 
 def per_user(setting: float | Mapping, groups: np.ndarray | None, n: int, name: str) -> np.ndarray:
-    """A global number, or a {segment: number} mapping covering every segment, as (n_users,) float64."""
+    """A global number, or a {segment: number} mapping covering every segment, as (n_users,) float64.
+
+    Every number is in [0, MAX_AMOUNT]; entries for segments no user is in are ignored, with a warning.
+    """
     if isinstance(setting, Mapping):
         if groups is None:
             raise ConfigError(f"{name} is given per segment but the bundle has no segments; give one number")
         table = {}
         for key, val in setting.items():
+            segment = segment_number(key)
             try:
-                table[int(key)] = float(val)
+                if segment is None or isinstance(val, bool):
+                    raise ValueError
+                table[segment] = float(val)
             except (TypeError, ValueError):
                 raise ConfigError(f"{name}: segment {key!r} -> {val!r} is not a segment number and a number") from None
         present = np.unique(groups)
         missing = [int(s) for s in present if int(s) not in table]
         if missing:
             raise ConfigError(f"{name} has no entry for segment(s) {missing}; give every segment a value")
-        lookup = np.zeros(int(max(present.max(), max(table)) + 1))
-        for key, val in table.items():
-            if key >= 0:
-                lookup[key] = val
+        unused = sorted(set(table) - set(present.tolist()))
+        if unused:
+            log.warning("%s gives a value to segment(s) %s, which no user is in; ignored", name, unused)
+        lookup = np.zeros(int(present.max()) + 1)
+        for key in present.tolist():
+            lookup[key] = table[key]
         values = lookup[groups]
     else:
         try:
+            if isinstance(setting, bool):
+                raise TypeError
             values = np.full(n, float(setting))
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a number or a {{segment: number}} mapping, got {setting!r}") from None
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ConfigError(f"{name} must be finite and >= 0, got {setting!r}")
+    if not ((values >= 0) & (values <= MAX_AMOUNT)).all():  # NaN compares False
+        raise ConfigError(f"{name} must be a number in [0, {MAX_AMOUNT:g}] (or one per segment), got {setting!r}")
     return values
 
 
 def _check(probability, value, cost, budget, groups, caps, signed: bool = False):
     p = np.asarray(probability, dtype=np.float64)
     v, c = np.broadcast_to(np.asarray(value, np.float64), p.shape), np.broadcast_to(np.asarray(cost, np.float64), p.shape)
-    if not np.isfinite(budget) or budget < 0:
-        raise ConfigError(f"budget must be a finite number >= 0, got {budget}")
+    if not 0 <= budget <= MAX_AMOUNT:  # NaN compares False
+        raise ConfigError(f"budget must be a number in [0, {MAX_AMOUNT:g}], got {budget}")
     if signed and not ((p >= -1) & (p <= 1)).all():
         raise ConfigError("uplifts must be differences of probabilities, in [-1, 1]")
     if not signed and not ((p >= 0) & (p <= 1)).all():
         raise ConfigError("propensities must be probabilities in [0, 1]")
-    if (c < 0).any() or (v < 0).any() or not (np.isfinite(c).all() and np.isfinite(v).all()):
-        raise ConfigError("cost and value must be finite and >= 0")
+    if not (((c >= 0) & (c <= MAX_AMOUNT)).all() and ((v >= 0) & (v <= MAX_AMOUNT)).all()):
+        raise ConfigError(f"cost and value must be numbers in [0, {MAX_AMOUNT:g}]")
     cap_of = None
     if caps:
         if groups is None:
             raise ConfigError("caps are per segment but the bundle has no segments")
         g = np.asarray(groups, dtype=np.int64)
-        cap_of = np.full(int(max(g.max(), max(int(k) for k in caps)) + 1), np.iinfo(np.int64).max, dtype=np.int64)
+        no_cap = np.iinfo(np.int64).max
+        cap_of = np.full(int(g.max()) + 1 if len(g) else 1, no_cap, dtype=np.int64)
         for key, val in caps.items():
+            if segment_number(key) is None or isinstance(val, bool) or int(val) != val:
+                raise ConfigError(f"caps: {key!r}: {val!r} is not a segment number and a whole number of contacts")
             if int(val) < 0:
                 raise ConfigError(f"caps: segment {key} has a negative cap {val}")
-            cap_of[int(key)] = int(val)
+            if segment_number(key) < len(cap_of):  # a segment nobody is in needs no cap
+                cap_of[segment_number(key)] = min(int(val), no_cap)
     return p, v, c, cap_of
 
 

@@ -9,18 +9,24 @@ f · its size, and the whole group within one of f · n: treatment and control h
 segment and propensity mix by construction, not just on average.
 
 The draw depends only on the seed and the set of users (they are ordered by vocabulary row before
-the keys are drawn), so the same seed gives the same groups.
+the keys are drawn), so the same seed gives the same groups. A share that would leave nobody to
+contact is refused; one that leaves fewer than ``MIN_GROUP`` users in a group is warned about (the
+campaign could then only show a large lift).
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from dmp_dl.campaign.stats import MIN_GROUP
 from dmp_dl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TREATMENT, CONTROL = "treatment", "control"
 N_DECILES = 10
@@ -132,5 +138,26 @@ def draw_control(rows: np.ndarray, scores: np.ndarray, fraction: float, seed: in
     picked = np.floor((i + 1) * fraction + start) > np.floor(i * fraction + start)
     control = np.zeros(n, dtype=bool)
     control[order] = picked
+    _check_sizes(int(control.sum()), n, fraction)
     return Holdout(control, segment, decile, stratum, fraction, seed)
 
+
+def _check_sizes(n_control: int, n: int, fraction: float) -> None:
+    """Refuse a holdout that leaves nobody to contact; warn when a group is too small to measure."""
+    n_treated = n - n_control
+    if n == 0 or fraction == 0:
+        return
+    if n_treated == 0:
+        raise ConfigError(f"control_frac={fraction:g} holds out all {n} selected users, so nobody would be contacted; "
+                          f"lower control_frac (e.g. 0.1) or raise the budget")
+    if n_control == 0:
+        log.warning("control_frac=%g holds out none of the %d selected users: there is no control group to measure the "
+                    "campaign against; raise control_frac (to at least %.3g) or the budget", fraction, n, 1 / n)
+        return
+    small = [f"{size} {group}" for group, size in (("treated", n_treated), ("control", n_control)) if size < MIN_GROUP]
+    if small:
+        advice = ("raise the budget" if len(small) == 2 else
+                  "lower control_frac" if n_treated < MIN_GROUP else "raise control_frac or the budget")
+        log.warning("control_frac=%g splits the %d selected users into %d to contact and %d held out: with only %s "
+                    "users (fewer than %d per group) the campaign's lift can only be measured with exact tests, and only "
+                    "a large one shows; %s", fraction, n, n_treated, n_control, " and ".join(small), MIN_GROUP, advice)

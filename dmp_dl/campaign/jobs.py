@@ -19,9 +19,9 @@ import pandas as pd
 
 from dmp_dl.campaign import report
 from dmp_dl.campaign.control import CONTROL, TREATMENT
-from dmp_dl.campaign.measure import measure_campaign
+from dmp_dl.campaign.measure import measure_campaign, p_text, percent
 from dmp_dl.campaign.outcomes import (
-    GROUP, outcome_cleaning, read_assignments, read_outcomes, resolve_conversion, user_outcomes,
+    GROUP, iso_time, outcome_cleaning, read_assignments, read_outcomes, resolve_conversion, user_outcomes,
 )
 from dmp_dl.data.schema import USER
 from dmp_dl.io import atomic_write_text
@@ -40,10 +40,6 @@ class CampaignFiles:
     window_days: float | None = None
     outcome_columns: Mapping[str, str] = field(default_factory=dict)
     outcome_sep: str = "auto"
-
-
-def _iso(t: int | None) -> str | None:
-    return None if t is None else pd.Timestamp(int(t), unit="s", tz="UTC").isoformat()
 
 
 def _bundle_reading(artifacts):
@@ -85,8 +81,8 @@ def measure_job(files: CampaignFiles, out: Path, metric: str = "conversion", con
     summary = measure_campaign(assignments, outcomes, metric, confidence)
     days = None if outcomes.end is None else (outcomes.end - outcomes.start) / 86400.0
     summary["conversion_event"] = event
-    summary["window"] = {"start": outcomes.start, "start_iso": _iso(outcomes.start), "end": outcomes.end,
-                         "end_iso": _iso(outcomes.end), "days": days}
+    summary["window"] = {"start": outcomes.start, "start_iso": iso_time(outcomes.start), "end": outcomes.end,
+                         "end_iso": iso_time(outcomes.end), "days": days}
     summary["outcomes"] = {"file": events.path, "rows_in": events.report.rows_in, "rows_kept": events.report.rows_out,
                            "dropped": dict(events.report.dropped), **outcomes.counts}
     summary["assignments"] = {"file": str(files.assignments), "users": int(len(assignments))}
@@ -94,11 +90,23 @@ def measure_job(files: CampaignFiles, out: Path, metric: str = "conversion", con
     control = (assignments[GROUP] == CONTROL).to_numpy()
     files_written = report.write(report.measure_document(summary, outcomes.first_conversion, control), out, "measure")
     summary["files"] = {"summary": str(out / "measure_summary.json"), **files_written}
-    atomic_write_text(out / "measure_summary.json", json.dumps(summary, indent=1))
-    log.info("%s lift %.4g, 95%% interval [%.4g, %.4g], p = %.3g (%d treated, %d control users)", metric,
-             summary["lift"] or 0.0, summary["ci_low"] or 0.0, summary["ci_high"] or 0.0, summary["p_value"] or 1.0,
-             summary["users"]["treatment"], summary["users"]["control"])
+    atomic_write_text(out / "measure_summary.json", summary_json(summary))
+    users = f"({summary['users']['treatment']} treated, {summary['users']['control']} control users)"
+    if summary["reason"]:
+        log.info("%s: %s %s", metric, summary["verdict"], users)
+    else:
+        log.info("%s lift %s, %s %% interval %s, p = %s (%s); %s %s", metric, report.num(summary["lift"]),
+                 percent(summary["confidence"]), report.interval(summary["ci_low"], summary["ci_high"]),
+                 p_text(summary["p_value"]), summary["p_value_method"], summary["verdict"], users)
     return summary
+
+
+def summary_json(summary: dict) -> str:
+    """``summary`` as standard JSON: a NaN or an infinity is written as null, never as ``NaN`` /
+    ``Infinity`` (which JSON does not have)."""
+    from dmp_dl.evaluation.report import _json_safe
+
+    return json.dumps(_json_safe(summary), indent=1, allow_nan=False)
 
 
 def uplift_job(rec, artifacts: str, files: CampaignFiles, out: Path, options=None, attach: bool = True) -> dict:
@@ -112,7 +120,7 @@ def uplift_job(rec, artifacts: str, files: CampaignFiles, out: Path, options=Non
     assignments, events, outcomes, event = load_campaign(files, rec=rec)
     treated = (assignments[GROUP] == TREATMENT).to_numpy()
     campaign = {"assignments": str(files.assignments), "outcomes": str(files.outcomes), "conversion_event": event,
-                "start_iso": _iso(outcomes.start), "end_iso": _iso(outcomes.end),
+                "start_iso": iso_time(outcomes.start), "end_iso": iso_time(outcomes.end),
                 "treatment": int(treated.sum()), "control": int((~treated).sum()),
                 "conversions": int(outcomes.converted.sum())}
     result = train_uplift(rec, assignments[USER].to_numpy(), treated, outcomes.converted, options, campaign)
@@ -130,5 +138,5 @@ def uplift_job(rec, artifacts: str, files: CampaignFiles, out: Path, options=Non
         summary["bundle"] = str(artifacts)
         log.info("uplift model added to the bundle %s (a running server picks it up with POST /reload)", artifacts)
     summary["files"] = {"summary": str(out / "uplift_summary.json"), "qini": str(out / "qini.csv"), **files_written}
-    atomic_write_text(out / "uplift_summary.json", json.dumps(summary, indent=1, default=float))
+    atomic_write_text(out / "uplift_summary.json", summary_json(summary))
     return summary

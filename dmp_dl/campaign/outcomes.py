@@ -16,6 +16,7 @@ Every problem is one :class:`~dmp_dl.errors.DataError` naming the file, the row 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dmp_dl.campaign.control import CONTROL, TREATMENT
-from dmp_dl.data.cleaning import CleaningOptions, TableReport, clean_events, parse_timestamps
+from dmp_dl.campaign.control import CONTROL, N_DECILES, TREATMENT
+from dmp_dl.checks import CAMPAIGN_START, MAX_SEGMENT, WINDOW_DAYS
+from dmp_dl.data.cleaning import CleaningOptions, TableReport, clean_events
 from dmp_dl.data.files import read_table
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, normalize_ids
 from dmp_dl.errors import ConfigError, DataError
@@ -40,15 +42,21 @@ READING_RULES = ("event_weights", "default_event_type", "min_timestamp", "max_ti
                  "value_fill", "dedupe")
 
 
+# the breakdown columns of an assignments file: the bundle's segment ids, the target's propensity deciles
+BREAKDOWNS = {"segment": (0, MAX_SEGMENT), "decile": (1, N_DECILES)}
+
+
 def _int_column(frame: pd.DataFrame, column: str, path: str) -> np.ndarray | None:
+    """``column`` of ``frame`` as (n,) int64, every value a whole number in its ``BREAKDOWNS`` range."""
     if column not in frame.columns:
         return None
+    lo, hi = BREAKDOWNS[column]
     values = pd.to_numeric(frame[column].astype(object).where(frame[column].notna(), ""), errors="coerce")
-    bad = values.isna() | (values != np.floor(values))
+    bad = ~((values >= lo) & (values <= hi) & (values == np.floor(values)))  # NaN compares False
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(f"{path}: row {row + 2} has {column}={frame[column].iloc[row]!r}; {column} must be a whole "
-                        f"number (or drop the column)")
+                        f"number in {lo}..{hi} (or drop the column)")
     return values.to_numpy(dtype=np.int64)
 
 
@@ -152,6 +160,11 @@ def resolve_conversion(requested: str | None, outcomes: OutcomeEvents, cleaning:
                     f"to the type that is a conversion, or conversion_event=any to count every event")
 
 
+def iso_time(t: int | None) -> str | None:
+    """Epoch seconds as an ISO-8601 UTC time (None: None); any year up to 9999."""
+    return None if t is None else dt.datetime.fromtimestamp(int(t), dt.timezone.utc).isoformat()
+
+
 @dataclass
 class UserOutcomes:
     """Per assigned user (aligned with the assignments): ``converted`` (n,) bool (a conversion
@@ -173,24 +186,14 @@ def user_outcomes(user_ids: np.ndarray, outcomes: OutcomeEvents, conversion_even
     start: epoch seconds or ISO-8601 (None: the log's first event); window_days: None for every
     event from the start on.
     """
+    for key, value, rule in (("start", start, CAMPAIGN_START), ("window_days", window_days, WINDOW_DAYS)):
+        problem = rule.problem(value)
+        if problem:
+            raise ConfigError(f"{key} {problem}, got {value!r}")
     events = outcomes.events
     ts = events[TIME].to_numpy(dtype=np.int64)
-    if start is None or str(start).strip() == "":
-        t0 = int(ts.min())
-    else:
-        t = parse_timestamps(pd.Series([start], dtype=object))[0]
-        if not np.isfinite(t):
-            raise ConfigError(f"start={start!r} is neither epoch seconds nor an ISO-8601 time")
-        t0 = int(t)
-    end = None
-    if window_days is not None:
-        try:
-            days = float(window_days)
-        except (TypeError, ValueError):
-            days = float("nan")
-        if not np.isfinite(days) or days <= 0:
-            raise ConfigError(f"window_days must be a number of days > 0 (or null: everything after the start), got {window_days!r}")
-        end = int(t0 + days * SECONDS_PER_DAY)
+    t0 = int(ts.min()) if start is None or str(start).strip() == "" else int(CAMPAIGN_START.seconds(start))
+    end = None if window_days is None else int(t0 + float(window_days) * SECONDS_PER_DAY)
     before, after = ts < t0, (ts > end) if end is not None else np.zeros(len(ts), bool)
     in_window = ~before & ~after
     is_conversion = in_window & (True if conversion_event == ANY_EVENT else (events[TYPE].to_numpy() == conversion_event))

@@ -20,6 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scipy.stats import norm  # noqa: E402
+
+from dmp_dl.campaign.measure import p_text, percent  # noqa: E402
 from dmp_dl.io import atomic_write_text  # noqa: E402
 
 CSS = ("body{font-family:-apple-system,'Segoe UI',Roboto,'DejaVu Sans',Arial,sans-serif;margin:0;color:#1d2433;background:#f6f7f9}"
@@ -114,21 +117,30 @@ def write(doc: Document, out: Path, stem: str) -> dict[str, str]:
 
 
 # -- measure ---------------------------------------------------------------------------------------
-def _interval(low, high) -> str:
+def interval(low, high) -> str:
     return f"[{num(low)}, {num(high)}]"
 
 
-def _breakdown_table(rows: list[dict], key: str, metric: str) -> tuple[list[str], list[list[str]]]:
+def _inference(row: dict, metric: str) -> list[str]:
+    """The interval and p-value cells of ``metric`` in ``row``, or "not enough data"."""
+    if row.get(f"{metric}_reason"):
+        return ["not enough data", "–"]
+    return [interval(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]), p_text(row[f"{metric}_p_value"])]
+
+
+def _breakdown_table(rows: list[dict], key: str, metric: str, confidence: float) -> tuple[list[str], list[list[str]]]:
     m = metric
     rate = "rate" if m == "conversion" else "mean"
-    header = [key, "treated", "control", f"{m} (treated)", f"{m} (control)", "lift", "95 % interval", "p-value"]
+    header = [key, "treated", "control", f"{m} (treated)", f"{m} (control)", "lift", f"{percent(confidence)} % interval", "p-value"]
     body = [[str(r[key]), num(r["treatment"]), num(r["control"]), num(r[f"{m}_{rate}_treatment"]), num(r[f"{m}_{rate}_control"]),
-             num(r[f"{m}_lift"]), _interval(r[f"{m}_ci_low"], r[f"{m}_ci_high"]), num(r[f"{m}_p_value"], 3)] for r in rows]
+             num(r[f"{m}_lift"]), *_inference(r, m)] for r in rows]
     return header, body
 
 
 def _lift_figure(summary: dict, metric: str) -> bytes:
     panels = [k for k in ("by_segment", "by_decile") if summary.get(k)]
+    z = float(norm.ppf(0.5 + summary["confidence"] / 2))
+    level = f"{percent(summary['confidence'])} % interval"
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, max(len(panels), 1) + 1, figsize=(4.2 * (len(panels) + 1), 3.6), squeeze=False)
         ax = axes[0, 0]
@@ -136,10 +148,10 @@ def _lift_figure(summary: dict, metric: str) -> bytes:
         rate = "rate" if metric == "conversion" else "mean"
         for i, group in enumerate(("treatment", "control")):
             value, n = o[f"{metric}_{rate}_{group}"] or 0.0, max(o[group], 1)
-            half = 1.96 * np.sqrt(value * (1 - value) / n) if metric == "conversion" else None
+            half = z * np.sqrt(value * (1 - value) / n) if metric == "conversion" else None
             ax.bar(i, value, color=COLOURS[group], width=0.6, yerr=half, capsize=4)
         ax.set_xticks([0, 1], ["treatment", "control"])
-        ax.set_title(f"{metric} per user" + (" (±1.96 SE)" if metric == "conversion" else ""))
+        ax.set_title(f"{metric} per user" + (f" (±{z:.3g} SE)" if metric == "conversion" else ""))
         for ax, key in zip(axes[0, 1:], panels):
             rows = summary[key]
             x = np.arange(len(rows))
@@ -150,10 +162,10 @@ def _lift_figure(summary: dict, metric: str) -> bytes:
             ax.axhline(0, color="#999", linewidth=1)
             if summary.get("lift") is not None:
                 ax.axhline(summary["lift"], color=COLOURS["treatment"], linestyle="--", linewidth=1, label="overall lift")
+                ax.legend(loc="best")
             ax.set_xticks(x, [str(r[key.removeprefix("by_")]) for r in rows])
             ax.set_xlabel(key.removeprefix("by_") + (" (1 = highest propensity)" if key == "by_decile" else ""))
-            ax.set_title(f"lift per {key.removeprefix('by_')} (95 % interval)")
-            ax.legend(loc="best")
+            ax.set_title(f"lift per {key.removeprefix('by_')} ({level})")
         return png(fig)
 
 
@@ -173,9 +185,20 @@ def _cumulative_figure(first_days: np.ndarray, control: np.ndarray, end_days: fl
         return png(fig)
 
 
+def _headline_text(summary: dict) -> str:
+    m, level = summary["metric"], percent(summary["confidence"])
+    if summary["reason"]:
+        return f"Headline ({m}): not enough data. {summary['reason'][0].upper()}{summary['reason'][1:]}."
+    return (f"Headline ({m}): lift {num(summary['lift'])} (relative {num(summary['relative_lift'], 3)}), "
+            f"{level} % interval {interval(summary['ci_low'], summary['ci_high'])} ({summary['interval_method']}), "
+            f"p-value {p_text(summary['p_value'])} ({summary['p_value_method']}); {summary['verdict']} at "
+            f"{level} % confidence.")
+
+
 def measure_document(summary: dict, first_days: np.ndarray, control: np.ndarray) -> Document:
     m = summary["metric"]
     w = summary["window"]
+    level = f"{percent(summary['confidence'])} % interval"
     intro = (f"Treatment (contacted) against the held-out control group, {m} in the window {w['start_iso']} .. "
              f"{w['end_iso'] or 'the end of the outcome log'}; conversion event: {summary['conversion_event']}. "
              "Every number is in measure_summary.json.")
@@ -183,20 +206,18 @@ def measure_document(summary: dict, first_days: np.ndarray, control: np.ndarray)
     o = summary["overall"]
     rows = [["users", num(o["treatment"]), num(o["control"]), "", "", ""],
             ["conversion rate", num(o["conversion_rate_treatment"]), num(o["conversion_rate_control"]), num(o["conversion_lift"]),
-             _interval(o["conversion_ci_low"], o["conversion_ci_high"]), num(o["conversion_p_value"], 3)],
+             *_inference(o, "conversion")],
             ["revenue per user", num(o["revenue_mean_treatment"]), num(o["revenue_mean_control"]), num(o["revenue_lift"]),
-             _interval(o["revenue_ci_low"], o["revenue_ci_high"]), num(o["revenue_p_value"], 3)]]
+             *_inference(o, "revenue")]]
     inc_c, inc_r = summary["incremental_conversions"], summary["incremental_revenue"]
     mde = summary["minimum_detectable_effect"]
     blocks += [
-        Block("p", f"Headline ({m}): lift {num(summary['lift'])} (relative {num(summary['relative_lift'], 3)}), "
-                   f"95 % interval {_interval(summary['ci_low'], summary['ci_high'])}, p-value {num(summary['p_value'], 3)} "
-                   f"({summary['p_value_method']}); {'significant' if summary['significant'] else 'not significant'} at 5 %."),
-        Block("table", (["", "treatment", "control", "lift", "95 % interval", "p-value"], rows)),
-        Block("p", f"Incremental conversions: {num(inc_c['estimate'])} {_interval(inc_c['ci_low'], inc_c['ci_high'])}; "
-                   f"incremental revenue: {num(inc_r['estimate'])} {_interval(inc_r['ci_low'], inc_r['ci_high'])} "
+        Block("p", _headline_text(summary)),
+        Block("table", (["", "treatment", "control", "lift", level, "p-value"], rows)),
+        Block("p", f"Incremental conversions: {num(inc_c['estimate'])} {interval(inc_c['ci_low'], inc_c['ci_high'])}; "
+                   f"incremental revenue: {num(inc_r['estimate'])} {interval(inc_r['ci_low'], inc_r['ci_high'])} "
                    f"(lift x treated users). Smallest lift these groups detect at 80 % power: {num(mde['lift'])}."),
-        Block("figure", ("Lift", f"{m} per user by group, and the lift with its 95 % interval per segment and per "
+        Block("figure", ("Lift", f"{m} per user by group, and the lift with its {level} per segment and per "
                                  "propensity decile (the control group is drawn within each of these strata)",
                          _lift_figure(summary, m))),
         Block("figure", ("Conversions over time", "share of each group that has converted, by days after the start",
@@ -205,7 +226,8 @@ def measure_document(summary: dict, first_days: np.ndarray, control: np.ndarray)
     doc = Document("Campaign measurement", intro, [("Result", blocks)])
     for key in ("by_segment", "by_decile"):
         if summary.get(key):
-            doc.sections.append((f"Per {key.removeprefix('by_')}", [Block("table", _breakdown_table(summary[key], key.removeprefix("by_"), m))]))
+            table = _breakdown_table(summary[key], key.removeprefix("by_"), m, summary["confidence"])
+            doc.sections.append((f"Per {key.removeprefix('by_')}", [Block("table", table)]))
     counts = summary["outcomes"]
     doc.sections.append(("Outcome file", [Block("table", (["", "count"], [[k, num(v)] for k, v in counts.items() if not isinstance(v, dict)]
                                                             + [[f"dropped: {k}", num(v)] for k, v in counts.get("dropped", {}).items()]))]))

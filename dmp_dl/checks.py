@@ -660,6 +660,10 @@ def check_output_dir(path: Any, key: str) -> None:
     problem = writable_dir_problem(str(path))
     if problem:
         raise ConfigError(f"{key}: {problem}; choose another folder with {key}=DIR")
+    bundle = enclosing_bundle(str(path))
+    if bundle is not None:
+        raise ConfigError(f"{key}={path} is inside the bundle {bundle}; files written there would mix with the "
+                          f"bundle's own: choose a folder outside it with {key}=DIR")
 
 
 def enclosing_bundle(folder: str | os.PathLike) -> Path | None:

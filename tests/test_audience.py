@@ -373,8 +373,19 @@ def test_cli_lookalike_seed_files_and_lists_as_an_operator_writes_them(trained, 
     seeds.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rec.user_vocab.ids[:3]).encode() + b"\r\n")
     summary = run_task(cli_cfg("task=lookalike", art, out, f"seeds={seeds}", "size=5"))
     assert summary["seeds_given"] == summary["seeds_used"] == 3 and summary["seeds_unknown_skipped"] == 0
-    with pytest.raises(DataError, match=r"^seed_ids: no seed ids given; give at least one$"):
+    with pytest.raises(ConfigError, match=r"^seed_ids is empty; give at least one user id"):
         run_task(cli_cfg("task=lookalike", art, out, "seed_ids=[]"))
+    with pytest.raises(ConfigError, match=r"^seed_ids\[1\] must be a user id, got None"):
+        run_task(cli_cfg("task=lookalike", art, out, f"seed_ids=[{rec.user_vocab.ids[0]},null]"))
+
+
+def test_cli_output_inside_a_bundle_is_refused_before_any_work(trained, tmp_path):
+    bundle = Path(trained["bundle_dir"])
+    before = sorted(p.name for p in bundle.iterdir())
+    for inside in (bundle, bundle / "audience"):
+        with pytest.raises(ConfigError, match=r"^output_dir=.* is inside the bundle .*choose a folder outside it"):
+            run_task(cli_cfg("task=segments", f"artifacts={bundle}", f"output_dir={inside}"))
+    assert sorted(p.name for p in bundle.iterdir()) == before
 
 
 def test_cli_segments_from_the_bundle_and_reclustered(trained, rec, tmp_path):

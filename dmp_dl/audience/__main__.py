@@ -86,9 +86,9 @@ def run_task(cfg: DictConfig) -> dict:
         if cfg.get("seeds") is not None:
             ids, source = jobs.read_seed_ids(cfg.seeds, str(cfg.get("seed_column", "user_id"))), str(cfg.seeds)
         else:
-            given = _plain(cfg.seed_ids)
-            ids = [str(x) for x in (given if isinstance(given, list) else [given])]
-            source = "seed_ids"
+            from dmp_dl.data.id_lists import ids_from_config
+
+            ids, source = ids_from_config(cfg.seed_ids, "seed_ids"), "seed_ids"
         table, summary = jobs.lookalike_job(rec, ids, size, str(cfg.method), source, bool(cfg.skip_unknown))
     elif task == "segments":
         k = None if cfg.get("k") is None else _int(cfg, "k")

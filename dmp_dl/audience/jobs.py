@@ -259,7 +259,7 @@ def _control_summary(hold, strata_scores: np.ndarray, decile_of: str, table: pd.
                      has_propensity: bool) -> dict:
     """The holdout's summary plus what the treatment group (the users actually contacted) costs and
     is expected to bring, and the smallest lift the campaign can show (80 % power, 95 %)."""
-    from dmp_dl.campaign.stats import minimum_detectable_effect
+    from dmp_dl.campaign.stats import minimum_detectable_lift
 
     out = hold.summary(strata_scores)
     out["decile_of"] = decile_of
@@ -269,9 +269,9 @@ def _control_summary(hold, strata_scores: np.ndarray, decile_of: str, table: pd.
     out["treatment_expected_profit"] = float(table["expected_profit"].to_numpy()[treated].sum())
     if has_propensity:
         base = float(table["probability"].to_numpy()[hold.control].mean()) if hold.control.any() else None
-        mde = None if base is None else float(minimum_detectable_effect(np.sqrt(base * (1 - base)), out["treatment"], out["control"]))
+        mde = None if base is None else float(minimum_detectable_lift(base, out["treatment"], out["control"]))
         out["expected_control_conversion_rate"] = base
-        out["minimum_detectable_lift"] = mde
+        out["minimum_detectable_lift"] = mde if mde is not None and np.isfinite(mde) else None
         if mde is not None and np.isfinite(mde) and mde > base:
             log.warning("the control group (%d users) is small: only a lift of %.4f or more in the conversion rate "
                         "(expected without contact: %.4f) can be told from chance; raise control_frac or the budget",

@@ -914,6 +914,11 @@ def check_serve_config(cfg: DictConfig) -> str | None:
     if journal not in (_ABSENT, None, "") and select(cfg, "realtime.enabled") is not False:
         if not isinstance(journal, (str, os.PathLike)):
             raise ConfigError(f"journal must be a folder path (or null: beside the bundle), got {journal!r}")
+        artifacts = select(cfg, "artifacts")
+        if isinstance(artifacts, (str, os.PathLike)) and artifacts:
+            from dmp_dl.realtime.service import check_journal_place
+
+            check_journal_place(journal, artifacts)  # not inside the bundle folder, which every new bundle replaces
         problem = writable_dir_problem(str(journal))
         if problem:
             raise ConfigError(f"journal: {problem}; choose another folder with journal=DIR (or realtime.enabled=false)")

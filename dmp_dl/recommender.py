@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from dmp_dl import bundle as layout
 from dmp_dl.bundle import Bundle, MissingPartError
-from dmp_dl.data.schema import MAX_ABS_VALUE
+from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import BundleError, DmpError, UnknownIdError
 from dmp_dl.index import is_exact, search_excluding, set_search_params
@@ -259,7 +259,7 @@ class Recommender:
     @staticmethod
     def _rows(table: dict[str, int], kind: str, ids: list) -> np.ndarray:
         """Rows (len(ids),) int64 of external ``ids``; :class:`UnknownIdError` names unknown ones."""
-        rows = np.fromiter((table.get(str(x), -1) for x in ids), dtype=np.int64, count=len(ids))
+        rows = np.fromiter((table.get(canonical_id(x), -1) for x in ids), dtype=np.int64, count=len(ids))
         if (rows < 0).any():
             unknown = [str(ids[i]) for i in np.flatnonzero(rows < 0)[:5]]
             raise UnknownIdError(kind, unknown[0] if len(unknown) == 1 else unknown)
@@ -270,7 +270,7 @@ class Recommender:
         :class:`UnknownIdError` names the ids as given."""
         if self.pseudonymizer is None:
             return self._rows(self._user_rows, "user", ids)
-        keys = [self.pseudonymizer.one(str(x).strip()) for x in ids]
+        keys = [self.pseudonymizer.one(canonical_id(x)) for x in ids]
         rows = np.fromiter((self._user_rows.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
         if (rows < 0).any():
             unknown = [str(ids[i]) for i in np.flatnonzero(rows < 0)[:5]]
@@ -283,8 +283,10 @@ class Recommender:
         ids = self._check_ids(user_ids, "user_ids")
         if strict:
             return self._user_rows_of(ids)
-        keys = ids if self.pseudonymizer is None else [self.pseudonymizer.one(str(x).strip()) for x in ids]
-        return np.fromiter((self._user_rows.get(str(k), -1) for k in keys), dtype=np.int64, count=len(keys))
+        keys = [canonical_id(x) for x in ids]
+        if self.pseudonymizer is not None:
+            keys = [self.pseudonymizer.one(k) for k in keys]
+        return np.fromiter((self._user_rows.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
 
     def _ranked(self, ids: np.ndarray, scores: np.ndarray, vocab: IdVocab) -> list[Ranked]:
         """(B, k) ids padded with -1 -> B lists of (external id, score), best first."""

@@ -127,11 +127,23 @@ class SegmentList(BaseModel):
     segments: list[SegmentDescription]
 
 
+class JournalHealth(BaseModel):
+    """The event journal of a real-time server."""
+
+    writable: bool = Field(description="whether POST /events can journal events now (false: it answers 409 "
+                                       "journal_unavailable; the next batch tries again)")
+    error: str | None = Field(description="what failed last (no path), or null")
+    erased_rows_pending: bool = Field(description="rows of erased users that could not be removed from the journal "
+                                                  "yet (never served nor replayed; the next start or reload removes them)")
+
+
 class Health(BaseModel):
     """Liveness and a summary of the loaded bundle (``Recommender.info()``)."""
 
     model_config = ConfigDict(extra="allow")
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(description="degraded: queries are answered, but the event journal cannot "
+                                                          "take events or still holds rows of erased users (see journal)")
+    journal: JournalHealth | None = Field(None, description="the event journal (real-time servers only)")
 
 
 class StrictBody(BaseModel):
@@ -416,8 +428,13 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
 
     @app.get("/health", response_model=Health)
     def health(request: Request) -> dict:
-        """Liveness and what is loaded (no token needed)."""
-        return {"status": "ok", **current(request).info()}
+        """Liveness and what is loaded (no token needed); ``status`` is ``degraded`` while the event
+        journal cannot take events or still holds rows of erased users."""
+        rec = current(request)
+        service = getattr(rec, "_service", None)
+        journal = service.journal_health() if service is not None else None
+        ok = journal is None or (journal["writable"] and not journal["erased_rows_pending"])
+        return {"status": "ok" if ok else "degraded", **rec.info(), "journal": journal}
 
     @app.get("/recommend", dependencies=guarded, response_model=ItemList, responses=get_errors)
     def recommend(request: Request, user_id: str, k: Annotated[int, Query(**k_query)] = 10, exclude_seen: bool = True) -> dict:
@@ -450,7 +467,8 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     @app.post("/uplift", dependencies=guarded, response_model=UpliftList, responses={**post_errors, **error_responses(409)})
     def uplift(request: Request, body: UpliftRequest) -> dict:
         """Uplift of known users, in the order given: how much a contact raises each one's chance to
-        convert, with both calibrated probabilities (a bundle with an uplift model; 409 otherwise)."""
+        convert, with both calibrated probabilities (a bundle with an uplift model; 409 otherwise,
+        and 409 for a user who is new since the bundle was trained, known from real-time events only)."""
         ids = bounded(body.user_ids, "user_ids")
         scores = current(request).uplift(ids)
         return {"users": [{"user_id": str(u), **s} for u, s in zip(ids, scores)]}
@@ -512,14 +530,21 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         log.info("reloaded: now serving the bundle created at %s", fresh.manifest.get("created_at"))
         return {"status": "reloaded", "previous_created_at": previous.manifest.get("created_at"), **fresh.info()}
 
-    @app.post("/erase", dependencies=guarded, responses={**post_errors, **error_responses(403, 409)})
+    @app.post("/erase", dependencies=guarded, responses={
+        **post_errors, **error_responses(403),
+        409: {"model": ErrorBody, "description": "Nothing was changed: the bundle, erasure list, audit log or a folder "
+              "cannot be used (error `bad_bundle`, `bad_erasure_list`, `not_writable`, `no_secret`, `erasure_failed`); "
+              "or the erasure was recorded but something after it failed, and the users are not served all the same "
+              "(error `journal_not_rewritten`: their event-journal rows are removed by the next start or reload; "
+              "`reload_failed`: the new bundle could not be switched to; `erasure_failed` saying to run forget again)."}})
     def erase(request: Request, body: ErasureRequest) -> dict:
         """Forget users: remove them from the bundle, add them to the erasure list, audit it, and serve
         the new bundle. Needs the bearer token; answers counts and paths, never the ids.
 
         All or nothing: a malformed id is a 422, a bundle, erasure list, audit log or folder that
         cannot be used a 409 (``error`` says which), and then nothing was changed and the bundle
-        served is the one on disk. Once the erasure is recorded, the users are never served again."""
+        served is the one on disk. Once the erasure is recorded, the users are never served again:
+        a real-time server stops serving them before it rewrites any file."""
         if token is None:
             raise HTTPException(403, "erasure needs an authenticated server: start serve.py with token=... "
                                      "(or $DMP_SERVE_TOKEN)")
@@ -536,8 +561,10 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
                     request.app.state.recommender = exc.fresh
                 log.warning("erasure refused (%s): %s", exc.code, exc)
                 return error_response(exc.status, str(exc), exc.code)
-            except DmpError as exc:
-                return error_response(409, str(exc), "erasure_failed")
+            except (DmpError, OSError) as exc:
+                log.warning("erasure failed: %s", exc)
+                return error_response(409, str(exc) if isinstance(exc, DmpError) else f"erasure failed: {exc}",
+                                      "erasure_failed")
             if fresh is not None:
                 request.app.state.recommender = fresh
         return summary
@@ -567,9 +594,10 @@ def serve(cfg) -> None:
 
     options = RealtimeOptions.from_config(cfg.get("realtime"))
     if options.enabled:  # POST /events; every load (start, reload, erasure) replays the journal
-        from dmp_dl.realtime.service import RealtimeService, default_journal_dir
+        from dmp_dl.realtime.service import RealtimeService, check_journal_place, default_journal_dir
 
         realtime = RealtimeService(cfg.get("journal") or default_journal_dir(cfg.artifacts), options)
+        check_journal_place(realtime.journal_dir, cfg.artifacts)
         load_bundle = load
 
         def load(at=None) -> Recommender:  # at: a bundle erasure checks before publishing it (no replay)

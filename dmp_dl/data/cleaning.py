@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.schema import EVENT_ID, ITEM, MAX_ABS_VALUE, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, normalize_ids
+from dmp_dl.data.schema import (EVENT_ID, ITEM, MAX_ABS_VALUE, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, canonical_id,
+                               normalize_ids)
 from dmp_dl.errors import ConfigError, DataError
 from dmp_dl.io import atomic_write_text
 
@@ -370,10 +371,8 @@ def _warn_unknown_types(unknown_types: Mapping[str, int]) -> None:
 
 
 def plain_id(value: object) -> str:
-    """:func:`~dmp_dl.data.schema.normalize_ids` of one value of an object column."""
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return str(value).strip()
+    """:func:`~dmp_dl.data.schema.normalize_ids` of one value: :func:`~dmp_dl.data.schema.canonical_id`."""
+    return canonical_id(value)
 
 
 def clean_few_events(users: Sequence, items: Sequence, times: Sequence, types: Sequence, values: Sequence,

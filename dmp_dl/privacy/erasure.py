@@ -12,6 +12,12 @@
 3. **record**: append the users' entries to the erasure list and one audit line per user;
 4. **swap** the new bundle in (an atomic exchange of folders).
 
+The new manifest's ``privacy.erasures`` entry names the erasure list written to, and every server
+of the bundle honours each list its manifest names (:func:`~dmp_dl.privacy.erasure_list.bundle_erasure_lists`),
+so ``forget erasure_list=OTHER`` is never forgotten by a reload. When none of the users is in the
+bundle (e.g. they are only in a server's event journal) but the list is not one the bundle names
+yet, the bundle is published again with just that entry added (:func:`stage_record`).
+
 A failure in 1-2 changes nothing. A failure in 3-4 puts the erasure list and audit log back as
 they were, so nothing has changed either; only if that too fails (the disk gave out in between)
 does the error say that the list and log are ahead of the bundle (run ``forget`` again: it is
@@ -64,12 +70,13 @@ import scipy.sparse as sp
 
 from dmp_dl import bundle as layout
 from dmp_dl.bundle import Bundle, BundleWriter
-from dmp_dl.data.schema import normalize_ids
+from dmp_dl.data.schema import canonical_id, normalize_ids
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import BundleError, DmpError
 from dmp_dl.io import atomic_write_bytes
 from dmp_dl.manifest import DIGEST_KEY, part_entries
-from dmp_dl.privacy.erasure_list import SALTED_PREFIX, SaltedHash, append_to_erasure_list, read_erasure_list
+from dmp_dl.privacy.erasure_list import (SALTED_PREFIX, SaltedHash, append_to_erasure_list, bundle_erasure_lists,
+                                         read_erasure_list)
 from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag, recorded_privacy
 
 log = logging.getLogger(__name__)
@@ -88,11 +95,13 @@ CLI_KEYS = ("secret_env", "secret_file")
 
 
 class ErasureError(DmpError):
-    """An erasure that did not happen, with a short ``code`` and the HTTP ``status`` to answer.
+    """An erasure that did not happen, or did not finish, with a short ``code`` and the HTTP
+    ``status`` to answer.
 
     code: ``invalid_user_id`` (422), ``bad_bundle``, ``bad_erasure_list``, ``not_writable``,
-    ``no_secret``, ``erasure_failed`` (409). recorded: True only when the erasure list and audit
-    log hold the erasure but the bundle was not replaced (the message says so).
+    ``no_secret``, ``erasure_failed`` (409); a server's erasure adds ``journal_not_rewritten`` and
+    ``reload_failed`` (:class:`dmp_dl.realtime.service.RealtimeEraser`). recorded: True only when the
+    erasure list and audit log hold the erasure but something after them failed (the message says what).
     """
 
     def __init__(self, message: str, code: str, status: int = 409, recorded: bool = False):
@@ -270,6 +279,21 @@ def stage_erasure(bundle: Bundle, rows: np.ndarray, w: BundleWriter, erasure: di
     return {"removed": removed, "seen_items": seen_counts, "users_before": n, "users_after": n - len(rows)}
 
 
+def stage_record(bundle: Bundle, w: BundleWriter, erasure: dict) -> None:
+    """Write ``bundle`` unchanged into writer ``w`` but for one more ``privacy.erasures`` entry
+    (``erasure``, with ``users_removed`` 0) and seal it: an erasure that removed no row but must be
+    recorded (the list it wrote to is not one the bundle names yet)."""
+    manifest = bundle.manifest
+    for name in manifest["files"]:
+        shutil.copyfile(bundle.root / name, w.path(name))
+    content = {k: v for k, v in manifest.items() if k not in _MANIFEST_OWN}
+    privacy = dict(content.get("privacy") or {"pseudonymized": False})
+    privacy["erasures"] = [*privacy.get("erasures", []), {**erasure, "users_removed": 0}]
+    content["privacy"] = privacy
+    content.setdefault("trained_at", manifest.get("created_at"))
+    w.seal(content)
+
+
 def erase_rows(bundle: Bundle, rows: np.ndarray, erasure: dict | None = None) -> dict[str, Any]:
     """Rewrite ``bundle`` in place (atomically) without the users at vocabulary ``rows``; no
     erasure list, no audit (that is :func:`forget_users`). No-op when ``rows`` is empty.
@@ -339,7 +363,7 @@ def _plan_ids(plan: _Plan, user_ids: Iterable[object]) -> None:
 
     raw, tagged = [], []
     for i, value in enumerate(user_ids):
-        text = str(value).strip()
+        text = canonical_id(value)  # 7777.0 is user "7777", as in events and queries
         try:
             tag = parse_tag(text)
         except ValueError as exc:
@@ -557,11 +581,18 @@ def _forget_locked(plan: _Plan, verify: Callable[[Path], Any], load_unchanged: b
     time = _now()
     result = {"removed": {}, "seen_items": np.zeros(0, np.int64), "users_after": n_users}
     writer = loaded = None
+    record = {"time": time, "audit_log": str(plan.audit_path), "erasure_list": str(plan.list_path)}
+    # a list the bundle does not name yet is recorded in it even when none of the users is in it
+    # (e.g. only in a server's event journal), so that every server of the bundle honours it
+    unnamed = os.path.realpath(plan.list_path) not in {os.path.realpath(p) for p in bundle_erasure_lists(bundle.manifest)}
     with contextlib.ExitStack() as stack:
-        if len(in_bundle):
+        if len(in_bundle) or unnamed:
             writer = stack.enter_context(BundleWriter(plan.target))
             try:
-                result = stage_erasure(bundle, in_bundle, writer, {"time": time, "audit_log": str(plan.audit_path)})
+                if len(in_bundle):
+                    result = stage_erasure(bundle, in_bundle, writer, record)
+                else:
+                    stage_record(bundle, writer, record)
             except (DmpError, ValueError) as exc:  # e.g. an index option that no longer fits the data
                 raise ErasureError(f"{_one_line(exc)} (the bundle cannot be rewritten; nothing was changed)",
                                    "bad_bundle") from None

@@ -188,6 +188,25 @@ def read_erasure_list(path: str | Path, entries: ErasureEntries | None = None, r
     return entries
 
 
+def bundle_erasure_lists(manifest: object, extra: str | os.PathLike | None = None) -> list[Path]:
+    """Every erasure list that names a bundle, as absolute paths without repeats: the one its
+    training run recorded (``privacy.erasure_list``), each one an erasure wrote to
+    (``privacy.erasures[].erasure_list``: ``forget erasure_list=FILE`` records its list there), and
+    ``extra`` (a server's own setting). A server honours all of them, so that no list a user was
+    erased into is forgotten by a reload or a restart."""
+    privacy = manifest.get("privacy") if isinstance(manifest, dict) else None
+    privacy = privacy if isinstance(privacy, dict) else {}
+    named = [privacy.get("erasure_list")]
+    named += [e.get("erasure_list") for e in privacy.get("erasures") or [] if isinstance(e, dict)]
+    named.append(extra)
+    out: dict[str, Path] = {}
+    for path in named:
+        if path:
+            absolute = Path(path).absolute()
+            out.setdefault(os.path.realpath(absolute), absolute)
+    return list(out.values())
+
+
 def is_hashed_entry(text: str) -> bool:
     """Whether ``text`` has the form of a keyed or salted list entry (not a raw id)."""
     return text.startswith((TAG_PREFIX, SALTED_PREFIX))

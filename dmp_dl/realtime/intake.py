@@ -8,9 +8,13 @@ log means and is refused for the same reasons (``missing_user_id``, ``bad_timest
 ``unknown_event_type``, ``below_min_value``, ``duplicate``, ``erased_user``, ...). Before that, an
 event that is not an object of scalar fields is ``malformed_row``; after it, an item the bundle does
 not know is ``unknown_item`` (the next training run adds it to the catalogue), and an event whose
-``event_id`` (given, or a hash of its content) was journaled before is a ``duplicate``. Unknown
-fields are ignored and named in the answer, as a log's extra columns are. A missing timestamp is
-the time the server received the event; a missing event type is ``data.cleaning.default_event_type``.
+key was seen before, in the batch or in the journal, is a ``duplicate``. The key is the client's
+``event_id`` when given (two events with different ids are two events, whatever their contents),
+else a hash of what the client sent, without the receive time, so that resending an event is safe.
+Unknown fields are ignored and named in the answer, as a log's extra columns are. A missing
+timestamp is the time the server received the event; a missing event type is
+``data.cleaning.default_event_type``. Ids are read by :func:`~dmp_dl.data.schema.canonical_id`
+(``7777.0`` is user ``"7777"``).
 """
 
 from __future__ import annotations
@@ -119,22 +123,26 @@ class ErasedUsers:
 
     @classmethod
     def for_bundle(cls, manifest: dict, pseudonymizer: Pseudonymizer | None, erasure_list=None) -> "ErasedUsers":
-        """The erasure list of the bundle (``erasure_list``, default: what its training run recorded)."""
-        from dmp_dl.privacy.erasure_list import read_erasure_list
+        """The users on every erasure list that names the bundle
+        (:func:`~dmp_dl.privacy.erasure_list.bundle_erasure_lists`), ``erasure_list`` included."""
+        from dmp_dl.privacy.erasure_list import ErasureEntries, bundle_erasure_lists, read_erasure_list
         from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, recorded_privacy
 
-        recorded = recorded_privacy(manifest)
-        path = erasure_list or recorded.get("erasure_list")
-        if not path:
+        paths = bundle_erasure_lists(manifest, erasure_list)
+        if not paths:
             return cls()
-        entries = read_erasure_list(path, required=False)
+        entries = ErasureEntries()
+        for path in paths:
+            read_erasure_list(path, entries, required=False)
         key = pseudonymizer
         if entries.tagged and key is None:
+            recorded = recorded_privacy(manifest)
+            where = next(iter(entries.tagged.values()))[0]
             try:
                 key = Pseudonymizer.from_env(recorded.get("secret_env") or DEFAULT_SECRET_ENV, recorded.get("secret_file"),
                                              int(recorded.get("id_length", 32)))
             except ConfigError as exc:
-                raise ConfigError(f"{path} holds erased users as keyed hashes: the server needs that secret to keep their "
+                raise ConfigError(f"{where} holds erased users as keyed hashes: the server needs that secret to keep their "
                                   f"events out ({exc})") from None
         if key is not None and entries.fingerprints:
             entries.check_key(key)
@@ -197,12 +205,21 @@ class EventIntake:
     """Cleans batches of events for one bundle.
 
     cleaning: the bundle's :func:`bundle_cleaning`; item_rows: item id -> row of the bundle;
-    pseudonymizer: the bundle's key when its user ids are pseudonyms; erased: :class:`ErasedUsers`.
+    pseudonymizer: the bundle's key when its user ids are pseudonyms; erased: :class:`ErasedUsers`;
+    withheld: user ids as the bundle holds them whose events are refused as ``erased_user`` too (the
+    server's users being erased, read at every batch: the caller may add to it).
+
+    Duplicates are found by the event key alone (:meth:`_event_key`), in a batch and against the
+    keys journaled before, never by comparing contents: two events with different ``event_id``
+    are two events, and a live batch and the replay of its journal rows keep exactly the same events.
     """
 
     def __init__(self, cleaning: CleaningOptions, item_rows: Mapping[str, int], pseudonymizer: Pseudonymizer | None,
-                 erased: ErasedUsers):
+                 erased: ErasedUsers, withheld: set[str] | None = None):
         self.cleaning, self.item_rows, self.pseudonymizer, self.erased = cleaning, item_rows, pseudonymizer, erased
+        self.withheld = withheld if withheld is not None else set()
+        # the log's cleaning without its content comparison: the key decides (see the class docstring)
+        self._rules = dataclasses.replace(cleaning, dedupe=False)
         self._tag = f"{TAG_PREFIX}{pseudonymizer.fingerprint}:" if pseudonymizer is not None else None
 
     def journal_user(self, key: str) -> str:
@@ -249,16 +266,19 @@ class EventIntake:
         if self.pseudonymizer is not None:
             return None
         erased: set[str] = set()
-        if len(self.erased) and columns[USER]:
+        if (len(self.erased) or self.withheld) and columns[USER]:
             raw = sorted({plain_id(u) for u in columns[USER]})
-            erased = self.erased.among(raw, raw)
+            erased = self.erased.among(raw, raw) if len(self.erased) else set()
+            erased |= self.withheld.intersection(raw)
         cleaned = clean_few_events(columns[USER], columns[ITEM], times, columns[TYPE], columns[VALUE], columns[EVENT_ID],
-                                   self.cleaning, exclude_users=erased)
+                                   self._rules, exclude_users=erased)
         if cleaned is None:
             return None
         cols, rejected = cleaned
         return self._finish({_ROW if c == "_row" else c: v for c, v in cols.items()},
-                            np.asarray(columns[EVENT_ID], dtype=object), rejected, seen)
+                            np.asarray(columns[EVENT_ID], dtype=object),
+                            np.fromiter((t is not None for t in columns[TIME]), dtype=bool, count=len(columns[TIME])),
+                            rejected, seen)
 
     def _clean_frame(self, columns: dict[str, list], times: list, seen: KeySet | None) -> Intake:
         n = len(columns[USER])
@@ -266,44 +286,49 @@ class EventIntake:
                               TIME: pd.Series(times, dtype=object if any(isinstance(t, str) for t in times) else None),
                               TYPE: pd.Series(columns[TYPE], dtype=object), VALUE: pd.Series(columns[VALUE], dtype=object),
                               EVENT_ID: pd.Series(columns[EVENT_ID], dtype=object), _ROW: np.arange(n, dtype=np.int64)})
-        return self._clean(frame, seen, journal_order=False)
+        timed = np.fromiter((t is not None for t in columns[TIME]), dtype=bool, count=n)
+        return self._clean(frame, timed, seen, journal_order=False)
 
     def clean(self, frame: pd.DataFrame, seen: KeySet | None = None, journal_order: bool = False) -> Intake:
         """Clean a frame of raw events (columns of :data:`FIELDS`, e.g. journal rows being replayed).
 
-        seen: the keys journaled so far, or None (replay). journal_order: keep the frame's row order
-        (a journal's) instead of ordering by time.
+        seen: the keys journaled so far (a replay passes the keys of the rows replayed before).
+        journal_order: keep the frame's row order (a journal's) instead of ordering by time.
         """
         frame = frame.copy()
         frame[_ROW] = np.arange(len(frame), dtype=np.int64)
         for name in FIELDS:
             if name not in frame.columns:
                 frame[name] = pd.Series([None] * len(frame), dtype=object)
-        return self._clean(frame[list(FIELDS) + [_ROW]], seen, journal_order)
+        timed = frame[TIME].notna().to_numpy()
+        return self._clean(frame[list(FIELDS) + [_ROW]], timed, seen, journal_order)
 
-    def _clean(self, frame: pd.DataFrame, seen: KeySet | None, journal_order: bool) -> Intake:
+    def _clean(self, frame: pd.DataFrame, timed: np.ndarray, seen: KeySet | None, journal_order: bool) -> Intake:
         rejected: dict[str, int] = {}
         raw = normalize_ids(frame[USER])
         if self.pseudonymizer is not None:
             frame[USER] = self._user_keys(raw)
         erased = set()
-        if len(self.erased) and len(frame):
+        if (len(self.erased) or self.withheld) and len(frame):
             pairs = pd.DataFrame({"raw": raw.to_numpy(dtype=object), "key": frame[USER].to_numpy(dtype=object)}).drop_duplicates()
-            given = pairs["raw"].where(~pairs["raw"].str.startswith(TAG_PREFIX), None) if self._tag else pairs["raw"]
-            erased = self.erased.among(given.tolist(), pairs["key"].tolist())
-        clean, report = clean_events(frame, self.cleaning, exclude_users=erased, carry=(_ROW,),
+            if len(self.erased):
+                given = pairs["raw"].where(~pairs["raw"].str.startswith(TAG_PREFIX), None) if self._tag else pairs["raw"]
+                erased = self.erased.among(given.tolist(), pairs["key"].tolist())
+            erased |= self.withheld.intersection(pairs["key"].tolist())
+        clean, report = clean_events(frame, self._rules, exclude_users=erased, carry=(_ROW,),
                                      constant_time_is_no_time=False)
         for reason, n in report.dropped.items():
             rejected[reason] = rejected.get(reason, 0) + int(n)
         if journal_order:
             clean = clean.sort_values(_ROW, kind="stable").reset_index(drop=True)
         cols = {c: clean[c].to_numpy() for c in (USER, ITEM, TIME, TYPE, VALUE, WEIGHT, _ROW)}
-        return self._finish(cols, frame[EVENT_ID].to_numpy(dtype=object), rejected, seen)
+        return self._finish(cols, frame[EVENT_ID].to_numpy(dtype=object), timed, rejected, seen)
 
-    def _finish(self, cols: dict[str, np.ndarray], given_ids: np.ndarray, rejected: dict[str, int],
-                seen: KeySet | None) -> Intake:
+    def _finish(self, cols: dict[str, np.ndarray], given_ids: np.ndarray, timed: np.ndarray,
+                rejected: dict[str, int], seen: KeySet | None) -> Intake:
         """Clean events (columns, ``_ROW`` their position in the input, whose ``event_id`` is
-        ``given_ids[_ROW]``) -> an :class:`Intake`: unknown items and journaled keys refused."""
+        ``given_ids[_ROW]`` and whose timestamp was given when ``timed[_ROW]``) -> an :class:`Intake`:
+        unknown items, keys repeated in the batch and keys journaled before refused."""
         item = np.fromiter((self.item_rows.get(x, -1) for x in cols[ITEM].tolist()), dtype=np.int64, count=len(cols[ITEM]))
         unknown = item < 0
         if unknown.any():
@@ -311,13 +336,16 @@ class EventIntake:
             cols = {c: v[~unknown] for c, v in cols.items()}
             item = item[~unknown]
         given = given_ids[cols[_ROW]]  # _ROW is the input's position
-        keys = [self._event_key(g, u, it, t, ty, v) for g, u, it, t, ty, v in zip(
-            given.tolist(), cols[USER].tolist(), cols[ITEM].tolist(), cols[TIME].tolist(), cols[TYPE].tolist(),
-            cols[VALUE].tolist())]
+        keys = [self._event_key(g, u, it, t if when else None, ty, v) for g, u, it, t, when, ty, v in zip(
+            given.tolist(), cols[USER].tolist(), cols[ITEM].tolist(), cols[TIME].tolist(), timed[cols[_ROW]].tolist(),
+            cols[TYPE].tolist(), cols[VALUE].tolist())]
         hashes = _event_hashes(keys)
         keys = np.asarray(keys, dtype=object)
-        if seen is not None and len(hashes):
-            dup = seen.contains(hashes)
+        if len(hashes):
+            dup = np.ones(len(hashes), dtype=bool)
+            dup[np.unique(hashes, return_index=True)[1]] = False  # a key again in the same batch
+            if seen is not None:
+                dup |= seen.contains(hashes)
             if dup.any():
                 rejected["duplicate"] = rejected.get("duplicate", 0) + int(dup.sum())
                 cols = {c: v[~dup] for c, v in cols.items()}
@@ -345,13 +373,17 @@ class EventIntake:
             columns[name].append(values.get(name))
         return True
 
-    def _event_key(self, given, user: str, item: str, t: int, event_type: str, value: float) -> str:
-        """The event's key: the client's ``event_id``, else a hash of its content (so a resent event
-        is recognised), or a fresh random key when cleaning keeps exact repeats (``dedupe: false``)."""
-        text = "" if given is None else str(given).strip()
+    def _event_key(self, given, user: str, item: str, t: int | None, event_type: str, value: float) -> str:
+        """The event's key, by which duplicates are found: the client's ``event_id`` when given;
+        else a hash of what the client sent (user, item, event type, value, and the timestamp only
+        when the client gave one, ``t`` None otherwise: the receive time is not part of it, so a
+        resent event is recognised); or a fresh random key when cleaning keeps exact repeats
+        (``dedupe: false``)."""
+        text = plain_id(given)
         if text.lower() not in MISSING_TOKENS:
-            return text[:-2] if isinstance(given, float) and text.endswith(".0") else text
+            return text
         if not self.cleaning.dedupe:
             return "r" + secrets.token_hex(8)
-        digest = hashlib.blake2b(f"{user}\x1f{item}\x1f{t}\x1f{event_type}\x1f{value!r}".encode("utf-8"), digest_size=8)
+        when = "" if t is None else str(t)
+        digest = hashlib.blake2b(f"{user}\x1f{item}\x1f{when}\x1f{event_type}\x1f{value!r}".encode("utf-8"), digest_size=8)
         return "h" + digest.hexdigest()

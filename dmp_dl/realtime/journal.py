@@ -20,6 +20,12 @@ Appending writes whole lines with one ``write`` and returns the bytes written; :
 fsyncs up to them (a group commit: threads that wait together share one fsync). A crash can
 leave a torn last line (never acknowledged): opening the journal cuts it off, and readers ignore
 any line without its newline, so a training run may read a journal that is being written.
+
+A failed write (a full disk) or a new segment that cannot be created (no inodes left) costs the
+batch being written, never the journal: the next append tries again (a segment that cannot be
+started leaves the batch in the current one, past ``segment_bytes``); :attr:`Journal.error` says
+what failed last, until an append succeeds. A corrupt row in the middle of a segment (a wrong
+number of fields, bytes that are not UTF-8) is skipped and counted by :func:`read_journal`.
 """
 
 from __future__ import annotations
@@ -86,15 +92,38 @@ def read_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
+def _empty_rows() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=object) for c in COLUMNS})
+
+
+def _parse_lines(data: bytes) -> tuple[pd.DataFrame, int]:
+    """Rows of a segment's complete lines (header included) parsed one by one: the slow path for a
+    segment with bytes that are not UTF-8. Returns (rows, lines that are not journal rows)."""
+    rows, malformed = [], 0
+    for line in data.split(b"\n")[1:-1]:
+        try:
+            fields = next(csv.reader([line.decode("utf-8")]))
+        except (UnicodeDecodeError, csv.Error, StopIteration):
+            fields = None
+        if fields is None or len(fields) != len(COLUMNS):
+            malformed += 1
+            continue
+        rows.append(fields)
+    if not rows:
+        return _empty_rows(), malformed
+    return pd.DataFrame(rows, columns=list(COLUMNS), dtype=object), malformed
+
+
 def _parse_segment(path: Path, data: bytes) -> tuple[pd.DataFrame, int]:
-    """Rows of one segment's complete lines as strings, and how many rows had the wrong field count."""
+    """Rows of one segment's complete lines as strings, and how many lines were not journal rows
+    (the wrong number of fields, or not UTF-8)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     data = _complete_part(data)
     if not data.startswith(HEADER):
         if not data:
-            return pd.DataFrame({c: pd.Series([], dtype=object) for c in COLUMNS}), 0
+            return _empty_rows(), 0
         raise DataError(f"{path}: not a journal segment (its header is not {HEADER.decode().strip()!r})")
     malformed = 0
 
@@ -111,8 +140,8 @@ def _parse_segment(path: Path, data: bytes) -> tuple[pd.DataFrame, int]:
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
-    except pa.ArrowInvalid as exc:
-        raise DataError(f"{path}: cannot parse this journal segment ({exc})") from None
+    except pa.ArrowInvalid:  # e.g. a row whose bytes are not UTF-8: read line by line, counting such rows
+        return _parse_lines(data)
     return table.to_pandas().astype(object), malformed
 
 
@@ -134,8 +163,15 @@ def read_journal(directory: str | os.PathLike) -> tuple[pd.DataFrame, dict, list
         frame, malformed = _parse_segment(path, data)
         frames.append(frame)
         parts.append((str(path), len(frame), malformed))
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: pd.Series([], dtype=object) for c in COLUMNS})
+    rows = pd.concat(frames, ignore_index=True) if frames else _empty_rows()
     return rows, meta, parts
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def iso_seconds(epoch: np.ndarray) -> list[str]:
@@ -160,9 +196,12 @@ class Journal:
         self.segment_bytes = int(segment_bytes)
         self._lock = threading.Lock()  # appends, rotation, rewrites
         self._sync_lock = threading.Lock()
-        self._fd: int | None = None
+        self._fd: int | None = None  # None while open: the segment is opened again by the next append
+        self._closed = False
+        self._cut_at: int | None = None  # a failed batch's bytes start here in the segment: cut them off on reopening
         self._written = 0  # bytes appended since open (all segments), for group commit
         self._synced = 0
+        self.error: str | None = None  # what the last failed append or rewrite could not do (None: writable)
         self._open(dict(id_space or {"pseudonymized": False, "key_fingerprint": None}))
 
     # -- opening ------------------------------------------------------------------------------
@@ -245,19 +284,43 @@ class Journal:
         return 0
 
     def _open_segment(self) -> None:
-        new = not self._segment.exists() or self._segment.stat().st_size == 0
-        self._fd = os.open(self._segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if new:
-            self._write_all(HEADER)
-            os.fsync(self._fd)
-            fsync_path(self.directory)
-        self._size = os.fstat(self._fd).st_size
+        self._fd, self._size = self._open_file(self._segment, self._cut_at)
+        self._cut_at = None
 
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+    def _open_file(self, path: Path, cut_at: int | None = None) -> tuple[int, int]:
+        """Open segment ``path`` for appending: (fd, its size). A new (or empty) one gets its
+        header; a header or last line cut short by a failed write is cut off first, and so is
+        everything from ``cut_at`` on (a batch that failed half-written: never acknowledged). On
+        failure nothing stays open."""
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if cut_at is not None and size > cut_at:
+                log.warning("journal %s: cut %d bytes of a batch that failed half-written (never acknowledged)",
+                            path, size - cut_at)
+                os.ftruncate(fd, cut_at)
+                size = cut_at
+            if size:
+                tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+                keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+                if keep < len(HEADER):  # not even a whole header: start the file again
+                    keep = 0
+                if keep != size:
+                    log.warning("journal %s: cut %d bytes of a line a failed write left", path, size - keep)
+                    os.ftruncate(fd, keep)
+                    size = keep
+            if size == 0:
+                _write_all(fd, HEADER)
+                os.fsync(fd)
+                fsync_path(self.directory)
+                size = len(HEADER)
+        except BaseException:
+            os.close(fd)
+            if created:
+                path.unlink(missing_ok=True)
+            raise
+        return fd, size
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, rows: Sequence[Sequence[str]]) -> tuple[int, int]:
@@ -269,8 +332,14 @@ class Journal:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         with self._lock:
-            if self._fd is None:
+            if self._closed:
                 raise ConfigError(f"journal {self.directory} is closed")
+            try:
+                if self._fd is None:  # an earlier failure left no segment open: try again
+                    self._open_segment()
+            except OSError as exc:
+                self.error = f"cannot open a journal segment ({exc.strerror or exc})"
+                raise
             first = self.last_seq + 1
             for i, row in enumerate(rows):
                 writer.writerow((self.id, str(first + i), *row))
@@ -278,24 +347,45 @@ class Journal:
             if self._size > len(HEADER) and self._size + len(data) > self.segment_bytes:
                 self._rotate()
             try:
-                self._write_all(data)
-            except OSError:
-                try:  # no half line may stay in front of the next batch
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self.error = f"cannot append to the journal ({exc.strerror or exc})"
+                try:  # no part of the batch may stay: it was not acknowledged
                     os.ftruncate(self._fd, self._size)
-                except OSError:
-                    pass
+                except OSError:  # opening the segment again cuts it off
+                    self._cut_at = self._size
+                    self._drop_fd()
                 raise
+            self.error = None
             self._size += len(data)
             self._written += len(data)
             self.last_seq = first + len(rows) - 1
             return first, self._written
 
+    def _drop_fd(self) -> None:
+        """Forget the open segment (after a failure); the next append opens it again."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _rotate(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
+        """Start the next segment. If it cannot be started (no inodes, a full disk), the batch goes
+        to the current one and the next append tries again: a segment past ``segment_bytes`` is
+        still a journal, a refused batch would be lost."""
         number = int(SEGMENT_RE.match(self._segment.name).group(1)) + 1
-        self._segment = self.directory / f"events-{number:06d}.csv"
-        self._open_segment()
+        segment = self.directory / f"events-{number:06d}.csv"
+        try:
+            os.fsync(self._fd)
+            fd, size = self._open_file(segment)
+        except OSError as exc:
+            log.warning("journal %s: cannot start %s (%s); appending to %s meanwhile", self.directory, segment.name,
+                        exc.strerror or exc, self._segment.name)
+            return
+        old, self._fd, self._segment, self._size = self._fd, fd, segment, size
+        os.close(old)
 
     def sync(self, token: int) -> None:
         """Return once every byte appended before ``token`` was written is on disk (one fsync for
@@ -306,7 +396,11 @@ class Journal:
             with self._lock:  # held so that no rotation closes the file meanwhile (a closed one was fsynced)
                 target = self._written
                 if self._fd is not None:
-                    os.fsync(self._fd)
+                    try:
+                        os.fsync(self._fd)
+                    except OSError as exc:
+                        self.error = f"cannot flush the journal to disk ({exc.strerror or exc})"
+                        raise
             self._synced = max(self._synced, target)
 
     # -- reading and rewriting ----------------------------------------------------------------
@@ -324,41 +418,57 @@ class Journal:
             return 0
         removed = 0
         with self._lock:
-            for path in segment_paths(self.directory):
-                data = _complete_part(path.read_bytes())
-                frame, _ = _parse_segment(path, data)
-                hit = frame["user_id"].isin(wanted).to_numpy()
-                if not hit.any():
-                    continue
-                lines = data.split(b"\n")[1:-1]  # the header and the empty string after the last newline
-                if len(lines) != len(frame):  # a malformed row: fall back to re-writing the parsed rows
-                    buf = io.StringIO()
-                    csv.writer(buf, lineterminator="\n").writerows(frame.loc[~hit, list(COLUMNS)].itertuples(index=False))
-                    body = buf.getvalue().encode("utf-8")
-                else:
-                    body = b"".join(line + b"\n" for line, h in zip(lines, hit) if not h)
-                active = path == self._segment
-                if active:
-                    os.fsync(self._fd)
-                    os.close(self._fd)
-                    self._fd = None
-                tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                removed = self._forget_locked(wanted)
+            except OSError as exc:
+                self.error = f"cannot rewrite the journal ({exc.strerror or exc})"
+                raise
+        return removed
+
+    def _forget_locked(self, wanted: set[str]) -> int:
+        if self._cut_at is not None:  # a failed batch's bytes are still in the segment: cut them off first
+            self._open_segment()
+        removed = 0
+        for path in segment_paths(self.directory):
+            data = _complete_part(path.read_bytes())
+            frame, _ = _parse_segment(path, data)
+            hit = frame["user_id"].isin(wanted).to_numpy()
+            if not hit.any():
+                continue
+            if int(self.meta.get("seq_floor", 0)) < self.last_seq:
+                # before any row goes: the numbering goes on after the removed rows, even the last ones
+                self.meta["seq_floor"] = int(self.last_seq)
+                atomic_write_text(self.directory / META_FILE, json.dumps(self.meta, indent=1))
+            lines = data.split(b"\n")[1:-1]  # the header and the empty string after the last newline
+            if len(lines) != len(frame):  # a malformed row: fall back to re-writing the parsed rows
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator="\n").writerows(frame.loc[~hit, list(COLUMNS)].itertuples(index=False))
+                body = buf.getvalue().encode("utf-8")
+            else:
+                body = b"".join(line + b"\n" for line, h in zip(lines, hit) if not h)
+            active = path == self._segment
+            if active and self._fd is not None:
+                os.fsync(self._fd)
+                self._drop_fd()
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
                 with open(tmp, "wb") as fh:
                     fh.write(HEADER + body)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
-                fsync_path(self.directory)
-                removed += int(hit.sum())
-                if active:
-                    self._open_segment()
-            if removed:  # the numbering goes on after the removed rows, even if they were the last ones
-                self.meta["seq_floor"] = int(self.last_seq)
-                atomic_write_text(self.directory / META_FILE, json.dumps(self.meta, indent=1))
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_path(self.directory)
+            removed += int(hit.sum())
+            if active:
+                self._open_segment()
         return removed
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 try:
                     os.fsync(self._fd)

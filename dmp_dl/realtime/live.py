@@ -24,6 +24,10 @@ change (bounded staleness; :meth:`LiveRecommender.refresh_user_index`).
 
 The overlay is published per user by replacing an immutable :class:`LiveUser`, so a query sees a
 user's state before or after an update, never half of one.
+
+Users withheld by the service (being erased, or erased while it runs:
+:meth:`~dmp_dl.realtime.service.RealtimeService.withhold`) are unknown to every query, in the overlay
+and in the bundle alike (404), and never among lookalike results or segment representatives.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dmp_dl.bundle import MissingPartError
-from dmp_dl.data.schema import MULTI_VALUE_SEP
+from dmp_dl.data.schema import MULTI_VALUE_SEP, canonical_id
 from dmp_dl.errors import UnknownIdError
 from dmp_dl.recommender import LOOKALIKE_METHODS, InvalidRequestError, Ranked, Recommender, lookalike_search
 
@@ -183,9 +187,43 @@ class LiveRecommender(Recommender):
 
     # -- ids -----------------------------------------------------------------------------------
     def _key(self, user_id: object) -> str:
+        """A raw user id as the bundle holds it (canonical; hashed when the bundle holds pseudonyms)."""
         if self.pseudonymizer is None:
-            return str(user_id)
-        return self.pseudonymizer.one(str(user_id).strip())
+            return canonical_id(user_id)
+        return self.pseudonymizer.one(canonical_id(user_id))
+
+    def user_keys(self, user_ids: Sequence[object]) -> set[str]:
+        """The ids as the bundle holds them of ``user_ids``: raw ids, or ``hmac-sha256:...`` keyed
+        hashes made with this bundle's key (taken as the pseudonyms they name). Other keyed or
+        salted hashes, blank and malformed ids name no one here and are left out."""
+        from dmp_dl.privacy.erasure_list import SALTED_PREFIX
+        from dmp_dl.privacy.pseudonymize import parse_tag
+
+        keys = set()
+        for value in self._check_ids(user_ids, "user_ids"):
+            text = canonical_id(value)
+            try:
+                tag = parse_tag(text)
+            except ValueError:
+                continue
+            if tag is not None:
+                if self.pseudonymizer is not None and tag[0] == self.pseudonymizer.fingerprint:
+                    keys.add(tag[1])
+            elif text and not text.startswith(SALTED_PREFIX):
+                keys.add(self._key(text))
+        return keys
+
+    @property
+    def _withheld(self) -> set[str]:
+        return self._service.withheld
+
+    def _check_served(self, ids: Sequence[object]) -> None:
+        """:class:`UnknownIdError` naming the ids of ``ids`` that are withheld (being erased)."""
+        withheld = self._withheld
+        if withheld:
+            gone = [str(x) for x in ids if self._key(x) in withheld]
+            if gone:
+                raise UnknownIdError("user", gone[0] if len(gone) == 1 else gone[:5])
 
     def live_user(self, user_id: object) -> LiveUser | None:
         """The live state of ``user_id`` (a raw id), or None when events have not changed it."""
@@ -396,6 +434,7 @@ class LiveRecommender(Recommender):
         history, exactly as the model scores a history (:meth:`Recommender.recommend_for_histories`)."""
         k = self._check_k(k)
         ids = self._check_ids(user_ids, "user_ids")
+        self._check_served(ids)
         live = [self._users.get(self._key(x)) for x in ids]
         if not any(live):
             return super().recommend_batch(ids, k, exclude_seen, chunk)
@@ -425,6 +464,7 @@ class LiveRecommender(Recommender):
         if self._propensity is None:
             raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
         ids = self._check_ids(user_ids, "user_ids")
+        self._check_served(ids)
         live = [self._users.get(self._key(x)) for x in ids]
         out: list[float | None] = [u.propensity if u is not None else None for u in live]
         rest = [i for i, p in enumerate(out) if p is None]
@@ -439,6 +479,7 @@ class LiveRecommender(Recommender):
 
     def profile(self, user_id: object, top: int | None = None) -> dict:
         """:meth:`Recommender.profile`; a live user's interests and affinities are as of their latest event."""
+        self._check_served([user_id])
         user = self._users.get(self._key(user_id))
         if user is None:
             return super().profile(user_id, top)
@@ -471,6 +512,7 @@ class LiveRecommender(Recommender):
 
     def segment(self, user_id: object) -> dict:
         """:meth:`Recommender.segment`; a live user's segment is the nearest centre of their current vector."""
+        self._check_served([user_id])
         user = self._users.get(self._key(user_id))
         if user is None:
             return super().segment(user_id)
@@ -494,7 +536,25 @@ class LiveRecommender(Recommender):
         ids = np.concatenate([self.user_vocab.ids, np.array([u.key for u in new], dtype=object)])
         current = StoredSegments(np.r_[assignments, [u.segment for u in new]].astype(np.int64),
                                  np.r_[distances, [u.distance for u in new]].astype(np.float32), seg.centroids, seg.meta)
-        return current.describe(ids, representatives)
+        described = current.describe(ids, representatives)
+        withheld = self._withheld
+        if withheld:
+            for d in described:
+                d["representatives"] = [r for r in d["representatives"] if r not in withheld]
+        return described
+
+    def uplift(self, user_ids: Sequence[object]) -> list[dict]:
+        """:meth:`Recommender.uplift`. Known users are scored as the bundle holds them (the uplift
+        model reads no real-time state); a user new since the bundle was trained cannot be scored
+        (:class:`MissingPartError`, 409) until a training run includes them."""
+        self._uplift_part()  # 409 first when the bundle has no uplift model
+        ids = self._check_ids(user_ids, "user_ids")
+        self._check_served(ids)
+        new = [x for x in ids if (u := self._users.get(self._key(x))) is not None and u.row < 0]
+        if new:
+            raise MissingPartError(f"user {str(new[0])!r} is new since this bundle was trained: its uplift model scores "
+                                   "the bundle's users only, and scores this one once a training run includes their events")
+        return super().uplift(ids)
 
     def lookalike(self, seed_user_ids: Sequence[object], k: int = 100, exclude_seeds: bool = True,
                   method: str = "centroid") -> Ranked:
@@ -506,10 +566,12 @@ class LiveRecommender(Recommender):
             raise InvalidRequestError("seed_user_ids is empty: give at least one known user id")
         if method not in LOOKALIKE_METHODS:
             raise InvalidRequestError(f"method must be one of {LOOKALIKE_METHODS}, got {method!r}")
+        self._check_served(seeds)
         by_key = {}
         for x in seeds:
             by_key.setdefault(self._key(x), x)
-        if not any(key in self._users for key in by_key):
+        withheld = self._withheld.copy()  # a snapshot: an erasure may add to it meanwhile
+        if not any(key in self._users for key in by_key) and not withheld:
             table = self._current_table()
             if table.n_new == 0 and table.vectors is self.user_vectors:
                 return super().lookalike(seeds, k, exclude_seeds, method)
@@ -527,8 +589,9 @@ class LiveRecommender(Recommender):
         if not vectors:
             raise MissingPartError("the seed users have no vectors (the bundle has no cold-start network)")
         table = self._current_table()
-        rows = [self._table_row(key, table) for key in by_key]
-        exclude = np.array([r for r in rows if r >= 0], dtype=np.int64) if exclude_seeds else None
+        rows = [self._table_row(key, table) for key in by_key] if exclude_seeds else []
+        rows += [self._table_row(key, table) for key in withheld]  # never in an audience
+        exclude = np.array([r for r in rows if r >= 0], dtype=np.int64) if exclude_seeds or withheld else None
         found, scores = lookalike_search(table.index, table.vectors, np.stack(vectors).astype(np.float32),
                                          exclude, k, method)
         return list(zip([str(x) for x in table.ids[found]], scores.astype(float).tolist()))

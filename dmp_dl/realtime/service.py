@@ -9,7 +9,13 @@ of the bundle being served (:class:`~dmp_dl.realtime.live.LiveRecommender`):
 * :meth:`RealtimeService.attach`: a live view of a freshly loaded bundle (server start, ``/reload``,
   the reload after ``/erase``): rows of erased users are removed from the journal, and the rows the
   bundle was not trained on (after the sequence number its manifest records for this journal, or
-  all of them for a bundle that never read it) are applied again. Replaying twice gives the same state.
+  all of them for a bundle that never read it) are applied again, by the same rules as when they
+  were accepted (the event key decides what is a duplicate), so a restart serves exactly the
+  events that were acknowledged. Replaying twice gives the same state. Corrupt rows are skipped and
+  counted (``replay_dropped.malformed_row``).
+* erased users: every erasure list that names the bundle is honoured (events refused, journal rows
+  removed and never replayed), and :meth:`RealtimeService.withhold` makes users unservable in
+  memory at once, before an erasure rewrites any file (:class:`RealtimeEraser`).
 * a background thread rebuilds the lookalike user index of the live view when it has changes
   older than ``lookalike_refresh_seconds``.
 """
@@ -87,6 +93,20 @@ def default_journal_dir(artifacts: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".journal")
 
 
+def check_journal_place(journal_dir: str | os.PathLike, artifacts: str | os.PathLike) -> None:
+    """Refuse a journal folder inside the bundle folder, or a bundle folder inside the journal
+    (symlinks resolved): publishing a bundle (an export, an erasure) replaces the bundle folder as a
+    whole, and would take the journal, or the bundle, with it."""
+    journal, bundle = Path(journal_dir).resolve(), Path(artifacts).resolve()
+    if journal == bundle or bundle in journal.parents:
+        raise ConfigError(f"journal={journal_dir} is inside the bundle folder {bundle}, which every new bundle (an "
+                          "export, an erasure) replaces as a whole; give a folder outside it, e.g. "
+                          f"journal={default_journal_dir(artifacts)}")
+    if journal in bundle.parents:
+        raise ConfigError(f"journal={journal_dir} holds the bundle folder {bundle}; give the journal a folder of its own, "
+                          f"e.g. journal={default_journal_dir(artifacts)}")
+
+
 def _id_space(rec: Recommender) -> dict:
     p = rec.pseudonymizer
     return {"pseudonymized": p is not None, "key_fingerprint": p.fingerprint if p is not None else None}
@@ -96,18 +116,23 @@ class RealtimeService:
     """One journal and the live view of the bundle served (see the module docstring).
 
     journal_dir: the journal folder (created on the first :meth:`attach`); options: :class:`RealtimeOptions`;
-    erasure_list: the erasure list whose users' events are refused and removed from the journal
-    (default: the one the served bundle's manifest records, which erasure uses too).
+    erasure_list: an erasure list honoured besides the ones each bundle names
+    (:func:`~dmp_dl.privacy.erasure_list.bundle_erasure_lists`): its users' events are refused and
+    their journal rows removed.
     """
 
     def __init__(self, journal_dir: str | os.PathLike, options: RealtimeOptions | None = None, erasure_list=None):
         self.journal_dir = Path(journal_dir).absolute()
         self.options = options or RealtimeOptions()
-        self.erasure_list = erasure_list  # default: the list each bundle's training run recorded
+        self.erasure_list = erasure_list
         self.journal: Journal | None = None
         self.current: LiveRecommender | None = None
         self.seen = KeySet()
         self.last_purged = 0
+        # user ids (as bundles hold them) erased, or being erased, while this service runs: never
+        # served nor accepted again by any live view. Changed in place under _lock; readers only test membership.
+        self.withheld: set[str] = set()
+        self.purge_error: str | None = None  # why erased users' journal rows could not be removed (retried by attach)
         self._lock = threading.RLock()  # one batch journaled + applied at a time; attach waits for it
         self._broken: str | None = None
         self._stop = threading.Event()
@@ -124,16 +149,30 @@ class RealtimeService:
         return {"journal_id": self.journal.id if self.journal else None,
                 "journal_last_seq": self.journal.last_seq if self.journal else 0, "event_keys": len(self.seen)}
 
+    def journal_health(self) -> dict:
+        """Whether the journal can take events (``writable``; ``error``: what failed last, no path)
+        and whether erased users' rows wait to be removed from it (``erased_rows_pending``)."""
+        if self._broken is not None:
+            error = f"a flush to disk failed ({self._broken}); restart the server"
+        elif self.journal is None:
+            error = "no bundle is attached"
+        else:
+            error = self.journal.error
+        return {"writable": error is None, "error": error, "erased_rows_pending": self.purge_error is not None}
+
     # -- attaching a bundle --------------------------------------------------------------------
     def attach(self, rec: Recommender, artifacts: str | os.PathLike) -> LiveRecommender:
         """The live view of ``rec`` (just loaded from ``artifacts``), the journal replayed into it;
-        it becomes the view ingested events are applied to."""
+        it becomes the view ingested events are applied to. Erased users' journal rows are removed
+        first; if that fails (a full disk), they are left out of the replay all the same, the
+        failure is kept in :attr:`purge_error` and the next attach tries again."""
+        check_journal_place(self.journal_dir, artifacts)
         bundle = Bundle.open(artifacts, verify=False)
         if bundle.manifest != rec.manifest:
             raise BundleError(f"{artifacts}: a new bundle was published while this one was loading; reload again")
         part = load_realtime_part(bundle, rec.n_users, rec.n_items)
         intake = EventIntake(bundle_cleaning(rec.manifest), rec._item_rows, rec.pseudonymizer,
-                             ErasedUsers.for_bundle(rec.manifest, rec.pseudonymizer, self.erasure_list))
+                             ErasedUsers.for_bundle(rec.manifest, rec.pseudonymizer, self.erasure_list), self.withheld)
         with self._lock:
             first = self.journal is None
             if first:
@@ -144,7 +183,7 @@ class RealtimeService:
                                   f"{self.journal_dir} (raw ids vs pseudonyms, or another key); serve it with its own journal")
             live = LiveRecommender.wrap(rec, part, self, intake, self.options.lookalike_refresh_seconds)
             t0 = time.perf_counter()
-            rows, _, _ = read_journal(self.journal_dir)
+            rows, _, parts = read_journal(self.journal_dir)
             self.last_purged, gone = self._purge_erased(intake, rows)
             if gone:
                 rows = rows.loc[~rows[USER].isin(gone).to_numpy()]
@@ -152,45 +191,90 @@ class RealtimeService:
                 self.seen.add(_event_hashes(rows[EVENT_ID].astype(str).tolist()))
             mark = part.journals.get(self.journal.id, 0)
             seq = pd.to_numeric(rows[JOURNAL_SEQ], errors="coerce").to_numpy()
-            todo = rows.loc[(rows[JOURNAL_ID] == self.journal.id).to_numpy() & (seq > mark)]
+            ours = (rows[JOURNAL_ID] == self.journal.id).to_numpy() & np.isfinite(seq)
+            todo = rows.loc[ours & (seq > mark)]
+            corrupt = {path: n for path, _, n in parts if n}
+            foreign = int((~ours).sum())  # a row of another journal, or without a sequence number
             dropped: dict[str, int] = {}
+            if corrupt or foreign:
+                dropped["malformed_row"] = sum(corrupt.values()) + foreign
+                where = [f"{Path(path).name}: {n}" for path, n in corrupt.items()]
+                where += [f"{foreign} without this journal's id or a sequence number"] if foreign else []
+                log.warning("journal %s: skipped %d corrupt rows (%s); the other rows are replayed", self.journal_dir,
+                            dropped["malformed_row"], ", ".join(where))
+            replayed = KeySet()  # a key replayed twice counts once, as it did when it was accepted
             for start in range(0, len(todo), REPLAY_CHUNK):
-                result = intake.clean(todo.iloc[start : start + REPLAY_CHUNK], journal_order=True)
+                result = intake.clean(todo.iloc[start : start + REPLAY_CHUNK], seen=replayed, journal_order=True)
+                replayed.add(result.hashes)
                 live._apply(result.events, replay=True)
                 for reason, n in result.rejected.items():
                     dropped[reason] = dropped.get(reason, 0) + n
             live._counts["replay_dropped"] = dropped
-            if len(todo) or self.last_purged:
+            if len(todo) or self.last_purged or dropped:
                 log.info("journal %s: replayed %d of %d events the bundle was not trained on (%d users) in %.1f s; "
-                         "dropped %s; removed %d rows of erased users", self.journal_dir, len(todo) - sum(dropped.values()),
-                         len(todo), live.n_live_users, time.perf_counter() - t0, dropped or "none", self.last_purged)
+                         "dropped %s; removed %d rows of erased users", self.journal_dir,
+                         live._counts["events_replayed"], len(todo), live.n_live_users, time.perf_counter() - t0,
+                         dropped or "none", self.last_purged)
             self.current = live
         return live
 
     def _purge_erased(self, intake: EventIntake, rows: pd.DataFrame | None = None,
                       reread: bool = False) -> tuple[int, list[str]]:
-        """Remove the journal rows of users on the erasure list (after an erasure, or at start).
-        rows: the journal's rows, if just read; reread: read the list again first (it changed under
-        the view being served). Returns (rows removed, the user ids removed as journaled)."""
+        """Remove the journal rows of users on the erasure lists or withheld (after an erasure, or
+        at start). rows: the journal's rows, if just read; reread: read the lists again first (they
+        changed under the view being served). Returns (rows removed, the user ids as journaled of
+        the users to leave out, removed or not). A failure to rewrite the journal is logged and kept
+        in :attr:`purge_error`; the rows are then left out of the replay by the caller."""
         if reread:
             live = self.current
             intake.erased = ErasedUsers.for_bundle(live.manifest, live.pseudonymizer, self.erasure_list)
-        if not len(intake.erased):
+        if not len(intake.erased) and not self.withheld:
+            self.purge_error = None
             return 0, []
         if rows is None:
             rows, _, _ = read_journal(self.journal_dir)
         if not len(rows):
+            self.purge_error = None
             return 0, []
         written = pd.Series(rows[USER].unique(), dtype=object)
         keys = intake._user_keys(written)
-        raw = written.where(~written.str.startswith(TAG_PREFIX), None) if intake.pseudonymizer is not None else written
-        erased = intake.erased.among(raw.tolist(), keys.tolist())
+        erased = set(self.withheld.intersection(keys.tolist()))
+        if len(intake.erased):
+            raw = written.where(~written.str.startswith(TAG_PREFIX), None) if intake.pseudonymizer is not None else written
+            erased |= intake.erased.among(raw.tolist(), keys.tolist())
         if not erased:
+            self.purge_error = None
             return 0, []
         gone = written[keys.isin(erased).to_numpy()].tolist()
-        removed = self.journal.forget(gone)
+        try:
+            removed = self.journal.forget(gone)
+        except OSError as exc:
+            self.purge_error = exc.strerror or str(exc)
+            log.warning("journal %s: cannot remove the rows of %d erased users (%s); they are not replayed, and the "
+                        "next start or reload removes them", self.journal_dir, len(gone), self.purge_error)
+            return 0, gone
+        self.purge_error = None
         log.info("journal %s: removed %d rows of %d erased users", self.journal_dir, removed, len(gone))
         return removed, gone
+
+    # -- erasure -------------------------------------------------------------------------------
+    def withhold(self, user_ids: Sequence[object]) -> set[str]:
+        """Stop serving ``user_ids`` (raw ids, or ``hmac-sha256:...`` keyed hashes of this bundle's
+        key) at once: every query of the live view answers 404 for them, lookalike leaves them out
+        and their events are refused (``erased_user``). Returns the ids (as the bundle holds them)
+        newly withheld, for :meth:`release`."""
+        with self._lock:  # after the batch being applied, before the next
+            live = self.current
+            if live is None:
+                return set()
+            new = live.user_keys(user_ids) - self.withheld
+            self.withheld |= new
+            return new
+
+    def release(self, keys: set[str]) -> None:
+        """Serve ``keys`` (from :meth:`withhold`) again: their erasure did not happen."""
+        with self._lock:
+            self.withheld -= keys
 
     # -- events --------------------------------------------------------------------------------
     def ingest(self, events: Sequence[Mapping]) -> dict:
@@ -200,7 +284,8 @@ class RealtimeService:
         received = int(time.time())
         with self._lock:
             if self._broken is not None:
-                raise JournalError(f"the journal {self.journal_dir} failed earlier ({self._broken}); restart the server")
+                raise JournalError(f"a flush of the journal {self.journal_dir} to disk failed earlier ({self._broken}); "
+                                   "restart the server")
             live = self.current
             if live is None or self.journal is None:
                 raise JournalError("no bundle is attached to the real-time service")
@@ -261,11 +346,20 @@ class RealtimeService:
 class RealtimeEraser:
     """The server's erasure (an :class:`~dmp_dl.privacy.erasure.ErasureService`) with the journal.
 
-    Once the erasure is recorded and the new bundle published, the new bundle is attached
-    (:meth:`RealtimeService.attach`): that removes the users' journal rows (they are on the erasure
-    list now) and replays the rest; the answer says how many rows went. If the erasure was recorded
-    but the bundle could not be replaced, the rows go all the same and the users' new events are
-    refused.
+    1. The users are withheld in memory first (:meth:`RealtimeService.withhold`): from then on no
+       query answers for them and their events are refused, whatever happens to the files.
+    2. The erasure rewrites the bundle, the erasure list and the audit log (all or nothing). If it
+       did not happen, the users are served again, as the files still say.
+    3. The new bundle is attached (:meth:`RealtimeService.attach`), which removes the users' journal
+       rows (they are on a list the bundle names) and replays the rest; the answer says how many
+       rows went.
+
+    Every failure after step 2 recorded the erasure is an :class:`~dmp_dl.privacy.erasure.ErasureError`
+    (409) whose code says what is left: ``journal_not_rewritten`` (the journal could not be
+    rewritten: its rows of the users are left out of every replay and removed by the next start or
+    reload), ``reload_failed`` (the new bundle is on disk but could not be attached: the previous
+    view keeps serving, without the users) or ``erasure_failed`` (the list is ahead of the bundle:
+    run ``forget`` again). The users stay withheld in each case.
     """
 
     def __init__(self, inner, service: RealtimeService, artifacts: str | os.PathLike):
@@ -274,13 +368,46 @@ class RealtimeEraser:
     def forget(self, user_ids):
         from dmp_dl.privacy.erasure import ErasureError
 
+        service = self.service
+        held = service.withhold(user_ids)
         try:
             summary, fresh = self.inner.forget(user_ids)
         except ErasureError as exc:
-            if exc.recorded and self.service.current is not None:
-                with self.service._lock:
-                    self.service.last_purged = self.service._purge_erased(self.service.current._intake, reread=True)[0]
+            if not exc.recorded:
+                service.release(held)
+                raise
+            exc.fresh = None  # the bundle on disk was not replaced: the current view serves on, without the users
+            if service.current is not None:
+                try:
+                    with service._lock:
+                        service.last_purged = service._purge_erased(service.current._intake, reread=True)[0]
+                except DmpError as problem:  # the next start or reload removes the rows
+                    log.warning("journal %s: erased users' rows not removed: %s", service.journal_dir, problem)
             raise
-        if fresh is not None:
-            fresh = self.service.attach(fresh, self.artifacts)
-        return {**summary, "journal_rows_removed": int(self.service.last_purged)}, fresh
+        except BaseException:
+            service.release(held)
+            raise
+        if fresh is None:
+            return {**summary, "journal_rows_removed": 0}, None
+        try:
+            fresh = service.attach(fresh, self.artifacts)
+        except (DmpError, OSError) as exc:
+            err = ErasureError(f"the users were erased (bundle {summary.get('bundle')}, erasure list "
+                               f"{summary.get('erasure_list')}) and are no longer served, but the server could not switch "
+                               f"to the new bundle ({_one_line(exc)}); it serves the previous one without them: "
+                               "POST /reload once that is fixed", "reload_failed", recorded=True)
+            log.warning("%s", err)
+            raise err from None
+        if service.purge_error is not None:
+            err = ErasureError(f"the users were erased from the bundle and added to the erasure list "
+                               f"{summary.get('erasure_list')}, and are no longer served, but their rows in the event journal "
+                               f"could not be removed ({service.purge_error}); they are never replayed, and the next start "
+                               "or reload removes them", "journal_not_rewritten", recorded=True)
+            err.fresh = fresh
+            raise err
+        return {**summary, "journal_rows_removed": int(service.last_purged)}, fresh
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -103,6 +103,22 @@ def test_forget_on_a_default_run_needs_no_secret_and_a_fresh_run_still_trains(pl
     assert len(entries.salted) == 1 and len(entries) == 3
 
 
+def test_a_new_erasure_list_and_audit_log_are_their_owners_and_an_edited_list_keeps_its_mode(place):
+    users = users_of(place["bundle"])
+    forget_users(place["bundle"], [users[1]])
+    for path in (place["list"], place["audit"]):
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o600), path
+    # an operator opened the list in an editor that saved it with a byte-order mark, and shared it
+    entries = [line for line in place["list"].read_text().splitlines() if line and not line.startswith("#")]
+    place["list"].write_bytes(b"\xef\xbb\xbf" + "\r\n".join(entries).encode() + b"\r\n")
+    os.chmod(place["list"], 0o640)
+    first = read_erasure_list(place["list"])
+    assert len(first) == 1  # the first entry is not lost to the mark
+    forget_users(place["bundle"], [users[2]])
+    assert len(read_erasure_list(place["list"])) == 2
+    assert oct(os.stat(place["list"]).st_mode & 0o777) == oct(0o640)
+
+
 def test_forget_with_a_secret_given_writes_keyed_hashes(place, monkeypatch):
     monkeypatch.setenv("MY_KEY", "0123456789abcdef0123456789abcdef")
     users = users_of(place["bundle"])

@@ -487,7 +487,8 @@ def _append_audit(path: Path, existing: bytes | None, entries: list[dict]) -> No
     existing = existing or b""
     if existing and not existing.endswith(b"\n"):
         existing += b"\n"
-    atomic_write_bytes(path, existing + "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode("utf-8"))
+    atomic_write_bytes(path, existing + "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode("utf-8"),
+                       mode=None if path.exists() else 0o600)  # a new audit log is its owner's alone
 
 
 def plan_erasure(artifacts: str | Path, user_ids: Iterable[object], *, erasure_list=None, audit_log=None,

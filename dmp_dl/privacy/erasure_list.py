@@ -164,7 +164,7 @@ def read_erasure_list(path: str | Path, entries: ErasureEntries | None = None, r
         return entries
     try:
         _check_regular(path, "erasure list")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a list saved by an editor may start with a BOM
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: the erasure list cannot be read ({exc}); restore it from a backup") from None
     raw = []
@@ -216,10 +216,11 @@ def append_to_erasure_list(path: str | Path, tags: Iterable[str]) -> int:
     """Add entries (keyed or salted tags) not yet on the list at ``path`` (created with a header
     when absent), atomically. Returns how many were added."""
     path = Path(path)
-    existing = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    existing = path.read_text(encoding="utf-8-sig") if path.exists() else HEADER
     present = {line.strip() for line in existing.splitlines()}
     new = [t for t in dict.fromkeys(tags) if t not in present]
     if new:
         text = existing if existing.endswith("\n") or not existing else existing + "\n"
-        atomic_write_text(path, text + "".join(t + "\n" for t in new))
+        # a new list is its owner's alone; an existing one keeps the permissions its operator gave it
+        atomic_write_text(path, text + "".join(t + "\n" for t in new), mode=None if path.exists() else 0o600)
     return len(new)

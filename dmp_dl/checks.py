@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.fitters import FITTERS
 from dmp_dl.io import regular_file_problem
 
 MAX_SEED = 2**32 - 1  # numpy and Lightning seeds are unsigned 32-bit integers
@@ -560,10 +561,8 @@ def check_fitter(cfg: DictConfig) -> None:
     """``model.fitter`` names a fitter (:mod:`dmp_dl.fitters`) and the model config has every key it reads."""
     if select(cfg, "model") in (_ABSENT, None):
         return
-    from dmp_dl.fitters import FITTERS
-
     fitter = select(cfg, "model.fitter")
-    if fitter is _ABSENT or fitter not in FITTERS:
+    if not isinstance(fitter, str) or fitter not in FITTERS:
         raise ConfigError(f"model.fitter must be {Choice(tuple(FITTERS)).describe()} (each conf/model/*.yaml declares "
                           f"its own), got {None if fitter is _ABSENT else fitter!r}")
     for key in FITTERS[fitter].needs:
@@ -577,11 +576,8 @@ def vector_dim(cfg: DictConfig) -> Any:
     (the autoencoder of the automatic choice folds the item bias into its vectors)."""
     dim = select(cfg, "model.dim")
     fitter = select(cfg, "model.fitter")
-    if isinstance(dim, int) and not isinstance(dim, bool) and isinstance(fitter, str):
-        from dmp_dl.fitters import FITTERS
-
-        if fitter in FITTERS:
-            return dim + FITTERS[fitter].vector_extra
+    if isinstance(dim, int) and not isinstance(dim, bool) and isinstance(fitter, str) and fitter in FITTERS:
+        return dim + FITTERS[fitter].vector_extra
     return dim
 
 

@@ -12,8 +12,8 @@ Every model config (``conf/model/*.yaml``) declares its fitter, and every regist
                 (``model.ease``) fitted, chosen on validation, refitted on every event
 
 A fitter is a :class:`Fitter`; a new training regime is one more, added with
-:func:`register_fitter`. This module imports nothing heavy until a fitter runs, so the settings
-checks can read it.
+:func:`register_fitter`. This module imports nothing heavy (Lightning, torch) until a fitter
+runs, so the settings checks can read it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from dmp_dl.errors import ConfigError
+from dmp_dl.models import registry
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,6 @@ class Fitter:
 
     def build_module(self, cfg: DictConfig, dm):
         """The untrained network sized from ``dm``, wrapped in its training module."""
-        from hydra.utils import instantiate
-
         node = self.model_node(cfg)
         net = instantiate(node.net, _convert_="all")(**dm.net_kwargs())
         if self.attach_train_rows:
@@ -89,10 +91,8 @@ def register_fitter(fitter: Fitter) -> Fitter:
 
 def fitter_of(cfg: DictConfig) -> Fitter:
     """The fitter ``cfg.model`` declares (:class:`~dmp_dl.errors.ConfigError` when it names none)."""
-    from dmp_dl.errors import ConfigError
-
     name = cfg.model.get("fitter") if cfg.get("model") is not None else None
-    if name not in FITTERS:
+    if not isinstance(name, str) or name not in FITTERS:
         raise ConfigError(f"model.fitter must be one of {' | '.join(FITTERS)} (each conf/model/*.yaml declares "
                           f"its own), got {name!r}")
     return FITTERS[name]
@@ -100,11 +100,6 @@ def fitter_of(cfg: DictConfig) -> Fitter:
 
 def check_network(cfg: DictConfig) -> None:
     """Refuse, before any data are read, a network that its registry entry says another fitter trains."""
-    from hydra.utils import get_class
-
-    from dmp_dl.errors import ConfigError
-    from dmp_dl.models import registry
-
     fitter = fitter_of(cfg)
     target = OmegaConf.select(fitter.network_config(cfg), "_target_")
     key = f"model.{fitter.node + '.' if fitter.node else ''}net._target_"
@@ -181,7 +176,6 @@ class _Fitted:
 def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
     """Candidates, choice on validation, test metrics of the held-out fits, refit
     (:func:`dmp_dl.model_selection.choose_model`); the bundle gets the ``scoring`` part."""
-    from dmp_dl.errors import ConfigError
     from dmp_dl.model_selection import choose_model
     from dmp_dl.models.scoring import SCORING_DIR, scoring_part
     from dmp_dl.training import _instantiate_all

@@ -14,8 +14,13 @@ A bundle is a directory::
     item_index.faiss          FAISS inner-product index over item_vectors (row i = item i)
     user_index.faiss          FAISS inner-product index over user_vectors (row i = user i)
     network/weights.pt        the network's state_dict (cold start: recommend_for_history)
-    network/network.json      its class (from an allowlist), constructor kwargs, feature specs
-    propensity/               the propensity model, when trained
+    network/network.json      its class (a registered network: dmp_dl.models.registry), constructor
+                              kwargs, feature specs
+    propensity/               the propensity model, when trained; further parts (scoring, profiles,
+                              segments, realtime, uplift) in their own folders
+
+Each part is written, loaded and erased through one interface (:mod:`dmp_dl.bundle_parts`, listed
+in :mod:`dmp_dl.bundle_contents`); this module holds the writer and reader they share.
 
 :class:`BundleWriter` builds a bundle in a temporary directory beside the target and publishes it
 with a rename (on Linux an atomic exchange with the previous bundle) only once every file and the manifest are written and fsynced, so a crashed export
@@ -39,7 +44,6 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -56,7 +60,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from dmp_dl.errors import BundleError, NonFiniteError
+from dmp_dl.errors import BundleError
 from dmp_dl.io import fsync_path
 from dmp_dl.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_text, read_manifest, seal
 
@@ -440,76 +444,7 @@ class Bundle:
             raise BundleError(f"{path}: not a readable weights file ({str(exc).splitlines()[0]})") from None
 
 
-# -- the model's parts -------------------------------------------------------------------------
-
-
-def network_classes() -> dict[str, type]:
-    """The only network classes a bundle can name (a class path read from a file is never imported)."""
-    from dmp_dl.models.autoencoder import UserAutoencoder
-    from dmp_dl.models.mf import MatrixFactorization
-    from dmp_dl.models.two_tower import TwoTowerNet
-
-    return {"TwoTowerNet": TwoTowerNet, "MatrixFactorization": MatrixFactorization, "UserAutoencoder": UserAutoencoder}
-
-
-def save_network(writer: BundleWriter, net, kwargs: Mapping[str, Any], user_features, item_features,
-                 history_len: int) -> dict | None:
-    """Store ``net``'s weights and how to rebuild it. Returns the manifest entry (None if the
-    class is not in :func:`network_classes`, in which case cold start is unavailable)."""
-    name = type(net).__name__
-    if network_classes().get(name) is not type(net):
-        log.warning("network %s is not exportable (known: %s): the bundle has no cold-start model",
-                    name, ", ".join(network_classes()))
-        return None
-    drop = {"n_users", "n_items", "user_features", "item_features"}
-    spec = {
-        "class": name,
-        "kwargs": {k: v for k, v in kwargs.items() if k not in drop and not k.startswith("_")},
-        "n_users": int(net.n_users),
-        "n_items": int(net.n_items),
-        "history_len": int(history_len),
-        "user_features": user_features.spec() if user_features is not None else None,
-        "item_features": item_features.spec() if item_features is not None else None,
-    }
-    writer.save_torch(NETWORK_WEIGHTS, net.state_dict())
-    writer.save_json(NETWORK_SPEC, spec)
-    return {"class": name, "history_len": int(history_len)}
-
-
-def load_network(bundle: Bundle):
-    """Rebuild the network in eval mode on CPU. Returns (net, user FeatureTable or None, history_len)."""
-    import torch
-
-    from dmp_dl.data.features import FeatureTable
-
-    spec = bundle.json(NETWORK_SPEC)
-    where = bundle.root / NETWORK_SPEC
-    cls = network_classes().get(spec.get("class")) if isinstance(spec, dict) else None
-    if cls is None:
-        raise BundleError(f"{where}: unknown network class {spec.get('class') if isinstance(spec, dict) else spec!r} "
-                          f"(known: {', '.join(network_classes())})")
-    state = bundle.torch_state(NETWORK_WEIGHTS)
-    tables = {}
-    for side in ("user", "item"):
-        fspec, key = spec.get(f"{side}_features"), f"{side}_attr"
-        if fspec is not None and f"{key}.tokens" in state:
-            tables[f"{side}_features"] = FeatureTable.from_spec(
-                fspec, state[f"{key}.tokens"].numpy(), state[f"{key}.numeric"].numpy())
-    accepted = inspect.signature(cls).parameters
-    kwargs = {**spec["kwargs"], **{k: v for k, v in tables.items() if k in accepted}}
-    broken = sorted(k for k, v in state.items()
-                    if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all()))
-    if broken:
-        raise BundleError(f"{bundle.root / NETWORK_WEIGHTS}: weights {broken[:3]} hold NaN or infinite values; "
-                          "the bundle cannot serve (train and export again)")
-    try:
-        net = cls(n_users=spec["n_users"], n_items=spec["n_items"], **kwargs)
-        net.load_state_dict(state, strict=True)
-    except (TypeError, RuntimeError, KeyError) as exc:
-        raise BundleError(f"{where}: the network cannot be rebuilt from its weights ({str(exc).splitlines()[0]})") from None
-    return net.eval(), tables.get("user_features"), int(spec.get("history_len", 20))
-
-
+# -- exporting a model's bundle ------------------------------------------------------------------
 def export_bundle(
     target: str | os.PathLike,
     *,
@@ -525,7 +460,8 @@ def export_bundle(
     parts: Mapping[str, Callable[[BundleWriter], Mapping[str, Any]]] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a complete bundle to ``target`` (atomically; see the module docstring).
+    """Write a complete bundle to ``target`` (atomically; see the module docstring): every part
+    given, in the order of :data:`dmp_dl.bundle_contents.PARTS` (:mod:`dmp_dl.bundle_parts`).
 
     Parameters
     ----------
@@ -536,73 +472,26 @@ def export_bundle(
     index_options: :class:`dmp_dl.index.IndexOptions` (default: ``auto``).
     network: optional ``{"net", "kwargs", "user_features", "item_features", "history_len"}`` for
         cold start; propensity: an optional propensity result object (``dmp_dl.propensity``).
-    parts: further parts, name -> function that writes its files with the writer and returns its
-        manifest entry (stored under ``name``). An entry's ``user_aligned`` list names the part's
-        files whose first axis is the user vocabulary, so that jobs which remove users (erasure)
-        can find every per-user row.
+    parts: further parts, name -> the writer that writes its files and returns its manifest entry
+        (stored under ``name``): scoring, profiles, segments, realtime, or any other. An entry's
+        ``user_aligned`` list names the part's files whose first axis is the user vocabulary, so
+        that jobs which remove users (erasure) can find every per-user row.
     config: the resolved run configuration, stored in the manifest.
     """
-    from dmp_dl.index import METRIC, IndexOptions, build_and_measure
+    from dmp_dl.bundle_contents import parts_for
+    from dmp_dl.bundle_parts import BundleVectors
 
-    options = index_options or IndexOptions()
-    user_vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
-    item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
-    n_users, n_items = len(user_vocab), len(item_vocab)
-    if user_vectors.shape[0] != n_users or item_vectors.shape[0] != n_items or user_vectors.shape[1] != item_vectors.shape[1]:
-        raise ValueError(f"vector shapes {user_vectors.shape}, {item_vectors.shape} do not match {n_users} users, {n_items} items")
-    seen = sp.csr_matrix(seen)
-    if seen.shape != (n_users, n_items):
-        raise ValueError(f"seen matrix shape {seen.shape} != ({n_users}, {n_items})")
-    seen.sort_indices()
-    check_finite_vectors(user_vectors, "user vectors")
-    check_finite_vectors(item_vectors, "item vectors")
-
+    values: dict[str, Any] = {
+        "vectors": BundleVectors(user_vocab, item_vocab, user_vectors, item_vectors, seen, item_popularity),
+        "indexes": index_options, "network": network, "propensity": propensity, **(parts or {}),
+    }
+    values = {name: value for name, value in values.items() if value is not None or name == "indexes"}
     with BundleWriter(target) as w:
-        user_vocab.save(w.path(USER_VOCAB))
-        item_vocab.save(w.path(ITEM_VOCAB))
-        w.save_array(USER_VECTORS, user_vectors)
-        w.save_array(ITEM_VECTORS, item_vectors)
-        w.save_array(SEEN_INDPTR, seen.indptr.astype(np.int64))
-        w.save_array(SEEN_ITEMS, seen.indices.astype(np.int32))
-        w.save_array(ITEM_POPULARITY, np.asarray(item_popularity, dtype=np.int64))
-        item_index, item_info = build_and_measure(item_vectors, user_vectors, options, "item")
-        w.save_index(ITEM_INDEX, item_index)
-        del item_index
-        user_index, user_info = build_and_measure(user_vectors, user_vectors, options, "user")
-        w.save_index(USER_INDEX, user_index)
-        del user_index
-        content: dict[str, Any] = {
-            "dim": int(item_vectors.shape[1]),
-            "metric": METRIC,
-            "counts": {"users": n_users, "items": n_items, "seen_pairs": int(seen.nnz)},
-            "indexes": {"items": {"file": ITEM_INDEX, **item_info}, "users": {"file": USER_INDEX, **user_info}},
-            "index_options": dict(vars(options)),
-        }
-        if network is not None:
-            entry = save_network(w, **network)
-            if entry is not None:
-                content["network"] = entry
-        if propensity is not None:
-            from dmp_dl.propensity.bundle import save_propensity
-
-            content["propensity"] = save_propensity(propensity, w.subdir(PROPENSITY_DIR))
-        for name, write_part in (parts or {}).items():
-            content[name] = dict(write_part(w))
+        content: dict[str, Any] = {}
+        for part in parts_for(values):
+            content.update(part.save(w, values[part.name]))
         content["config"] = dict(config or {})
         return w.commit(content)
-
-
-def nonfinite_rows(vectors: np.ndarray) -> int:
-    """Rows of ``vectors`` (n, dim) with a NaN or infinite entry."""
-    return int((~np.isfinite(vectors).all(axis=1)).sum()) if vectors.size else 0
-
-
-def check_finite_vectors(vectors: np.ndarray, what: str) -> None:
-    """:class:`NonFiniteError` when any row of ``vectors`` is not finite (nothing is exported)."""
-    bad = nonfinite_rows(vectors)
-    if bad:
-        raise NonFiniteError(f"{what}: {bad} of {len(vectors)} rows are NaN or infinite (training diverged); nothing "
-                             "was exported. Lower model.module.optimizer.lr and check the data for extreme values")
 
 
 def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Path:
@@ -611,6 +500,7 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
     from hydra.utils import instantiate
 
     from dmp_dl.embeddings import export_embeddings
+    from dmp_dl.fitters import fitter_of
     from dmp_dl.index import IndexOptions
     from dmp_dl.training import config_to_dict
 
@@ -619,7 +509,7 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
     users, items = export_embeddings(net, dm.full_history)
     net_kwargs = result.get("network_kwargs")
     if net_kwargs is None:
-        net_kwargs = config_to_dict(cfg.model.net) if cfg.get("model") is not None and "net" in cfg.model else {}
+        net_kwargs = fitter_of(cfg).network_kwargs(cfg) if cfg.get("model") is not None else {}
     return export_bundle(
         target,
         user_vocab=dm.user_vocab, item_vocab=dm.item_vocab,

@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.fitters import FITTERS
 from dmp_dl.io import regular_file_problem
 
 MAX_SEED = 2**32 - 1  # numpy and Lightning seeds are unsigned 32-bit integers
@@ -328,7 +329,20 @@ def segment_number(key: Any) -> int | None:
     return None
 
 
-Rule = Int | Num | Choice | Each | MetricAtK | Flag | FileMode | Text | Separator | Time | PerSegment | Renames
+@dataclass(frozen=True)
+class OrAuto:
+    """``auto`` (a size or budget worked out from the data), or a value following ``rule``."""
+
+    rule: Int | Num
+
+    def problem(self, value: Any) -> str | None:
+        return None if value == "auto" or not self.rule.problem(value) else f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        return f"auto or {self.rule.describe()}"
+
+
+Rule = Int | Num | Choice | Each | MetricAtK | OrAuto | Flag | FileMode | Text | Separator | Time | PerSegment | Renames
 
 POSITIVE = Num(0, None, lo_open=True)
 NON_NEGATIVE = Num(0, None)
@@ -368,10 +382,12 @@ MODEL_RULES: dict[str, Rule] = {
     "model.module.val_ks": Each(COUNT),
     "model.module.optimizer.lr": POSITIVE,
     "model.module.optimizer.weight_decay": NON_NEGATIVE,
-    # the automatic choice (model=auto|vae|ease); model.time_budget_s is checked where it is read (auto, null or > 0)
+    # the automatic choice (model=auto|vae|ease)
+    "model.time_budget_s": OrAuto(Num(0, None, lo_open=True, null=True)),
     "model.min_time_budget_s": POSITIVE,
     "model.selection_metric": MetricAtK(("ndcg", "recall")),
     "model.candidates": Each(Choice(("vae", "ease"))),
+    "model.vae.batch_users": OrAuto(Int(1, None, null=True)),
     "model.vae.max_epochs": Int(1, 1_000_000),
     "model.vae.patience": Int(0, None),
     "model.vae.net.hidden": Int(1, 1 << 20),
@@ -754,6 +770,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_finite(cfg)
     check_data_config(cfg)
     check_rules(cfg, MODEL_RULES)
+    check_fitter(cfg)
     if _enabled(cfg, "propensity"):
         check_rules(cfg, PROPENSITY_RULES)
         val, test = select(cfg, "propensity.split.val_frac"), select(cfg, "propensity.split.test_frac")
@@ -799,12 +816,27 @@ def _enabled(cfg: DictConfig, group: str) -> bool:
     return value is not _ABSENT and bool(value)
 
 
+def check_fitter(cfg: DictConfig) -> None:
+    """``model.fitter`` names a fitter (:mod:`dmp_dl.fitters`) and the model config has every key it reads."""
+    if select(cfg, "model") in (_ABSENT, None):
+        return
+    fitter = select(cfg, "model.fitter")
+    if not isinstance(fitter, str) or fitter not in FITTERS:
+        raise ConfigError(f"model.fitter must be {Choice(tuple(FITTERS)).describe()} (each conf/model/*.yaml declares "
+                          f"its own), got {None if fitter is _ABSENT else fitter!r}")
+    for key in FITTERS[fitter].needs:
+        if select(cfg, f"model.{key}") in (_ABSENT, None):
+            raise ConfigError(f"model.fitter={fitter} reads model.{key}, which this model config does not have; start "
+                              f"from a config in conf/model/ that declares fitter: {fitter}")
+
+
 def vector_dim(cfg: DictConfig) -> Any:
-    """The width of the exported vectors: ``model.dim``, plus the item-bias entry the user-level
-    autoencoder of ``model=auto|vae|ease`` folds into its vectors."""
+    """The width of the exported vectors: ``model.dim``, plus the entries the fitter's network adds
+    (the autoencoder of the automatic choice folds the item bias into its vectors)."""
     dim = select(cfg, "model.dim")
-    if isinstance(dim, int) and not isinstance(dim, bool) and select(cfg, "model.candidates") is not _ABSENT:
-        return dim + 1
+    fitter = select(cfg, "model.fitter")
+    if isinstance(dim, int) and not isinstance(dim, bool) and isinstance(fitter, str) and fitter in FITTERS:
+        return dim + FITTERS[fitter].vector_extra
     return dim
 
 

@@ -32,7 +32,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dmp_dl.audience.bundle import load_segments
-from dmp_dl.bundle import ITEM_VOCAB, PROPENSITY_DIR, USER_VECTORS, USER_VOCAB, Bundle, load_network
+from dmp_dl.bundle import ITEM_VOCAB, PROPENSITY_DIR, USER_VECTORS, USER_VOCAB, Bundle
+from dmp_dl.bundle_parts import load_network
 from dmp_dl.checks import check_data_config, check_evaluate_config
 from dmp_dl.cli import report_errors
 from dmp_dl.data.vocab import IdVocab

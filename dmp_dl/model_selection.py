@@ -121,10 +121,7 @@ def batch_users(setting: Any, n_users: int) -> int:
     """``auto``: 64 users a step on small logs, up to 1024 on large ones (about 64 steps an epoch)."""
     if setting in (None, "auto"):
         return int(min(1024, max(64, 2 ** round(math.log2(max(n_users, 1) / 64)))))
-    value = int(setting)
-    if value < 1:
-        raise ConfigError(f"model.vae.batch_users must be >= 1 or auto, got {setting}")
-    return value
+    return int(setting)  # checked with the other settings (dmp_dl.checks)
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -253,13 +250,8 @@ def time_budget(cfg: DictConfig, dm) -> tuple[float | None, dict]:
     setting = cfg.model.get("time_budget_s")
     if setting is None:
         return None, {"time_budget_s": None}
-    if setting != "auto":
-        try:
-            value = float(setting)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not value > 0 or math.isinf(value):
-            raise ConfigError(f"model.time_budget_s must be a number of seconds > 0, auto or null, got {setting!r}")
+    if setting != "auto":  # a number > 0, checked with the other settings (dmp_dl.checks)
+        value = float(setting)
         return value, {"time_budget_s": value}
     reference = 0.5 * float(dm.n_items) ** 3 / float64_flops()
     floor = float(cfg.model.get("min_time_budget_s", 40.0))
@@ -332,13 +324,8 @@ def _test_metrics(cfg: DictConfig, dm, served: ServedScore, users: np.ndarray, i
 def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoice:
     """Steps 1-4 of the module docstring on the prepared DataModule ``dm``."""
     model = cfg.model
-    wanted = [str(c) for c in model.get("candidates", [DEEP, SHALLOW])]
-    unknown = sorted(set(wanted) - {DEEP, SHALLOW})
-    if unknown or not wanted:
-        raise ConfigError(f"model.candidates must be a non-empty list of {DEEP} and {SHALLOW}, got {wanted}")
+    wanted = [str(c) for c in model.get("candidates", [DEEP, SHALLOW])]  # settings checked by dmp_dl.checks
     metric = model.get("selection_metric", "ndcg@20")
-    if "@" not in str(metric) or str(metric).split("@")[0] not in ("ndcg", "recall"):
-        raise ConfigError(f"model.selection_metric must be ndcg@K or recall@K, got {metric!r}")
     has_val = len(dm.val_users) > 0
     x_train = dm.train_seen
     rows_train = dm.interaction_rows("train")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -28,10 +27,11 @@ from dmp_dl.checks import check_index_for_data, check_train_config
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.errors import ConfigError, InsufficientDataError
 from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
+from dmp_dl.fitters import check_network, fitter_of
 from dmp_dl.io import atomic_write_text
 from dmp_dl.privacy.training import PrivacyHooks
 from dmp_dl.stages import SkipStage, Stage, StageResult, run_stages
-from dmp_dl.training import config_to_dict, fit_embedding_model
+from dmp_dl.training import config_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,52 +41,9 @@ def load_data(cfg: DictConfig) -> InteractionDataModule:
     return instantiate(cfg.data, _convert_="all").prepare()
 
 
-def evaluate_ranking(cfg: DictConfig, dm: InteractionDataModule, net: torch.nn.Module, model_name: str) -> dict[str, dict]:
-    """Test-split metrics of the trained model and the configured baselines, same protocol."""
-    return evaluate_model_and_baselines(net, model_name, HeldOutSplit.from_datamodule(dm), cfg.get("evaluation", {}))
-
-
 def _enabled(cfg: DictConfig, group: str) -> bool:
     node = cfg.get(group)
     return node is not None and bool(node.get("enabled", False))
-
-
-def uses_model_choice(cfg: DictConfig) -> bool:
-    """Whether ``cfg.model`` is fitted by :mod:`dmp_dl.model_selection` (auto, vae, ease)."""
-    return cfg.get("model") is not None and "candidates" in cfg.model
-
-
-class _Fitted:
-    """The trained network where later stages expect a LightningModule (they read ``.net``)."""
-
-    def __init__(self, net: torch.nn.Module):
-        self.net = net
-        self.trainer = None
-
-
-def _choose_model(cfg: DictConfig, state: dict) -> None:
-    """The model stage for ``model=auto|vae|ease``: candidates, choice on validation, test metrics
-    of the held-out fits, refit (:func:`dmp_dl.model_selection.choose_model`)."""
-    from dmp_dl.model_selection import choose_model
-    from dmp_dl.models.scoring import SCORING_DIR, scoring_part
-    from dmp_dl.training import _instantiate_all
-
-    privacy, dm = state["privacy"], state["datamodule"]
-    if privacy.options is not None and privacy.options.dp_enabled:
-        raise ConfigError("privacy.dp.enabled trains with DP-SGD, which model=two_tower and model=mf support; "
-                          f"set model=two_tower (model={cfg.model.get('name')} has no DP training)")
-    if cfg.get("ckpt_path") not in (None, "", "null"):
-        log.warning("ckpt_path is ignored by model=%s: it has no resumable epochs (its fits are bounded by "
-                    "model.time_budget_s and start afresh); resuming applies to model=two_tower and model=mf",
-                    cfg.model.get("name"))
-    choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")))
-    ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")
-    state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
-                 network_kwargs={k: v for k, v in config_to_dict(cfg.model.vae.net).items() if not k.startswith("_")},
-                 history_len=max(dm.history_len, int(cfg.model.get("history_len", 2048))))
-    state["bundle_parts"] = {**state.get("bundle_parts", {}),
-                             SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2)}
-    state["metrics"].update(train={**choice.train, "privacy": privacy.summary(0)}, model=choice.record)
 
 
 # -- the stages: each reads and adds to `state` (what run() returns) ----------------------------
@@ -99,50 +56,8 @@ def data_stage(cfg: DictConfig, state: dict) -> None:
 
 
 def model_stage(cfg: DictConfig, state: dict) -> None:
-    privacy = state["privacy"] = PrivacyHooks.from_config(cfg)
-    if uses_model_choice(cfg):
-        return _choose_model(cfg, state)
-    module, train = fit_embedding_model(cfg, state["datamodule"], privacy)
-    state.update(module=module, trainer=module.trainer)
-    if module.trainer.global_rank != 0:  # DDP: evaluation, propensity and export run on rank 0 alone
-        state["halt"] = True
-        return
-    state["metrics"]["train"] = train
-    _final_fit(cfg, state, privacy)
-
-
-def _final_fit(cfg: DictConfig, state: dict, privacy) -> None:
-    """``model.refit`` for two_tower / mf: score the held-out fit on the test users first (the
-    evaluation stage reports that), then train the exported network on every event for the epochs
-    early stopping chose."""
-    from dmp_dl.training import refit_embedding_model
-
-    dm, module, train = state["datamodule"], state["module"], state["metrics"]["train"]
-    reason = None
-    if not bool(cfg.model.get("refit", True)):
-        reason = "model.refit=false"
-    elif len(dm.train_idx) == len(dm.events):
-        reason = "no held-out events: the model already saw every event"
-    elif privacy.options is not None and privacy.options.dp_enabled:
-        reason = "privacy.dp: a second fit would spend a second privacy budget"
-    elif module.trainer.world_size > 1:
-        reason = "data-parallel training (trainer.devices > 1)"
-    if reason is not None:
-        train["refit"] = {"done": False, "reason": reason}
-        return
-    split = HeldOutSplit.from_datamodule(dm)
-    try:
-        if len(split.test):
-            state["held_out_ranking"] = evaluate_model_and_baselines(module.net, cfg.model.get("name", "model"), split,
-                                                                     cfg.get("evaluation", {}))
-    except Exception as exc:  # the evaluation stage reports it; the final fit goes on
-        state["held_out_error"] = exc
-    best = train.get("best_checkpoint")
-    epochs = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1 if best else module.trainer.current_epoch
-    refitted, facts = refit_embedding_model(cfg, dm, epochs)
-    state["module"] = refitted
-    train["refit"] = {"done": True, **facts}
-    log.info("final fit on every event: %d epoch(s), %d events, %.1f s", facts["epochs"], facts["train_events"], facts["seconds"])
+    state["privacy"] = PrivacyHooks.from_config(cfg)
+    fitter_of(cfg).fit(cfg, state)  # model.fitter: the Lightning loop or the automatic choice (dmp_dl.fitters)
 
 
 def evaluation_stage(cfg: DictConfig, state: dict) -> None:
@@ -249,6 +164,7 @@ def check_settings(cfg: DictConfig) -> None:
     """Settings that contradict each other or name missing files, refused before any data is read."""
     from dmp_dl.warm_start import check_init_from
 
+    check_network(cfg)
     check_init_from(cfg.get("init_from"))
     for group in ("propensity", "audience"):
         node = cfg.get(group)

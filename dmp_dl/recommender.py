@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from dmp_dl import bundle as layout
 from dmp_dl.bundle import Bundle, MissingPartError
+from dmp_dl.bundle_contents import SERVED, load_parts
 from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, DmpError, UnknownIdError
-from dmp_dl.index import is_exact, search_excluding, set_search_params
+from dmp_dl.errors import DmpError, UnknownIdError
+from dmp_dl.index import search_excluding
 
 log = logging.getLogger(__name__)
 
@@ -161,53 +161,24 @@ class Recommender:
 
         b = Bundle.open(path)
         pseudonymizer = bundle_pseudonymizer(b.manifest, b.root, pseudonymizer)
-        user_vocab = IdVocab.load(b.file(layout.USER_VOCAB))
-        item_vocab = IdVocab.load(b.file(layout.ITEM_VOCAB))
-        users, items = b.array(layout.USER_VECTORS), b.array(layout.ITEM_VECTORS)
-        indptr, seen_items = b.array(layout.SEEN_INDPTR), b.array(layout.SEEN_ITEMS)
-        n_users, n_items = len(user_vocab), len(item_vocab)
-        if users.shape[0] != n_users or items.shape[0] != n_items or users.ndim != 2 or items.shape[1:] != users.shape[1:]:
-            raise BundleError(f"{b.root}: vectors {users.shape}, {items.shape} do not match {n_users} users, {n_items} items")
-        for name, vectors in ((layout.USER_VECTORS, users), (layout.ITEM_VECTORS, items)):
-            bad = layout.nonfinite_rows(vectors)
-            if bad:  # served as they are, every score would be NaN and every answer empty
-                raise BundleError(f"{b.root / name}: {bad} of {len(vectors)} vectors are NaN or infinite; the bundle "
-                                  "cannot serve (train and export again)")
-        if indptr.shape != (n_users + 1,) or indptr[-1] != len(seen_items) or (len(seen_items) and seen_items.max() >= n_items):
-            raise BundleError(f"{b.root / layout.SEEN_INDPTR}: seen-items rows do not match the vocabularies")
-        seen = sp.csr_matrix((np.ones(len(seen_items), np.float32), seen_items, indptr), shape=(n_users, n_items))
-        indexes = {}
-        for name, file, n in (("items", layout.ITEM_INDEX, n_items), ("users", layout.USER_INDEX, n_users)):
-            index = b.index(file)
-            if index.ntotal != n or index.d != users.shape[1]:
-                raise BundleError(f"{b.root / file}: index holds {index.ntotal} vectors of dim {index.d}, expected {n} of {users.shape[1]}")
-            info = b.manifest.get("indexes", {}).get(name, {})
-            exact = is_exact(info.get("factory", "Flat"))
-            params = info.get("search_params", "") if search_params is None or exact else search_params
-            set_search_params(index, params)
-            indexes[name] = index
-        network = user_features = None
-        history_len = 20
-        if b.has(layout.NETWORK_SPEC):
-            network, user_features, history_len = layout.load_network(b)
-        propensity = None
-        if b.has(layout.PROPENSITY_DIR):
-            from dmp_dl.propensity.bundle import load_propensity
-
-            propensity = load_propensity(b.file(layout.PROPENSITY_DIR))
-        from dmp_dl.audience.bundle import load_profiles, load_segments
-
-        profiles, segments = load_profiles(b, n_users), load_segments(b, n_users)
-        from dmp_dl.campaign.bundle import load_uplift
-        from dmp_dl.models.scoring import load_scoring
-
-        rec = cls(user_vocab=user_vocab, item_vocab=item_vocab, user_vectors=users, item_vectors=items,
-                  seen=seen, item_index=indexes["items"], user_index=indexes["users"], network=network,
-                  user_features=user_features, history_len=history_len, propensity=propensity,
-                  manifest=b.manifest, max_k=max_k, pseudonymizer=pseudonymizer, profiles=profiles, segments=segments,
-                  served=load_scoring(b, n_items))
-        rec.uplift_model = load_uplift(b, rec)  # reads the inputs above, so checked against them
+        rec = cls.from_parts(b, load_parts(b, SERVED, search_params=search_params), max_k=max_k,
+                             pseudonymizer=pseudonymizer)
+        # the uplift model reads the inputs above, so it is checked against them
+        rec.uplift_model = load_parts(b, ("uplift",), {"recommender": rec})["uplift"]
         return rec
+
+    @classmethod
+    def from_parts(cls, bundle: Bundle, parts: Mapping[str, Any], max_k: int = DEFAULT_MAX_K,
+                   pseudonymizer=None) -> "Recommender":
+        """A Recommender over ``bundle``'s loaded parts (:func:`dmp_dl.bundle_contents.load_parts`
+        of :data:`~dmp_dl.bundle_contents.SERVED`; parts the bundle lacks are None)."""
+        vectors, indexes = parts["vectors"], parts["indexes"]
+        network, user_features, history_len = parts.get("network") or (None, None, 20)
+        return cls(user_vocab=vectors.user_vocab, item_vocab=vectors.item_vocab, user_vectors=vectors.user_vectors,
+                   item_vectors=vectors.item_vectors, seen=vectors.seen, item_index=indexes["items"],
+                   user_index=indexes["users"], network=network, user_features=user_features, history_len=history_len,
+                   propensity=parts.get("propensity"), manifest=bundle.manifest, max_k=max_k, pseudonymizer=pseudonymizer,
+                   profiles=parts.get("profiles"), segments=parts.get("segments"), served=parts.get("scoring"))
 
     # -- facts ---------------------------------------------------------------------------------
     @property

@@ -21,6 +21,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.errors import ConfigError, DmpError, NonFiniteError
+from dmp_dl.fitters import fitter_of
 from dmp_dl.io import atomic_write_bytes
 from dmp_dl.models.retrieval import RetrievalModule
 
@@ -28,15 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def build_module(cfg: DictConfig, dm: InteractionDataModule) -> RetrievalModule:
-    """The network (``model.net``) sized from the data, wrapped in ``model.module``; for the models
-    of the automatic choice (``model=auto|vae|ease``), the untrained autoencoder (``model.vae``)
-    with the training rows attached."""
-    if "candidates" in cfg.model:
-        node = cfg.model.vae
-        net = instantiate(node.net, _convert_="all")(**dm.net_kwargs()).attach_rows(dm.interaction_rows("train"))
-        return instantiate(node.module, _convert_="all")(net=net, item_counts=dm.item_counts)
-    net = instantiate(cfg.model.net, _convert_="all")(**dm.net_kwargs())
-    return instantiate(cfg.model.module, _convert_="all")(net=net, item_counts=dm.item_counts)
+    """The untrained network sized from the data, wrapped in its training module, where the config's
+    fitter keeps them (``model.net`` and ``model.module``; ``model.vae`` for the automatic choice,
+    with the training rows attached): :meth:`dmp_dl.fitters.Fitter.build_module`."""
+    return fitter_of(cfg).build_module(cfg, dm)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

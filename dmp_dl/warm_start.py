@@ -14,9 +14,9 @@ filled from the previous one where both have it:
   values, another hidden width) keeps its fresh initialisation and is listed.
 
 Only parameters are copied: buffers (e.g. each user's attribute tokens) describe the new data and
-come from it. The optimiser starts afresh. Everything here reads :meth:`vocab_axes` alone, so any
-network class that implements it (user or item tables, item x item matrices) warm-starts the same
-way.
+come from it. The optimiser starts afresh. Everything here reads the axes a network declares in
+the network registry (:mod:`dmp_dl.models.registry`, its ``vocab_axes``) alone, so any registered
+network (user or item tables, item x item matrices) warm-starts the same way.
 
 Checkpoints carry the vocabularies they were trained on (:class:`VocabularyRecord` adds them), so
 that a checkpoint can be a warm start too, and resuming one (``ckpt_path``) on data whose
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from dmp_dl.errors import BundleError, ConfigError
+from dmp_dl.models import registry
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,11 @@ def warm_start(net: nn.Module, previous: PreviousNetwork, vocabs: dict[str, np.n
     Returns the summary for ``metrics.json["train"]["warm_start"]``. Raises :class:`ConfigError`
     naming both networks when they are incompatible.
     """
-    if not hasattr(net, "vocab_axes"):
-        raise ConfigError(f"init_from: this run's network {type(net).__name__} does not say which of its axes are "
-                          "user or item rows (vocab_axes), so it cannot be warm-started; set init_from=null")
+    entry = registry.registered(net)
+    if entry is None:
+        raise ConfigError(f"init_from: this run's network {type(net).__name__} is not a registered network, so which "
+                          "of its axes are user or item rows is unknown (dmp_dl.models.registry) and it cannot be "
+                          "warm-started; set init_from=null")
 
     def refuse(detail: str) -> ConfigError:
         return ConfigError(f"init_from: {previous.source} holds {previous.describe()} and this run builds "
@@ -169,7 +172,7 @@ def warm_start(net: nn.Module, previous: PreviousNetwork, vocabs: dict[str, np.n
 
     if previous.net_class != type(net).__name__:
         raise refuse("another class")
-    axes = net.vocab_axes()
+    axes = entry.axes
     copied, fresh = [], []
     with torch.no_grad():
         for name, param in net.named_parameters():

@@ -14,8 +14,9 @@ from omegaconf import open_dict
 from dmp_dl import Recommender
 from dmp_dl.bundle import (
     FORMAT_VERSION, ITEM_VECTORS, MANIFEST, NETWORK_SPEC, NETWORK_WEIGHTS, Bundle, BundleWriter, MissingPartError,
-    load_network, write_manifest,
+    write_manifest,
 )
+from dmp_dl.bundle_parts import load_network
 from dmp_dl.embeddings import export_embeddings
 from dmp_dl.errors import BundleError
 from dmp_dl.pipeline import run

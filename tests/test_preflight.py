@@ -299,11 +299,11 @@ def test_nan_vectors_are_never_exported(tmp_path):
 
 
 def test_nan_vectors_are_refused_on_load(tmp_path, monkeypatch):
-    import dmp_dl.bundle as bundle_module
+    import dmp_dl.bundle_parts as parts_module
 
     parts = _bundle_parts()
     parts["user_vectors"][:, 0] = np.inf
-    monkeypatch.setattr(bundle_module, "check_finite_vectors", lambda vectors, what: None)  # an older exporter
+    monkeypatch.setattr(parts_module, "check_finite_vectors", lambda vectors, what: None)  # an older exporter
     export_bundle(tmp_path / "bundle", **parts)
     with pytest.raises(BundleError, match=r"user_vectors\.npy: 6 of 6 vectors are NaN or infinite"):
         Recommender.load(tmp_path / "bundle")

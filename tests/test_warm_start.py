@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dmp_dl.errors import ConfigError
+from dmp_dl.models import registry
 from dmp_dl.models.mf import MatrixFactorization
 from dmp_dl.models.two_tower import TwoTowerNet
 from dmp_dl.warm_start import PreviousNetwork, check_resumable, warm_start
@@ -55,7 +56,9 @@ def test_vocab_axes_name_every_user_and_item_table():
             if vocab is not None:
                 assert state[key].shape[axis] == {"user": 5, "item": 7}[vocab] + 1
     assert MatrixFactorization(5, 7, dim=4).vocab_axes() == {"user.weight": ("user", None), "item.weight": ("item", None)}
-    assert "user_id.weight" not in TwoTowerNet(5, 7, dim=4, use_user_id=False).vocab_axes()
+    # the declaration is the class's: a table a network is built without (no user ids) is simply not there
+    without_ids = TwoTowerNet(5, 7, dim=4, use_user_id=False)
+    assert "user_id.weight" in TwoTowerNet.vocab_axes() and "user_id.weight" not in without_ids.state_dict()
 
 
 class ItemItem(nn.Module):
@@ -66,11 +69,25 @@ class ItemItem(nn.Module):
         self.n_users, self.n_items = n_users, n_items
         self.weights = nn.Parameter(torch.randn(n_items, n_items))
 
-    def vocab_axes(self):
+    @classmethod
+    def vocab_axes(cls):
         return {"weights": ("item", "item")}
 
 
-def test_an_item_by_item_matrix_is_remapped_on_both_axes():
+@pytest.fixture
+def item_item_registered():
+    registry.register_network(fitter="lightning", encodes_users=False)(ItemItem)
+    yield
+    registry.unregister_network(ItemItem)
+
+
+def test_an_unregistered_network_is_not_warm_started():
+    with pytest.raises(ConfigError, match="ItemItem is not a registered network"):
+        warm_start(ItemItem(0, 3), previous(ItemItem(0, 3), ids(), ids("p", "q", "r")),
+                   {"user": ids(), "item": ids("p", "q", "r")})
+
+
+def test_an_item_by_item_matrix_is_remapped_on_both_axes(item_item_registered):
     old_items, new_items = ids("p", "q", "r"), ids("q", "r", "s", "p")
     old, new = ItemItem(0, 3), ItemItem(0, 4)
     before = new.weights.detach().clone()

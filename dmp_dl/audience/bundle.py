@@ -1,7 +1,8 @@
 """Interest profiles and segments in the artifact bundle: writing them as bundle parts, reading them back.
 
-Two parts, each a folder and a manifest entry of the same name (written through
-:func:`dmp_dl.bundle.export_bundle`'s ``parts`` hook)::
+Two parts (:class:`ProfilesPart`, :class:`SegmentsPart`; :mod:`dmp_dl.bundle_parts`), each a folder
+and a manifest entry of the same name, written by the writers :func:`profiles_part` and
+:func:`segments_part` prepare::
 
     profiles/profiles.json          categories, event types, as_of, half-life, top_n, ...
     profiles/top_categories.npy     (n_users, N) int32 category index, best first, -1 padding   } user-
@@ -22,14 +23,16 @@ numbers (top categories, mean propensity, attribute skew) are aggregates as of t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dmp_dl.audience.profiles import Profiles
 from dmp_dl.audience.segments import Segmentation, representatives
 from dmp_dl.bundle import Bundle, BundleWriter
+from dmp_dl.bundle_parts import BundlePart
 from dmp_dl.errors import BundleError
 
 PROFILES_DIR, SEGMENTS_DIR = "profiles", "segments"
@@ -140,3 +143,27 @@ def load_segments(bundle: Bundle, n_users: int) -> StoredSegments | None:
     if len(meta.get("segments", [])) != k or (len(assignments) and (assignments.min() < 0 or assignments.max() >= k)):
         raise BundleError(f"{bundle.root / SEGMENTS_DIR}: assignments, centroids and segments.json disagree on K={k}")
     return StoredSegments(assignments, np.asarray(distances, dtype=np.float32), centroids, meta)
+
+
+class ProfilesPart(BundlePart):
+    """The interest profiles (saved from :func:`profiles_part`'s writer; erased by their user-aligned files)."""
+
+    name = PROFILES_DIR
+
+    def present(self, bundle: Bundle) -> bool:
+        return bundle.has(f"{PROFILES_DIR}/profiles.json")
+
+    def load(self, bundle: Bundle, loaded: Mapping[str, Any], **options: Any) -> Profiles | None:
+        return load_profiles(bundle, len(loaded["vectors"].user_vocab))
+
+
+class SegmentsPart(BundlePart):
+    """The segments (saved from :func:`segments_part`'s writer; erased by their user-aligned files)."""
+
+    name = SEGMENTS_DIR
+
+    def present(self, bundle: Bundle) -> bool:
+        return bundle.has(f"{SEGMENTS_DIR}/segments.json")
+
+    def load(self, bundle: Bundle, loaded: Mapping[str, Any], **options: Any) -> StoredSegments | None:
+        return load_segments(bundle, len(loaded["vectors"].user_vocab))

@@ -39,10 +39,6 @@ class FeatureTable:
         """Embedding-table size including the padding token 0."""
         return len(self.token_vocab) + 1
 
-    @property
-    def n_numeric(self) -> int:
-        return len(self.numeric_columns)
-
     @classmethod
     def build(
         cls,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmp_dl.data.features import FeatureTable
+from dmp_dl.models.registry import register_network
 from dmp_dl.models.two_tower import AttributeEncoder
 
 
@@ -43,6 +44,7 @@ def padded_to_rows(history: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch
     return offsets, items, torch.ones(len(items), device=history.device)
 
 
+@register_network(fitter="auto", encodes_users=True)
 class UserAutoencoder(nn.Module):
     """Encoder over a user's item set, linear item decoder; see the module docstring.
 
@@ -190,7 +192,8 @@ class UserAutoencoder(nn.Module):
             return latent @ self.item_embedding.weight[: self.n_items].T + self.item_bias[: self.n_items]
         return latent @ self.item_embedding(items).T + self.item_bias[items]
 
-    def vocab_axes(self) -> dict[str, tuple[str | None, ...]]:
+    @classmethod
+    def vocab_axes(cls) -> dict[str, tuple[str | None, ...]]:
         """State-dict keys whose axes follow a vocabulary (warm starts and erasure read this)."""
         return {"encoder.weight": ("item", None), "item_embedding.weight": ("item", None), "item_bias": ("item",),
                 "user_attr.tokens": ("user", None), "user_attr.numeric": ("user", None)}

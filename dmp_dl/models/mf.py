@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dmp_dl.models.registry import register_network
 
+
+@register_network(fitter="lightning", encodes_users=True)
 class MatrixFactorization(nn.Module):
     """User and item embedding tables.
 
@@ -26,7 +29,8 @@ class MatrixFactorization(nn.Module):
         with torch.no_grad():
             self.item.weight[n_items].zero_()
 
-    def vocab_axes(self) -> dict[str, tuple[str | None, ...]]:
+    @classmethod
+    def vocab_axes(cls) -> dict[str, tuple[str | None, ...]]:
         """state_dict key -> the vocabulary of each axis (``user``, ``item`` or None)."""
         return {"user.weight": ("user", None), "item.weight": ("item", None)}
 

@@ -13,12 +13,15 @@ served score is the model's score with no recall lost to candidate generation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dmp_dl.bundle_parts import BundlePart
 from dmp_dl.models.ease import ItemItemScorer
 
 
@@ -112,7 +115,7 @@ SCORING_DIR = "scoring"
 
 
 def scoring_part(served: ServedScore, name: str, refit: bool = False, ease_l2: float | None = None):
-    """A :func:`dmp_dl.bundle.export_bundle` part storing ``served`` (the sparse item-item weights
+    """The writer of the ``scoring`` part (:class:`ScoringPart`) storing ``served`` (the sparse item-item weights
     as CSR arrays and the two weights); its manifest entry says how scores are computed and whether
     the model was refitted on every event (``refit``)."""
 
@@ -156,3 +159,15 @@ def load_scoring(bundle, n_items: int) -> ServedScore | None:
         raise BundleError(f"{bundle.root / SCORING_DIR}: item-item weights do not match the {n_items} items")
     matrix = sp.csr_matrix((weights, indices, indptr), shape=(n_items, n_items))
     return ServedScore(deep, shallow_w, ItemItemScorer(matrix))
+
+
+class ScoringPart(BundlePart):
+    """How recommendations are scored (saved from :func:`scoring_part`'s writer; nothing per user)."""
+
+    name = SCORING_DIR
+
+    def present(self, bundle) -> bool:
+        return SCORING_DIR in bundle.manifest
+
+    def load(self, bundle, loaded: Mapping[str, Any], **options: Any) -> ServedScore | None:
+        return load_scoring(bundle, len(loaded["vectors"].item_vocab))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmp_dl.data.features import FeatureTable
+from dmp_dl.models.registry import register_network
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
@@ -59,6 +60,7 @@ class AttributeEncoder(nn.Module):
         return out  # type: ignore[return-value]
 
 
+@register_network(fitter="lightning", encodes_users=True)
 class TwoTowerNet(nn.Module):
     """User and item towers; see the module docstring.
 
@@ -116,12 +118,12 @@ class TwoTowerNet(nn.Module):
         self.user_mlp = _mlp(dim * n_user_parts, hidden, dim, dropout)
         self.item_mlp = _mlp(dim * (1 + int(self.item_attr.active)), hidden, dim, dropout)
 
-    def vocab_axes(self) -> dict[str, tuple[str | None, ...]]:
+    @classmethod
+    def vocab_axes(cls) -> dict[str, tuple[str | None, ...]]:
         """state_dict key -> the vocabulary of each axis (``user``, ``item`` or None): the per-user and
-        per-item tables (rows past the vocabulary: the unknown user, the padding item)."""
-        axes: dict[str, tuple[str | None, ...]] = {"item_id.weight": ("item", None)}
-        if self.user_id is not None:
-            axes["user_id.weight"] = ("user", None)
+        per-item tables (rows past the vocabulary: the unknown user, the padding item); the user-id
+        table only when ``use_user_id``."""
+        axes: dict[str, tuple[str | None, ...]] = {"item_id.weight": ("item", None), "user_id.weight": ("user", None)}
         for side in ("user", "item"):
             axes[f"{side}_attr.tokens"] = (side, None)
             axes[f"{side}_attr.numeric"] = (side, None)

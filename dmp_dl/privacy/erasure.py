@@ -34,11 +34,13 @@ which any later run applies without a secret, unless ``forget`` is given a secre
 
 Removed: the id from ``users.json`` (the vocabulary is re-indexed), the user's row of
 ``user_vectors.npy``, their vector from ``user_index.faiss`` (rebuilt), their row of the seen-items
-CSR, their rows of the network's per-user tables (``network/weights.pt``: the user-id embedding and
-the attribute buffers; row ``n_users``, the unknown user, is kept), of the propensity model's copy
-of those tables and of ``propensity/known_scores.npy``, and their row of every file that a
-manifest entry lists under ``user_aligned`` (interest profiles, segment assignments, ...): an
-``.npy`` array, a JSON list or a ``.parquet`` table whose row i belongs to user i of ``users.json``.
+CSR, their rows of the network's per-user tables (``network/weights.pt``: the tables its class
+declares in the network registry, :mod:`dmp_dl.models.registry`, such as the user-id embedding and
+the attribute buffers; row ``n_users``, the unknown user, is kept; a class that is not registered is
+refused), of the propensity model's copy of those tables and of ``propensity/known_scores.npy``,
+and their row of every file that a manifest entry lists under ``user_aligned`` (interest profiles,
+segment assignments, ...): an ``.npy`` array, a JSON list or a ``.parquet`` table whose row i
+belongs to user i of ``users.json``.
 
 Not removed: what the user contributed to *shared* parameters and aggregates — the network's other
 weights, the item vectors and index, item popularity counts. Model weights may carry a user's
@@ -66,28 +68,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dmp_dl import bundle as layout
 from dmp_dl.bundle import Bundle, BundleWriter
+from dmp_dl.bundle_contents import parts_of, verify_parts
+from dmp_dl.bundle_parts import UserErasure
 from dmp_dl.data.schema import canonical_id, normalize_ids
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import BundleError, DmpError
 from dmp_dl.io import atomic_write_bytes
-from dmp_dl.manifest import DIGEST_KEY, part_entries
+from dmp_dl.manifest import DIGEST_KEY
 from dmp_dl.privacy.erasure_list import (SALTED_PREFIX, SaltedHash, append_to_erasure_list, bundle_erasure_lists,
                                          read_erasure_list)
 from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag, recorded_privacy
 
 log = logging.getLogger(__name__)
 
-# Per-user rows of each exportable network's state_dict: (n_users + 1, ...), the last row the unknown user.
-NETWORK_USER_ROWS = {
-    "TwoTowerNet": ("user_id.weight", "user_attr.tokens", "user_attr.numeric"),
-    "MatrixFactorization": ("user.weight",),
-    "UserAutoencoder": ("user_attr.tokens", "user_attr.numeric"),
-}
-PROPENSITY_SPEC, PROPENSITY_WEIGHTS, PROPENSITY_SCORES = "propensity/propensity.json", "propensity/weights.pt", "propensity/known_scores.npy"
 WEIGHTS_NOTE = ("the removed rows are gone; shared model weights (towers, item vectors) may still carry the user's "
                 "influence until the next training run, which drops the user via the erasure list")
 _MANIFEST_OWN = ("format", "format_version", "created_at", "packages", "files", DIGEST_KEY)
@@ -120,163 +116,37 @@ def _one_line(exc: BaseException) -> str:
 
 
 # -- rewriting a bundle --------------------------------------------------------------------------
-def _drop_state_rows(state: dict, keys: Iterable[str], keep_ext: np.ndarray, n_users: int, where: Path) -> list[str]:
-    import torch
-
-    done = []
-    for key in keys:
-        if key not in state:
-            continue
-        if state[key].shape[0] != n_users + 1:
-            raise BundleError(f"{where}: {key} has {state[key].shape[0]} rows, expected {n_users + 1} (users + unknown)")
-        state[key] = state[key][torch.from_numpy(keep_ext)].contiguous()
-        done.append(key)
-    return done
-
-
-def _user_aligned_files(bundle: Bundle) -> dict[str, str]:
-    """Bundle file -> manifest entry name, for every part entry's ``user_aligned`` list (paths
-    inside the bundle, or inside the part's folder; the manifest schema checked they exist)."""
-    files = bundle.manifest["files"]
-    out = {}
-    for name, entry in part_entries(bundle.manifest).items():
-        for f in entry.get("user_aligned") or []:
-            path = f if f in files else f"{name}/{f}"
-            if path not in files:
-                raise BundleError(f"{bundle.root / layout.MANIFEST}: part {name!r} lists user_aligned file {f!r}, "
-                                  "which is not in the bundle")
-            out[path] = name
-    return out
-
-
-def _spec_dict(bundle: Bundle, name: str) -> dict:
-    spec = bundle.json(name)
-    if not isinstance(spec, dict):
-        raise BundleError(f"{bundle.root / name}: not a JSON object")
-    return spec
-
-
 def stage_erasure(bundle: Bundle, rows: np.ndarray, w: BundleWriter, erasure: dict | None = None) -> dict[str, Any]:
     """Write ``bundle`` without the users at vocabulary ``rows`` into writer ``w`` and seal it
     (``w.root`` is then the complete new bundle; publishing it is the caller's).
 
+    Every part the bundle holds drops the users' rows (:meth:`~dmp_dl.bundle_parts.BundlePart.drop_users`:
+    the rows the network registry names for the network and the propensity model's copy of it,
+    every ``user_aligned`` file of the other parts); every other file is copied.
     erasure: an entry appended to the manifest's ``privacy.erasures`` (time, counts).
     Returns ``{"removed": {file: what}, "seen_items": (len(rows),) seen counts, "users_before",
     "users_after"}``.
     """
-    from dmp_dl.index import IndexOptions, build_and_measure
-
-    vocab = IdVocab.load(bundle.file(layout.USER_VOCAB))
-    n = len(vocab)
+    n = len(IdVocab.load(bundle.file(layout.USER_VOCAB)))
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise ValueError(f"user rows out of range 0..{n - 1}")
-    indptr, seen_items = bundle.array(layout.SEEN_INDPTR), bundle.array(layout.SEEN_ITEMS)
-    if indptr.shape != (n + 1,):
-        raise BundleError(f"{bundle.root / layout.SEEN_INDPTR}: {indptr.shape[0]} offsets for {n} users")
-    seen_counts = (indptr[rows + 1] - indptr[rows]).astype(np.int64)
-    keep = np.setdiff1d(np.arange(n, dtype=np.int64), rows)
-    keep_ext = np.r_[keep, n]
     manifest = bundle.manifest
-    removed: dict[str, str] = {}
-    written = set()
-
-    def done(name: str, what: str) -> None:
-        written.add(name)
-        removed[name] = what
-
-    IdVocab(vocab.ids[keep], vocab.kind).save(w.path(layout.USER_VOCAB))
-    done(layout.USER_VOCAB, "id")
-    users = np.ascontiguousarray(bundle.array(layout.USER_VECTORS)[keep])
-    w.save_array(layout.USER_VECTORS, users)
-    done(layout.USER_VECTORS, "vector row")
-    n_items = len(IdVocab.load(bundle.file(layout.ITEM_VOCAB)))
-    seen = sp.csr_matrix((np.ones(len(seen_items), np.float32), seen_items, indptr), shape=(n, n_items))[keep]
-    w.save_array(layout.SEEN_INDPTR, seen.indptr.astype(np.int64))
-    w.save_array(layout.SEEN_ITEMS, seen.indices.astype(np.int32))
-    done(layout.SEEN_INDPTR, "seen-items row")
-    done(layout.SEEN_ITEMS, "seen items")
-    options = IndexOptions(**(manifest.get("index_options") or {}))
-    user_index, user_info = build_and_measure(users, users, options, "user")
-    w.save_index(layout.USER_INDEX, user_index)
-    done(layout.USER_INDEX, "vector (index rebuilt)")
-
-    if bundle.has(layout.NETWORK_WEIGHTS):
-        spec = _spec_dict(bundle, layout.NETWORK_SPEC)
-        state = bundle.torch_state(layout.NETWORK_WEIGHTS)
-        keys = _drop_state_rows(state, NETWORK_USER_ROWS.get(spec.get("class"), ()), keep_ext, n,
-                                bundle.root / layout.NETWORK_WEIGHTS)
-        spec["n_users"] = len(keep)
-        w.save_torch(layout.NETWORK_WEIGHTS, state)
-        w.save_json(layout.NETWORK_SPEC, spec)
-        done(layout.NETWORK_WEIGHTS, "rows of " + ", ".join(keys) if keys else "no per-user rows")
-        written.add(layout.NETWORK_SPEC)
-
-    if bundle.has(PROPENSITY_SCORES):
-        scores = bundle.array(PROPENSITY_SCORES)
-        if scores.shape[:1] != (n,):
-            raise BundleError(f"{bundle.root / PROPENSITY_SCORES}: {scores.shape[0] if scores.ndim else 0} scores for {n} users")
-        w.save_array(PROPENSITY_SCORES, scores[keep])
-        done(PROPENSITY_SCORES, "score")
-        spec = _spec_dict(bundle, PROPENSITY_SPEC)
-        spec["n_users"] = len(keep)
-        encoder = spec.get("encoder")
-        if isinstance(encoder, dict) and bundle.has(PROPENSITY_WEIGHTS):
-            state = bundle.torch_state(PROPENSITY_WEIGHTS)
-            names = [f"encoder.{k}" for k in NETWORK_USER_ROWS.get(encoder.get("class"), ())]
-            try:
-                encoder_users = int(encoder["n_users"])
-            except (KeyError, TypeError, ValueError):
-                raise BundleError(f"{bundle.root / PROPENSITY_SPEC}: encoder.n_users missing or not a number") from None
-            keys = _drop_state_rows(state, names, keep_ext, encoder_users, bundle.root / PROPENSITY_WEIGHTS)
-            encoder["n_users"] = len(keep)
-            w.save_torch(PROPENSITY_WEIGHTS, state)
-            done(PROPENSITY_WEIGHTS, "rows of " + ", ".join(keys) if keys else "no per-user rows")
-        w.path(PROPENSITY_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
-        written.add(PROPENSITY_SPEC)
-
-    for name, part in _user_aligned_files(bundle).items():
-        path = bundle.root / name
-        if name.endswith(".npy"):
-            array = bundle.array(name)
-            if array.shape[:1] != (n,):
-                raise BundleError(f"{path}: part {part!r} declares it user-aligned but it has shape {array.shape} for {n} users")
-            w.save_array(name, array[keep])
-        elif name.endswith(".json"):
-            values = bundle.json(name)
-            if not isinstance(values, list) or len(values) != n:
-                raise BundleError(f"{path}: part {part!r} declares it user-aligned but it is not a list of {n} entries")
-            w.save_json(name, [values[i] for i in keep.tolist()])
-        elif name.endswith(".parquet"):
-            import pandas as pd
-
-            try:
-                table = pd.read_parquet(bundle.file(name))
-            except (OSError, ValueError) as exc:
-                raise BundleError(f"{path}: not a readable Parquet table ({_one_line(exc)})") from None
-            if len(table) != n:
-                raise BundleError(f"{path}: part {part!r} declares it user-aligned but it has {len(table)} rows for {n} users")
-            table.iloc[keep].reset_index(drop=True).to_parquet(w.path(name), index=False)
-        else:
-            raise BundleError(f"{path}: cannot remove user rows from this file type (user-aligned files must be "
-                              ".npy, a JSON list or .parquet, one row per user in vocabulary order)")
-        done(name, "row")
-
+    dropping = UserErasure(rows, n, {k: v for k, v in manifest.items() if k not in _MANIFEST_OWN})
+    for part in parts_of(bundle):
+        part.drop_users(bundle, dropping, w)
     for name in manifest["files"]:
-        if name not in written:
+        if not w.path(name).exists():
             shutil.copyfile(bundle.root / name, w.path(name))
 
-    content = {k: v for k, v in manifest.items() if k not in _MANIFEST_OWN}
-    content["counts"] = {**(content.get("counts") or {}), "users": int(len(keep)), "seen_pairs": int(seen.nnz)}
-    indexes = dict(content.get("indexes") or {})
-    indexes["users"] = {"file": layout.USER_INDEX, **user_info}
-    content["indexes"] = indexes
+    content = dropping.content
     privacy = dict(content.get("privacy") or {"pseudonymized": False})
     privacy["erasures"] = [*privacy.get("erasures", []), {**(erasure or {"time": _now()}), "users_removed": int(len(rows))}]
     content["privacy"] = privacy
     content.setdefault("trained_at", manifest.get("created_at"))
     w.seal(content)
-    return {"removed": removed, "seen_items": seen_counts, "users_before": n, "users_after": n - len(rows)}
+    return {"removed": dropping.removed, "seen_items": dropping.seen_items, "users_before": n,
+            "users_after": dropping.users_after}
 
 
 def stage_record(bundle: Bundle, w: BundleWriter, erasure: dict) -> None:
@@ -296,8 +166,8 @@ def stage_record(bundle: Bundle, w: BundleWriter, erasure: dict) -> None:
 
 def erase_rows(bundle: Bundle, rows: np.ndarray, erasure: dict | None = None) -> dict[str, Any]:
     """Rewrite ``bundle`` in place (atomically) without the users at vocabulary ``rows``; no
-    erasure list, no audit (that is :func:`forget_users`). No-op when ``rows`` is empty.
-    Returns what :func:`stage_erasure` returns."""
+    erasure list, no audit (that is :func:`forget_users`). No-op when ``rows`` is empty. The new
+    bundle's parts are checked before it is published. Returns what :func:`stage_erasure` returns."""
     rows = np.asarray(rows, dtype=np.int64)
     if not len(rows):
         indptr = bundle.array(layout.SEEN_INDPTR)
@@ -305,6 +175,7 @@ def erase_rows(bundle: Bundle, rows: np.ndarray, erasure: dict | None = None) ->
         return {"removed": {}, "seen_items": np.zeros(0, np.int64), "users_before": n, "users_after": n}
     with BundleWriter(bundle.root) as w:
         result = stage_erasure(bundle, rows, w, erasure)
+        verify_parts(Bundle.open(w.root, verify=False))  # a bundle that would not load never replaces this one
         w.publish()
     return result
 

@@ -36,7 +36,7 @@ import pandas as pd
 from dmp_dl.data.schema import normalize_ids
 from dmp_dl.errors import ConfigError, DataError
 from dmp_dl.io import atomic_write_text
-from dmp_dl.privacy.pseudonymize import TAG_PREFIX, Pseudonymizer, parse_tag
+from dmp_dl.privacy.pseudonymize import Pseudonymizer, parse_tag
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +205,6 @@ def bundle_erasure_lists(manifest: object, extra: str | os.PathLike | None = Non
             absolute = Path(path).absolute()
             out.setdefault(os.path.realpath(absolute), absolute)
     return list(out.values())
-
-
-def is_hashed_entry(text: str) -> bool:
-    """Whether ``text`` has the form of a keyed or salted list entry (not a raw id)."""
-    return text.startswith((TAG_PREFIX, SALTED_PREFIX))
 
 
 def append_to_erasure_list(path: str | Path, tags: Iterable[str]) -> int:

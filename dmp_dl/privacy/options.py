@@ -4,7 +4,6 @@ export and erasure."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +51,6 @@ class PrivacyOptions:
         self.audit_log = str(Path(audit_log).absolute()) if audit_log else None
         self.dp = dp
         self._pseudonymizer: Pseudonymizer | None = None
-
-    @property
-    def has_secret(self) -> bool:
-        """Whether a secret is configured (the file exists or the environment variable is set)."""
-        if self.secret_file:
-            return Path(self.secret_file).exists()
-        return bool(os.environ.get(self.secret_env or "", ""))
 
     def pseudonymizer(self) -> Pseudonymizer:
         """The keyed hash (loaded once); :class:`~dmp_dl.errors.ConfigError` when no secret is set."""

@@ -16,8 +16,10 @@ A propensity directory holds::
     items.json          the embedding network's item vocabulary (only with the embedding feature)
 
 Nothing is pickled: weights load with ``torch.load(weights_only=True)``, arrays with
-``np.load(allow_pickle=False)``; an embedding-network class is looked up in an allowlist, never
-imported from a name read from a file.
+``np.load(allow_pickle=False)``; an embedding-network class is looked up in the network registry
+(:mod:`dmp_dl.models.registry`: a class registered with ``encodes_users``), never imported from a
+name read from a file. :class:`PropensityPart` is the bundle's ``propensity`` part
+(:mod:`dmp_dl.bundle_parts`).
 """
 
 from __future__ import annotations
@@ -26,16 +28,20 @@ import inspect
 import io
 import json
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dmp_dl.bundle import Bundle, BundleWriter
+from dmp_dl.bundle_parts import BundlePart, UserErasure, drop_table_rows, registered_or_refuse, spec_object
 from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import BundleError
 from dmp_dl.io import atomic_write_bytes, atomic_write_text
+from dmp_dl.models import registry
 from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import UserFeatures
 from dmp_dl.propensity.net import PropensityNet
@@ -47,14 +53,15 @@ FORMAT_VERSION = 2  # 2: the served model may be a classic one (tabular.npz)
 READABLE_VERSIONS = (1, 2)
 SPEC_FILE, WEIGHTS_FILE, SCORES_FILE, ITEMS_FILE = "propensity.json", "weights.pt", "known_scores.npy", "items.json"
 TABULAR_FILE = "tabular.npz"
-ENCODER_CLASSES = ("TwoTowerNet", "MatrixFactorization", "UserAutoencoder")
 SUMMARY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10")
+PART = "propensity"  # the bundle folder and manifest entry
 
 
-def _encoder_class(name: str) -> type:
-    from dmp_dl.bundle import network_classes
-
-    return network_classes()[name]
+def encoder_entry(network: object) -> registry.RegisteredNetwork | None:
+    """The registry entry of a network (class, class name or instance) that can encode users for
+    the embedding feature (None: it cannot be one)."""
+    entry = registry.registered(network)
+    return entry if entry is not None and entry.encodes_users else None
 
 
 def save_propensity(result: Any, directory: Path) -> dict:
@@ -128,9 +135,11 @@ def _build_encoder(spec: dict | None, state: dict[str, torch.Tensor], where: Pat
     if spec is None:
         return None
     name = spec.get("class")
-    if name not in ENCODER_CLASSES:
-        raise BundleError(f"{where}: unknown embedding network class {name!r} (known: {', '.join(ENCODER_CLASSES)})")
-    cls = _encoder_class(name)
+    entry = encoder_entry(name) if isinstance(name, str) else None
+    if entry is None:
+        known = ", ".join(sorted(n for n, e in registry.networks().items() if e.encodes_users))
+        raise BundleError(f"{where}: unknown embedding network class {name!r} (known: {known})")
+    cls = entry.cls
     kwargs = dict(spec.get("kwargs") or {})
     accepted = inspect.signature(cls).parameters
     for side in ("user", "item"):
@@ -212,3 +221,48 @@ def _load_tabular(path: Path, net: PropensityNet) -> TabularModel:
     if model.n_features != width:
         raise BundleError(f"{path}: the model reads {model.n_features} features, the stored feature spec gives {width}")
     return model
+
+
+class PropensityPart(BundlePart):
+    """The propensity model as a bundle part: the folder :func:`save_propensity` writes, loaded by
+    :func:`load_propensity`; erasure drops the users' known scores and the rows of the embedding
+    network's per-user tables that the registry names (``encoder.`` in ``weights.pt``)."""
+
+    name = PART
+
+    def present(self, bundle: Bundle) -> bool:
+        return bundle.has(PART)
+
+    def save(self, writer: BundleWriter, value: Any) -> dict[str, Any]:
+        """value: a :class:`~dmp_dl.propensity.train.PropensityResult`."""
+        return {PART: save_propensity(value, writer.subdir(PART))}
+
+    def load(self, bundle: Bundle, loaded: Mapping[str, Any], **options: Any) -> PropensityScorer:
+        return load_propensity(bundle.file(PART))
+
+    def drop_users(self, bundle: Bundle, erasure: UserErasure, writer: BundleWriter) -> None:
+        scores_file, spec_file, weights_file = (f"{PART}/{f}" for f in (SCORES_FILE, SPEC_FILE, WEIGHTS_FILE))
+        if not bundle.has(scores_file):
+            return
+        n = erasure.n_users
+        scores = bundle.array(scores_file)
+        if scores.shape[:1] != (n,):
+            raise BundleError(f"{bundle.root / scores_file}: {scores.shape[0] if scores.ndim else 0} scores for {n} users")
+        writer.save_array(scores_file, scores[erasure.keep])
+        erasure.removed[scores_file] = "score"
+        spec = spec_object(bundle, spec_file)
+        spec["n_users"] = erasure.users_after
+        encoder = spec.get("encoder")
+        if isinstance(encoder, dict) and bundle.has(weights_file):
+            entry = registered_or_refuse(encoder.get("class"), bundle.root / spec_file)
+            try:
+                encoder_users = int(encoder["n_users"])
+            except (KeyError, TypeError, ValueError):
+                raise BundleError(f"{bundle.root / spec_file}: encoder.n_users missing or not a number") from None
+            state = bundle.torch_state(weights_file)
+            keys = drop_table_rows(state, entry.tables("user"), erasure, bundle.root / weights_file, prefix="encoder.",
+                                   n_users=encoder_users)
+            encoder["n_users"] = erasure.users_after
+            writer.save_torch(weights_file, state)
+            erasure.removed[weights_file] = "rows of " + ", ".join(keys) if keys else "no per-user rows"
+        writer.path(spec_file).write_text(json.dumps(spec, indent=1), encoding="utf-8")

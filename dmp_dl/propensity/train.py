@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
@@ -164,17 +164,14 @@ def encoder_for(mode: str, cfg: DictConfig, net: torch.nn.Module | None) -> tupl
         raise ConfigError(f"propensity.features.embedding must be one of {EMBEDDING_MODES}, got {mode!r}")
     if mode == "off":
         return None, None
-    from dmp_dl.propensity.bundle import ENCODER_CLASSES
+    from dmp_dl.fitters import fitter_of
+    from dmp_dl.propensity.bundle import encoder_entry
 
-    if net is None or type(net).__name__ not in ENCODER_CLASSES or not hasattr(net, "cold_user_vectors"):
+    if net is None or encoder_entry(net) is None:
         log.warning("propensity: no exportable embedding network (%s): the embedding feature is off",
                     type(net).__name__ if net is not None else "none")
         return None, None
-    kwargs = {}
-    model = cfg.get("model")
-    node = None if model is None else model.get("net") if model.get("net") is not None else (model.get("vae") or {}).get("net")
-    if node is not None:
-        kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    kwargs = fitter_of(cfg).network_kwargs(cfg) if cfg.get("model") is not None else {}
     spec = {"class": type(net).__name__, "kwargs": kwargs, "n_users": int(net.n_users), "n_items": int(net.n_items)}
     return copy.deepcopy(net).cpu().eval(), spec
 

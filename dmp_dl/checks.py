@@ -74,10 +74,13 @@ class Num:
     lo_open: bool = False
     hi_open: bool = False
     null: bool = False
+    also: tuple[str, ...] = ()  # words allowed instead of a number (e.g. auto)
 
     def problem(self, value: Any) -> str | None:
         if value is None:
             return None if self.null else f"must be {self.describe()}"
+        if isinstance(value, str) and value in self.also:
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"must be {self.describe()}"
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
@@ -95,7 +98,7 @@ class Num:
             text = f"a finite number {'<' if self.hi_open else '<='} {self.hi:g}"
         else:
             text = "a finite number"
-        return text + (" or null" if self.null else "")
+        return text + "".join(f" or {w}" for w in self.also) + (" or null" if self.null else "")
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,8 @@ MODEL_RULES: dict[str, Rule] = {
     "model.vae.module.optimizer.lr": POSITIVE,
     "model.ease.l2": Num(0, None, lo_open=True, null=True),
     "model.ease.l2_scales": Each(POSITIVE),
-    "model.ease.max_memory_gb": POSITIVE,
+    "model.ease.max_memory_gb": Num(0, None, lo_open=True, also=("auto",)),
+    "model.val_users": Int(1, None, null=True),
     "model.ease.max_bundle_mb": POSITIVE,
     "model.ease.short_grid_above_items": Int(0, None),
     "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping

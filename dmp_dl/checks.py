@@ -401,7 +401,8 @@ MODEL_RULES: dict[str, Rule] = {
     "model.vae.module.optimizer.lr": POSITIVE,
     "model.ease.l2": Num(0, None, lo_open=True, null=True),
     "model.ease.l2_scales": Each(POSITIVE),
-    "model.ease.max_memory_gb": POSITIVE,
+    "model.ease.max_memory_gb": OrAuto(Num(0, None, lo_open=True)),
+    "model.val_users": Int(1, None, null=True),
     "model.ease.max_bundle_mb": POSITIVE,
     "model.ease.short_grid_above_items": Int(0, None),
     "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping

@@ -39,6 +39,49 @@ def test_sort_keys_order_like_a_stable_descending_sort():
         assert (np.argsort(-k, kind="stable") == expected).all()
 
 
+def _reference_order(row: np.ndarray) -> np.ndarray:
+    """Columns by (score desc, column asc), NaN as -inf: the ranking the metrics promise."""
+    clean = np.where(np.isnan(row), -np.inf, row).astype(np.float64)
+    return np.lexsort((np.arange(len(row)), -clean))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_and_mrr_match_a_plain_sort_with_ties_infinities_and_nan(seed):
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.integers(5, 400))
+    pool = np.array([-np.inf, np.nan, 0.0, -0.0, 1.0, 2.0, -3.5, 7.25], dtype=np.float32)
+    tied = rng.choice(pool, size=(16, n_items))  # many ties, also at the cut-off
+    smooth = rng.standard_normal((16, n_items)).astype(np.float32)  # no ties: the one-pass path
+    smooth[:, : n_items // 3] = -np.inf  # excluded items
+    for s in (tied, smooth):
+        rel = rng.random((16, n_items)) < 0.05
+        rel[0] = False  # a user without held-out items
+        ks = sorted({1, int(rng.integers(1, n_items + 1)), n_items})
+        m, top = ranking_metrics(torch.from_numpy(s.copy()), torch.from_numpy(rel), ks)
+        for i, (row, r) in enumerate(zip(s, rel)):
+            order = _reference_order(row)
+            finite = ~np.isneginf(np.where(np.isnan(row), -np.inf, row))
+            expected = [c if finite[c] else -1 for c in order[: ks[-1]]]
+            assert top[i].tolist() == expected
+            rankable = np.flatnonzero(r & finite)
+            if not r.any():
+                assert math.isnan(m["mrr"][i].item())
+            elif not len(rankable):
+                assert m["mrr"][i].item() == 0.0
+            else:
+                best = np.flatnonzero(np.isin(order, rankable))[0] + 1
+                assert m["mrr"][i].item() == pytest.approx(1.0 / best)
+        _, plain = topk_with_ties(torch.from_numpy(s.copy()), ks[-1])
+        assert (plain == torch.from_numpy(np.stack([_reference_order(row)[: ks[-1]] for row in s]))).all()
+
+
+def test_metrics_at_k_alone_skip_the_full_ranking():
+    scores = torch.tensor([[3.0, 2.0, 1.0]])
+    rel = torch.tensor([[False, True, False]])
+    m, _ = ranking_metrics(scores, rel, [2], mrr=False)
+    assert "mrr" not in m and m["recall@2"].item() == 1.0
+
+
 def test_hand_computed_case():
     # 6 items; the user's ranking is items 0..5 in order; relevant = {1, 4}
     scores = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])

@@ -31,35 +31,43 @@ class PopularityScorer:
 class EASEScorer:
     """EASE (Steck, WWW 2019): closed-form item-item model B = I - P / diag(P), P = (X'X + l2 I)^-1.
 
-    Needs an (n_items, n_items) matrix: use it for catalogues up to a few tens of thousands.
-    ``precise=True`` (the textbook form): the float64 inverse of X'X + l2 I, on the device;
-    ``precise=False``: :func:`dmp_dl.models.ease.ease_weights` in float32, through the primal or the
-    dual (Woodbury) form, whichever is cheaper — what the report's baseline uses. Scoring multiplies
-    the users' training rows of X by B, as a sparse product on CPU and a dense one on CUDA.
+    Needs (n_items, n_items) matrices: the memory guard of :mod:`dmp_dl.models.ease` tells how far
+    that goes on a device. ``precise=True`` (the textbook form): the float64 inverse of X'X + l2 I,
+    on the device; ``precise=False``: the served form of the model choice's EASE candidate —
+    :class:`dmp_dl.models.ease.EASESolver` in float32 (primal or dual, whichever is cheaper), each
+    item's ``keep_per_item`` largest weights kept (default: what ``model.ease.max_bundle_mb`` =
+    256 keeps) — so a run's report and ``python -m dmp_dl.evaluate`` score the same weights.
+    Scoring multiplies the users' training rows of X by B on the device (a sparse x dense product).
     """
 
     def __init__(self, interactions: sp.csr_matrix, l2: float = 500.0, device: str | torch.device | None = None,
-                 precise: bool = True):
+                 precise: bool = True, keep_per_item: int | None = None):
+        from dmp_dl.models import ease as ease_lib
+
         self.device = _device(device)
         self.x = sp.csr_matrix(interactions, dtype=np.float32)
+        self.served = None
         if precise:
-            gram = torch.as_tensor((self.x.T @ self.x).toarray(), dtype=torch.float64, device=self.device)
+            gram = ease_lib.gram_matrix(ease_lib.binary(self.x), self.device).double()
             gram.diagonal().add_(l2)
             p = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # gram is symmetric positive definite
+            del gram
             b = p / (-p.diagonal())
             b.diagonal().zero_()
+            self.b = b.float()
         else:
-            from dmp_dl.models.ease import ease_weights
-
-            b = ease_weights(self.x, l2, self.device)
-        self.b = b.float()
-        self._b_numpy = self.b.numpy() if self.device.type == "cpu" else None
+            keep = keep_per_item or ease_lib.keep_per_item_for(self.x.shape[1], ease_lib.DEFAULT_BUNDLE_MB)
+            solver = ease_lib.EASESolver(self.x, self.device)
+            self.served = solver.served(float(l2), keep).to(self.device)
+            solver.release()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rows = self.x[batch["user"].cpu().numpy()]
-        if self._b_numpy is not None:
-            return torch.from_numpy(np.asarray(rows @ self._b_numpy, dtype=np.float32))
-        return rows_times_dense(rows, self.b)
+        if self.served is not None:
+            return self.served(rows)
+        from dmp_dl.models.ease import sparse_rows
+
+        return torch.sparse.mm(sparse_rows(rows, self.device), self.b)
 
 
 def rows_times_dense(rows: sp.csr_matrix, dense: torch.Tensor) -> torch.Tensor:

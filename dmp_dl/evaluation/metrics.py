@@ -71,6 +71,45 @@ def tie_broken_keys(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, key
 
 
+def _finite_or_minus_inf(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` as float32 with NaN replaced by -inf (no copy when there is nothing to replace)."""
+    s = scores.float()
+    nan = torch.isnan(s)
+    return torch.where(nan, float("-inf"), s) if bool(nan.any()) else s
+
+
+def _top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``k`` of float32 ``s`` (B, N), best first, ties broken by the lower column, NaN as -inf.
+
+    Returns (values (B, k), columns (B, k), ``s`` with NaN replaced when it had any). One float
+    top-k of ``k + 1`` over the matrix: a row whose (k+1)-th value is below its k-th has no tie at
+    the cut-off and is done; only rows with a tie there (or a NaN) are redone exactly.
+    """
+    n = s.shape[1]
+    probe = min(k + 1, n)
+    values, idx = torch.topk(s, probe, dim=1, sorted=True)
+    if bool(torch.isnan(values).any()):  # torch ranks NaN above everything: clean them and start again
+        s = _finite_or_minus_inf(s)
+        values, idx = torch.topk(s, probe, dim=1, sorted=True)
+    if probe > k:
+        tied = values[:, k] == values[:, k - 1]
+        values, idx = values[:, :k].contiguous(), idx[:, :k].contiguous()
+        if bool(tied.any()):
+            rows = tied.nonzero().squeeze(1)
+            sub, t = s[rows], values[rows, k - 1 :]
+            above = sub > t
+            need = k - above.sum(dim=1, keepdim=True)  # how many of the tied items fit, lowest columns first
+            equal = sub == t
+            take = above | (equal & (equal.cumsum(dim=1) <= need))
+            chosen = take.nonzero()[:, 1].view(len(rows), k)  # row-major: each row's columns ascending
+            idx[rows] = chosen
+            values[rows] = sub.gather(1, chosen)
+    order = idx.argsort(dim=1)  # (score desc, column asc): a stable sort by score of the column-sorted list
+    idx, values = idx.gather(1, order), values.gather(1, order)
+    order = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, order), idx.gather(1, order), s
+
+
 def topk_with_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` per row, best first, ties broken by the lower column index.
 
@@ -86,9 +125,32 @@ def topk_with_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     n = scores.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n}, got {k}")
-    s, key = tie_broken_keys(scores)
-    _, idx = torch.topk(key, k, dim=-1, sorted=True)
-    return s.gather(-1, idx), idx
+    values, idx, _ = _top(scores.float(), k)
+    return values, idx
+
+
+def _ranks_of_best(s: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 full-ranking position (1 = first) of each row's best-ranked held-out item
+    (pairs ``rel_rows``, ``rel_cols``; -inf scores are not rankable) under (score desc, column
+    asc); +inf for rows without a rankable one."""
+    b, n = s.shape
+    rel_scores = s[rel_rows, rel_cols]
+    best = torch.full((b,), float("-inf"), device=s.device).scatter_reduce(0, rel_rows, rel_scores, "amax")
+    rankable = best > float("-inf")
+    # the lowest column among a row's held-out items with the best score ranks first of them
+    at_best = (rel_scores == best[rel_rows]) & (rel_scores > float("-inf"))
+    best_col = torch.full((b,), n, dtype=torch.int64, device=s.device).scatter_reduce(
+        0, rel_rows[at_best], rel_cols[at_best], "amin")
+    above = (s > best[:, None]).sum(dim=1, dtype=torch.int32)
+    rank = (above + 1).to(torch.float64)
+    equal = (s == best[:, None]).sum(dim=1, dtype=torch.int32)
+    tied = (equal > 1) & rankable
+    if bool(tied.any()):  # items with the same score and a lower column rank above it
+        rows = tied.nonzero().squeeze(1)
+        cols = torch.arange(n, device=s.device)
+        before = ((s[rows] == best[rows, None]) & (cols[None, :] < best_col[rows, None])).sum(dim=1)
+        rank[rows] += before.to(torch.float64)
+    return torch.where(rankable, rank, torch.full_like(rank, float("inf")))
 
 
 def dense_mask(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], device=None) -> torch.Tensor:
@@ -100,7 +162,7 @@ def dense_mask(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], d
 
 
 def ranking_metrics(
-    scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]
+    scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int], mrr: bool = True
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-user metrics for a batch.
 
@@ -109,6 +171,8 @@ def ranking_metrics(
     scores: (B, N) float, with excluded (seen) items already at -inf.
     relevant: (B, N) bool, the held-out items.
     ks: cut-offs (positive integers; a K above N ranks the whole catalogue).
+    mrr: also the full-ranking ``mrr`` (two more passes over the scores; model selection needs
+        only the metrics at K).
 
     Returns
     -------
@@ -117,16 +181,32 @@ def ranking_metrics(
     top: (B, max(ks)) int64 recommended item indices, best first; -1 where fewer than K items
         were rankable (all others excluded).
     """
+    rows, cols = relevant.nonzero(as_tuple=True)
+    return pair_metrics(scores, rows, cols, ks, mrr)
+
+
+def pair_metrics(
+    scores: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor, ks: Sequence[int], mrr: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`ranking_metrics` with the held-out items as distinct (row, column) pairs (int64 (R,)
+    each), so no dense (B, N) mask is built: the cost is one top-k over ``scores`` (plus two passes
+    for ``mrr``)."""
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"cut-offs must be positive integers, got {ks}")
+    if scores.shape[1] >= 2**_INDEX_BITS:
+        raise ValueError("catalogue too large for tie-broken ranking")
     device = scores.device
-    kmax = min(ks[-1], scores.shape[1])
-    s, key = tie_broken_keys(scores)
-    _, top = torch.topk(key, kmax, dim=-1, sorted=True)
-    valid = s.gather(1, top) > float("-inf")
-    hits = relevant.gather(1, top) & valid  # (B, kmax)
-    n_rel = relevant.sum(dim=1).to(torch.float64)
+    b, n = scores.shape
+    rel_rows, rel_cols = rel_rows.to(device), rel_cols.to(device)
+    kmax = min(ks[-1], n)
+    top_scores, top, s = _top(scores.float(), kmax)
+    valid = top_scores > float("-inf")
+    rel_keys = torch.sort(rel_rows * n + rel_cols).values
+    top_keys = torch.arange(b, device=device)[:, None] * n + top
+    at = torch.searchsorted(rel_keys, top_keys).clamp(max=max(len(rel_keys) - 1, 0))
+    hits = (rel_keys[at] == top_keys) & valid if len(rel_keys) else torch.zeros_like(valid)  # (B, kmax)
+    n_rel = torch.bincount(rel_rows, minlength=b).to(torch.float64)
     empty = n_rel == 0
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
     ranks = torch.arange(1, kmax + 1, device=device, dtype=torch.float64)
@@ -147,12 +227,9 @@ def ranking_metrics(
         out[f"ndcg@{k}"] = torch.where(empty, nan, dcg / ideal)
         out[f"hit_rate@{k}"] = torch.where(empty, nan, (n_hits > 0).to(torch.float64))
         out[f"map@{k}"] = torch.where(empty, nan, (precision_at_rank[:, :kk] * hk).sum(dim=1) / denom)
-    # Full-ranking MRR: the rank of the best relevant item is 1 + the number of items keyed above it.
-    rankable = relevant & (s > float("-inf"))
-    best = torch.where(rankable, key, torch.iinfo(torch.int64).min).amax(dim=1)
-    rank = (key > best[:, None]).sum(dim=1).to(torch.float64) + 1.0
-    rr = torch.where(rankable.any(dim=1), 1.0 / rank, torch.zeros_like(rank))
-    out["mrr"] = torch.where(empty, nan, rr)
+    if mrr:
+        rank = _ranks_of_best(s, rel_rows, rel_cols)
+        out["mrr"] = torch.where(empty, nan, torch.where(torch.isinf(rank), torch.zeros_like(rank), 1.0 / rank))
     top = torch.where(valid, top, torch.full_like(top, -1))
     return out, top
 
@@ -223,7 +300,7 @@ def _stderr(total: float, total_sq: float, n: int) -> float:
 
 
 def batch_metrics(
-    scores: torch.Tensor, batch: dict[str, torch.Tensor], ks: Sequence[int]
+    scores: torch.Tensor, batch: dict[str, torch.Tensor], ks: Sequence[int], mrr: bool = True
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """:func:`ranking_metrics` for an evaluation batch (see ``EvalUsers``).
 
@@ -232,5 +309,4 @@ def batch_metrics(
     device = scores.device
     if batch["seen_rows"].numel():
         scores[batch["seen_rows"].to(device), batch["seen_cols"].to(device)] = float("-inf")
-    relevant = dense_mask(batch["rel_rows"], batch["rel_cols"], tuple(scores.shape), device)
-    return ranking_metrics(scores, relevant, ks)
+    return pair_metrics(scores, batch["rel_rows"], batch["rel_cols"], ks, mrr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from dmp_dl.embeddings import inference_device
@@ -38,6 +39,7 @@ def evaluate_scorer(
     item_popularity: torch.Tensor | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    mrr: bool = True,
 ) -> dict:
     """Average full-ranking metrics of ``score_fn`` over the users of ``dataset``.
 
@@ -48,17 +50,49 @@ def evaluate_scorer(
     item_popularity: (n_items,) share of training events per item, for ``avg_popularity@K``.
     batch_size: users per batch (default: keeps the score matrix near 16M elements).
     device: where ranking runs (default: CUDA when present, else CPU).
+    mrr: also the full-ranking ``mrr`` (model selection needs only the metrics at K).
 
     Returns :meth:`RankingAccumulator.result`. Memory is O(batch_size * n_items), independent of
     the number of users.
     """
+    out = evaluate_scorers(lambda batch: {"_": score_fn(batch)}, dataset, n_items, ks, item_popularity,
+                           batch_size, device, mrr)
+    return out["_"] if "_" in out else RankingAccumulator(n_items, check_cutoffs(ks), item_popularity).result()
+
+
+@torch.no_grad()
+def evaluate_scorers(
+    scores_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    dataset,
+    n_items: int,
+    ks: Sequence[int],
+    item_popularity: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    mrr: bool = True,
+) -> dict[str, dict]:
+    """:func:`evaluate_scorer` of several scorers in one pass over the users: ``scores_fn`` maps a
+    batch to ``{name: (B, n_items) scores}`` (so work the scorers share, such as one model's scores
+    that several blends add to, is done once per batch). Returns ``{name: result}``."""
     ks = check_cutoffs(ks)
     device = torch.device(device) if device is not None else inference_device()
-    acc = RankingAccumulator(n_items, ks, item_popularity)
+    accs: dict[str, RankingAccumulator] = {}
     bs = batch_size or default_batch_size(n_items)
     for start in range(0, len(dataset), bs):
         batch = dataset.__getitems__(list(range(start, min(start + bs, len(dataset)))))
-        scores = score_fn(batch).to(device=device, dtype=torch.float32)
-        metrics, top = batch_metrics(scores, batch, ks)
-        acc.update(metrics, top)
-    return acc.result()
+        for name, scores in scores_fn(batch).items():
+            if name not in accs:
+                accs[name] = RankingAccumulator(n_items, ks, item_popularity)
+            metrics, top = batch_metrics(scores.to(device=device, dtype=torch.float32), batch, ks, mrr)
+            accs[name].update(metrics, top)
+    return {name: acc.result() for name, acc in accs.items()}
+
+
+def sample_users(dataset, n: int | None, seed: int = 0):
+    """``dataset`` (an ``EvalUsers``) limited to a fixed random sample of at most ``n`` users
+    (all of them when ``n`` is None or not smaller), in user order."""
+    if n is None or len(dataset) <= int(n):
+        return dataset
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(dataset), size=int(n), replace=False))
+    return type(dataset)(dataset.users[keep], dataset.history, dataset.seen, dataset.relevant)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,20 +32,64 @@ from dmp_dl.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BYTES_F32 = 4
+MEMORY_SHARE = 0.8  # of the memory free when a fit starts (``max_memory_gb: auto``)
+DEFAULT_BUNDLE_MB = 256.0  # ``model.ease.max_bundle_mb``: the served weights' size in a bundle
+
+
+def model_device(accelerator: str | None = "auto") -> torch.device:
+    """Where the model stage's heavy work runs: CUDA when present and the trainer may use it
+    (``trainer.accelerator`` auto / gpu / cuda), else the CPU."""
+    wanted = str(accelerator or "auto").lower()
+    if wanted in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def available_bytes(device: str | torch.device = "cpu") -> int:
+    """Memory free on ``device`` now: CUDA's free memory, or the host's ``MemAvailable``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: no limit from here
+
+
+def memory_limit(max_memory_gb: float | str | None, device: str | torch.device = "cpu") -> tuple[int, str]:
+    """The bytes an EASE fit may use and where that limit comes from: ``auto`` (or None) is
+    :data:`MEMORY_SHARE` of what ``device`` has free now; a number is that many GiB."""
+    device = torch.device(device)
+    if max_memory_gb in (None, "auto"):
+        free = available_bytes(device)
+        return int(MEMORY_SHARE * free), (f"{MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device.type} "
+                                          "(model.ease.max_memory_gb=auto)")
+    return int(float(max_memory_gb) * 2**30), f"model.ease.max_memory_gb={float(max_memory_gb):g}"
 
 
 def dense_bytes(n_users: int, n_items: int) -> int:
-    """Peak memory of a fit: B plus the Gram matrix it is built from (float32)."""
+    """Peak memory of a fit (float32): the Gram matrix kept for the l2 grid, a copy being factorised
+    and its factor (then B), and the dual form's (users x users) matrices."""
     side = min(n_users, n_items)
-    return BYTES_F32 * (2 * n_items * n_items + 2 * side * side)
+    return BYTES_F32 * (3 * n_items * n_items + 2 * side * side)
 
 
-def check_memory(n_users: int, n_items: int, max_memory_gb: float) -> str | None:
-    """None when EASE fits in ``max_memory_gb``, else the one-line reason it does not."""
+def check_memory(n_users: int, n_items: int, max_memory_gb: float | str | None = "auto",
+                 device: str | torch.device = "cpu") -> str | None:
+    """None when an EASE fit fits in memory (:func:`memory_limit`), else the one-line reason it does not."""
     need = dense_bytes(n_users, n_items)
-    if need > max_memory_gb * 2**30:
+    limit, source = memory_limit(max_memory_gb, device)
+    if need > limit:
         return (f"EASE needs a dense {n_items:,} x {n_items:,} matrix ({need / 2**30:.1f} GiB) "
-                f"> model.ease.max_memory_gb={max_memory_gb:g}; raise it or use a model without the item-item path")
+                f"> {limit / 2**30:.1f} GiB ({source}); raise model.ease.max_memory_gb or use a model without "
+                "the item-item path")
     return None
 
 
@@ -54,8 +100,65 @@ def binary(x: sp.spmatrix) -> sp.csr_matrix:
     return out
 
 
+def sparse_rows(x: sp.csr_matrix, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scipy CSR matrix as a torch sparse CSR tensor on ``device``."""
+    x = sp.csr_matrix(x)
+    with warnings.catch_warnings():  # said once per process, of a layout torch has shipped for years
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(torch.from_numpy(x.indptr.astype(np.int64)),
+                                       torch.from_numpy(x.indices.astype(np.int64)),
+                                       torch.from_numpy(x.data.astype(np.float32)), size=x.shape, dtype=dtype,
+                                       device=device, check_invariants=False)
+
+
+def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_users: int = 8192) -> torch.Tensor:
+    """X'X, (n_items, n_items) float32 on ``device``, of the (n_users, n_items) matrix ``x``.
+
+    On CUDA a sum over chunks of users (sparse chunk' @ dense chunk); on the CPU one sparse
+    product, whose cost follows the sum of squared user lengths, not users x items^2.
+    """
+    device = torch.device(device)
+    n_items = x.shape[1]
+    if device.type != "cuda":
+        return torch.from_numpy(np.ascontiguousarray((x.T @ x).toarray(), dtype=np.float32))
+    gram = torch.zeros(n_items, n_items, dtype=torch.float32, device=device)
+    for start in range(0, x.shape[0], chunk_users):
+        part = x[start : start + chunk_users]
+        dense = sparse_rows(part, device).to_dense()
+        gram.add_(torch.sparse.mm(sparse_rows(part.T.tocsr(), device), dense))  # exact: 0/1 products, float32 sums
+        del dense
+    return gram
+
+
+def regularised_inverse(gram: torch.Tensor, l2: float, what: str = "X'X + l2 I") -> torch.Tensor:
+    """``(gram + l2 I)^-1`` of the symmetric positive semi-definite float32 ``gram`` (modified in
+    place, then no longer needed), through a Cholesky factorisation on ``gram``'s device; in float64
+    when float32 is not accurate enough (a factorisation that fails, or an inverse that is not
+    finite and positive on its diagonal). Returns float32. Peak memory: two matrices of float32
+    (five in the float64 fallback)."""
+    diagonal = gram.diagonal().double()  # float32 may round l2 away next to large counts: the fallback adds it again
+    gram.diagonal().add_(l2)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        inverse_diagonal = inverse.diagonal()
+        if bool(torch.isfinite(inverse_diagonal).all()) and bool((inverse_diagonal > 0).all()):
+            return inverse
+        del inverse
+    else:
+        del factor
+    log.warning("EASE: %s is too ill-conditioned for float32 (l2=%g); solving it in float64", what, l2)
+    precise = gram.double()
+    precise.diagonal().copy_(diagonal + l2)
+    factor = torch.linalg.cholesky(precise)
+    del precise
+    return torch.cholesky_inverse(factor).float()
+
+
 def ease_weights(x: sp.csr_matrix, l2: float, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The dense (n_items, n_items) float32 EASE weights of the binary matrix ``x`` (n_users, n_items).
+    """The dense (n_items, n_items) float32 EASE weights of the binary matrix ``x`` (n_users, n_items),
+    on ``device``.
 
     Uses the primal or the dual form, whichever is cheaper (module docstring); both are exact.
     """
@@ -65,10 +168,7 @@ def ease_weights(x: sp.csr_matrix, l2: float, device: str | torch.device = "cpu"
     n_users, n_items = x.shape
     device = torch.device(device)
     if n_items <= n_users:
-        gram = torch.as_tensor((x.T @ x).toarray(), dtype=torch.float32, device=device)
-        gram.diagonal().add_(l2)
-        p = torch.cholesky_inverse(torch.linalg.cholesky(gram))
-        del gram
+        p = regularised_inverse(gram_matrix(x, device), l2)
     else:
         dense = torch.as_tensor(x.toarray(), dtype=torch.float32, device=device)  # (n_users, n_items)
         kernel = dense @ dense.T
@@ -114,16 +214,40 @@ class ItemItemScorer:
     """Scores ``x_u B`` of users given as binary rows, with a sparse B (served form of EASE).
 
     weights: (n_items, n_items) CSR. ``__call__(rows)`` takes a (B, n_items) sparse matrix of the
-    users' items and returns (B, n_items) float32 scores as a torch tensor.
+    users' items and returns (B, n_items) float32 scores as a torch tensor (on the CPU, or on the
+    device given to :meth:`to`).
     """
 
     def __init__(self, weights: sp.csr_matrix):
         self.weights = sp.csr_matrix(weights, dtype=np.float32)
         self.n_items = self.weights.shape[0]
+        self.device = torch.device("cpu")
+        self._on_device: torch.Tensor | None = None
+
+    def to(self, device: str | torch.device) -> "ItemItemScorer":
+        """Score on ``device`` from now on: B as a dense float32 matrix there (a batch of users is
+        then one sparse x dense product, multi-threaded on the CPU), or as a sparse one when the
+        dense form would take more than a quarter of the memory free there. Returns self."""
+        device = torch.device(device)
+        dense_bytes_needed = BYTES_F32 * self.n_items * self.n_items
+        if dense_bytes_needed <= available_bytes(device) // 4:
+            self._on_device = torch.as_tensor(self.weights.toarray(), device=device)
+        else:
+            self._on_device = sparse_rows(self.weights, device)
+        self.device = device
+        return self
+
+    def release(self) -> None:
+        """Drop the device copy (scoring goes back to the sparse product on the CPU)."""
+        self._on_device, self.device = None, torch.device("cpu")
 
     def __call__(self, rows: sp.spmatrix) -> torch.Tensor:
-        out = binary(rows) @ self.weights
-        return torch.from_numpy(np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float32))
+        if self._on_device is None:
+            out = binary(rows) @ self.weights
+            return torch.from_numpy(np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float32))
+        x = sparse_rows(binary(rows), self.device)
+        out = torch.sparse.mm(x, self._on_device)
+        return out.to_dense() if out.layout != torch.strided else out
 
 
 class EASESolver:
@@ -132,17 +256,19 @@ class EASESolver:
     Dual form (more items than users): one eigendecomposition of XX' = V diag(s) V' serves every
     l2: with Z = V'X, ``diag(P) = (1 - sum_k Z_kj^2 / (s_k + l2)) / l2`` and a user's scores on the
     items they do not have are ``-(V_u diag(1 / (s + l2)) Z)_j / diag(P)_j`` (Woodbury), so trying
-    an l2 costs a product for the validation users, not a new solve. Primal form: one Cholesky
-    per l2 (the best dense B so far is kept).
+    an l2 costs a product for the validation users, not a new solve. Primal form: the Gram matrix
+    X'X once, then one Cholesky per l2 (the last dense B is kept). Everything runs on ``device``.
     """
 
-    def __init__(self, x: sp.csr_matrix):
+    def __init__(self, x: sp.csr_matrix, device: str | torch.device = "cpu"):
         self.x = binary(x)
+        self.device = torch.device(device)
         self.n_users, self.n_items = self.x.shape
         self.dual = self.n_items >= 2 * self.n_users  # an eigendecomposition of XX' beats Choleskys of X'X
         self._dense: tuple[float, torch.Tensor] | None = None
+        self._gram: torch.Tensor | None = None
         if self.dual:
-            dense = torch.as_tensor(self.x.toarray(), dtype=torch.float64)
+            dense = torch.as_tensor(self.x.toarray(), dtype=torch.float64, device=self.device)
             evals, self.v = torch.linalg.eigh(dense @ dense.T)
             self.evals = evals.clamp(min=0.0)
             self.z = (self.v.T @ dense).float()  # (n_users, n_items)
@@ -154,19 +280,31 @@ class EASESolver:
         return inv, diag.clamp(min=1e-12)
 
     def scores(self, users: np.ndarray, l2: float) -> torch.Tensor:
-        """(B, n_items) scores of training users ``users`` (their own rows of x) under l2."""
+        """(B, n_items) scores of training users ``users`` (their own rows of x) under l2, on the device."""
+        rows = sparse_rows(self.x[users], self.device)
         if self.dual:
             inv, diag = self._dual_parts(l2)
-            solved = (self.v[torch.as_tensor(users)] * inv) @ self.z  # rows of K^-1 X
-            return torch.as_tensor(self.x[users].toarray()) - solved / diag
-        return torch.as_tensor(np.asarray(self.x[users] @ self.dense(l2).numpy()))
+            solved = (self.v[torch.as_tensor(users, device=self.device)] * inv) @ self.z  # rows of K^-1 X
+            return rows.to_dense() - solved / diag
+        return torch.sparse.mm(rows, self.dense(l2))
 
     def dense(self, l2: float) -> torch.Tensor:
-        """The dense (n_items, n_items) B for ``l2`` (primal form; the last one is cached)."""
+        """The dense (n_items, n_items) B for ``l2`` on the device (primal form; the last one is cached)."""
         if self._dense is None or self._dense[0] != l2:
+            if not math.isfinite(l2) or l2 <= 0:
+                raise ConfigError(f"model.ease.l2 must be a finite number > 0, got {l2}")
             self._dense = None
-            self._dense = (l2, ease_weights(self.x, l2))
+            if self._gram is None:
+                self._gram = gram_matrix(self.x, self.device)
+            p = regularised_inverse(self._gram.clone(), l2)
+            b = p.div_(-p.diagonal())
+            b.diagonal().zero_()
+            self._dense = (l2, b)
         return self._dense[1]
+
+    def release(self) -> None:
+        """Free the Gram matrix and the cached B (what a solver holds on its device)."""
+        self._gram = self._dense = None
 
     def served(self, l2: float, keep_per_item: int, chunk: int = 2048) -> "ItemItemScorer":
         """The pruned weights for ``l2`` (:func:`prune_rows`); the dual form builds B ``chunk`` rows at a time."""
@@ -178,9 +316,10 @@ class EASESolver:
         for s in range(0, self.n_items, chunk):
             cols = slice(s, min(s + chunk, self.n_items))
             p = -(self.z[:, cols].T @ scaled) / l2  # P rows (identity part added below)
-            p[torch.arange(p.shape[0]), torch.arange(s, s + p.shape[0])] += 1.0 / l2
+            rows = torch.arange(p.shape[0], device=p.device)
+            p[rows, rows + s] += 1.0 / l2
             b = p / -diag[None, :]
-            b[torch.arange(p.shape[0]), torch.arange(s, s + p.shape[0])] = 0.0
+            b[rows, rows + s] = 0.0
             blocks.append(prune_rows(b, keep_per_item))
         return ItemItemScorer(sp.vstack(blocks).tocsr())
 

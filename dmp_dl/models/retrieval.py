@@ -125,7 +125,7 @@ class RetrievalModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         scores = self.net.user_vectors(batch["user"], batch.get("history")) @ self._item_matrix.T
-        metrics, _ = batch_metrics(scores.float(), batch, self.val_ks)
+        metrics, _ = batch_metrics(scores.float(), batch, self.val_ks, mrr=False)
         for k in self.val_ks:
             for m in ("recall", "ndcg"):
                 self.val_metrics[f"{m}_{k}"].update(metrics[f"{m}@{k}"])

@@ -1,0 +1,156 @@
+"""The model stage on one device: EASE fitted once per run (the report's baseline is the candidate),
+validation on a fixed sample of users, the memory guard reading the device, float32 with a float64
+fallback, and the same scores through every scoring path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from dmp_dl import model_selection
+from dmp_dl.evaluation.baselines import EASEScorer
+from dmp_dl.evaluation.ranking import sample_users
+from dmp_dl.models import ease as ease_lib
+from dmp_dl.pipeline import run
+
+from .test_user_level_models import planted_cfg, planted_log  # noqa: F401  (fixture)
+
+
+def _random_binary(n_users: int, n_items: int, density: float, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    x = sp.random(n_users, n_items, density=density, random_state=rng, format="csr", dtype=np.float32)
+    x.data[:] = 1.0
+    return x
+
+
+def test_one_ease_fit_per_run_and_the_baseline_is_the_candidate(planted_log, tmp_path, monkeypatch):  # noqa: F811
+    calls = []
+    inverse = ease_lib.regularised_inverse
+    monkeypatch.setattr(ease_lib, "regularised_inverse", lambda gram, l2, *a: calls.append(l2) or inverse(gram, l2, *a))
+    run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.ease.l2=12.0", "model.refit=false"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert calls == [12.0]  # the candidate's fit; the report's EASE baseline did not fit again
+    assert metrics["ranking"]["ease"] == metrics["model"]["candidates"]["ease"]["test"]
+    assert metrics["model"]["device"] == "cpu"
+
+
+def test_an_ease_baseline_with_another_l2_is_fitted_on_its_own(planted_log, tmp_path, monkeypatch):  # noqa: F811
+    calls = []
+    inverse = ease_lib.regularised_inverse
+    monkeypatch.setattr(ease_lib, "regularised_inverse", lambda gram, l2, *a: calls.append(l2) or inverse(gram, l2, *a))
+    run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.ease.l2=12.0", "model.refit=false",
+                    "evaluation.ease_l2=30.0"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sorted(calls) == [12.0, 30.0]
+    assert metrics["ranking"]["ease"] != metrics["model"]["candidates"]["ease"]["test"]
+
+
+def test_validation_reads_a_fixed_sample_and_the_choice_every_user(planted_log, tmp_path, monkeypatch):  # noqa: F811
+    seen_sizes = []
+    evaluate = model_selection.evaluate_scorers
+
+    def spy(fn, dataset, *args, **kwargs):
+        seen_sizes.append(len(dataset))
+        return evaluate(fn, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(model_selection, "evaluate_scorers", spy)
+    loaders = []
+    fit = model_selection.DataLoader
+
+    def loader(dataset, *args, **kwargs):
+        loaders.append(len(dataset))
+        return fit(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(model_selection, "DataLoader", loader)
+    result = run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.val_users=20", "model.refit=false"))
+    dm = result["datamodule"]
+    all_val, all_test = len(dm.val_users), len(dm.test_users)
+    assert all_val > 20
+    assert loaders == [20]  # the autoencoder's per-epoch validation
+    # the l2 grid (5 values) and the blend grid on the sample, the choice on every validation user, the test once
+    assert seen_sizes == [20] * 5 + [20, all_val, all_test]
+    record = result["metrics"]["model"]
+    assert record["validation_users"] == {"sample": 20, "all": all_val}
+
+
+def test_a_sample_is_fixed_and_no_larger_than_asked():
+    class Users:
+        def __init__(self, users, history=None, seen=None, relevant=None):
+            self.users, self.history, self.seen, self.relevant = np.asarray(users), history, seen, relevant
+
+        def __len__(self):
+            return len(self.users)
+
+    data = Users(np.arange(100, 200))
+    a, b = sample_users(data, 30, seed=1), sample_users(data, 30, seed=1)
+    assert len(a) == 30 and (a.users == b.users).all() and (np.diff(a.users) > 0).all()
+    assert sample_users(data, 500) is data and sample_users(data, None) is data
+
+
+def test_the_memory_guard_reads_the_device(monkeypatch):
+    monkeypatch.setattr(ease_lib, "available_bytes", lambda device="cpu": 3 * 2**30)
+    reason = ease_lib.check_memory(1000, 20_000, "auto", "cpu")
+    assert reason is not None and "of the 3.0 GiB free on cpu" in reason and "max_memory_gb" in reason
+    monkeypatch.setattr(ease_lib, "available_bytes", lambda device="cpu": 139 * 2**30)
+    assert ease_lib.check_memory(100_000, 20_000, "auto", "cpu") is None  # what a 4 GiB cap refused
+    assert ease_lib.check_memory(100_000, 20_000, 4, "cpu") is not None  # a number given is a cap
+
+
+def test_the_host_reports_free_memory():
+    free = ease_lib.available_bytes("cpu")
+    assert 2**20 < free < 2**50
+
+
+def test_float32_falls_back_to_float64_when_it_fails(caplog):
+    patterns = _random_binary(3, 60, 0.3, seed=1).toarray()
+    x = sp.csr_matrix(np.repeat(patterns, 3000, axis=0))  # 9,000 users of three kinds: X'X has rank 3
+    gram = ease_lib.gram_matrix(x)  # exact integer counts, so float64 sees the same matrix
+    l2 = 1e-4  # condition number ~1e12: beyond float32, within float64
+    exact = np.linalg.inv(gram.numpy().astype(np.float64) + l2 * np.eye(60))
+    with caplog.at_level("WARNING"):
+        inverse = ease_lib.regularised_inverse(gram.clone(), l2)
+    assert "float64" in caplog.text
+    assert torch.isfinite(inverse).all() and inverse.dtype == torch.float32
+    np.testing.assert_allclose(np.diag(inverse.numpy()), np.diag(exact), rtol=1e-3)
+
+
+def test_well_conditioned_systems_stay_in_float32(caplog):
+    x = _random_binary(300, 80, 0.1)
+    gram = ease_lib.gram_matrix(x)
+    np.testing.assert_array_equal(gram.numpy(), (x.T @ x).toarray())
+    with caplog.at_level("WARNING"):
+        inverse = ease_lib.regularised_inverse(gram.clone(), 5.0)
+    assert "float64" not in caplog.text
+    expected = np.linalg.inv((x.T @ x).toarray().astype(np.float64) + 5.0 * np.eye(80))
+    np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_users,n_items", [(300, 80), (40, 200)])  # primal and dual forms
+def test_every_scoring_path_gives_the_same_ease_scores(n_users, n_items):
+    x = _random_binary(n_users, n_items, 0.08, seed=3)
+    solver = ease_lib.EASESolver(x)
+    dense = ease_lib.ease_weights(x, 9.0).numpy()
+    users = np.arange(0, n_users, 7)
+    expected = x[users] @ dense
+    np.testing.assert_allclose(solver.scores(users, 9.0).numpy(), expected, rtol=1e-4, atol=1e-4)
+    served = solver.served(9.0, n_items)  # nothing pruned
+    np.testing.assert_allclose(served(x[users]).numpy(), expected, rtol=1e-4, atol=1e-4)
+    served.to("cpu")  # the device copy: one sparse x dense product
+    np.testing.assert_allclose(served(x[users]).numpy(), expected, rtol=1e-4, atol=1e-4)
+    baseline = EASEScorer(x, 9.0, device="cpu", precise=False)
+    np.testing.assert_allclose(baseline({"user": torch.as_tensor(users)}).numpy(), expected, rtol=1e-4, atol=1e-4)
+    precise = EASEScorer(x, 9.0, device="cpu", precise=True)
+    np.testing.assert_allclose(precise({"user": torch.as_tensor(users)}).numpy(), expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_and_cpu_give_the_same_ease_weights():
+    x = _random_binary(500, 120, 0.05, seed=5)
+    cpu = ease_lib.ease_weights(x, 7.0, "cpu").numpy()
+    gpu = ease_lib.ease_weights(x, 7.0, "cuda").cpu().numpy()
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4)
+    assert ease_lib.model_device("auto").type == "cuda" and ease_lib.model_device("cpu").type == "cpu"

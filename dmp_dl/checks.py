@@ -396,6 +396,7 @@ MODEL_RULES: dict[str, Rule] = {
     "model.vae.net.attribute_dropout": Num(0, 1),
     "model.vae.module.beta": NON_NEGATIVE,
     "model.vae.module.anneal_epochs": NON_NEGATIVE,
+    "model.vae.module.anneal_max_steps": Int(0, None, null=True),
     "model.vae.module.full_softmax_max_items": Int(0, None),
     "model.vae.module.num_negatives": Int(1, 1 << 20),
     "model.vae.module.optimizer.lr": POSITIVE,

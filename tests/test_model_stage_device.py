@@ -154,3 +154,20 @@ def test_cuda_and_cpu_give_the_same_ease_weights():
     gpu = ease_lib.ease_weights(x, 7.0, "cuda").cpu().numpy()
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4)
     assert ease_lib.model_device("auto").type == "cuda" and ease_lib.model_device("cpu").type == "cpu"
+
+
+@pytest.mark.slow
+def test_a_larger_log_trains_past_its_first_epoch_and_stays_well_above_popularity(tmp_path):
+    """20,000 users x 4,000 items x 600,000 events: the KL weight reaches its value within
+    ``anneal_max_steps``, so validation improves after the first epoch (with the weight rising over
+    ten of these long epochs it peaked after the first and fell), and the model is far above popularity."""
+    from .conftest import QUIET_TRAINER, compose_cfg
+
+    cfg = compose_cfg([*QUIET_TRAINER, "data.source.n_users=20000", "data.source.n_items=4000",
+                       "data.source.n_events=600000", "model=vae", "model.time_budget_s=null", "model.vae.max_epochs=4",
+                       "model.vae.patience=4", "model.refit=false", "propensity.enabled=false", "audience.enabled=false",
+                       "export=false", "evaluation.report=null", "logger=none"], tmp_path)
+    result = run(cfg)
+    record, ranking = result["metrics"]["model"], result["metrics"]["ranking"]
+    assert record["candidates"]["vae"]["details"]["best_epoch"] >= 1
+    assert ranking["vae"]["ndcg@20"] > 1.5 * ranking["popularity"]["ndcg@20"]

@@ -3,7 +3,10 @@
 A training example is a user: their whole training row goes in (with items dropped at random),
 and the loss is the multinomial log-likelihood of the full row under a softmax over the catalogue
 (Liang et al. 2018), plus, for the variational model, a KL term whose weight rises linearly from 0
-to ``beta`` over the first ``anneal_epochs`` epochs. Catalogues above ``full_softmax_max_items``
+to ``beta`` over the first ``anneal_epochs`` epochs or ``anneal_max_steps`` steps, whichever comes
+first: on a large log an epoch holds many steps, and a model that trains long under a KL weight near
+0 memorises the training rows (validation quality peaked after the first epoch and fell from there
+on a 20,000-user log before the cap). Catalogues above ``full_softmax_max_items``
 use a sampled softmax instead: the batch's items plus ``num_negatives`` uniform ones, each logit
 corrected by the log of its expected count in that pool (logQ), as the two-tower model does.
 
@@ -55,7 +58,8 @@ class AutoencoderModule(RetrievalModule):
     net: a ``UserAutoencoder`` with the training rows attached.
     optimizer: a partial optimiser; item_counts: (n_items,) training interactions per item (logQ).
     beta: weight of the KL term once annealed (variational nets only).
-    anneal_epochs: epochs over which the KL weight rises from 0 to ``beta``.
+    anneal_epochs: epochs over which the KL weight rises from 0 to ``beta``;
+    anneal_max_steps: the most steps that rise takes (large logs reach ``beta`` within a few epochs).
     full_softmax_max_items: catalogues up to this size use the exact softmax.
     num_negatives: uniform negatives per step of the sampled softmax.
     steps_per_epoch: optimizer steps in one epoch (for the annealing schedule).
@@ -65,17 +69,22 @@ class AutoencoderModule(RetrievalModule):
     """
 
     def __init__(self, net, optimizer: Callable[..., torch.optim.Optimizer], item_counts=None,
-                 beta: float = 0.2, anneal_epochs: float = 10.0, full_softmax_max_items: int = 50_000,
+                 beta: float = 0.2, anneal_epochs: float = 10.0, anneal_max_steps: int | None = None,
+                 full_softmax_max_items: int = 50_000,
                  num_negatives: int = 8192, steps_per_epoch: int = 1, val_ks: Sequence[int] = (10, 20),
                  scheduler: Callable | None = None, **_unused):
-        if beta < 0 or anneal_epochs < 0:
-            raise ConfigError(f"model.module.beta and anneal_epochs must be >= 0, got {beta}, {anneal_epochs}")
+        if beta < 0 or anneal_epochs < 0 or (anneal_max_steps is not None and anneal_max_steps < 0):
+            raise ConfigError(f"model.module.beta, anneal_epochs and anneal_max_steps must be >= 0, got {beta}, "
+                              f"{anneal_epochs}, {anneal_max_steps}")
         if num_negatives < 1:
             raise ConfigError(f"model.module.num_negatives must be >= 1, got {num_negatives}")
         super().__init__(net, optimizer, item_counts=item_counts, loss="softmax", temperature=1.0,
                          full_softmax_max_items=full_softmax_max_items, num_negatives=num_negatives,
                          val_ks=val_ks, scheduler=scheduler)
-        self.beta, self.anneal_steps = float(beta), max(float(anneal_epochs) * max(int(steps_per_epoch), 1), 1.0)
+        steps = float(anneal_epochs) * max(int(steps_per_epoch), 1)
+        if anneal_max_steps is not None:
+            steps = min(steps, float(anneal_max_steps))
+        self.beta, self.anneal_steps = float(beta), max(steps, 1.0)
         # two optimisers: the encoder's sparse gradients go to SparseAdam (only the rows of the
         # batch's items move), everything else to the configured (dense) optimiser
         self.automatic_optimization = False

@@ -16,21 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
 from dmp_dl.data.features import FeatureTable
+from dmp_dl.data.grouping import group_bounds, stable_order
+from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix: part of this module's API)
 from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT, EventLog
-from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, split_events
+from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-
-def pair_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> sp.csr_matrix:
-    """Binary (n_users, n_items) CSR matrix of the distinct (user, item) pairs."""
-    data = np.ones(len(users), dtype=np.float32)
-    m = sp.csr_matrix((data, (users, items)), shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
 
 
 def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> sp.csr_matrix:
@@ -54,10 +47,10 @@ def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pa
     out = np.full((n_users, max(length, 0)), pad, dtype=np.int64)
     if length <= 0 or len(user) == 0:
         return out
-    order = np.lexsort((np.arange(len(user)), user))
+    order = stable_order(user)
     u, it = user[order], item[order]
-    ends = np.r_[np.flatnonzero(u[1:] != u[:-1]), len(u) - 1]
-    starts = np.r_[0, ends[:-1] + 1]
+    starts, ends = group_bounds(u)
+    ends = ends - 1
     for k in range(length):  # `length` vectorised passes, not one per user
         pos = ends - k
         ok = pos >= starts
@@ -90,13 +83,12 @@ class TrainExamples(Dataset):
                  history_sampling: str = "recent"):
         if history_sampling not in ("recent", "random"):
             raise ConfigError(f"data.history_sampling must be recent, random or auto, got {history_sampling!r}")
-        order = np.lexsort((np.arange(len(user)), user))
+        order = stable_order(user)
         self.user = torch.from_numpy(np.ascontiguousarray(user[order]))
         self.item = torch.from_numpy(np.ascontiguousarray(item[order]))
         self.weight = torch.from_numpy(np.ascontiguousarray(weight[order], dtype=np.float32))
-        u = user[order]
-        starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
-        counts = np.diff(np.r_[starts, len(u)])
+        starts, ends = group_bounds(self.user.numpy())
+        counts = ends - starts
         self.start = torch.from_numpy(np.repeat(starts, counts).astype(np.int64))
         self.count = torch.from_numpy(np.repeat(counts, counts).astype(np.int64))
         self.history_len = history_len
@@ -245,20 +237,19 @@ class InteractionDataModule(pl.LightningDataModule):
         self.raw_meta = raw.meta
         cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased)
         ev = cleaned.events
-        self.user_vocab = IdVocab.from_values(ev[USER].unique(), "user")
-        self.item_vocab = IdVocab.from_values(ev[ITEM].unique(), "item")
-        ev["user_idx"] = self.user_vocab.index_of(ev[USER].tolist())
-        ev["item_idx"] = self.item_vocab.index_of(ev[ITEM].tolist())
-        labels, method, reason = split_events(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
-                                              report.has_timestamps, self.split_opts)
-        ev["split"] = labels
+        self.user_vocab, ev["user_idx"] = IdVocab.index_column(ev[USER], "user")
+        self.item_vocab, ev["item_idx"] = IdVocab.index_column(ev[ITEM], "item")
+        split = resolve_split(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
+                              report.has_timestamps, self.split_opts, len(self.user_vocab), len(self.item_vocab))
+        method, reason = split.method, split.reason
+        ev["split"] = split.labels
         self.split_method = method
         self.history_sampling = self._resolve_history_sampling(method)
         if reason:
             log.info("split: %s (%s)", method, reason)
         self.log_ = cleaned
         self.report = report
-        self._index_splits(ev)
+        self._index_splits(ev, split.pairs)
         report.split = {"method": method, "method_requested": self.split_opts.method, "method_reason": reason,
                         "history_sampling": self.history_sampling, **report.split}
         count_unmatched(cleaned.users, USER, self.user_vocab, report.users_table, "data.users")
@@ -314,45 +305,44 @@ class InteractionDataModule(pl.LightningDataModule):
         ids = log_user_ids(raw)
         return set(ids[entries.resolve(ids, None)].tolist())
 
-    def _index_splits(self, ev: pd.DataFrame) -> None:
+    def _index_splits(self, ev: pd.DataFrame, pairs: SplitPairs | None = None) -> None:
+        """Training indices, item counts, histories and the evaluation sets of the split ``ev``;
+        ``pairs``: its :class:`SplitPairs` when already computed."""
         n_users, n_items = len(self.user_vocab), len(self.item_vocab)
         u, i, s = ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev["split"].to_numpy()
         train = s == TRAIN
         if not train.any():
             raise DataError(f"{self.report.source}: the split left no training events; lower data.split.val_frac/test_frac")
+        if pairs is None:
+            pairs = SplitPairs.build(u, i, s, n_users, n_items)
         self.train_idx = np.flatnonzero(train)
-        self.item_counts = np.bincount(i[train], minlength=n_items).astype(np.int64)
-        self.train_seen = pair_matrix(n_users, n_items, u[train], i[train])
-        self.train_history = last_items(u[train], i[train], n_users, self.history_len, pad=n_items)
-        self.all_seen = pair_matrix(n_users, n_items, u, i)
+        u_train, i_train = u[self.train_idx], i[self.train_idx]
+        self.item_counts = np.bincount(i_train, minlength=n_items).astype(np.int64)
+        self.train_seen = pairs.train
+        self.train_history = last_items(u_train, i_train, n_users, self.history_len, pad=n_items)
+        self.all_seen = pairs.all()
         self.full_history = last_items(u, i, n_users, self.history_len, pad=n_items)
-        users_in_train = np.zeros(n_users, dtype=bool)
-        users_in_train[u[train]] = True
+        users_in_train = pairs.warm
         items_in_train = self.item_counts > 0
         stats: dict[str, object] = {
-            "events": {"train": int(train.sum()), "val": int((s == VAL).sum()), "test": int((s == TEST).sum())},
-            "train_time_max": int(ev.loc[train, TIME].max()) if self.report.has_timestamps else None,
+            "events": {"train": int(len(self.train_idx)), "val": int(np.count_nonzero(s == VAL)),
+                       "test": int(np.count_nonzero(s == TEST))},
+            "train_time_max": int(ev[TIME].to_numpy()[self.train_idx].max()) if self.report.has_timestamps else None,
         }
-        exclude = self.train_seen
+        seen = {"val": self.train_seen, "test": pairs.seen((1 << TRAIN) | (1 << VAL))}
         for name, code in (("val", VAL), ("test", TEST)):
             m = s == code
-            warm = m & users_in_train[u]
-            stats[f"{name}_events_user_unseen_in_train"] = int((m & ~users_in_train[u]).sum())
-            stats[f"{name}_events_item_unseen_in_train"] = int((m & ~items_in_train[i]).sum())
-            held = pair_matrix(n_users, n_items, u[warm], i[warm])
-            overlap = held.multiply(exclude)
-            stats[f"{name}_pairs_already_seen"] = int(overlap.nnz)
-            held = (held - overlap).tocsr()
-            held.eliminate_zeros()
+            stats[f"{name}_events_user_unseen_in_train"] = int(np.count_nonzero(m & ~users_in_train[u]))
+            stats[f"{name}_events_item_unseen_in_train"] = int(np.count_nonzero(m & ~items_in_train[i]))
+            stats[f"{name}_pairs_already_seen"] = pairs.already_seen(code)
+            held = pairs.relevant(code)
             setattr(self, f"{name}_relevant", held)
-            setattr(self, f"{name}_seen", exclude)
+            # the test period excludes what the user did in training and validation
+            setattr(self, f"{name}_seen", seen[name])
             users_with = np.flatnonzero(np.diff(held.indptr) > 0)
             setattr(self, f"{name}_users", users_with)
             stats[f"{name}_users"] = int(len(users_with))
             stats[f"{name}_pairs"] = int(held.nnz)
-            # the test period excludes what the user did in training and validation
-            exclude = (exclude + pair_matrix(n_users, n_items, u[m], i[m])).tocsr()
-            exclude.data[:] = 1.0
         self.report.split = stats
 
     # -- views ---------------------------------------------------------------------------

@@ -31,6 +31,15 @@ class IdVocab:
     def from_values(cls, values: Iterable[str], kind: str = "id") -> "IdVocab":
         return cls(sorted(set(map(str, values))), kind)
 
+    @classmethod
+    def index_column(cls, values: pd.Series, kind: str = "id") -> tuple["IdVocab", np.ndarray]:
+        """The vocabulary of a column of ids and the column's (n,) int64 indices in it
+        (``from_values(values)`` and its ``index_of(values)``, with the strings handled once per
+        distinct id)."""
+        codes, uniques = pd.factorize(values, use_na_sentinel=False)
+        vocab = cls.from_values(uniques, kind)
+        return vocab, vocab.index_of(uniques)[codes]
+
     def __len__(self) -> int:
         return len(self.ids)
 

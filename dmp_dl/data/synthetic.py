@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dmp_dl.data.distinct import Coded
+from dmp_dl.data.grouping import stable_order
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, EventLog
 from dmp_dl.errors import ConfigError
 
@@ -108,13 +110,17 @@ class SyntheticSource:
         churned = rng.random(U) < self.churn_rate
         stop = np.where(churned, start + rng.uniform(0.05, 1.0, size=U) * (t_end - start), t_end)
         ts = start[ev_user] + rng.random(n) * (stop - start)[ev_user]
-        order = np.lexsort((ts, ev_user))  # by user, then time
-        ts = ts[order]
+        by_time = np.argsort(ts)
+        ts = ts[by_time[stable_order(ev_user[by_time])]]  # by user, then time
         first = np.r_[True, ev_user[1:] != ev_user[:-1]]
 
         # Categories: fresh draws from the user's preferences, otherwise stick to the session's.
         cum_pref = np.cumsum(user_pref, axis=1)
-        drawn = (rng.random(n)[:, None] > cum_pref[ev_user]).sum(axis=1).clip(max=C - 1)
+        draw = rng.random(n)
+        drawn = np.zeros(n, dtype=np.int64)
+        for c in range(C):  # how many of the user's cumulative preferences the draw exceeds, without an (n, C) array
+            drawn += draw > cum_pref[:, c][ev_user]
+        drawn = drawn.clip(max=C - 1)
         fresh = first | (rng.random(n) >= self.session_stickiness)
         source = np.maximum.accumulate(np.where(fresh, np.arange(n), 0))
         ev_cat = drawn[source]
@@ -136,17 +142,16 @@ class SyntheticSource:
         p_cart = np.clip(0.06 * np.sqrt(buy), 0.0, 0.3)
         u = rng.random(n)
         type_idx = np.select([u < p_purchase, u < p_purchase + p_cart, u < p_purchase + p_cart + 0.25], [3, 2, 1], 0)
-        ev_type = np.asarray(EVENT_TYPES, dtype=object)[type_idx]
         value = np.where(type_idx == 3, price[ev_item], 0.0)
 
         uid = np.char.add("u", np.char.zfill(np.arange(U).astype(str), 6)).astype(object)
         iid = np.char.add("i", np.char.zfill(np.arange(I).astype(str), 5)).astype(object)
         events = pd.DataFrame(
             {
-                USER: uid[ev_user],
-                ITEM: iid[ev_item],
+                USER: Coded(ev_user, uid).text_column(),
+                ITEM: Coded(ev_item, iid).text_column(),
                 TIME: np.floor(ts).astype(np.int64),
-                TYPE: ev_type,
+                TYPE: Coded(type_idx, np.asarray(EVENT_TYPES, dtype=object)).text_column(),
                 VALUE: value,
             }
         )

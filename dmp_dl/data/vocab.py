@@ -37,6 +37,7 @@ class IdVocab:
         (``from_values(values)`` and its ``index_of(values)``, with the strings handled once per
         distinct id)."""
         codes, uniques = pd.factorize(values, use_na_sentinel=False)
+        uniques = np.asarray(uniques, dtype=object)
         vocab = cls.from_values(uniques, kind)
         return vocab, vocab.index_of(uniques)[codes]
 
@@ -51,6 +52,8 @@ class IdVocab:
 
     def index_of(self, ids: Iterable[object]) -> np.ndarray:
         """Indices (int64) of ``ids``; ``-1`` for ids not in the vocabulary."""
+        if isinstance(ids, (pd.Series, pd.Index, np.ndarray, pd.api.extensions.ExtensionArray)):
+            ids = np.asarray(ids, dtype=object)  # iterating Python objects, not arrow scalars
         keys = [str(x) for x in ids]
         return self._index.get_indexer(keys).astype(np.int64)
 

@@ -36,11 +36,11 @@ class Coded:
         """The text values (of ``rows`` only when given) as pandas stores Python strings by default
         (``TEXT_DTYPE``), built by one arrow ``take`` instead of converting (n,) Python strings."""
         codes = self.codes if rows is None else self.codes[rows]
-        if isinstance(TEXT_DTYPE, pd.StringDtype) and TEXT_DTYPE.storage == "pyarrow":
+        if len(codes) and isinstance(TEXT_DTYPE, pd.StringDtype) and TEXT_DTYPE.storage == "pyarrow":
             try:
                 dictionary = pa.array(self.values, type=pa.large_string())
-            except (pa.ArrowException, UnicodeError):  # e.g. lone surrogates: leave it to pandas
-                return pd.array(self.values[codes], dtype=TEXT_DTYPE)
+            except (pa.ArrowException, UnicodeError):  # e.g. lone surrogates: pandas decides how to store them
+                return self.values[codes]
             return pd.array(dictionary.take(pa.array(codes)), dtype=TEXT_DTYPE)
         return self.values[codes]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -220,6 +221,17 @@ def test_timestamps_parse_per_distinct_value_as_per_row(raw):
         got = parse_timestamps(raw["timestamp"])
         expected = np.array([reference_time(v) for v in raw["timestamp"].tolist()], dtype=np.float64)
         assert np.array_equal(got, expected, equal_nan=True)
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(["1600000000", "0016", "-5", "7", "+5", " 7", "99999999999999999999", "1e3", "",
+                                 "2021-03-04T05:06:07Z", "2021-03-04", "x"]), max_size=30), st.sampled_from(["s", "ms"]))
+def test_text_times_as_read_from_csv_parse_as_per_row(cells, unit):
+    col = pd.Series(cells, dtype=TEXT_DTYPE)  # a CSV column (arrow-backed), plain integers read by arrow
+    scale = 1000.0 if unit == "ms" else 1.0
+    # epoch numbers are in ``unit``, ISO-8601 dates are not
+    expected = [reference_time(v) if re.match(r"\d{4}-\d{2}-\d{2}", v) else reference_time(v) / scale for v in cells]
+    assert np.array_equal(parse_timestamps(col, unit), np.array(expected, dtype=np.float64), equal_nan=True)
 
 
 @SETTINGS

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from dmp_dl.data.distinct import Coded, per_distinct
 from dmp_dl.data.grouping import duplicated_rows, stable_order
@@ -197,13 +199,34 @@ def parse_timestamps(col: pd.Series, unit: str = "s") -> np.ndarray:
         return _epoch_seconds(pd.to_datetime(col, utc=True))
     if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
         return col.to_numpy(dtype=np.float64, na_value=np.nan) / scale
-    text = per_distinct(col, _stripped_text)  # times repeat: each distinct one is parsed once
+    integers = _plain_integers(col)
+    if integers is not None:  # epoch numbers as text (a CSV): parsed by arrow, no per-value Python
+        return integers / scale
+    text = per_distinct(col, _stripped_text, merge=False)  # times repeat: each distinct one is parsed once
     names = pd.Series(text.values)  # stored as pandas stores strings, as _stripped_text returns them
-    out = pd.to_numeric(names, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) / scale
+    out = np.full(len(names), np.nan)
+    maybe_number = ~names.str.match(ISO_DATE).to_numpy(dtype=bool)  # "2021-03-04...": never a number
+    out[maybe_number] = pd.to_numeric(names[maybe_number], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) / scale
     rest = np.isnan(out) & (names.str.lower().isin(MISSING_TOKENS) == False).to_numpy()  # noqa: E712
     if rest.any():
         out[rest] = _epoch_seconds(pd.to_datetime(names[rest], format="ISO8601", utc=True, errors="coerce"))
     return out[text.codes]
+
+
+ISO_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+PLAIN_INTEGER = r"^-?[0-9]{1,18}$"  # within int64, so exactly what pd.to_numeric reads
+
+
+def _plain_integers(col: pd.Series) -> np.ndarray | None:
+    """(n,) float64 of an arrow-backed text column whose every cell is a plain decimal integer
+    (``-?[0-9]+``, no spaces), else None."""
+    if not (isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow") or len(col) == 0:
+        return None
+    arrow = pa.array(col.array)
+    if arrow.null_count or not pc.all(pc.match_substring_regex(arrow, PLAIN_INTEGER)).as_py():
+        return None
+    cast = pc.cast(arrow, pa.int64())
+    return (cast.to_numpy() if isinstance(cast, pa.Array) else cast.to_numpy()).astype(np.float64)
 
 
 def _stripped_text(col: pd.Series) -> pd.Series:

@@ -64,7 +64,7 @@ def _distinct_is_exact(values: pd.Series, floats: bool) -> bool:
 
 
 def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series | np.ndarray], *,
-                 floats_alike: bool = False) -> Coded:
+                 floats_alike: bool = False, merge: bool = True) -> Coded:
     """``transform(values)`` as a :class:`Coded` column, with ``transform`` applied to each distinct
     value once.
 
@@ -73,6 +73,8 @@ def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series |
         two inputs with one output share a code, so codes compare as the outputs do.
     floats_alike: ``transform`` maps ``0.0`` and ``-0.0`` to one output, so a float column may be
         factorised (see :func:`_distinct_is_exact`); otherwise such a column is transformed whole.
+    merge: False when the caller only reads the outputs (``take``): text outputs are then left as
+        computed, possibly repeated.
     """
     if _distinct_is_exact(values, floats_alike):
         codes, uniques = pd.factorize(values, use_na_sentinel=False)
@@ -80,7 +82,7 @@ def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series |
     else:
         codes, out = np.arange(len(values), dtype=np.int64), transform(values)
     out = out.to_numpy() if isinstance(out, pd.Series) else np.asarray(out)
-    if out.dtype != object:  # numbers: kept as computed (0.0 and -0.0 stay apart)
+    if out.dtype != object or not merge:  # numbers: kept as computed (0.0 and -0.0 stay apart)
         return Coded(np.asarray(codes, dtype=np.int64), out)
     inner, distinct = pd.factorize(out, use_na_sentinel=False)
     return Coded(inner.astype(np.int64, copy=False)[codes], np.asarray(distinct, dtype=object))

@@ -167,3 +167,22 @@ def test_datamodule_evaluation_sets_match_sets_of_pairs(method):
     assert list(dm.user_vocab.ids) == sorted(set(ev["user_id"])) and list(dm.item_vocab.ids) == sorted(set(ev["item_id"]))
     assert (dm.user_vocab.ids[user] == ev["user_id"].to_numpy()).all()
     assert (dm.item_vocab.ids[item] == ev["item_id"].to_numpy()).all()
+
+
+def test_interaction_rows_are_built_once_and_handed_out_as_copies():
+    from dmp_dl.data.datamodule import weighted_rows
+    from dmp_dl.data.synthetic import SyntheticSource
+
+    dm = InteractionDataModule(SyntheticSource(n_users=150, n_items=60, n_events=2000, seed=2), history_len=2).prepare()
+    ev = dm.events
+    train = ev["split"].to_numpy() == TRAIN
+    for which, mask in (("train", train), ("all", np.ones(len(ev), dtype=bool))):
+        expected = weighted_rows(dm.n_users, dm.n_items, ev["user_idx"].to_numpy()[mask], ev["item_idx"].to_numpy()[mask],
+                                 ev["weight"].to_numpy()[mask])
+        first = dm.interaction_rows(which)
+        assert (first != expected).nnz == 0 and first.dtype == np.float32
+        first.data[:] = -1.0  # a caller scaling its copy in place ...
+        again = dm.interaction_rows(which)
+        assert (again != expected).nnz == 0  # ... changes nobody else's
+    view = dm.everything_as_training()
+    assert (view.interaction_rows("all") != dm.interaction_rows("all")).nnz == 0

@@ -216,6 +216,7 @@ class InteractionDataModule(pl.LightningDataModule):
             extra_paths = [extra_paths]
         self.extra_paths = [str(x) for x in (extra_paths or [])]
         self.journal_marks: dict[str, int] = {}
+        self._interaction_rows: dict[str, sp.csr_matrix] = {}
         self.name = name
         self._prepared = False
 
@@ -236,6 +237,7 @@ class InteractionDataModule(pl.LightningDataModule):
             erased = self._erased_users(raw)
         self.raw_meta = raw.meta
         cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased)
+        del raw  # the raw columns are not needed past cleaning: free them before indexing and splitting
         ev = cleaned.events
         self.user_vocab, ev["user_idx"] = IdVocab.index_column(ev[USER], "user")
         self.item_vocab, ev["item_idx"] = IdVocab.index_column(ev[ITEM], "item")
@@ -382,11 +384,17 @@ class InteractionDataModule(pl.LightningDataModule):
 
     def interaction_rows(self, which: str = "train") -> sp.csr_matrix:
         """Per-user interaction strengths (:func:`weighted_rows`) of the training events
-        (``which="train"``) or of every event (``"all"``). (n_users, n_items) CSR."""
-        ev = self.events
-        mask = ev["split"].to_numpy() == TRAIN if which == "train" else np.ones(len(ev), dtype=bool)
-        return weighted_rows(self.n_users, self.n_items, ev["user_idx"].to_numpy()[mask],
-                             ev["item_idx"].to_numpy()[mask], ev[WEIGHT].to_numpy()[mask])
+        (``which="train"``) or of every event (``"all"``). (n_users, n_items) CSR, the caller's own
+        copy (the matrix is built once per ``which``)."""
+        key = "train" if which == "train" else "all"
+        built = self._interaction_rows.get(key)
+        if built is None:
+            ev = self.events
+            rows = np.flatnonzero(ev["split"].to_numpy() == TRAIN) if key == "train" else slice(None)
+            built = weighted_rows(self.n_users, self.n_items, ev["user_idx"].to_numpy()[rows],
+                                  ev["item_idx"].to_numpy()[rows], ev[WEIGHT].to_numpy()[rows])
+            self._interaction_rows[key] = built
+        return built.copy()
 
     def train_dataset(self) -> TrainExamples:
         ev = self.events

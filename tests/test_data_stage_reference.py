@@ -163,6 +163,9 @@ def test_datamodule_evaluation_sets_match_sets_of_pairs(method):
     assert stats["test_pairs_already_seen"] == len({p for p in parts[TEST] & (parts[TRAIN] | parts[VAL]) if p[0] in warm})
     assert stats["val_users"] == len(dm.val_users) and stats["test_pairs"] == len(test)
     assert dm.item_counts.tolist() == np.bincount(item[labels == TRAIN], minlength=dm.n_items).tolist()
+    train = labels == TRAIN  # histories: each user's latest training items, and latest items of all
+    assert dm.train_history.tolist() == last_items(user[train], item[train], dm.n_users, 3, dm.n_items).tolist()
+    assert dm.full_history.tolist() == last_items(user, item, dm.n_users, 3, dm.n_items).tolist()
     # vocabularies: sorted ids, and every event's indices name its own ids
     assert list(dm.user_vocab.ids) == sorted(set(ev["user_id"])) and list(dm.item_vocab.ids) == sorted(set(ev["item_id"]))
     assert (dm.user_vocab.ids[user] == ev["user_id"].to_numpy()).all()

@@ -44,17 +44,21 @@ def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pa
 
     ``user``/``item`` must be in time order. Returns (n_users, length) int64.
     """
+    order = stable_order(user)
+    return _last_items_grouped(user[order], item[order], n_users, length, pad)
+
+
+def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int) -> np.ndarray:
+    """:func:`last_items` of events already grouped by user (each user's in time order)."""
     out = np.full((n_users, max(length, 0)), pad, dtype=np.int64)
     if length <= 0 or len(user) == 0:
         return out
-    order = stable_order(user)
-    u, it = user[order], item[order]
-    starts, ends = group_bounds(u)
+    starts, ends = group_bounds(user)
     ends = ends - 1
     for k in range(length):  # `length` vectorised passes, not one per user
         pos = ends - k
         ok = pos >= starts
-        out[u[ends[ok]], k] = it[pos[ok]]
+        out[user[ends[ok]], k] = item[pos[ok]]
     return out
 
 
@@ -318,12 +322,14 @@ class InteractionDataModule(pl.LightningDataModule):
         if pairs is None:
             pairs = SplitPairs.build(u, i, s, n_users, n_items)
         self.train_idx = np.flatnonzero(train)
-        u_train, i_train = u[self.train_idx], i[self.train_idx]
-        self.item_counts = np.bincount(i_train, minlength=n_items).astype(np.int64)
+        self.item_counts = np.bincount(i[self.train_idx], minlength=n_items).astype(np.int64)
         self.train_seen = pairs.train
-        self.train_history = last_items(u_train, i_train, n_users, self.history_len, pad=n_items)
+        by_user = stable_order(u)  # every event grouped by user in time order; the training ones a subsequence
+        u_by_user, i_by_user, train_by_user = u[by_user], i[by_user], train[by_user]
+        self.train_history = _last_items_grouped(u_by_user[train_by_user], i_by_user[train_by_user], n_users,
+                                                 self.history_len, pad=n_items)
         self.all_seen = pairs.all()
-        self.full_history = last_items(u, i, n_users, self.history_len, pad=n_items)
+        self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
         users_in_train = pairs.warm
         items_in_train = self.item_counts > 0
         stats: dict[str, object] = {

@@ -296,3 +296,33 @@ def test_feature_tokens_match_per_row_splitting(table, unknown):
     assert built.tokens.tolist() == expected.tolist()
     cells = per_distinct_cells(table["tags"])
     assert [None if pd.isna(v) else v for v in table["tags"]] == list(cells.take())
+
+
+@SETTINGS
+@given(raw_logs(), cleaning_options())
+def test_indexed_ids_are_the_vocabulary_indices(raw, opts):
+    from dmp_dl.data.cleaning import clean_log
+    from dmp_dl.data.schema import EventLog
+    from dmp_dl.errors import DataError
+
+    try:
+        plain, _ = clean_log(EventLog(raw.copy()), opts)
+        indexed, _ = clean_log(EventLog(raw.copy()), opts, index_ids=True)
+    except DataError:  # nothing left to index
+        return
+    ev = indexed.events
+    pd.testing.assert_frame_equal(ev.drop(columns=["user_idx", "item_idx"]), plain.events)
+    for column, index in (("user_id", "user_idx"), ("item_id", "item_idx")):
+        expected = IdVocab.from_values(ev[column])
+        assert ev[index].dtype == np.int64
+        assert ev[index].tolist() == expected.index_of(ev[column]).tolist()
+        assert IdVocab.from_indexed(ev[column], ev[index].to_numpy()) == expected
+
+
+def test_from_indexed_refuses_indices_that_are_not_a_vocabulary():
+    ids = pd.Series(["b", "a", "b", "c"], dtype=TEXT_DTYPE)
+    assert list(IdVocab.from_indexed(ids, np.array([1, 0, 1, 2])).ids) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="string order"):
+        IdVocab.from_indexed(ids, np.array([0, 1, 0, 2]))
+    with pytest.raises(ValueError, match="skip"):
+        IdVocab.from_indexed(ids, np.array([1, 0, 1, 3]))

@@ -42,6 +42,8 @@ DROP_REASONS = (
     "duplicate",  # exact duplicate of an earlier event, or an earlier event's event_id again
     "kcore",  # k-core filter
 )
+# the columns clean_log(index_ids=True) adds: each event's user and item index
+INDEX_COLUMNS = {USER: "user_idx", ITEM: "item_idx"}
 MISSING_TOKENS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
 
 
@@ -317,8 +319,8 @@ class _CleanEvents:
 
 def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: int, exclude_users: Collection[str],
                   sources: Sequence[tuple[str, int, int]], carry: Sequence[str],
-                  constant_time_is_no_time: bool) -> _CleanEvents:
-    """:func:`clean_events`."""
+                  constant_time_is_no_time: bool, index_ids: bool = False) -> _CleanEvents:
+    """:func:`clean_events`; ``index_ids``: see :func:`clean_log`."""
     rep = TableReport(rows_in=len(raw) + malformed_rows)
     rep.drop("malformed_row", malformed_rows)
     rep.ignored_columns = [c for c in raw.columns if c not in (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID, *carry)]
@@ -419,6 +421,9 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
             WEIGHT: type_weights[types.codes[rows]],
         }
     )
+    if index_ids:
+        events[INDEX_COLUMNS[USER]] = _sorted_rank(users, rows)
+        events[INDEX_COLUMNS[ITEM]] = _sorted_rank(items, rows)
     rep.rows_out = len(events)
     rep.check("events")
     _warn_unknown_types(unknown_types)
@@ -431,6 +436,16 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
 
 def _n_distinct(codes: np.ndarray, n_codes: int) -> int:
     return int(np.count_nonzero(np.bincount(codes, minlength=n_codes)))
+
+
+def _sorted_rank(ids: Coded, rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) int64: the index of each row's id among the distinct ids of ``rows`` in string
+    order (the index :class:`~dmp_dl.data.vocab.IdVocab` gives it)."""
+    codes = ids.codes[rows]
+    used = np.flatnonzero(np.bincount(codes, minlength=len(ids.values)))
+    rank = np.zeros(len(ids.values), dtype=np.int64)
+    rank[used[np.argsort(ids.values[used], kind="stable")]] = np.arange(len(used))
+    return rank[codes]
 
 
 def _warn_unknown_types(unknown_types: Mapping[str, int]) -> None:
@@ -662,9 +677,14 @@ def _bounded(vals: np.ndarray, present: np.ndarray, max_abs: float, rep: TableRe
 
 
 def clean_log(
-    raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = ()
+    raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = (), index_ids: bool = False
 ) -> tuple[EventLog, QualityReport]:
     """Clean all tables of a raw :class:`EventLog` and describe the result.
+
+    index_ids: also give each clean event the index of its user and of its item among the distinct
+        ids of the clean events in string order (columns ``user_idx``, ``item_idx``, int64): the
+        indices of the vocabularies of those ids (:meth:`dmp_dl.data.vocab.IdVocab.from_indexed`),
+        found while the ids are still integer codes.
 
     Raises
     ------
@@ -672,7 +692,8 @@ def clean_log(
     """
     malformed: Mapping[str, int] = raw.meta.get("malformed_rows", {})
     cleaned = _clean_events(raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users,
-                            sources=raw.meta.get("sources", ()), carry=(), constant_time_is_no_time=True)
+                            sources=raw.meta.get("sources", ()), carry=(), constant_time_is_no_time=True,
+                            index_ids=index_ids)
     events, ev_rep = cleaned.events, cleaned.report
     report = QualityReport(source=raw.source, events=ev_rep)
     if ev_rep.rows_out == 0:

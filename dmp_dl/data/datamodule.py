@@ -240,11 +240,11 @@ class InteractionDataModule(pl.LightningDataModule):
         else:
             erased = self._erased_users(raw)
         self.raw_meta = raw.meta
-        cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased)
+        cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased, index_ids=True)
         del raw  # the raw columns are not needed past cleaning: free them before indexing and splitting
-        ev = cleaned.events
-        self.user_vocab, ev["user_idx"] = IdVocab.index_column(ev[USER], "user")
-        self.item_vocab, ev["item_idx"] = IdVocab.index_column(ev[ITEM], "item")
+        ev = cleaned.events  # with user_idx and item_idx, the indices of these vocabularies:
+        self.user_vocab = IdVocab.from_indexed(ev[USER], ev["user_idx"].to_numpy(), "user")
+        self.item_vocab = IdVocab.from_indexed(ev[ITEM], ev["item_idx"].to_numpy(), "item")
         split = resolve_split(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
                               report.has_timestamps, self.split_opts, len(self.user_vocab), len(self.item_vocab))
         method, reason = split.method, split.reason

@@ -32,14 +32,24 @@ class IdVocab:
         return cls(sorted(set(map(str, values))), kind)
 
     @classmethod
-    def index_column(cls, values: pd.Series, kind: str = "id") -> tuple["IdVocab", np.ndarray]:
-        """The vocabulary of a column of ids and the column's (n,) int64 indices in it
-        (``from_values(values)`` and its ``index_of(values)``, with the strings handled once per
-        distinct id)."""
-        codes, uniques = pd.factorize(values, use_na_sentinel=False)
-        uniques = np.asarray(uniques, dtype=object)
-        vocab = cls.from_values(uniques, kind)
-        return vocab, vocab.index_of(uniques)[codes]
+    def from_indexed(cls, values: pd.Series, index: np.ndarray, kind: str = "id") -> "IdVocab":
+        """The vocabulary in which row ``r`` of the id column ``values`` has index ``index[r]``
+        (e.g. :func:`dmp_dl.data.cleaning.clean_log` with ``index_ids``); those indices must number
+        the distinct ids in string order.
+
+        values: (n,) ids; index: (n,) int64. Raises ValueError when they do not.
+        """
+        index = np.asarray(index, dtype=np.int64)
+        n_ids = int(index.max(initial=-1)) + 1
+        first = np.full(n_ids, -1, dtype=np.int64)
+        first[index[::-1]] = np.arange(len(index) - 1, -1, -1)  # the first row of each index
+        if (first < 0).any():
+            raise ValueError(f"{kind} indices skip a number")
+        ids = np.asarray(values.take(first), dtype=object)
+        vocab = cls(ids, kind)
+        if n_ids > 1 and not (ids[:-1] < ids[1:]).all():
+            raise ValueError(f"{kind} indices do not number the ids in string order")
+        return vocab
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -158,6 +158,8 @@ def test_datamodule_evaluation_sets_match_sets_of_pairs(method):
     assert pairs_of(dm.test_seen) == parts[TRAIN] | parts[VAL]
     assert pairs_of(dm.val_relevant) == val and pairs_of(dm.test_relevant) == test
     assert dm.val_users.tolist() == sorted({u for u, _ in val}) and dm.test_users.tolist() == sorted({u for u, _ in test})
+    assert set(dm.step_seconds) == {"load", "clean", "vocabularies", "split", "evaluation_sets", "features"}
+    assert all(v["wall"] >= 0 and v["cpu"] >= 0 for v in dm.step_seconds.values())
     stats = dm.report.split
     assert stats["val_pairs_already_seen"] == len(parts[VAL] & parts[TRAIN])
     assert stats["test_pairs_already_seen"] == len({p for p in parts[TEST] & (parts[TRAIN] | parts[VAL]) if p[0] in warm})

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
+import time
 from collections.abc import Callable, Collection
 
 import numpy as np
@@ -60,6 +62,21 @@ def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length
         ok = pos >= starts
         out[user[ends[ok]], k] = item[pos[ok]]
     return out
+
+
+class StepClock:
+    """Wall and CPU seconds (all threads of the process) of named steps: ``seconds[name] = {"wall", "cpu"}``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
 def _keep(batch):
@@ -221,51 +238,64 @@ class InteractionDataModule(pl.LightningDataModule):
         self.extra_paths = [str(x) for x in (extra_paths or [])]
         self.journal_marks: dict[str, int] = {}
         self._interaction_rows: dict[str, sp.csr_matrix] = {}
+        self.step_seconds: dict[str, dict[str, float]] = {}
         self.name = name
         self._prepared = False
 
     # -- loading -------------------------------------------------------------------------
     def prepare(self) -> "InteractionDataModule":
-        """Load, clean, index and split (once). Returns ``self``."""
+        """Load, clean, index and split (once). Returns ``self``.
+
+        ``step_seconds`` then holds each step's wall and CPU seconds (``load``, ``clean``,
+        ``vocabularies``, ``split``, ``evaluation_sets``, ``features``)."""
         if self._prepared:
             return self
-        raw = self.source.load()
-        if self.extra_paths:
-            from dmp_dl.data.event_files import add_extra_events
+        clock = StepClock()
+        with clock.step("load"):
+            raw = self.source.load()
+            if self.extra_paths:
+                from dmp_dl.data.event_files import add_extra_events
 
-            raw = add_extra_events(raw, self.extra_paths, self.cleaning.timestamp_unit)
-        self._check_journals(raw.meta.get("journals", {}))
-        if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
-            raw, erased = self.privacy.prepare_log(raw, self.erasure_list)
-        else:
-            erased = self._erased_users(raw)
-        self.raw_meta = raw.meta
-        cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased, index_ids=True)
-        del raw  # the raw columns are not needed past cleaning: free them before indexing and splitting
-        ev = cleaned.events  # with user_idx and item_idx, the indices of these vocabularies:
-        self.user_vocab = IdVocab.from_indexed(ev[USER], ev["user_idx"].to_numpy(), "user")
-        self.item_vocab = IdVocab.from_indexed(ev[ITEM], ev["item_idx"].to_numpy(), "item")
-        split = resolve_split(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
-                              report.has_timestamps, self.split_opts, len(self.user_vocab), len(self.item_vocab))
-        method, reason = split.method, split.reason
-        ev["split"] = split.labels
+                raw = add_extra_events(raw, self.extra_paths, self.cleaning.timestamp_unit)
+            self._check_journals(raw.meta.get("journals", {}))
+            if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
+                raw, erased = self.privacy.prepare_log(raw, self.erasure_list)
+            else:
+                erased = self._erased_users(raw)
+            self.raw_meta = raw.meta
+        with clock.step("clean"):
+            cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased, index_ids=True)
+            del raw  # the raw columns are not needed past cleaning: free them before indexing and splitting
+        with clock.step("vocabularies"):
+            ev = cleaned.events  # with user_idx and item_idx, the indices of these vocabularies:
+            self.user_vocab = IdVocab.from_indexed(ev[USER], ev["user_idx"].to_numpy(), "user")
+            self.item_vocab = IdVocab.from_indexed(ev[ITEM], ev["item_idx"].to_numpy(), "item")
+        with clock.step("split"):
+            split = resolve_split(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
+                                  report.has_timestamps, self.split_opts, len(self.user_vocab), len(self.item_vocab))
+            method, reason = split.method, split.reason
+            ev["split"] = split.labels
         self.split_method = method
         self.history_sampling = self._resolve_history_sampling(method)
         if reason:
             log.info("split: %s (%s)", method, reason)
         self.log_ = cleaned
         self.report = report
-        self._index_splits(ev, split.pairs)
+        with clock.step("evaluation_sets"):
+            self._index_splits(ev, split.pairs)
         report.split = {"method": method, "method_requested": self.split_opts.method, "method_reason": reason,
                         "history_sampling": self.history_sampling, **report.split}
-        count_unmatched(cleaned.users, USER, self.user_vocab, report.users_table, "data.users")
-        count_unmatched(cleaned.items, ITEM, self.item_vocab, report.items_table, "data.items")
-        self.user_features = FeatureTable.build(cleaned.users, USER, self.user_vocab, report.attributes.get("users"))
-        self.item_features = FeatureTable.build(cleaned.items, ITEM, self.item_vocab, report.attributes.get("items"))
+        with clock.step("features"):
+            count_unmatched(cleaned.users, USER, self.user_vocab, report.users_table, "data.users")
+            count_unmatched(cleaned.items, ITEM, self.item_vocab, report.items_table, "data.items")
+            self.user_features = FeatureTable.build(cleaned.users, USER, self.user_vocab, report.attributes.get("users"))
+            self.item_features = FeatureTable.build(cleaned.items, ITEM, self.item_vocab, report.attributes.get("items"))
         report.attributes["skipped"] = {
             **{f"users.{k}": v for k, v in self.user_features.skipped_columns.items()},
             **{f"items.{k}": v for k, v in self.item_features.skipped_columns.items()},
         }
+        self.step_seconds = clock.seconds
+        log.debug("data stage: %s", ", ".join(f"{k} {v['wall']:.2f} s" for k, v in clock.seconds.items()))
         self._prepared = True
         return self
 

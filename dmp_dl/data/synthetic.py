@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from dmp_dl.data.distinct import Coded
-from dmp_dl.data.grouping import stable_order
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, EventLog
 from dmp_dl.errors import ConfigError
 
@@ -109,9 +108,9 @@ class SyntheticSource:
         start = t_end - span + rng.uniform(0.0, 0.7, size=U) * span
         churned = rng.random(U) < self.churn_rate
         stop = np.where(churned, start + rng.uniform(0.05, 1.0, size=U) * (t_end - start), t_end)
-        ts = start[ev_user] + rng.random(n) * (stop - start)[ev_user]
-        by_time = np.argsort(ts)
-        ts = ts[by_time[stable_order(ev_user[by_time])]]  # by user, then time
+        # by user, then time: start + draw * span grows with the draw, so sorting each user's draws sorts its times
+        draws = _sorted_per_group(ev_user, rng.random(n))
+        ts = start[ev_user] + draws * (stop - start)[ev_user]
         first = np.r_[True, ev_user[1:] != ev_user[:-1]]
 
         # Categories: fresh draws from the user's preferences, otherwise stick to the session's.
@@ -188,6 +187,27 @@ class SyntheticSource:
         return {"user_response": pd.Series(kind, index=uid, name="response"),
                 "p_control": pd.Series(p[:, 0], index=uid, name="p_control"),
                 "p_treated": pd.Series(p[:, 1], index=uid, name="p_treated")}
+
+
+def _sorted_per_group(group: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """``draws`` sorted within each run of ``group`` (sorted non-negative ints, (n,)); draws are
+    ``Generator.random`` output, multiples of 2**-53 in [0, 1).
+
+    Sorts (group, draw) as one int64 (53 bits of draw, 10 of group) over blocks of 1023 groups:
+    cache-sized sorts instead of one argsort of the whole log. Returns (n,) float64."""
+    steps = draws * 2.0**53
+    whole = steps.astype(np.int64)
+    if not np.array_equal(whole, steps):  # not Generator.random output: sort the plain way
+        return draws[np.lexsort((draws, group))]
+    out = np.empty_like(draws)
+    block = 1023
+    bounds = np.searchsorted(group, np.arange(0, int(group.max(initial=0)) + block + 1, block))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            key = ((group[lo:hi] - group[lo]) << 53) | whole[lo:hi]
+            key.sort()
+            out[lo:hi] = (key & ((1 << 53) - 1)) / 2.0**53
+    return out
 
 
 def campaign_outcomes(log: EventLog, treated_ids, start: float | None = None, days: float = 14.0, seed: int = 0,

@@ -157,7 +157,27 @@ def child_data(n_events: int, args) -> dict[str, Any]:
         steps["vocabularies"] = {k: total[k] - sum(v[k] for v in outside.values()) for k in ("wall", "cpu")}
     return {"events": n_events, "users": dm.n_users, "items": dm.n_items, "tree": str(tree),
             "steps": {k: steps.get(k, {"wall": 0.0, "cpu": 0.0}) for k in DATA_STEPS}, "total": total,
-            "split_method": dm.split_method, "load_average_at_start": load_average, "peak_rss_mib": peak_rss_mib()}
+            "split_method": dm.split_method, "load_average_at_start": load_average, "peak_rss_mib": peak_rss_mib(),
+            "primitives": numpy_primitives(n_events, dm.n_users)}
+
+
+def numpy_primitives(n: int, n_users: int, repeats: int = 5) -> dict[str, float]:
+    """CPU seconds of plain linear numpy work on arrays of the log's size (best of ``repeats``): how
+    this machine's cost per element grows with the size (caches) for work that is linear."""
+    rng = np.random.default_rng(0)
+    values, users = rng.random(n), rng.integers(0, max(n_users, 1), n)
+    per_user = rng.random(max(n_users, 1))
+    work = {"copy": lambda: values.copy(), "gather": lambda: per_user[users],
+            "bincount": lambda: np.bincount(users, minlength=n_users), "sort": lambda: np.sort(users)}
+    out = {}
+    for name, run in work.items():
+        best = float("inf")
+        for _ in range(repeats):
+            cpu = time.process_time()
+            run()
+            best = min(best, time.process_time() - cpu)
+        out[name] = best
+    return out
 
 
 def child_catalogue(n_items: int, args) -> dict[str, Any]:
@@ -317,11 +337,20 @@ def data_stage(args) -> dict:
                          "wall": slope(sizes, [r["total"]["wall"] for r in ok]),
                          **{f"cpu.{step}": slope(sizes, [r["steps"][step]["cpu"] for r in ok]) for step in DATA_STEPS}}
     srows = [{"code": f"`{label}`", **{k: "—" if v is None else f"{v:.2f}" for k, v in sl.items()}} for label, sl in slopes.items()]
+    now = [r for r in runs.get("now", []) if "error" not in r and "primitives" in r]
+    if len(now) > 1:  # linear numpy work on arrays of the same sizes, for scale
+        slopes["numpy"] = {name: slope([r["events"] for r in now], [r["primitives"][name] for r in now])
+                           for name in now[0]["primitives"]}
+        srows.append({"code": "numpy, linear work (reference)", "cpu": ", ".join(
+            f"{name} {v:.2f}" for name, v in slopes["numpy"].items() if v is not None)})
     body = [f"`InteractionDataModule.prepare()` of `train.py`'s default config on the generator (users = events / "
             f"{args.data_events_per_user}, items = events / {args.data_events_per_item}), one process per run, the best of "
             f"{args.repeats} runs by CPU seconds. Each step: CPU seconds (every thread) / wall seconds; `load` is the "
             "generator. On a shared machine wall time follows the load; CPU seconds less so.", "",
-            markdown_table(rows), "", "Growth (slope of log seconds on log events; 1 = linear):", "", markdown_table(srows)]
+            markdown_table(rows), "", "Growth (slope of log seconds on log events; 1 = linear). The reference row times "
+            "plain numpy work that is linear (a copy of n floats, a gather of n values from a per-user table, a bincount "
+            "of n user indices; and a sort of them, n log n) at the same sizes: what this machine's caches make of linear growth.",
+            "", markdown_table(srows)]
     if args.baseline and args.baseline in runs:
         before = {r["events"]: r for r in runs[args.baseline] if "error" not in r}
         ratio = [{"events": f"{r['events']:,}", f"`{args.baseline}` CPU s": f"{before[r['events']]['total']['cpu']:.2f}",

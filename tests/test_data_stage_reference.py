@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmp_dl.data.datamodule import InteractionDataModule, last_items
-from dmp_dl.data.grouping import group_bounds, stable_order
+from dmp_dl.data.grouping import group_bounds, sorted_order, stable_order
 from dmp_dl.data.pairs import SplitPairs
 from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, assign_split, heldout_users, resolve_split, split_events
 
@@ -89,6 +89,8 @@ def test_stable_order_is_a_stable_argsort(keys, scale):
     keys = np.array(keys, dtype=np.int64) * scale  # large keys take the overflow-safe path
     order = stable_order(keys)
     assert order.dtype == np.int64
+    again, in_order = sorted_order(keys)
+    assert again.tolist() == order.tolist() and in_order.tolist() == keys[order].tolist()
     assert order.tolist() == sorted(range(len(keys)), key=lambda k: (keys[k], k))
     starts, ends = group_bounds(keys[order])
     assert [keys[order][a:b].tolist() for a, b in zip(starts, ends)] == [

@@ -45,6 +45,8 @@ DROP_REASONS = (
 # the columns clean_log(index_ids=True) adds: each event's user and item index
 INDEX_COLUMNS = {USER: "user_idx", ITEM: "item_idx"}
 MISSING_TOKENS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
+ISO_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"  # how an ISO-8601 time starts: never a number
+PLAIN_INTEGER = r"^-?[0-9]{1,18}$"  # an integer within int64: arrow reads it exactly as pd.to_numeric does
 
 
 @dataclass
@@ -215,10 +217,6 @@ def parse_timestamps(col: pd.Series, unit: str = "s") -> np.ndarray:
     return out[text.codes]
 
 
-ISO_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-PLAIN_INTEGER = r"^-?[0-9]{1,18}$"  # within int64, so exactly what pd.to_numeric reads
-
-
 def _plain_integers(col: pd.Series) -> np.ndarray | None:
     """(n,) float64 of an arrow-backed text column whose every cell is a plain decimal integer
     (``-?[0-9]+``, no spaces), else None."""
@@ -227,8 +225,7 @@ def _plain_integers(col: pd.Series) -> np.ndarray | None:
     arrow = pa.array(col.array)
     if arrow.null_count or not pc.all(pc.match_substring_regex(arrow, PLAIN_INTEGER)).as_py():
         return None
-    cast = pc.cast(arrow, pa.int64())
-    return (cast.to_numpy() if isinstance(cast, pa.Array) else cast.to_numpy()).astype(np.float64)
+    return pc.cast(arrow, pa.int64()).to_numpy().astype(np.float64)
 
 
 def _stripped_text(col: pd.Series) -> pd.Series:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
 from dmp_dl.data.features import FeatureTable
-from dmp_dl.data.grouping import group_bounds, stable_order
+from dmp_dl.data.grouping import group_bounds, sorted_order, stable_order
 from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix: part of this module's API)
 from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT, EventLog
 from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
@@ -50,17 +50,18 @@ def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pa
     return _last_items_grouped(user[order], item[order], n_users, length, pad)
 
 
-def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int) -> np.ndarray:
+def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int,
+                        chunk: int = 1 << 16) -> np.ndarray:
     """:func:`last_items` of events already grouped by user (each user's in time order)."""
     out = np.full((n_users, max(length, 0)), pad, dtype=np.int64)
     if length <= 0 or len(user) == 0:
         return out
     starts, ends = group_bounds(user)
-    ends = ends - 1
-    for k in range(length):  # `length` vectorised passes, not one per user
-        pos = ends - k
-        ok = pos >= starts
-        out[user[ends[ok]], k] = item[pos[ok]]
+    last = ends - 1
+    back = np.arange(length)
+    for lo in range(0, len(last), chunk):  # whole rows of `chunk` users at a time: bounded temporaries
+        pos = last[lo:lo + chunk, None] - back  # (users, length) positions, most recent first
+        out[user[last[lo:lo + chunk]]] = np.where(pos >= starts[lo:lo + chunk, None], item[np.maximum(pos, 0)], pad)
     return out
 
 
@@ -354,24 +355,23 @@ class InteractionDataModule(pl.LightningDataModule):
         self.train_idx = np.flatnonzero(train)
         self.item_counts = np.bincount(i[self.train_idx], minlength=n_items).astype(np.int64)
         self.train_seen = pairs.train
-        by_user = stable_order(u)  # every event grouped by user in time order; the training ones a subsequence
-        u_by_user, i_by_user, train_by_user = u[by_user], i[by_user], train[by_user]
+        by_user, u_by_user = sorted_order(u)  # every event grouped by user in time order; the training ones a subsequence
+        i_by_user, train_by_user = i[by_user], train[by_user]
         self.train_history = _last_items_grouped(u_by_user[train_by_user], i_by_user[train_by_user], n_users,
                                                  self.history_len, pad=n_items)
         self.all_seen = pairs.all()
         self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
-        users_in_train = pairs.warm
-        items_in_train = self.item_counts > 0
+        per_part = np.bincount(s, minlength=3)  # events per split part, then those of users / items unseen in training
+        cold_user = np.bincount(s[~pairs.warm[u]], minlength=3)
+        cold_item = np.bincount(s[self.item_counts[i] == 0], minlength=3)
         stats: dict[str, object] = {
-            "events": {"train": int(len(self.train_idx)), "val": int(np.count_nonzero(s == VAL)),
-                       "test": int(np.count_nonzero(s == TEST))},
+            "events": {"train": int(per_part[TRAIN]), "val": int(per_part[VAL]), "test": int(per_part[TEST])},
             "train_time_max": int(ev[TIME].to_numpy()[self.train_idx].max()) if self.report.has_timestamps else None,
         }
         seen = {"val": self.train_seen, "test": pairs.seen((1 << TRAIN) | (1 << VAL))}
         for name, code in (("val", VAL), ("test", TEST)):
-            m = s == code
-            stats[f"{name}_events_user_unseen_in_train"] = int(np.count_nonzero(m & ~users_in_train[u]))
-            stats[f"{name}_events_item_unseen_in_train"] = int(np.count_nonzero(m & ~items_in_train[i]))
+            stats[f"{name}_events_user_unseen_in_train"] = int(cold_user[code])
+            stats[f"{name}_events_item_unseen_in_train"] = int(cold_item[code])
             stats[f"{name}_pairs_already_seen"] = pairs.already_seen(code)
             held = pairs.relevant(code)
             setattr(self, f"{name}_relevant", held)

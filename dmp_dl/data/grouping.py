@@ -18,19 +18,30 @@ def stable_order(keys: np.ndarray) -> np.ndarray:
 
     keys: (n,) integers. Returns (n,) int64.
     """
+    return sorted_order(keys)[0]
+
+
+def sorted_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`stable_order` of ``keys``, ``keys`` in that order), the second without a gather.
+
+    keys: (n,) integers. Returns ((n,) int64, (n,) int64).
+    """
     keys = np.asarray(keys)
     n = len(keys)
     if n == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     low, high = int(keys.min()), int(keys.max())
     if (high - low + 1) > _INT64_MAX // max(n, 1) - 1:  # the composite key would overflow int64
-        return np.argsort(keys, kind="stable").astype(np.int64, copy=False)
+        order = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
+        return order, keys[order].astype(np.int64, copy=False)
     composite = keys.astype(np.int64) - low
     composite *= n
     composite += np.arange(n, dtype=np.int64)
     composite.sort()
-    composite %= n
-    return composite
+    order = composite % n
+    composite //= n
+    composite += low
+    return order, composite
 
 
 def group_bounds(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

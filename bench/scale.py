@@ -17,11 +17,21 @@ Every size runs in its own child process (``--child``), so its peak RSS (``VmHWM
   recall@10 against exact search, single-query p50 latency and queries/s of one batch call over
   ``--queries`` user vectors; and the serialized index size.
 
+* **data stage** (``--data-stage``, its own section): ``InteractionDataModule.prepare()`` of the
+  default config on the generator at ``--data-events`` (default 0.3M, 1M, 3M) with
+  ``events / --data-events-per-user`` users and ``events / --data-events-per-item`` items (3M:
+  100,000 x 20,000): wall and CPU seconds (every thread of the process) of each step (``load`` =
+  generate, ``clean``, ``vocabularies``, ``split``, ``evaluation_sets``, ``features``) and peak RSS,
+  the best of ``--repeats`` runs by CPU seconds (a shared machine slows some runs). With
+  ``--baseline COMMIT`` the same is measured on that commit's ``dmp_dl`` (``git archive``), its
+  steps timed from outside (its ``vocabularies`` is what remains of ``prepare()``).
+
 Slope: least-squares fit of log(cost) on log(size); 1 is linear growth.
 
     python bench/scale.py                         # default sizes (CPU: minutes)
     python bench/scale.py --quick                 # tiny sizes: checks the plumbing
     python bench/scale.py --events 1000000 4000000 16000000 64000000 --items 10000 100000 1000000 10000000
+    python bench/scale.py --data-stage --baseline 746f240   # the data stage, now and at a commit
 """
 
 from __future__ import annotations
@@ -90,6 +100,86 @@ def child_events(n_events: int, args) -> dict[str, Any]:
     return out
 
 
+DATA_STEPS = ("load", "clean", "vocabularies", "split", "evaluation_sets", "features")
+
+
+def child_data(n_events: int, args) -> dict[str, Any]:
+    """One ``prepare()`` of the synthetic config at ``n_events``; with ``--tree``, of the ``dmp_dl``
+    in that folder (steps timed by wrapping its functions when it records none itself)."""
+    import functools
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    tree = Path(args.tree).resolve() if args.tree else ROOT
+    sys.path.insert(0, str(tree))
+    from hydra.utils import instantiate
+
+    import dmp_dl.data.datamodule as dmm
+
+    if not str(Path(dmm.__file__).resolve()).startswith(str(tree)):
+        raise RuntimeError(f"dmp_dl imported from {dmm.__file__}, not {tree}")
+    users = max(1, n_events // args.data_events_per_user)
+    items = max(100, n_events // args.data_events_per_item)
+    with initialize_config_dir(config_dir=str(tree / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["data=synthetic", f"data.source.n_users={users}",
+                                          f"data.source.n_items={items}", f"data.source.n_events={n_events}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(args.workdir) / "data")
+    dm = instantiate(cfg.data, _convert_="all")
+    outside: dict[str, dict[str, float]] = {}
+
+    def timed(step, fn):
+        @functools.wraps(fn)
+        def run(*a, **k):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                got = outside.setdefault(step, {"wall": 0.0, "cpu": 0.0})
+                got["wall"] += time.perf_counter() - wall
+                got["cpu"] += time.process_time() - cpu
+        return run
+
+    records = hasattr(dm, "step_seconds")
+    if not records:  # an older dmp_dl: time its steps from outside
+        dm.source.load = timed("load", dm.source.load)
+        dmm.clean_log = timed("clean", dmm.clean_log)
+        dmm.split_events = timed("split", dmm.split_events)
+        dmm.InteractionDataModule._index_splits = timed("evaluation_sets", dmm.InteractionDataModule._index_splits)
+        dmm.FeatureTable.build = classmethod(timed("features", dmm.FeatureTable.build.__func__))
+    load_average = os.getloadavg()[0]
+    wall, cpu = time.perf_counter(), time.process_time()
+    dm.prepare()
+    total = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    steps = dict(dm.step_seconds) if records else outside
+    if not records:
+        steps["vocabularies"] = {k: total[k] - sum(v[k] for v in outside.values()) for k in ("wall", "cpu")}
+    return {"events": n_events, "users": dm.n_users, "items": dm.n_items, "tree": str(tree),
+            "steps": {k: steps.get(k, {"wall": 0.0, "cpu": 0.0}) for k in DATA_STEPS}, "total": total,
+            "split_method": dm.split_method, "load_average_at_start": load_average, "peak_rss_mib": peak_rss_mib(),
+            "primitives": numpy_primitives(n_events, dm.n_users)}
+
+
+def numpy_primitives(n: int, n_users: int, repeats: int = 5) -> dict[str, float]:
+    """CPU seconds of plain linear numpy work on arrays of the log's size (best of ``repeats``): how
+    this machine's cost per element grows with the size (caches) for work that is linear."""
+    rng = np.random.default_rng(0)
+    values, users = rng.random(n), rng.integers(0, max(n_users, 1), n)
+    per_user = rng.random(max(n_users, 1))
+    work = {"copy": lambda: values.copy(), "gather": lambda: per_user[users],
+            "bincount": lambda: np.bincount(users, minlength=n_users), "sort": lambda: np.sort(users)}
+    out = {}
+    for name, run in work.items():
+        best = float("inf")
+        for _ in range(repeats):
+            cpu = time.process_time()
+            run()
+            best = min(best, time.process_time() - cpu)
+        out[name] = best
+    return out
+
+
 def child_catalogue(n_items: int, args) -> dict[str, Any]:
     import faiss
     from omegaconf import OmegaConf
@@ -139,7 +229,9 @@ def run_child(kind: str, size: int, args, workdir: Path) -> dict[str, Any]:
 
 
 def child_flags(args) -> list[str]:
-    flags = ["--models", *args.models, "--indexes", *args.indexes, "--steps", str(args.steps),
+    flags = ["--data-events-per-user", str(args.data_events_per_user), "--data-events-per-item",
+             str(args.data_events_per_item)] + (["--tree", str(args.tree)] if args.tree else [])
+    flags += ["--models", *args.models, "--indexes", *args.indexes, "--steps", str(args.steps),
              "--events-per-user", str(args.events_per_user), "--events-per-item", str(args.events_per_item),
              "--queries", str(args.queries), "--dim", str(args.dim), "--noise", str(args.noise)]
     return flags + (["--cpu"] if args.cpu else []) + (["--", *args.overrides] if args.overrides else [])
@@ -205,6 +297,77 @@ def summarise(events: list[dict], catalogue: list[dict], args) -> tuple[str, dic
     return body, slopes
 
 
+def data_stage(args) -> dict:
+    """The ``--data-stage`` section: ``prepare()`` per size, now and (``--baseline``) at a commit."""
+    import io
+    import tarfile
+
+    t0 = time.perf_counter()
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="dmp-bench-data-") as tmp:
+        trees: list[tuple[str, Path | None]] = [("now", None)]
+        if args.baseline:
+            base = Path(tmp) / "baseline"
+            base.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "dmp_dl", "conf"],
+                                     capture_output=True, check=True).stdout
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(base, filter="data")
+            trees.insert(0, (args.baseline, base))
+        for label, tree in trees:
+            child_args = argparse.Namespace(**{**vars(args), "tree": tree})
+            for n in args.data_events:
+                tries = [run_child("data", n, child_args, Path(tmp)) for _ in range(max(1, args.repeats))]
+                ok = [r for r in tries if "error" not in r]
+                best = min(ok, key=lambda r: r["total"]["cpu"]) if ok else tries[0]
+                runs.setdefault(label, []).append({**best, "code": label, "cpu_runs": [r["total"]["cpu"] for r in ok]})
+    rows, slopes = [], {}
+    for label, got in runs.items():
+        ok = [r for r in got if "error" not in r]
+        for r in got:
+            if "error" in r:
+                rows.append({"code": label, "events": f"{r['size']:,}", "total s": r["error"]})
+                continue
+            rows.append({"code": f"`{label}`", "events": f"{r['events']:,}", "users x items": f"{r['users']:,} x {r['items']:,}",
+                         **{step: f"{v['cpu']:.2f} / {v['wall']:.2f}" for step, v in r["steps"].items()},
+                         "total s (CPU / wall)": f"**{r['total']['cpu']:.2f}** / {r['total']['wall']:.2f}",
+                         "peak RSS MiB": f"{r['peak_rss_mib']:,.0f}", "load at start": f"{r['load_average_at_start']:.1f}"})
+        sizes = [r["events"] for r in ok]
+        slopes[label] = {"cpu": slope(sizes, [r["total"]["cpu"] for r in ok]),
+                         "wall": slope(sizes, [r["total"]["wall"] for r in ok]),
+                         **{f"cpu.{step}": slope(sizes, [r["steps"][step]["cpu"] for r in ok]) for step in DATA_STEPS}}
+    srows = [{"code": f"`{label}`", **{k: "—" if v is None else f"{v:.2f}" for k, v in sl.items()}} for label, sl in slopes.items()]
+    now = [r for r in runs.get("now", []) if "error" not in r and "primitives" in r]
+    if len(now) > 1:  # linear numpy work on arrays of the same sizes, for scale
+        slopes["numpy"] = {name: slope([r["events"] for r in now], [r["primitives"][name] for r in now])
+                           for name in now[0]["primitives"]}
+        srows.append({"code": "numpy, linear work (reference)", "cpu": ", ".join(
+            f"{name} {v:.2f}" for name, v in slopes["numpy"].items() if v is not None)})
+    body = [f"`InteractionDataModule.prepare()` of `train.py`'s default config on the generator (users = events / "
+            f"{args.data_events_per_user}, items = events / {args.data_events_per_item}), one process per run, the best of "
+            f"{args.repeats} runs by CPU seconds. Each step: CPU seconds (every thread) / wall seconds; `load` is the "
+            "generator. On a shared machine wall time follows the load; CPU seconds less so.", "",
+            markdown_table(rows), "", "Growth (slope of log seconds on log events; 1 = linear). The reference row times "
+            "plain numpy work that is linear (a copy of n floats, a gather of n values from a per-user table, a bincount "
+            "of n user indices; and a sort of them, n log n) at the same sizes: what this machine's caches make of linear growth.",
+            "", markdown_table(srows)]
+    if args.baseline and args.baseline in runs:
+        before = {r["events"]: r for r in runs[args.baseline] if "error" not in r}
+        ratio = [{"events": f"{r['events']:,}", f"`{args.baseline}` CPU s": f"{before[r['events']]['total']['cpu']:.2f}",
+                  "now CPU s": f"{r['total']['cpu']:.2f}",
+                  "CPU speed-up": f"**{before[r['events']]['total']['cpu'] / r['total']['cpu']:.1f}x**",
+                  "wall speed-up": f"{before[r['events']]['total']['wall'] / r['total']['wall']:.1f}x",
+                  "peak RSS MiB before / now": f"{before[r['events']]['peak_rss_mib']:,.0f} / {r['peak_rss_mib']:,.0f}"}
+                 for r in runs["now"] if "error" not in r and r["events"] in before]
+        body += ["", f"Against `{args.baseline}` (its steps timed from outside; its `vocabularies` is the rest of "
+                 "`prepare()`):", "", markdown_table(ratio)]
+    data = {"runs": runs, "slopes": slopes, "seconds": time.perf_counter() - t0, "cpu_threads": os.cpu_count(),
+            "baseline": args.baseline}
+    body.append(f"\nSection wall time: {data['seconds']:.0f} s.")
+    write_section("data_stage", "Data stage", "\n".join(body), data)
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, nargs="*", default=[1_000_000, 4_000_000, 16_000_000])
@@ -223,17 +386,28 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored), not bench/RESULTS.md")
+    ap.add_argument("--data-stage", action="store_true", help="measure the data stage instead (its own section)")
+    ap.add_argument("--data-events", type=int, nargs="+", default=[300_000, 1_000_000, 3_000_000])
+    ap.add_argument("--data-events-per-user", type=int, default=30)
+    ap.add_argument("--data-events-per-item", type=int, default=150)
+    ap.add_argument("--repeats", type=int, default=2, help="data stage: runs per size, the best by CPU seconds kept")
+    ap.add_argument("--baseline", help="data stage: also measure this commit's dmp_dl (git archive)")
+    ap.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.child:
         kind, size = args.child[0], int(args.child[1])
-        res = child_events(size, args) if kind == "events" else child_catalogue(size, args)
+        child = {"events": child_events, "data": child_data, "catalogue": child_catalogue}[kind]
+        res = child(size, args)
         args.child_out.write_text(json.dumps(res, default=str))
         return None
     if args.quick:
         args.events, args.items, args.steps, args.queries = [30_000, 120_000], [2_000, 20_000], 20, 200
+        args.data_events, args.repeats = [30_000, 100_000], 1
     output.use(args.quick or args.scratch)
+    if args.data_stage:
+        return data_stage(args)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmp-bench-scale-") as tmp:
         events = [run_child("events", n, args, Path(tmp)) for n in args.events]

@@ -16,9 +16,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from dmp_dl.data.distinct import Coded, per_distinct
+from dmp_dl.data.grouping import duplicated_rows, stable_order
 from dmp_dl.data.schema import (EVENT_ID, ITEM, MAX_ABS_VALUE, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, canonical_id,
-                               normalize_ids)
+                                coded_ids, normalize_ids)
 from dmp_dl.errors import ConfigError, DataError
 from dmp_dl.io import atomic_write_text
 
@@ -38,7 +42,11 @@ DROP_REASONS = (
     "duplicate",  # exact duplicate of an earlier event, or an earlier event's event_id again
     "kcore",  # k-core filter
 )
+# the columns clean_log(index_ids=True) adds: each event's user and item index
+INDEX_COLUMNS = {USER: "user_idx", ITEM: "item_idx"}
 MISSING_TOKENS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
+ISO_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"  # how an ISO-8601 time starts: never a number
+PLAIN_INTEGER = r"^-?[0-9]{1,18}$"  # an integer within int64: arrow reads it exactly as pd.to_numeric does
 
 
 @dataclass
@@ -195,12 +203,34 @@ def parse_timestamps(col: pd.Series, unit: str = "s") -> np.ndarray:
         return _epoch_seconds(pd.to_datetime(col, utc=True))
     if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
         return col.to_numpy(dtype=np.float64, na_value=np.nan) / scale
-    text = col.astype(object).where(col.notna(), "").map(str).str.strip()
-    out = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) / scale
-    rest = np.isnan(out) & (text.str.lower().isin(MISSING_TOKENS) == False).to_numpy()  # noqa: E712
+    integers = _plain_integers(col)
+    if integers is not None:  # epoch numbers as text (a CSV): parsed by arrow, no per-value Python
+        return integers / scale
+    text = per_distinct(col, _stripped_text, merge=False)  # times repeat: each distinct one is parsed once
+    names = pd.Series(text.values)  # stored as pandas stores strings, as _stripped_text returns them
+    out = np.full(len(names), np.nan)
+    maybe_number = ~names.str.match(ISO_DATE).to_numpy(dtype=bool)  # "2021-03-04...": never a number
+    out[maybe_number] = pd.to_numeric(names[maybe_number], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) / scale
+    rest = np.isnan(out) & (names.str.lower().isin(MISSING_TOKENS) == False).to_numpy()  # noqa: E712
     if rest.any():
-        out[rest] = _epoch_seconds(pd.to_datetime(text[rest], format="ISO8601", utc=True, errors="coerce"))
-    return out
+        out[rest] = _epoch_seconds(pd.to_datetime(names[rest], format="ISO8601", utc=True, errors="coerce"))
+    return out[text.codes]
+
+
+def _plain_integers(col: pd.Series) -> np.ndarray | None:
+    """(n,) float64 of an arrow-backed text column whose every cell is a plain decimal integer
+    (``-?[0-9]+``, no spaces), else None."""
+    if not (isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow") or len(col) == 0:
+        return None
+    arrow = pa.array(col.array)
+    if arrow.null_count or not pc.all(pc.match_substring_regex(arrow, PLAIN_INTEGER)).as_py():
+        return None
+    return pc.cast(arrow, pa.int64()).to_numpy().astype(np.float64)
+
+
+def _stripped_text(col: pd.Series) -> pd.Series:
+    """Each value as a stripped string; missing values (None, NaN) as ``""``."""
+    return col.astype(object).where(col.notna(), "").map(str).str.strip()
 
 
 def _epoch_seconds(stamps: pd.Series) -> np.ndarray:
@@ -218,16 +248,18 @@ def _parse_values(col: pd.Series, max_abs: float = MAX_ABS_VALUE) -> tuple[np.nd
         vals = col.to_numpy(dtype=np.float64, na_value=np.nan)
         missing = np.isnan(vals)
     else:
-        text = col.astype(object).where(col.notna(), "").map(str).str.strip()
-        missing = (text == "").to_numpy()
-        vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        text = per_distinct(col, _stripped_text)
+        names = pd.Series(text.values)
+        missing = (names == "").to_numpy()[text.codes]
+        vals = pd.to_numeric(names, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)[text.codes]
     with np.errstate(invalid="ignore"):
         bad = ~missing & ~(np.abs(vals) <= max_abs)  # NaN and inf compare False
     return vals, missing, bad
 
 
-def _missing_id(ids: pd.Series) -> np.ndarray:
-    return ids.str.lower().isin(MISSING_TOKENS).to_numpy()
+def _missing_id(ids: pd.Series | np.ndarray) -> np.ndarray:
+    """(n,) bool: which of the normalised ids ``ids`` stand for no id (empty, ``nan``, ``null`` ...)."""
+    return pd.Series(ids, dtype=object).str.lower().isin(MISSING_TOKENS).to_numpy()
 
 
 def clean_events(
@@ -266,6 +298,26 @@ def clean_events(
         ``event_type`` (str), ``value`` (float64), ``weight`` (float32), sorted by timestamp.
     report: the row accounting.
     """
+    cleaned = _clean_events(raw, opts, malformed_rows=malformed_rows, exclude_users=exclude_users, sources=sources,
+                            carry=carry, constant_time_is_no_time=constant_time_is_no_time)
+    return cleaned.events, cleaned.report
+
+
+@dataclass
+class _CleanEvents:
+    """:func:`clean_events`' result with what the quality report counts, taken from the codes."""
+
+    events: pd.DataFrame
+    report: TableReport
+    n_users: int
+    n_items: int
+    events_per_type: dict[str, int]
+
+
+def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: int, exclude_users: Collection[str],
+                  sources: Sequence[tuple[str, int, int]], carry: Sequence[str],
+                  constant_time_is_no_time: bool, index_ids: bool = False) -> _CleanEvents:
+    """:func:`clean_events`; ``index_ids``: see :func:`clean_log`."""
     rep = TableReport(rows_in=len(raw) + malformed_rows)
     rep.drop("malformed_row", malformed_rows)
     rep.ignored_columns = [c for c in raw.columns if c not in (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID, *carry)]
@@ -274,13 +326,14 @@ def clean_events(
 
     def drop(mask: np.ndarray, reason: str) -> None:
         hit = keep & mask
-        rep.drop(reason, int(hit.sum()))
+        rep.drop(reason, int(np.count_nonzero(hit)))
         keep[hit] = False
 
-    users = normalize_ids(raw[USER])
-    items = normalize_ids(raw[ITEM])
-    drop(_missing_id(users), "missing_user_id")
-    drop(_missing_id(items), "missing_item_id")
+    # Text columns as codes into their distinct values: every check below on a text column runs
+    # once per distinct value and reaches the rows through the codes.
+    users, items = coded_ids(raw[USER]), coded_ids(raw[ITEM])
+    drop(_missing_id(users.values)[users.codes], "missing_user_id")
+    drop(_missing_id(items.values)[items.codes], "missing_item_id")
 
     if TIME in raw.columns:
         ts = parse_timestamps(raw[TIME], opts.timestamp_unit)
@@ -289,7 +342,8 @@ def clean_events(
         hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
         with np.errstate(invalid="ignore"):
             outside = (ts < lo) | (ts > hi)
-        if not constant_time_is_no_time or len(np.unique(ts[keep])) > 1:
+        kept_ts = ts[keep]
+        if not constant_time_is_no_time or (len(kept_ts) and kept_ts.min() != kept_ts.max()):
             drop(outside, "timestamp_out_of_range")
         else:  # one value for every event: no time at all, kept (as 0 when it is no sane time)
             ts = np.where(outside, 0.0, ts)
@@ -297,14 +351,16 @@ def clean_events(
         ts = np.zeros(n, dtype=np.float64)
 
     if TYPE in raw.columns:
-        types = raw[TYPE].astype(object).where(raw[TYPE].notna(), "").map(str).str.strip().str.lower()
-        types = types.where(types != "", opts.default_event_type)
+        default_type = opts.default_event_type
+        types = per_distinct(raw[TYPE], lambda col: _stripped_text(col).str.lower().replace("", default_type))
     else:
-        types = pd.Series(opts.default_event_type, index=raw.index, dtype=object)
+        types = Coded(np.zeros(n, dtype=np.int64), np.array([opts.default_event_type], dtype=object))
+    type_names = pd.Series(types.values, dtype=object)
     unknown_types: dict[str, int] = {}
     if opts.event_weights is not None and TYPE in raw.columns:
-        unknown = ~types.isin(list(opts.event_weights)).to_numpy()
-        unknown_types = {str(t): int(c) for t, c in types[unknown & keep].value_counts().items()}
+        unknown = ~type_names.isin(list(opts.event_weights)).to_numpy()[types.codes]
+        counts = pd.Series(types.codes[unknown & keep]).value_counts()
+        unknown_types = {str(types.values[code]): int(c) for code, c in counts.items()}
         drop(unknown, "unknown_event_type")
 
     if VALUE in raw.columns:
@@ -316,49 +372,77 @@ def clean_events(
         values = np.full(n, opts.value_fill, dtype=np.float64)
 
     if exclude_users:
-        drop(users.isin(set(exclude_users)).to_numpy(), "erased_user")
+        drop(pd.Series(users.values, dtype=object).isin(set(exclude_users)).to_numpy()[users.codes], "erased_user")
     if opts.min_value is not None:
         drop(values < float(opts.min_value), "below_min_value")
     if opts.positive_event_types is not None:
-        drop(~types.isin(opts.positive_event_types).to_numpy(), "not_positive_event")
+        drop(~type_names.isin(opts.positive_event_types).to_numpy()[types.codes], "not_positive_event")
 
-    events = pd.DataFrame(
-        {
-            USER: users.to_numpy()[keep],
-            ITEM: items.to_numpy()[keep],
-            TIME: np.floor(ts[keep]).astype(np.int64),
-            TYPE: types.to_numpy()[keep],
-            VALUE: values[keep].astype(np.float64),
-            **{c: raw[c].to_numpy()[keep] for c in carry},
-        }
-    )
-    kept_rows = np.flatnonzero(keep)  # raw row of each event
-    canonical = [USER, ITEM, TIME, TYPE, VALUE]
-    dup = (events.duplicated(subset=canonical, keep="first").to_numpy() if opts.dedupe and len(events)
-           else np.zeros(len(events), bool))
-    if EVENT_ID in raw.columns and len(events):  # one event delivered twice (a retried real-time batch)
-        keys = normalize_ids(raw[EVENT_ID])[keep].reset_index(drop=True)
-        keyed = ~_missing_id(keys)
-        dup = dup | (keyed & keys.where(keyed, None).duplicated(keep="first").to_numpy())
+    rows = np.flatnonzero(keep)  # raw row of each event still kept
+    times = np.floor(ts[rows]).astype(np.int64)
+    values = values[rows].astype(np.float64)
+    dup = np.zeros(len(rows), dtype=bool)
+    if opts.dedupe and len(rows):  # codes compare as the normalised strings do
+        dup = duplicated_rows({USER: users.codes[rows], ITEM: items.codes[rows], TIME: times,
+                               TYPE: types.codes[rows], VALUE: values})
+    if EVENT_ID in raw.columns and len(rows):  # one event delivered twice (a retried real-time batch)
+        keys = coded_ids(raw[EVENT_ID])
+        key_codes = keys.codes[rows]
+        keyed = ~_missing_id(keys.values)[key_codes]
+        dup = dup | (keyed & pd.Series(np.where(keyed, key_codes, -1)).duplicated(keep="first").to_numpy())
     if dup.any():
-        rep.drop("duplicate", int(dup.sum()))
-        events = events.loc[~dup]
+        rep.drop("duplicate", int(np.count_nonzero(dup)))
+        rows, times, values = rows[~dup], times[~dup], values[~dup]
     if opts.kcore_users > 0 or opts.kcore_items > 0:
-        events = _kcore(events, opts.kcore_users, opts.kcore_items, rep)
+        core = _kcore(users.codes[rows], items.codes[rows], opts.kcore_users, opts.kcore_items, rep)
+        rows, times, values = rows[core], times[core], values[core]
     if sources:
-        rep.sources = _per_source(sources, kept_rows[events.index.to_numpy()], len(raw))
-    n_filled = int(missing[keep][events.index.to_numpy()].sum())
+        rep.sources = _per_source(sources, rows, len(raw))
+    n_filled = int(np.count_nonzero(missing[rows]))
     if n_filled:
         rep.filled[VALUE] = n_filled
-    events = events.sort_values(TIME, kind="stable").reset_index(drop=True)
+    order = stable_order(times)  # by time, events of one time in log order
+    rows, times, values = rows[order], times[order], values[order]
     if opts.event_weights is not None:
-        events[WEIGHT] = events[TYPE].map(opts.event_weights).fillna(1.0).to_numpy(dtype=np.float32)
+        type_weights = np.array([opts.event_weights.get(t, 1.0) for t in types.values], dtype=np.float32)
     else:
-        events[WEIGHT] = np.ones(len(events), dtype=np.float32)
+        type_weights = np.ones(len(types.values), dtype=np.float32)
+    events = pd.DataFrame(
+        {
+            USER: users.text_column(rows),
+            ITEM: items.text_column(rows),
+            TIME: times,
+            TYPE: types.text_column(rows),
+            VALUE: values,
+            **{c: raw[c].to_numpy()[rows] for c in carry},
+            WEIGHT: type_weights[types.codes[rows]],
+        }
+    )
+    if index_ids:
+        events[INDEX_COLUMNS[USER]] = _sorted_rank(users, rows)
+        events[INDEX_COLUMNS[ITEM]] = _sorted_rank(items, rows)
     rep.rows_out = len(events)
     rep.check("events")
     _warn_unknown_types(unknown_types)
-    return events, rep
+    per_type = np.bincount(types.codes[rows], minlength=len(types.values))
+    return _CleanEvents(events, rep, _n_distinct(users.codes[rows], len(users.values)),
+                        _n_distinct(items.codes[rows], len(items.values)),
+                        {str(types.values[c]): int(per_type[c]) for c in sorted(np.flatnonzero(per_type),
+                                                                                 key=lambda c: types.values[c])})
+
+
+def _n_distinct(codes: np.ndarray, n_codes: int) -> int:
+    return int(np.count_nonzero(np.bincount(codes, minlength=n_codes)))
+
+
+def _sorted_rank(ids: Coded, rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) int64: the index of each row's id among the distinct ids of ``rows`` in string
+    order (the index :class:`~dmp_dl.data.vocab.IdVocab` gives it)."""
+    codes = ids.codes[rows]
+    used = np.flatnonzero(np.bincount(codes, minlength=len(ids.values)))
+    rank = np.zeros(len(ids.values), dtype=np.int64)
+    rank[used[np.argsort(ids.values[used], kind="stable")]] = np.arange(len(used))
+    return rank[codes]
 
 
 def _warn_unknown_types(unknown_types: Mapping[str, int]) -> None:
@@ -483,18 +567,23 @@ def _per_source(sources: Sequence[tuple[str, int, int]], kept_rows: np.ndarray, 
     return out
 
 
-def _kcore(events: pd.DataFrame, k_users: int, k_items: int, rep: TableReport) -> pd.DataFrame:
+def _kcore(users: np.ndarray, items: np.ndarray, k_users: int, k_items: int, rep: TableReport) -> np.ndarray:
+    """(n,) bool: the events left when users with fewer than ``k_users`` events and items with
+    fewer than ``k_items`` are dropped in turn until none is (users, items: (n,) codes)."""
+    keep = np.arange(len(users))
     while True:
-        before = len(events)
+        before = len(keep)
         if k_users > 0:
-            counts = events.groupby(USER)[ITEM].transform("size")
-            events = events.loc[counts >= k_users]
+            counts = np.bincount(users[keep])
+            keep = keep[counts[users[keep]] >= k_users]
         if k_items > 0:
-            counts = events.groupby(ITEM)[USER].transform("size")
-            events = events.loc[counts >= k_items]
-        rep.drop("kcore", before - len(events))
-        if len(events) == before:
-            return events
+            counts = np.bincount(items[keep])
+            keep = keep[counts[items[keep]] >= k_items]
+        rep.drop("kcore", before - len(keep))
+        if len(keep) == before:
+            out = np.zeros(len(users), dtype=bool)
+            out[keep] = True
+            return out
 
 
 def clean_attributes(
@@ -533,7 +622,9 @@ def clean_attributes(
             continue
         series = frame[col]
         if pd.api.types.is_bool_dtype(series.dtype):
-            frame[col] = series.astype(object).map(lambda v: None if pd.isna(v) else str(v).lower())
+            codes, flags = pd.factorize(series, use_na_sentinel=False)
+            words = pd.Series(flags, dtype=series.dtype).astype(object).map(lambda v: None if pd.isna(v) else str(v).lower())
+            frame[col] = words.take(codes).set_axis(frame.index)
             kinds[col] = "categorical"
             continue
         if pd.api.types.is_numeric_dtype(series.dtype):
@@ -541,15 +632,17 @@ def clean_attributes(
                                   max_abs_value, rep, col)
             kinds[col] = "numeric"
             continue
-        text = series.astype(object).where(series.notna(), "").map(str).str.strip()
-        empty = text.str.lower().isin(MISSING_TOKENS)
-        numbers = pd.to_numeric(text.where(~empty), errors="coerce")
-        if (~empty).any() and numbers[~empty].notna().all():
-            frame[col] = _bounded(numbers.to_numpy(dtype=np.float64, na_value=np.nan), (~empty).to_numpy(),
-                                  max_abs_value, rep, col)
+        text = per_distinct(series, _stripped_text)  # one row per id, but few distinct values
+        names = pd.Series(text.values)
+        empty = names.str.lower().isin(MISSING_TOKENS).to_numpy()
+        numbers = pd.to_numeric(names.where(~empty), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        if (~empty).any() and not np.isnan(numbers[~empty]).any():
+            frame[col] = _bounded(numbers[text.codes], ~empty[text.codes], max_abs_value, rep, col)
             kinds[col] = "numeric"
         else:
-            frame[col] = text.where(~empty, None).astype(object)
+            cells = text.values.copy()
+            cells[empty] = np.nan
+            frame[col] = pd.Series(cells[text.codes], index=frame.index, dtype=object)
             kinds[col] = "categorical"
     rep.rows_out = len(frame)
     rep.check(f"{id_col} table")
@@ -561,9 +654,9 @@ def describe_times(raw_events: pd.DataFrame, events: pd.DataFrame) -> str | None
     or fewer than two distinct times among the clean ``events``."""
     if TIME not in raw_events.columns:
         return "the log has no timestamp column"
-    distinct = events[TIME].unique()
-    if len(distinct) < 2:
-        when = pd.Timestamp(int(distinct[0]), unit="s", tz="UTC").isoformat() if len(distinct) else "none"
+    times = events[TIME].to_numpy()
+    if len(times) == 0 or times.min() == times.max():
+        when = pd.Timestamp(int(times[0]), unit="s", tz="UTC").isoformat() if len(times) else "none"
         return f"every event has the same timestamp ({when})"
     return None
 
@@ -579,19 +672,24 @@ def _bounded(vals: np.ndarray, present: np.ndarray, max_abs: float, rep: TableRe
 
 
 def clean_log(
-    raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = ()
+    raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = (), index_ids: bool = False
 ) -> tuple[EventLog, QualityReport]:
     """Clean all tables of a raw :class:`EventLog` and describe the result.
+
+    index_ids: also give each clean event the index of its user and of its item among the distinct
+        ids of the clean events in string order (columns ``user_idx``, ``item_idx``, int64): the
+        indices of the vocabularies of those ids (:meth:`dmp_dl.data.vocab.IdVocab.from_indexed`),
+        found while the ids are still integer codes.
 
     Raises
     ------
     DataError if no event survives cleaning (the message carries the per-reason counts).
     """
     malformed: Mapping[str, int] = raw.meta.get("malformed_rows", {})
-    events, ev_rep = clean_events(
-        raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users,
-        sources=raw.meta.get("sources", ()),
-    )
+    cleaned = _clean_events(raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users,
+                            sources=raw.meta.get("sources", ()), carry=(), constant_time_is_no_time=True,
+                            index_ids=index_ids)
+    events, ev_rep = cleaned.events, cleaned.report
     report = QualityReport(source=raw.source, events=ev_rep)
     if ev_rep.rows_out == 0:
         raise DataError(
@@ -608,9 +706,8 @@ def clean_log(
         items, report.items_table, report.attributes["items"] = clean_attributes(
             raw.items, ITEM, malformed_rows=malformed.get("items", 0), max_abs_value=opts.max_abs_value
         )
-    report.n_users = int(events[USER].nunique())
-    report.n_items = int(events[ITEM].nunique())
-    report.events_per_type = {str(k): int(v) for k, v in events[TYPE].value_counts().sort_index().items()}
+    report.n_users, report.n_items = cleaned.n_users, cleaned.n_items
+    report.events_per_type = cleaned.events_per_type
     report.timestamps_note = describe_times(raw.events, events)
     report.has_timestamps = report.timestamps_note is None
     if report.has_timestamps:

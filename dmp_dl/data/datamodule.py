@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
+import time
 from collections.abc import Callable, Collection
 
 import numpy as np
@@ -16,21 +18,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
 from dmp_dl.data.features import FeatureTable
+from dmp_dl.data.grouping import group_bounds, sorted_order, stable_order
+from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix: part of this module's API)
 from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT, EventLog
-from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, split_events
+from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-
-def pair_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> sp.csr_matrix:
-    """Binary (n_users, n_items) CSR matrix of the distinct (user, item) pairs."""
-    data = np.ones(len(users), dtype=np.float32)
-    m = sp.csr_matrix((data, (users, items)), shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
 
 
 def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> sp.csr_matrix:
@@ -51,18 +46,38 @@ def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pa
 
     ``user``/``item`` must be in time order. Returns (n_users, length) int64.
     """
+    order = stable_order(user)
+    return _last_items_grouped(user[order], item[order], n_users, length, pad)
+
+
+def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int,
+                        chunk: int = 1 << 16) -> np.ndarray:
+    """:func:`last_items` of events already grouped by user (each user's in time order)."""
     out = np.full((n_users, max(length, 0)), pad, dtype=np.int64)
     if length <= 0 or len(user) == 0:
         return out
-    order = np.lexsort((np.arange(len(user)), user))
-    u, it = user[order], item[order]
-    ends = np.r_[np.flatnonzero(u[1:] != u[:-1]), len(u) - 1]
-    starts = np.r_[0, ends[:-1] + 1]
-    for k in range(length):  # `length` vectorised passes, not one per user
-        pos = ends - k
-        ok = pos >= starts
-        out[u[ends[ok]], k] = it[pos[ok]]
+    starts, ends = group_bounds(user)
+    last = ends - 1
+    back = np.arange(length)
+    for lo in range(0, len(last), chunk):  # whole rows of `chunk` users at a time: bounded temporaries
+        pos = last[lo:lo + chunk, None] - back  # (users, length) positions, most recent first
+        out[user[last[lo:lo + chunk]]] = np.where(pos >= starts[lo:lo + chunk, None], item[np.maximum(pos, 0)], pad)
     return out
+
+
+class StepClock:
+    """Wall and CPU seconds (all threads of the process) of named steps: ``seconds[name] = {"wall", "cpu"}``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
 def _keep(batch):
@@ -90,13 +105,12 @@ class TrainExamples(Dataset):
                  history_sampling: str = "recent"):
         if history_sampling not in ("recent", "random"):
             raise ConfigError(f"data.history_sampling must be recent, random or auto, got {history_sampling!r}")
-        order = np.lexsort((np.arange(len(user)), user))
+        order = stable_order(user)
         self.user = torch.from_numpy(np.ascontiguousarray(user[order]))
         self.item = torch.from_numpy(np.ascontiguousarray(item[order]))
         self.weight = torch.from_numpy(np.ascontiguousarray(weight[order], dtype=np.float32))
-        u = user[order]
-        starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
-        counts = np.diff(np.r_[starts, len(u)])
+        starts, ends = group_bounds(self.user.numpy())
+        counts = ends - starts
         self.start = torch.from_numpy(np.repeat(starts, counts).astype(np.int64))
         self.count = torch.from_numpy(np.repeat(counts, counts).astype(np.int64))
         self.history_len = history_len
@@ -224,51 +238,65 @@ class InteractionDataModule(pl.LightningDataModule):
             extra_paths = [extra_paths]
         self.extra_paths = [str(x) for x in (extra_paths or [])]
         self.journal_marks: dict[str, int] = {}
+        self._interaction_rows: dict[str, sp.csr_matrix] = {}
+        self.step_seconds: dict[str, dict[str, float]] = {}
         self.name = name
         self._prepared = False
 
     # -- loading -------------------------------------------------------------------------
     def prepare(self) -> "InteractionDataModule":
-        """Load, clean, index and split (once). Returns ``self``."""
+        """Load, clean, index and split (once). Returns ``self``.
+
+        ``step_seconds`` then holds each step's wall and CPU seconds (``load``, ``clean``,
+        ``vocabularies``, ``split``, ``evaluation_sets``, ``features``)."""
         if self._prepared:
             return self
-        raw = self.source.load()
-        if self.extra_paths:
-            from dmp_dl.data.event_files import add_extra_events
+        clock = StepClock()
+        with clock.step("load"):
+            raw = self.source.load()
+            if self.extra_paths:
+                from dmp_dl.data.event_files import add_extra_events
 
-            raw = add_extra_events(raw, self.extra_paths, self.cleaning.timestamp_unit)
-        self._check_journals(raw.meta.get("journals", {}))
-        if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
-            raw, erased = self.privacy.prepare_log(raw, self.erasure_list)
-        else:
-            erased = self._erased_users(raw)
-        self.raw_meta = raw.meta
-        cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased)
-        ev = cleaned.events
-        self.user_vocab = IdVocab.from_values(ev[USER].unique(), "user")
-        self.item_vocab = IdVocab.from_values(ev[ITEM].unique(), "item")
-        ev["user_idx"] = self.user_vocab.index_of(ev[USER].tolist())
-        ev["item_idx"] = self.item_vocab.index_of(ev[ITEM].tolist())
-        labels, method, reason = split_events(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
-                                              report.has_timestamps, self.split_opts)
-        ev["split"] = labels
+                raw = add_extra_events(raw, self.extra_paths, self.cleaning.timestamp_unit)
+            self._check_journals(raw.meta.get("journals", {}))
+            if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
+                raw, erased = self.privacy.prepare_log(raw, self.erasure_list)
+            else:
+                erased = self._erased_users(raw)
+            self.raw_meta = raw.meta
+        with clock.step("clean"):
+            cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased, index_ids=True)
+            del raw  # the raw columns are not needed past cleaning: free them before indexing and splitting
+        with clock.step("vocabularies"):
+            ev = cleaned.events  # with user_idx and item_idx, the indices of these vocabularies:
+            self.user_vocab = IdVocab.from_indexed(ev[USER], ev["user_idx"].to_numpy(), "user")
+            self.item_vocab = IdVocab.from_indexed(ev[ITEM], ev["item_idx"].to_numpy(), "item")
+        with clock.step("split"):
+            split = resolve_split(ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev[TIME].to_numpy(),
+                                  report.has_timestamps, self.split_opts, len(self.user_vocab), len(self.item_vocab))
+            method, reason = split.method, split.reason
+            ev["split"] = split.labels
         self.split_method = method
         self.history_sampling = self._resolve_history_sampling(method)
         if reason:
             log.info("split: %s (%s)", method, reason)
         self.log_ = cleaned
         self.report = report
-        self._index_splits(ev)
+        with clock.step("evaluation_sets"):
+            self._index_splits(ev, split.pairs)
         report.split = {"method": method, "method_requested": self.split_opts.method, "method_reason": reason,
                         "history_sampling": self.history_sampling, **report.split}
-        count_unmatched(cleaned.users, USER, self.user_vocab, report.users_table, "data.users")
-        count_unmatched(cleaned.items, ITEM, self.item_vocab, report.items_table, "data.items")
-        self.user_features = FeatureTable.build(cleaned.users, USER, self.user_vocab, report.attributes.get("users"))
-        self.item_features = FeatureTable.build(cleaned.items, ITEM, self.item_vocab, report.attributes.get("items"))
+        with clock.step("features"):
+            count_unmatched(cleaned.users, USER, self.user_vocab, report.users_table, "data.users")
+            count_unmatched(cleaned.items, ITEM, self.item_vocab, report.items_table, "data.items")
+            self.user_features = FeatureTable.build(cleaned.users, USER, self.user_vocab, report.attributes.get("users"))
+            self.item_features = FeatureTable.build(cleaned.items, ITEM, self.item_vocab, report.attributes.get("items"))
         report.attributes["skipped"] = {
             **{f"users.{k}": v for k, v in self.user_features.skipped_columns.items()},
             **{f"items.{k}": v for k, v in self.item_features.skipped_columns.items()},
         }
+        self.step_seconds = clock.seconds
+        log.debug("data stage: %s", ", ".join(f"{k} {v['wall']:.2f} s" for k, v in clock.seconds.items()))
         self._prepared = True
         return self
 
@@ -314,45 +342,45 @@ class InteractionDataModule(pl.LightningDataModule):
         ids = log_user_ids(raw)
         return set(ids[entries.resolve(ids, None)].tolist())
 
-    def _index_splits(self, ev: pd.DataFrame) -> None:
+    def _index_splits(self, ev: pd.DataFrame, pairs: SplitPairs | None = None) -> None:
+        """Training indices, item counts, histories and the evaluation sets of the split ``ev``;
+        ``pairs``: its :class:`SplitPairs` when already computed."""
         n_users, n_items = len(self.user_vocab), len(self.item_vocab)
         u, i, s = ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev["split"].to_numpy()
         train = s == TRAIN
         if not train.any():
             raise DataError(f"{self.report.source}: the split left no training events; lower data.split.val_frac/test_frac")
+        if pairs is None:
+            pairs = SplitPairs.build(u, i, s, n_users, n_items)
         self.train_idx = np.flatnonzero(train)
-        self.item_counts = np.bincount(i[train], minlength=n_items).astype(np.int64)
-        self.train_seen = pair_matrix(n_users, n_items, u[train], i[train])
-        self.train_history = last_items(u[train], i[train], n_users, self.history_len, pad=n_items)
-        self.all_seen = pair_matrix(n_users, n_items, u, i)
-        self.full_history = last_items(u, i, n_users, self.history_len, pad=n_items)
-        users_in_train = np.zeros(n_users, dtype=bool)
-        users_in_train[u[train]] = True
-        items_in_train = self.item_counts > 0
+        self.item_counts = np.bincount(i[self.train_idx], minlength=n_items).astype(np.int64)
+        self.train_seen = pairs.train
+        by_user, u_by_user = sorted_order(u)  # every event grouped by user in time order; the training ones a subsequence
+        i_by_user, train_by_user = i[by_user], train[by_user]
+        self.train_history = _last_items_grouped(u_by_user[train_by_user], i_by_user[train_by_user], n_users,
+                                                 self.history_len, pad=n_items)
+        self.all_seen = pairs.all()
+        self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
+        per_part = np.bincount(s, minlength=3)  # events per split part, then those of users / items unseen in training
+        cold_user = np.bincount(s[~pairs.warm[u]], minlength=3)
+        cold_item = np.bincount(s[self.item_counts[i] == 0], minlength=3)
         stats: dict[str, object] = {
-            "events": {"train": int(train.sum()), "val": int((s == VAL).sum()), "test": int((s == TEST).sum())},
-            "train_time_max": int(ev.loc[train, TIME].max()) if self.report.has_timestamps else None,
+            "events": {"train": int(per_part[TRAIN]), "val": int(per_part[VAL]), "test": int(per_part[TEST])},
+            "train_time_max": int(ev[TIME].to_numpy()[self.train_idx].max()) if self.report.has_timestamps else None,
         }
-        exclude = self.train_seen
+        seen = {"val": self.train_seen, "test": pairs.seen((1 << TRAIN) | (1 << VAL))}
         for name, code in (("val", VAL), ("test", TEST)):
-            m = s == code
-            warm = m & users_in_train[u]
-            stats[f"{name}_events_user_unseen_in_train"] = int((m & ~users_in_train[u]).sum())
-            stats[f"{name}_events_item_unseen_in_train"] = int((m & ~items_in_train[i]).sum())
-            held = pair_matrix(n_users, n_items, u[warm], i[warm])
-            overlap = held.multiply(exclude)
-            stats[f"{name}_pairs_already_seen"] = int(overlap.nnz)
-            held = (held - overlap).tocsr()
-            held.eliminate_zeros()
+            stats[f"{name}_events_user_unseen_in_train"] = int(cold_user[code])
+            stats[f"{name}_events_item_unseen_in_train"] = int(cold_item[code])
+            stats[f"{name}_pairs_already_seen"] = pairs.already_seen(code)
+            held = pairs.relevant(code)
             setattr(self, f"{name}_relevant", held)
-            setattr(self, f"{name}_seen", exclude)
+            # the test period excludes what the user did in training and validation
+            setattr(self, f"{name}_seen", seen[name])
             users_with = np.flatnonzero(np.diff(held.indptr) > 0)
             setattr(self, f"{name}_users", users_with)
             stats[f"{name}_users"] = int(len(users_with))
             stats[f"{name}_pairs"] = int(held.nnz)
-            # the test period excludes what the user did in training and validation
-            exclude = (exclude + pair_matrix(n_users, n_items, u[m], i[m])).tocsr()
-            exclude.data[:] = 1.0
         self.report.split = stats
 
     # -- views ---------------------------------------------------------------------------
@@ -392,11 +420,17 @@ class InteractionDataModule(pl.LightningDataModule):
 
     def interaction_rows(self, which: str = "train") -> sp.csr_matrix:
         """Per-user interaction strengths (:func:`weighted_rows`) of the training events
-        (``which="train"``) or of every event (``"all"``). (n_users, n_items) CSR."""
-        ev = self.events
-        mask = ev["split"].to_numpy() == TRAIN if which == "train" else np.ones(len(ev), dtype=bool)
-        return weighted_rows(self.n_users, self.n_items, ev["user_idx"].to_numpy()[mask],
-                             ev["item_idx"].to_numpy()[mask], ev[WEIGHT].to_numpy()[mask])
+        (``which="train"``) or of every event (``"all"``). (n_users, n_items) CSR, the caller's own
+        copy (the matrix is built once per ``which``)."""
+        key = "train" if which == "train" else "all"
+        built = self._interaction_rows.get(key)
+        if built is None:
+            ev = self.events
+            rows = np.flatnonzero(ev["split"].to_numpy() == TRAIN) if key == "train" else slice(None)
+            built = weighted_rows(self.n_users, self.n_items, ev["user_idx"].to_numpy()[rows],
+                                  ev["item_idx"].to_numpy()[rows], ev[WEIGHT].to_numpy()[rows])
+            self._interaction_rows[key] = built
+        return built.copy()
 
     def train_dataset(self) -> TrainExamples:
         ev = self.events

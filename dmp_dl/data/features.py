@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from dmp_dl.data.distinct import per_distinct_cells
+from dmp_dl.data.grouping import group_bounds
 from dmp_dl.data.schema import MULTI_VALUE_SEP
 from dmp_dl.data.vocab import IdVocab
 
@@ -75,23 +77,32 @@ class FeatureTable:
                 continue
             cat_cols.append(col)
 
-        # Categorical: explode multi-valued cells into (row, token) pairs, then pad per row.
-        pairs = []
+        # Categorical: each distinct cell split into its tokens once, then (row, token) pairs padded per row.
+        pair_rows, pair_tokens, token_texts = [], [], []
         for col in cat_cols:
-            values = table[col].astype(object).where(table[col].notna(), None)
-            split = values.map(lambda v: [] if v is None else [p.strip() for p in str(v).split(MULTI_VALUE_SEP) if p.strip()])
-            s = pd.Series(split.to_numpy(), index=rows).explode().dropna()
-            pairs.append(pd.DataFrame({"row": s.index.to_numpy(np.int64), "token": (col + "=" + s.astype(str)).to_numpy()}))
-        pairs_df = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame({"row": [], "token": []})
-        pairs_df = pairs_df.drop_duplicates()
-        token_vocab = sorted(pairs_df["token"].unique().tolist())
+            cells = per_distinct_cells(table[col])
+            words = [[] if v is None else [p.strip() for p in str(v).split(MULTI_VALUE_SEP) if p.strip()]
+                     for v in cells.values]
+            n_words = np.array([len(w) for w in words], dtype=np.int64)
+            first_word = np.concatenate([[0], np.cumsum(n_words)])
+            per_row = n_words[cells.codes]
+            pair_rows.append(np.repeat(rows, per_row))
+            within = np.arange(int(per_row.sum())) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+            pair_tokens.append(len(token_texts) + np.repeat(first_word[cells.codes], per_row) + within)
+            token_texts.extend(f"{col}={w}" for cell in words for w in cell)
+        token_vocab = sorted(set(token_texts))
         tok_index = {t: i + 1 for i, t in enumerate(token_vocab)}
-        width = max(1, int(pairs_df.groupby("row").size().max()) if len(pairs_df) else 1)
-        tokens = np.zeros((n + 1, width), dtype=np.int64)
-        if len(pairs_df):
-            pairs_df = pairs_df.sort_values(["row", "token"])
-            slot = pairs_df.groupby("row").cumcount().to_numpy()
-            tokens[pairs_df["row"].to_numpy(np.int64), slot] = pairs_df["token"].map(tok_index).to_numpy(np.int64)
+        token_id = np.array([tok_index[t] for t in token_texts], dtype=np.int64)
+        tokens = np.zeros((n + 1, 1), dtype=np.int64)
+        if token_texts:
+            row = np.concatenate(pair_rows)
+            key = np.sort(row * (len(token_vocab) + 1) + token_id[np.concatenate(pair_tokens)])  # by row, then token
+            key = key[np.r_[True, key[1:] != key[:-1]]]  # a token once per row
+            row, tok = key // (len(token_vocab) + 1), key % (len(token_vocab) + 1)
+            if len(key):
+                starts, ends = group_bounds(row)
+                tokens = np.zeros((n + 1, max(1, int((ends - starts).max()))), dtype=np.int64)
+                tokens[row, np.arange(len(key)) - np.repeat(starts, ends - starts)] = tok
 
         kept, means, stds = [], [], []
         for col in num_cols:

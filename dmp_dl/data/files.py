@@ -291,7 +291,6 @@ def _read_csv(path: Path, *, sep: str, encoding: str) -> Table:
         raise DataError(f"{path}: cannot read ({exc})") from None
     finally:
         sys.unraisablehook = previous_hook
-    frame = arrow.to_pandas(types_mapper=None)
+    frame = arrow.to_pandas(types_mapper=None)  # text columns stay arrow-backed (pandas' str), as from Parquet
     frame.columns = names
-    frame = frame.astype(object)
     return Table(frame, str(path), malformed)

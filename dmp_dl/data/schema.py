@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from dmp_dl.data.distinct import Coded, per_distinct
+
 USER = "user_id"
 ITEM = "item_id"
 TIME = "timestamp"
@@ -102,6 +104,17 @@ def normalize_ids(values: pd.Series) -> pd.Series:
     -------
     pd.Series of object dtype (python ``str``), same index as ``values``.
     """
+    return pd.Series(coded_ids(values).take(), index=values.index, dtype=object)
+
+
+def coded_ids(values: pd.Series) -> Coded:
+    """:func:`normalize_ids` of ``values`` as codes into the distinct normalised ids (each distinct
+    raw id is normalised once)."""
+    return per_distinct(values, _normalize_ids, floats_alike=True)
+
+
+def _normalize_ids(values: pd.Series) -> pd.Series:
+    """:func:`normalize_ids`, value by value."""
     if pd.api.types.is_float_dtype(values.dtype):
         arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
         out = np.full(arr.shape, "", dtype=object)

@@ -6,9 +6,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dmp_dl.data.grouping import group_bounds, stable_order
+from dmp_dl.data.pairs import TEST, TRAIN, VAL, SplitPairs
 from dmp_dl.errors import ConfigError
 
-TRAIN, VAL, TEST = 0, 1, 2
 METHODS = ("auto", "global_temporal", "leave_last_n", "random_per_user")
 TIME_METHODS = ("global_temporal", "leave_last_n")  # need event times
 
@@ -60,18 +61,30 @@ def heldout_users(user: np.ndarray, item: np.ndarray, labels: np.ndarray) -> tup
 
     user, item: (n,) int64 indices; labels: (n,) split labels. Returns (validation users, test users).
     """
-    key = user.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
-    train = labels == TRAIN
-    has_train = np.zeros(int(user.max(initial=0)) + 1, dtype=bool)
-    has_train[user[train]] = True
-    seen = np.unique(key[train])
-    counts = []
-    for code in (VAL, TEST):
-        held = labels == code
-        fresh = held & has_train[user] & ~np.isin(key, seen)
-        counts.append(len(np.unique(user[fresh])))
-        seen = np.union1d(seen, key[held])
-    return counts[0], counts[1]
+    n_users, n_items = int(user.max(initial=-1)) + 1, int(item.max(initial=-1)) + 1
+    return SplitPairs.build(user, item, labels, n_users, n_items).user_counts()
+
+
+@dataclass
+class Split:
+    """The outcome of :func:`resolve_split`.
+
+    labels: (n,) int8; method: the concrete method used; reason: why ``auto`` chose it (None for an
+    explicit method); pairs: the :class:`SplitPairs` of ``labels`` when choosing needed them (else
+    None), for the caller to reuse.
+    """
+
+    labels: np.ndarray
+    method: str
+    reason: str | None
+    pairs: SplitPairs | None = None
+
+
+def _distinct(values: np.ndarray) -> int:
+    """Number of distinct values of non-negative integer indices (n,), in linear time."""
+    if len(values) == 0:
+        return 0
+    return int(np.count_nonzero(np.bincount(values)))
 
 
 def split_events(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, has_timestamps: bool,
@@ -83,27 +96,40 @@ def split_events(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, has_
     Returns ((n,) int8 labels, method, reason or None). Raises :class:`ConfigError` for a method
     that needs times on a log without them.
     """
+    split = resolve_split(user, item, timestamp, has_timestamps, opts)
+    return split.labels, split.method, split.reason
+
+
+def resolve_split(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, has_timestamps: bool,
+                  opts: SplitOptions, n_users: int | None = None, n_items: int | None = None) -> Split:
+    """:func:`split_events` with the pairs it computed to choose (see :class:`Split`).
+
+    n_users, n_items: index ranges of ``user`` / ``item`` (default: their maximum + 1).
+    """
     if opts.method != "auto":
         if opts.method in TIME_METHODS and not has_timestamps:
             raise ConfigError(f"data.split.method={opts.method} needs event times and this log has none; "
                               "use data.split.method=auto or random_per_user")
-        return assign_split(user, timestamp, opts), opts.method, None
+        return Split(assign_split(user, timestamp, opts), opts.method, None)
     if not has_timestamps:
         chosen = replace(opts, method="random_per_user")
-        return assign_split(user, timestamp, chosen), chosen.method, "auto: the log has no event times"
-    n_users = len(np.unique(user))
-    need = max(int(opts.auto_min_users), int(np.ceil(opts.auto_min_user_share * n_users)))
+        return Split(assign_split(user, timestamp, chosen), chosen.method, "auto: the log has no event times")
+    n_users = int(user.max(initial=-1)) + 1 if n_users is None else n_users
+    n_items = int(item.max(initial=-1)) + 1 if n_items is None else n_items
+    distinct_users = _distinct(user)
+    need = max(int(opts.auto_min_users), int(np.ceil(opts.auto_min_user_share * distinct_users)))
     labels = assign_split(user, timestamp, replace(opts, method="global_temporal"))
-    val_users, test_users = heldout_users(user, item, labels)
-    found = (f"{val_users} validation and {test_users} test users of {n_users} with a held-out item to rank "
+    pairs = SplitPairs.build(user, item, labels, n_users, n_items)
+    val_users, test_users = pairs.user_counts()
+    found = (f"{val_users} validation and {test_users} test users of {distinct_users} with a held-out item to rank "
              f"(auto needs at least {need} each: data.split.auto_min_users={opts.auto_min_users}, "
              f"auto_min_user_share={opts.auto_min_user_share:g})")
     wanted_val, wanted_test = opts.val_frac > 0, opts.test_frac > 0
     if (val_users >= need or not wanted_val) and (test_users >= need or not wanted_test):
-        return labels, "global_temporal", f"auto: one cut in time leaves {found}"
+        return Split(labels, "global_temporal", f"auto: one cut in time leaves {found}", pairs)
     chosen = replace(opts, method="leave_last_n")
-    return (assign_split(user, timestamp, chosen), chosen.method,
-            f"auto: one cut in time would leave {found}, so each user's last {opts.n} event(s) are held out instead")
+    return Split(assign_split(user, timestamp, chosen), chosen.method,
+                 f"auto: one cut in time would leave {found}, so each user's last {opts.n} event(s) are held out instead")
 
 
 def assign_split(user: np.ndarray, timestamp: np.ndarray, opts: SplitOptions) -> np.ndarray:
@@ -134,13 +160,14 @@ def assign_split(user: np.ndarray, timestamp: np.ndarray, opts: SplitOptions) ->
             labels[timestamp > t_test] = TEST
         return labels
     # Per-user methods: position of each event within its user's events (time order kept).
-    order = np.lexsort((np.arange(n), user))
     if opts.method == "random_per_user":
         rng = np.random.default_rng(opts.seed)
-        order = np.lexsort((rng.random(n), user))
-    u_sorted = user[order]
-    starts = np.r_[0, np.flatnonzero(u_sorted[1:] != u_sorted[:-1]) + 1]
-    counts = np.diff(np.r_[starts, n])
+        shuffled = np.argsort(rng.random(n), kind="stable")  # by user, then at random
+        order = shuffled[stable_order(user[shuffled])]
+    else:
+        order = stable_order(user)
+    starts, ends = group_bounds(user[order])
+    counts = ends - starts
     count = np.repeat(counts, counts)
     pos = np.arange(n) - np.repeat(starts, counts)
     if opts.method == "leave_last_n":

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dmp_dl.data.distinct import Coded
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, EventLog
 from dmp_dl.errors import ConfigError
 
@@ -107,14 +108,18 @@ class SyntheticSource:
         start = t_end - span + rng.uniform(0.0, 0.7, size=U) * span
         churned = rng.random(U) < self.churn_rate
         stop = np.where(churned, start + rng.uniform(0.05, 1.0, size=U) * (t_end - start), t_end)
-        ts = start[ev_user] + rng.random(n) * (stop - start)[ev_user]
-        order = np.lexsort((ts, ev_user))  # by user, then time
-        ts = ts[order]
+        # by user, then time: start + draw * span grows with the draw, so sorting each user's draws sorts its times
+        draws = _sorted_per_group(ev_user, rng.random(n))
+        ts = start[ev_user] + draws * (stop - start)[ev_user]
         first = np.r_[True, ev_user[1:] != ev_user[:-1]]
 
         # Categories: fresh draws from the user's preferences, otherwise stick to the session's.
         cum_pref = np.cumsum(user_pref, axis=1)
-        drawn = (rng.random(n)[:, None] > cum_pref[ev_user]).sum(axis=1).clip(max=C - 1)
+        draw = rng.random(n)
+        drawn = np.zeros(n, dtype=np.int64)
+        for c in range(C):  # how many of the user's cumulative preferences the draw exceeds, without an (n, C) array
+            drawn += draw > cum_pref[:, c][ev_user]
+        drawn = drawn.clip(max=C - 1)
         fresh = first | (rng.random(n) >= self.session_stickiness)
         source = np.maximum.accumulate(np.where(fresh, np.arange(n), 0))
         ev_cat = drawn[source]
@@ -136,17 +141,16 @@ class SyntheticSource:
         p_cart = np.clip(0.06 * np.sqrt(buy), 0.0, 0.3)
         u = rng.random(n)
         type_idx = np.select([u < p_purchase, u < p_purchase + p_cart, u < p_purchase + p_cart + 0.25], [3, 2, 1], 0)
-        ev_type = np.asarray(EVENT_TYPES, dtype=object)[type_idx]
         value = np.where(type_idx == 3, price[ev_item], 0.0)
 
         uid = np.char.add("u", np.char.zfill(np.arange(U).astype(str), 6)).astype(object)
         iid = np.char.add("i", np.char.zfill(np.arange(I).astype(str), 5)).astype(object)
         events = pd.DataFrame(
             {
-                USER: uid[ev_user],
-                ITEM: iid[ev_item],
+                USER: Coded(ev_user, uid).text_column(),
+                ITEM: Coded(ev_item, iid).text_column(),
                 TIME: np.floor(ts).astype(np.int64),
-                TYPE: ev_type,
+                TYPE: Coded(type_idx, np.asarray(EVENT_TYPES, dtype=object)).text_column(),
                 VALUE: value,
             }
         )
@@ -183,6 +187,27 @@ class SyntheticSource:
         return {"user_response": pd.Series(kind, index=uid, name="response"),
                 "p_control": pd.Series(p[:, 0], index=uid, name="p_control"),
                 "p_treated": pd.Series(p[:, 1], index=uid, name="p_treated")}
+
+
+def _sorted_per_group(group: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """``draws`` sorted within each run of ``group`` (sorted non-negative ints, (n,)); draws are
+    ``Generator.random`` output, multiples of 2**-53 in [0, 1).
+
+    Sorts (group, draw) as one int64 (53 bits of draw, 10 of group) over blocks of 1023 groups:
+    cache-sized sorts instead of one argsort of the whole log. Returns (n,) float64."""
+    steps = draws * 2.0**53
+    whole = steps.astype(np.int64)
+    if not np.array_equal(whole, steps):  # not Generator.random output: sort the plain way
+        return draws[np.lexsort((draws, group))]
+    out = np.empty_like(draws)
+    block = 1023
+    bounds = np.searchsorted(group, np.arange(0, int(group.max(initial=0)) + block + 1, block))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            key = ((group[lo:hi] - group[lo]) << 53) | whole[lo:hi]
+            key.sort()
+            out[lo:hi] = (key & ((1 << 53) - 1)) / 2.0**53
+    return out
 
 
 def campaign_outcomes(log: EventLog, treated_ids, start: float | None = None, days: float = 14.0, seed: int = 0,

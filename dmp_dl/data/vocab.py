@@ -31,6 +31,26 @@ class IdVocab:
     def from_values(cls, values: Iterable[str], kind: str = "id") -> "IdVocab":
         return cls(sorted(set(map(str, values))), kind)
 
+    @classmethod
+    def from_indexed(cls, values: pd.Series, index: np.ndarray, kind: str = "id") -> "IdVocab":
+        """The vocabulary in which row ``r`` of the id column ``values`` has index ``index[r]``
+        (e.g. :func:`dmp_dl.data.cleaning.clean_log` with ``index_ids``); those indices must number
+        the distinct ids in string order.
+
+        values: (n,) ids; index: (n,) int64. Raises ValueError when they do not.
+        """
+        index = np.asarray(index, dtype=np.int64)
+        n_ids = int(index.max(initial=-1)) + 1
+        first = np.full(n_ids, -1, dtype=np.int64)
+        first[index[::-1]] = np.arange(len(index) - 1, -1, -1)  # the first row of each index
+        if (first < 0).any():
+            raise ValueError(f"{kind} indices skip a number")
+        ids = np.asarray(values.take(first), dtype=object)
+        vocab = cls(ids, kind)
+        if n_ids > 1 and not (ids[:-1] < ids[1:]).all():
+            raise ValueError(f"{kind} indices do not number the ids in string order")
+        return vocab
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -42,6 +62,8 @@ class IdVocab:
 
     def index_of(self, ids: Iterable[object]) -> np.ndarray:
         """Indices (int64) of ``ids``; ``-1`` for ids not in the vocabulary."""
+        if isinstance(ids, (pd.Series, pd.Index, np.ndarray, pd.api.extensions.ExtensionArray)):
+            ids = np.asarray(ids, dtype=object)  # iterating Python objects, not arrow scalars
         keys = [str(x) for x in ids]
         return self._index.get_indexer(keys).astype(np.int64)
 

@@ -149,12 +149,13 @@ def reference_clean(raw: pd.DataFrame, opts: CleaningOptions, exclude: set[str])
             dropped[reason[r]] += 1
             continue
         event = (users[r], items[r], math.floor(times[r]), types[r], values[r])
-        duplicate = opts.dedupe and event in seen_events
-        seen_events.add(event)
         keyed = keys[r].lower() not in MISSING_TOKENS
-        duplicate = duplicate or (keyed and keys[r] in seen_keys)
-        if keyed:
+        if keyed:  # an event with an id repeats only an earlier id
+            duplicate = keys[r] in seen_keys
             seen_keys.add(keys[r])
+        else:
+            duplicate = opts.dedupe and event in seen_events
+            seen_events.add(event)
         if duplicate:
             dropped["duplicate"] += 1
         else:

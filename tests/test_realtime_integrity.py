@@ -27,8 +27,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dmp_dl.bundle import MANIFEST, BundleWriter, write_manifest
-from dmp_dl.data.cleaning import plain_id
-from dmp_dl.data.schema import canonical_id, normalize_ids
+from dmp_dl.data.cleaning import CleaningOptions, clean_events, plain_id
+from dmp_dl.data.event_files import read_events
+from dmp_dl.data.schema import USER, canonical_id, normalize_ids
 from dmp_dl.errors import ConfigError, UnknownIdError
 from dmp_dl.privacy import erasure
 from dmp_dl.privacy.erasure import ErasureService, forget_users
@@ -315,6 +316,11 @@ def test_events_with_different_ids_are_different_events_live_and_after_a_restart
         realtime = again.info()["realtime"]
         assert realtime["events_replayed"] == 4 and realtime["replay_dropped"] == {}
         assert again.live_user("twin-buyer").events == 4
+    # the next training run reads the journal (data.extra_paths) by the same rule
+    table = read_events(default_journal_dir(place), key="data.extra_paths[0]")
+    clean, report = clean_events(table.frame, CleaningOptions(), constant_time_is_no_time=False)
+    assert int((clean[USER] == "twin-buyer").sum()) == 4
+    assert report.dropped.get("duplicate", 0) == 0
 
 
 def test_a_resent_event_without_time_or_id_counts_once(place):

@@ -65,8 +65,9 @@ class CleaningOptions:
     min_value: positive rule, keep events with ``value >= min_value`` (e.g. ratings >= 4).
     positive_event_types: positive rule, keep only these event types.
     kcore_users / kcore_items: iteratively drop users / items with fewer events.
-    dedupe: drop exact duplicate events. Events that repeat an earlier event's ``event_id`` (when the
-        log has that column, e.g. the real-time journal) are dropped as duplicates either way.
+    dedupe: drop exact duplicate events among those without an ``event_id``. When the log has that
+        column (e.g. the real-time journal), an event with an id is a duplicate only when an earlier
+        event has the same id, whatever the contents and this setting: two ids are two events.
     """
 
     event_weights: dict[str, float] | None = None
@@ -382,14 +383,17 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     times = np.floor(ts[rows]).astype(np.int64)
     values = values[rows].astype(np.float64)
     dup = np.zeros(len(rows), dtype=bool)
-    if opts.dedupe and len(rows):  # codes compare as the normalised strings do
-        dup = duplicated_rows({USER: users.codes[rows], ITEM: items.codes[rows], TIME: times,
-                               TYPE: types.codes[rows], VALUE: values})
+    keyed = np.zeros(len(rows), dtype=bool)
     if EVENT_ID in raw.columns and len(rows):  # one event delivered twice (a retried real-time batch)
         keys = coded_ids(raw[EVENT_ID])
         key_codes = keys.codes[rows]
         keyed = ~_missing_id(keys.values)[key_codes]
-        dup = dup | (keyed & pd.Series(np.where(keyed, key_codes, -1)).duplicated(keep="first").to_numpy())
+        dup = keyed & pd.Series(np.where(keyed, key_codes, -1)).duplicated(keep="first").to_numpy()
+    if opts.dedupe and len(rows) and not keyed.all():
+        # contents are compared among the events without an event_id only: two ids are two events
+        plain = np.flatnonzero(~keyed)  # codes compare as the normalised strings do
+        dup[plain] = duplicated_rows({USER: users.codes[rows[plain]], ITEM: items.codes[rows[plain]],
+                                      TIME: times[plain], TYPE: types.codes[rows[plain]], VALUE: values[plain]})
     if dup.any():
         rep.drop("duplicate", int(np.count_nonzero(dup)))
         rows, times, values = rows[~dup], times[~dup], values[~dup]
@@ -525,14 +529,13 @@ def clean_few_events(users: Sequence, items: Sequence, times: Sequence, types: S
     out = []
     for event in kept:
         row = event[5]
-        duplicate = False
-        if opts.dedupe:
-            duplicate = event[:5] in canonical
-            canonical.add(event[:5])
         key = plain_id(event_ids[row])
         if key.lower() not in MISSING_TOKENS:  # one event delivered twice (a retried real-time batch)
-            duplicate = duplicate or key in keys
+            duplicate = key in keys
             keys.add(key)
+        else:  # contents are compared among the events without an event_id only
+            duplicate = opts.dedupe and event[:5] in canonical
+            canonical.add(event[:5])
         if duplicate:
             dropped["duplicate"] = dropped.get("duplicate", 0) + 1
         else:

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup train test test-slow bench clean
+.PHONY: setup train test test-slow bench clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,13 @@ bench: setup
 
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache
+
+# Wheels a CUDA machine without package access lacks, for Python 3.12 on x86-64 (bench/gpu_check.sh installs them)
+GPU_WHEELS ?= hydra-core==1.3.8 omegaconf==2.3.1 faiss-cpu==1.15.1 pydantic==2.14.4 pydantic_core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 fastapi==0.165.0 starlette==1.10.0 fastapi-offline uvicorn==0.55.0
+gpu-wheels: setup
+	mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3

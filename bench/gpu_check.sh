@@ -21,7 +21,7 @@ LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "${GPU_CHECK_DRY:-0}" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site" || { echo "wheel install failed" | tee -a "$LOG"; exit 2; }
 fi

@@ -158,6 +158,12 @@ def run_child(users: int, items: int, events: int, args, workdir: Path) -> dict[
     return res
 
 
+def _seconds(x) -> str:
+    """Seconds to 3 significant places at most (0.12, 4.7, 53)."""
+    x = float("nan") if x is None else float(x)
+    return f"{x:.0f}" if not x < 100 else f"{x:.3g}"
+
+
 def summarise(results: list[dict]) -> tuple[str, dict]:
     rows = []
     for r in results:
@@ -168,8 +174,8 @@ def summarise(results: list[dict]) -> tuple[str, dict]:
         model = next((n for n in test if n not in ("popularity", "ease")), None)
         rows.append({
             "users x items x events": f"{r['users']:,} x {r['items']:,} x {r['events']:,}", "device": r["device"],
-            "wall s": f"{r['wall_s']:.0f}", "data s": f"{(r['stages'].get('data') or 0):.0f}",
-            "model s": f"{(r['stages'].get('model') or 0):.0f}", "one EASE fit s": f"{r.get('one_ease_fit_s', float('nan')):.0f}",
+            "wall s": _seconds(r["wall_s"]), "data s": _seconds(r["stages"].get("data") or 0),
+            "model s": _seconds(r["stages"].get("model") or 0), "one EASE fit s": _seconds(r.get("one_ease_fit_s")),
             "wall / EASE": f"{r.get('wall_over_ease', float('nan')):.1f}", "chosen": r["selected"],
             "NDCG@20 auto / EASE / pop": " / ".join(f"{(test.get(n) or {}).get('ndcg@20') or float('nan'):.4f}"
                                                      for n in (model, "ease", "popularity")),

@@ -18,6 +18,7 @@ it (:class:`~dmp_dl.models.scoring.ServedScore`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -126,6 +127,21 @@ class TimeBudget(Callback):
             self._stop(trainer, f"stopping after {trainer.current_epoch + 1} epoch(s), another would not fit")
 
 
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: str):
+    """float32 matrix products with TF32 tensor cores (``high``) while the autoencoder trains in
+    mixed precision on CUDA (``trainer=gpu``: bf16-mixed), where its products are already
+    reduced-precision; ``highest`` (full float32) everywhere else — EASE's inverse, the scoring and
+    the CPU keep it, so their numbers do not depend on the device's tensor cores."""
+    previous = torch.get_float32_matmul_precision()
+    mixed = device.type == "cuda" and ("16" in precision and "mixed" in precision)
+    torch.set_float32_matmul_precision("high" if mixed else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def batch_users(setting: Any, n_users: int) -> int:
     """``auto``: 64 users a step on small logs, up to 1024 on large ones (about 64 steps an epoch)."""
     if setting in (None, "auto"):
@@ -194,8 +210,8 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
     device = stage_device(cfg)
     trainer = _trainer(cfg, callbacks, max_epochs, time_budget_s, validate, loggers or [], budget_clock(device))
     t0 = time.perf_counter()
-    with warnings.catch_warnings():  # a final fit without validation users is intended, not a slip
-        warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")
+    with warnings.catch_warnings(), matmul_precision(device, str(cfg.trainer.get("precision", "32-true"))):
+        warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")  # a final fit without validation users is intended
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
     seconds = time.perf_counter() - t0
     facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size,

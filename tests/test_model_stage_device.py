@@ -171,3 +171,17 @@ def test_a_larger_log_trains_past_its_first_epoch_and_stays_well_above_popularit
     record, ranking = result["metrics"]["model"], result["metrics"]["ranking"]
     assert record["candidates"]["vae"]["details"]["best_epoch"] >= 1
     assert ranking["vae"]["ndcg@20"] > 1.5 * ranking["popularity"]["ndcg@20"]
+
+
+def test_tensor_cores_only_while_the_autoencoder_trains_in_mixed_precision_on_cuda():
+    """TF32 products (``high``) for the bf16-mixed autoencoder fit on CUDA alone; full float32 for
+    the CPU and for a float32 trainer, and the previous setting restored after the fit."""
+    from dmp_dl.model_selection import matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    cases = [("cuda", "bf16-mixed", "high"), ("cuda", "16-mixed", "high"), ("cuda", "32-true", "highest"),
+             ("cpu", "bf16-mixed", "highest")]
+    for device, precision, expected in cases:
+        with matmul_precision(torch.device(device), precision):
+            assert torch.get_float32_matmul_precision() == expected, (device, precision)
+        assert torch.get_float32_matmul_precision() == before

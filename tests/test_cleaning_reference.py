@@ -80,10 +80,16 @@ def reference_ids(col: pd.Series) -> list[str]:
     """normalize_ids, row by row, as documented."""
     out = []
     for v in col.tolist():
-        if pd.api.types.is_float_dtype(col.dtype):
-            out.append("" if not math.isfinite(v) else str(int(v)) if v == int(v) and abs(v) < 2**53 else str(np.float64(v)))
-        elif v is None or (isinstance(v, float) and math.isnan(v)):
+        if isinstance(v, str):
+            out.append(v.strip())
+        elif v is None or v is pd.NA:
             out.append("")
+        elif isinstance(v, (bool, np.bool_)):
+            out.append(str(bool(v)))
+        elif isinstance(v, (int, np.integer)):
+            out.append(str(int(v)))
+        elif isinstance(v, (float, np.floating)):  # a float column, or a number among text ids
+            out.append("" if not math.isfinite(v) else str(int(v)) if v == int(v) and abs(v) < 2**53 else str(float(v)))
         else:
             out.append(str(v).strip())
     return out

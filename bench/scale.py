@@ -12,8 +12,8 @@ Every size runs in its own child process (``--child``), so its peak RSS (``VmHWM
   (measured in full when ``--steps 0``). The per-step cost grows with the embedding tables.
 * **catalogue**: ``--items`` (default 10k, 100k, 1M) 64-d unit item vectors around shared
   centres (``bench/serve.py``'s generator, ``--noise``), each index of ``--indexes`` built by the
-  package (``dmp_dl.index.build_index`` with ``conf/index/<name>.yaml``, every core): build
-  seconds; then ``dmp_dl.index.measure_index`` with one FAISS thread (as ``serve.py`` runs):
+  package (``dmp_dl.index.ann.build_index`` with ``conf/index/<name>.yaml``, every core): build
+  seconds; then ``dmp_dl.index.ann.measure_index`` with one FAISS thread (as ``serve.py`` runs):
   recall@10 against exact search, single-query p50 latency and queries/s of one batch call over
   ``--queries`` user vectors; and the serialized index size.
 
@@ -184,7 +184,7 @@ def child_catalogue(n_items: int, args) -> dict[str, Any]:
     import faiss
     from omegaconf import OmegaConf
 
-    from dmp_dl.index import IndexOptions, build_index, measure_index
+    from dmp_dl.index.ann import IndexOptions, build_index, measure_index
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "serve.py")  # not the root serve.py

@@ -10,9 +10,9 @@ import scipy.sparse as sp
 import torch
 
 from dmp_dl.data.datamodule import EvalUsers
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer, rows_times_dense
-from dmp_dl.evaluation.metrics import (
+from dmp_dl.metrics.ranking import (
     RankingAccumulator,
     batch_metrics,
     ranking_metrics,

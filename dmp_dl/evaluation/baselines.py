@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dmp_dl.embeddings import inference_device
+from dmp_dl.models.embeddings import inference_device
 
 
 def _device(device: str | torch.device | None) -> torch.device:

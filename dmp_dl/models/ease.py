@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from dmp_dl.data.datamodule import last_items
 from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, normalize_ids
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import DataError
+from dmp_dl.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
-
-import common
 
 # What a benchmark fit leaves out of a normal run; the model, data and trainer settings stay.
 QUIET = [

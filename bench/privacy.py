@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ML100K, compose_train_cfg, markdown_table, write_section  # noqa: E402

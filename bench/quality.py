@@ -82,11 +82,11 @@ def data_overrides(spec: dict, path: str | None, seed: int, val_frac: float) -> 
 def fit_choice(model: str, spec: dict, tune_over: list[str], dm_tune, dm_final, args, workdir: Path) -> dict:
     """``auto`` / ``vae`` / ``ease``: choose on the carve-out, refit on the whole training part."""
     import numpy as np
-
     import ours
+
     from dmp_dl.models.embeddings import item_vectors, user_vectors
-    from dmp_dl.training.selection import choose_model, refit
     from dmp_dl.models.scoring import BlendScorer
+    from dmp_dl.training.selection import choose_model, refit
 
     cfg = ours.compose_train_cfg([*tune_over, f"model={model}", f"model.selection_metric={spec['metric']}",
                                   "model.refit=false", *(["model.vae.max_epochs=2"] if args.quick else []),
@@ -124,11 +124,10 @@ def fit_legacy(model: str, tune_over: list[str], final_over: list[str], final, a
 
 def run_log(name: str, args, workdir: Path) -> dict[str, Any]:
     """Tune, refit and score every model on log ``name``. Returns rows and the split sizes."""
-    from hydra.utils import instantiate
-
     import anchors
     import ours
     import skewed
+    from hydra.utils import instantiate
     from ranking import evaluate, recommenders_metrics, split_of
 
     spec = LOGS[name]

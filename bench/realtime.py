@@ -265,9 +265,9 @@ def stream_quality(name: str, overrides: list[str], root: Path) -> dict:
 
     from dmp_dl.data.datamodule import last_items
     from dmp_dl.data.split import TEST, TRAIN
-    from dmp_dl.models.embeddings import item_vectors, user_vectors
     from dmp_dl.evaluation.baselines import EmbeddingScorer
     from dmp_dl.evaluation.ranking import evaluate_scorer
+    from dmp_dl.models.embeddings import item_vectors, user_vectors
     from dmp_dl.pipeline.run import run
 
     out = root / ("quality-" + "".join(c if c.isalnum() else "-" for c in name))

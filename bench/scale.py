@@ -72,9 +72,8 @@ def peak_rss_mib() -> float:
 
 
 def child_events(n_events: int, args) -> dict[str, Any]:
-    from hydra.utils import instantiate
-
     import ours
+    from hydra.utils import instantiate
 
     users = max(1, n_events // args.events_per_user)
     items = max(100, n_events // args.events_per_item)
@@ -181,11 +180,12 @@ def numpy_primitives(n: int, n_users: int, repeats: int = 5) -> dict[str, float]
 
 
 def child_catalogue(n_items: int, args) -> dict[str, Any]:
+    import importlib.util
+
     import faiss
     from omegaconf import OmegaConf
 
     from dmp_dl.index.ann import IndexOptions, build_index, measure_index
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "serve.py")  # not the root serve.py
     bench_serve = importlib.util.module_from_spec(spec)

@@ -112,10 +112,9 @@ def cpu_part(args, workdir: Path) -> dict[str, Any]:
 
 def gpu_part(args, workdir: Path) -> dict[str, Any]:
     """Throughput of each model in fp32 and bf16 on one large synthetic set (CUDA only)."""
+    import ours
     import torch
     from hydra.utils import instantiate
-
-    import ours
     if not torch.cuda.is_available() and not args.gpu_part_on_cpu:
         return {"skipped": "no CUDA device: the GPU part (>= 20M events, fp32 vs bf16) was not run"}
     accel = "gpu" if torch.cuda.is_available() else "cpu"

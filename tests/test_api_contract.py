@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dmp_dl.api.http_errors import ErrorBody
-from dmp_dl.serving.recommender import Recommender
 from dmp_dl.api.server import create_app
+from dmp_dl.serving.recommender import Recommender
 
 schemathesis = pytest.importorskip("schemathesis")
 

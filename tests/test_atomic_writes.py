@@ -17,8 +17,8 @@ import pyarrow as pa
 import pytest
 
 from dmp_dl.audience.jobs import write_table
-from dmp_dl.export.tables import TableWriter
 from dmp_dl.core.io import atomic_write_bytes, atomic_write_text, atomic_writer
+from dmp_dl.export.tables import TableWriter
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = pa.schema([("user_id", pa.string())])

@@ -17,15 +17,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 from scipy.stats import norm
 
-from dmp_dl.commands.audience import run_task
 from dmp_dl.audience.targeting import per_user, plan_contacts
 from dmp_dl.campaign.control import draw_control
 from dmp_dl.campaign.jobs import summary_json
 from dmp_dl.campaign.measure import compare_groups, p_text, percent
 from dmp_dl.campaign.stats import (
-    minimum_detectable_effect, minimum_detectable_lift, permutation_inference,
+    minimum_detectable_effect,
+    minimum_detectable_lift,
+    permutation_inference,
     smallest_p_value,
 )
+from dmp_dl.commands.audience import run_task
 from dmp_dl.core.errors import ConfigError, DataError
 
 from .conftest import CONF_DIR

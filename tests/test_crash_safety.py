@@ -21,11 +21,11 @@ import torch
 
 import dmp_dl.store.bundle as bundle_module
 from dmp_dl import Recommender
+from dmp_dl.core.errors import BundleError, ConfigError
+from dmp_dl.data.vocab import IdVocab
+from dmp_dl.index.ann import IndexOptions
 from dmp_dl.store.bundle import MANIFEST, BundleWriter
 from dmp_dl.training.export import export_bundle
-from dmp_dl.data.vocab import IdVocab
-from dmp_dl.core.errors import BundleError, ConfigError
-from dmp_dl.index.ann import IndexOptions
 from dmp_dl.training.fit import AtomicCheckpointIO, checkpoint_position, resolve_ckpt_path
 
 from .conftest import TINY_DATA

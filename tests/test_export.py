@@ -16,9 +16,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dmp_dl import Recommender
+from dmp_dl.commands.export import run_export
 from dmp_dl.core.errors import ConfigError, DataError, UnknownIdError
 from dmp_dl.export import jobs
-from dmp_dl.commands.export import run_export
 from dmp_dl.export.tables import TableWriter
 from dmp_dl.pipeline.run import run
 from dmp_dl.privacy import Pseudonymizer

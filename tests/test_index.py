@@ -7,7 +7,13 @@ import pytest
 
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.index.ann import (
-    IndexOptions, build_and_measure, build_index, default_nlist, exact_top_k, recall_at_k, search_excluding,
+    IndexOptions,
+    build_and_measure,
+    build_index,
+    default_nlist,
+    exact_top_k,
+    recall_at_k,
+    search_excluding,
 )
 
 

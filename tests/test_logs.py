@@ -110,9 +110,9 @@ def test_hints_point_to_the_config_key_that_fixes_it(tmp_path, caplog):
     import pandas as pd
     import pytest
 
+    from dmp_dl.core.errors import DataError
     from dmp_dl.data.cleaning import CleaningOptions, clean_events
     from dmp_dl.data.files import read_table
-    from dmp_dl.core.errors import DataError
 
     raw = pd.DataFrame({"user_id": ["a", "b", "c", "d"], "item_id": ["x", "y", "x", "y"], "timestamp": [1e9] * 4,
                         "event_type": ["view", "signup", "signup", "purchase"]})

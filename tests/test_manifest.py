@@ -12,12 +12,12 @@ from fastapi.testclient import TestClient
 from hydra import compose, initialize_config_dir
 
 from dmp_dl import Recommender
-from dmp_dl.store.bundle import MANIFEST, Bundle, write_manifest
+from dmp_dl.api.server import bundle_loader, create_app
 from dmp_dl.core.cli import report_errors
 from dmp_dl.core.errors import BundleError
-from dmp_dl.store.manifest import DIGEST_KEY, digest, manifest_text, seal
 from dmp_dl.privacy.erasure import ErasureError, forget_users
-from dmp_dl.api.server import bundle_loader, create_app
+from dmp_dl.store.bundle import MANIFEST, Bundle, write_manifest
+from dmp_dl.store.manifest import DIGEST_KEY, digest, manifest_text, seal
 
 from .conftest import CONF_DIR
 

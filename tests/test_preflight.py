@@ -23,12 +23,12 @@ import scipy.sparse as sp
 from hydra import compose, initialize_config_dir
 
 import dmp_dl.pipeline.run as pipeline
-from dmp_dl.training.export import export_bundle
-from dmp_dl.pipeline.checks import check_serve_config, token_from
-from dmp_dl.data.vocab import IdVocab
 from dmp_dl.core.errors import BundleError, ConfigError, DataError, NonFiniteError
+from dmp_dl.data.vocab import IdVocab
+from dmp_dl.pipeline.checks import check_serve_config, token_from
 from dmp_dl.pipeline.run import run
 from dmp_dl.serving.recommender import Recommender
+from dmp_dl.training.export import export_bundle
 
 from .conftest import CONF_DIR, QUIET_TRAINER, compose_cfg
 

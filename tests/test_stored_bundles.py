@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from dmp_dl import Recommender
-from dmp_dl.store.bundle import Bundle
 from dmp_dl.privacy.erasure import erase_rows
+from dmp_dl.store.bundle import Bundle
 
 STORED = Path(__file__).resolve().parent / "data" / "stored_bundles"
 _spec = importlib.util.spec_from_file_location("stored_bundles_generate", STORED / "generate.py")

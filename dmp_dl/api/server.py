@@ -31,11 +31,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from dmp_dl.store.bundle import MANIFEST, MissingPartError
-from dmp_dl.data.schema import MAX_ABS_VALUE
-from dmp_dl.core.errors import BundleError, DmpError
 from dmp_dl.api.http_errors import ErrorBody, error_response, error_responses, install_error_handlers
+from dmp_dl.core.errors import BundleError, DmpError
+from dmp_dl.data.schema import MAX_ABS_VALUE
 from dmp_dl.serving.recommender import InvalidRequestError, Ranked, Recommender
+from dmp_dl.store.bundle import MANIFEST, MissingPartError
 
 log = logging.getLogger(__name__)
 
@@ -576,8 +576,8 @@ def serve(cfg) -> None:
     """Load ``cfg.artifacts`` and serve it with uvicorn (``conf/serve.yaml``)."""
     import uvicorn
 
-    from dmp_dl.store.bundle import remove_stale_temporaries
     from dmp_dl.pipeline.checks import check_serve_config, token_from
+    from dmp_dl.store.bundle import remove_stale_temporaries
 
     token = check_serve_config(cfg)  # every setting (port, limits, token), before the bundle is read
     if token is None and cfg.get("token_env"):

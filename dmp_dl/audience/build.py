@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from dmp_dl.audience.bundle import PROFILES_DIR, SEGMENTS_DIR, profiles_part, segments_part
 from dmp_dl.audience.profiles import ProfileOptions, Profiles, compute_profiles
-from dmp_dl.audience.segments import SegmentOptions, Segmentation, describe_segments, segment_label, segment_users
+from dmp_dl.audience.segments import Segmentation, SegmentOptions, describe_segments, segment_label, segment_users
 from dmp_dl.core.errors import DataError
 from dmp_dl.evaluation.report import SegmentInputs
 from dmp_dl.models.embeddings import export_embeddings

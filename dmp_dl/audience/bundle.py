@@ -31,9 +31,9 @@ import numpy as np
 
 from dmp_dl.audience.profiles import Profiles
 from dmp_dl.audience.segments import Segmentation, representatives
+from dmp_dl.core.errors import BundleError
 from dmp_dl.store.bundle import Bundle, BundleWriter
 from dmp_dl.store.parts import BundlePart
-from dmp_dl.core.errors import BundleError
 
 PROFILES_DIR, SEGMENTS_DIR = "profiles", "segments"
 PROFILE_ARRAYS = ("top_categories", "top_weights", "interest_total", "event_type_affinity")

@@ -17,12 +17,12 @@ import pandas as pd
 from dmp_dl.audience.lookalike import expand
 from dmp_dl.audience.segments import SegmentOptions, describe_segments, segment_label, segment_users
 from dmp_dl.audience.targeting import gains_curve, per_user, plan_contacts, random_selection_profit
-from dmp_dl.data.id_lists import read_id_file
-from dmp_dl.data.schema import normalize_ids
-from dmp_dl.core.errors import ConfigError, DataError, UnknownIdError
-from dmp_dl.core.io import atomic_writer
 from dmp_dl.campaign.control import check_fraction, draw_control
 from dmp_dl.campaign.stats import minimum_detectable_lift
+from dmp_dl.core.errors import ConfigError, DataError, UnknownIdError
+from dmp_dl.core.io import atomic_writer
+from dmp_dl.data.id_lists import read_id_file
+from dmp_dl.data.schema import normalize_ids
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmp_dl.store.bundle import Bundle, BundleWriter
-from dmp_dl.store.parts import BundlePart
 from dmp_dl.campaign.features import UpliftFeatures, uplift_inputs
 from dmp_dl.campaign.net import UpliftNet
 from dmp_dl.core.errors import BundleError
-from dmp_dl.store.manifest import DIGEST_KEY
 from dmp_dl.propensity.calibration import Calibrator
+from dmp_dl.store.bundle import Bundle, BundleWriter
+from dmp_dl.store.manifest import DIGEST_KEY
+from dmp_dl.store.parts import BundlePart
 
 PART = "uplift"
 FORMAT, FORMAT_VERSION = "dmp_dl.uplift", 1

@@ -21,13 +21,19 @@ from dmp_dl.campaign import report
 from dmp_dl.campaign.control import CONTROL, TREATMENT
 from dmp_dl.campaign.measure import measure_campaign, p_text, percent
 from dmp_dl.campaign.outcomes import (
-    GROUP, iso_time, outcome_cleaning, read_assignments, read_outcomes, resolve_conversion, user_outcomes,
+    GROUP,
+    iso_time,
+    outcome_cleaning,
+    read_assignments,
+    read_outcomes,
+    resolve_conversion,
+    user_outcomes,
 )
-from dmp_dl.data.schema import USER
 from dmp_dl.core.io import atomic_write_text
-from dmp_dl.store.bundle import Bundle
 from dmp_dl.data.pseudonymize import bundle_pseudonymizer
+from dmp_dl.data.schema import USER
 from dmp_dl.evaluation.report import _json_safe
+from dmp_dl.store.bundle import Bundle
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 
 from dmp_dl.campaign.control import CONTROL, N_DECILES, TREATMENT
+from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.rules import MAX_SEGMENT, Num
 from dmp_dl.data.cleaning import CleaningOptions, TableReport, clean_events, parse_timestamps
 from dmp_dl.data.files import read_table
-from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, normalize_ids
-from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.data.pseudonymize import pseudonymize_ids
+from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, normalize_ids
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
 from scipy.stats import norm  # noqa: E402
 
 from dmp_dl.campaign.measure import p_text, percent  # noqa: E402

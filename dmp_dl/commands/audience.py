@@ -17,10 +17,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dmp_dl.pipeline.checks import check_audience_config
 from dmp_dl.core.cli import CONF_DIR, report_errors
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.core.io import atomic_write_text
+from dmp_dl.pipeline.checks import check_audience_config
 
 log = logging.getLogger("dmp_dl.audience")  # not __main__ under python -m
 

@@ -32,16 +32,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dmp_dl.audience.bundle import load_segments
-from dmp_dl.store.renames import current_targets
-from dmp_dl.store.bundle import ITEM_VOCAB, PROPENSITY_DIR, USER_VECTORS, USER_VOCAB, Bundle
-from dmp_dl.models.parts import load_network
-from dmp_dl.pipeline.checks import check_data_config, check_evaluate_config
 from dmp_dl.core.cli import CONF_DIR, report_errors
-from dmp_dl.data.vocab import IdVocab
 from dmp_dl.core.errors import BundleError, ConfigError, DataError, DmpError
+from dmp_dl.data.vocab import IdVocab
 from dmp_dl.evaluation.heldout import evaluate_model_and_baselines, map_to_vocabularies
 from dmp_dl.evaluation.report import PropensityInputs, SegmentInputs
+from dmp_dl.models.parts import load_network
+from dmp_dl.pipeline.checks import check_data_config, check_evaluate_config
 from dmp_dl.pipeline.run import load_data
+from dmp_dl.store.bundle import ITEM_VOCAB, PROPENSITY_DIR, USER_VECTORS, USER_VOCAB, Bundle
+from dmp_dl.store.renames import current_targets
 from dmp_dl.training.fit import config_to_dict
 
 log = logging.getLogger("dmp_dl.evaluate")  # not __main__ under python -m
@@ -161,10 +161,10 @@ def propensity_inputs(bundle: Bundle, run_cfg: DictConfig, dm) -> tuple[Propensi
     """
     if not bundle.has(PROPENSITY_DIR):
         return None, "the bundle has no propensity model (its run did not train one)"
+    from dmp_dl.metrics.classification import binary_metrics
     from dmp_dl.propensity import load_propensity
     from dmp_dl.propensity.bundle import SPEC_FILE
     from dmp_dl.propensity.features import UserFeatures
-    from dmp_dl.metrics.classification import binary_metrics
     from dmp_dl.propensity.train import build_task, limited_threads, split_users
 
     p = run_cfg.get("propensity")

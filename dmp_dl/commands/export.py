@@ -15,9 +15,9 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from dmp_dl.pipeline.checks import THREADS, FileMode, check_export_config, check_rules
 from dmp_dl.core.cli import CONF_DIR, report_errors
 from dmp_dl.core.io import atomic_write_text
+from dmp_dl.pipeline.checks import THREADS, FileMode, check_export_config, check_rules
 
 log = logging.getLogger("dmp_dl.export")  # not __main__ under python -m
 

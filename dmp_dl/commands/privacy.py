@@ -32,8 +32,8 @@ def read_user_ids(path: str | Path) -> list[str]:
 def forget(cfg: DictConfig) -> dict:
     from omegaconf import OmegaConf
 
-    from dmp_dl.pipeline.checks import check_privacy_config
     from dmp_dl.core.errors import ConfigError
+    from dmp_dl.pipeline.checks import check_privacy_config
     from dmp_dl.privacy.erasure import forget_users
 
     for name in ("artifacts", "user_ids"):

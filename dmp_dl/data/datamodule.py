@@ -16,17 +16,17 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.data.cleaning import CleaningOptions, clean_log
+from dmp_dl.data.erasure_list import read_erasure_list
+from dmp_dl.data.event_files import add_extra_events
 from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.grouping import group_bounds, sorted_order, stable_order
 from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix: part of this module's API)
-from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT, EventLog
+from dmp_dl.data.privacy_options import log_user_ids
+from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT
 from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.core.errors import ConfigError, DataError
-from dmp_dl.data.event_files import add_extra_events
-from dmp_dl.data.erasure_list import read_erasure_list
-from dmp_dl.data.privacy_options import log_user_ids
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.schema import normalize_ids
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.io import atomic_write_text
 from dmp_dl.data.pseudonymize import Pseudonymizer, parse_tag
+from dmp_dl.data.schema import normalize_ids
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.files import CSV_SUFFIXES, PARQUET_SUFFIXES, read_table
-from dmp_dl.data.schema import ITEM, REQUIRED_EVENT_COLUMNS, TIME, USER, EventLog, normalize_ids
 from dmp_dl.core.errors import DataError
-from dmp_dl.data.journal import JOURNAL_ID, JOURNAL_SEQ, is_journal, read_journal
 from dmp_dl.data.cleaning import parse_timestamps
+from dmp_dl.data.files import CSV_SUFFIXES, PARQUET_SUFFIXES, read_table
+from dmp_dl.data.journal import JOURNAL_ID, JOURNAL_SEQ, is_journal, read_journal
+from dmp_dl.data.schema import ITEM, REQUIRED_EVENT_COLUMNS, TIME, USER, EventLog, normalize_ids
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.schema import USER, normalize_ids
 from dmp_dl.data.erasure_list import ErasureEntries, read_erasure_list
 from dmp_dl.data.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, pseudonymize_ids, pseudonymize_log
+from dmp_dl.data.schema import USER, normalize_ids
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,7 @@ import pandas as pd
 
 from dmp_dl.core.errors import BundleError, ConfigError
 from dmp_dl.data.cleaning import MISSING_TOKENS
-from dmp_dl.data.schema import normalize_ids
-from dmp_dl.data.schema import USER, EventLog
+from dmp_dl.data.schema import USER, EventLog, normalize_ids
 
 ALGORITHM = "hmac-sha256"
 TAG_PREFIX = ALGORITHM + ":"

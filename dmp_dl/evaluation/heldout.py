@@ -21,13 +21,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.datamodule import EvalUsers, last_items, pair_matrix
 from dmp_dl.data.split import TEST, TRAIN
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.models.embeddings import inference_device, item_vectors, user_vectors
-from dmp_dl.core.errors import ConfigError
 from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
 from dmp_dl.evaluation.ranking import evaluate_scorer
+from dmp_dl.models.embeddings import inference_device, item_vectors, user_vectors
 from dmp_dl.models.scoring import BlendScorer
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from dmp_dl.core.io import atomic_write_text
 from dmp_dl.evaluation import diagnostics
+from dmp_dl.evaluation.advice import overview
 from dmp_dl.evaluation.protocol import cutoffs, describe_protocol
 from dmp_dl.evaluation.render import Figure, Report, to_html, to_markdown
-from dmp_dl.core.io import atomic_write_text
 from dmp_dl.metrics.classification import NEAR_CHANCE_ROC_AUC
-from dmp_dl.evaluation.advice import overview
 
 log = logging.getLogger(__name__)
 

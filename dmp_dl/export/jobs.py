@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from dmp_dl.audience.jobs import user_rows_or_skip
-from dmp_dl.core.errors import ConfigError
+from dmp_dl.audience.jobs import lookalike_job, user_rows_or_skip
 from dmp_dl.audience.segments import segment_label
-from dmp_dl.audience.jobs import lookalike_job
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.export.tables import TableWriter
 
 # column -> meaning, per task: the summary file and the README carry these

@@ -19,8 +19,19 @@ from dmp_dl.core.errors import BundleError, NonFiniteError
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.models import registry
 from dmp_dl.store.bundle import (
-    ITEM_INDEX, ITEM_POPULARITY, ITEM_VECTORS, ITEM_VOCAB, NETWORK_SPEC, NETWORK_WEIGHTS, SEEN_INDPTR, SEEN_ITEMS,
-    USER_INDEX, USER_VECTORS, USER_VOCAB, Bundle, BundleWriter,
+    ITEM_INDEX,
+    ITEM_POPULARITY,
+    ITEM_VECTORS,
+    ITEM_VOCAB,
+    NETWORK_SPEC,
+    NETWORK_WEIGHTS,
+    SEEN_INDPTR,
+    SEEN_ITEMS,
+    USER_INDEX,
+    USER_VECTORS,
+    USER_VOCAB,
+    Bundle,
+    BundleWriter,
 )
 from dmp_dl.store.parts import BundlePart, UserErasure, drop_table_rows, spec_object
 

@@ -21,9 +21,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dmp_dl.store.parts import BundlePart
-from dmp_dl.models.ease import ItemItemScorer
 from dmp_dl.core.errors import BundleError
+from dmp_dl.models.ease import ItemItemScorer
+from dmp_dl.store.parts import BundlePart
 
 
 @dataclass

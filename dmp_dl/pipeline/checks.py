@@ -24,16 +24,42 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dmp_dl.core.errors import ConfigError, DataError
-from dmp_dl.training.fitters import FITTERS
-from dmp_dl.core.io import regular_file_problem
 from dmp_dl.campaign.outcomes import CAMPAIGN_START, WINDOW_DAYS
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.core.io import regular_file_problem
 from dmp_dl.core.rules import (
-    ABSENT, AMOUNT, CONFIDENCE, COUNT, FRACTION, MAX_AMOUNT, MAX_SEED, MAX_SEGMENT, NON_NEGATIVE, POSITIVE, SEED, THREADS,
-    Choice, Each, FileMode, Flag, Int, MetricAtK, Num, OrAuto, PerSegment, Renames, Rule, Separator, Text, check_finite, check_rules, select,
+    ABSENT,
+    AMOUNT,
+    CONFIDENCE,
+    COUNT,
+    FRACTION,
+    MAX_AMOUNT,
+    MAX_SEED,
+    MAX_SEGMENT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    THREADS,
+    Choice,
+    Each,
+    FileMode,
+    Flag,
+    Int,
+    MetricAtK,
+    Num,
+    OrAuto,
+    PerSegment,
+    Renames,
+    Rule,
+    Separator,
+    Text,
+    check_finite,
+    check_rules,
+    select,
 )
-from dmp_dl.store.manifest import FORMAT, MANIFEST
 from dmp_dl.export import TASK_ALIASES, TASKS
+from dmp_dl.store.manifest import FORMAT, MANIFEST
+from dmp_dl.training.fitters import FITTERS
 
 # The embedding model and its data (train.py; the data keys also for evaluate's data=...).
 DATA_RULES: dict[str, Rule] = {

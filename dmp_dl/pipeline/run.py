@@ -23,15 +23,15 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dmp_dl.pipeline.checks import check_index_for_data, check_train_config
-from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.core.errors import ConfigError, InsufficientDataError
-from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
-from dmp_dl.training.fitters import check_network, fitter_of
 from dmp_dl.core.io import atomic_write_text
-from dmp_dl.privacy.training import PrivacyHooks
+from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
+from dmp_dl.pipeline.checks import check_index_for_data, check_train_config
 from dmp_dl.pipeline.stages import SkipStage, Stage, StageResult, run_stages
+from dmp_dl.privacy.training import PrivacyHooks
 from dmp_dl.training.fit import config_to_dict
+from dmp_dl.training.fitters import check_network, fitter_of
 
 log = logging.getLogger(__name__)
 

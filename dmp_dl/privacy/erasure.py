@@ -69,19 +69,24 @@ from typing import Any
 
 import numpy as np
 
+from dmp_dl.core.errors import BundleError, DmpError
+from dmp_dl.core.io import atomic_write_bytes
+from dmp_dl.data.erasure_list import (
+    SALTED_PREFIX,
+    SaltedHash,
+    append_to_erasure_list,
+    bundle_erasure_lists,
+    read_erasure_list,
+)
+from dmp_dl.data.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag, recorded_privacy
+from dmp_dl.data.schema import canonical_id, normalize_ids
+from dmp_dl.data.vocab import IdVocab
 from dmp_dl.serving.recommender import Recommender
 from dmp_dl.store import bundle as layout
 from dmp_dl.store.bundle import Bundle, BundleWriter
 from dmp_dl.store.contents import parts_of, verify_parts
-from dmp_dl.store.parts import UserErasure
-from dmp_dl.data.schema import canonical_id, normalize_ids
-from dmp_dl.data.vocab import IdVocab
-from dmp_dl.core.errors import BundleError, DmpError
-from dmp_dl.core.io import atomic_write_bytes
 from dmp_dl.store.manifest import DIGEST_KEY
-from dmp_dl.data.erasure_list import (SALTED_PREFIX, SaltedHash, append_to_erasure_list, bundle_erasure_lists,
-                                         read_erasure_list)
-from dmp_dl.data.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag, recorded_privacy
+from dmp_dl.store.parts import UserErasure
 
 log = logging.getLogger(__name__)
 

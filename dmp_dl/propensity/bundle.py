@@ -35,19 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmp_dl.store.bundle import Bundle, BundleWriter
-from dmp_dl.models.parts import registered_or_refuse
-from dmp_dl.store.parts import BundlePart, UserErasure, drop_table_rows, spec_object
-from dmp_dl.data.features import FeatureTable
-from dmp_dl.data.vocab import IdVocab
 from dmp_dl.core.errors import BundleError
 from dmp_dl.core.io import atomic_write_bytes, atomic_write_text
+from dmp_dl.data.features import FeatureTable
+from dmp_dl.data.vocab import IdVocab
 from dmp_dl.models import registry
+from dmp_dl.models.parts import registered_or_refuse
 from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import UserFeatures
 from dmp_dl.propensity.net import PropensityNet
 from dmp_dl.propensity.scorer import PropensityScorer
 from dmp_dl.propensity.tabular import TabularModel
+from dmp_dl.store.bundle import Bundle, BundleWriter
+from dmp_dl.store.parts import BundlePart, UserErasure, drop_table_rows, spec_object
 
 FORMAT = "dmp_dl.propensity"
 FORMAT_VERSION = 2  # 2: the served model may be a classic one (tabular.npz)

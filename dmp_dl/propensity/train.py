@@ -25,20 +25,25 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
-from dmp_dl.data.schema import TIME, TYPE
 from dmp_dl.core.errors import ConfigError, InsufficientDataError
+from dmp_dl.data.schema import TIME, TYPE
+from dmp_dl.metrics.classification import NEAR_CHANCE_ROC_AUC, binary_metrics, gains_table
 from dmp_dl.propensity.baselines import design_matrix, fit_baseline, positive_probability
+from dmp_dl.propensity.bundle import encoder_entry
 from dmp_dl.propensity.calibration import Calibrator, to_logit
 from dmp_dl.propensity.features import BehaviourSpec, Snapshot, UserFeatures
 from dmp_dl.propensity.labels import (
-    SECONDS_PER_DAY, PropensityTask, crm_labels, resolve_cutoff, resolve_target, window_labels,
+    SECONDS_PER_DAY,
+    PropensityTask,
+    crm_labels,
+    resolve_cutoff,
+    resolve_target,
+    window_labels,
 )
-from dmp_dl.metrics.classification import NEAR_CHANCE_ROC_AUC, binary_metrics, gains_table
 from dmp_dl.propensity.module import LabelledUsers, loader, snapshot_tensors
 from dmp_dl.propensity.scorer import PropensityScorer
 from dmp_dl.propensity.tabular import TabularModel
 from dmp_dl.training.fitters import fitter_of
-from dmp_dl.propensity.bundle import encoder_entry
 
 log = logging.getLogger(__name__)
 

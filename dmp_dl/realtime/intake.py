@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.cleaning import DROP_REASONS, MISSING_TOKENS, CleaningOptions, plain_id, clean_events, clean_few_events
-from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE, WEIGHT, normalize_ids
 from dmp_dl.core.errors import ConfigError
-from dmp_dl.data.pseudonymize import TAG_PREFIX, Pseudonymizer
+from dmp_dl.data.cleaning import DROP_REASONS, MISSING_TOKENS, CleaningOptions, clean_events, clean_few_events, plain_id
 from dmp_dl.data.erasure_list import ErasureEntries, bundle_erasure_lists, read_erasure_list
-from dmp_dl.data.pseudonymize import DEFAULT_SECRET_ENV, recorded_privacy
-from dmp_dl.data.pseudonymize import pseudonymize_ids
+from dmp_dl.data.pseudonymize import DEFAULT_SECRET_ENV, TAG_PREFIX, Pseudonymizer, pseudonymize_ids, recorded_privacy
+from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE, WEIGHT, normalize_ids
 
 log = logging.getLogger(__name__)
 

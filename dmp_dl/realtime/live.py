@@ -43,17 +43,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from dmp_dl.store.bundle import MissingPartError
-from dmp_dl.data.schema import MULTI_VALUE_SEP, canonical_id
+from dmp_dl.audience.bundle import StoredSegments
+from dmp_dl.audience.segments import assign
 from dmp_dl.core.errors import UnknownIdError
-from dmp_dl.serving.recommender import LOOKALIKE_METHODS, InvalidRequestError, Ranked, Recommender, lookalike_search
-from dmp_dl.realtime.behaviour import BehaviourStats
 from dmp_dl.data.erasure_list import SALTED_PREFIX
 from dmp_dl.data.pseudonymize import parse_tag
-from dmp_dl.audience.segments import assign
-from dmp_dl.propensity.features import Snapshot
-from dmp_dl.audience.bundle import StoredSegments
+from dmp_dl.data.schema import MULTI_VALUE_SEP, canonical_id
 from dmp_dl.index.ann import build_index
+from dmp_dl.propensity.features import Snapshot
+from dmp_dl.realtime.behaviour import BehaviourStats
+from dmp_dl.serving.recommender import LOOKALIKE_METHODS, InvalidRequestError, Ranked, Recommender, lookalike_search
+from dmp_dl.store.bundle import MissingPartError
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from dmp_dl.audience.profiles import item_category_shares
+from dmp_dl.core.errors import BundleError
+from dmp_dl.data.schema import ITEM, TIME, TYPE, VALUE
+from dmp_dl.realtime.behaviour import BehaviourStats
 from dmp_dl.store.bundle import Bundle, BundleWriter
 from dmp_dl.store.parts import BundlePart
-from dmp_dl.data.schema import ITEM, TIME, TYPE, VALUE
-from dmp_dl.core.errors import BundleError
-from dmp_dl.realtime.behaviour import BehaviourStats
-from dmp_dl.audience.profiles import item_category_shares
 
 log = logging.getLogger(__name__)
 

@@ -34,16 +34,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dmp_dl.store.bundle import Bundle
-from dmp_dl.data.schema import EVENT_ID, USER
 from dmp_dl.core.errors import BundleError, ConfigError, DmpError
-from dmp_dl.realtime.intake import ErasedUsers, EventIntake, KeySet, _event_hashes, bundle_cleaning
 from dmp_dl.data.journal import JOURNAL_ID, JOURNAL_SEQ, Journal, iso_seconds, read_journal
-from dmp_dl.realtime.live import LiveRecommender
 from dmp_dl.data.pseudonymize import TAG_PREFIX
+from dmp_dl.data.schema import EVENT_ID, USER
+from dmp_dl.privacy.erasure import ErasureError
+from dmp_dl.realtime.intake import ErasedUsers, EventIntake, KeySet, _event_hashes, bundle_cleaning
+from dmp_dl.realtime.live import LiveRecommender
 from dmp_dl.realtime.part import load_realtime_part
 from dmp_dl.serving.recommender import InvalidRequestError, Recommender
-from dmp_dl.privacy.erasure import ErasureError
+from dmp_dl.store.bundle import Bundle
 
 log = logging.getLogger(__name__)
 

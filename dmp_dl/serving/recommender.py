@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from dmp_dl.store.bundle import Bundle, MissingPartError
-from dmp_dl.store.contents import SERVED, load_parts
+from dmp_dl.core.errors import DmpError, UnknownIdError
 from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.core.errors import DmpError, UnknownIdError
 from dmp_dl.index.ann import search_excluding
+from dmp_dl.store.bundle import Bundle, MissingPartError
+from dmp_dl.store.contents import SERVED, load_parts
 
 log = logging.getLogger(__name__)
 

@@ -60,9 +60,8 @@ from typing import Any
 import numpy as np
 
 from dmp_dl.core.errors import BundleError
-from dmp_dl.core.io import fsync_path
+from dmp_dl.core.io import atomic_write_text, fsync_path
 from dmp_dl.store.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_text, read_manifest, seal
-from dmp_dl.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

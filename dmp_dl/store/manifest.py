@@ -38,8 +38,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from dmp_dl.core.errors import BundleError
-from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.errors import BundleError, ConfigError
 
 FORMAT = "dmp_dl.bundle"
 FORMAT_VERSION = 2  # 2: manifest digest and schema

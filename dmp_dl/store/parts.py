@@ -46,10 +46,11 @@ from typing import Any
 
 import numpy as np
 
-from dmp_dl.store.bundle import (
-    Bundle, BundleWriter,
-)
 from dmp_dl.core.errors import BundleError
+from dmp_dl.store.bundle import (
+    Bundle,
+    BundleWriter,
+)
 from dmp_dl.store.manifest import MANIFEST
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.core.errors import ConfigError, DmpError, NonFiniteError
-from dmp_dl.training.fitters import fitter_of
 from dmp_dl.core.io import atomic_write_bytes
+from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.models.retrieval import RetrievalModule
+from dmp_dl.training.fitters import fitter_of
 from dmp_dl.training.warm_start import VocabularyRecord, check_resumable, load_previous, warm_start
 
 log = logging.getLogger(__name__)

@@ -36,16 +36,14 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 from torch.utils.data import DataLoader
 
-from dmp_dl.models.embeddings import item_vectors, user_vectors
 from dmp_dl.core.errors import ConfigError
-from dmp_dl.evaluation.baselines import PopularityScorer
 from dmp_dl.evaluation.ranking import evaluate_scorers, sample_users
 from dmp_dl.models import ease as ease_lib
 from dmp_dl.models.autoencoder_module import user_loader
-from dmp_dl.models.scoring import BlendScorer, ServedScore
+from dmp_dl.models.embeddings import item_vectors, user_vectors
+from dmp_dl.models.scoring import ServedScore
 from dmp_dl.training.fit import FiniteLossGuard, _instantiate_all, instantiate_trainer
-from dmp_dl.training.warm_start import warm_start
-from dmp_dl.training.warm_start import load_previous
+from dmp_dl.training.warm_start import load_previous, warm_start
 
 log = logging.getLogger(__name__)
 

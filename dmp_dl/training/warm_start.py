@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from dmp_dl.core.errors import BundleError, ConfigError
+from dmp_dl.data.vocab import IdVocab
 from dmp_dl.models import registry
 from dmp_dl.store.bundle import ITEM_VOCAB, NETWORK_SPEC, NETWORK_WEIGHTS, USER_VOCAB, Bundle
-from dmp_dl.data.vocab import IdVocab
 
 log = logging.getLogger(__name__)
 

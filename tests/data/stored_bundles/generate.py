@@ -81,8 +81,8 @@ def ask(rec) -> dict:
 
 def erased_manifest(bundle_dir: Path, work: Path) -> dict:
     """The manifest (without :data:`VOLATILE` fields) of a copy of ``bundle_dir`` erased of :data:`ERASED_ROWS`."""
-    from dmp_dl.store.bundle import Bundle
     from dmp_dl.privacy.erasure import erase_rows
+    from dmp_dl.store.bundle import Bundle
 
     copy = Path(shutil.copytree(bundle_dir, work / f"erased-{bundle_dir.name}"))
     erase_rows(Bundle.open(copy), np.asarray(ERASED_ROWS), dict(ERASURE))

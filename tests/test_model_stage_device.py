@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dmp_dl import model_selection
+from dmp_dl.training import selection as model_selection
 from dmp_dl.evaluation.baselines import EASEScorer
 from dmp_dl.evaluation.ranking import sample_users
 from dmp_dl.models import ease as ease_lib

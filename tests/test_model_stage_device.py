@@ -11,11 +11,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dmp_dl.training import selection as model_selection
 from dmp_dl.evaluation.baselines import EASEScorer
 from dmp_dl.evaluation.ranking import sample_users
 from dmp_dl.models import ease as ease_lib
 from dmp_dl.pipeline.run import run
+from dmp_dl.training import selection as model_selection
 
 from .test_user_level_models import planted_cfg, planted_log  # noqa: F401  (fixture)
 

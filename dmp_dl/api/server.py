@@ -590,6 +590,7 @@ def serve(cfg) -> None:
         torch.set_num_threads(int(cfg.torch_threads))
     load = bundle_loader(cfg.artifacts, max_k=int(cfg.max_k), search_params=cfg.get("search_params"))
     realtime = None
+    # the real-time and erasure services (and what they import) load only when they are used
     from dmp_dl.realtime.service import RealtimeOptions
 
     options = RealtimeOptions.from_config(cfg.get("realtime"))

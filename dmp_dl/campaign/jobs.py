@@ -119,6 +119,7 @@ def uplift_job(rec, artifacts: str, files: CampaignFiles, out: Path, options=Non
     ``artifacts``), evaluate it on held-out campaign users, write ``uplift_summary.json``,
     ``qini.csv``, ``uplift.md`` / ``uplift.html`` into ``out`` and, with ``attach``, add the model
     to the bundle. Returns the summary."""
+    # torch and Lightning: only this job trains a model
     from dmp_dl.campaign.bundle import attach_uplift
     from dmp_dl.campaign.uplift import train_uplift
 

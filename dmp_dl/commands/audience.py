@@ -42,6 +42,7 @@ def _int(cfg: DictConfig, name: str, low: int = 1) -> int:
 
 def run_task(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and write its files. Returns the summary (with the paths written)."""
+    # the jobs (torch, faiss) load once the settings are checked, so a bad one is refused at once
     from dmp_dl.audience import jobs
     from dmp_dl.campaign.jobs import summary_json
     from dmp_dl.serving.recommender import Recommender

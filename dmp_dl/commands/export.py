@@ -38,6 +38,7 @@ def read_ids(cfg: DictConfig, task: str) -> tuple[list[str] | None, str]:
 
 def run_export(cfg: DictConfig) -> dict:
     """Run ``cfg.task`` and write its file and summary. Returns the summary."""
+    # the jobs (torch, faiss) load once the settings are checked, so a bad one is refused at once
     from dmp_dl.export import jobs
     from dmp_dl.serving.recommender import Recommender
 

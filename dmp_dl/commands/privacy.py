@@ -34,7 +34,7 @@ def forget(cfg: DictConfig) -> dict:
 
     from dmp_dl.core.errors import ConfigError
     from dmp_dl.pipeline.checks import check_privacy_config
-    from dmp_dl.privacy.erasure import forget_users
+    from dmp_dl.privacy.erasure import forget_users  # faiss and the Recommender: after the settings are checked
 
     for name in ("artifacts", "user_ids"):
         if OmegaConf.is_missing(cfg, name) or not cfg.get(name):

@@ -145,7 +145,7 @@ def compare(ranking: Mapping[str, Mapping], model_name: str, metric: str) -> dic
 
 
 def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tuple[dict, list[Figure]]:
-    from dmp_dl.evaluation import plots
+    from dmp_dl.evaluation import plots  # matplotlib
 
     y = inputs.labels
     ours = inputs.served if inputs.served in inputs.predictions else (
@@ -246,7 +246,7 @@ def latest_metrics_csv(run_dir: str | os.PathLike) -> Path | None:
 
 
 def _segment_section(inputs: SegmentInputs, sample: int) -> tuple[dict, list[Figure]]:
-    from dmp_dl.evaluation import plots
+    from dmp_dl.evaluation import plots  # matplotlib
 
     sizes = diagnostics.segment_sizes(inputs.assignments)
     rows, coords, explained = diagnostics.pca_2d(inputs.user_vectors, sample)
@@ -300,7 +300,7 @@ def build_report(
         ``best_baseline``), optional; stages: stage name -> ``{"status", "reason", "seconds"}``
         (``metrics.json["stages"]``), optional: the overview's warnings and the "Run stages" table.
     """
-    from dmp_dl.evaluation import plots
+    from dmp_dl.evaluation import plots  # matplotlib
 
     ranking = {name: dict(m) for name, m in ranking.items()}
     model_name = model_name or next(iter(ranking), None) or "model"

@@ -16,7 +16,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from dmp_dl.core.errors import BundleError, NonFiniteError
+from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.vocab import IdVocab
+from dmp_dl.index.ann import METRIC, IndexOptions, build_and_measure, is_exact, set_search_params
 from dmp_dl.models import registry
 from dmp_dl.store.bundle import (
     ITEM_INDEX,
@@ -73,8 +75,6 @@ class VectorsPart(BundlePart):
         return bundle.has(USER_VOCAB)
 
     def save(self, writer: BundleWriter, value: BundleVectors) -> dict[str, Any]:
-        from dmp_dl.index.ann import METRIC
-
         users = np.ascontiguousarray(value.user_vectors, dtype=np.float32)
         items = np.ascontiguousarray(value.item_vectors, dtype=np.float32)
         n_users, n_items = len(value.user_vocab), len(value.item_vocab)
@@ -147,8 +147,6 @@ class IndexesPart(BundlePart):
 
     def save(self, writer: BundleWriter, value: Any) -> dict[str, Any]:
         """value: :class:`dmp_dl.index.ann.IndexOptions` (None: the defaults)."""
-        from dmp_dl.index.ann import IndexOptions, build_and_measure
-
         options = value if value is not None else IndexOptions()
         users = np.load(writer.path(USER_VECTORS), allow_pickle=False, mmap_mode="r")
         items = np.load(writer.path(ITEM_VECTORS), allow_pickle=False, mmap_mode="r")
@@ -165,8 +163,6 @@ class IndexesPart(BundlePart):
              **options: Any) -> dict[str, Any]:
         """{"items": index, "users": index}, checked against the loaded vectors. ``search_params``
         overrides the bundle's search settings of approximate indexes (exact ones are left alone)."""
-        from dmp_dl.index.ann import is_exact, set_search_params
-
         vectors: BundleVectors = loaded["vectors"]
         dim = vectors.user_vectors.shape[1]
         indexes = {}
@@ -183,8 +179,6 @@ class IndexesPart(BundlePart):
 
     def drop_users(self, bundle: Bundle, erasure: UserErasure, writer: BundleWriter) -> None:
         """The user index rebuilt over the user vectors the vectors part wrote (item index unchanged)."""
-        from dmp_dl.index.ann import IndexOptions, build_and_measure
-
         users = np.load(writer.path(USER_VECTORS), allow_pickle=False)
         options = IndexOptions(**(bundle.manifest.get("index_options") or {}))
         user_index, user_info = build_and_measure(users, users, options, "user")
@@ -267,7 +261,6 @@ def load_network(bundle: Bundle):
     """Rebuild the network in eval mode on CPU. Returns (net, user FeatureTable or None, history_len)."""
     import torch
 
-    from dmp_dl.data.features import FeatureTable
 
     spec = bundle.json(NETWORK_SPEC)
     where = bundle.root / NETWORK_SPEC

@@ -439,7 +439,7 @@ def check_train_config(cfg: DictConfig) -> None:
             import numpy as np
             import pandas as pd
 
-            from dmp_dl.data.cleaning import parse_timestamps
+            from dmp_dl.data.cleaning import parse_timestamps  # pandas: the checks run before any heavy import
 
             if not np.isfinite(parse_timestamps(pd.Series([cutoff], dtype=object))[0]):
                 raise ConfigError(f"propensity.cutoff must be epoch seconds or an ISO-8601 time (or null), got {cutoff!r}")
@@ -519,7 +519,7 @@ def check_index_config(cfg: DictConfig) -> None:
 def _empty_index(factory: str, dim: int, key: str, search_params: Any = None):
     import faiss
 
-    from dmp_dl.index.ann import is_exact, set_search_params
+    from dmp_dl.index.ann import is_exact, set_search_params  # faiss
 
     concrete = factory.replace("{nlist}", "1")
     try:
@@ -597,7 +597,7 @@ def check_serve_config(cfg: DictConfig) -> str | None:
         raise ConfigError(f"host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0, got {host!r}")
     realtime = select(cfg, "realtime")
     if realtime not in (ABSENT, None):
-        from dmp_dl.realtime.service import RealtimeOptions
+        from dmp_dl.realtime.service import RealtimeOptions  # faiss and the Recommender: only with realtime set
 
         RealtimeOptions.from_config(realtime)  # unknown keys: one line naming them
     journal = select(cfg, "journal")

@@ -87,7 +87,7 @@ def evaluation_stage(cfg: DictConfig, state: dict) -> None:
 def propensity_stage(cfg: DictConfig, state: dict) -> str | None:
     if not _enabled(cfg, "propensity"):
         raise SkipStage("propensity.enabled=false")
-    from dmp_dl.propensity import train_propensity
+    from dmp_dl.propensity import train_propensity  # a stage's modules load when it runs: a skipped one costs nothing
 
     result = state["propensity"] = train_propensity(cfg, state["datamodule"], state["module"].net)
     state["metrics"]["propensity"] = result.summary()

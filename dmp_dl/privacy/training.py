@@ -9,6 +9,8 @@ from typing import Any
 from hydra.utils import instantiate
 
 from dmp_dl.data.privacy_options import PrivacyOptions
+from dmp_dl.privacy.dp import build_dp_training
+from dmp_dl.training.fit import build_module
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,7 @@ class PrivacyHooks:
         """(the LightningModule, the data arguments of ``trainer.fit``): user-level DP-SGD with its
         Poisson user batches when ``privacy.dp.enabled``, else the usual module and datamodule."""
         if self.options is None or not self.options.dp_enabled:
-            from dmp_dl.training.fit import build_module
-
             return build_module(cfg, dm), {"datamodule": dm}
-        from dmp_dl.privacy.dp import build_dp_training
 
         self.dp, module, batches = build_dp_training(cfg, dm, self.options.dp)
         if cfg.get("propensity") is not None and cfg.propensity.get("enabled", False):

@@ -31,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dmp_dl.core.errors import DmpError, UnknownIdError
+from dmp_dl.data.pseudonymize import bundle_pseudonymizer
 from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.index.ann import search_excluding
@@ -157,8 +158,6 @@ class Recommender:
         Raises :class:`BundleError` naming the file when the bundle is missing, corrupt or from an
         incompatible version, and when its ids are pseudonymised and the secret is missing or wrong.
         """
-        from dmp_dl.data.pseudonymize import bundle_pseudonymizer
-
         b = Bundle.open(path)
         pseudonymizer = bundle_pseudonymizer(b.manifest, b.root, pseudonymizer)
         rec = cls.from_parts(b, load_parts(b, SERVED, search_params=search_params), max_k=max_k,
@@ -296,7 +295,7 @@ class Recommender:
         item-item term (:mod:`dmp_dl.models.scoring`)."""
         if self.served is None:
             return search_excluding(self.item_index, self.item_vectors, vectors, k, *exclude)
-        from dmp_dl.models.scoring import exact_top_k, rows_matrix
+        from dmp_dl.models.scoring import exact_top_k, rows_matrix  # torch, for exact scoring only
 
         scores = self.served.scores(vectors, self.item_vectors, rows_matrix(*items_of, self.n_items))
         return exact_top_k(scores, k, *exclude)

@@ -321,7 +321,7 @@ def check_index_options(options: dict, path: Path) -> None:
     """``index_options`` must be :class:`~dmp_dl.index.ann.IndexOptions` fields with valid values."""
     import dataclasses
 
-    from dmp_dl.index.ann import IndexOptions
+    from dmp_dl.index.ann import IndexOptions  # faiss: reading a manifest does not need it otherwise
 
     fields = {f.name: f for f in dataclasses.fields(IndexOptions)}
     for key, value in options.items():

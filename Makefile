@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup train test test-slow bench clean gpu-wheels
+.PHONY: setup lint train test test-slow bench clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,12 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(PY) train.py
 
-test: setup
+# The style check and the import layers (pyproject.toml: [tool.ruff], [tool.importlinter]) run first.
+lint: setup
+	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -3,12 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from dmp_dl.cli import report_errors
+from dmp_dl.core.cli import report_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
-    from dmp_dl.server import serve
+    from dmp_dl.api.server import serve
 
     with report_errors():
         serve(cfg)

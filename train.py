@@ -3,13 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from dmp_dl.cli import prepare_run_config, report_errors
+from dmp_dl.core.cli import prepare_run_config, report_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with report_errors():  # also quiets third-party noise before the libraries load
-        from dmp_dl.pipeline import run
+        from dmp_dl.pipeline.run import run
 
         run(prepare_run_config(cfg))
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from ranking import evaluate
 from threadpoolctl import threadpool_limits
 
 from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
 from dmp_dl.evaluation.heldout import HeldOutSplit
-from ranking import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -83,7 +83,7 @@ def fuzz(schema, examples: int, seed: int = 0) -> dict:
 def tiny_bundle(where: Path) -> Path:
     from common import compose_train_cfg
 
-    from dmp_dl.pipeline import run
+    from dmp_dl.pipeline.run import run
 
     overrides = ["data.source.n_users=400", "data.source.n_items=150", "data.source.n_events=12000",
                  "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",

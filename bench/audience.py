@@ -42,7 +42,7 @@ from common import ML100K, Timer, compose_train_cfg, markdown_table, write_secti
 
 from dmp_dl import Recommender  # noqa: E402
 from dmp_dl.audience.lookalike import holdout_quality  # noqa: E402
-from dmp_dl.pipeline import run  # noqa: E402
+from dmp_dl.pipeline.run import run  # noqa: E402
 
 METHODS = ("centroid", "contrast", "neighbours", "popularity", "random")
 

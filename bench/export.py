@@ -1,6 +1,6 @@
 """Activation export throughput: top-K recommendations for every user of a large bundle.
 
-Builds a :class:`~dmp_dl.recommender.Recommender` in memory over synthetic vectors (unit vectors
+Builds a :class:`~dmp_dl.serving.recommender.Recommender` in memory over synthetic vectors (unit vectors
 around shared centres; seen items per user drawn from a log-normal, median ``--seen``, so a few
 users have seen hundreds of items and the search over-fetches for them) with the index a bundle
 of that catalogue gets by default (``index=auto``: exact ``Flat`` below 50,000 items), then runs
@@ -33,7 +33,7 @@ def synthetic_recommender(n_users: int, n_items: int, dim: int, median_seen: int
     import scipy.sparse as sp
 
     from dmp_dl.data.vocab import IdVocab
-    from dmp_dl.recommender import Recommender
+    from dmp_dl.serving.recommender import Recommender
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(50, int(np.sqrt(n_items))), dim)).astype(np.float32)

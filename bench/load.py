@@ -50,9 +50,9 @@ def synthetic_bundle(target: Path, n_users: int, n_items: int, dim: int, seed: i
     """A bundle of random unit vectors (exact indexes, ~20 seen items per user, no network)."""
     import scipy.sparse as sp
 
-    from dmp_dl.bundle import export_bundle
     from dmp_dl.data.vocab import IdVocab
-    from dmp_dl.index import IndexOptions
+    from dmp_dl.index.ann import IndexOptions
+    from dmp_dl.training.export import export_bundle
 
     rng = np.random.default_rng(seed)
 

@@ -1,6 +1,6 @@
 """The package's own models (``mf``, ``two_tower``) trained for the benchmarks through its pipeline.
 
-Every fit is ``dmp_dl.pipeline.run(cfg)`` on the project's real Hydra config (``conf/``), exactly
+Every fit is ``dmp_dl.pipeline.run.run(cfg)`` on the project's real Hydra config (``conf/``), exactly
 what ``python train.py`` does, with the steps a benchmark does not need switched off (propensity,
 audience, export, report, loggers) and an :class:`EpochClock` callback added through the config,
 so each epoch's pure training time and validation metrics are known. Hyperparameters come from
@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
-
-import common
 
 # What a benchmark fit leaves out of a normal run; the model, data and trainer settings stay.
 QUIET = [
@@ -96,7 +95,7 @@ class EpochClock(pl.Callback):
 
 
 def fit(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate one model with ``dmp_dl.pipeline.run(cfg)``.
+    """Train and evaluate one model with ``dmp_dl.pipeline.run.run(cfg)``.
 
     Returns ``net`` (the best weights, eval mode, CPU), ``datamodule``, ``ranking`` (the pipeline's
     test metrics of the model), ``train`` (the pipeline's training summary), ``epochs``
@@ -104,7 +103,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     ``train_seconds`` (pure training time), ``examples_per_second`` (training events x epochs /
     pure training time) and ``wall_seconds``.
     """
-    from dmp_dl.pipeline import run
+    from dmp_dl.pipeline.run import run
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -142,7 +141,7 @@ def train_steps(cfg: DictConfig, dm, max_steps: int | None, warmup_steps: int = 
     Returns ``steps``, ``steps_per_epoch``, ``batch_size``, ``seconds`` (the whole loop),
     ``warmup_steps``, and ``seconds_per_step`` / ``examples_per_second`` over the batches after the
     first ``warmup_steps`` (at most half the steps; all of them when there are too few)."""
-    from dmp_dl.training import build_module, build_trainer
+    from dmp_dl.training.fit import build_module, build_trainer
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -31,12 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ML100K, compose_train_cfg, markdown_table, write_section  # noqa: E402
 
-from dmp_dl.pipeline import run  # noqa: E402
+from dmp_dl.pipeline.run import run  # noqa: E402
 
 BASE = ["experiment=ml100k", "model=two_tower", f"data.path={ML100K}", "propensity.enabled=false", "export=false", "logger=none",
         "evaluation.report=null", "evaluation.baselines=[popularity]", "trainer.enable_progress_bar=false",

@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ML100K, compose_train_cfg  # noqa: E402
-from dmp_dl.pipeline import run  # noqa: E402
+
+from dmp_dl.pipeline.run import run  # noqa: E402
 from dmp_dl.propensity import train_propensity  # noqa: E402
 
 COLUMNS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "ece_uncalibrated", "lift@10")

@@ -15,7 +15,7 @@ Protocol everywhere but (a): full ranking over the catalogue, the user's trainin
 Recall@20 / NDCG@20 with the package's definitions. Tuning: every model is tuned on a validation
 carve-out of the training part (a further ``--val-frac`` of each user's items, drawn from the same
 per-user permutation, so the test items are exactly the same). ``auto`` makes its own choice on that
-carve-out (candidates, epochs, l2, blend weight: ``dmp_dl.model_selection``), exactly as
+carve-out (candidates, epochs, l2, blend weight: ``dmp_dl.training.selection``), exactly as
 ``train.py`` does; then it and every anchor are refitted on the whole training part and scored on
 the test items. Ours use the project config (``conf/model/*.yaml``) plus any overrides after ``--``.
 
@@ -82,11 +82,11 @@ def data_overrides(spec: dict, path: str | None, seed: int, val_frac: float) -> 
 def fit_choice(model: str, spec: dict, tune_over: list[str], dm_tune, dm_final, args, workdir: Path) -> dict:
     """``auto`` / ``vae`` / ``ease``: choose on the carve-out, refit on the whole training part."""
     import numpy as np
-
     import ours
-    from dmp_dl.embeddings import item_vectors, user_vectors
-    from dmp_dl.model_selection import choose_model, refit
+
+    from dmp_dl.models.embeddings import item_vectors, user_vectors
     from dmp_dl.models.scoring import BlendScorer
+    from dmp_dl.training.selection import choose_model, refit
 
     cfg = ours.compose_train_cfg([*tune_over, f"model={model}", f"model.selection_metric={spec['metric']}",
                                   "model.refit=false", *(["model.vae.max_epochs=2"] if args.quick else []),
@@ -124,11 +124,10 @@ def fit_legacy(model: str, tune_over: list[str], final_over: list[str], final, a
 
 def run_log(name: str, args, workdir: Path) -> dict[str, Any]:
     """Tune, refit and score every model on log ``name``. Returns rows and the split sizes."""
-    from hydra.utils import instantiate
-
     import anchors
     import ours
     import skewed
+    from hydra.utils import instantiate
     from ranking import evaluate, recommenders_metrics, split_of
 
     spec = LOGS[name]
@@ -249,7 +248,7 @@ DEFINITIONS = (
     "Everywhere: full ranking over the catalogue, the user's training items excluded, ties to the lower item index, "
     "`±` = standard error over users; log (a) follows Microsoft Recommenders' `python_evaluation` definitions "
     "(Recall@10 = hits / |R|, MAP = (1/|R|) Σ Precision@i), the others the package's (Recall@K = hits / min(K, |R|), "
-    "NDCG@K with binary gains). `auto` is the default `python train.py` model (`dmp_dl.model_selection`); the anchors "
+    "NDCG@K with binary gains). `auto` is the default `python train.py` model (`dmp_dl.training.selection`); the anchors "
     "see the same binary user-item matrix: `popularity` and `ease` (float64 Cholesky, the package's "
     "`EASEScorer`) are the package's baselines, `als` / `bpr` are `implicit` 0.7, `vaecf` is cornac's Mult-VAE, all on CPU."
 )

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmp_dl.embeddings import inference_device, item_vectors, user_vectors
 from dmp_dl.evaluation.baselines import EmbeddingScorer
 from dmp_dl.evaluation.heldout import HeldOutSplit
-from dmp_dl.evaluation.metrics import batch_metrics
 from dmp_dl.evaluation.ranking import default_batch_size, evaluate_scorer
+from dmp_dl.metrics.ranking import batch_metrics
+from dmp_dl.models.embeddings import inference_device, item_vectors, user_vectors
 
 
 def split_of(dm, stage: str = "test") -> HeldOutSplit:

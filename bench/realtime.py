@@ -54,7 +54,7 @@ def pct(values, q) -> float:
 
 
 def train_bundle(out: Path, overrides: list[str]) -> Path:
-    from dmp_dl.pipeline import run
+    from dmp_dl.pipeline.run import run
 
     cfg = common.compose_train_cfg(["trainer.max_epochs=1", "++model.vae.max_epochs=3", "logger=none", "evaluation.report=null",
                                     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
@@ -265,10 +265,10 @@ def stream_quality(name: str, overrides: list[str], root: Path) -> dict:
 
     from dmp_dl.data.datamodule import last_items
     from dmp_dl.data.split import TEST, TRAIN
-    from dmp_dl.embeddings import item_vectors, user_vectors
     from dmp_dl.evaluation.baselines import EmbeddingScorer
     from dmp_dl.evaluation.ranking import evaluate_scorer
-    from dmp_dl.pipeline import run
+    from dmp_dl.models.embeddings import item_vectors, user_vectors
+    from dmp_dl.pipeline.run import run
 
     out = root / ("quality-" + "".join(c if c.isalnum() else "-" for c in name))
     cfg = common.compose_train_cfg(["logger=none", "evaluation.report=null", "propensity.enabled=false",

@@ -86,7 +86,7 @@ def inputs_part() -> int:
 # -- the real-time journal with erasures, reloads and a killed server -----------------------------
 def train_bundle(work: Path) -> Path:
     """A small synthetic bundle (the default model, short training: what is measured is bookkeeping)."""
-    from dmp_dl.pipeline import run
+    from dmp_dl.pipeline.run import run
 
     cfg = compose_train_cfg(["data.source.n_users=600", "data.source.n_items=200", "data.source.n_events=15000",
                              "trainer.max_epochs=1", "++model.vae.max_epochs=2", "logger=none", "evaluation.report=null",
@@ -98,7 +98,7 @@ def train_bundle(work: Path) -> Path:
 
 def own_copy(bundle: Path, folder: Path) -> Path:
     """A copy of ``bundle`` in ``folder`` whose erasure list and audit log are ``folder``'s own."""
-    from dmp_dl.bundle import MANIFEST, write_manifest
+    from dmp_dl.store.bundle import MANIFEST, write_manifest
 
     art = Path(shutil.copytree(bundle, folder / "artifacts"))
     manifest = json.loads((art / MANIFEST).read_text())
@@ -171,7 +171,7 @@ def journal_scenario(bundle: Path, folder: Path, erase: bool, clients: int, batc
     import httpx
     from load import Server
 
-    from dmp_dl.realtime.journal import read_journal
+    from dmp_dl.data.journal import read_journal
 
     folder.mkdir(parents=True)
     art = own_copy(bundle, folder)

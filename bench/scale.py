@@ -12,8 +12,8 @@ Every size runs in its own child process (``--child``), so its peak RSS (``VmHWM
   (measured in full when ``--steps 0``). The per-step cost grows with the embedding tables.
 * **catalogue**: ``--items`` (default 10k, 100k, 1M) 64-d unit item vectors around shared
   centres (``bench/serve.py``'s generator, ``--noise``), each index of ``--indexes`` built by the
-  package (``dmp_dl.index.build_index`` with ``conf/index/<name>.yaml``, every core): build
-  seconds; then ``dmp_dl.index.measure_index`` with one FAISS thread (as ``serve.py`` runs):
+  package (``dmp_dl.index.ann.build_index`` with ``conf/index/<name>.yaml``, every core): build
+  seconds; then ``dmp_dl.index.ann.measure_index`` with one FAISS thread (as ``serve.py`` runs):
   recall@10 against exact search, single-query p50 latency and queries/s of one batch call over
   ``--queries`` user vectors; and the serialized index size.
 
@@ -72,9 +72,8 @@ def peak_rss_mib() -> float:
 
 
 def child_events(n_events: int, args) -> dict[str, Any]:
-    from hydra.utils import instantiate
-
     import ours
+    from hydra.utils import instantiate
 
     users = max(1, n_events // args.events_per_user)
     items = max(100, n_events // args.events_per_item)
@@ -181,11 +180,12 @@ def numpy_primitives(n: int, n_users: int, repeats: int = 5) -> dict[str, float]
 
 
 def child_catalogue(n_items: int, args) -> dict[str, Any]:
+    import importlib.util
+
     import faiss
     from omegaconf import OmegaConf
 
-    from dmp_dl.index import IndexOptions, build_index, measure_index
-    import importlib.util
+    from dmp_dl.index.ann import IndexOptions, build_index, measure_index
 
     spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "serve.py")  # not the root serve.py
     bench_serve = importlib.util.module_from_spec(spec)

@@ -4,7 +4,7 @@ in the same process.
 
 Each size runs in its own child process (``--child``), which
 
-1. runs the default pipeline (``dmp_dl.pipeline.run``: data, the model choice with its refit,
+1. runs the default pipeline (``dmp_dl.pipeline.run.run``: data, the model choice with its refit,
    evaluation, propensity, audience, export, report — everything ``python train.py`` does) on the
    built-in synthetic generator with ``--users`` users, ``--items`` items and ``--events`` events
    (one size per position of the three lists), writing into a temporary folder;
@@ -92,7 +92,7 @@ def child(users: int, items: int, events: int, args) -> dict[str, Any]:
     import torch
 
     from dmp_dl.models import ease as ease_lib
-    from dmp_dl.pipeline import run
+    from dmp_dl.pipeline.run import run
 
     workdir = Path(args.workdir) / f"run-{events}"
     overrides = [f"data.source.n_users={users}", f"data.source.n_items={items}", f"data.source.n_events={events}",

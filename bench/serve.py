@@ -41,10 +41,10 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmp_dl.bundle import export_bundle  # noqa: E402
 from dmp_dl.data.vocab import IdVocab  # noqa: E402
-from dmp_dl.index import IndexOptions  # noqa: E402
-from dmp_dl.recommender import Recommender  # noqa: E402
+from dmp_dl.index.ann import IndexOptions  # noqa: E402
+from dmp_dl.serving.recommender import Recommender  # noqa: E402
+from dmp_dl.training.export import export_bundle  # noqa: E402
 
 
 def index_options(name: str, eval_queries: int) -> IndexOptions:

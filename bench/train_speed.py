@@ -4,7 +4,7 @@ of implicit's ALS and BPR, on the same synthetic data and split; on a CUDA GPU a
 
 CPU part (always, on CPU even where CUDA is present): the project's synthetic generator (``data=synthetic``) at ``--users/--items/
 --events``, its default split (global temporal 80/10/10). Ours are trained by the pipeline
-(``ours.fit``: ``dmp_dl.pipeline.run``) for at most ``--epochs`` epochs with the config's early
+(``ours.fit``: ``dmp_dl.pipeline.run.run``) for at most ``--epochs`` epochs with the config's early
 stopping; the training loop is timed per epoch (validation excluded) and val/recall@20 read after
 each. implicit fits the same training user-item pairs (binary, deduplicated: implicit's input)
 with all cores; its factors are snapshotted during the fit and scored on the same validation
@@ -112,10 +112,9 @@ def cpu_part(args, workdir: Path) -> dict[str, Any]:
 
 def gpu_part(args, workdir: Path) -> dict[str, Any]:
     """Throughput of each model in fp32 and bf16 on one large synthetic set (CUDA only)."""
+    import ours
     import torch
     from hydra.utils import instantiate
-
-    import ours
     if not torch.cuda.is_available() and not args.gpu_part_on_cpu:
         return {"skipped": "no CUDA device: the GPU part (>= 20M events, fp32 vs bf16) was not run"}
     accel = "gpu" if torch.cuda.is_available() else "cpu"

@@ -43,7 +43,7 @@ from dmp_dl.audience import jobs  # noqa: E402
 from dmp_dl.campaign.jobs import CampaignFiles, measure_job, uplift_job  # noqa: E402
 from dmp_dl.campaign.uplift import UpliftOptions  # noqa: E402
 from dmp_dl.data.synthetic import SyntheticSource, campaign_outcomes  # noqa: E402
-from dmp_dl.pipeline import run  # noqa: E402
+from dmp_dl.pipeline.run import run  # noqa: E402
 
 RANKINGS = ("uplift_model", "two_model_logistic", "propensity", "random")
 

@@ -8,7 +8,7 @@ __all__ = ["Recommender", "__version__"]
 def __getattr__(name: str):
     # Lazy: `import dmp_dl` stays light; `from dmp_dl import Recommender` loads faiss/scipy on demand.
     if name == "Recommender":
-        from dmp_dl.recommender import Recommender
+        from dmp_dl.serving.recommender import Recommender
 
         return Recommender
     raise AttributeError(f"module 'dmp_dl' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from dmp_dl import Recommender
-from dmp_dl.pipeline import run
+from dmp_dl.pipeline.run import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ML100K = Path(os.environ.get("DMP_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))

@@ -1,7 +1,7 @@
 """The OpenAPI document tells the truth: every status, every error body, every limit.
 
 Client generators and gateways are built from ``/openapi.json``, so each route declares each status
-it can answer with the error schema it really sends (:mod:`dmp_dl.http_errors`), and the request
+it can answer with the error schema it really sends (:mod:`dmp_dl.api.http_errors`), and the request
 schemas carry the limits the server enforces. schemathesis (an OpenAPI fuzzer) checks both against
 the app: here a bounded in-process run; ``bench/api_contract.py`` (and the slow test below) run a
 few hundred cases per endpoint against a real ``serve.py``.
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from dmp_dl.http_errors import ErrorBody
-from dmp_dl.recommender import Recommender
-from dmp_dl.server import create_app
+from dmp_dl.api.http_errors import ErrorBody
+from dmp_dl.api.server import create_app
+from dmp_dl.serving.recommender import Recommender
 
 schemathesis = pytest.importorskip("schemathesis")
 

@@ -1,4 +1,4 @@
-"""Files written atomically (dmp_dl.io, the export's TableWriter, the audience tables): the
+"""Files written atomically (dmp_dl.core.io, the export's TableWriter, the audience tables): the
 permissions a plain write would give, and no temporary file left by an error, SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pytest
 
 from dmp_dl.audience.jobs import write_table
+from dmp_dl.core.io import atomic_write_bytes, atomic_write_text, atomic_writer
 from dmp_dl.export.tables import TableWriter
-from dmp_dl.io import atomic_write_bytes, atomic_write_text, atomic_writer
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = pa.schema([("user_id", pa.string())])

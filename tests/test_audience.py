@@ -19,18 +19,18 @@ from hydra import compose, initialize_config_dir
 from sklearn.metrics import adjusted_rand_score
 
 from dmp_dl import Recommender
+from dmp_dl.api.server import create_app
 from dmp_dl.audience import jobs
-from dmp_dl.audience.__main__ import run_task
 from dmp_dl.audience.lookalike import expand, holdout_quality
 from dmp_dl.audience.profiles import ProfileOptions, compute_profiles
 from dmp_dl.audience.segments import SegmentOptions, segment_users
 from dmp_dl.audience.targeting import plan_contacts, random_selection_profit
-from dmp_dl.bundle import Bundle, MissingPartError
+from dmp_dl.commands.audience import run_task
+from dmp_dl.core.errors import ConfigError, DataError, DmpError, UnknownIdError
 from dmp_dl.data.synthetic import SyntheticSource
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import ConfigError, DataError, DmpError, UnknownIdError
-from dmp_dl.pipeline import run
-from dmp_dl.server import create_app
+from dmp_dl.pipeline.run import run
+from dmp_dl.store.bundle import Bundle, MissingPartError
 
 from .conftest import CONF_DIR, QUIET_TRAINER, TINY_DATA, compose_cfg
 

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.event_files import EventFileSource
 from dmp_dl.data.split import SplitOptions, heldout_users, split_events
 from dmp_dl.data.synthetic import SyntheticSource
-from dmp_dl.errors import ConfigError
 
 DAY = 86400
 

@@ -33,15 +33,14 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dmp_dl.api.http_errors import ErrorBody
+from dmp_dl.api.server import create_app
+from dmp_dl.core.errors import ConfigError, DataError, DmpError
 from dmp_dl.data.cleaning import DROP_REASONS, CleaningOptions, clean_events, clean_log
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.event_files import EventFileSource
 from dmp_dl.data.movielens import MovieLensSource
-from dmp_dl.errors import ConfigError, DataError, DmpError
-from dmp_dl.http_errors import ErrorBody
-from dmp_dl.recommender import Recommender
-from dmp_dl.server import create_app
-
+from dmp_dl.serving.recommender import Recommender
 
 TRIED: Counter = Counter()  # what this module fed to the code, by kind
 

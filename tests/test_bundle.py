@@ -12,16 +12,24 @@ import torch
 from omegaconf import open_dict
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import (
-    FORMAT_VERSION, ITEM_VECTORS, MANIFEST, NETWORK_SPEC, NETWORK_WEIGHTS, Bundle, BundleWriter, MissingPartError,
+from dmp_dl.core.errors import BundleError
+from dmp_dl.models.embeddings import export_embeddings
+from dmp_dl.models.parts import load_network
+from dmp_dl.pipeline.run import run
+from dmp_dl.store.bundle import (
+    FORMAT_VERSION,
+    ITEM_VECTORS,
+    MANIFEST,
+    NETWORK_SPEC,
+    NETWORK_WEIGHTS,
+    Bundle,
+    BundleWriter,
+    MissingPartError,
     write_manifest,
 )
-from dmp_dl.bundle_parts import load_network
-from dmp_dl.embeddings import export_embeddings
-from dmp_dl.errors import BundleError
-from dmp_dl.pipeline import run
 
 from .conftest import without_propensity
+
 
 @pytest.fixture
 def bundle_copy(trained, tmp_path):

@@ -16,16 +16,16 @@ from fastapi.testclient import TestClient
 from hydra import compose, initialize_config_dir
 
 from dmp_dl import Recommender
+from dmp_dl.api.server import create_app
 from dmp_dl.audience import jobs
-from dmp_dl.audience.__main__ import run_task
-from dmp_dl.bundle import Bundle
 from dmp_dl.campaign.control import draw_control
 from dmp_dl.campaign.qini import qini_coefficient, qini_curve
 from dmp_dl.campaign.stats import difference_in_means, difference_in_proportions
+from dmp_dl.commands.audience import run_task
+from dmp_dl.core.errors import BundleError, ConfigError, DataError
 from dmp_dl.data.synthetic import SyntheticSource, campaign_outcomes
-from dmp_dl.errors import BundleError, ConfigError, DataError
-from dmp_dl.pipeline import run
-from dmp_dl.server import create_app
+from dmp_dl.pipeline.run import run
+from dmp_dl.store.bundle import Bundle
 
 from .conftest import CONF_DIR, QUIET_TRAINER, TINY_DATA, compose_cfg
 

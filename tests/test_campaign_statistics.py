@@ -17,16 +17,18 @@ import pytest
 from hydra import compose, initialize_config_dir
 from scipy.stats import norm
 
-from dmp_dl.audience.__main__ import run_task
 from dmp_dl.audience.targeting import per_user, plan_contacts
 from dmp_dl.campaign.control import draw_control
 from dmp_dl.campaign.jobs import summary_json
 from dmp_dl.campaign.measure import compare_groups, p_text, percent
 from dmp_dl.campaign.stats import (
-    minimum_detectable_effect, minimum_detectable_lift, permutation_inference,
+    minimum_detectable_effect,
+    minimum_detectable_lift,
+    permutation_inference,
     smallest_p_value,
 )
-from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.commands.audience import run_task
+from dmp_dl.core.errors import ConfigError, DataError
 
 from .conftest import CONF_DIR
 
@@ -341,7 +343,7 @@ def test_a_control_group_that_leaves_nobody_to_contact_is_refused(caplog):
 
 def test_the_uplift_rules_cover_every_option_of_the_model():
     from dmp_dl.campaign.uplift import UpliftOptions
-    from dmp_dl.checks import AUDIENCE_CLI_RULES
+    from dmp_dl.pipeline.checks import AUDIENCE_CLI_RULES
 
     checked = {k.removeprefix("uplift.") for k in AUDIENCE_CLI_RULES["uplift"] if k.startswith("uplift.")}
     assert checked == set(UpliftOptions.__dataclass_fields__)

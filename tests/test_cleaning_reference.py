@@ -308,9 +308,9 @@ def test_feature_tokens_match_per_row_splitting(table, unknown):
 @SETTINGS
 @given(raw_logs(), cleaning_options())
 def test_indexed_ids_are_the_vocabulary_indices(raw, opts):
+    from dmp_dl.core.errors import DataError
     from dmp_dl.data.cleaning import clean_log
     from dmp_dl.data.schema import EventLog
-    from dmp_dl.errors import DataError
 
     try:
         plain, _ = clean_log(EventLog(raw.copy()), opts)

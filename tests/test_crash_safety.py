@@ -19,13 +19,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import dmp_dl.bundle as bundle_module
+import dmp_dl.store.bundle as bundle_module
 from dmp_dl import Recommender
-from dmp_dl.bundle import MANIFEST, BundleWriter, export_bundle
+from dmp_dl.core.errors import BundleError, ConfigError
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, ConfigError
-from dmp_dl.index import IndexOptions
-from dmp_dl.training import AtomicCheckpointIO, checkpoint_position, resolve_ckpt_path
+from dmp_dl.index.ann import IndexOptions
+from dmp_dl.store.bundle import MANIFEST, BundleWriter
+from dmp_dl.training.export import export_bundle
+from dmp_dl.training.fit import AtomicCheckpointIO, checkpoint_position, resolve_ckpt_path
 
 from .conftest import TINY_DATA
 
@@ -242,7 +243,7 @@ def test_export_killed_half_way_keeps_the_previous_bundle(published):
     target, manifest = published
     script = (
         "import os, signal\n"
-        "from dmp_dl.bundle import BundleWriter\n"
+        "from dmp_dl.store.bundle import BundleWriter\n"
         "from tests.test_crash_safety import export_small\n"
         "real = BundleWriter.save_index\n"
         "def die(self, name, index):\n"

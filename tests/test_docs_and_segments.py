@@ -12,8 +12,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from dmp_dl.api.server import create_app
 from dmp_dl.audience.segments import segment_label
-from dmp_dl.server import create_app
 
 from .browser import dump_dom, screenshot
 

@@ -16,13 +16,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import MANIFEST, Bundle, BundleWriter, remove_stale_temporaries, write_manifest
+from dmp_dl.api.server import bundle_loader, create_app
+from dmp_dl.data.erasure_list import read_erasure_list
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.pipeline import load_data, run
+from dmp_dl.pipeline.run import load_data, run
 from dmp_dl.privacy import erasure
 from dmp_dl.privacy.erasure import ErasureError, ErasureService, forget_users
-from dmp_dl.privacy.erasure_list import read_erasure_list
-from dmp_dl.server import bundle_loader, create_app
+from dmp_dl.store.bundle import MANIFEST, Bundle, BundleWriter, remove_stale_temporaries, write_manifest
 
 from .conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
 

@@ -15,19 +15,19 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dmp_dl.bundle import ITEM_VECTORS, MANIFEST, NETWORK_WEIGHTS, USER_VECTORS, Bundle, write_manifest
-from dmp_dl.cli import report_errors
+from dmp_dl.commands.evaluate import data_config, evaluate_bundle
+from dmp_dl.core.cli import report_errors
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.split import TRAIN
 from dmp_dl.data.synthetic import SyntheticSource
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.evaluate import data_config, evaluate_bundle
 from dmp_dl.evaluation.baselines import EmbeddingScorer
 from dmp_dl.evaluation.heldout import HeldOutSplit, map_to_vocabularies
 from dmp_dl.evaluation.ranking import evaluate_scorer
 from dmp_dl.evaluation.render import SECTIONS
-from dmp_dl.pipeline import run
-from dmp_dl.propensity.metrics import gains_table
+from dmp_dl.metrics.classification import gains_table
+from dmp_dl.pipeline.run import run
+from dmp_dl.store.bundle import ITEM_VECTORS, MANIFEST, NETWORK_WEIGHTS, USER_VECTORS, Bundle, write_manifest
 
 from .conftest import CONF_DIR, QUIET_TRAINER, TINY_DATA, compose_cfg
 

@@ -16,11 +16,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dmp_dl import Recommender
-from dmp_dl.errors import ConfigError, DataError, UnknownIdError
+from dmp_dl.commands.export import run_export
+from dmp_dl.core.errors import ConfigError, DataError, UnknownIdError
 from dmp_dl.export import jobs
-from dmp_dl.export.__main__ import run_export
 from dmp_dl.export.tables import TableWriter
-from dmp_dl.pipeline import run
+from dmp_dl.pipeline.run import run
 from dmp_dl.privacy import Pseudonymizer
 
 from .conftest import CONF_DIR, QUIET_TRAINER, TINY_DATA, compose_cfg
@@ -188,7 +188,7 @@ def test_scores_segments_and_lookalike_of_a_pseudonymised_bundle_carry_pseudonym
 
 
 def test_segments_of_a_bundle_without_segments_is_one_line(trained, tmp_path):
-    from dmp_dl.bundle import MissingPartError
+    from dmp_dl.store.bundle import MissingPartError
 
     rec = Recommender.load(trained["bundle_dir"])
     rec.stored_segments = None
@@ -245,7 +245,7 @@ def test_a_bad_output_is_refused_before_the_bundle_is_loaded(trained, tmp_path, 
     import errno
     import types
 
-    import dmp_dl.checks as checks
+    import dmp_dl.pipeline.checks as checks
 
     bundle = Path(trained["bundle_dir"]).resolve()
     files_before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}

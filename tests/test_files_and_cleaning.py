@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dmp_dl.core.errors import DataError
 from dmp_dl.data.cleaning import CleaningOptions, clean_events, clean_log, parse_timestamps
 from dmp_dl.data.event_files import EventFileSource
-from dmp_dl.errors import DataError
 
 WEIGHTS = {"view": 1.0, "click": 2.0, "purchase": 5.0}
 

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
+from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.data.id_lists import ids_from_config, read_id_file
 from dmp_dl.data.schema import normalize_ids
-from dmp_dl.errors import ConfigError, DataError
 
 IDS = ["u000001", "u000002", "u000003"]
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dmp_dl.errors import ConfigError
-from dmp_dl.index import (
-    IndexOptions, build_and_measure, build_index, default_nlist, exact_top_k, recall_at_k, search_excluding,
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.index.ann import (
+    IndexOptions,
+    build_and_measure,
+    build_index,
+    default_nlist,
+    exact_top_k,
+    recall_at_k,
+    search_excluding,
 )
 
 

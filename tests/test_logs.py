@@ -12,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dmp_dl.logs import EpochLog, quiet_third_party
+from dmp_dl.core.logs import quiet_third_party
+from dmp_dl.training.progress import EpochLog
 
 from .conftest import TINY_DATA
 
@@ -109,9 +110,9 @@ def test_hints_point_to_the_config_key_that_fixes_it(tmp_path, caplog):
     import pandas as pd
     import pytest
 
+    from dmp_dl.core.errors import DataError
     from dmp_dl.data.cleaning import CleaningOptions, clean_events
     from dmp_dl.data.files import read_table
-    from dmp_dl.errors import DataError
 
     raw = pd.DataFrame({"user_id": ["a", "b", "c", "d"], "item_id": ["x", "y", "x", "y"], "timestamp": [1e9] * 4,
                         "event_type": ["view", "signup", "signup", "purchase"]})

@@ -12,12 +12,12 @@ from fastapi.testclient import TestClient
 from hydra import compose, initialize_config_dir
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import MANIFEST, Bundle, write_manifest
-from dmp_dl.cli import report_errors
-from dmp_dl.errors import BundleError
-from dmp_dl.manifest import DIGEST_KEY, digest, manifest_text, seal
+from dmp_dl.api.server import bundle_loader, create_app
+from dmp_dl.core.cli import report_errors
+from dmp_dl.core.errors import BundleError
 from dmp_dl.privacy.erasure import ErasureError, forget_users
-from dmp_dl.server import bundle_loader, create_app
+from dmp_dl.store.bundle import MANIFEST, Bundle, write_manifest
+from dmp_dl.store.manifest import DIGEST_KEY, digest, manifest_text, seal
 
 from .conftest import CONF_DIR
 
@@ -173,8 +173,8 @@ def test_a_malformed_manifest_is_refused_naming_the_field(copy, change, field):
 
 
 def test_every_reader_refuses_a_malformed_manifest_with_one_line(pristine, copy, tmp_path, capsys):
-    from dmp_dl.audience.__main__ import run_task
-    from dmp_dl.evaluate import evaluate_bundle
+    from dmp_dl.commands.audience import run_task
+    from dmp_dl.commands.evaluate import evaluate_bundle
 
     manifest = manifest_of(copy)
     manifest["privacy"] = "not an object"

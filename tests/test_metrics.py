@@ -9,17 +9,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.datamodule import EvalUsers
-from dmp_dl.errors import ConfigError
 from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer, rows_times_dense
-from dmp_dl.evaluation.metrics import (
+from dmp_dl.evaluation.ranking import evaluate_scorer
+from dmp_dl.metrics.ranking import (
     RankingAccumulator,
     batch_metrics,
     ranking_metrics,
     tie_broken_keys,
     topk_with_ties,
 )
-from dmp_dl.evaluation.ranking import evaluate_scorer
 
 
 def test_topk_breaks_ties_by_lower_index():

@@ -15,14 +15,14 @@ from omegaconf import open_dict
 from torch import nn
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import NETWORK_SPEC, NETWORK_WEIGHTS, Bundle
+from dmp_dl.core.errors import BundleError, ConfigError
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, ConfigError
-from dmp_dl.fitters import FITTERS, fitter_of
 from dmp_dl.models import registry
-from dmp_dl.pipeline import run
+from dmp_dl.pipeline.run import run
 from dmp_dl.privacy.erasure import erase_rows
-from dmp_dl.warm_start import load_previous, warm_start
+from dmp_dl.store.bundle import NETWORK_SPEC, NETWORK_WEIGHTS, Bundle
+from dmp_dl.training.fitters import FITTERS, fitter_of
+from dmp_dl.training.warm_start import load_previous, warm_start
 
 from .conftest import CONF_DIR, QUIET_TRAINER, TINY_DATA, compose_cfg
 

@@ -11,11 +11,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dmp_dl import model_selection
 from dmp_dl.evaluation.baselines import EASEScorer
 from dmp_dl.evaluation.ranking import sample_users
 from dmp_dl.models import ease as ease_lib
-from dmp_dl.pipeline import run
+from dmp_dl.pipeline.run import run
+from dmp_dl.training import selection as model_selection
 
 from .test_user_level_models import planted_cfg, planted_log  # noqa: F401  (fixture)
 
@@ -176,7 +176,7 @@ def test_a_larger_log_trains_past_its_first_epoch_and_stays_well_above_popularit
 def test_tensor_cores_only_while_the_autoencoder_trains_in_mixed_precision_on_cuda():
     """TF32 products (``high``) for the bf16-mixed autoencoder fit on CUDA alone; full float32 for
     the CPU and for a float32 trainer, and the previous setting restored after the fit."""
-    from dmp_dl.model_selection import matmul_precision
+    from dmp_dl.training.selection import matmul_precision
 
     before = torch.get_float32_matmul_precision()
     cases = [("cuda", "bf16-mixed", "high"), ("cuda", "16-mixed", "high"), ("cuda", "32-true", "highest"),

@@ -22,13 +22,13 @@ import pytorch_lightning as pl
 import scipy.sparse as sp
 from hydra import compose, initialize_config_dir
 
-import dmp_dl.pipeline as pipeline
-from dmp_dl.bundle import export_bundle
-from dmp_dl.checks import check_serve_config, token_from
+import dmp_dl.pipeline.run as pipeline
+from dmp_dl.core.errors import BundleError, ConfigError, DataError, NonFiniteError
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, ConfigError, DataError, NonFiniteError
-from dmp_dl.pipeline import run
-from dmp_dl.recommender import Recommender
+from dmp_dl.pipeline.checks import check_serve_config, token_from
+from dmp_dl.pipeline.run import run
+from dmp_dl.serving.recommender import Recommender
+from dmp_dl.training.export import export_bundle
 
 from .conftest import CONF_DIR, QUIET_TRAINER, compose_cfg
 
@@ -164,7 +164,7 @@ class _Failing:
 
 
 def test_read_only_output_dir(tiny_cfg, tmp_path, monkeypatch, no_data_read):
-    import dmp_dl.checks as checks
+    import dmp_dl.pipeline.checks as checks
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -182,7 +182,7 @@ def test_read_only_output_dir(tiny_cfg, tmp_path, monkeypatch, no_data_read):
 
 
 def test_full_output_dir(tiny_cfg, monkeypatch, no_data_read):
-    import dmp_dl.checks as checks
+    import dmp_dl.pipeline.checks as checks
 
     monkeypatch.setattr(checks, "os", _Failing(os, "write", OSError(errno.ENOSPC, "No space left on device")))
     cfg = tiny_cfg()
@@ -252,7 +252,7 @@ def test_a_device_as_events_file_is_refused(tmp_path):
 
 
 def test_a_fifo_as_user_ids_is_refused(tmp_path):
-    from dmp_dl.privacy.__main__ import read_user_ids
+    from dmp_dl.commands.privacy import read_user_ids
 
     fifo = _fifo(tmp_path)
     outcome = refused_without_hanging(lambda: read_user_ids(fifo), fifo)
@@ -301,7 +301,7 @@ def test_nan_vectors_are_never_exported(tmp_path):
 
 
 def test_nan_vectors_are_refused_on_load(tmp_path, monkeypatch):
-    import dmp_dl.bundle_parts as parts_module
+    import dmp_dl.models.parts as parts_module
 
     parts = _bundle_parts()
     parts["user_vectors"][:, 0] = np.inf
@@ -382,7 +382,7 @@ def audience_cfg(*overrides: str):
     (["task=uplift", "uplift.hidden=[64,0]"], "uplift.hidden must be a non-empty list, each an integer in 1..65536"),
 ])
 def test_bad_audience_settings_before_the_bundle_is_read(tmp_path, overrides, message):
-    from dmp_dl.audience.__main__ import run_task
+    from dmp_dl.commands.audience import run_task
 
     cfg = audience_cfg("artifacts=/nonexistent/bundle", f"output_dir={tmp_path / 'out'}", *overrides)
     with pytest.raises(ConfigError) as info:
@@ -391,7 +391,7 @@ def test_bad_audience_settings_before_the_bundle_is_read(tmp_path, overrides, me
 
 
 def test_audience_output_dir_that_is_a_file(tmp_path):
-    from dmp_dl.audience.__main__ import run_task
+    from dmp_dl.commands.audience import run_task
 
     target = tmp_path / "hostname"
     target.write_text("x")
@@ -400,7 +400,7 @@ def test_audience_output_dir_that_is_a_file(tmp_path):
 
 
 def test_a_lookalike_larger_than_the_users_is_capped(trained, rec, tmp_path):
-    from dmp_dl.audience.__main__ import run_task
+    from dmp_dl.commands.audience import run_task
 
     seed = str(rec.user_vocab.ids[0])
     summary = run_task(audience_cfg("task=lookalike", f"artifacts={trained['bundle_dir']}", f"output_dir={tmp_path}",
@@ -441,13 +441,13 @@ def test_serve_command_refuses_a_port_out_of_range(trained, tmp_path):
 
 
 def test_the_checks_cover_every_command():
-    from dmp_dl.checks import CHECKS
+    from dmp_dl.pipeline.checks import CHECKS
 
     assert set(CHECKS) == {"train", "serve", "evaluate", "audience", "export", "privacy"}
     for name in ("train", "evaluate", "audience_cli", "export"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(name, return_hydra_config=True)
-        assert cfg.hydra.callbacks.preflight._target_ == "dmp_dl.cli.PreflightCallback"
+        assert cfg.hydra.callbacks.preflight._target_ == "dmp_dl.pipeline.preflight.PreflightCallback"
 
 
 def test_a_diverging_autoencoder_stops_with_one_line_and_exports_nothing(tiny_cfg):

@@ -18,20 +18,20 @@ import torch
 from fastapi.testclient import TestClient
 
 from dmp_dl import Recommender
-from dmp_dl import bundle as layout
-from dmp_dl.bundle import Bundle, BundleWriter
+from dmp_dl.api.server import create_app
+from dmp_dl.core.errors import BundleError, ConfigError, DataError, UnknownIdError
 from dmp_dl.data.cleaning import CleaningOptions, clean_log
+from dmp_dl.data.pseudonymize import parse_tag, pseudonymize_ids, pseudonymize_log
 from dmp_dl.data.schema import EventLog
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, ConfigError, DataError, UnknownIdError
-from dmp_dl.pipeline import load_data
+from dmp_dl.pipeline.run import load_data
 from dmp_dl.privacy import PrivacyOptions, Pseudonymizer, load_secret
 from dmp_dl.privacy.erasure import forget_users
-from dmp_dl.privacy.pseudonymize import parse_tag, pseudonymize_ids, pseudonymize_log
 from dmp_dl.privacy.redact import QueryStringRedactor
-from dmp_dl.server import create_app
+from dmp_dl.store import bundle as layout
+from dmp_dl.store.bundle import Bundle, BundleWriter
 
-from .conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
+from .conftest import QUIET_TRAINER, TINY_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-0123456789abcdef-not-for-production"
@@ -379,7 +379,7 @@ def test_access_log_queries_are_redacted():
 def test_forget_reads_an_ids_file_with_a_byte_order_mark_and_windows_line_ends(erased, tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from dmp_dl.privacy.__main__ import forget
+    from dmp_dl.commands.privacy import forget
 
     from .conftest import CONF_DIR
 

@@ -6,19 +6,18 @@ import json
 import math
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.models.mf import MatrixFactorization
 from dmp_dl.models.retrieval import RetrievalModule
 from dmp_dl.models.two_tower import TwoTowerNet
 
 pytest.importorskip("opacus", reason="the DP accountant needs the `dp` extra (pip install 'dmp_dl[dp]')")
 
+from dmp_dl.pipeline.run import run  # noqa: E402
 from dmp_dl.privacy.dp import DPSGD, DPOptions, _UserLoss, calibrate_noise, epsilon_spent  # noqa: E402
-from dmp_dl.pipeline import run  # noqa: E402
 
 N_USERS, N_ITEMS, E, L = 12, 9, 5, 3
 

@@ -17,17 +17,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torchmetrics.functional.classification import binary_calibration_error
 
+from dmp_dl.core.errors import BundleError, ConfigError, DataError, InsufficientDataError, UnknownIdError
 from dmp_dl.data.schema import TIME, TYPE, EventLog
-from dmp_dl.errors import BundleError, ConfigError, DataError, InsufficientDataError, UnknownIdError
-from dmp_dl.pipeline import load_data
+from dmp_dl.metrics.classification import binary_metrics, gains_table, lift_at
+from dmp_dl.pipeline.run import load_data
 from dmp_dl.propensity import load_propensity, save_propensity, train_propensity
 from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import BehaviourSpec, UserFeatures, behaviour_features
 from dmp_dl.propensity.labels import ANY_EVENT, resolve_cutoff, resolve_target, window_labels
-from dmp_dl.propensity.metrics import binary_metrics, gains_table, lift_at
 from dmp_dl.propensity.net import PropensityNet
 from dmp_dl.propensity.train import build_task, split_users, training_examples
-from dmp_dl.training import build_module
+from dmp_dl.training.fit import build_module
 
 DAY = 86400
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from dmp_dl.bundle import Bundle
+from dmp_dl.core.errors import DataError
 from dmp_dl.data.synthetic import SyntheticSource
-from dmp_dl.errors import DataError
-from dmp_dl.pipeline import load_data, run
+from dmp_dl.pipeline.run import load_data, run
 from dmp_dl.propensity import load_propensity, train_propensity
+from dmp_dl.store.bundle import Bundle
 
 from .conftest import QUIET_TRAINER, compose_cfg
 

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import Bundle, MissingPartError
+from dmp_dl.core.errors import InsufficientDataError
 from dmp_dl.data.synthetic import SyntheticSource
-from dmp_dl.errors import InsufficientDataError
-from dmp_dl.pipeline import run
+from dmp_dl.pipeline.run import run
+from dmp_dl.store.bundle import Bundle, MissingPartError
 
 from .conftest import QUIET_TRAINER, compose_cfg
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from dmp_dl.api.server import create_app
+from dmp_dl.core.errors import ConfigError, UnknownIdError
 from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.data.journal import Journal, read_journal
 from dmp_dl.data.synthetic import SyntheticSource
-from dmp_dl.errors import ConfigError, UnknownIdError
-from dmp_dl.pipeline import run
-from dmp_dl.recommender import Recommender
+from dmp_dl.pipeline.run import run
 from dmp_dl.realtime import LiveRecommender, RealtimeService
 from dmp_dl.realtime.behaviour import BehaviourStats
-from dmp_dl.realtime.journal import Journal, read_journal
-from dmp_dl.server import create_app
+from dmp_dl.serving.recommender import Recommender
 from tests.conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
 
 KEY = "realtime-test-secret-0123456789abcdef"
@@ -187,8 +187,8 @@ def test_live_recommendations_are_the_bundles_served_score_of_the_live_history(l
 
 def test_the_realtime_manifest_entry_is_checked(bundle):
     """The realtime entry passes the manifest schema, and a wrong type in it is refused in one line."""
-    from dmp_dl.errors import BundleError
-    from dmp_dl.manifest import check_manifest, manifest_text, seal
+    from dmp_dl.core.errors import BundleError
+    from dmp_dl.store.manifest import check_manifest, manifest_text, seal
 
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -372,7 +372,7 @@ def test_small_batches_are_cleaned_like_a_training_log(options):
     from hypothesis import strategies as st
 
     from dmp_dl.data.cleaning import CleaningOptions
-    from dmp_dl.realtime.intake import FIELDS, EventIntake, ErasedUsers
+    from dmp_dl.realtime.intake import FIELDS, ErasedUsers, EventIntake
 
     intake = EventIntake(CleaningOptions(**options), {"i1": 0, "i2": 1, "7": 2}, None, ErasedUsers())
     some = st.sampled_from
@@ -499,9 +499,9 @@ def test_journal_rotates_segments_and_erases_rows(tmp_path):
 
 # -- erasure -------------------------------------------------------------------------------------
 def test_erasure_removes_the_users_journal_rows(bundle, tmp_path):
+    from dmp_dl.api.server import bundle_loader
     from dmp_dl.privacy.erasure import ErasureService
     from dmp_dl.realtime.service import RealtimeEraser, default_journal_dir
-    from dmp_dl.server import bundle_loader
 
     lists = {"erasure_list": tmp_path / "erased.txt", "audit_log": tmp_path / "audit.jsonl"}
     service = RealtimeService(default_journal_dir(bundle), erasure_list=lists["erasure_list"])
@@ -533,7 +533,7 @@ def test_erasure_removes_the_users_journal_rows(bundle, tmp_path):
 
 # -- the next training run -----------------------------------------------------------------------
 def test_training_over_the_log_and_the_journal_counts_each_event_once(rt_run, bundle, tmp_path):
-    from dmp_dl.server import bundle_loader
+    from dmp_dl.api.server import bundle_loader
 
     service = RealtimeService(tmp_path / "journal")
     plain = bundle_loader(bundle)
@@ -616,8 +616,8 @@ def test_a_log_without_times_plus_a_journal_is_a_log_without_times(tmp_path):
 
 def test_a_pseudonymised_journal_needs_a_pseudonymising_run(tmp_path, monkeypatch):
     monkeypatch.setenv("DMP_PSEUDONYM_KEY", KEY)
+    from dmp_dl.data.pseudonymize import Pseudonymizer
     from dmp_dl.privacy import PrivacyOptions
-    from dmp_dl.privacy.pseudonymize import Pseudonymizer
 
     key = Pseudonymizer(KEY.encode())
     j = Journal(tmp_path / "j", {"pseudonymized": True, "key_fingerprint": key.fingerprint})

@@ -26,19 +26,19 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from dmp_dl.bundle import MANIFEST, BundleWriter, write_manifest
+from dmp_dl.api.server import bundle_loader, create_app
+from dmp_dl.core.errors import ConfigError, UnknownIdError
+from dmp_dl.data import journal as journal_module
 from dmp_dl.data.cleaning import CleaningOptions, clean_events, plain_id
+from dmp_dl.data.erasure_list import SaltedHash, read_erasure_list
 from dmp_dl.data.event_files import read_events
+from dmp_dl.data.journal import Journal, read_journal
 from dmp_dl.data.schema import USER, canonical_id, normalize_ids
-from dmp_dl.errors import ConfigError, UnknownIdError
 from dmp_dl.privacy import erasure
 from dmp_dl.privacy.erasure import ErasureService, forget_users
-from dmp_dl.privacy.erasure_list import SaltedHash, read_erasure_list
 from dmp_dl.realtime import LiveRecommender, RealtimeOptions, RealtimeService
-from dmp_dl.realtime import journal as journal_module
-from dmp_dl.realtime.journal import Journal, read_journal
 from dmp_dl.realtime.service import RealtimeEraser, check_journal_place, default_journal_dir
-from dmp_dl.server import bundle_loader, create_app
+from dmp_dl.store.bundle import MANIFEST, BundleWriter, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 AUTH = {"Authorization": "Bearer tok"}
@@ -114,8 +114,8 @@ def view(user, item, t, **more) -> dict:
 def test_a_journal_inside_the_bundle_folder_is_refused_at_start(place, tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from dmp_dl.cli import report_errors
-    from dmp_dl.server import serve
+    from dmp_dl.api.server import serve
+    from dmp_dl.core.cli import report_errors
 
     link = tmp_path / "bundle-link"
     link.symlink_to(place, target_is_directory=True)

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import Bundle, MissingPartError, export_bundle
+from dmp_dl.core.errors import BundleError, UnknownIdError
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, UnknownIdError
-from dmp_dl.index import IndexOptions
-from dmp_dl.recommender import InvalidRequestError
+from dmp_dl.index.ann import IndexOptions
+from dmp_dl.serving.recommender import InvalidRequestError
+from dmp_dl.store.bundle import Bundle, MissingPartError
+from dmp_dl.training.export import export_bundle
 
 from .conftest import trained_run
 

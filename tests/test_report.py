@@ -15,12 +15,12 @@ from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.synthetic import SyntheticSource
 from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
 from dmp_dl.evaluation.diagnostics import cumulative_gains, gains_table, pca_2d, segment_sizes
-from dmp_dl.evaluation.metrics import DEFINITIONS
 from dmp_dl.evaluation.ranking import evaluate_scorer
 from dmp_dl.evaluation.render import SECTIONS
 from dmp_dl.evaluation.report import PropensityInputs, SegmentInputs, build_report, compare, write_report
-from dmp_dl.pipeline import run
-from dmp_dl.training import config_to_dict
+from dmp_dl.metrics.ranking import DEFINITIONS
+from dmp_dl.pipeline.run import run
+from dmp_dl.training.fit import config_to_dict
 
 from .conftest import compose_cfg
 

@@ -14,8 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dmp_dl import Recommender
-from dmp_dl.server import create_app
-
+from dmp_dl.api.server import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,8 +175,8 @@ def test_serve_py_answers_over_http(trained, rec, tmp_path):
 def test_serve_refuses_a_missing_bundle_with_one_line(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from dmp_dl.cli import report_errors
-    from dmp_dl.server import serve
+    from dmp_dl.api.server import serve
+    from dmp_dl.core.cli import report_errors
 
     cfg = OmegaConf.load(REPO / "conf" / "serve.yaml")
     cfg.artifacts = str(tmp_path / "none")

@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import ITEM_VECTORS, MANIFEST, write_manifest
-from dmp_dl.server import bundle_loader, create_app
+from dmp_dl.api.server import bundle_loader, create_app
+from dmp_dl.store.bundle import ITEM_VECTORS, MANIFEST, write_manifest
 
 from .test_crash_safety import export_small
 

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dmp_dl.core.errors import ConfigError, UnknownIdError
 from dmp_dl.data.cleaning import CleaningOptions, clean_events
 from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, assign_split
 from dmp_dl.data.synthetic import SyntheticSource
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import ConfigError, UnknownIdError
 
 
 @pytest.fixture(scope="module")

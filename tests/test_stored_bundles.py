@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from dmp_dl import Recommender
-from dmp_dl.bundle import Bundle
 from dmp_dl.privacy.erasure import erase_rows
+from dmp_dl.store.bundle import Bundle
 
 STORED = Path(__file__).resolve().parent / "data" / "stored_bundles"
 _spec = importlib.util.spec_from_file_location("stored_bundles_generate", STORED / "generate.py")
@@ -71,3 +71,36 @@ def test_stored_bundle_erasure_keeps_the_other_users_answers(tmp_path):
     for user in kept:
         assert after.recommend(user, k=5) == before.recommend(user, k=5)
     np.testing.assert_allclose(after.propensity(kept), before.propensity(kept))
+
+
+def _targets(node, where=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "_target_" and isinstance(v, str):
+                yield where, v
+            else:
+                yield from _targets(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED))
+def test_stored_config_targets_resolve(name):
+    """Every class a stored bundle's training config names (some by module paths that have moved
+    since, e.g. dmp_dl.index.IndexOptions) resolves, so evaluate can rebuild the run's objects."""
+    from hydra.utils import get_object, instantiate
+    from omegaconf import OmegaConf
+
+    from dmp_dl.commands.evaluate import training_config
+    from dmp_dl.index.ann import IndexOptions
+
+    bundle = Bundle.open(STORED / name)
+    stored = dict(bundle.manifest["config"])
+    assert stored["index"]["_target_"] == "dmp_dl.index.IndexOptions"  # written before the module moved
+    config = OmegaConf.to_container(training_config(bundle))
+    targets = list(_targets(config))
+    assert targets and len(targets) == len(list(_targets(stored)))
+    for where, target in targets:
+        assert get_object(target) is not None, f"{where}: {target}"
+    assert isinstance(instantiate(training_config(bundle).index, _convert_="all"), IndexOptions)

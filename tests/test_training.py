@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from dmp_dl.embeddings import export_embeddings
-from dmp_dl.pipeline import load_data, run
-from dmp_dl.training import build_module, build_trainer
+from dmp_dl.models.embeddings import export_embeddings
+from dmp_dl.pipeline.run import load_data, run
+from dmp_dl.training.fit import build_module, build_trainer
 
 from .conftest import compose_cfg
 
@@ -111,7 +111,7 @@ def test_embedding_shapes_and_cold_start(tiny_cfg):
 
 def test_bad_option_inside_a_built_object_is_one_line(tiny_cfg, capsys):
     """A DmpError raised while Hydra builds a `_target_` reaches the user as one line, exit 2."""
-    from dmp_dl.cli import report_errors
+    from dmp_dl.core.cli import report_errors
 
     cfg = tiny_cfg("data.split.method=by_moon_phase")
     with pytest.raises(SystemExit) as exit_info, report_errors():

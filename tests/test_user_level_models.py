@@ -12,11 +12,11 @@ import scipy.sparse as sp
 import torch
 
 from dmp_dl import Recommender
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.models import ease as ease_lib
 from dmp_dl.models.autoencoder import UserAutoencoder
 from dmp_dl.models.scoring import ServedScore
-from dmp_dl.pipeline import run
+from dmp_dl.pipeline.run import run
 
 from .conftest import QUIET_TRAINER, compose_cfg
 

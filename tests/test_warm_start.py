@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.models import registry
 from dmp_dl.models.mf import MatrixFactorization
 from dmp_dl.models.two_tower import TwoTowerNet
-from dmp_dl.warm_start import PreviousNetwork, check_resumable, warm_start
+from dmp_dl.training.warm_start import PreviousNetwork, check_resumable, warm_start
 
 
 def ids(*names: str) -> np.ndarray:
@@ -130,7 +130,7 @@ def test_a_changed_attribute_table_starts_its_encoder_fresh():
 
 
 def test_resuming_a_checkpoint_of_other_vocabularies_points_to_init_from(tmp_path):
-    from dmp_dl.warm_start import RECORD_KEY
+    from dmp_dl.training.warm_start import RECORD_KEY
 
     net = MatrixFactorization(2, 3, dim=4)
     path = tmp_path / "last.ckpt"
@@ -164,8 +164,8 @@ def _days(tmp_path):
 
 def test_day_two_warm_starts_from_day_one_and_serves_its_new_users(tmp_path):
     from dmp_dl import Recommender
-    from dmp_dl.pipeline import run
-    from dmp_dl.warm_start import load_previous
+    from dmp_dl.pipeline.run import run
+    from dmp_dl.training.warm_start import load_previous
 
     from .conftest import QUIET_TRAINER, compose_cfg
 
@@ -196,14 +196,14 @@ def test_day_two_warm_starts_from_day_one_and_serves_its_new_users(tmp_path):
 
 
 def test_an_incompatible_previous_model_is_one_line_and_exit_2(tmp_path, capsys):
-    from dmp_dl.cli import report_errors
-    from dmp_dl.pipeline import run
+    from dmp_dl.core.cli import report_errors
+    from dmp_dl.pipeline.run import run
 
     from .conftest import compose_cfg
 
     net = MatrixFactorization(2, 2, dim=8)
     path = tmp_path / "old.ckpt"
-    from dmp_dl.warm_start import RECORD_KEY
+    from dmp_dl.training.warm_start import RECORD_KEY
 
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
                 RECORD_KEY: {"user": ["u1", "u2"], "item": ["i1", "i2"], "class": "MatrixFactorization", "dim": 8}}, path)
@@ -224,7 +224,7 @@ def test_the_default_model_warm_starts_by_id_and_serves_day_two_users(tmp_path):
     """The nightly recipe with the default model: the autoencoder's item rows are copied by id from
     yesterday's bundle, today's new items start fresh, today's new users are served."""
     from dmp_dl import Recommender
-    from dmp_dl.pipeline import run
+    from dmp_dl.pipeline.run import run
 
     from .conftest import QUIET_TRAINER, compose_cfg
 

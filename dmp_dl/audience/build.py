@@ -20,8 +20,11 @@ from threadpoolctl import threadpool_limits
 
 from dmp_dl.audience.bundle import PROFILES_DIR, SEGMENTS_DIR, profiles_part, segments_part
 from dmp_dl.audience.profiles import ProfileOptions, Profiles, compute_profiles
-from dmp_dl.audience.segments import SegmentOptions, Segmentation, describe_segments, segment_label, segment_users
-from dmp_dl.errors import DataError
+from dmp_dl.audience.segments import Segmentation, SegmentOptions, describe_segments, segment_label, segment_users
+from dmp_dl.core.errors import DataError
+from dmp_dl.evaluation.report import SegmentInputs
+from dmp_dl.models.embeddings import export_embeddings
+from dmp_dl.training.fit import config_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,6 @@ class Audience:
 
     def segment_inputs(self):
         """The report's segment section input (None when no segments were built)."""
-        from dmp_dl.evaluation.report import SegmentInputs
-
         if self.segmentation is None:
             return None
         return SegmentInputs(assignments=self.segmentation.assignments, user_vectors=self.user_vectors,
@@ -84,9 +85,6 @@ def build_audience(cfg, dm, net, propensity=None, progress: bool = False) -> Aud
     dm: the prepared DataModule; net: the trained embedding network (user vectors from each user's
     full history, as exported); propensity: the propensity step's result (mean propensity per segment).
     """
-    from dmp_dl.embeddings import export_embeddings
-    from dmp_dl.training import config_to_dict
-
     t0 = time.perf_counter()
     profile_opts = _options(cfg.get("profiles"), ProfileOptions)
     segment_opts = _options(cfg.get("segments"), SegmentOptions)

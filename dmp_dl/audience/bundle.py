@@ -1,6 +1,6 @@
 """Interest profiles and segments in the artifact bundle: writing them as bundle parts, reading them back.
 
-Two parts (:class:`ProfilesPart`, :class:`SegmentsPart`; :mod:`dmp_dl.bundle_parts`), each a folder
+Two parts (:class:`ProfilesPart`, :class:`SegmentsPart`; :mod:`dmp_dl.store.parts`), each a folder
 and a manifest entry of the same name, written by the writers :func:`profiles_part` and
 :func:`segments_part` prepare::
 
@@ -31,9 +31,9 @@ import numpy as np
 
 from dmp_dl.audience.profiles import Profiles
 from dmp_dl.audience.segments import Segmentation, representatives
-from dmp_dl.bundle import Bundle, BundleWriter
-from dmp_dl.bundle_parts import BundlePart
-from dmp_dl.errors import BundleError
+from dmp_dl.core.errors import BundleError
+from dmp_dl.store.bundle import Bundle, BundleWriter
+from dmp_dl.store.parts import BundlePart
 
 PROFILES_DIR, SEGMENTS_DIR = "profiles", "segments"
 PROFILE_ARRAYS = ("top_categories", "top_weights", "interest_total", "event_type_affinity")
@@ -47,7 +47,7 @@ def _file(folder: str, name: str) -> str:
 
 
 def profiles_part(profiles: Profiles) -> Callable[[BundleWriter], dict]:
-    """An :func:`~dmp_dl.bundle.export_bundle` part writing ``profiles`` (see the module docstring)."""
+    """An :func:`~dmp_dl.training.export.export_bundle` part writing ``profiles`` (see the module docstring)."""
 
     def write(w: BundleWriter) -> dict:
         for name in PROFILE_ARRAYS:
@@ -61,7 +61,7 @@ def profiles_part(profiles: Profiles) -> Callable[[BundleWriter], dict]:
 
 
 def segments_part(seg: Segmentation, descriptions: list[dict], options: dict) -> Callable[[BundleWriter], dict]:
-    """An :func:`~dmp_dl.bundle.export_bundle` part writing ``seg`` and the per-segment aggregates of
+    """An :func:`~dmp_dl.training.export.export_bundle` part writing ``seg`` and the per-segment aggregates of
     ``descriptions`` (:func:`~dmp_dl.audience.segments.describe_segments`); options: the settings used."""
 
     def write(w: BundleWriter) -> dict:

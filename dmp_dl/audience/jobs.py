@@ -1,6 +1,6 @@
 """The marketer's audience jobs on a loaded bundle: lookalike, segments, budgeted targeting.
 
-Each job takes a :class:`~dmp_dl.recommender.Recommender` and plain parameters and returns the
+Each job takes a :class:`~dmp_dl.serving.recommender.Recommender` and plain parameters and returns the
 audience as a DataFrame (one row per user, ``user_id`` first) plus a JSON-safe summary; the command
 line (``python -m dmp_dl.audience``) reads the parameters from its config and writes both.
 """
@@ -17,10 +17,12 @@ import pandas as pd
 from dmp_dl.audience.lookalike import expand
 from dmp_dl.audience.segments import SegmentOptions, describe_segments, segment_label, segment_users
 from dmp_dl.audience.targeting import gains_curve, per_user, plan_contacts, random_selection_profit
+from dmp_dl.campaign.control import check_fraction, draw_control
+from dmp_dl.campaign.stats import minimum_detectable_lift
+from dmp_dl.core.errors import ConfigError, DataError, UnknownIdError
+from dmp_dl.core.io import atomic_writer
 from dmp_dl.data.id_lists import read_id_file
 from dmp_dl.data.schema import normalize_ids
-from dmp_dl.errors import ConfigError, DataError, UnknownIdError
-from dmp_dl.io import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +206,6 @@ def target_job(rec, budget: float, cost, value, caps=None, solver: str = "auto",
     for the same budget; the control group's sizes, seed, strata and balance) and the cumulative
     gains curve over all users.
     """
-    from dmp_dl.campaign.control import check_fraction, draw_control
-
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
     control_frac = check_fraction(control_frac)
@@ -259,8 +259,6 @@ def _control_summary(hold, strata_scores: np.ndarray, decile_of: str, table: pd.
                      has_propensity: bool) -> dict:
     """The holdout's summary plus what the treatment group (the users actually contacted) costs and
     is expected to bring, and the smallest lift the campaign can show (80 % power, 95 %)."""
-    from dmp_dl.campaign.stats import minimum_detectable_lift
-
     out = hold.summary(strata_scores)
     out["decile_of"] = decile_of
     treated = ~hold.control
@@ -286,7 +284,7 @@ def _control_summary(hold, strata_scores: np.ndarray, decile_of: str, table: pd.
 
 def write_table(table: pd.DataFrame, path: str | Path, fmt: str = "csv", mode: int | None = None) -> Path:
     """Write ``table`` atomically as CSV or Parquet (permissions: ``mode``, or as
-    :func:`dmp_dl.io.atomic_writer` says: an existing file's kept, a new one's from the umask)."""
+    :func:`dmp_dl.core.io.atomic_writer` says: an existing file's kept, a new one's from the umask)."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
     path = Path(path)

@@ -1,7 +1,7 @@
 """Lookalike audiences: expand a seed list to the users most like it, and measure how well that works.
 
 :func:`expand` answers "who else looks like these customers" with
-:meth:`Recommender.lookalike <dmp_dl.recommender.Recommender.lookalike>` (``centroid``, ``contrast`` or
+:meth:`Recommender.lookalike <dmp_dl.serving.recommender.Recommender.lookalike>` (``centroid``, ``contrast`` or
 ``neighbours``). :func:`holdout_quality` measures an expansion offline: hide part of a known
 audience (a segment, the buyers of a category, the seed list itself), expand from the rest, and
 count how many hidden members come back, against two baselines that use no similarity at all:
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dmp_dl.errors import ConfigError
-from dmp_dl.recommender import LOOKALIKE_METHODS
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.serving.recommender import LOOKALIKE_METHODS
 
 log = logging.getLogger(__name__)
 

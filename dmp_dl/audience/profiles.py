@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.schema import ITEM, MULTI_VALUE_SEP, TIME, TYPE, WEIGHT
-from dmp_dl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

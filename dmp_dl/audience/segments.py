@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.evaluation.report import segment_label as segment_label  # the label reports and jobs print
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +278,3 @@ def describe_segments(seg: Segmentation, user_ids: np.ndarray, profiles=None, pr
     return out
 
 
-def segment_label(description: dict) -> str:
-    """A short human label: top categories and the most over-represented attribute value."""
-    parts = [c["category"] for c in description.get("top_categories", [])[:2]]
-    over = description.get("attributes", {}).get("over_represented", [])
-    if over:
-        parts.append(over[0]["value"])
-    return ", ".join(parts) or f"segment {description['segment']}"

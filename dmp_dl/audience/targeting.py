@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dmp_dl.checks import MAX_AMOUNT, segment_number
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.rules import MAX_AMOUNT, segment_number
 
 log = logging.getLogger(__name__)
 

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import pickle
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dmp_dl.bundle import Bundle, BundleWriter
 from dmp_dl.campaign.features import UpliftFeatures, uplift_inputs
 from dmp_dl.campaign.net import UpliftNet
-from dmp_dl.errors import BundleError
-from dmp_dl.manifest import DIGEST_KEY
+from dmp_dl.core.errors import BundleError
 from dmp_dl.propensity.calibration import Calibrator
+from dmp_dl.store.bundle import Bundle, BundleWriter
+from dmp_dl.store.manifest import DIGEST_KEY
+from dmp_dl.store.parts import BundlePart
 
 PART = "uplift"
 FORMAT, FORMAT_VERSION = "dmp_dl.uplift", 1
@@ -124,3 +127,16 @@ def load_uplift(bundle: Bundle, rec=None) -> UpliftScorer | None:
     info = {k: spec.get(k) for k in ("campaign", "metrics", "trained_at", "training")}
     return UpliftScorer(net, control, treated, features, info)
 
+
+class UpliftPart(BundlePart):
+    """The uplift model (this module), added to a bundle after a measured campaign.
+    Loaded with ``loaded["recommender"]`` (the bundle's Recommender), whose inputs it checks."""
+
+    name = "uplift"
+
+    def save(self, writer, value) -> dict[str, Any]:
+        """value: an :class:`~dmp_dl.campaign.bundle.UpliftScorer`."""
+        return {self.name: write_uplift(writer, value)}
+
+    def load(self, bundle: Bundle, loaded: Mapping[str, Any], **options: Any):
+        return load_uplift(bundle, loaded.get("recommender"))

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from dmp_dl.campaign.stats import MIN_GROUP
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

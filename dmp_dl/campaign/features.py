@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dmp_dl.errors import BundleError
+from dmp_dl.core.errors import BundleError
 
 EPS = 1e-6
 
@@ -39,7 +39,7 @@ class UpliftFeatures:
 
     @classmethod
     def of(cls, rec) -> "UpliftFeatures":
-        """Every input ``rec`` (a :class:`~dmp_dl.recommender.Recommender`) has."""
+        """Every input ``rec`` (a :class:`~dmp_dl.serving.recommender.Recommender`) has."""
         profiles, segments = rec.profiles, rec.stored_segments
         return cls(rec.dim, rec.has_propensity, list(profiles.event_types) if profiles is not None else [],
                    segments.k if segments is not None else 0)

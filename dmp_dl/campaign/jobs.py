@@ -21,10 +21,19 @@ from dmp_dl.campaign import report
 from dmp_dl.campaign.control import CONTROL, TREATMENT
 from dmp_dl.campaign.measure import measure_campaign, p_text, percent
 from dmp_dl.campaign.outcomes import (
-    GROUP, iso_time, outcome_cleaning, read_assignments, read_outcomes, resolve_conversion, user_outcomes,
+    GROUP,
+    iso_time,
+    outcome_cleaning,
+    read_assignments,
+    read_outcomes,
+    resolve_conversion,
+    user_outcomes,
 )
+from dmp_dl.core.io import atomic_write_text
+from dmp_dl.data.pseudonymize import bundle_pseudonymizer
 from dmp_dl.data.schema import USER
-from dmp_dl.io import atomic_write_text
+from dmp_dl.evaluation.report import _json_safe
+from dmp_dl.store.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +55,6 @@ def _bundle_reading(artifacts):
     """(training cleaning, pseudonymizer) of the bundle at ``artifacts`` (None: defaults, raw ids)."""
     if artifacts is None:
         return None, None
-    from dmp_dl.bundle import Bundle
-    from dmp_dl.privacy.pseudonymize import bundle_pseudonymizer
 
     b = Bundle.open(artifacts, verify=False)
     cleaning = ((b.manifest.get("config") or {}).get("data") or {}).get("cleaning")
@@ -104,8 +111,6 @@ def measure_job(files: CampaignFiles, out: Path, metric: str = "conversion", con
 def summary_json(summary: dict) -> str:
     """``summary`` as standard JSON: a NaN or an infinity is written as null, never as ``NaN`` /
     ``Infinity`` (which JSON does not have)."""
-    from dmp_dl.evaluation.report import _json_safe
-
     return json.dumps(_json_safe(summary), indent=1, allow_nan=False)
 
 
@@ -114,6 +119,7 @@ def uplift_job(rec, artifacts: str, files: CampaignFiles, out: Path, options=Non
     ``artifacts``), evaluate it on held-out campaign users, write ``uplift_summary.json``,
     ``qini.csv``, ``uplift.md`` / ``uplift.html`` into ``out`` and, with ``attach``, add the model
     to the bundle. Returns the summary."""
+    # torch and Lightning: only this job trains a model
     from dmp_dl.campaign.bundle import attach_uplift
     from dmp_dl.campaign.uplift import train_uplift
 

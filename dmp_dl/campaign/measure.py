@@ -26,11 +26,18 @@ import pandas as pd
 from dmp_dl.campaign.control import CONTROL
 from dmp_dl.campaign.outcomes import GROUP, UserOutcomes, iso_time
 from dmp_dl.campaign.stats import (
-    MIN_GROUP, POWER, difference_in_means, difference_in_proportions, exact_p_value, minimum_detectable_effect,
-    minimum_detectable_lift, permutation_inference, smallest_p_value,
+    MIN_GROUP,
+    POWER,
+    difference_in_means,
+    difference_in_proportions,
+    exact_p_value,
+    minimum_detectable_effect,
+    minimum_detectable_lift,
+    permutation_inference,
+    smallest_p_value,
 )
-from dmp_dl.checks import CONFIDENCE
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.rules import CONFIDENCE
 
 log = logging.getLogger(__name__)
 

@@ -11,25 +11,28 @@
   given; the rules that decide what a training interaction is (``min_value``,
   ``positive_event_types``, k-core) do not apply to outcomes. Every dropped row is counted.
 
-Every problem is one :class:`~dmp_dl.errors.DataError` naming the file, the row or the column.
+Every problem is one :class:`~dmp_dl.core.errors.DataError` naming the file, the row or the column.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from dmp_dl.campaign.control import CONTROL, N_DECILES, TREATMENT
-from dmp_dl.checks import CAMPAIGN_START, MAX_SEGMENT, WINDOW_DAYS
-from dmp_dl.data.cleaning import CleaningOptions, TableReport, clean_events
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.core.rules import MAX_SEGMENT, Num
+from dmp_dl.data.cleaning import CleaningOptions, TableReport, clean_events, parse_timestamps
 from dmp_dl.data.files import read_table
+from dmp_dl.data.pseudonymize import pseudonymize_ids
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, normalize_ids
-from dmp_dl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,47 @@ NO_ITEM = "-"
 # data.cleaning keys that say what a valid row is; the rest (positive rules, k-core) shape training data only
 READING_RULES = ("event_weights", "default_event_type", "min_timestamp", "max_timestamp", "timestamp_unit",
                  "value_fill", "dedupe")
+
+# A campaign starts between these (epoch seconds: 1970-01-01 and 2200-01-01) and is measured over at
+# most a century: beyond them the window's end is not a date.
+CAMPAIGN_START_RANGE = (0.0, 7_258_118_400.0)
+MAX_WINDOW_DAYS = 36_525.0
+
+
+@dataclass(frozen=True)
+class Time:
+    """A moment as epoch seconds or an ISO-8601 text, between ``lo`` and ``hi`` (epoch seconds)."""
+
+    lo: float
+    hi: float
+    null: bool = False
+
+    def seconds(self, value: Any) -> float | None:
+        """``value`` in epoch seconds (None: not a time)."""
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            return None
+        if isinstance(value, (int, float)):
+            t = float(value)
+        else:
+            t = float(parse_timestamps(pd.Series([value], dtype=object))[0])
+        return t if math.isfinite(t) else None
+
+    def problem(self, value: Any) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None if self.null else f"must be {self.describe()}"
+        t = self.seconds(value)
+        if t is None or not self.lo <= t <= self.hi:
+            return f"must be {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        day = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).date().isoformat()  # noqa: E731
+        return (f"epoch seconds or an ISO-8601 time from {day(self.lo)} to {day(self.hi)}"
+                + (" or null" if self.null else ""))
+
+
+CAMPAIGN_START = Time(*CAMPAIGN_START_RANGE, null=True)
+WINDOW_DAYS = Num(0, MAX_WINDOW_DAYS, lo_open=True, null=True)
 
 
 # the breakdown columns of an assignments file: the bundle's segment ids, the target's propensity deciles
@@ -134,8 +178,6 @@ def read_outcomes(path: str, cleaning: CleaningOptions | None = None, columns: M
     if ITEM not in raw.columns:  # an outcome needs no item
         raw = raw.assign(**{ITEM: NO_ITEM})
     if pseudonymizer is not None:
-        from dmp_dl.privacy.pseudonymize import pseudonymize_ids
-
         raw = raw.assign(**{USER: pseudonymize_ids(raw[USER], pseudonymizer)})
     events, report = clean_events(raw, cleaning or CleaningOptions(), malformed_rows=table.malformed_rows)
     if report.rows_out == 0:

@@ -19,11 +19,10 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
 from scipy.stats import norm  # noqa: E402
 
 from dmp_dl.campaign.measure import p_text, percent  # noqa: E402
-from dmp_dl.io import atomic_write_text  # noqa: E402
+from dmp_dl.core.io import atomic_write_text  # noqa: E402
 
 CSS = ("body{font-family:-apple-system,'Segoe UI',Roboto,'DejaVu Sans',Arial,sans-serif;margin:0;color:#1d2433;background:#f6f7f9}"
        "main{max-width:1100px;margin:0 auto;padding:24px 32px 64px;background:#fff}h1{font-size:26px}"

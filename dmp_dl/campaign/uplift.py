@@ -28,7 +28,7 @@ from dmp_dl.campaign.features import UpliftFeatures, uplift_inputs
 from dmp_dl.campaign.module import UpliftModule
 from dmp_dl.campaign.net import UpliftNet
 from dmp_dl.campaign.qini import incremental_at, qini_coefficient, qini_curve
-from dmp_dl.errors import ConfigError, DataError
+from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.propensity.calibration import METHODS, Calibrator
 from dmp_dl.propensity.train import limited_threads
 

@@ -1,15 +1,21 @@
-"""The data layer: sources -> cleaning (with a quality report) -> vocabularies -> splits -> DataModule."""
+"""The data layer: sources -> cleaning (with a quality report) -> vocabularies -> splits -> DataModule.
 
-from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
-from dmp_dl.data.datamodule import InteractionDataModule
-from dmp_dl.data.event_files import EventFileSource
-from dmp_dl.data.movielens import MovieLensSource
-from dmp_dl.data.schema import EventLog
-from dmp_dl.data.split import SplitOptions
-from dmp_dl.data.synthetic import SyntheticSource
-from dmp_dl.data.vocab import IdVocab
+The names below load on first use: importing a light module of this package (``dmp_dl.data.schema``
+for serving) must not import the DataModule and with it PyTorch Lightning.
+"""
 
-__all__ = [
-    "CleaningOptions", "EventFileSource", "EventLog", "IdVocab", "InteractionDataModule",
-    "MovieLensSource", "QualityReport", "SplitOptions", "SyntheticSource", "clean_log",
-]
+import importlib
+
+_EXPORTS = {
+    "CleaningOptions": "cleaning", "QualityReport": "cleaning", "clean_log": "cleaning",
+    "InteractionDataModule": "datamodule", "EventFileSource": "event_files", "MovieLensSource": "movielens",
+    "EventLog": "schema", "SplitOptions": "split", "SyntheticSource": "synthetic", "IdVocab": "vocab",
+}
+
+__all__ = sorted(_EXPORTS, key=str.lower)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"dmp_dl.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'dmp_dl.data' has no attribute {name!r}")

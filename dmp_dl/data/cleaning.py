@@ -19,12 +19,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.core.io import atomic_write_text
 from dmp_dl.data.distinct import Coded, per_distinct
 from dmp_dl.data.grouping import duplicated_rows, stable_order
-from dmp_dl.data.schema import (EVENT_ID, ITEM, MAX_ABS_VALUE, TIME, TYPE, USER, VALUE, WEIGHT, EventLog, canonical_id,
-                                coded_ids, normalize_ids)
-from dmp_dl.errors import ConfigError, DataError
-from dmp_dl.io import atomic_write_text
+from dmp_dl.data.schema import (
+    EVENT_ID,
+    ITEM,
+    MAX_ABS_VALUE,
+    TIME,
+    TYPE,
+    USER,
+    VALUE,
+    WEIGHT,
+    EventLog,
+    canonical_id,
+    coded_ids,
+    normalize_ids,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,17 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dmp_dl.data.cleaning import CleaningOptions, QualityReport, clean_log
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.data.cleaning import CleaningOptions, clean_log
+from dmp_dl.data.erasure_list import read_erasure_list
+from dmp_dl.data.event_files import add_extra_events
 from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.grouping import group_bounds, sorted_order, stable_order
 from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix: part of this module's API)
-from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT, EventLog
+from dmp_dl.data.privacy_options import log_user_ids
+from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT
 from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +258,6 @@ class InteractionDataModule(pl.LightningDataModule):
         with clock.step("load"):
             raw = self.source.load()
             if self.extra_paths:
-                from dmp_dl.data.event_files import add_extra_events
-
                 raw = add_extra_events(raw, self.extra_paths, self.cleaning.timestamp_unit)
             self._check_journals(raw.meta.get("journals", {}))
             if self.privacy is not None:  # pseudonymise ids (after normalisation, before vocabularies)
@@ -332,8 +333,6 @@ class InteractionDataModule(pl.LightningDataModule):
         the privacy settings)."""
         if not self.erasure_list:
             return ()
-        from dmp_dl.privacy.erasure_list import read_erasure_list
-        from dmp_dl.privacy.options import log_user_ids
 
         entries = read_erasure_list(self.erasure_list, required=True)
         if entries.tagged:

@@ -58,7 +58,7 @@ def _distinct_is_exact(values: pd.Series, floats: bool) -> bool:
         return True
     if pd.api.types.is_float_dtype(dtype):
         return floats
-    if dtype == object:
+    if dtype == object:  # noqa: E721  (numpy dtype equality: object columns, not a type comparison)
         return pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty", "integer", "boolean")
     return False
 

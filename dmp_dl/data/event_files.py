@@ -1,7 +1,7 @@
 """``data=events``: a DMP event log from CSV or Parquet, with optional user and item tables.
 
 An event path may be a file, a folder of CSV / Parquet files (read in name order), or a real-time
-journal folder (:mod:`dmp_dl.realtime.journal`). ``data.extra_paths`` adds more of them after the
+journal folder (:mod:`dmp_dl.data.journal`). ``data.extra_paths`` adds more of them after the
 main log (:func:`add_extra_events`), e.g. the historical log plus the journal of events that
 arrived since.
 """
@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dmp_dl.core.errors import DataError
+from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.files import CSV_SUFFIXES, PARQUET_SUFFIXES, read_table
+from dmp_dl.data.journal import JOURNAL_ID, JOURNAL_SEQ, is_journal, read_journal
 from dmp_dl.data.schema import ITEM, REQUIRED_EVENT_COLUMNS, TIME, USER, EventLog, normalize_ids
-from dmp_dl.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def read_events(path: str | Path, *, key: str, sep: str = "auto", encoding: str 
     """Events from a file, a folder of event files, or a real-time journal folder."""
     path = Path(path)
     if path.is_dir():
-        from dmp_dl.realtime.journal import JOURNAL_ID, JOURNAL_SEQ, is_journal, read_journal
-
         if is_journal(path):
             rows, meta, parts = read_journal(path)
             seq = pd.to_numeric(rows[JOURNAL_SEQ], errors="coerce")
@@ -76,8 +76,6 @@ def read_events(path: str | Path, *, key: str, sep: str = "auto", encoding: str 
 def _like(times: pd.Series, target: pd.Series, unit: str) -> pd.Series:
     """``times`` (any form) in the form of ``target``'s column where that is cheap: numbers in
     ``unit`` or datetimes, so that concatenating them keeps a fast-to-parse column."""
-    from dmp_dl.data.cleaning import parse_timestamps
-
     if pd.api.types.is_datetime64_any_dtype(target.dtype):
         seconds = parse_timestamps(times)
         out = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.core.io import regular_file_problem
 from dmp_dl.data.schema import ITEM, USER
-from dmp_dl.errors import ConfigError, DataError
-from dmp_dl.io import regular_file_problem
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")

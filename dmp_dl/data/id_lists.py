@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.core.io import regular_file_problem
 from dmp_dl.data.files import resolve_encoding, sniff_separator
 from dmp_dl.data.schema import normalize_ids
-from dmp_dl.errors import ConfigError, DataError
-from dmp_dl.io import regular_file_problem
 
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dmp_dl.core.errors import DataError
+from dmp_dl.core.io import regular_file_problem
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, EventLog
-from dmp_dl.errors import DataError
-from dmp_dl.io import regular_file_problem
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

@@ -6,9 +6,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.grouping import group_bounds, stable_order
 from dmp_dl.data.pairs import TEST, TRAIN, VAL, SplitPairs
-from dmp_dl.errors import ConfigError
 
 METHODS = ("auto", "global_temporal", "leave_last_n", "random_per_user")
 TIME_METHODS = ("global_temporal", "leave_last_n")  # need event times

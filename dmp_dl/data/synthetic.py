@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.distinct import Coded
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, EventLog
-from dmp_dl.errors import ConfigError
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 REGIONS = ("north", "south", "east", "west", "central")

@@ -9,8 +9,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from dmp_dl.errors import BundleError, UnknownIdError
-from dmp_dl.io import atomic_write_text
+from dmp_dl.core.errors import BundleError, UnknownIdError
+from dmp_dl.core.io import atomic_write_text
 
 
 class IdVocab:

@@ -10,7 +10,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dmp_dl.embeddings import inference_device
+from dmp_dl.models import ease as ease_lib
+from dmp_dl.models.ease import sparse_rows
+from dmp_dl.models.embeddings import inference_device
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -42,8 +44,6 @@ class EASEScorer:
 
     def __init__(self, interactions: sp.csr_matrix, l2: float = 500.0, device: str | torch.device | None = None,
                  precise: bool = True, keep_per_item: int | None = None):
-        from dmp_dl.models import ease as ease_lib
-
         self.device = _device(device)
         self.x = sp.csr_matrix(interactions, dtype=np.float32)
         self.served = None
@@ -65,7 +65,6 @@ class EASEScorer:
         rows = self.x[batch["user"].cpu().numpy()]
         if self.served is not None:
             return self.served(rows)
-        from dmp_dl.models.ease import sparse_rows
 
         return torch.sparse.mm(sparse_rows(rows, self.device), self.b)
 

@@ -21,13 +21,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.datamodule import EvalUsers, last_items, pair_matrix
 from dmp_dl.data.split import TEST, TRAIN
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.embeddings import inference_device, item_vectors, user_vectors
-from dmp_dl.errors import ConfigError
 from dmp_dl.evaluation.baselines import EASEScorer, EmbeddingScorer, PopularityScorer
 from dmp_dl.evaluation.ranking import evaluate_scorer
+from dmp_dl.models.embeddings import inference_device, item_vectors, user_vectors
+from dmp_dl.models.scoring import BlendScorer
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,6 @@ def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: H
     users = user_vectors(net, np.arange(split.n_users), split.train_history, device=device)
     items = item_vectors(net, split.n_items, device=device)
     if served is not None and served.uses_shallow:
-        from dmp_dl.models.scoring import BlendScorer
-
         scorers: dict[str, Any] = {model_name: BlendScorer(served, users, items, split.train_seen)}
     else:
         scorers = {model_name: EmbeddingScorer(users, items)}

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from dmp_dl.evaluation.metrics import DEFINITIONS
+from dmp_dl.metrics.ranking import DEFINITIONS
 
 BASELINE_DESCRIPTIONS = {
     "popularity": "every user gets the catalogue ranked by number of training events (a non-personalised floor)",

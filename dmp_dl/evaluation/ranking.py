@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from dmp_dl.embeddings import inference_device
-from dmp_dl.errors import ConfigError
-from dmp_dl.evaluation.metrics import RankingAccumulator, batch_metrics
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.metrics.ranking import RankingAccumulator, batch_metrics
+from dmp_dl.models.embeddings import inference_device
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 

@@ -1,4 +1,4 @@
-"""Rendering a :class:`~dmp_dl.evaluation.report.Report` as Markdown and as self-contained HTML.
+"""Rendering a :class:`Report` (built by :mod:`dmp_dl.evaluation.report`) as Markdown and as self-contained HTML.
 
 The report's content is laid out once as a list of blocks (headings, paragraphs, tables, figures,
 preformatted text); each format only decides how a block looks. Figures are embedded in the HTML
@@ -16,8 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dmp_dl.evaluation.protocol import epoch_to_iso
-from dmp_dl.evaluation.report import PROPENSITY_COLUMNS, Report
 
+PROPENSITY_COLUMNS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10")
 QUALITY_METRICS = ("recall", "ndcg", "hit_rate", "map", "precision")
 SECTIONS = {
     "overview": "What this bundle serves, and what to do",
@@ -32,6 +32,21 @@ SECTIONS = {
 }
 STAGES_TITLE = "Run stages"  # after the summary, in reports of a training run (which records its stages)
 TITLES = {**SECTIONS, "stages": STAGES_TITLE}
+
+
+@dataclass
+class Figure:
+    title: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Report:
+    """``data``: the content of ``report.json``; ``figures``: section -> its figures."""
+
+    data: dict
+    figures: dict[str, list[Figure]] = field(default_factory=dict)
 
 
 @dataclass

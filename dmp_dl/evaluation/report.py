@@ -13,22 +13,23 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dmp_dl.core.io import atomic_write_text
 from dmp_dl.evaluation import diagnostics
+from dmp_dl.evaluation.advice import overview
 from dmp_dl.evaluation.protocol import cutoffs, describe_protocol
-from dmp_dl.io import atomic_write_text
-from dmp_dl.propensity.metrics import NEAR_CHANCE_ROC_AUC
+from dmp_dl.evaluation.render import Figure, Report, to_html, to_markdown
+from dmp_dl.metrics.classification import NEAR_CHANCE_ROC_AUC
 
 log = logging.getLogger(__name__)
 
 PROPENSITY_MODEL = "mlp"
-PROPENSITY_COLUMNS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift@10")
 
 
 @dataclass
@@ -83,21 +84,6 @@ class SegmentInputs:
         if self.user_vectors.ndim != 2 or len(self.user_vectors) != len(self.assignments):
             raise ValueError(f"segment user_vectors must be (n_users, d) with n_users = {len(self.assignments)}, "
                              f"got {self.user_vectors.shape}")
-
-
-@dataclass
-class Figure:
-    title: str
-    caption: str
-    png: bytes
-
-
-@dataclass
-class Report:
-    """``data``: the content of ``report.json``; ``figures``: section -> its figures."""
-
-    data: dict
-    figures: dict[str, list[Figure]] = field(default_factory=dict)
 
 
 def _json_safe(x: Any) -> Any:
@@ -159,7 +145,7 @@ def compare(ranking: Mapping[str, Mapping], model_name: str, metric: str) -> dic
 
 
 def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tuple[dict, list[Figure]]:
-    from dmp_dl.evaluation import plots
+    from dmp_dl.evaluation import plots  # matplotlib
 
     y = inputs.labels
     ours = inputs.served if inputs.served in inputs.predictions else (
@@ -197,11 +183,18 @@ def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tupl
     return data, figures
 
 
+def segment_label(description: dict) -> str:
+    """A short human label: top categories and the most over-represented attribute value."""
+    parts = [c["category"] for c in description.get("top_categories", [])[:2]]
+    over = description.get("attributes", {}).get("over_represented", [])
+    if over:
+        parts.append(over[0]["value"])
+    return ", ".join(parts) or f"segment {description['segment']}"
+
+
 def _segment_table(descriptions: list[dict]) -> list[dict]:
     """One row per segment: label, size, share, top categories with lift, mean propensity and the
     most over-represented attribute values with lift."""
-    from dmp_dl.audience.segments import segment_label
-
     rows = []
     for d in descriptions:
         attrs = d.get("attributes") or {}
@@ -253,7 +246,7 @@ def latest_metrics_csv(run_dir: str | os.PathLike) -> Path | None:
 
 
 def _segment_section(inputs: SegmentInputs, sample: int) -> tuple[dict, list[Figure]]:
-    from dmp_dl.evaluation import plots
+    from dmp_dl.evaluation import plots  # matplotlib
 
     sizes = diagnostics.segment_sizes(inputs.assignments)
     rows, coords, explained = diagnostics.pca_2d(inputs.user_vectors, sample)
@@ -307,8 +300,7 @@ def build_report(
         ``best_baseline``), optional; stages: stage name -> ``{"status", "reason", "seconds"}``
         (``metrics.json["stages"]``), optional: the overview's warnings and the "Run stages" table.
     """
-    from dmp_dl.evaluation.advice import overview
-    from dmp_dl.evaluation import plots
+    from dmp_dl.evaluation import plots  # matplotlib
 
     ranking = {name: dict(m) for name, m in ranking.items()}
     model_name = model_name or next(iter(ranking), None) or "model"
@@ -389,8 +381,6 @@ def write_report(output_dir: str | os.PathLike, *, absent: Mapping[str, str] | N
 
     ``absent``: section -> sentence replacing the default reason a section is missing (e.g. for a
     report re-created from a bundle)."""
-    from dmp_dl.evaluation.render import to_html, to_markdown
-
     out = Path(output_dir)
     if "curves" not in inputs:  # the run's own training log, when the report is written into the run directory
         csv = latest_metrics_csv(out)

@@ -1,7 +1,7 @@
 """Activation exports: files with a row per user (or per user and rank) for email and ad channels.
 
 ``python -m dmp_dl.export task=recommendations|scores|segments|lookalike artifacts=DIR`` (config:
-``conf/export.yaml``, checked by :func:`dmp_dl.checks.check_export_config`); the tasks themselves
+``conf/export.yaml``, checked by :func:`dmp_dl.pipeline.checks.check_export_config`); the tasks themselves
 are in :mod:`dmp_dl.export.jobs`, the atomic streaming CSV / Parquet writer in
 :mod:`dmp_dl.export.tables`.
 """

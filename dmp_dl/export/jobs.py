@@ -1,6 +1,6 @@
 """The activation exports, as streams of pyarrow tables over a loaded bundle.
 
-Each task maps a :class:`~dmp_dl.recommender.Recommender` and the user rows to export to a schema
+Each task maps a :class:`~dmp_dl.serving.recommender.Recommender` and the user rows to export to a schema
 and an iterator of chunks (``(users done, table)``); :func:`write_export` writes them with a
 :class:`~dmp_dl.export.tables.TableWriter`. Everything goes through the Recommender's batch
 methods (``recommend_rows``, ``propensity_rows``, ``lookalike_rows``, the stored segments), so the
@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from dmp_dl.audience.jobs import user_rows_or_skip
-from dmp_dl.errors import ConfigError
+from dmp_dl.audience.jobs import lookalike_job, user_rows_or_skip
+from dmp_dl.audience.segments import segment_label
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.export.tables import TableWriter
 
 # column -> meaning, per task: the summary file and the README carry these
 COLUMNS = {
@@ -158,8 +160,6 @@ def scores(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
 
 def segment_descriptions(rec) -> list[dict]:
     """The bundle's segments with their ``label`` (raises MissingPartError without segments)."""
-    from dmp_dl.audience.segments import segment_label
-
     descriptions = rec.segments(representatives=0)
     for d in descriptions:
         d["label"] = segment_label(d)
@@ -190,8 +190,6 @@ def lookalike(rec, seed_ids: Sequence[str], size: int, method: str = "contrast",
               skip_unknown: bool = False) -> Export:
     """The ``size`` users most like the seeds, as ``python -m dmp_dl.audience task=lookalike``:
     ``user_id, rank, score`` (+ ``segment``)."""
-    from dmp_dl.audience.jobs import lookalike_job
-
     table, summary = lookalike_job(rec, seed_ids, size, method, source, skip_unknown)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.cast(pa.schema([(f.name, pa.string() if f.name == "user_id" else f.type) for f in arrow.schema]))
@@ -208,7 +206,6 @@ def write_export(export: Export, path, fmt: str, progress: bool | None = None,
     """
     from tqdm.auto import tqdm
 
-    from dmp_dl.export.tables import TableWriter
 
     t0 = time.perf_counter()
     with TableWriter(path, fmt, export.schema, mode) as writer, \

@@ -2,7 +2,7 @@
 
 An export of a million users is written chunk by chunk (pyarrow tables), never held in memory as
 one frame, into a temporary file beside the target that is fsynced and renamed over it only when
-every chunk is in (:func:`dmp_dl.io.atomic_writer`): a reader (a nightly upload job) sees the
+every chunk is in (:func:`dmp_dl.core.io.atomic_writer`): a reader (a nightly upload job) sees the
 previous file or the complete new one, never a half-written file, and a failed, killed (SIGTERM) or
 interrupted (Ctrl-C) export leaves nothing behind.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dmp_dl.errors import ConfigError
-from dmp_dl.io import atomic_writer
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.io import atomic_writer
 
 FORMATS = ("csv", "parquet")
 

@@ -25,7 +25,6 @@ from dmp_dl.data.features import FeatureTable
 from dmp_dl.models.registry import register_network
 from dmp_dl.models.two_tower import AttributeEncoder
 
-
 SPARSE_ABOVE_ITEMS = 10_000
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 from dmp_dl.models.retrieval import RetrievalModule
 
 

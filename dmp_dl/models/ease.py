@@ -20,14 +20,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import warnings
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

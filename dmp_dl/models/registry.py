@@ -13,7 +13,7 @@ What the registry keeps of each (:class:`RegisteredNetwork`):
 
 * ``cls``: the class. A bundle names it by ``cls.__name__`` (``network/network.json``), and
   loading looks that name up here: a class path read from a file is never imported.
-* ``fitter``: the fitter that trains it (:mod:`dmp_dl.fitters`): ``lightning`` (``model.net`` with
+* ``fitter``: the fitter that trains it (:mod:`dmp_dl.training.fitters`): ``lightning`` (``model.net`` with
   ``model.module`` in the Lightning loop) or ``auto`` (the automatic model choice). The model's
   YAML declares the same fitter (``model.fitter``); a run whose network declares another is refused.
 * ``axes``: ``cls.vocab_axes()``, state_dict key -> the vocabulary of each axis of that tensor
@@ -73,7 +73,7 @@ class RegisteredNetwork:
 def register_network(*, fitter: str, encodes_users: bool) -> Callable[[type], type]:
     """Class decorator: add the network class to the registry (see the module docstring)."""
     if not isinstance(fitter, str) or not fitter:
-        raise ValueError(f"fitter must name a fitter of dmp_dl.fitters (lightning, auto, ...), got {fitter!r}")
+        raise ValueError(f"fitter must name a fitter of dmp_dl.training.fitters (lightning, auto, ...), got {fitter!r}")
 
     def add(cls: type) -> type:
         axes = cls.vocab_axes() if callable(getattr(cls, "vocab_axes", None)) else None

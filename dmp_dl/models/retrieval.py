@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from dmp_dl.errors import ConfigError
-from dmp_dl.evaluation.metrics import batch_metrics
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.metrics.ranking import batch_metrics
 from dmp_dl.models.losses import bpr_loss, full_softmax_loss, sampled_softmax_loss
 
 LOSSES = ("softmax", "bpr")

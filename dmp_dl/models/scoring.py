@@ -21,8 +21,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from dmp_dl.bundle_parts import BundlePart
+from dmp_dl.core.errors import BundleError
 from dmp_dl.models.ease import ItemItemScorer
+from dmp_dl.store.parts import BundlePart
 
 
 @dataclass
@@ -87,7 +88,7 @@ def exact_top_k(scores: torch.Tensor, k: int, exclude_indptr: np.ndarray | None 
                 exclude_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` columns of ``scores`` (B, n) per row, best first, skipping each row's excluded ids.
 
-    Same contract as :func:`dmp_dl.index.search_excluding`: ids (B, k) int64 padded with -1,
+    Same contract as :func:`dmp_dl.index.ann.search_excluding`: ids (B, k) int64 padded with -1,
     scores (B, k) float32 padded with -inf. Ties go to the lower column.
     """
     scores = scores.float().clone()
@@ -135,8 +136,6 @@ def scoring_part(served: ServedScore, name: str, refit: bool = False, ease_l2: f
 
 def load_scoring(bundle, n_items: int) -> ServedScore | None:
     """The bundle's :class:`ServedScore` (None when it has no ``scoring`` entry: a plain embedding bundle)."""
-    from dmp_dl.errors import BundleError
-
     entry = bundle.manifest.get(SCORING_DIR)
     if entry is None:
         return None

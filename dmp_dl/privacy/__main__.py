@@ -1,58 +1,6 @@
-"""``python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE`` (config: ``conf/privacy_cli.yaml``).
+"""``python -m dmp_dl.privacy``: the command in :mod:`dmp_dl.commands.privacy`."""
 
-Prints a JSON summary (counts and paths, never an id) and exits 0; a bad bundle, id, file, path or
-key is one line on stderr and exit status 2, and then nothing was changed (see
-:mod:`dmp_dl.privacy.erasure`).
-"""
-
-from __future__ import annotations
-
-import json
-import sys
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-from dmp_dl.cli import report_errors
-from dmp_dl.data.id_lists import read_id_file
-
-COMMANDS = ("forget",)
-USAGE = ("usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [erasure_list=FILE] [audit_log=FILE] "
-         "[secret_env=NAME] [secret_file=FILE]")
-
-
-def read_user_ids(path: str | Path) -> list[str]:
-    """The ids of ``user_ids=FILE``, one per line whatever the file's suffix (no line is ever taken
-    for a header and skipped), as :func:`dmp_dl.data.id_lists.read_id_file` reads text: byte-order
-    mark, CRLF, blank and ``#`` lines handled."""
-    return read_id_file(path, "user_ids", tables=False)
-
-
-def forget(cfg: DictConfig) -> dict:
-    from omegaconf import OmegaConf
-
-    from dmp_dl.checks import check_privacy_config
-    from dmp_dl.errors import ConfigError
-    from dmp_dl.privacy.erasure import forget_users
-
-    for name in ("artifacts", "user_ids"):
-        if OmegaConf.is_missing(cfg, name) or not cfg.get(name):
-            raise ConfigError(f"{name} is required; {USAGE}")
-    check_privacy_config(cfg)  # the id file is a regular file, no setting is NaN
-    opt = {k: None if cfg.get(k) is None else str(cfg.get(k)) for k in ("erasure_list", "audit_log", "secret_env", "secret_file")}
-    return forget_users(str(cfg.artifacts), read_user_ids(str(cfg.user_ids)), **opt)
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="privacy_cli")
-def main(cfg: DictConfig) -> None:
-    with report_errors():
-        print(json.dumps(forget(cfg), indent=1))
-
+from dmp_dl.commands.privacy import main
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(USAGE, file=sys.stderr)
-        sys.exit(2)
-    sys.argv.pop(1)
     main()

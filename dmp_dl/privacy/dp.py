@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@
    formed, entries of the same key), the audit log and the folders the job writes to (existing,
    writable, regular files, not folders or FIFOs), and the secret where one is needed;
 2. **build the new bundle** beside the old one without the users' rows (:func:`stage_erasure`) and
-   load all of it (a :class:`~dmp_dl.recommender.Recommender`), so that a bundle that would not
+   load all of it (a :class:`~dmp_dl.serving.recommender.Recommender`), so that a bundle that would not
    load is never published;
 3. **record**: append the users' entries to the erasure list and one audit line per user;
 4. **swap** the new bundle in (an atomic exchange of folders).
 
 The new manifest's ``privacy.erasures`` entry names the erasure list written to, and every server
-of the bundle honours each list its manifest names (:func:`~dmp_dl.privacy.erasure_list.bundle_erasure_lists`),
+of the bundle honours each list its manifest names (:func:`~dmp_dl.data.erasure_list.bundle_erasure_lists`),
 so ``forget erasure_list=OTHER`` is never forgotten by a reload. When none of the users is in the
 bundle (e.g. they are only in a server's event journal) but the list is not one the bundle names
 yet, the bundle is published again with just that entry added (:func:`stage_record`).
@@ -28,7 +28,7 @@ folder is rewritten and the link keeps pointing at it.
 
 The erasure list never holds a raw id. For a bundle whose ids are pseudonymised, entries are keyed
 hashes ``hmac-sha256:<key fingerprint>:<pseudonym>`` (the run's secret). For a bundle of raw ids
-they are salted hashes ``salted-sha256:<salt>:<hash>`` (see :mod:`dmp_dl.privacy.erasure_list`),
+they are salted hashes ``salted-sha256:<salt>:<hash>`` (see :mod:`dmp_dl.data.erasure_list`),
 which any later run applies without a secret, unless ``forget`` is given a secret
 (``secret_env``/``secret_file``), then keyed hashes.
 
@@ -69,18 +69,24 @@ from typing import Any
 
 import numpy as np
 
-from dmp_dl import bundle as layout
-from dmp_dl.bundle import Bundle, BundleWriter
-from dmp_dl.bundle_contents import parts_of, verify_parts
-from dmp_dl.bundle_parts import UserErasure
+from dmp_dl.core.errors import BundleError, DmpError
+from dmp_dl.core.io import atomic_write_bytes
+from dmp_dl.data.erasure_list import (
+    SALTED_PREFIX,
+    SaltedHash,
+    append_to_erasure_list,
+    bundle_erasure_lists,
+    read_erasure_list,
+)
+from dmp_dl.data.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag, recorded_privacy
 from dmp_dl.data.schema import canonical_id, normalize_ids
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError, DmpError
-from dmp_dl.io import atomic_write_bytes
-from dmp_dl.manifest import DIGEST_KEY
-from dmp_dl.privacy.erasure_list import (SALTED_PREFIX, SaltedHash, append_to_erasure_list, bundle_erasure_lists,
-                                         read_erasure_list)
-from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, Pseudonymizer, check_key, parse_tag, recorded_privacy
+from dmp_dl.serving.recommender import Recommender
+from dmp_dl.store import bundle as layout
+from dmp_dl.store.bundle import Bundle, BundleWriter
+from dmp_dl.store.contents import parts_of, verify_parts
+from dmp_dl.store.manifest import DIGEST_KEY
+from dmp_dl.store.parts import UserErasure
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +126,7 @@ def stage_erasure(bundle: Bundle, rows: np.ndarray, w: BundleWriter, erasure: di
     """Write ``bundle`` without the users at vocabulary ``rows`` into writer ``w`` and seal it
     (``w.root`` is then the complete new bundle; publishing it is the caller's).
 
-    Every part the bundle holds drops the users' rows (:meth:`~dmp_dl.bundle_parts.BundlePart.drop_users`:
+    Every part the bundle holds drops the users' rows (:meth:`~dmp_dl.store.parts.BundlePart.drop_users`:
     the rows the network registry names for the network and the propensity model's copy of it,
     every ``user_aligned`` file of the other parts); every other file is copied.
     erasure: an entry appended to the manifest's ``privacy.erasures`` (time, counts).
@@ -175,7 +181,7 @@ def erase_rows(bundle: Bundle, rows: np.ndarray, erasure: dict | None = None) ->
         return {"removed": {}, "seen_items": np.zeros(0, np.int64), "users_before": n, "users_after": n}
     with BundleWriter(bundle.root) as w:
         result = stage_erasure(bundle, rows, w, erasure)
-        verify_parts(Bundle.open(w.root, verify=False))  # a bundle that would not load never replaces this one
+        verify_parts(Bundle.open(w.root, verify=False), Recommender.from_parts)  # a bundle that would not load never replaces this one
         w.publish()
     return result
 
@@ -406,8 +412,6 @@ def _check_writable_bundle(target: Path) -> None:
 
 def _default_verify(plan: _Plan) -> Callable[[Path], Any]:
     def verify(path: Path):
-        from dmp_dl.recommender import Recommender
-
         return Recommender.load(path, pseudonymizer=plan.key if plan.pseudonymized else None)
 
     return verify
@@ -423,7 +427,7 @@ def forget_users(artifacts: str | Path, user_ids: Iterable[object], *, erasure_l
 
     Paths and the secret default to what the bundle's manifest recorded at training time.
     verify: loads the new bundle's folder before it is published (default:
-    :meth:`~dmp_dl.recommender.Recommender.load`); a failure refuses the erasure. Returns a summary
+    :meth:`~dmp_dl.serving.recommender.Recommender.load`); a failure refuses the erasure. Returns a summary
     without any raw id: ``requested``, ``removed_from_bundle``, ``not_in_bundle``,
     ``added_to_erasure_list``, ``erasure_list``, ``audit_log``, ``bundle`` (the real folder),
     ``removed`` (file -> what), ``users_after``.

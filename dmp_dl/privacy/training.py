@@ -8,7 +8,9 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from dmp_dl.privacy.options import PrivacyOptions
+from dmp_dl.data.privacy_options import PrivacyOptions
+from dmp_dl.privacy.dp import build_dp_training
+from dmp_dl.training.fit import build_module
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,7 @@ class PrivacyHooks:
         """(the LightningModule, the data arguments of ``trainer.fit``): user-level DP-SGD with its
         Poisson user batches when ``privacy.dp.enabled``, else the usual module and datamodule."""
         if self.options is None or not self.options.dp_enabled:
-            from dmp_dl.training import build_module
-
             return build_module(cfg, dm), {"datamodule": dm}
-        from dmp_dl.privacy.dp import build_dp_training
 
         self.dp, module, batches = build_dp_training(cfg, dm, self.options.dp)
         if cfg.get("propensity") is not None and cfg.propensity.get("enabled", False):
@@ -50,7 +49,7 @@ class PrivacyHooks:
         return {"pseudonymized": bool(self.options and self.options.pseudonymize), "dp": self.dp_report}
 
     def bundle_parts(self) -> dict[str, Any]:
-        """The ``privacy`` manifest entry, as an :func:`~dmp_dl.bundle.export_bundle` part."""
+        """The ``privacy`` manifest entry, as an :func:`~dmp_dl.training.export.export_bundle` part."""
         if self.options is None:
             return {}
         entry = self.options.manifest_entry(self.dp_report)

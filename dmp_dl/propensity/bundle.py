@@ -19,7 +19,7 @@ Nothing is pickled: weights load with ``torch.load(weights_only=True)``, arrays 
 ``np.load(allow_pickle=False)``; an embedding-network class is looked up in the network registry
 (:mod:`dmp_dl.models.registry`: a class registered with ``encodes_users``), never imported from a
 name read from a file. :class:`PropensityPart` is the bundle's ``propensity`` part
-(:mod:`dmp_dl.bundle_parts`).
+(:mod:`dmp_dl.store.parts`).
 """
 
 from __future__ import annotations
@@ -35,18 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmp_dl.bundle import Bundle, BundleWriter
-from dmp_dl.bundle_parts import BundlePart, UserErasure, drop_table_rows, registered_or_refuse, spec_object
+from dmp_dl.core.errors import BundleError
+from dmp_dl.core.io import atomic_write_bytes, atomic_write_text
 from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import BundleError
-from dmp_dl.io import atomic_write_bytes, atomic_write_text
 from dmp_dl.models import registry
+from dmp_dl.models.parts import registered_or_refuse
 from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import UserFeatures
 from dmp_dl.propensity.net import PropensityNet
 from dmp_dl.propensity.scorer import PropensityScorer
 from dmp_dl.propensity.tabular import TabularModel
+from dmp_dl.store.bundle import Bundle, BundleWriter
+from dmp_dl.store.parts import BundlePart, UserErasure, drop_table_rows, spec_object
 
 FORMAT = "dmp_dl.propensity"
 FORMAT_VERSION = 2  # 2: the served model may be a classic one (tabular.npz)

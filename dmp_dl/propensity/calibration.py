@@ -20,7 +20,7 @@ from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from dmp_dl.errors import ConfigError
+from dmp_dl.core.errors import ConfigError
 
 METHODS = ("platt", "isotonic", "none")
 _EPS = 1e-6

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pandas as pd
 
+from dmp_dl.core.errors import DataError
 from dmp_dl.data.cleaning import MISSING_TOKENS, parse_timestamps
 from dmp_dl.data.datamodule import last_items
 from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.schema import ITEM, TIME, TYPE, USER, VALUE, normalize_ids
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from dmp_dl.core.errors import ConfigError, DataError, InsufficientDataError
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.schema import USER
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import ConfigError, DataError, InsufficientDataError
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dmp_dl.core.errors import DataError, UnknownIdError
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.errors import DataError, UnknownIdError
 from dmp_dl.propensity.baselines import design_matrix
 from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import Snapshot, UserFeatures

@@ -25,18 +25,25 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
+from dmp_dl.core.errors import ConfigError, InsufficientDataError
 from dmp_dl.data.schema import TIME, TYPE
-from dmp_dl.errors import ConfigError, InsufficientDataError
+from dmp_dl.metrics.classification import NEAR_CHANCE_ROC_AUC, binary_metrics, gains_table
 from dmp_dl.propensity.baselines import design_matrix, fit_baseline, positive_probability
+from dmp_dl.propensity.bundle import encoder_entry
 from dmp_dl.propensity.calibration import Calibrator, to_logit
 from dmp_dl.propensity.features import BehaviourSpec, Snapshot, UserFeatures
 from dmp_dl.propensity.labels import (
-    SECONDS_PER_DAY, PropensityTask, crm_labels, resolve_cutoff, resolve_target, window_labels,
+    SECONDS_PER_DAY,
+    PropensityTask,
+    crm_labels,
+    resolve_cutoff,
+    resolve_target,
+    window_labels,
 )
-from dmp_dl.propensity.metrics import NEAR_CHANCE_ROC_AUC, binary_metrics, gains_table
 from dmp_dl.propensity.module import LabelledUsers, loader, snapshot_tensors
 from dmp_dl.propensity.scorer import PropensityScorer
 from dmp_dl.propensity.tabular import TabularModel
+from dmp_dl.training.fitters import fitter_of
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ class PropensityResult:
     test_predictions: model name -> (n_test,) float64 calibrated probabilities, aligned with
         ``test_labels``; same keys as ``metrics``.
     gains: model name -> the cumulative-gains table of the test split (rows of ``targeted``,
-        ``users``, ``positives``, ``gain``, ``lift``; see :func:`~dmp_dl.propensity.metrics.gains_table`).
+        ``users``, ``positives``, ``gain``, ``lift``; see :func:`~dmp_dl.metrics.classification.gains_table`).
     task: the labelled task (cutoff, horizon, target, eligible users and labels).
     split: ``{"train": n, "val": n, "test": n}`` users.
     scorer: the served model (the best on the validation users, ``served``);
@@ -164,8 +171,6 @@ def encoder_for(mode: str, cfg: DictConfig, net: torch.nn.Module | None) -> tupl
         raise ConfigError(f"propensity.features.embedding must be one of {EMBEDDING_MODES}, got {mode!r}")
     if mode == "off":
         return None, None
-    from dmp_dl.fitters import fitter_of
-    from dmp_dl.propensity.bundle import encoder_entry
 
     if net is None or encoder_entry(net) is None:
         log.warning("propensity: no exportable embedding network (%s): the embedding feature is off",

@@ -5,7 +5,7 @@ and folded into the next training run (``data.extra_paths=[<journal>]``).
   users events changed (:mod:`dmp_dl.realtime.live`);
 * :class:`RealtimeService`: the journal and the live view behind ``serve.py``'s ``POST /events``
   (:mod:`dmp_dl.realtime.service`);
-* :mod:`dmp_dl.realtime.journal`: the journal's files; :mod:`dmp_dl.realtime.intake`: cleaning a
+* :mod:`dmp_dl.data.journal`: the journal's files; :mod:`dmp_dl.realtime.intake`: cleaning a
   request's events; :mod:`dmp_dl.realtime.part`: what a bundle stores for exact updates.
 """
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dmp_dl.data.cleaning import DROP_REASONS, MISSING_TOKENS, CleaningOptions, plain_id, clean_events, clean_few_events
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.data.cleaning import DROP_REASONS, MISSING_TOKENS, CleaningOptions, clean_events, clean_few_events, plain_id
+from dmp_dl.data.erasure_list import ErasureEntries, bundle_erasure_lists, read_erasure_list
+from dmp_dl.data.pseudonymize import DEFAULT_SECRET_ENV, TAG_PREFIX, Pseudonymizer, pseudonymize_ids, recorded_privacy
 from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE, WEIGHT, normalize_ids
-from dmp_dl.errors import ConfigError
-from dmp_dl.privacy.pseudonymize import TAG_PREFIX, Pseudonymizer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class KeySet:
 
 
 class ErasedUsers:
-    """Who is on the erasure list (:mod:`dmp_dl.privacy.erasure_list`), for one bundle.
+    """Who is on the erasure list (:mod:`dmp_dl.data.erasure_list`), for one bundle.
 
     entries: the parsed list, or None; key: the bundle's pseudonymisation key, or (raw-id bundles
     whose list holds keyed hashes) the key the list was written with; pseudonymized: whether the
@@ -124,10 +125,7 @@ class ErasedUsers:
     @classmethod
     def for_bundle(cls, manifest: dict, pseudonymizer: Pseudonymizer | None, erasure_list=None) -> "ErasedUsers":
         """The users on every erasure list that names the bundle
-        (:func:`~dmp_dl.privacy.erasure_list.bundle_erasure_lists`), ``erasure_list`` included."""
-        from dmp_dl.privacy.erasure_list import ErasureEntries, bundle_erasure_lists, read_erasure_list
-        from dmp_dl.privacy.pseudonymize import DEFAULT_SECRET_ENV, recorded_privacy
-
+        (:func:`~dmp_dl.data.erasure_list.bundle_erasure_lists`), ``erasure_list`` included."""
         paths = bundle_erasure_lists(manifest, erasure_list)
         if not paths:
             return cls()
@@ -231,7 +229,6 @@ class EventIntake:
         tagged with the bundle's key is taken as that pseudonym). Missing ids stay as they are."""
         if self.pseudonymizer is None:
             return users
-        from dmp_dl.privacy.pseudonymize import pseudonymize_ids
 
         return pseudonymize_ids(users, self.pseudonymizer)
 

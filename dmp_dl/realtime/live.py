@@ -1,6 +1,6 @@
 """``LiveRecommender``: a bundle plus every user that real-time events changed since it was trained.
 
-A :class:`~dmp_dl.recommender.Recommender` whose user-facing queries (``recommend``, ``profile``,
+A :class:`~dmp_dl.serving.recommender.Recommender` whose user-facing queries (``recommend``, ``profile``,
 ``segment``, ``propensity``, ``lookalike``) answer from an overlay of *live users* when a user has
 events the bundle has not seen, and from the bundle otherwise. A live user is a known user with new
 events, or a user the bundle does not know (a new row). Applying events (:meth:`LiveRecommender._apply`,
@@ -37,15 +37,23 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from dmp_dl.bundle import MissingPartError
+from dmp_dl.audience.bundle import StoredSegments
+from dmp_dl.audience.segments import assign
+from dmp_dl.core.errors import UnknownIdError
+from dmp_dl.data.erasure_list import SALTED_PREFIX
+from dmp_dl.data.pseudonymize import parse_tag
 from dmp_dl.data.schema import MULTI_VALUE_SEP, canonical_id
-from dmp_dl.errors import UnknownIdError
-from dmp_dl.recommender import LOOKALIKE_METHODS, InvalidRequestError, Ranked, Recommender, lookalike_search
+from dmp_dl.index.ann import build_index
+from dmp_dl.propensity.features import Snapshot
+from dmp_dl.realtime.behaviour import BehaviourStats
+from dmp_dl.serving.recommender import LOOKALIKE_METHODS, InvalidRequestError, Ranked, Recommender, lookalike_search
+from dmp_dl.store.bundle import MissingPartError
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,10 @@ class LiveRecommender(Recommender):
     (``recommend_rows``, ``lookalike_rows``, ``propensity_rows``, ``user_rows``), which batch jobs
     use on a bundle, answer from the bundle as exported."""
 
+    # The service that owns live views and their journal (RealtimeService): it imports this module
+    # and sets itself here, so :meth:`load` can start one.
+    service_class: Any = None
+
     # -- building ------------------------------------------------------------------------------
     @classmethod
     def load(cls, path, journal=None, options=None, **load_kwargs) -> "LiveRecommender":
@@ -109,14 +121,7 @@ class LiveRecommender(Recommender):
         replaying the journal's events the bundle has not seen. ``options``: a
         :class:`~dmp_dl.realtime.service.RealtimeOptions`; other keywords go to :meth:`Recommender.load`.
         Call :meth:`close` (or use ``with``) to release the journal."""
-        from dmp_dl.realtime.service import RealtimeService, default_journal_dir
-
-        service = RealtimeService(journal or default_journal_dir(path), options)
-        try:
-            return service.attach(Recommender.load(path, **load_kwargs), path)
-        except BaseException:
-            service.close()
-            raise
+        return cls.service_class.open(path, journal, options, **load_kwargs)
 
     @classmethod
     def wrap(cls, rec: Recommender, part, service, intake, refresh_seconds: float = 5.0) -> "LiveRecommender":
@@ -138,8 +143,6 @@ class LiveRecommender(Recommender):
         live._propensity_items = None
         scorer = rec._propensity
         if scorer is not None:
-            from dmp_dl.realtime.behaviour import BehaviourStats
-
             live._behaviour = BehaviourStats(scorer.features.behaviour)
             if live._data_end is None:
                 live._data_end = int(scorer.data_end)
@@ -196,9 +199,6 @@ class LiveRecommender(Recommender):
         """The ids as the bundle holds them of ``user_ids``: raw ids, or ``hmac-sha256:...`` keyed
         hashes made with this bundle's key (taken as the pseudonyms they name). Other keyed or
         salted hashes, blank and malformed ids name no one here and are left out."""
-        from dmp_dl.privacy.erasure_list import SALTED_PREFIX
-        from dmp_dl.privacy.pseudonymize import parse_tag
-
         keys = set()
         for value in self._check_ids(user_ids, "user_ids"):
             text = canonical_id(value)
@@ -384,8 +384,6 @@ class LiveRecommender(Recommender):
         seg = self.stored_segments
         with_vec = [d for d in drafts if d["vector"] is not None]
         if seg is not None and with_vec:
-            from dmp_dl.audience.segments import assign
-
             labels, dist = assign(np.stack([d["vector"] for d in with_vec]), seg.centroids,
                                   bool(seg.meta.get("normalize", True)))
             for d, label, distance in zip(with_vec, labels.tolist(), dist.tolist()):
@@ -399,8 +397,6 @@ class LiveRecommender(Recommender):
 
     def _snapshot(self, users: list[dict]):
         """The propensity model's inputs of updated users (:meth:`_updated` fields), as of their statistics."""
-        from dmp_dl.propensity.features import Snapshot
-
         features, part = self._propensity.features, self._part
         n = len(users)
         refs = np.array([u["stats_ref"] for u in users])
@@ -524,8 +520,6 @@ class LiveRecommender(Recommender):
 
     def segments(self, representatives: int = 5) -> list[dict]:
         """:meth:`Recommender.segments` with sizes, shares and representatives over the current users."""
-        from dmp_dl.audience.bundle import StoredSegments
-
         seg = self._audience_part(self.stored_segments, "segments")
         users = list(self._users.values())
         assignments, distances = seg.assignments.copy(), seg.distances.copy()
@@ -620,8 +614,6 @@ class LiveRecommender(Recommender):
 
     def refresh_user_index(self) -> UserTable:
         """Rebuild the lookalike user index now, with every user's current vector (new users appended)."""
-        from dmp_dl.index import build_index
-
         with self._table_lock:
             changed_at = self._changed_at
             users = list(self._users.values())

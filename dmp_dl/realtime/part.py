@@ -1,6 +1,6 @@
 """What a bundle stores so that real-time events can update its users exactly (``realtime/``).
 
-A part (written through :func:`dmp_dl.bundle.export_bundle`'s ``parts`` hook) with a manifest
+A part (written through :func:`dmp_dl.training.export.export_bundle`'s ``parts`` hook) with a manifest
 entry ``realtime`` and the files::
 
     realtime/recent_items.npy        (n_users, L) int32 each user's last L items, most recent
@@ -25,15 +25,19 @@ present only when the run trained those parts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from dmp_dl.bundle import Bundle, BundleWriter
+from dmp_dl.audience.profiles import item_category_shares
+from dmp_dl.core.errors import BundleError
 from dmp_dl.data.schema import ITEM, TIME, TYPE, VALUE
-from dmp_dl.errors import BundleError
+from dmp_dl.realtime.behaviour import BehaviourStats
+from dmp_dl.store.bundle import Bundle, BundleWriter
+from dmp_dl.store.parts import BundlePart
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,6 @@ def realtime_part(dm, propensity=None, audience=None) -> Callable[[BundleWriter]
     entry: dict = {"data_end": data_end, "journals": dict(dm.journal_marks), "history_len": int(dm.full_history.shape[1]),
                    "timestamps": bool(getattr(dm.report, "has_timestamps", True))}
     if propensity is not None:
-        from dmp_dl.realtime.behaviour import BehaviourStats
-
         features = propensity.scorer.features
         layout = BehaviourStats(features.behaviour)
         arrays[STATS] = layout.from_events(events["user_idx"].to_numpy(np.int64), events[TIME].to_numpy(np.float64),
@@ -77,8 +79,6 @@ def realtime_part(dm, propensity=None, audience=None) -> Callable[[BundleWriter]
                               "width": layout.width}
     profiles = getattr(audience, "profiles", None)
     if profiles is not None and profiles.category_column is not None and dm.log_.items is not None:
-        from dmp_dl.audience.profiles import item_category_shares
-
         items = dm.log_.items
         shares, categories = item_category_shares(items, profiles.category_column,
                                                   dm.item_vocab.index_of(items[ITEM].tolist()), n_items)
@@ -155,3 +155,14 @@ def load_realtime_part(bundle: Bundle, n_users: int, n_items: int) -> RealtimePa
         categories = sp.csr_matrix((share, index, indptr), shape=(n_items, n_cat))
     inputs = {name: array(name) for name in PROPENSITY_INPUTS}
     return RealtimePart(entry, recent, stats, item_categories=categories, **inputs)
+
+
+class RealtimeInputsPart(BundlePart):
+    """What real-time updates read (this module): written by the run's prepared
+    writer, erased by its ``user_aligned`` files, loaded by the real-time service."""
+
+    name = "realtime"
+
+    def load(self, bundle: Bundle, loaded: Mapping[str, Any], **options: Any):
+        vectors = loaded["vectors"]
+        return load_realtime_part(bundle, len(vectors.user_vocab), len(vectors.item_vocab))

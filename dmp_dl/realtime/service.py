@@ -34,15 +34,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dmp_dl.bundle import Bundle
+from dmp_dl.core.errors import BundleError, ConfigError, DmpError
+from dmp_dl.data.journal import JOURNAL_ID, JOURNAL_SEQ, Journal, iso_seconds, read_journal
+from dmp_dl.data.pseudonymize import TAG_PREFIX
 from dmp_dl.data.schema import EVENT_ID, USER
-from dmp_dl.errors import BundleError, ConfigError, DmpError
+from dmp_dl.privacy.erasure import ErasureError
 from dmp_dl.realtime.intake import ErasedUsers, EventIntake, KeySet, _event_hashes, bundle_cleaning
-from dmp_dl.realtime.journal import JOURNAL_ID, JOURNAL_SEQ, Journal, iso_seconds, read_journal
 from dmp_dl.realtime.live import LiveRecommender
-from dmp_dl.privacy.pseudonymize import TAG_PREFIX
 from dmp_dl.realtime.part import load_realtime_part
-from dmp_dl.recommender import InvalidRequestError, Recommender
+from dmp_dl.serving.recommender import InvalidRequestError, Recommender
+from dmp_dl.store.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class RealtimeService:
 
     journal_dir: the journal folder (created on the first :meth:`attach`); options: :class:`RealtimeOptions`;
     erasure_list: an erasure list honoured besides the ones each bundle names
-    (:func:`~dmp_dl.privacy.erasure_list.bundle_erasure_lists`): its users' events are refused and
+    (:func:`~dmp_dl.data.erasure_list.bundle_erasure_lists`): its users' events are refused and
     their journal rows removed.
     """
 
@@ -159,6 +160,18 @@ class RealtimeService:
         else:
             error = self.journal.error
         return {"writable": error is None, "error": error, "erased_rows_pending": self.purge_error is not None}
+
+    @classmethod
+    def open(cls, path, journal=None, options=None, **load_kwargs) -> LiveRecommender:
+        """The bundle at ``path`` loaded and attached to a new service over ``journal`` (default:
+        ``<path>.journal`` beside it): :meth:`LiveRecommender.load`. Other keywords go to
+        :meth:`Recommender.load`."""
+        service = cls(journal or default_journal_dir(path), options)
+        try:
+            return service.attach(Recommender.load(path, **load_kwargs), path)
+        except BaseException:
+            service.close()
+            raise
 
     # -- attaching a bundle --------------------------------------------------------------------
     def attach(self, rec: Recommender, artifacts: str | os.PathLike) -> LiveRecommender:
@@ -343,6 +356,9 @@ class RealtimeService:
                 self.journal.close()
 
 
+LiveRecommender.service_class = RealtimeService
+
+
 class RealtimeEraser:
     """The server's erasure (an :class:`~dmp_dl.privacy.erasure.ErasureService`) with the journal.
 
@@ -366,8 +382,6 @@ class RealtimeEraser:
         self.inner, self.service, self.artifacts = inner, service, artifacts
 
     def forget(self, user_ids):
-        from dmp_dl.privacy.erasure import ErasureError
-
         service = self.service
         held = service.withhold(user_ids)
         try:

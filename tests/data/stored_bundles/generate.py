@@ -11,7 +11,7 @@ trains two tiny runs on the planted synthetic log and writes into ``OUT_DIR``:
   that ``erase_rows`` wrote without the users at :data:`ERASED_ROWS` (the checksum of every file).
 
 The committed copies were written by the package as it was before the bundle parts were read
-through :mod:`dmp_dl.bundle_parts`; the test checks that today's code loads them and answers the
+through :mod:`dmp_dl.store.parts`; the test checks that today's code loads them and answers the
 same, and erases the same rows.
 """
 
@@ -81,8 +81,8 @@ def ask(rec) -> dict:
 
 def erased_manifest(bundle_dir: Path, work: Path) -> dict:
     """The manifest (without :data:`VOLATILE` fields) of a copy of ``bundle_dir`` erased of :data:`ERASED_ROWS`."""
-    from dmp_dl.bundle import Bundle
     from dmp_dl.privacy.erasure import erase_rows
+    from dmp_dl.store.bundle import Bundle
 
     copy = Path(shutil.copytree(bundle_dir, work / f"erased-{bundle_dir.name}"))
     erase_rows(Bundle.open(copy), np.asarray(ERASED_ROWS), dict(ERASURE))
@@ -101,7 +101,7 @@ def _train(name: str, overrides: list[str], out: Path, work: Path) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from dmp_dl.pipeline import run
+    from dmp_dl.pipeline.run import run
 
     conf = Path(__file__).resolve().parents[3] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -119,7 +119,7 @@ def _attach_uplift(bundle: Path, work: Path) -> None:
     import pandas as pd
     from hydra import compose, initialize_config_dir
 
-    from dmp_dl.audience.__main__ import run_task
+    from dmp_dl.commands.audience import run_task
     from dmp_dl.data.synthetic import SyntheticSource, campaign_outcomes
 
     conf = Path(__file__).resolve().parents[3] / "conf"

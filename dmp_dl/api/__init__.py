@@ -1,0 +1,1 @@
+"""The HTTP service behind ``serve.py`` (FastAPI): routes, request models and error responses."""

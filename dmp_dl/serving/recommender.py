@@ -1,0 +1,528 @@
+"""``Recommender``: the questions a marketer's system asks of a trained bundle.
+
+* ``recommend(user_id)``: the items a known user should see (nearest items to the user's vector).
+* ``recommend_for_history(item_ids)``: the same for a user the model has never seen, described by
+  recent items (and optionally attributes): the network's cold-start user tower, run on CPU.
+* ``similar_items(item_id)``: nearest items to an item's vector.
+* ``lookalike(seed_user_ids)``: audience expansion, nearest users to a seed set.
+* ``propensity(user_ids)``: how likely each user is to buy (needs a bundle with a propensity model).
+* ``profile(user_id)`` / ``segment(user_id)`` / ``segments()``: interest profiles and segments
+  (bundles exported with ``audience.enabled``; :mod:`dmp_dl.audience`).
+* ``uplift(user_ids)``: how much a contact raises each user's chance to convert (bundles with an
+  uplift model, added by ``python -m dmp_dl.audience task=uplift``; :mod:`dmp_dl.campaign`).
+
+Every score is an inner product of vectors, served by the bundle's FAISS indexes. Each single-id
+method has a batch form (``recommend_batch``, ``recommend_for_histories``, ``similar_items_batch``)
+that answers many queries with one vectorised index search; nightly audience jobs use those.
+
+Unknown ids raise :class:`~dmp_dl.core.errors.UnknownIdError` (a ``KeyError``) naming the id; a bad
+parameter (``k`` outside 1..``max_k``, an empty seed set) raises :class:`InvalidRequestError`
+(a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from dmp_dl.core.errors import DmpError, UnknownIdError
+from dmp_dl.data.pseudonymize import bundle_pseudonymizer
+from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
+from dmp_dl.data.vocab import IdVocab
+from dmp_dl.index.ann import search_excluding
+from dmp_dl.store.bundle import Bundle, MissingPartError
+from dmp_dl.store.contents import SERVED, load_parts
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_K = 1000
+LOOKALIKE_METHODS = ("centroid", "neighbours", "contrast")
+Ranked = list[tuple[str, float]]
+
+
+class InvalidRequestError(DmpError, ValueError):
+    """A parameter of a query is out of range or malformed."""
+
+
+def _ragged_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR rows ``rows`` of (indptr, indices) as a new (indptr, indices) pair, vectorised."""
+    starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
+    new_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_indptr[1:])
+    gather = np.repeat(starts - new_indptr[:-1], counts) + np.arange(new_indptr[-1], dtype=np.int64)
+    return new_indptr, indices[gather].astype(np.int64)
+
+
+def _distinct_rows(rows: np.ndarray, ids: np.ndarray, n_rows: int, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, id) pairs -> CSR (indptr, ids) with each row's distinct ids."""
+    keys = np.unique(rows.astype(np.int64) * n_ids + ids)
+    counts = np.bincount(keys // n_ids, minlength=n_rows)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr, keys % n_ids
+
+
+def lookalike_search(user_index, user_vectors: np.ndarray, seed_vectors: np.ndarray, exclude_rows: np.ndarray | None,
+                     k: int, method: str = "centroid") -> tuple[np.ndarray, np.ndarray]:
+    """The users most like ``seed_vectors`` (s, dim) among ``user_vectors`` (n, dim), searched with
+    ``user_index`` (built over ``user_vectors``; :meth:`Recommender.lookalike` explains the methods).
+
+    exclude_rows: distinct user rows never returned (the seeds' own rows), or None.
+    Returns user rows (m,) int64 and scores (m,) float64, best first (m < k only when fewer users are left).
+    """
+    n_users = len(user_vectors)
+    k = min(int(k), n_users)  # a larger audience than there are users would only allocate padding
+    rows = np.unique(np.asarray(exclude_rows, dtype=np.int64)) if exclude_rows is not None else np.zeros(0, np.int64)
+    excluded = (np.array([0, len(rows)], np.int64), rows) if exclude_rows is not None else (None, None)
+    if method in ("centroid", "contrast"):
+        centroid = seed_vectors.mean(axis=0, keepdims=True)
+        if method == "contrast":  # what sets the seeds apart from everybody (Rocchio)
+            centroid = centroid - user_vectors.mean(axis=0, keepdims=True)
+        ids, scores = search_excluding(user_index, user_vectors, centroid, k, *excluded)
+        keep = ids[0] >= 0
+        return ids[0][keep].astype(np.int64), scores[0][keep].astype(np.float64)
+    per_seed = min(n_users, k + len(seed_vectors))
+    ids, scores = search_excluding(user_index, user_vectors, seed_vectors, per_seed)
+    found = ids >= 0
+    votes = np.bincount(ids[found], weights=scores[found], minlength=n_users)
+    candidate = np.zeros(n_users, dtype=bool)
+    candidate[ids[found]] = True
+    candidate[rows] = False
+    cand = np.flatnonzero(candidate)
+    top = cand[np.lexsort((cand, -votes[cand]))[:k]]
+    return top.astype(np.int64), votes[top].astype(np.float64)
+
+
+class Recommender:
+    """Queries over one bundle, all in memory. Build with :meth:`load`.
+
+    Parameters
+    ----------
+    user_vocab, item_vocab: id vocabularies; row i of each array is id i.
+    user_vectors (n_users, dim), item_vectors (n_items, dim): float32.
+    seen: (n_users, n_items) CSR, the items each user interacted with (``exclude_seen``).
+    item_index, user_index: FAISS inner-product indexes over item_vectors / user_vectors.
+    network: the cold-start network (or None); user_features: its user FeatureTable;
+    history_len: recent items the network reads.
+    propensity: a propensity scorer with ``score_known(user_idx)`` (or None).
+    manifest: the bundle manifest; max_k: the largest ``k`` any query accepts.
+    pseudonymizer: when the bundle's user ids are keyed pseudonyms (``privacy.pseudonymize``), the
+        :class:`~dmp_dl.privacy.Pseudonymizer` that maps the raw ids queries give to them; users
+        returned (lookalike) are then pseudonyms.
+    profiles, segments: the bundle's :class:`~dmp_dl.audience.profiles.Profiles` and
+        :class:`~dmp_dl.audience.bundle.StoredSegments` (or None).
+    """
+
+    def __init__(self, *, user_vocab: IdVocab, item_vocab: IdVocab, user_vectors: np.ndarray,
+                 item_vectors: np.ndarray, seen: sp.csr_matrix, item_index, user_index,
+                 network=None, user_features=None, history_len: int = 20, propensity=None,
+                 manifest: Mapping[str, Any] | None = None, max_k: int = DEFAULT_MAX_K, pseudonymizer=None,
+                 profiles=None, segments=None, served=None):
+        if int(max_k) < 1:
+            raise InvalidRequestError(f"max_k must be >= 1, got {max_k}")
+        self.user_vocab, self.item_vocab = user_vocab, item_vocab
+        # id -> row dicts: one lookup is ~0.1 µs, where pandas get_indexer costs ~250 µs per call
+        self._user_rows = {u: i for i, u in enumerate(user_vocab.ids.tolist())}
+        self._item_rows = {t: i for i, t in enumerate(item_vocab.ids.tolist())}
+        self.user_vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
+        self.item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+        seen = sp.csr_matrix(seen)
+        self._seen_indptr, self._seen_items = seen.indptr.astype(np.int64), seen.indices.astype(np.int64)
+        self.item_index, self.user_index = item_index, user_index
+        self.network, self.user_features, self.history_len = network, user_features, int(history_len)
+        self._propensity = propensity
+        self.manifest = dict(manifest or {})
+        self.max_k = int(max_k)
+        self.pseudonymizer = pseudonymizer
+        self.profiles, self.stored_segments = profiles, segments
+        self.uplift_model = None  # a campaign.bundle.UpliftScorer, when the bundle has one
+        # How recommendations are scored: None or a plain dot product -> the FAISS item index;
+        # with the item-item (EASE) term -> exact scores over the catalogue (dmp_dl.models.scoring)
+        self.served = served if served is not None and served.uses_shallow else None
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, max_k: int = DEFAULT_MAX_K, search_params: str | None = None,
+             pseudonymizer=None) -> "Recommender":
+        """Load and verify the bundle at ``path`` (manifest, format version, every checksum).
+
+        search_params: optional ``ParameterSpace`` string (``efSearch=256``, ``nprobe=64``) that
+        overrides the bundle's for its approximate indexes (exact ones are left alone).
+        pseudonymizer: the key of a bundle with pseudonymised user ids; default: the secret from
+        the environment variable / file its training run read (recorded in the manifest).
+        Raises :class:`BundleError` naming the file when the bundle is missing, corrupt or from an
+        incompatible version, and when its ids are pseudonymised and the secret is missing or wrong.
+        """
+        b = Bundle.open(path)
+        pseudonymizer = bundle_pseudonymizer(b.manifest, b.root, pseudonymizer)
+        rec = cls.from_parts(b, load_parts(b, SERVED, search_params=search_params), max_k=max_k,
+                             pseudonymizer=pseudonymizer)
+        # the uplift model reads the inputs above, so it is checked against them
+        rec.uplift_model = load_parts(b, ("uplift",), {"recommender": rec})["uplift"]
+        return rec
+
+    @classmethod
+    def from_parts(cls, bundle: Bundle, parts: Mapping[str, Any], max_k: int = DEFAULT_MAX_K,
+                   pseudonymizer=None) -> "Recommender":
+        """A Recommender over ``bundle``'s loaded parts (:func:`dmp_dl.store.contents.load_parts`
+        of :data:`~dmp_dl.store.contents.SERVED`; parts the bundle lacks are None)."""
+        vectors, indexes = parts["vectors"], parts["indexes"]
+        network, user_features, history_len = parts.get("network") or (None, None, 20)
+        return cls(user_vocab=vectors.user_vocab, item_vocab=vectors.item_vocab, user_vectors=vectors.user_vectors,
+                   item_vectors=vectors.item_vectors, seen=vectors.seen, item_index=indexes["items"],
+                   user_index=indexes["users"], network=network, user_features=user_features, history_len=history_len,
+                   propensity=parts.get("propensity"), manifest=bundle.manifest, max_k=max_k, pseudonymizer=pseudonymizer,
+                   profiles=parts.get("profiles"), segments=parts.get("segments"), served=parts.get("scoring"))
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def n_users(self) -> int:
+        return len(self.user_vocab)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_vocab)
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_vectors.shape[1])
+
+    @property
+    def has_propensity(self) -> bool:
+        return self._propensity is not None
+
+    def info(self) -> dict:
+        """A JSON-safe summary of the loaded bundle (for ``/health`` and logs)."""
+        indexes = self.manifest.get("indexes", {})
+        return {
+            "created_at": self.manifest.get("created_at"),
+            "format_version": self.manifest.get("format_version"),
+            "users": self.n_users,
+            "items": self.n_items,
+            "dim": self.dim,
+            "indexes": {k: {f: v.get(f) for f in ("factory", "search_params", "recall@10")} for k, v in indexes.items()},
+            "cold_start": self.network is not None,
+            "propensity": self.has_propensity,
+            "pseudonymized_user_ids": self.pseudonymizer is not None,
+            "profiles": self.profiles is not None,
+            "segments": self.stored_segments.k if self.stored_segments is not None else None,
+            "uplift": self.uplift_model is not None,
+        }
+
+    # -- checks --------------------------------------------------------------------------------
+    def _check_k(self, k: object, name: str = "k") -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
+            raise InvalidRequestError(f"{name} must be an integer in 1..{self.max_k}, got {k!r}")
+        return int(k)
+
+    @staticmethod
+    def _check_ids(ids: object, what: str) -> list:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+            raise InvalidRequestError(f"{what} must be a list of ids, got {type(ids).__name__}")
+        return list(ids)
+
+    @staticmethod
+    def _rows(table: dict[str, int], kind: str, ids: list) -> np.ndarray:
+        """Rows (len(ids),) int64 of external ``ids``; :class:`UnknownIdError` names unknown ones."""
+        rows = np.fromiter((table.get(canonical_id(x), -1) for x in ids), dtype=np.int64, count=len(ids))
+        if (rows < 0).any():
+            unknown = [str(ids[i]) for i in np.flatnonzero(rows < 0)[:5]]
+            raise UnknownIdError(kind, unknown[0] if len(unknown) == 1 else unknown)
+        return rows
+
+    def _user_rows_of(self, ids: list) -> np.ndarray:
+        """Rows (len(ids),) of external user ids (hashed first when the bundle holds pseudonyms);
+        :class:`UnknownIdError` names the ids as given."""
+        if self.pseudonymizer is None:
+            return self._rows(self._user_rows, "user", ids)
+        keys = [self.pseudonymizer.one(canonical_id(x)) for x in ids]
+        rows = np.fromiter((self._user_rows.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        if (rows < 0).any():
+            unknown = [str(ids[i]) for i in np.flatnonzero(rows < 0)[:5]]
+            raise UnknownIdError("user", unknown[0] if len(unknown) == 1 else unknown)
+        return rows
+
+    def user_rows(self, user_ids: Sequence[object], strict: bool = True) -> np.ndarray:
+        """Vocabulary rows (n,) int64 of external user ids (raw ids when the bundle holds pseudonyms).
+        Unknown ids raise :class:`UnknownIdError` when ``strict``, else get row -1."""
+        ids = self._check_ids(user_ids, "user_ids")
+        if strict:
+            return self._user_rows_of(ids)
+        keys = [canonical_id(x) for x in ids]
+        if self.pseudonymizer is not None:
+            keys = [self.pseudonymizer.one(k) for k in keys]
+        return np.fromiter((self._user_rows.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def _ranked(self, ids: np.ndarray, scores: np.ndarray, vocab: IdVocab) -> list[Ranked]:
+        """(B, k) ids padded with -1 -> B lists of (external id, score), best first."""
+        keep = ids >= 0
+        names = vocab.ids[np.where(keep, ids, 0)]
+        return [list(zip(names[r][keep[r]].tolist(), scores[r][keep[r]].astype(float).tolist())) for r in range(len(ids))]
+
+    # -- known users ---------------------------------------------------------------------------
+    def recommend(self, user_id: object, k: int = 10, exclude_seen: bool = True) -> Ranked:
+        """Top ``k`` (item id, score) for a known user, best first, skipping items the user
+        interacted with when ``exclude_seen``."""
+        return self.recommend_batch([user_id], k, exclude_seen)[0]
+
+    def recommend_batch(self, user_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,
+                        chunk: int = 4096) -> list[Ranked]:
+        """:meth:`recommend` for many users, ``chunk`` users per index search."""
+        k = self._check_k(k)
+        rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
+        out: list[Ranked] = []
+        for s in range(0, len(rows), chunk):
+            ids, scores = self.recommend_rows(rows[s : s + chunk], k, exclude_seen)
+            out.extend(self._ranked(ids, scores, self.item_vocab))
+        return out
+
+    def recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Array form for user rows (B,): item rows (B, k) padded with -1 and scores (B, k)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        seen = _ragged_rows(self._seen_indptr, self._seen_items, rows)
+        exclude = seen if exclude_seen else (None, None)
+        return self._top_items(self.user_vectors[rows], seen, k, exclude)
+
+    def _top_items(self, vectors: np.ndarray, items_of: tuple[np.ndarray, np.ndarray], k: int,
+                   exclude: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` items for users given by their vectors (B, dim) and their items (CSR pieces):
+        a FAISS search, or exact scores over the catalogue when the bundle's score has the
+        item-item term (:mod:`dmp_dl.models.scoring`)."""
+        if self.served is None:
+            return search_excluding(self.item_index, self.item_vectors, vectors, k, *exclude)
+        from dmp_dl.models.scoring import exact_top_k, rows_matrix  # torch, for exact scoring only
+
+        scores = self.served.scores(vectors, self.item_vectors, rows_matrix(*items_of, self.n_items))
+        return exact_top_k(scores, k, *exclude)
+
+    # -- new users (cold start) ----------------------------------------------------------------
+    def recommend_for_history(self, item_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,
+                              attributes: Mapping[str, object] | None = None) -> Ranked:
+        """Top ``k`` for a user the model has never seen, from ``item_ids`` (the items they
+        interacted with, oldest first; the last ``history_len`` are read) and optional
+        ``attributes`` (e.g. ``{"age": 34, "region": "north"}``, the user table's columns).
+
+        ``exclude_seen`` skips the history's items. Unknown attribute values are ignored (as an
+        unseen category); unknown attribute names are refused.
+        """
+        return self.recommend_for_histories([item_ids], k, exclude_seen, None if attributes is None else [attributes])[0]
+
+    def recommend_for_histories(self, histories: Sequence[Sequence[object]], k: int = 10, exclude_seen: bool = True,
+                                attributes: Sequence[Mapping[str, object] | None] | None = None) -> list[Ranked]:
+        """:meth:`recommend_for_history` for many new users at once (one network pass, one search)."""
+        k = self._check_k(k)
+        histories = [self._check_ids(h, "history") for h in self._check_ids(histories, "histories")]
+        if attributes is not None and len(attributes) != len(histories):
+            raise InvalidRequestError(f"attributes has {len(attributes)} entries for {len(histories)} histories")
+        vectors, rows, items = self.cold_user_vectors(histories, attributes)
+        distinct = _distinct_rows(rows, items, len(histories), self.n_items)
+        ids, scores = self._top_items(vectors, distinct, k, distinct if exclude_seen else (None, None))
+        return self._ranked(ids, scores, self.item_vocab)
+
+    @property
+    def reads_user_attributes(self) -> bool:
+        """Whether the cold-start network reads user attributes (``attributes=`` of the history methods)."""
+        return self.user_features is not None and bool(getattr(getattr(self.network, "user_attr", None), "active", False))
+
+    def cold_user_vectors(self, histories: list[list], attributes=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectors (B, dim) for new users; also the (row, item) pairs of their histories."""
+        if self.network is None:
+            raise MissingPartError("this bundle has no cold-start network (it was exported without one); "
+                                   "recommend_for_history is unavailable")
+        import torch
+
+        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        flat = [x for h in histories for x in h]
+        items = self._rows(self._item_rows, "item", flat)
+        b = len(histories)
+        rows = np.repeat(np.arange(b, dtype=np.int64), lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        recency = lengths[rows] - 1 - (np.arange(len(items)) - starts)  # 0 = most recent
+        keep = recency < self.history_len
+        history = np.full((b, self.history_len), self.n_items, dtype=np.int64)
+        history[rows[keep], recency[keep]] = items[keep]
+
+        tokens = numeric = None
+        has_attrs = np.zeros(b, dtype=bool)
+        for i, a in enumerate(attributes or []):
+            if a is not None and not isinstance(a, Mapping):
+                raise InvalidRequestError(f"attributes[{i}] must be an object of column: value, got {type(a).__name__}")
+            has_attrs[i] = bool(a)
+        if has_attrs.any():
+            if not self.reads_user_attributes:
+                raise InvalidRequestError("this model does not read user attributes; leave attributes out")
+            known = set(self.user_features.categorical_columns) | set(self.user_features.numeric_columns)
+            unknown = sorted({str(key) for a in attributes if a for key in a} - known)
+            if unknown:
+                raise InvalidRequestError(f"unknown attribute(s) {unknown}; this model reads {sorted(known)}")
+            for i, a in enumerate(attributes):
+                self._check_numeric_attributes(a or {}, "attributes" if b == 1 else f"attributes[{i}]")
+            t, n = self.user_features.encode_records([dict(a or {}) for a in attributes])
+            tokens, numeric = torch.from_numpy(t), torch.from_numpy(n)
+        empty = np.flatnonzero((lengths == 0) & ~has_attrs)
+        if len(empty):
+            which = "history" if b == 1 else f"histories[{int(empty[0])}]"
+            raise InvalidRequestError(f"{which} is empty: give at least one item id (or attributes)")
+        with torch.no_grad():
+            vec = self.network.cold_user_vectors(torch.from_numpy(history), tokens, numeric)
+        vectors = np.ascontiguousarray(vec.float().numpy())
+        broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if len(broken):  # e.g. {"age": 1e308}: the search would silently return nothing
+            which = "attributes" if b == 1 else f"attributes[{int(broken[0])}]"
+            raise InvalidRequestError(f"{which}: a numeric value is too far outside the range this model was "
+                                      "trained on (the user vector overflows); send a realistic value or leave it out")
+        return vectors, rows, items
+
+    def _check_numeric_attributes(self, attributes: Mapping[str, object], where: str) -> None:
+        """:class:`InvalidRequestError` for a numeric attribute that is not a number (or numeric
+        text) within ±``MAX_ABS_VALUE``: far outside, the user vector overflows or goes flat."""
+        for col in self.user_features.numeric_columns:
+            v = attributes.get(col)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, str, np.integer, np.floating)):
+                raise InvalidRequestError(f"{where}.{col} must be a number (or null), got {type(v).__name__}")
+            if isinstance(v, (int, np.integer)):
+                ok = abs(int(v)) <= MAX_ABS_VALUE
+                shown = repr(v) if len(repr(v)) <= 30 else f"a {len(str(abs(int(v))))}-digit integer"
+            else:
+                try:
+                    ok = bool(abs(float(v)) <= MAX_ABS_VALUE)  # NaN compares False
+                except ValueError:
+                    raise InvalidRequestError(f"{where}.{col} must be a number (or null), got {str(v)[:40]!r}") from None
+                shown = repr(v)[:40]
+            if not ok:
+                raise InvalidRequestError(f"{where}.{col} is {shown}, outside ±{MAX_ABS_VALUE:g}: send a realistic "
+                                          "value or leave it out")
+
+    # -- items ---------------------------------------------------------------------------------
+    def similar_items(self, item_id: object, k: int = 10) -> Ranked:
+        """Top ``k`` (item id, score) nearest to ``item_id`` by inner product, itself excluded."""
+        return self.similar_items_batch([item_id], k)[0]
+
+    def similar_items_batch(self, item_ids: Sequence[object], k: int = 10) -> list[Ranked]:
+        k = self._check_k(k)
+        rows = self._rows(self._item_rows, "item", self._check_ids(item_ids, "item_ids"))
+        self_excluded = np.arange(len(rows) + 1, dtype=np.int64), rows
+        ids, scores = search_excluding(self.item_index, self.item_vectors, self.item_vectors[rows], k, *self_excluded)
+        return self._ranked(ids, scores, self.item_vocab)
+
+    # -- audiences -----------------------------------------------------------------------------
+    def lookalike(self, seed_user_ids: Sequence[object], k: int = 100, exclude_seeds: bool = True,
+                  method: str = "contrast") -> Ranked:
+        """The ``k`` users most like the seed set (audience expansion), best first.
+
+        ``contrast`` (default): inner product with the seed mean minus the mean of all users, which
+        ranks by what sets the seeds apart rather than by what every user shares — best on every
+        genre audience of ``bench/audience.py``, with every model's vectors.
+        ``centroid``: users ranked by inner product with the mean of the seed vectors, which for
+        dot-product vectors is the mean similarity to the seeds; one index search.
+        ``neighbours``: each seed's nearest users vote with their similarity and users are ranked
+        by the summed votes, which favours users close to any part of a diverse seed set
+        (e.g. best customers from several segments) over users near its average.
+        The score is the centroid inner product or the summed similarity, respectively.
+        """
+        k = self._check_k(k)
+        seeds = self._check_ids(seed_user_ids, "seed_user_ids")
+        if not seeds:
+            raise InvalidRequestError("seed_user_ids is empty: give at least one known user id")
+        if method not in LOOKALIKE_METHODS:
+            raise InvalidRequestError(f"method must be one of {LOOKALIKE_METHODS}, got {method!r}")
+        top, scores = self.lookalike_rows(self._user_rows_of(seeds), k, exclude_seeds, method)
+        return list(zip(self.user_vocab.lookup(top), scores.astype(float).tolist()))
+
+    def lookalike_rows(self, seed_rows: np.ndarray, k: int, exclude_seeds: bool = True,
+                       method: str = "contrast") -> tuple[np.ndarray, np.ndarray]:
+        """Array form of :meth:`lookalike` for seed user rows (no ``max_k`` bound): user rows (m,)
+        int64 and scores (m,) float64, best first (m < k only when fewer users are left)."""
+        rows = np.unique(np.asarray(seed_rows, dtype=np.int64))
+        k = min(int(k), self.n_users)  # a larger audience than there are users would only allocate padding
+        return lookalike_search(self.user_index, self.user_vectors, self.user_vectors[rows],
+                                rows if exclude_seeds else None, k, method)
+
+    def user_activity(self) -> np.ndarray:
+        """(n_users,) int64 distinct items each user interacted with."""
+        return np.diff(self._seen_indptr)
+
+    # -- propensity ----------------------------------------------------------------------------
+    def propensity(self, user_ids: Sequence[object]) -> list[float]:
+        """Purchase propensity of known users, one float each (in the order given)."""
+        if self._propensity is None:
+            raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+        rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
+        return self.propensity_rows(rows).astype(float).tolist()
+
+    def propensity_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Array form of :meth:`propensity` for user rows (n,): (n,) float64 probabilities."""
+        if self._propensity is None:
+            raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+        return np.asarray(self._propensity.score_known(np.asarray(rows, dtype=np.int64)), dtype=np.float64)
+
+    # -- uplift --------------------------------------------------------------------------------
+    def _uplift_part(self):
+        if self.uplift_model is None:
+            raise MissingPartError("this bundle has no uplift model (train one on a measured campaign: python -m "
+                                   "dmp_dl.audience task=uplift artifacts=DIR assignments=target.csv outcomes=FILE)")
+        return self.uplift_model
+
+    def uplift(self, user_ids: Sequence[object]) -> list[dict]:
+        """For known users (in the order given): ``uplift`` (how much a contact raises the chance to
+        convert: ``p_treated - p_control``), ``p_control`` and ``p_treated`` (calibrated)."""
+        model = self._uplift_part()
+        rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
+        uplift, p_c, p_t = model.score_rows(self, rows)
+        return [{"uplift": float(u), "p_control": float(c), "p_treated": float(t)} for u, c, t in zip(uplift, p_c, p_t)]
+
+    def uplift_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Array form of :meth:`uplift` for user rows (n,): (n,) float64 uplifts in [-1, 1]."""
+        return self._uplift_part().score_rows(self, np.asarray(rows, dtype=np.int64))[0]
+
+    # -- profiles and segments -----------------------------------------------------------------
+    def _audience_part(self, part, name: str):
+        if part is None:
+            raise MissingPartError(f"this bundle has no {name} (train with audience.enabled=true and export again)")
+        return part
+
+    def profile(self, user_id: object, top: int | None = None) -> dict:
+        """A known user's interest profile: ``interests`` (up to ``top`` of the stored top-N
+        categories, each with its time-decayed ``weight`` I(c, u) and ``share`` of the user's total
+        interest), ``event_types`` (recency-weighted events per type), ``as_of`` and
+        ``half_life_days``; plus ``segment`` when the bundle has segments."""
+        profiles = self._audience_part(self.profiles, "interest profiles")
+        row = int(self._user_rows_of([user_id])[0])
+        n = profiles.top_categories.shape[1]
+        top = n if top is None else self._check_k(top, "top")
+        cats, weights = profiles.top_categories[row, :top], profiles.top_weights[row, :top]
+        total = float(profiles.interest_total[row])
+        keep = cats >= 0
+        return {
+            "user_id": str(self.user_vocab.ids[row]),
+            "interests": [{"category": profiles.categories[c], "weight": float(w), "share": float(w) / total if total > 0 else 0.0}
+                          for c, w in zip(cats[keep].tolist(), weights[keep].tolist())],
+            "event_types": dict(zip(profiles.event_types, profiles.event_type_affinity[row].astype(float).tolist())),
+            "as_of": int(profiles.as_of),
+            "half_life_days": float(profiles.half_life_days),
+            "segment": self._segment_of_row(row) if self.stored_segments is not None else None,
+        }
+
+    def _segment_of_row(self, row: int) -> dict:
+        seg = self.stored_segments
+        s = int(seg.assignments[row])
+        agg = seg.meta["segments"][s]
+        return {"segment": s, "distance": float(seg.distances[row]),
+                "top_categories": [c["category"] for c in agg.get("top_categories", [])]}
+
+    def segment(self, user_id: object) -> dict:
+        """A known user's segment: ``segment``, squared ``distance`` to its centre, its ``top_categories``."""
+        self._audience_part(self.stored_segments, "segments")
+        return self._segment_of_row(int(self._user_rows_of([user_id])[0]))
+
+    def segments(self, representatives: int = 5) -> list[dict]:
+        """Every segment's description: size, share, top categories, mean propensity, attribute
+        skew and the ``representatives`` users nearest its centre."""
+        return self._audience_part(self.stored_segments, "segments").describe(self.user_vocab.ids, representatives)

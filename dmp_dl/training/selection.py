@@ -1,0 +1,638 @@
+"""The automatic model choice (``model=auto``, the default; also ``model=vae`` and ``model=ease``).
+
+1. Fit each candidate that fits the data on the training split: EASE (:mod:`dmp_dl.models.ease`,
+   l2 chosen on validation from a grid relative to the data), when its item x item matrix fits in
+   memory, and the user-level autoencoder (:mod:`dmp_dl.models.autoencoder`, epochs chosen by early
+   stopping on validation NDCG), within what is left of the stage's time budget
+   (``model.time_budget_s``: by default about one dense EASE fit's time, see :func:`time_budget`).
+2. Score them on the validation users, and the blend of both, ``vae + w * ease``, for a grid of w
+   (:mod:`dmp_dl.models.scoring`); the best validation ``selection_metric`` wins.
+3. Score every candidate and the baselines on the test users (these are the reported numbers).
+4. Refit the winner on every event (``model.refit``), so the bundle knows every user and item,
+   also those seen only in the held-out period; the epochs and l2 are those chosen in 1.
+
+The bundle always holds the autoencoder's vectors (FAISS, lookalike, segments and propensity
+features read them); when the winner uses the EASE path, recommendations are scored exactly with
+it (:class:`~dmp_dl.models.scoring.ServedScore`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import scipy.sparse as sp
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback, EarlyStopping
+from torch.utils.data import DataLoader
+
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.evaluation.ranking import evaluate_scorers, sample_users
+from dmp_dl.models import ease as ease_lib
+from dmp_dl.models.autoencoder_module import user_loader
+from dmp_dl.models.embeddings import item_vectors, user_vectors
+from dmp_dl.models.scoring import ServedScore
+from dmp_dl.training.fit import FiniteLossGuard, _instantiate_all, instantiate_trainer
+from dmp_dl.training.warm_start import load_previous, warm_start
+
+log = logging.getLogger(__name__)
+
+DEEP, SHALLOW, BLEND = "vae", "ease", "vae+ease"
+BASELINE = "baseline:"  # prefix of the baselines' names among the candidates' in one scoring pass
+BLEND_FACTORS = tuple(2.0 ** e for e in range(-6, 4))  # 1/64 .. 8 x the ratio of the two score spreads
+
+
+@dataclass
+class ModelChoice:
+    """What the model stage hands on to evaluation, propensity, audiences and export.
+
+    net: the autoencoder, rows of every event attached (its vectors are the bundle's).
+    served: how recommendations are scored. name: the winner (``vae``, ``ease`` or ``vae+ease``).
+    record: ``metrics.json["model"]``; ranking: ``metrics.json["ranking"]`` (test metrics of the
+    served model under the run's model name, and of the baselines); train: ``metrics.json["train"]``.
+    """
+
+    net: torch.nn.Module
+    served: ServedScore
+    name: str
+    record: dict
+    ranking: dict
+    train: dict = field(default_factory=dict)
+
+
+class KeepBest(Callback):
+    """Keeps the weights of the best validation epoch in memory (no checkpoint files)."""
+
+    def __init__(self, monitor: str):
+        self.monitor, self.best, self.best_epoch, self.state = monitor, -math.inf, -1, None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and float(value) > self.best:
+            self.best, self.best_epoch = float(value), trainer.current_epoch
+            self.state = copy.deepcopy(module.state_dict())
+
+
+def compute_seconds() -> float:
+    """The CPU seconds this process has used, every thread counted (``time.process_time``). Time
+    budgets count these on the CPU, not wall time, so that a machine busy with other work gives a
+    fit the same epochs as an idle one (it takes longer on the clock instead)."""
+    return time.process_time()
+
+
+def budget_clock(device: torch.device):
+    """The clock a time budget counts on ``device``: CPU seconds of the process on the CPU
+    (:func:`compute_seconds`); seconds on the clock on CUDA, where the work is the device's and the
+    process's CPU time says little about it."""
+    return time.perf_counter if device.type == "cuda" else compute_seconds
+
+
+class TimeBudget(Callback):
+    """Stops a fit that would overrun ``seconds`` of compute (:func:`compute_seconds`): after an
+    epoch when one more would not fit in what is left, and within an epoch once the time is spent
+    (so an epoch longer than the budget ends early). Says so once in the log."""
+
+    def __init__(self, seconds: float, clock=compute_seconds):
+        self.seconds, self.t0, self.stopped, self.clock = float(seconds), 0.0, False, clock
+        self.unit = "CPU seconds" if clock is compute_seconds else "seconds"
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.t0 = self.clock()
+
+    def _stop(self, trainer: pl.Trainer, why: str) -> None:
+        if not self.stopped:
+            log.info("time budget: %s after %.1f of %.1f %s (model.time_budget_s)", why,
+                     self.clock() - self.t0, self.seconds, self.unit)
+        self.stopped = True
+        trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.clock() - self.t0 > self.seconds:
+            self._stop(trainer, f"epoch {trainer.current_epoch + 1} cut short")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        elapsed = self.clock() - self.t0
+        per_epoch = elapsed / (trainer.current_epoch + 1)
+        if not self.stopped and elapsed + per_epoch > self.seconds:
+            self._stop(trainer, f"stopping after {trainer.current_epoch + 1} epoch(s), another would not fit")
+
+
+@contextlib.contextmanager
+def matmul_precision(device: torch.device, precision: str):
+    """float32 matrix products with TF32 tensor cores (``high``) while the autoencoder trains in
+    mixed precision on CUDA (``trainer=gpu``: bf16-mixed), where its products are already
+    reduced-precision; ``highest`` (full float32) everywhere else — EASE's inverse, the scoring and
+    the CPU keep it, so their numbers do not depend on the device's tensor cores."""
+    previous = torch.get_float32_matmul_precision()
+    mixed = device.type == "cuda" and ("16" in precision and "mixed" in precision)
+    torch.set_float32_matmul_precision("high" if mixed else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def batch_users(setting: Any, n_users: int) -> int:
+    """``auto``: 64 users a step on small logs, up to 1024 on large ones (about 64 steps an epoch)."""
+    if setting in (None, "auto"):
+        return int(min(1024, max(64, 2 ** round(math.log2(max(n_users, 1) / 64)))))
+    return int(setting)  # checked with the other settings (dmp_dl.pipeline.checks)
+
+
+# -- fitting ------------------------------------------------------------------------------------
+def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: float | None, validate: bool,
+             loggers: list, clock=compute_seconds) -> pl.Trainer:
+    """``cfg.trainer`` for one autoencoder fit: one device, no checkpoint files (the best epoch is
+    kept in memory), the configured callbacks other than checkpointing and early stopping (the
+    per-epoch log line among them) plus ``callbacks``."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+    configured = [c for c in _instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
+    callbacks = [FiniteLossGuard(), *callbacks, *configured]
+    extra: dict[str, Any] = {"max_epochs": int(max_epochs), "devices": 1, "strategy": "auto", "min_epochs": 0,
+                             "enable_model_summary": False,
+                             "enable_checkpointing": False, "num_sanity_val_steps": 0}
+    if cfg.trainer.get("enable_progress_bar") == "auto":  # a bar on a terminal, none in a piped or captured log
+        extra["enable_progress_bar"] = sys.stdout.isatty()
+    if time_budget_s:
+        callbacks.append(TimeBudget(time_budget_s, clock))
+    if not validate:
+        extra["limit_val_batches"] = 0
+    return instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+
+
+def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool, max_epochs: int,
+                    loggers: list | None = None, time_budget_s: float | None = None,
+                    previous=None, val_users=None) -> tuple[torch.nn.Module, dict]:
+    """Train ``cfg.model.vae`` on ``rows`` ((n_users, n_items) interaction strengths).
+
+    With ``validate``, early stopping on the validation users (``val_users``: an ``EvalUsers``,
+    default :func:`validation_sample`) picks the epoch and the best epoch's weights are returned;
+    else ``max_epochs`` epochs run. Training also stops after
+    ``time_budget_s`` seconds (None: no limit). ``previous``: a
+    :class:`~dmp_dl.training.warm_start.PreviousNetwork` (``init_from``) the net starts from, row by row by
+    id. Returns (net, facts).
+    """
+    node = cfg.model.vae
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features)
+    net.attach_rows(rows)
+    warm = None
+    if previous is not None:
+        warm = warm_start(net, previous, {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids})
+    loader = user_loader(rows, batch_users(node.get("batch_users"), dm.n_users))
+    counts = np.bincount(sp.csr_matrix(rows).indices, minlength=dm.n_items)
+    module = instantiate(node.module, _convert_="all")(net=net, item_counts=counts, steps_per_epoch=len(loader))
+    metric = f"val/{cfg.model.get('selection_metric', 'ndcg@20')}"
+    callbacks: list = []
+    keep = None
+    validate = validate and len(dm.val_users) > 0
+    val_loader = None
+    if validate:
+        keep = KeepBest(metric)
+        callbacks = [keep, EarlyStopping(monitor=metric, mode="max", patience=int(node.get("patience", 5)))]
+        val_loader = DataLoader(val_users if val_users is not None else validation_sample(cfg, dm),
+                                batch_size=dm.eval_batch_size, shuffle=False, collate_fn=lambda batch: batch)
+    device = stage_device(cfg)
+    trainer = _trainer(cfg, callbacks, max_epochs, time_budget_s, validate, loggers or [], budget_clock(device))
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), matmul_precision(device, str(cfg.trainer.get("precision", "32-true"))):
+        warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")  # a final fit without validation users is intended
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+    seconds = time.perf_counter() - t0
+    facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size,
+             "steps": int(module._batches), "warm_start": warm}
+    if keep is not None and keep.state is not None:
+        module.load_state_dict(keep.state)
+        facts.update(best_epoch=keep.best_epoch, epochs=keep.best_epoch + 1, val_best=keep.best)
+    else:
+        facts["epochs"] = max(int(trainer.current_epoch), 1)
+    net.eval()
+    return net, facts
+
+
+def stage_device(cfg: DictConfig) -> torch.device:
+    """Where the model stage's heavy work runs (EASE, scoring, validation, test): CUDA when present
+    and ``trainer.accelerator`` allows it, else the CPU (:func:`dmp_dl.models.ease.model_device`)."""
+    trainer = cfg.get("trainer") or {}
+    return ease_lib.model_device(trainer.get("accelerator", "auto"))
+
+
+def validation_sample(cfg: DictConfig, dm):
+    """The validation users that per-epoch validation and the grids score: a fixed random sample of
+    at most ``model.val_users`` of them (null: all). The choice between the candidates reads every
+    validation user once."""
+    n = cfg.model.get("val_users", 10_000)
+    return sample_users(dm.eval_dataset("val"), None if n is None else int(n), int(cfg.get("seed", 0)))
+
+
+def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None,
+             val_users=None) -> tuple[ease_lib.ItemItemScorer, dict]:
+    """EASE on the binary matrix ``x`` on the stage's device: with ``l2`` given, one fit; else the
+    l2 of ``model.ease.l2`` or, when that is null, the best of the grid on the validation users
+    (``val_users``, default :func:`validation_sample`). Returns the served (pruned) weights and facts
+    (l2, grid results, fit seconds)."""
+    node = cfg.model.ease
+    device = stage_device(cfg)
+    keep = ease_lib.keep_per_item_for(dm.n_items, float(node.get("max_bundle_mb", ease_lib.DEFAULT_BUNDLE_MB)))
+    t0, c0 = time.perf_counter(), compute_seconds()
+    solver = ease_lib.EASESolver(x, device)
+    if l2 is not None or node.get("l2") is not None:
+        grid = [float(l2 if l2 is not None else node.l2)]
+    else:
+        scales = list(node.l2_scales)
+        if not solver.dual and dm.n_items > int(node.get("short_grid_above_items", 8000)):
+            scales = [scales[len(scales) // 2]]  # a Cholesky per value: the middle one alone on large catalogues
+        grid = ease_lib.l2_grid(x, scales)
+    results: dict[float, float] = {}
+    if len(grid) > 1:
+        val = val_users if val_users is not None else validation_sample(cfg, dm)
+        metric = cfg.model.get("selection_metric", "ndcg@20")
+        for value in grid:
+            scored = evaluate_scorers(lambda batch, v=value: {"ease": solver.scores(batch["user"].numpy(), v)},
+                                      val, dm.n_items, _ks(cfg), device=device, mrr=False)
+            results[value] = float(scored["ease"][metric]) if scored else float("nan")
+    best = max(results, key=results.get) if results else grid[0]
+    shallow = solver.served(best, keep)
+    solver.release()
+    facts = {"l2": best, "fit_seconds": time.perf_counter() - t0, "cpu_seconds": compute_seconds() - c0,
+             "kept_per_item": keep, "form": "dual" if solver.dual else "primal", "device": device.type,
+             "l2_grid": {f"{k:g}": v for k, v in results.items()}}
+    return shallow, facts
+
+
+_FLOPS: dict[str, float] = {}
+
+
+def float64_flops() -> float:
+    """This process's float64 matrix-multiply rate in flops per CPU second (:func:`compute_seconds`,
+    every thread counted), measured once per process (~0.1 s)."""
+    if "f64" not in _FLOPS:
+        a = torch.randn(1024, 1024, dtype=torch.float64)
+        a @ a  # warm-up
+        t0 = compute_seconds()
+        for _ in range(3):
+            a @ a
+        _FLOPS["f64"] = 3 * 2 * 1024**3 / max(compute_seconds() - t0, 1e-3)
+    return _FLOPS["f64"]
+
+
+def device_flops(device: torch.device) -> float:
+    """float32 matrix-multiply rate of a CUDA ``device`` in flops per second, measured once (~0.1 s)."""
+    key = f"f32:{device}"
+    if key not in _FLOPS:
+        a = torch.randn(4096, 4096, device=device)
+        a @ a
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        torch.cuda.synchronize(device)
+        _FLOPS[key] = 5 * 2 * 4096**3 / max(time.perf_counter() - t0, 1e-6)
+    return _FLOPS[key]
+
+
+def time_budget(cfg: DictConfig, dm) -> tuple[float | None, dict]:
+    """The model stage's time budget (None: none) and how it was set, in CPU seconds on the CPU
+    (:func:`compute_seconds`) and seconds on the clock on CUDA (:func:`budget_clock`).
+
+    ``auto``: below what one dense EASE fit on this data costs on this machine — half of the
+    ``items^3`` flops of an (items x items) Cholesky inverse at the measured matrix-multiply rate
+    (float64 on the CPU, float32 on CUDA; LAPACK runs slower than a multiply, so a real fit costs
+    more still) — but at least ``min_time_budget_s``, so small logs still train the autoencoder
+    properly. The autoencoder gets what EASE leaves, halved (the final fit repeats it), and never
+    less than half the floor.
+    """
+    setting = cfg.model.get("time_budget_s")
+    if setting is None:
+        return None, {"time_budget_s": None}
+    if setting != "auto":  # a number > 0, checked with the other settings (dmp_dl.pipeline.checks)
+        value = float(setting)
+        return value, {"time_budget_s": value}
+    device = stage_device(cfg)
+    rate = device_flops(device) if device.type == "cuda" else float64_flops()
+    reference = 0.5 * float(dm.n_items) ** 3 / rate
+    floor = float(cfg.model.get("min_time_budget_s", 40.0))
+    return max(reference, floor), {"time_budget_s": max(reference, floor), "ease_reference_seconds": reference,
+                                   "min_time_budget_s": floor, "clock": "seconds" if device.type == "cuda" else "cpu_seconds"}
+
+
+# -- validation ------------------------------------------------------------------------------------
+def _ks(cfg: DictConfig) -> list[int]:
+    metric = cfg.model.get("selection_metric", "ndcg@20")
+    k = int(str(metric).split("@")[1])
+    return sorted({10, 20, k})
+
+
+class CandidateScores:
+    """Every candidate's scores of a batch of users, on the stage's device: the autoencoder's dot
+    products and EASE's item-item scores once per batch, the blends added from them.
+
+    users (n_users, d), items (n_items, d): the autoencoder's vectors; rows: (n_users, n_items) CSR
+    of the items each user's EASE score reads; shallow: the served EASE weights, or None.
+    """
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, rows: sp.csr_matrix,
+                 shallow: ease_lib.ItemItemScorer | None, device: torch.device):
+        self.device = device
+        self.users = torch.as_tensor(np.ascontiguousarray(users, dtype=np.float32), device=device)
+        self.items_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=device).T.contiguous()
+        self.rows, self.shallow = sp.csr_matrix(rows), shallow
+
+    def deep(self, user: torch.Tensor) -> torch.Tensor:
+        return self.users[user.to(self.device)] @ self.items_t
+
+    def ease(self, user: torch.Tensor) -> torch.Tensor:
+        return self.shallow(self.rows[user.cpu().numpy()]).to(self.device)
+
+
+def blend_on_validation(cfg: DictConfig, dm, scores: CandidateScores, dataset) -> dict[float, float]:
+    """Validation ``selection_metric`` of ``vae + w * ease`` for a grid of w, in one pass over the
+    users of ``dataset`` (an ``EvalUsers``).
+
+    The grid is relative to the ratio of the two scores' spreads, so it fits any data. Returns
+    w -> metric (w = 0: the autoencoder alone; w = inf: EASE alone).
+    """
+    metric = cfg.model.get("selection_metric", "ndcg@20")
+    weights: list[float] = []
+
+    def batch_scores(batch: dict) -> dict[float, torch.Tensor]:
+        deep, shallow = scores.deep(batch["user"]), scores.ease(batch["user"])
+        if not weights:
+            base = float(deep.std()) / (float(shallow.std()) or 1.0)
+            weights.extend([0.0, *[base * f for f in BLEND_FACTORS], math.inf])
+        return {w: shallow.clone() if math.isinf(w) else deep + w * shallow for w in weights}
+
+    results = evaluate_scorers(batch_scores, dataset, dm.n_items, _ks(cfg), device=scores.device, mrr=False)
+    return {w: float(r[metric]) for w, r in results.items()}
+
+
+# -- the whole choice ------------------------------------------------------------------------------
+def _served(name: str, weight: float, shallow: ease_lib.ItemItemScorer | None) -> ServedScore:
+    if name == DEEP or shallow is None:
+        return ServedScore(1.0, 0.0, None)
+    if name == SHALLOW:
+        return ServedScore(0.0, 1.0, shallow)
+    return ServedScore(1.0, float(weight), shallow)
+
+
+def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: float,
+                       popularity: torch.Tensor | None = None):
+    """``batch -> {name: scores}`` for :func:`evaluate_scorers`: each candidate of ``names`` (and the
+    popularity baseline when given), the two model scores computed once per batch."""
+
+    def batch_scores(batch: dict) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        deep = scores.deep(batch["user"]) if DEEP in names or BLEND in names else None
+        shallow = scores.ease(batch["user"]) if SHALLOW in names or BLEND in names else None
+        if BLEND in names:
+            out[BLEND] = deep + blend_weight * shallow
+        if DEEP in names:
+            out[DEEP] = deep
+        if SHALLOW in names:
+            out[SHALLOW] = shallow
+        if popularity is not None:
+            out[BASELINE + "popularity"] = popularity.expand(len(batch["user"]), -1).clone()
+        return out
+
+    return batch_scores
+
+
+def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoice:
+    """Steps 1-4 of the module docstring on the prepared DataModule ``dm``."""
+    model = cfg.model
+    wanted = [str(c) for c in model.get("candidates", [DEEP, SHALLOW])]  # settings checked by dmp_dl.pipeline.checks
+    metric = model.get("selection_metric", "ndcg@20")
+    device = stage_device(cfg)
+    has_val = len(dm.val_users) > 0
+    val_sample = validation_sample(cfg, dm) if has_val else None
+    x_train = dm.train_seen
+    rows_train = dm.interaction_rows("train")
+    candidates: dict[str, dict] = {}
+    max_epochs = int(model.vae.get("max_epochs", 100))
+    budget, budget_facts = time_budget(cfg, dm)
+    previous = None
+    if cfg.get("init_from"):  # a previous run's bundle or checkpoint: the autoencoder starts from it
+
+        previous = load_previous(cfg.init_from)
+
+    shallow = None
+    ease_skipped = None
+    if SHALLOW in wanted:
+        ease_skipped = ease_lib.check_memory(dm.n_users, dm.n_items, model.ease.get("max_memory_gb", "auto"), device)
+        if ease_skipped is not None:
+            if wanted == [SHALLOW]:
+                raise ConfigError(ease_skipped)
+            log.warning("EASE candidate skipped: %s", ease_skipped)
+            candidates[SHALLOW] = {"status": "skipped", "reason": ease_skipped}
+        else:
+            shallow, ease_facts = (fit_ease(cfg, dm, x_train, val_users=val_sample) if has_val
+                                   else fit_ease(cfg, dm, x_train, l2=_default_l2(cfg, x_train)))
+            candidates[SHALLOW] = {"status": "ok", "reason": None, "fit_seconds": ease_facts["fit_seconds"], "details": ease_facts}
+
+    # 1b. the autoencoder: always fitted, its vectors are the bundle's. Its share of the budget: what
+    # EASE left, halved (the final fit on every event repeats it), less one more EASE fit for that refit
+    vae_budget = None
+    if budget is not None:
+        ease_details = candidates.get(SHALLOW, {}).get("details", {})
+        ease_seconds = ease_details.get("fit_seconds" if device.type == "cuda" else "cpu_seconds", 0.0)
+        floor = float(budget_facts.get("min_time_budget_s", 0.0))  # auto only: a number given is kept
+        vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, floor / 2.0, 0.1 * budget)
+    net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
+                                     time_budget_s=vae_budget, previous=previous, val_users=val_sample)
+    users = user_vectors(net.to(device), np.arange(dm.n_users), dm.train_history, device=device)
+    items = item_vectors(net, dm.n_items, device=device)
+    net.cpu()
+    candidates[DEEP] = {"status": "ok", "reason": None, "fit_seconds": vae_facts["fit_seconds"],
+                        "details": {**vae_facts, "time_budget_s": vae_budget}}
+    if DEEP not in wanted:
+        candidates[DEEP]["status"] = "skipped"
+        candidates[DEEP]["reason"] = "not in model.candidates: fitted for the vectors only"
+    if shallow is not None:
+        shallow.to(device)
+    scores = CandidateScores(users, items, x_train, shallow, device)
+
+    # 2. validation: the blend's weight on the sample, then the candidates on every validation user
+    val_scores: dict[str, float] = {}
+    blend_weight = 0.0
+    if shallow is not None and DEEP in wanted:
+        candidates[BLEND] = {"status": "ok", "reason": None, "details": {}}
+    if has_val and shallow is not None:
+        grid = blend_on_validation(cfg, dm, scores, val_sample)
+        blend_weight = max(((w, v) for w, v in grid.items() if 0 < w < math.inf), key=lambda wv: wv[1])[0]
+        if BLEND in candidates:
+            candidates[BLEND]["details"]["grid"] = {f"{w:.4g}": v for w, v in grid.items()}
+        if len(val_sample) == len(dm.val_users):
+            val_scores = {DEEP: grid[0.0], SHALLOW: grid[math.inf]}
+            if BLEND in candidates:
+                val_scores[BLEND] = grid[blend_weight]
+        else:
+            names = [DEEP, SHALLOW] + ([BLEND] if BLEND in candidates else [])
+            full = evaluate_scorers(_candidate_batches(scores, names, blend_weight), dm.eval_dataset("val"),
+                                    dm.n_items, _ks(cfg), device=device, mrr=False)
+            val_scores = {n: float(full[n][metric]) for n in names}
+    elif has_val:
+        full = evaluate_scorers(_candidate_batches(scores, [DEEP], 0.0), dm.eval_dataset("val"), dm.n_items,
+                                _ks(cfg), device=device, mrr=False)
+        val_scores = {DEEP: float(full[DEEP][metric])}
+    elif shallow is not None:  # no validation users: blend at the ratio of the two scores' spreads
+        blend_weight = _spread_ratio(scores, dm.n_users)
+    if BLEND in candidates:
+        candidates[BLEND]["details"]["weight"] = blend_weight
+    for name, value in val_scores.items():
+        candidates[name]["val"] = {metric: value}
+    eligible = [n for n in candidates if candidates[n]["status"] == "ok"]
+    if val_scores:
+        chosen = max((n for n in eligible if n in val_scores), key=lambda n: (val_scores[n], n == DEEP))
+    else:  # nothing to choose with: the richest model that was fitted
+        chosen = BLEND if BLEND in eligible else SHALLOW if SHALLOW in eligible else DEEP
+        log.warning("no validation users: model chosen without validation (%s)", chosen)
+    log.info("model choice: %s (validation %s: %s)", chosen, metric,
+             ", ".join(f"{n}={v:.4f}" for n, v in val_scores.items()) or "n/a")
+
+    # 3. test metrics of every candidate and of the baselines (models fitted without the held-out
+    # events), in one pass over the test users; EASE's baseline is its candidate (one fit per run)
+    ranking: dict[str, dict] = {}
+    if len(dm.test_users):
+        tested = [n for n in (DEEP, SHALLOW, BLEND) if n in candidates and (n == DEEP or candidates[n]["status"] == "ok")]
+        tests, baselines = _test_pass(cfg, dm, scores, tested, blend_weight, candidates, ease_skipped)
+        for name in tested:
+            candidates[name]["test"] = tests[name]
+        ranking[str(model.get("name", "auto"))] = candidates[chosen]["test"]
+        ranking.update(baselines)
+    scores = None
+    if shallow is not None:
+        shallow.release()
+    served = _served(chosen, blend_weight, shallow)
+    fit_seconds = sum(c.get("fit_seconds", 0.0) for c in candidates.values())
+    record = {
+        "selected": chosen,
+        "selection_metric": metric,
+        "served_score": served.describe(),
+        "fit_seconds": fit_seconds,
+        "device": device.type,
+        "budget": budget_facts,
+        "validation_users": {"sample": len(val_sample) if val_sample is not None else 0, "all": int(len(dm.val_users))},
+        "candidates": {n: dict(c) for n, c in candidates.items()},
+        "best_baseline": _best_baseline(ranking, candidates),
+    }
+    train = {"epochs": vae_facts.get("epochs"), "fit_seconds": fit_seconds, "selection_fit_seconds": fit_seconds,
+             "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)},
+             "warm_start": vae_facts.get("warm_start")}
+    choice = ModelChoice(net=net, served=served, name=chosen, record=record, ranking=ranking, train=train)
+    held_out = len(dm.train_idx) < len(dm.events)
+    if bool(model.get("refit", True)) and held_out:
+        refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers, previous)
+    else:
+        choice.record["refit"] = False
+        net.attach_rows(dm.interaction_rows("all"))
+    return choice
+
+
+def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: sp.csr_matrix,
+          loggers: list | None = None, previous=None) -> ModelChoice:
+    """Step 4: train ``choice``'s winner again on ``rows`` (interaction strengths) and ``seen``
+    (0/1, the EASE input), with the epochs and l2 chosen on validation; updates ``choice`` in place.
+
+    The pipeline passes every event; a benchmark can pass the training and validation events only.
+    """
+    t0 = time.perf_counter()
+    facts: dict[str, Any] = {}
+    vae = choice.record["candidates"][DEEP]["details"]
+    net, fitted = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=int(vae.get("epochs", 1)), loggers=loggers,
+                                  time_budget_s=vae.get("time_budget_s"), previous=previous)
+    facts["vae_seconds"] = fitted["fit_seconds"]
+    served = choice.served
+    if served.uses_shallow:
+        t1 = time.perf_counter()
+        shallow, _ = fit_ease(cfg, dm, seen, l2=choice.record["candidates"][SHALLOW]["details"]["l2"])
+        facts["ease_seconds"] = time.perf_counter() - t1
+        served = ServedScore(served.deep_weight, served.shallow_weight, shallow)
+    facts["seconds"] = time.perf_counter() - t0
+    net.attach_rows(rows)
+    choice.net, choice.served = net, served
+    choice.record.update(refit=True, refit_facts=facts)
+    choice.train.update(refit_seconds=facts["seconds"], fit_seconds=choice.train["selection_fit_seconds"] + facts["seconds"])
+    return choice
+
+
+def _default_l2(cfg: DictConfig, x: sp.csr_matrix) -> float:
+    node = cfg.model.ease
+    if node.get("l2") is not None:
+        return float(node.l2)
+    grid = ease_lib.l2_grid(x, list(node.l2_scales))
+    return grid[len(grid) // 2]
+
+
+def _spread_ratio(scores: CandidateScores, n_users: int) -> float:
+    u = torch.arange(min(n_users, 256))
+    return float(scores.deep(u).std()) / (float(scores.ease(u).std()) or 1.0)
+
+
+def _test_pass(cfg: DictConfig, dm, scores: CandidateScores, tested: list[str], blend_weight: float,
+               candidates: dict, ease_skipped: str | None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Test metrics of the ``tested`` candidates and of the report's baselines, in one pass over the
+    test users: popularity, and EASE — the EASE candidate itself when it was fitted with the l2 the
+    report asks for (``evaluation.ease_l2``, default: the one chosen on validation), else a fit of
+    its own in the same served (pruned) form, which ``python -m dmp_dl.evaluate`` scores too.
+    Returns (candidate name -> metrics, baseline name -> metrics)."""
+    evaluation = cfg.get("evaluation") or {}
+    names = list(evaluation.get("baselines") if evaluation.get("baselines") is not None else ("popularity", "ease"))
+    ks = list(evaluation.get("ks") or (5, 10, 20, 50))
+    share = torch.as_tensor(dm.item_counts / max(dm.item_counts.sum(), 1), dtype=torch.float32)
+    popularity = None
+    if "popularity" in names:
+        popularity = torch.as_tensor(np.log1p(np.asarray(dm.item_counts, dtype=np.float64)), dtype=torch.float32,
+                                     device=scores.device)
+    batches = _candidate_batches(scores, tested, blend_weight, popularity)
+    fitted = (candidates.get(SHALLOW, {}).get("details") or {}).get("l2")
+    wanted_l2 = evaluation.get("ease_l2")
+    reuse = "ease" in names and SHALLOW in tested and (wanted_l2 is None or float(wanted_l2) == fitted)
+    own = None
+    if "ease" in names and not reuse:
+        reason = ease_skipped or ease_lib.check_memory(dm.n_users, dm.n_items, cfg.model.ease.get("max_memory_gb", "auto"),
+                                                        scores.device)
+        if reason is None and dm.n_items <= int(evaluation.get("ease_max_items", 20000)):
+            l2 = float(wanted_l2) if wanted_l2 is not None else _default_l2(cfg, dm.train_seen)
+            own, _ = fit_ease(cfg, dm, dm.train_seen, l2=l2)
+            own.to(scores.device)
+        elif reason is not None:
+            log.warning("EASE baseline skipped: %s", reason)
+    scorer = batches
+    if own is not None:
+        rows = scores.rows
+
+        def scorer(batch: dict) -> dict[str, torch.Tensor]:
+            out = batches(batch)
+            out[BASELINE + "ease"] = own(rows[batch["user"].cpu().numpy()]).to(scores.device)
+            return out
+
+    results = evaluate_scorers(scorer, dm.eval_dataset("test"), dm.n_items, ks, share, device=scores.device)
+    if own is not None:
+        own.release()
+    tests = {n: results[n] for n in tested}
+    baselines = {n[len(BASELINE):]: r for n, r in results.items() if n.startswith(BASELINE)}
+    if reuse:
+        baselines["ease"] = tests[SHALLOW]
+    return tests, {n: baselines[n] for n in names if n in baselines}
+
+
+def _best_baseline(ranking: dict, candidates: dict) -> dict | None:
+    base = {n: m for n, m in ranking.items() if n in ("popularity", "ease")}
+    if not base:
+        return None
+    name = max(base, key=lambda n: base[n].get("ndcg@20", -1.0))
+    val = candidates.get(SHALLOW, {}).get("val") if name == "ease" else None
+    return {"name": name, "test": {k: base[name].get(k) for k in ("ndcg@20", "recall@20")}, "val": val}

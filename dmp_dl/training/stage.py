@@ -1,0 +1,92 @@
+"""The model stage of each fitter (:mod:`dmp_dl.training.fitters`): the Lightning loop and the
+automatic model choice, each followed by its final fit on every event."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
+from dmp_dl.models.scoring import SCORING_DIR, scoring_part
+from dmp_dl.training.fit import _instantiate_all, fit_embedding_model, refit_embedding_model
+from dmp_dl.training.fitters import FITTERS
+from dmp_dl.training.selection import choose_model
+
+log = logging.getLogger(__name__)
+
+
+# -- lightning -------------------------------------------------------------------------------------
+def fit_with_lightning(cfg: DictConfig, state: dict) -> None:
+    """The Lightning loop (:func:`dmp_dl.training.fit.fit_embedding_model`), then the final fit."""
+    module, train = fit_embedding_model(cfg, state["datamodule"], state["privacy"])
+    state.update(module=module, trainer=module.trainer)
+    if module.trainer.global_rank != 0:  # DDP: evaluation, propensity and export run on rank 0 alone
+        state["halt"] = True
+        return
+    state["metrics"]["train"] = train
+    _final_fit(cfg, state, state["privacy"])
+
+
+def _final_fit(cfg: DictConfig, state: dict, privacy) -> None:
+    """``model.refit``: score the held-out fit on the test users first (the evaluation stage
+    reports that), then train the exported network on every event for the epochs early stopping
+    chose."""
+    dm, module, train = state["datamodule"], state["module"], state["metrics"]["train"]
+    reason = None
+    if not bool(cfg.model.get("refit", True)):
+        reason = "model.refit=false"
+    elif len(dm.train_idx) == len(dm.events):
+        reason = "no held-out events: the model already saw every event"
+    elif privacy.options is not None and privacy.options.dp_enabled:
+        reason = "privacy.dp: a second fit would spend a second privacy budget"
+    elif module.trainer.world_size > 1:
+        reason = "data-parallel training (trainer.devices > 1)"
+    if reason is not None:
+        train["refit"] = {"done": False, "reason": reason}
+        return
+    split = HeldOutSplit.from_datamodule(dm)
+    try:
+        if len(split.test):
+            state["held_out_ranking"] = evaluate_model_and_baselines(module.net, cfg.model.get("name", "model"), split,
+                                                                     cfg.get("evaluation", {}))
+    except Exception as exc:  # the evaluation stage reports it; the final fit goes on
+        state["held_out_error"] = exc
+    best = train.get("best_checkpoint")
+    epochs = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1 if best else module.trainer.current_epoch
+    refitted, facts = refit_embedding_model(cfg, dm, epochs)
+    state["module"] = refitted
+    train["refit"] = {"done": True, **facts}
+    log.info("final fit on every event: %d epoch(s), %d events, %.1f s", facts["epochs"], facts["train_events"], facts["seconds"])
+
+
+# -- the automatic model choice ----------------------------------------------------------------------
+class _Fitted:
+    """The trained network where later stages expect a LightningModule (they read ``.net``)."""
+
+    def __init__(self, net):
+        self.net = net
+        self.trainer = None
+
+
+def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
+    """Candidates, choice on validation, test metrics of the held-out fits, refit
+    (:func:`dmp_dl.training.selection.choose_model`); the bundle gets the ``scoring`` part."""
+    privacy, dm = state["privacy"], state["datamodule"]
+    if privacy.options is not None and privacy.options.dp_enabled:
+        raise ConfigError("privacy.dp.enabled trains with DP-SGD, which model=two_tower and model=mf support; "
+                          f"set model=two_tower (model={cfg.model.get('name')} has no DP training)")
+    if cfg.get("ckpt_path") not in (None, "", "null"):
+        log.warning("ckpt_path is ignored by model=%s: it has no resumable epochs (its fits are bounded by "
+                    "model.time_budget_s and start afresh); resuming applies to model=two_tower and model=mf",
+                    cfg.model.get("name"))
+    choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")))
+    ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")
+    state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
+                 network_kwargs=FITTERS["auto"].network_kwargs(cfg),
+                 history_len=max(dm.history_len, int(cfg.model.get("history_len", 2048))))
+    state["bundle_parts"] = {**state.get("bundle_parts", {}),
+                             SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2)}
+    state["metrics"].update(train={**choice.train, "privacy": privacy.summary(0)}, model=choice.record)

@@ -45,14 +45,19 @@ def forget(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="privacy_cli")
-def main(cfg: DictConfig) -> None:
+def _forget_command(cfg: DictConfig) -> None:
     with report_errors():
         print(json.dumps(forget(cfg), indent=1))
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The command line: the subcommand (``forget``) first, then its ``key=value`` settings."""
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     sys.argv.pop(1)
+    _forget_command()
+
+
+if __name__ == "__main__":
     main()

@@ -395,3 +395,28 @@ def test_a_served_classic_model_scores_exactly_as_it_was_evaluated(tiny_cfg, tmp
     np.testing.assert_allclose(again.score_known(np.arange(dm.n_users)), scorer.known_scores)
     events = [_event_dicts(dm, u) for u in (2, 5)]
     np.testing.assert_allclose(again.score_new([None, None], events), scorer.score_new([None, None], events))
+
+
+def test_a_frozen_embedding_encodes_each_user_once_however_many_epochs(tiny_cfg, monkeypatch):
+    """The frozen encoder's vectors are computed once per user set, not at every training step: the
+    users it encodes do not grow with the epochs (a 3M-event log spent most of its propensity stage
+    re-encoding the same histories)."""
+    dm = None
+    encoded = []
+    for epochs in (1, 4):
+        cfg = tiny_cfg(f"propensity.trainer.max_epochs={epochs}", "propensity.early_stopping=null")
+        dm = load_data(cfg)
+        net = build_module(cfg, dm).net
+        original = type(net).cold_user_vectors
+        rows = [0]
+
+        def counted(self, history, *args, _rows=rows, _original=original, **kwargs):
+            _rows[0] += len(history)
+            return _original(self, history, *args, **kwargs)
+
+        monkeypatch.setattr(type(net), "cold_user_vectors", counted)
+        result = train_propensity(cfg, dm, net)
+        monkeypatch.undo()
+        assert result.training["embedding"] == "frozen"
+        encoded.append(rows[0])
+    assert encoded[0] > 0 and encoded[1] == encoded[0], encoded

@@ -16,6 +16,7 @@ from dmp_dl.propensity.features import Snapshot
 from dmp_dl.propensity.net import PropensityNet
 
 INPUTS = ("behaviour", "attr_tokens", "attr_numeric", "history", "enc_tokens", "enc_numeric")
+ENCODER_INPUTS = ("history", "enc_tokens", "enc_numeric")  # what a frozen encoder's precomputed vectors replace
 
 
 def snapshot_tensors(snap: Snapshot) -> dict[str, torch.Tensor]:
@@ -29,8 +30,15 @@ class LabelledUsers(Dataset):
     A batch is the network's inputs (see :data:`INPUTS`) plus ``label`` (B,) float32.
     """
 
-    def __init__(self, snap: Snapshot, labels: np.ndarray):
-        self.tensors = {**snapshot_tensors(snap), "label": torch.as_tensor(labels, dtype=torch.float32)}
+    def __init__(self, snap: Snapshot, labels: np.ndarray, vectors: np.ndarray | None = None):
+        """vectors: (N, dim) the users' vectors from a frozen encoder, given in place of the
+        encoder's inputs (history, enc_tokens, enc_numeric), which are then left out of the batches."""
+        tensors = snapshot_tensors(snap)
+        if vectors is not None:
+            for name in ENCODER_INPUTS:
+                del tensors[name]
+            tensors["vectors"] = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.tensors = {**tensors, "label": torch.as_tensor(labels, dtype=torch.float32)}
 
     def __len__(self) -> int:
         return len(self.tensors["label"])
@@ -78,7 +86,7 @@ class PropensityModule(pl.LightningModule):
         self._best_state: dict[str, torch.Tensor] | None = None
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(**{k: batch[k] for k in INPUTS})
+        logits = self.net(**{k: batch[k] for k in (*INPUTS, "vectors") if k in batch})
         return logits, F.binary_cross_entropy_with_logits(logits, batch["label"], pos_weight=self.pos_weight)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

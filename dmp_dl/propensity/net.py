@@ -78,13 +78,15 @@ class PropensityNet(nn.Module):
 
     def forward(self, behaviour: torch.Tensor, attr_tokens: torch.Tensor, attr_numeric: torch.Tensor,
                 history: torch.Tensor | None = None, enc_tokens: torch.Tensor | None = None,
-                enc_numeric: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B,)."""
+                enc_numeric: torch.Tensor | None = None, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B,). ``vectors``: the users' :meth:`user_vectors` (B, dim), computed once by a
+        caller that trains with a frozen encoder, instead of encoding ``history`` at every step."""
         parts = [(behaviour - self.behaviour_mean) / self.behaviour_std, attr_numeric]
         if self.token_emb is not None:
             mask = (attr_tokens != 0).unsqueeze(-1).to(behaviour.dtype)
             parts.append((self.token_emb(attr_tokens) * mask).sum(1) / mask.sum(1).clamp(min=1.0))
         if self.encoder is not None:
-            vectors = self.user_vectors(history, enc_tokens, enc_numeric)
+            if vectors is None or self.encoder_trainable:
+                vectors = self.user_vectors(history, enc_tokens, enc_numeric)
             parts.append((vectors - self.vector_mean) / self.vector_std)
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)

@@ -294,8 +294,10 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult
     module = instantiate(p.module, _convert_="all")(net=deep, pos_weight=pos_weight)
     callbacks = [instantiate(p.early_stopping, _convert_="all")] if p.get("early_stopping") else []
     trainer = instantiate(p.trainer, callbacks=callbacks, _convert_="all")
-    train_data = LabelledUsers(train_snap, y_train)
-    val_data = LabelledUsers(*sets["val"])
+    # a frozen encoder gives each user one vector: computed once above, not at every step of every epoch
+    frozen = mode != "finetune"
+    train_data = LabelledUsers(train_snap, y_train, vectors["train"] if frozen else None)
+    val_data = LabelledUsers(*sets["val"], vectors["val"] if frozen else None)
     with warnings.catch_warnings():  # the embedding network stays in eval mode on purpose (PropensityNet.train)
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(module, loader(train_data, int(p.batch_size), shuffle=True), loader(val_data, len(val_data), shuffle=False))

@@ -35,7 +35,7 @@ import pandas as pd
 
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.io import atomic_write_text
-from dmp_dl.data.pseudonymize import Pseudonymizer, parse_tag
+from dmp_dl.data.pseudonymize import Pseudonymizer, hash_each_distinct, parse_tag
 from dmp_dl.data.schema import normalize_ids
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ class SaltedHash:
 
     def many(self, ids: Iterable[object]) -> np.ndarray:
         """Hashes (n,) object array of ``ids``; each distinct id is hashed once."""
-        codes, uniques = pd.factorize(pd.Series([str(x) for x in ids], dtype=object), sort=False)
-        hashed = np.asarray([self.one(u) for u in uniques], dtype=object)
-        return hashed[codes] if len(codes) else np.zeros(0, dtype=object)
+        return hash_each_distinct(ids, self.one)
 
     def tag(self, hashed: str) -> str:
         return f"{SALTED_PREFIX}{self.salt.hex()}:{hashed}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import pandas as pd
 
 from dmp_dl.core.errors import BundleError, ConfigError
 from dmp_dl.data.cleaning import MISSING_TOKENS
+from dmp_dl.data.distinct import per_distinct
 from dmp_dl.data.schema import USER, EventLog, normalize_ids
 
 ALGORITHM = "hmac-sha256"
@@ -68,6 +69,12 @@ def load_secret(secret_env: str | None = DEFAULT_SECRET_ENV, secret_file: str | 
     return secret
 
 
+def hash_each_distinct(ids: Iterable[object], one: Callable[[str], str]) -> np.ndarray:
+    """``one(str(id))`` of every id of ``ids`` as an (n,) object array, each distinct id hashed once."""
+    text = pd.Series([str(x) for x in ids], dtype=object)
+    return per_distinct(text, lambda values: values.map(one), merge=False).take().astype(object, copy=False)
+
+
 class Pseudonymizer:
     """Maps external ids to keyed pseudonyms.
 
@@ -100,9 +107,7 @@ class Pseudonymizer:
 
     def many(self, ids: Iterable[object]) -> np.ndarray:
         """Pseudonyms (n,) object array of ``ids``; each distinct id is hashed once."""
-        codes, uniques = pd.factorize(pd.Series([str(x) for x in ids], dtype=object), sort=False)
-        hashed = np.asarray([self.one(u) for u in uniques], dtype=object)
-        return hashed[codes] if len(codes) else np.zeros(0, dtype=object)
+        return hash_each_distinct(ids, self.one)
 
     def tag(self, pseudonym: str) -> str:
         """``hmac-sha256:<fingerprint>:<pseudonym>``: a pseudonym that names its key."""

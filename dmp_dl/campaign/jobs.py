@@ -30,9 +30,9 @@ from dmp_dl.campaign.outcomes import (
     user_outcomes,
 )
 from dmp_dl.core.io import atomic_write_text
+from dmp_dl.core.json_values import json_safe
 from dmp_dl.data.pseudonymize import bundle_pseudonymizer
 from dmp_dl.data.schema import USER
-from dmp_dl.evaluation.report import _json_safe
 from dmp_dl.store.bundle import Bundle
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def measure_job(files: CampaignFiles, out: Path, metric: str = "conversion", con
 def summary_json(summary: dict) -> str:
     """``summary`` as standard JSON: a NaN or an infinity is written as null, never as ``NaN`` /
     ``Infinity`` (which JSON does not have)."""
-    return json.dumps(_json_safe(summary), indent=1, allow_nan=False)
+    return json.dumps(json_safe(summary), indent=1, allow_nan=False)
 
 
 def uplift_job(rec, artifacts: str, files: CampaignFiles, out: Path, options=None, attach: bool = True) -> dict:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dmp_dl.core.io import atomic_write_text
+from dmp_dl.core.json_values import json_safe
 from dmp_dl.evaluation import diagnostics
 from dmp_dl.evaluation.advice import overview
 from dmp_dl.evaluation.protocol import cutoffs, describe_protocol
@@ -84,23 +85,6 @@ class SegmentInputs:
         if self.user_vectors.ndim != 2 or len(self.user_vectors) != len(self.assignments):
             raise ValueError(f"segment user_vectors must be (n_users, d) with n_users = {len(self.assignments)}, "
                              f"got {self.user_vectors.shape}")
-
-
-def _json_safe(x: Any) -> Any:
-    """Plain JSON types; NaN and infinities become null."""
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _json_safe(x.tolist())
-    if isinstance(x, (np.integer, bool, np.bool_)):
-        return x.item() if isinstance(x, np.generic) else x
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if x is None or isinstance(x, (int, str)):
-        return x
-    return str(x)
 
 
 def _finite(x: Any) -> bool:
@@ -362,7 +346,7 @@ def build_report(
         "config": dict(config),
         "figures": {section: [f.title for f in figs] for section, figs in figures.items()},
     }
-    return Report(data=_json_safe(data), figures=figures)
+    return Report(data=json_safe(data), figures=figures)
 
 
 def _recorded_metrics(run_dir: Path) -> dict:

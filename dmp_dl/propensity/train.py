@@ -26,6 +26,7 @@ from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
 from dmp_dl.core.errors import ConfigError, InsufficientDataError
+from dmp_dl.core.json_values import json_safe
 from dmp_dl.data.schema import TIME, TYPE
 from dmp_dl.metrics.classification import NEAR_CHANCE_ROC_AUC, binary_metrics, gains_table
 from dmp_dl.propensity.baselines import design_matrix, fit_baseline, positive_probability
@@ -93,7 +94,7 @@ class PropensityResult:
     def summary(self) -> dict:
         """JSON-safe (NaN -> None) summary for ``metrics.json``: task, split, served model and how it
         was selected, metrics, gains, training."""
-        return _json_safe({
+        return json_safe({
             "task": self.task.summary(),
             "split": self.split,
             "served": self.served,
@@ -103,18 +104,6 @@ class PropensityResult:
             "calibration": {k: c.method for k, c in self.calibrators.items()},
             "training": self.training,
         })
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    return obj
 
 
 # -- the task -----------------------------------------------------------------------------------
@@ -359,7 +348,7 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult
                        "embedding": 0 if vectors["train"] is None else int(vectors["train"].shape[1])},
         **timings,
     }
-    scorer.info = {"task": task.summary(), "encoder": encoder_spec, "training": _json_safe(training)}
+    scorer.info = {"task": task.summary(), "encoder": encoder_spec, "training": json_safe(training)}
     result = PropensityResult(
         metrics=metrics, test_labels=y_test.astype(np.int8), test_predictions=predictions,
         test_users=task.users[test_pos], gains=gains, task=task,

@@ -420,3 +420,15 @@ def test_a_frozen_embedding_encodes_each_user_once_however_many_epochs(tiny_cfg,
         assert result.training["embedding"] == "frozen"
         encoded.append(rows[0])
     assert encoded[0] > 0 and encoded[1] == encoded[0], encoded
+
+
+def test_auto_batch_size_keeps_small_logs_at_256_and_bounds_the_steps_of_large_ones():
+    from dmp_dl.propensity.train import batch_size_for, threads_for
+
+    assert batch_size_for("auto", 7_200) == 256  # the default synthetic log: as before
+    big = batch_size_for("auto", 240_000)  # 100k users x 4 snapshots x 60 % training users
+    assert 256 < big <= 4096 and 240_000 / big <= 200
+    assert batch_size_for("auto", 10**9) == 4096
+    assert batch_size_for(512, 10**9) == 512
+    assert threads_for("auto", 3_000) == 1 and threads_for("auto", 100_000) is None
+    assert threads_for(3, 100_000) == 3 and threads_for(None, 10) is None

@@ -216,8 +216,33 @@ def train_propensity(cfg: DictConfig, dm, net: torch.nn.Module | None = None) ->
     dm: the prepared :class:`~dmp_dl.data.datamodule.InteractionDataModule`.
     net: the trained embedding network (for the user-embedding feature; copied, never changed).
     """
-    with limited_threads(cfg.propensity.get("num_threads")):
+    with limited_threads(threads_for(cfg.propensity.get("num_threads", "auto"), dm.n_users)):
         return _train(cfg, dm, net)
+
+
+AUTO_STEPS_PER_EPOCH = 200  # batch_size auto: about this many steps per epoch on large logs
+AUTO_BATCH_RANGE = (256, 4096)
+AUTO_ONE_THREAD_BELOW_USERS = 20_000  # num_threads auto: one thread below this many users, all above
+
+
+def batch_size_for(setting: Any, n_examples: int) -> int:
+    """Training batch size: a number as given; ``auto`` = the power of two that makes about
+    :data:`AUTO_STEPS_PER_EPOCH` steps per epoch, within :data:`AUTO_BATCH_RANGE` (256 on small logs,
+    so a few thousand users train as before; larger logs take larger batches, not more steps)."""
+    if setting != "auto":
+        return int(setting)
+    lo, hi = AUTO_BATCH_RANGE
+    wanted = max(n_examples / AUTO_STEPS_PER_EPOCH, 1.0)
+    return int(min(max(2 ** math.ceil(math.log2(wanted)), lo), hi))
+
+
+def threads_for(setting: Any, n_users: int) -> int | None:
+    """Torch/BLAS threads for the stage: a number as given, None unchanged; ``auto`` = 1 below
+    :data:`AUTO_ONE_THREAD_BELOW_USERS` users (small models: a second thread saves little and costs
+    waiting on a busy machine), unchanged above (large batches use every core)."""
+    if setting != "auto":
+        return None if setting is None else int(setting)
+    return 1 if n_users < AUTO_ONE_THREAD_BELOW_USERS else None
 
 
 def training_examples(p: DictConfig, dm, features: UserFeatures, task: PropensityTask, train_users: np.ndarray,
@@ -285,11 +310,12 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult
     trainer = instantiate(p.trainer, callbacks=callbacks, _convert_="all")
     # a frozen encoder gives each user one vector: computed once above, not at every step of every epoch
     frozen = mode != "finetune"
+    batch_size = batch_size_for(p.get("batch_size", "auto"), len(y_train))
     train_data = LabelledUsers(train_snap, y_train, vectors["train"] if frozen else None)
     val_data = LabelledUsers(*sets["val"], vectors["val"] if frozen else None)
     with warnings.catch_warnings():  # the embedding network stays in eval mode on purpose (PropensityNet.train)
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        trainer.fit(module, loader(train_data, int(p.batch_size), shuffle=True), loader(val_data, len(val_data), shuffle=False))
+        trainer.fit(module, loader(train_data, batch_size, shuffle=True), loader(val_data, len(val_data), shuffle=False))
     module.restore_best()
     timings["train_seconds"] = time.perf_counter() - t1
 
@@ -342,6 +368,7 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult
         "best_val_auc": module.best_auc,
         "pos_weight": pos_weight,
         "train_examples": int(len(y_train)),
+        "batch_size": batch_size,
         "train_cutoffs": cutoffs,
         "n_features": {"behaviour": int(snap.behaviour.shape[1]), "attribute_tokens": features.attributes.n_tokens - 1,
                        "attribute_numeric": int(snap.attr_numeric.shape[1]),

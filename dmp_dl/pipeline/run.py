@@ -21,7 +21,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dmp_dl.core.errors import ConfigError, InsufficientDataError
 from dmp_dl.core.io import atomic_write_text
@@ -123,6 +123,27 @@ def realtime_parts(state: dict) -> dict[str, Any]:
         return {}
 
 
+def item_category_parts(cfg: DictConfig, state: dict) -> dict[str, Any]:
+    """The bundle part with each item's categories (what the category rules of a recommendation
+    read: :mod:`dmp_dl.serving.item_rules`), from the item table's category column
+    (``audience.profiles.category_column``, else the first of category / categories / genre /
+    genres); none when the run has no item table or no such column."""
+    from dmp_dl.audience.profiles import CATEGORY_COLUMNS, item_category_shares
+    from dmp_dl.data.schema import ITEM
+    from dmp_dl.serving.item_rules import PART, item_categories_part
+
+    dm = state["datamodule"]
+    items = dm.log_.items
+    if items is None or not len(items):
+        return {}
+    column = OmegaConf.select(cfg, "audience.profiles.category_column", default=None)
+    column = column if column in items.columns else next((c for c in CATEGORY_COLUMNS if c in items.columns), None)
+    if column is None or column == ITEM:
+        return {}
+    members, names = item_category_shares(items, column, dm.item_vocab.index_of(items[ITEM].tolist()), dm.n_items)
+    return {PART: item_categories_part(members, names, column)}
+
+
 def export_stage(cfg: DictConfig, state: dict) -> None:
     if not cfg.get("export", True):
         raise SkipStage("export=false")
@@ -130,7 +151,7 @@ def export_stage(cfg: DictConfig, state: dict) -> None:
 
     stages = {name: r.to_dict() for name, r in state["stage_results"].items()}
     state["bundle_parts"] = {**state.get("bundle_parts", {}), **state["privacy"].bundle_parts(),
-                             **realtime_parts(state), "stages": lambda writer: stages}
+                             **realtime_parts(state), **item_category_parts(cfg, state), "stages": lambda writer: stages}
     state["bundle_dir"] = export_run(cfg, state, Path(cfg.paths.output_dir) / "artifacts")
     log.info("bundle written to %s", state["bundle_dir"])
 

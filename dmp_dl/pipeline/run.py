@@ -36,9 +36,10 @@ from dmp_dl.training.fitters import check_network, fitter_of
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: DictConfig) -> InteractionDataModule:
-    """The prepared DataModule for ``cfg.data``."""
-    return instantiate(cfg.data, _convert_="all").prepare()
+def load_data(cfg: DictConfig, source: object | None = None) -> InteractionDataModule:
+    """The prepared DataModule for ``cfg.data``; ``source``: a source object with ``load()`` that
+    replaces ``cfg.data.source`` (e.g. DataFrames in memory: :mod:`dmp_dl.data.frame_source`)."""
+    return instantiate(cfg.data, _convert_="all", **({} if source is None else {"source": source})).prepare()
 
 
 def _enabled(cfg: DictConfig, group: str) -> bool:
@@ -49,7 +50,7 @@ def _enabled(cfg: DictConfig, group: str) -> bool:
 # -- the stages: each reads and adds to `state` (what run() returns) ----------------------------
 def data_stage(cfg: DictConfig, state: dict) -> None:
     out = Path(cfg.paths.output_dir)
-    dm = state["datamodule"] = load_data(cfg)
+    dm = state["datamodule"] = load_data(cfg, state.get("source"))
     check_index_for_data(cfg, dm)  # index options against the data's size, before training
     dm.report.write_json(out / "data_quality.json")
     log.info(dm.report.summary())
@@ -200,8 +201,9 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"propensity.serve must be one of {allowed}, got {serve!r}")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the stages as configured. Returns what they built: ``datamodule``, ``module``,
+def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
+    """Run the stages as configured (``source``: the data instead of ``cfg.data.source``, see
+    :func:`load_data`). Returns what they built: ``datamodule``, ``module``,
     ``trainer``, ``metrics`` (also ``metrics.json``), ``stages`` (name -> :class:`StageResult`) and,
     when they ran, ``propensity``, ``audience``, ``bundle_dir`` and ``report``.
 
@@ -214,7 +216,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     check_settings(cfg)
     t0 = time.perf_counter()
-    state: dict[str, Any] = {"metrics": {"stages": {}, "ranking": {}}, "stage_results": {}}
+    state: dict[str, Any] = {"metrics": {"stages": {}, "ranking": {}}, "stage_results": {}, "source": source}
 
     def record(results: dict[str, StageResult]) -> None:
         state["stage_results"] = results

@@ -98,6 +98,8 @@ def test_boost_moves_the_boosted_category_up_by_ln_factor(any_rec):
     assert low[0][0] == full[1][0]
     lift = {full[9][0]: math.exp(score[full[0][0]] - score[full[9][0]] + 1.0)}
     assert any_rec.recommend(user, 3, boost_items=lift)[0][0] == full[9][0]
+    # a factor of 0 leaves the items out, as an exclusion does
+    assert any_rec.recommend(user, 10, boost={category: 0}) == any_rec.recommend(user, 10, exclude_categories=[category])
 
 
 def test_rules_apply_to_batches_and_new_users(any_rec):
@@ -119,8 +121,8 @@ def test_bad_rules_are_one_clear_error(any_rec):
     assert isinstance(err.value, ValueError)
     with pytest.raises(RuleError, match="unknown category 'Nope'"):
         any_rec.recommend(user, 5, boost={"Nope": 2.0})
-    for factor in (0, -1.5, float("nan"), float("inf"), "2", True):
-        with pytest.raises(RuleError, match="must be a finite number > 0"):
+    for factor in (-1.5, float("nan"), float("inf"), "2", True):
+        with pytest.raises(RuleError, match="must be a finite number >= 0"):
             any_rec.recommend(user, 5, boost={"cat_1": factor})
     with pytest.raises(RuleError, match="exclude_categories must be a list"):
         any_rec.recommend(user, 5, exclude_categories="cat_1")
@@ -158,9 +160,9 @@ def test_http_rules_on_get_and_post_recommend(any_rec):
     ("get", {"exclude_categories": ["Horror"]}, "unknown category 'Horror'"),
     ("get", {"boost": ["Horror:2"]}, "unknown category 'Horror'"),
     ("get", {"boost": ["cat_1"]}, "write NAME:FACTOR"),
-    ("get", {"boost": ["cat_1:0"]}, "must be a finite number > 0"),
+    ("get", {"boost": ["cat_1:-1"]}, "must be a finite number >= 0"),
     ("post", {"exclude_categories": ["Horror"]}, "unknown category 'Horror'"),
-    ("post", {"boost": {"cat_1": -2}}, "must be a finite number > 0"),
+    ("post", {"boost": {"cat_1": -2}}, "must be a finite number >= 0"),
 ])
 def test_http_bad_rules_are_422_with_detail_and_code(rec, request_):
     method, rules, message = request_
@@ -186,9 +188,37 @@ def test_openapi_declares_the_rules(rec):
     get = spec["paths"]["/recommend"]["get"]
     names = {p["name"] for p in get["parameters"]}
     assert {"exclude_categories", "exclude_items", "include_items", "boost", "boost_items"} <= names
+    params = {p["name"]: p["schema"] for p in get["parameters"]}
+    listed = params["exclude_categories"]["items"]["enum"]
+    assert listed == rec.item_categories.names  # the bundle's categories, for clients and the contract fuzzer
     assert {"409", "422"} <= set(get["responses"])
     post = spec["paths"]["/recommend"]["post"]
     body = post["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     props = spec["components"]["schemas"][body]["properties"]
     assert {"exclude_categories", "exclude_items", "include_items", "boost", "boost_items"} <= set(props)
     assert "ln" in get["description"] and {"409", "422"} <= set(post["responses"])
+
+
+def test_rules_reach_live_users_of_a_real_time_server(trained, tmp_path):
+    """A real-time server answers a live user from their current history: the rules apply there too."""
+    import shutil
+
+    from dmp_dl.realtime import LiveRecommender
+
+    bundle = tmp_path / "artifacts"
+    shutil.copytree(trained["bundle_dir"], bundle)
+    with LiveRecommender.load(bundle) as live:
+        end = int(live._part.data_end)
+        events = [{"user_id": "brand-new", "item_id": live.item_vocab.ids[i], "event_type": "view", "timestamp": end + i + 1}
+                  for i in range(3)]
+        assert live.ingest(events)["accepted"] == 3
+        excluded = live.item_categories.names[:3]
+        for user in ("brand-new", live.user_vocab.ids[0]):
+            got = live.recommend(user, 6, exclude_categories=excluded)
+            assert len(got) == 6 and all(not categories_of(live, i) & set(excluded) for i, _ in got)
+        client = TestClient(create_app(live))
+        r = client.get("/recommend", params={"user_id": "brand-new", "k": 6, "exclude_categories": excluded})
+        assert r.status_code == 200 and [x["item_id"] for x in r.json()["items"]] == \
+            [i for i, _ in live.recommend("brand-new", 6, exclude_categories=excluded)]
+        with pytest.raises(RuleError, match="unknown category"):
+            live.recommend("brand-new", 6, exclude_categories=["Nope"])

@@ -19,6 +19,7 @@ the server accepts.
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -212,13 +213,16 @@ def request_models(rec: Recommender, max_ids: int) -> dict[str, type[BaseModel]]
         attributes: Attributes | None = Field(  # type: ignore[valid-type]
             None, description="optional user attributes: the user-table columns the model reads, e.g. {\"age\": 34}")
         exclude_categories: list[str] | None = Field(None, description="item categories never returned, e.g. [\"Horror\"]",
-                                                     json_schema_extra={"maxItems": max_ids})
+                                                     json_schema_extra={"maxItems": max_ids, "items": category_schema(rec)})
         exclude_items: list[Id] | None = Field(None, description="item ids never returned", json_schema_extra={"maxItems": max_ids})
         include_items: list[Id] | None = Field(None, description="when given, only these item ids may be returned",
-                                               json_schema_extra={"maxItems": max_ids})
-        boost: dict[str, float] | None = Field(None, description="category -> factor > 0, e.g. {\"New\": 1.5}: the "
-                                               "category's items become that many times as likely (score + ln factor)")
-        boost_items: dict[str, float] | None = Field(None, description="item id -> factor > 0, as boost")
+                                               json_schema_extra=ids)
+        boost: dict[str, float] | None = Field(None, description="category -> factor >= 0, e.g. {\"New\": 1.5}: the "
+                                               "category's items become that many times as likely (score + ln factor)",
+                                               json_schema_extra={"propertyNames": category_schema(rec),
+                                                                  "additionalProperties": {"type": "number", "minimum": 0, "maximum": MAX_ABS_VALUE}})
+        boost_items: dict[str, float] | None = Field(None, description="item id -> factor >= 0, as boost",
+                                                     json_schema_extra={"additionalProperties": {"type": "number", "minimum": 0, "maximum": MAX_ABS_VALUE}})
 
     class LookalikeRequest(StrictBody):
         seed_user_ids: list[Id] = Field(json_schema_extra=ids)
@@ -359,8 +363,24 @@ RULES_DOC = ("Business rules, applied to every item's score before the top k are
              "while enough are left): items of `exclude_categories` (the bundle's item categories) and "
              "`exclude_items` are never returned; with `include_items` only those may be; a `boost` factor f makes "
              "the items of a category (`boost_items`: an item) f times as likely under the model (the score raised "
-             "by ln f; f < 1 lowers it). An unknown category is a 422 naming it; category rules on a bundle without "
-             "item categories a 409.")
+             "by ln f; f < 1 lowers it, 0 leaves them out). An unknown category is a 422 naming it; category rules "
+             "on a bundle without item categories a 409.")
+# a factor of boost / boost_items in a query parameter NAME:FACTOR: a finite number >= 0
+FACTOR = r"[0-9]{1,12}(\.[0-9]{0,12})?([eE][+-]?[0-9]{1,2})?"
+
+
+def category_schema(rec: Recommender) -> dict[str, Any]:
+    """JSON schema of one category name of ``rec``'s bundle: its categories as an enum (any text when
+    the bundle has none: category rules then answer 409)."""
+    names = getattr(getattr(rec, "item_categories", None), "names", None)
+    return {"type": "string", "enum": list(names)} if names else {"type": "string"}
+
+
+def boost_schema(rec: Recommender) -> dict[str, Any]:
+    """JSON schema of one ``boost`` query parameter, ``CATEGORY:FACTOR`` with a category of ``rec``'s bundle."""
+    names = getattr(getattr(rec, "item_categories", None), "names", None)
+    name = "(" + "|".join(re.escape(n) for n in names) + ")" if names else ".+"
+    return {"type": "string", "pattern": f"^{name}:{FACTOR}$"}
 
 
 def _factors(pairs: list[str] | None, key: str) -> dict[str, float] | None:
@@ -470,18 +490,21 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         return {"status": "ok" if ok else "degraded", **rec.info(), "journal": journal}
 
     id_list = {"json_schema_extra": {"maxItems": max_ids}}
+    categories = {"json_schema_extra": {"maxItems": max_ids, "items": category_schema(recommender)}}
+    boosts = {"json_schema_extra": {"maxItems": max_ids, "items": boost_schema(recommender)}}
+    item_boosts = {"json_schema_extra": {"maxItems": max_ids, "items": {"type": "string", "pattern": f"^.+:{FACTOR}$"}}}
 
     @app.get("/recommend", dependencies=guarded, response_model=ItemList, responses={**get_errors, **error_responses(409)},
              description="Top-k items for a known user, best first.\n\n" + RULES_DOC)
     def recommend(request: Request, user_id: str, k: Annotated[int, Query(**k_query)] = 10, exclude_seen: bool = True,
                   exclude_categories: Annotated[list[str] | None, Query(description="a category never returned (repeat "
-                                                                        "the parameter for several)", **id_list)] = None,
+                                                                        "the parameter for several)", **categories)] = None,
                   exclude_items: Annotated[list[str] | None, Query(description="an item id never returned", **id_list)] = None,
                   include_items: Annotated[list[str] | None, Query(description="when given, only these item ids may be "
                                                                    "returned", **id_list)] = None,
-                  boost: Annotated[list[str] | None, Query(description="CATEGORY:FACTOR, e.g. New:1.5 (factor > 0)",
-                                                           **id_list)] = None,
-                  boost_items: Annotated[list[str] | None, Query(description="ITEM_ID:FACTOR, as boost", **id_list)] = None,
+                  boost: Annotated[list[str] | None, Query(description="CATEGORY:FACTOR, e.g. New:1.5 (factor >= 0)",
+                                                           **boosts)] = None,
+                  boost_items: Annotated[list[str] | None, Query(description="ITEM_ID:FACTOR, as boost", **item_boosts)] = None,
                   ) -> dict:
         rules = {"exclude_categories": bounded(exclude_categories or [], "exclude_categories", True),
                  "exclude_items": bounded(exclude_items or [], "exclude_items", True),

@@ -16,9 +16,9 @@ back while ``k`` items are left):
   every item outside ``include_items`` when that list is given).
 * ``bonus`` (n_items,) float32: ``ln(factor)`` added to a boosted item's score. Scores are logits
   of the model's softmax over the catalogue, so a factor ``f`` makes the item ``f`` times as likely
-  under the model (``f > 1`` raises it, ``f < 1`` lowers it); an item in several boosted categories
-  gets the product of their factors; ``boost_items`` multiplies on top. The scores returned are the
-  boosted ones (the list stays in score order).
+  under the model (``f > 1`` raises it, ``f < 1`` lowers it, ``f = 0`` leaves it out); an item in
+  several boosted categories gets the product of their factors; ``boost_items`` multiplies on top.
+  The scores returned are the boosted ones (the list stays in score order).
 """
 
 from __future__ import annotations
@@ -107,10 +107,16 @@ class ItemCategoriesPart(BundlePart):
 
 def _factor(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)) or float(value) <= 0:
-        raise RuleError(f"{key} must be a finite number > 0 (1 leaves the score as it is; leave items out with "
-                        f"exclude_*), got {value!r}")
+            or not math.isfinite(float(value)) or float(value) < 0:
+        raise RuleError(f"{key} must be a finite number >= 0 (1 leaves the score as it is, 0 leaves the items "
+                        f"out), got {value!r}")
     return float(value)
+
+
+def _log_factors(values: list[float]) -> np.ndarray:
+    """ln of each factor; ln 0 = -inf: the item is left out."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(values, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -165,13 +171,13 @@ class ItemRules:
         if boost:
             cats = needs_categories()
             names = list(boost)
-            log_factor = np.log([_factor(boost[c], f"boost[{c!r}]") for c in names])
+            log_factor = _log_factors([_factor(boost[c], f"boost[{c!r}]") for c in names])
             per_category = np.zeros(len(cats.names), dtype=np.float64)
             np.add.at(per_category, cats.columns_of(names, "boost"), log_factor)
             bonus = np.asarray(cats.members @ per_category, dtype=np.float64)
         if boost_items:
             ids = list(boost_items)
-            log_factor = np.log([_factor(boost_items[i], f"boost_items[{i!r}]") for i in ids])
+            log_factor = _log_factors([_factor(boost_items[i], f"boost_items[{i!r}]") for i in ids])
             per_item = np.zeros(n_items, dtype=np.float64)
             np.add.at(per_item, item_rows(ids, "boost_items"), log_factor)
             bonus = per_item if bonus is None else bonus + per_item

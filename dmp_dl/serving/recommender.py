@@ -289,9 +289,9 @@ class Recommender:
         ``exclude_categories`` (category names of the bundle's item table) and ``exclude_items``
         (item ids) are never returned; with ``include_items`` only those items may be;
         ``boost={"New": 1.5}`` makes items of a category 1.5 times as likely under the model (its
-        score, a logit, raised by ln 1.5; a factor below 1 lowers it), ``boost_items`` the same per
-        item. Returned scores include the boosts. An unknown category or a factor that is not a
-        finite number > 0 raises :class:`~dmp_dl.serving.item_rules.RuleError` (a ``ValueError``)
+        score, a logit, raised by ln 1.5; a factor below 1 lowers it, 0 leaves the items out),
+        ``boost_items`` the same per item. Returned scores include the boosts. An unknown category
+        or a factor that is not a finite number >= 0 raises :class:`~dmp_dl.serving.item_rules.RuleError` (a ``ValueError``)
         naming it; an unknown item id :class:`UnknownIdError`; category rules on a bundle without
         item categories :class:`MissingPartError`.
         """

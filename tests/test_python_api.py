@@ -39,6 +39,7 @@ def tables():
     return SyntheticSource(n_users=200, n_items=80, n_events=4000, n_categories=5, n_segments=3, seed=3).load()
 
 
+@pytest.mark.slow  # two trainings: a train.py process and fit
 def test_fit_gives_train_pys_test_metrics_on_the_same_data(tables, tmp_path):
     for name, frame in (("events", tables.events), ("items", tables.items), ("users", tables.users)):
         frame.to_csv(tmp_path / f"{name}.csv", index=False)

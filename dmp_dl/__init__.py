@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Recommender", "__version__"]
+__all__ = ["Recommender", "__version__", "fit"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,8 @@ def __getattr__(name: str):
         from dmp_dl.serving.recommender import Recommender
 
         return Recommender
+    if name == "fit":  # train.py on DataFrames (dmp_dl.pipeline.frames); loads torch and Hydra when called for
+        from dmp_dl.pipeline.frames import fit
+
+        return fit
     raise AttributeError(f"module 'dmp_dl' has no attribute {name!r}")

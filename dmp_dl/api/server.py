@@ -19,6 +19,7 @@ the server accepts.
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -211,6 +212,17 @@ def request_models(rec: Recommender, max_ids: int) -> dict[str, type[BaseModel]]
         exclude_seen: bool = Field(True, description="leave the history's items out")
         attributes: Attributes | None = Field(  # type: ignore[valid-type]
             None, description="optional user attributes: the user-table columns the model reads, e.g. {\"age\": 34}")
+        exclude_categories: list[str] | None = Field(None, description="item categories never returned, e.g. [\"Horror\"]",
+                                                     json_schema_extra={"maxItems": max_ids, "items": category_schema(rec)})
+        exclude_items: list[Id] | None = Field(None, description="item ids never returned", json_schema_extra={"maxItems": max_ids})
+        include_items: list[Id] | None = Field(None, description="when given, only these item ids may be returned",
+                                               json_schema_extra=ids)
+        boost: dict[str, float] | None = Field(None, description="category -> factor >= 0, e.g. {\"New\": 1.5}: the "
+                                               "category's items become that many times as likely (score + ln factor)",
+                                               json_schema_extra={"propertyNames": category_schema(rec),
+                                                                  "additionalProperties": {"type": "number", "minimum": 0, "maximum": MAX_ABS_VALUE}})
+        boost_items: dict[str, float] | None = Field(None, description="item id -> factor >= 0, as boost",
+                                                     json_schema_extra={"additionalProperties": {"type": "number", "minimum": 0, "maximum": MAX_ABS_VALUE}})
 
     class LookalikeRequest(StrictBody):
         seed_user_ids: list[Id] = Field(json_schema_extra=ids)
@@ -347,6 +359,47 @@ def _items(ranked: Ranked) -> dict:
     return {"items": [{"item_id": i, "score": s} for i, s in ranked]}
 
 
+RULES_DOC = ("Business rules, applied to every item's score before the top k are taken (k items still come back "
+             "while enough are left): items of `exclude_categories` (the bundle's item categories) and "
+             "`exclude_items` are never returned; with `include_items` only those may be; a `boost` factor f makes "
+             "the items of a category (`boost_items`: an item) f times as likely under the model (the score raised "
+             "by ln f; f < 1 lowers it, 0 leaves them out). An unknown category is a 422 naming it; category rules "
+             "on a bundle without item categories a 409.")
+# a factor of boost / boost_items in a query parameter NAME:FACTOR: a finite number >= 0
+FACTOR = r"[0-9]{1,12}(\.[0-9]{0,12})?([eE][+-]?[0-9]{1,2})?"
+
+
+def category_schema(rec: Recommender) -> dict[str, Any]:
+    """JSON schema of one category name of ``rec``'s bundle: its categories as an enum (any text when
+    the bundle has none: category rules then answer 409)."""
+    names = getattr(getattr(rec, "item_categories", None), "names", None)
+    return {"type": "string", "enum": list(names)} if names else {"type": "string"}
+
+
+def boost_schema(rec: Recommender) -> dict[str, Any]:
+    """JSON schema of one ``boost`` query parameter, ``CATEGORY:FACTOR`` with a category of ``rec``'s bundle."""
+    names = getattr(getattr(rec, "item_categories", None), "names", None)
+    name = "(" + "|".join(re.escape(n) for n in names) + ")" if names else ".+"
+    return {"type": "string", "pattern": f"^{name}:{FACTOR}$"}
+
+
+def _factors(pairs: list[str] | None, key: str) -> dict[str, float] | None:
+    """``["New:1.5", ...]`` (query parameters ``NAME:FACTOR``) -> ``{"New": 1.5}``; a malformed pair is
+    :class:`InvalidRequestError` naming it."""
+    if not pairs:
+        return None
+    out: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, factor = pair.rpartition(":")
+        try:
+            out[name] = float(factor)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise InvalidRequestError(f"{key}={pair!r}: write NAME:FACTOR, e.g. {key}=New:1.5")
+    return out
+
+
 def create_app(recommender: Recommender, token: str | None = None, max_ids: int = 10_000,
                max_body_bytes: int = 1 << 20, faiss_threads: int | None = None, eraser=None,
                reload: Callable[[], Recommender] | None = None, reload_without_token: bool = False) -> FastAPI:
@@ -436,16 +489,40 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         ok = journal is None or (journal["writable"] and not journal["erased_rows_pending"])
         return {"status": "ok" if ok else "degraded", **rec.info(), "journal": journal}
 
-    @app.get("/recommend", dependencies=guarded, response_model=ItemList, responses=get_errors)
-    def recommend(request: Request, user_id: str, k: Annotated[int, Query(**k_query)] = 10, exclude_seen: bool = True) -> dict:
-        """Top-k items for a known user, best first."""
-        return _items(current(request).recommend(user_id, k, exclude_seen))
+    id_list = {"json_schema_extra": {"maxItems": max_ids}}
+    categories = {"json_schema_extra": {"maxItems": max_ids, "items": category_schema(recommender)}}
+    boosts = {"json_schema_extra": {"maxItems": max_ids, "items": boost_schema(recommender)}}
+    item_boosts = {"json_schema_extra": {"maxItems": max_ids, "items": {"type": "string", "pattern": f"^.+:{FACTOR}$"}}}
 
-    @app.post("/recommend", dependencies=guarded, response_model=ItemList, responses={**post_errors, **error_responses(409)})
+    @app.get("/recommend", dependencies=guarded, response_model=ItemList, responses={**get_errors, **error_responses(409)},
+             description="Top-k items for a known user, best first.\n\n" + RULES_DOC)
+    def recommend(request: Request, user_id: str, k: Annotated[int, Query(**k_query)] = 10, exclude_seen: bool = True,
+                  exclude_categories: Annotated[list[str] | None, Query(description="a category never returned (repeat "
+                                                                        "the parameter for several)", **categories)] = None,
+                  exclude_items: Annotated[list[str] | None, Query(description="an item id never returned", **id_list)] = None,
+                  include_items: Annotated[list[str] | None, Query(description="when given, only these item ids may be "
+                                                                   "returned", **id_list)] = None,
+                  boost: Annotated[list[str] | None, Query(description="CATEGORY:FACTOR, e.g. New:1.5 (factor >= 0)",
+                                                           **boosts)] = None,
+                  boost_items: Annotated[list[str] | None, Query(description="ITEM_ID:FACTOR, as boost", **item_boosts)] = None,
+                  ) -> dict:
+        rules = {"exclude_categories": bounded(exclude_categories or [], "exclude_categories", True),
+                 "exclude_items": bounded(exclude_items or [], "exclude_items", True),
+                 "include_items": None if include_items is None else bounded(include_items, "include_items"),
+                 "boost": _factors(bounded(boost or [], "boost", True), "boost"),
+                 "boost_items": _factors(bounded(boost_items or [], "boost_items", True), "boost_items")}
+        return _items(current(request).recommend(user_id, k, exclude_seen, **rules))
+
+    @app.post("/recommend", dependencies=guarded, response_model=ItemList, responses={**post_errors, **error_responses(409)},
+              description="Top-k items for a new user described by recent items (and optional attributes).\n\n" + RULES_DOC)
     def recommend_for_history(request: Request, body: HistoryRequest) -> dict:
-        """Top-k items for a new user described by recent items (and optional attributes)."""
         attributes = None if body.attributes is None else body.attributes.model_dump(by_alias=True, exclude_unset=True)
-        return _items(current(request).recommend_for_history(bounded(body.history, "history", empty_ok=True), body.k, body.exclude_seen, attributes))
+        rules = {"exclude_categories": bounded(body.exclude_categories or [], "exclude_categories", True),
+                 "exclude_items": bounded(body.exclude_items or [], "exclude_items", True),
+                 "include_items": None if body.include_items is None else bounded(body.include_items, "include_items"),
+                 "boost": body.boost, "boost_items": body.boost_items}
+        return _items(current(request).recommend_for_history(bounded(body.history, "history", empty_ok=True), body.k,
+                                                             body.exclude_seen, attributes, **rules))
 
     @app.get("/similar-items", dependencies=guarded, response_model=ItemList, responses=get_errors)
     def similar_items(request: Request, item_id: str, k: Annotated[int, Query(**k_query)] = 10) -> dict:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dmp_dl.core.errors import ConfigError, InsufficientDataError
 from dmp_dl.core.io import atomic_write_text
@@ -36,9 +36,10 @@ from dmp_dl.training.fitters import check_network, fitter_of
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: DictConfig) -> InteractionDataModule:
-    """The prepared DataModule for ``cfg.data``."""
-    return instantiate(cfg.data, _convert_="all").prepare()
+def load_data(cfg: DictConfig, source: object | None = None) -> InteractionDataModule:
+    """The prepared DataModule for ``cfg.data``; ``source``: a source object with ``load()`` that
+    replaces ``cfg.data.source`` (e.g. DataFrames in memory: :mod:`dmp_dl.data.frame_source`)."""
+    return instantiate(cfg.data, _convert_="all", **({} if source is None else {"source": source})).prepare()
 
 
 def _enabled(cfg: DictConfig, group: str) -> bool:
@@ -49,7 +50,7 @@ def _enabled(cfg: DictConfig, group: str) -> bool:
 # -- the stages: each reads and adds to `state` (what run() returns) ----------------------------
 def data_stage(cfg: DictConfig, state: dict) -> None:
     out = Path(cfg.paths.output_dir)
-    dm = state["datamodule"] = load_data(cfg)
+    dm = state["datamodule"] = load_data(cfg, state.get("source"))
     check_index_for_data(cfg, dm)  # index options against the data's size, before training
     dm.report.write_json(out / "data_quality.json")
     log.info(dm.report.summary())
@@ -123,6 +124,27 @@ def realtime_parts(state: dict) -> dict[str, Any]:
         return {}
 
 
+def item_category_parts(cfg: DictConfig, state: dict) -> dict[str, Any]:
+    """The bundle part with each item's categories (what the category rules of a recommendation
+    read: :mod:`dmp_dl.serving.item_rules`), from the item table's category column
+    (``audience.profiles.category_column``, else the first of category / categories / genre /
+    genres); none when the run has no item table or no such column."""
+    from dmp_dl.audience.profiles import CATEGORY_COLUMNS, item_category_shares
+    from dmp_dl.data.schema import ITEM
+    from dmp_dl.serving.item_rules import PART, item_categories_part
+
+    dm = state["datamodule"]
+    items = dm.log_.items
+    if items is None or not len(items):
+        return {}
+    column = OmegaConf.select(cfg, "audience.profiles.category_column", default=None)
+    column = column if column in items.columns else next((c for c in CATEGORY_COLUMNS if c in items.columns), None)
+    if column is None or column == ITEM:
+        return {}
+    members, names = item_category_shares(items, column, dm.item_vocab.index_of(items[ITEM].tolist()), dm.n_items)
+    return {PART: item_categories_part(members, names, column)}
+
+
 def export_stage(cfg: DictConfig, state: dict) -> None:
     if not cfg.get("export", True):
         raise SkipStage("export=false")
@@ -130,7 +152,7 @@ def export_stage(cfg: DictConfig, state: dict) -> None:
 
     stages = {name: r.to_dict() for name, r in state["stage_results"].items()}
     state["bundle_parts"] = {**state.get("bundle_parts", {}), **state["privacy"].bundle_parts(),
-                             **realtime_parts(state), "stages": lambda writer: stages}
+                             **realtime_parts(state), **item_category_parts(cfg, state), "stages": lambda writer: stages}
     state["bundle_dir"] = export_run(cfg, state, Path(cfg.paths.output_dir) / "artifacts")
     log.info("bundle written to %s", state["bundle_dir"])
 
@@ -179,8 +201,9 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"propensity.serve must be one of {allowed}, got {serve!r}")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the stages as configured. Returns what they built: ``datamodule``, ``module``,
+def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
+    """Run the stages as configured (``source``: the data instead of ``cfg.data.source``, see
+    :func:`load_data`). Returns what they built: ``datamodule``, ``module``,
     ``trainer``, ``metrics`` (also ``metrics.json``), ``stages`` (name -> :class:`StageResult`) and,
     when they ran, ``propensity``, ``audience``, ``bundle_dir`` and ``report``.
 
@@ -193,7 +216,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     check_settings(cfg)
     t0 = time.perf_counter()
-    state: dict[str, Any] = {"metrics": {"stages": {}, "ranking": {}}, "stage_results": {}}
+    state: dict[str, Any] = {"metrics": {"stages": {}, "ranking": {}}, "stage_results": {}, "source": source}
 
     def record(results: dict[str, StageResult]) -> None:
         state["stage_results"] = results

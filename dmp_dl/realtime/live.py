@@ -425,19 +425,21 @@ class LiveRecommender(Recommender):
 
     # -- queries -------------------------------------------------------------------------------
     def recommend_batch(self, user_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,
-                        chunk: int = 4096) -> list[Ranked]:
+                        chunk: int = 4096, **rules: Any) -> list[Ranked]:
         """:meth:`Recommender.recommend_batch`; a live user is answered from their whole current
-        history, exactly as the model scores a history (:meth:`Recommender.recommend_for_histories`)."""
+        history, exactly as the model scores a history (:meth:`Recommender.recommend_for_histories`).
+        ``rules``: the business rules of :meth:`Recommender.recommend`."""
         k = self._check_k(k)
+        self.item_rules(**rules)  # checked once, before any user is answered
         ids = self._check_ids(user_ids, "user_ids")
         self._check_served(ids)
         live = [self._users.get(self._key(x)) for x in ids]
         if not any(live):
-            return super().recommend_batch(ids, k, exclude_seen, chunk)
+            return super().recommend_batch(ids, k, exclude_seen, chunk, **rules)
         out: list[Ranked | None] = [None] * len(ids)
         rest = [i for i, u in enumerate(live) if u is None]
         if rest:
-            for i, ranked in zip(rest, super().recommend_batch([ids[i] for i in rest], k, exclude_seen, chunk)):
+            for i, ranked in zip(rest, super().recommend_batch([ids[i] for i in rest], k, exclude_seen, chunk, **rules)):
                 out[i] = ranked
         hit = [i for i, u in enumerate(live) if u is not None]
         if self.network is None:
@@ -446,11 +448,11 @@ class LiveRecommender(Recommender):
                 raise MissingPartError(f"user {new[0]!r} is new since this bundle was trained, and the bundle has no "
                                        "cold-start network to recommend from their events")
             for i in hit:  # known users keep their exported vector
-                out[i] = super().recommend_batch([ids[i]], k, exclude_seen)[0]
+                out[i] = super().recommend_batch([ids[i]], k, exclude_seen, **rules)[0]
             return out  # type: ignore[return-value]
         histories = [self.item_vocab.ids[live[i].items].tolist() for i in hit]
         attributes = [live[i].attributes for i in hit]
-        answers = self.recommend_for_histories(histories, k, exclude_seen, attributes if any(attributes) else None)
+        answers = self.recommend_for_histories(histories, k, exclude_seen, attributes if any(attributes) else None, **rules)
         for i, ranked in zip(hit, answers):
             out[i] = ranked
         return out  # type: ignore[return-value]

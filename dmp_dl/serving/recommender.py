@@ -1,6 +1,8 @@
 """``Recommender``: the questions a marketer's system asks of a trained bundle.
 
-* ``recommend(user_id)``: the items a known user should see (nearest items to the user's vector).
+* ``recommend(user_id)``: the items a known user should see (nearest items to the user's vector),
+  optionally under business rules: categories or items left out, categories or items boosted
+  (:mod:`dmp_dl.serving.item_rules`).
 * ``recommend_for_history(item_ids)``: the same for a user the model has never seen, described by
   recent items (and optionally attributes): the network's cold-start user tower, run on CPU.
 * ``similar_items(item_id)``: nearest items to an item's vector.
@@ -35,12 +37,14 @@ from dmp_dl.data.pseudonymize import bundle_pseudonymizer
 from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.index.ann import search_excluding
+from dmp_dl.serving.item_rules import ItemRules
 from dmp_dl.store.bundle import Bundle, MissingPartError
 from dmp_dl.store.contents import SERVED, load_parts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 1000
+EXACT_SCORES_PER_STEP = 1 << 24  # scores (users x items) held at once by exact scoring: 64 MiB of float32
 LOOKALIKE_METHODS = ("centroid", "neighbours", "contrast")
 Ranked = list[tuple[str, float]]
 
@@ -116,13 +120,18 @@ class Recommender:
         returned (lookalike) are then pseudonyms.
     profiles, segments: the bundle's :class:`~dmp_dl.audience.profiles.Profiles` and
         :class:`~dmp_dl.audience.bundle.StoredSegments` (or None).
+    item_categories: the bundle's :class:`~dmp_dl.serving.item_rules.ItemCategories` (or None), read
+        by the category rules of :meth:`recommend`.
+
+    ``metrics`` holds the training run's metrics when the Recommender comes from
+    :func:`dmp_dl.fit` (None when loaded from a bundle).
     """
 
     def __init__(self, *, user_vocab: IdVocab, item_vocab: IdVocab, user_vectors: np.ndarray,
                  item_vectors: np.ndarray, seen: sp.csr_matrix, item_index, user_index,
                  network=None, user_features=None, history_len: int = 20, propensity=None,
                  manifest: Mapping[str, Any] | None = None, max_k: int = DEFAULT_MAX_K, pseudonymizer=None,
-                 profiles=None, segments=None, served=None):
+                 profiles=None, segments=None, served=None, item_categories=None):
         if int(max_k) < 1:
             raise InvalidRequestError(f"max_k must be >= 1, got {max_k}")
         self.user_vocab, self.item_vocab = user_vocab, item_vocab
@@ -144,6 +153,8 @@ class Recommender:
         # How recommendations are scored: None or a plain dot product -> the FAISS item index;
         # with the item-item (EASE) term -> exact scores over the catalogue (dmp_dl.models.scoring)
         self.served = served if served is not None and served.uses_shallow else None
+        self.item_categories = item_categories
+        self.metrics: dict | None = None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -177,7 +188,8 @@ class Recommender:
                    item_vectors=vectors.item_vectors, seen=vectors.seen, item_index=indexes["items"],
                    user_index=indexes["users"], network=network, user_features=user_features, history_len=history_len,
                    propensity=parts.get("propensity"), manifest=bundle.manifest, max_k=max_k, pseudonymizer=pseudonymizer,
-                   profiles=parts.get("profiles"), segments=parts.get("segments"), served=parts.get("scoring"))
+                   profiles=parts.get("profiles"), segments=parts.get("segments"), served=parts.get("scoring"),
+                   item_categories=parts.get("item_categories"))
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -265,63 +277,119 @@ class Recommender:
         return [list(zip(names[r][keep[r]].tolist(), scores[r][keep[r]].astype(float).tolist())) for r in range(len(ids))]
 
     # -- known users ---------------------------------------------------------------------------
-    def recommend(self, user_id: object, k: int = 10, exclude_seen: bool = True) -> Ranked:
+    def recommend(self, user_id: object, k: int = 10, exclude_seen: bool = True, *,
+                  exclude_categories: Sequence[str] | None = None, exclude_items: Sequence[object] | None = None,
+                  include_items: Sequence[object] | None = None, boost: Mapping[str, float] | None = None,
+                  boost_items: Mapping[object, float] | None = None) -> Ranked:
         """Top ``k`` (item id, score) for a known user, best first, skipping items the user
-        interacted with when ``exclude_seen``."""
-        return self.recommend_batch([user_id], k, exclude_seen)[0]
+        interacted with when ``exclude_seen``.
+
+        Business rules (:mod:`dmp_dl.serving.item_rules`), applied to every item's score before the
+        top ``k`` are taken, so ``k`` items come back while enough are left:
+        ``exclude_categories`` (category names of the bundle's item table) and ``exclude_items``
+        (item ids) are never returned; with ``include_items`` only those items may be;
+        ``boost={"New": 1.5}`` makes items of a category 1.5 times as likely under the model (its
+        score, a logit, raised by ln 1.5; a factor below 1 lowers it, 0 leaves the items out),
+        ``boost_items`` the same per item. Returned scores include the boosts. An unknown category
+        or a factor that is not a finite number >= 0 raises :class:`~dmp_dl.serving.item_rules.RuleError` (a ``ValueError``)
+        naming it; an unknown item id :class:`UnknownIdError`; category rules on a bundle without
+        item categories :class:`MissingPartError`.
+        """
+        return self.recommend_batch([user_id], k, exclude_seen, exclude_categories=exclude_categories,
+                                    exclude_items=exclude_items, include_items=include_items, boost=boost,
+                                    boost_items=boost_items)[0]
 
     def recommend_batch(self, user_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,
-                        chunk: int = 4096) -> list[Ranked]:
-        """:meth:`recommend` for many users, ``chunk`` users per index search."""
+                        chunk: int = 4096, **rules: Any) -> list[Ranked]:
+        """:meth:`recommend` for many users, ``chunk`` users per index search; ``rules``: the
+        keyword rules of :meth:`recommend`, the same for every user."""
         k = self._check_k(k)
         rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
+        item_rules = self.item_rules(**rules)
         out: list[Ranked] = []
         for s in range(0, len(rows), chunk):
-            ids, scores = self.recommend_rows(rows[s : s + chunk], k, exclude_seen)
+            ids, scores = self.recommend_rows(rows[s : s + chunk], k, exclude_seen, item_rules)
             out.extend(self._ranked(ids, scores, self.item_vocab))
         return out
 
-    def recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def item_rules(self, *, exclude_categories: Sequence[str] | None = None, exclude_items: Sequence[object] | None = None,
+                   include_items: Sequence[object] | None = None, boost: Mapping[str, float] | None = None,
+                   boost_items: Mapping[object, float] | None = None) -> ItemRules:
+        """The rules of :meth:`recommend` as masks over this bundle's items (checked: unknown
+        categories and item ids are refused naming them)."""
+        return ItemRules.build(self.n_items, self.item_categories, lambda ids, key: self._rows(self._item_rows, "item", ids),
+                               exclude_categories=exclude_categories, exclude_items=exclude_items,
+                               include_items=include_items, boost=boost, boost_items=boost_items)
+
+    def recommend_rows(self, rows: np.ndarray, k: int, exclude_seen: bool = True,
+                       rules: ItemRules | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Array form for user rows (B,): item rows (B, k) padded with -1 and scores (B, k)."""
         rows = np.asarray(rows, dtype=np.int64)
         seen = _ragged_rows(self._seen_indptr, self._seen_items, rows)
         exclude = seen if exclude_seen else (None, None)
-        return self._top_items(self.user_vectors[rows], seen, k, exclude)
+        return self._top_items(self.user_vectors[rows], seen, k, exclude, rules)
 
     def _top_items(self, vectors: np.ndarray, items_of: tuple[np.ndarray, np.ndarray], k: int,
-                   exclude: tuple) -> tuple[np.ndarray, np.ndarray]:
+                   exclude: tuple, rules: ItemRules | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` items for users given by their vectors (B, dim) and their items (CSR pieces):
         a FAISS search, or exact scores over the catalogue when the bundle's score has the
-        item-item term (:mod:`dmp_dl.models.scoring`)."""
-        if self.served is None:
+        item-item term (:mod:`dmp_dl.models.scoring`) or ``rules`` leave items out or boost them
+        (exact, so that no rule depends on what an approximate index fetched)."""
+        if self.served is None and (rules is None or not rules.active):
             return search_excluding(self.item_index, self.item_vectors, vectors, k, *exclude)
         from dmp_dl.models.scoring import exact_top_k, rows_matrix  # torch, for exact scoring only
 
-        scores = self.served.scores(vectors, self.item_vectors, rows_matrix(*items_of, self.n_items))
-        return exact_top_k(scores, k, *exclude)
+        if self.served is None:
+            import torch
+
+            def score(lo: int, hi: int):
+                return torch.from_numpy(np.ascontiguousarray(vectors[lo:hi], dtype=np.float32) @ self.item_vectors.T)
+        else:
+            def score(lo: int, hi: int):
+                part = _ragged_rows(*items_of, np.arange(lo, hi, dtype=np.int64))
+                return self.served.scores(vectors[lo:hi], self.item_vectors, rows_matrix(*part, self.n_items))
+
+        step = max(1, EXACT_SCORES_PER_STEP // max(self.n_items, 1))  # bounded (B, n_items) temporaries
+        ids, scores = [], []
+        for lo in range(0, len(vectors), step):
+            hi = min(lo + step, len(vectors))
+            block = score(lo, hi)
+            if rules is not None and rules.active:
+                block = rules.apply(block.float())
+            part = _ragged_rows(*exclude, np.arange(lo, hi, dtype=np.int64)) if exclude[0] is not None else (None, None)
+            top = exact_top_k(block, k, *part)
+            ids.append(top[0])
+            scores.append(top[1])
+        if not ids:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return np.concatenate(ids), np.concatenate(scores)
 
     # -- new users (cold start) ----------------------------------------------------------------
     def recommend_for_history(self, item_ids: Sequence[object], k: int = 10, exclude_seen: bool = True,
-                              attributes: Mapping[str, object] | None = None) -> Ranked:
+                              attributes: Mapping[str, object] | None = None, **rules: Any) -> Ranked:
         """Top ``k`` for a user the model has never seen, from ``item_ids`` (the items they
         interacted with, oldest first; the last ``history_len`` are read) and optional
         ``attributes`` (e.g. ``{"age": 34, "region": "north"}``, the user table's columns).
 
         ``exclude_seen`` skips the history's items. Unknown attribute values are ignored (as an
-        unseen category); unknown attribute names are refused.
+        unseen category); unknown attribute names are refused. ``rules``: the business rules of
+        :meth:`recommend` (``exclude_categories``, ``boost``, ...).
         """
-        return self.recommend_for_histories([item_ids], k, exclude_seen, None if attributes is None else [attributes])[0]
+        return self.recommend_for_histories([item_ids], k, exclude_seen, None if attributes is None else [attributes],
+                                            **rules)[0]
 
     def recommend_for_histories(self, histories: Sequence[Sequence[object]], k: int = 10, exclude_seen: bool = True,
-                                attributes: Sequence[Mapping[str, object] | None] | None = None) -> list[Ranked]:
+                                attributes: Sequence[Mapping[str, object] | None] | None = None,
+                                **rules: Any) -> list[Ranked]:
         """:meth:`recommend_for_history` for many new users at once (one network pass, one search)."""
         k = self._check_k(k)
+        item_rules = self.item_rules(**rules)
         histories = [self._check_ids(h, "history") for h in self._check_ids(histories, "histories")]
         if attributes is not None and len(attributes) != len(histories):
             raise InvalidRequestError(f"attributes has {len(attributes)} entries for {len(histories)} histories")
         vectors, rows, items = self.cold_user_vectors(histories, attributes)
         distinct = _distinct_rows(rows, items, len(histories), self.n_items)
-        ids, scores = self._top_items(vectors, distinct, k, distinct if exclude_seen else (None, None))
+        ids, scores = self._top_items(vectors, distinct, k, distinct if exclude_seen else (None, None), item_rules)
         return self._ranked(ids, scores, self.item_vocab)
 
     @property

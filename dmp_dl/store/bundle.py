@@ -16,7 +16,7 @@ A bundle is a directory::
     network/weights.pt        the network's state_dict (cold start: recommend_for_history)
     network/network.json      its class (a registered network: dmp_dl.models.registry), constructor
                               kwargs, feature specs
-    propensity/               the propensity model, when trained; further parts (scoring, profiles,
+    propensity/               the propensity model, when trained; further parts (scoring, item_categories, profiles,
                               segments, realtime, uplift) in their own folders
 
 Each part is written, loaded and erased through one interface (:mod:`dmp_dl.store.parts`, listed

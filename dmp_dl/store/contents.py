@@ -32,12 +32,13 @@ PART_CLASSES: tuple[tuple[str, str, str], ...] = (
     ("profiles", "dmp_dl.audience.bundle", "ProfilesPart"),
     ("segments", "dmp_dl.audience.bundle", "SegmentsPart"),
     ("scoring", "dmp_dl.models.scoring", "ScoringPart"),
+    ("item_categories", "dmp_dl.serving.item_rules", "ItemCategoriesPart"),
     ("realtime", "dmp_dl.realtime.part", "RealtimeInputsPart"),
     ("uplift", "dmp_dl.campaign.bundle", "UpliftPart"),
 )
 KNOWN = tuple(name for name, _, _ in PART_CLASSES)
 # Loaded by the Recommender before it exists; "uplift" reads the Recommender, "realtime" the real-time service.
-SERVED = ("vectors", "indexes", "network", "propensity", "profiles", "segments", "scoring")
+SERVED = ("vectors", "indexes", "network", "propensity", "profiles", "segments", "scoring", "item_categories")
 UPLIFT = "uplift"
 
 

@@ -11,6 +11,7 @@ A bundle (:mod:`dmp_dl.store.bundle`) is a set of parts. Each part owns some fil
     profiles     profiles/ (profiles)                             dmp_dl.audience.bundle
     segments     segments/ (segments)                             dmp_dl.audience.bundle
     scoring      scoring/ (scoring)                               dmp_dl.models.scoring
+    item_categories  item_categories/ (item_categories)           dmp_dl.serving.item_rules
     realtime     realtime/ (realtime)                             dmp_dl.realtime.part
     uplift       uplift/ (uplift)                                 dmp_dl.campaign.bundle
 

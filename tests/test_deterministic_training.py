@@ -84,13 +84,20 @@ def _limit_cfg(tmp_path, *overrides: str):
 
 
 def test_the_epoch_limit_follows_the_settings_then_the_data(tmp_path):
-    assert epoch_limit(_limit_cfg(tmp_path), 3000, 100_000) == (
-        epochs_for_data(3000, 100_000), "model.vae.max_epochs=auto (from the data's size)")
-    assert epoch_limit(_limit_cfg(tmp_path, "trainer.max_epochs=7"), 3000, 100_000) == (7, "trainer.max_epochs")
-    assert epoch_limit(_limit_cfg(tmp_path, "model.vae.max_epochs=9"), 3000, 100_000) == (9, "model.vae.max_epochs")
+    assert epoch_limit(_limit_cfg(tmp_path), 100_000) == (
+        epochs_for_data(100_000), "model.vae.max_epochs=auto: from the data's size")
+    assert epoch_limit(_limit_cfg(tmp_path, "trainer.max_epochs=7"), 100_000) == (7, "trainer.max_epochs")
+    assert epoch_limit(_limit_cfg(tmp_path, "model.vae.max_epochs=9"), 100_000) == (9, "model.vae.max_epochs")
     both = _limit_cfg(tmp_path, "trainer.max_epochs=12", "model.vae.max_epochs=9")
-    assert epoch_limit(both, 3000, 100_000) == (9, "model.vae.max_epochs")
-    assert epoch_limit(_limit_cfg(tmp_path, "trainer.max_epochs=-1"), 3000, 100_000) == (UNLIMITED_EPOCHS, "trainer.max_epochs")
+    assert epoch_limit(both, 100_000) == (9, "model.vae.max_epochs")
+    assert epoch_limit(_limit_cfg(tmp_path, "trainer.max_epochs=-1"), 100_000) == (UNLIMITED_EPOCHS, "trainer.max_epochs")
+
+
+def test_the_data_size_rule_trains_small_logs_long_and_large_ones_at_least_20_epochs():
+    # the README's rule: at most 100 epochs and 30 million training events seen, never under 20
+    assert epochs_for_data(1_000) == epochs_for_data(80_000) == 100
+    assert epochs_for_data(600_000) == 50
+    assert epochs_for_data(3_000_000) == epochs_for_data(300_000_000) == 20
 
 
 def test_other_models_keep_their_default_epochs(tmp_path):

@@ -160,9 +160,9 @@ UNLIMITED_EPOCHS = 1_000_000  # trainer.max_epochs=-1: until early stopping
 RULE_MAX_EPOCHS, RULE_MIN_EPOCHS, RULE_EVENTS_SEEN = 100, 20, 30_000_000
 
 
-def epochs_for_data(n_users: int, n_events: int) -> int:
-    """The autoencoder's epoch limit for ``n_users`` training users and ``n_events`` training events
-    (``model.vae.max_epochs=auto``): ``RULE_EVENTS_SEEN / n_events`` clipped to
+def epochs_for_data(n_events: int) -> int:
+    """The autoencoder's epoch limit for ``n_events`` training events (the training rows' user-item
+    pairs; ``model.vae.max_epochs=auto``): ``RULE_EVENTS_SEEN / n_events`` clipped to
     [``RULE_MIN_EPOCHS``, ``RULE_MAX_EPOCHS``]. A ceiling for early stopping, not a target: on the
     logs it was measured on, the best validation epoch came well before it."""
     by_events = math.ceil(RULE_EVENTS_SEEN / max(int(n_events), 1))
@@ -171,11 +171,11 @@ def epochs_for_data(n_users: int, n_events: int) -> int:
 
 
 
-def epoch_limit(cfg: DictConfig, n_users: int, n_events: int) -> tuple[int, str]:
+def epoch_limit(cfg: DictConfig, n_events: int) -> tuple[int, str]:
     """The most epochs the autoencoder trains (early stopping on validation usually ends it sooner)
     and the setting that set it: ``trainer.max_epochs`` when given (-1: until early stopping), a
     number in ``model.vae.max_epochs`` (the smaller of the two when both are), else the data-size
-    rule of :func:`epochs_for_data` on ``n_users`` training users and ``n_events`` training events.
+    rule of :func:`epochs_for_data` on ``n_events`` training events.
     Nothing here reads a clock: the same data and settings give the same limit on any machine."""
     given = []
     trainer_max = (cfg.get("trainer") or {}).get("max_epochs")
@@ -186,7 +186,7 @@ def epoch_limit(cfg: DictConfig, n_users: int, n_events: int) -> tuple[int, str]
         given.append((int(vae_max), "model.vae.max_epochs"))
     if given:
         return min(given)
-    return epochs_for_data(n_users, n_events), "model.vae.max_epochs=auto (from the data's size)"
+    return epochs_for_data(n_events), "model.vae.max_epochs=auto: from the data's size"
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
     x_train = dm.train_seen
     rows_train = dm.interaction_rows("train")
     candidates: dict[str, dict] = {}
-    max_epochs, epochs_from = epoch_limit(cfg, int((np.diff(rows_train.indptr) > 0).sum()), int(rows_train.nnz))
+    max_epochs, epochs_from = epoch_limit(cfg, int(rows_train.nnz))
     log.info("autoencoder: at most %d epochs (%s)%s", max_epochs, epochs_from,
              ", early stopping on validation" if has_val else "")
     budget, budget_facts = time_budget(cfg)

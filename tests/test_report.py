@@ -42,7 +42,7 @@ def run_inputs(tmp_path_factory):
         "popularity": evaluate_scorer(PopularityScorer(dm.item_counts, device="cpu"), ds, dm.n_items, ks, pop, device="cpu"),
         "ease": evaluate_scorer(EASEScorer(dm.train_seen, 50.0, device="cpu"), ds, dm.n_items, ks, pop, device="cpu"),
     }
-    config = config_to_dict(compose_cfg(["evaluation.ks=[5,10,20]"], tmp_path_factory.mktemp("cfg")))
+    config = config_to_dict(compose_cfg(["model=two_tower", "evaluation.ks=[5,10,20]"], tmp_path_factory.mktemp("cfg")))
     return {"config": config, "data_quality": dm.report.to_dict(), "ranking": ranking, "model_name": "two_tower",
             "train": {"epochs": 3, "fit_seconds": 1.5, "val": {"val/recall@20": 0.2}}}
 

@@ -197,10 +197,10 @@ def test_without_validation_users_the_blend_is_served_and_refitted(planted_log, 
 
 
 def test_a_time_budget_given_as_a_number_caps_the_autoencoder(planted_log, tmp_path):
-    """An explicit budget is kept (not raised to the automatic floor): the fit stops within it."""
+    """A number caps the stage as given: the fit stops within it, and the record says the cap fired."""
     result = run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.time_budget_s=0.05",
                              "model.vae.patience=100"))
     record = result["metrics"]["model"]
     vae = record["candidates"]["vae"]["details"]
-    assert record["budget"] == {"time_budget_s": 0.05}
-    assert 0 < vae["time_budget_s"] <= 0.05 and vae["epochs_run"] < 40
+    assert record["budget"] == {"time_budget_s": 0.05, "clock": "cpu_seconds"}
+    assert 0 < vae["time_budget_s"] <= 0.05 and vae["epochs_run"] < 40 and vae["time_budget_fired"] is True

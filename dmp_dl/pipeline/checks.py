@@ -93,12 +93,11 @@ MODEL_RULES: dict[str, Rule] = {
     "model.module.optimizer.lr": POSITIVE,
     "model.module.optimizer.weight_decay": NON_NEGATIVE,
     # the automatic choice (model=auto|vae|ease)
-    "model.time_budget_s": OrAuto(Num(0, None, lo_open=True, null=True)),
-    "model.min_time_budget_s": POSITIVE,
+    "model.time_budget_s": Num(0, None, lo_open=True, null=True),  # a cap only: null (the default) keeps runs reproducible
     "model.selection_metric": MetricAtK(("ndcg", "recall")),
     "model.candidates": Each(Choice(("vae", "ease"))),
     "model.vae.batch_users": OrAuto(Int(1, None, null=True)),
-    "model.vae.max_epochs": Int(1, 1_000_000),
+    "model.vae.max_epochs": OrAuto(Int(1, 1_000_000)),
     "model.vae.patience": Int(0, None),
     "model.vae.net.hidden": Int(1, 1 << 20),
     "model.vae.net.layers": Int(1, 64),

@@ -3,8 +3,9 @@
 1. Fit each candidate that fits the data on the training split: EASE (:mod:`dmp_dl.models.ease`,
    l2 chosen on validation from a grid relative to the data), when its item x item matrix fits in
    memory, and the user-level autoencoder (:mod:`dmp_dl.models.autoencoder`, epochs chosen by early
-   stopping on validation NDCG), within what is left of the stage's time budget
-   (``model.time_budget_s``: by default about one dense EASE fit's time, see :func:`time_budget`).
+   stopping on validation NDCG, the best epoch kept, at most :func:`epoch_limit` of them). No clock
+   decides anything unless ``model.time_budget_s`` sets a cap (:func:`time_budget`): the same data,
+   seed and settings give the same epochs and vectors on an idle or a busy machine.
 2. Score them on the validation users, and the blend of both, ``vae + w * ease``, for a grid of w
    (:mod:`dmp_dl.models.scoring`); the best validation ``selection_metric`` wins.
 3. Score every candidate and the baselines on the test users (these are the reported numbers).
@@ -101,20 +102,23 @@ def budget_clock(device: torch.device):
 class TimeBudget(Callback):
     """Stops a fit that would overrun ``seconds`` of compute (:func:`compute_seconds`): after an
     epoch when one more would not fit in what is left, and within an epoch once the time is spent
-    (so an epoch longer than the budget ends early). Says so once in the log."""
+    (so an epoch longer than the budget ends early). Says so once in the log, with what that costs:
+    the epochs, and so the vectors, then depend on the machine's speed and load. ``fired``: whether
+    it stopped the fit."""
 
     def __init__(self, seconds: float, clock=compute_seconds):
-        self.seconds, self.t0, self.stopped, self.clock = float(seconds), 0.0, False, clock
+        self.seconds, self.t0, self.fired, self.clock = float(seconds), 0.0, False, clock
         self.unit = "CPU seconds" if clock is compute_seconds else "seconds"
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.t0 = self.clock()
 
     def _stop(self, trainer: pl.Trainer, why: str) -> None:
-        if not self.stopped:
-            log.info("time budget: %s after %.1f of %.1f %s (model.time_budget_s)", why,
-                     self.clock() - self.t0, self.seconds, self.unit)
-        self.stopped = True
+        if not self.fired:
+            log.warning("time budget: %s after %.1f of %.1f %s (model.time_budget_s): the epochs, and so the "
+                        "vectors, now depend on this machine's speed and load; model.time_budget_s=null trains "
+                        "the same epochs on any machine", why, self.clock() - self.t0, self.seconds, self.unit)
+        self.fired = True
         trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -124,7 +128,7 @@ class TimeBudget(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         elapsed = self.clock() - self.t0
         per_epoch = elapsed / (trainer.current_epoch + 1)
-        if not self.stopped and elapsed + per_epoch > self.seconds:
+        if not self.fired and elapsed + per_epoch > self.seconds:
             self._stop(trainer, f"stopping after {trainer.current_epoch + 1} epoch(s), another would not fit")
 
 
@@ -148,6 +152,41 @@ def batch_users(setting: Any, n_users: int) -> int:
     if setting in (None, "auto"):
         return int(min(1024, max(64, 2 ** round(math.log2(max(n_users, 1) / 64)))))
     return int(setting)  # checked with the other settings (dmp_dl.pipeline.checks)
+
+
+UNLIMITED_EPOCHS = 1_000_000  # trainer.max_epochs=-1: until early stopping
+# model.vae.max_epochs=auto: at most RULE_MAX_EPOCHS epochs and RULE_EVENTS_SEEN training events seen
+# (epochs x events: the cost of a fit grows with both), but never fewer than RULE_MIN_EPOCHS
+RULE_MAX_EPOCHS, RULE_MIN_EPOCHS, RULE_EVENTS_SEEN = 100, 20, 30_000_000
+
+
+def epochs_for_data(n_events: int) -> int:
+    """The autoencoder's epoch limit for ``n_events`` training events (the training rows' user-item
+    pairs; ``model.vae.max_epochs=auto``): ``RULE_EVENTS_SEEN / n_events`` clipped to
+    [``RULE_MIN_EPOCHS``, ``RULE_MAX_EPOCHS``]. A ceiling for early stopping, not a target: on the
+    logs it was measured on, the best validation epoch came well before it."""
+    by_events = math.ceil(RULE_EVENTS_SEEN / max(int(n_events), 1))
+    return int(min(RULE_MAX_EPOCHS, max(RULE_MIN_EPOCHS, by_events)))
+
+
+
+
+def epoch_limit(cfg: DictConfig, n_events: int) -> tuple[int, str]:
+    """The most epochs the autoencoder trains (early stopping on validation usually ends it sooner)
+    and the setting that set it: ``trainer.max_epochs`` when given (-1: until early stopping), a
+    number in ``model.vae.max_epochs`` (the smaller of the two when both are), else the data-size
+    rule of :func:`epochs_for_data` on ``n_events`` training events.
+    Nothing here reads a clock: the same data and settings give the same limit on any machine."""
+    given = []
+    trainer_max = (cfg.get("trainer") or {}).get("max_epochs")
+    if trainer_max is not None:
+        given.append((UNLIMITED_EPOCHS if int(trainer_max) == -1 else int(trainer_max), "trainer.max_epochs"))
+    vae_max = cfg.model.vae.get("max_epochs", "auto")
+    if vae_max not in (None, "auto"):
+        given.append((int(vae_max), "model.vae.max_epochs"))
+    if given:
+        return min(given)
+    return epochs_for_data(n_events), "model.vae.max_epochs=auto: from the data's size"
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -180,8 +219,8 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
 
     With ``validate``, early stopping on the validation users (``val_users``: an ``EvalUsers``,
     default :func:`validation_sample`) picks the epoch and the best epoch's weights are returned;
-    else ``max_epochs`` epochs run. Training also stops after
-    ``time_budget_s`` seconds (None: no limit). ``previous``: a
+    else ``max_epochs`` epochs run. Training also stops after ``time_budget_s`` seconds (None: no
+    limit; a cap that fires makes the result depend on the machine's load). ``previous``: a
     :class:`~dmp_dl.training.warm_start.PreviousNetwork` (``init_from``) the net starts from, row by row by
     id. Returns (net, facts).
     """
@@ -207,13 +246,14 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
                                 batch_size=dm.eval_batch_size, shuffle=False, collate_fn=lambda batch: batch)
     device = stage_device(cfg)
     trainer = _trainer(cfg, callbacks, max_epochs, time_budget_s, validate, loggers or [], budget_clock(device))
+    budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
     t0 = time.perf_counter()
     with warnings.catch_warnings(), matmul_precision(device, str(cfg.trainer.get("precision", "32-true"))):
         warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")  # a final fit without validation users is intended
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
     seconds = time.perf_counter() - t0
     facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size,
-             "steps": int(module._batches), "warm_start": warm}
+             "steps": int(module._batches), "warm_start": warm, "time_budget_fired": bool(budget and budget.fired)}
     if keep is not None and keep.state is not None:
         module.load_state_dict(keep.state)
         facts.update(best_epoch=keep.best_epoch, epochs=keep.best_epoch + 1, val_best=keep.best)
@@ -273,60 +313,19 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None,
     return shallow, facts
 
 
-_FLOPS: dict[str, float] = {}
+def time_budget(cfg: DictConfig) -> tuple[float | None, dict]:
+    """The model stage's time cap (None: none, the default) and how it was set, in CPU seconds on
+    the CPU (:func:`compute_seconds`) and seconds on the clock on CUDA (:func:`budget_clock`).
 
-
-def float64_flops() -> float:
-    """This process's float64 matrix-multiply rate in flops per CPU second (:func:`compute_seconds`,
-    every thread counted), measured once per process (~0.1 s)."""
-    if "f64" not in _FLOPS:
-        a = torch.randn(1024, 1024, dtype=torch.float64)
-        a @ a  # warm-up
-        t0 = compute_seconds()
-        for _ in range(3):
-            a @ a
-        _FLOPS["f64"] = 3 * 2 * 1024**3 / max(compute_seconds() - t0, 1e-3)
-    return _FLOPS["f64"]
-
-
-def device_flops(device: torch.device) -> float:
-    """float32 matrix-multiply rate of a CUDA ``device`` in flops per second, measured once (~0.1 s)."""
-    key = f"f32:{device}"
-    if key not in _FLOPS:
-        a = torch.randn(4096, 4096, device=device)
-        a @ a
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        torch.cuda.synchronize(device)
-        _FLOPS[key] = 5 * 2 * 4096**3 / max(time.perf_counter() - t0, 1e-6)
-    return _FLOPS[key]
-
-
-def time_budget(cfg: DictConfig, dm) -> tuple[float | None, dict]:
-    """The model stage's time budget (None: none) and how it was set, in CPU seconds on the CPU
-    (:func:`compute_seconds`) and seconds on the clock on CUDA (:func:`budget_clock`).
-
-    ``auto``: below what one dense EASE fit on this data costs on this machine — half of the
-    ``items^3`` flops of an (items x items) Cholesky inverse at the measured matrix-multiply rate
-    (float64 on the CPU, float32 on CUDA; LAPACK runs slower than a multiply, so a real fit costs
-    more still) — but at least ``min_time_budget_s``, so small logs still train the autoencoder
-    properly. The autoencoder gets what EASE leaves, halved (the final fit repeats it), and never
-    less than half the floor.
+    Only a number given in ``model.time_budget_s`` caps the stage: a cap that fires makes the
+    epochs, and so the vectors, depend on the machine's speed and load (the log says so when it
+    does); without one the epochs depend on the data, the seed and the settings alone.
     """
     setting = cfg.model.get("time_budget_s")
     if setting is None:
         return None, {"time_budget_s": None}
-    if setting != "auto":  # a number > 0, checked with the other settings (dmp_dl.pipeline.checks)
-        value = float(setting)
-        return value, {"time_budget_s": value}
-    device = stage_device(cfg)
-    rate = device_flops(device) if device.type == "cuda" else float64_flops()
-    reference = 0.5 * float(dm.n_items) ** 3 / rate
-    floor = float(cfg.model.get("min_time_budget_s", 40.0))
-    return max(reference, floor), {"time_budget_s": max(reference, floor), "ease_reference_seconds": reference,
-                                   "min_time_budget_s": floor, "clock": "seconds" if device.type == "cuda" else "cpu_seconds"}
+    value = float(setting)  # a number > 0, checked with the other settings (dmp_dl.pipeline.checks)
+    return value, {"time_budget_s": value, "clock": "seconds" if stage_device(cfg).type == "cuda" else "cpu_seconds"}
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -421,8 +420,10 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
     x_train = dm.train_seen
     rows_train = dm.interaction_rows("train")
     candidates: dict[str, dict] = {}
-    max_epochs = int(model.vae.get("max_epochs", 100))
-    budget, budget_facts = time_budget(cfg, dm)
+    max_epochs, epochs_from = epoch_limit(cfg, int(rows_train.nnz))
+    log.info("autoencoder: at most %d epochs (%s)%s", max_epochs, epochs_from,
+             ", early stopping on validation" if has_val else "")
+    budget, budget_facts = time_budget(cfg)
     previous = None
     if cfg.get("init_from"):  # a previous run's bundle or checkpoint: the autoencoder starts from it
 
@@ -442,21 +443,21 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
                                    else fit_ease(cfg, dm, x_train, l2=_default_l2(cfg, x_train)))
             candidates[SHALLOW] = {"status": "ok", "reason": None, "fit_seconds": ease_facts["fit_seconds"], "details": ease_facts}
 
-    # 1b. the autoencoder: always fitted, its vectors are the bundle's. Its share of the budget: what
+    # 1b. the autoencoder: always fitted, its vectors are the bundle's. Its share of a time cap: what
     # EASE left, halved (the final fit on every event repeats it), less one more EASE fit for that refit
     vae_budget = None
     if budget is not None:
         ease_details = candidates.get(SHALLOW, {}).get("details", {})
         ease_seconds = ease_details.get("fit_seconds" if device.type == "cuda" else "cpu_seconds", 0.0)
-        floor = float(budget_facts.get("min_time_budget_s", 0.0))  # auto only: a number given is kept
-        vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, floor / 2.0, 0.1 * budget)
+        vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, 0.1 * budget)
     net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
                                      time_budget_s=vae_budget, previous=previous, val_users=val_sample)
     users = user_vectors(net.to(device), np.arange(dm.n_users), dm.train_history, device=device)
     items = item_vectors(net, dm.n_items, device=device)
     net.cpu()
     candidates[DEEP] = {"status": "ok", "reason": None, "fit_seconds": vae_facts["fit_seconds"],
-                        "details": {**vae_facts, "time_budget_s": vae_budget}}
+                        "details": {**vae_facts, "time_budget_s": vae_budget, "max_epochs": max_epochs,
+                                    "max_epochs_from": epochs_from}}
     if DEEP not in wanted:
         candidates[DEEP]["status"] = "skipped"
         candidates[DEEP]["reason"] = "not in model.candidates: fitted for the vectors only"
@@ -553,7 +554,8 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
     vae = choice.record["candidates"][DEEP]["details"]
     net, fitted = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=int(vae.get("epochs", 1)), loggers=loggers,
                                   time_budget_s=vae.get("time_budget_s"), previous=previous)
-    facts["vae_seconds"] = fitted["fit_seconds"]
+    facts.update(vae_seconds=fitted["fit_seconds"], vae_epochs_run=fitted["epochs_run"],
+                 vae_time_budget_fired=fitted["time_budget_fired"])
     served = choice.served
     if served.uses_shallow:
         t1 = time.perf_counter()

@@ -80,7 +80,7 @@ def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
                           f"set model=two_tower (model={cfg.model.get('name')} has no DP training)")
     if cfg.get("ckpt_path") not in (None, "", "null"):
         log.warning("ckpt_path is ignored by model=%s: it has no resumable epochs (its fits are bounded by "
-                    "model.time_budget_s and start afresh); resuming applies to model=two_tower and model=mf",
+                    "the data and settings and start afresh); resuming applies to model=two_tower and model=mf",
                     cfg.model.get("name"))
     choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")))
     ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")

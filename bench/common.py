@@ -32,6 +32,9 @@ def compose_train_cfg(overrides: list[str], output_dir: str | Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from dmp_dl.core.open_settings import register
+
+    register()  # the dict settings that take new keys, as every command registers them
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     with open_dict(cfg):

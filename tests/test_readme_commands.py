@@ -33,7 +33,7 @@ COMMANDS = shell_commands()
 
 def localize(arg: str, work: Path) -> str:
     """``arg`` with the README's absolute and placeholder paths moved under ``work``."""
-    for old, new in (("/tmp/", f"{work}/tmp/"), ("/data/", f"{work}/data/"), ("outputs/<run>/", "outputs/run/"),
+    for old, new in (("/tmp/", f"{work}/tmp/"), ("/data/", f"{work}/data/"), ("outputs/<run>/", f"{work}/tmp/run/"),
                      ("../shared/data/ml-100k", str(ML100K)), ("=NEW_DIR", f"={work}/moved"),
                      ("=DIR", f"={work}/tmp/run/artifacts")):
         arg = arg.replace(old, new)

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup lint train test test-slow bench clean gpu-wheels
+.PHONY: setup lint train test test-slow docs-check bench clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ test: lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Every README command and example: checked against the configs and parsers (fast), then run on small data (slow).
+docs-check: setup
+	$(PY) -m pytest -q tests/test_readme_commands.py
+	$(PY) -m pytest -q -m slow tests/test_readme_run.py
 
 bench: setup
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench's own modules
+import output  # noqa: E402
+
 TOKEN = "contract-check-token"
 
 
@@ -109,7 +112,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, help="a bundle (default: train a tiny one)")
     parser.add_argument("--examples", type=int, default=300, help="cases per operation and mode (valid / invalid)")
+    output.add_arguments(parser)
     args = parser.parse_args()
+    output.require({"schemathesis": "the generated requests", "hypothesis": "their search"}, "bench/api_contract.py")
+    output.use(args)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import markdown_table, write_section
 

@@ -38,6 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import output  # noqa: E402
 from common import ML100K, Timer, compose_train_cfg, markdown_table, write_section  # noqa: E402
 
 from dmp_dl import Recommender  # noqa: E402
@@ -75,7 +76,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="split seeds per audience")
     parser.add_argument("--hide", type=float, default=0.5, help="share of each audience hidden")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training run (after --)")
+    output.add_arguments(parser)
     args = parser.parse_args()
+    output.use(args)
     if not (ML100K / "u.data").exists():
         print(f"MovieLens 100K not found at {ML100K} (set DMP_ML100K)")
         return

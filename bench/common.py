@@ -1,7 +1,9 @@
 """Shared bench plumbing: machine description, result files, timing helpers.
 
-Each bench writes a dated section to ``bench/RESULTS.md`` (replacing the previous run of the same
-section) and its raw numbers to ``bench/results/<section>.json``.
+Each bench writes a dated section to a results file (replacing the previous run of the same
+section) and its raw numbers to ``results/<section>.json`` beside it: the git-ignored
+``bench/out/RESULTS.md`` unless the run names another (``--results FILE``, or ``--write-results``
+for the tracked ``bench/RESULTS.md``; see ``output.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_MD = BENCH_DIR / "out" / "RESULTS.md"  # output.use points these at the file a run names
+RESULTS_DIR = BENCH_DIR / "out" / "results"
 ML100K = Path(os.environ.get("DMP_ML100K", ROOT.parent / "shared" / "data" / "ml-100k"))
 
 if str(ROOT) not in sys.path:
@@ -32,6 +34,9 @@ def compose_train_cfg(overrides: list[str], output_dir: str | Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from dmp_dl.core.open_settings import register
+
+    register()  # the dict settings that take new keys, as every command registers them
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     with open_dict(cfg):
@@ -103,13 +108,14 @@ def write_section(name: str, title: str, body: str, data: dict) -> None:
         f"<!-- section:{name} -->\n## {title}\n\n"
         f"`{data['command']}`  \n{machine_line(info)}\n\n{body.strip()}\n<!-- /section:{name} -->"
     )
+    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"<!-- section:{re.escape(name)} -->.*?<!-- /section:{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS_MD.write_text(text)
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
-    print(f"\n## {title}\n{body}\n(written to {RESULTS_MD.relative_to(ROOT)} and results/{name}.json)")
+    print(f"\n## {title}\n{body}\n(written to {RESULTS_MD} and {RESULTS_DIR / f'{name}.json'})")
 
 
 class Timer:

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import output  # noqa: E402
 from common import ROOT, Timer, markdown_table, write_section  # noqa: E402
 
 
@@ -79,7 +80,9 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["parquet", "csv"])
     ap.add_argument("--chunk", type=int, default=8192, help="users per batch (chunk_users)")
     ap.add_argument("--scratch", action="store_true", help="print only; leave RESULTS.md alone")
+    output.add_arguments(ap)
     args = ap.parse_args()
+    output.use(args)
 
     from dmp_dl.export import jobs
 

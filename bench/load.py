@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench's own modules
+import output  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -250,7 +253,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds (a timeout is an error)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS.md")
+    output.add_arguments(ap)
     args = ap.parse_args()
+    output.require({"httpx": "the HTTP clients"}, "bench/load.py")
+    output.use(args)
 
     with tempfile.TemporaryDirectory(prefix="dmp-load-") as tmp:
         artifacts = args.artifacts or synthetic_bundle(Path(tmp) / "artifacts", args.users, args.items, args.dim)

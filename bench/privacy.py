@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import output  # noqa: E402
 from common import ML100K, compose_train_cfg, markdown_table, write_section  # noqa: E402
 
 from dmp_dl.pipeline.run import run  # noqa: E402
@@ -125,7 +126,10 @@ def main() -> None:
                     help="Hydra overrides of the DP runs only (default: %(default)s)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
+    output.add_arguments(ap)
     args = ap.parse_args()
+    output.require({"opacus": "the DP-SGD accountant"}, "bench/privacy.py")
+    output.use(args)
     if not (ML100K / "u.data").exists():
         sys.exit(f"MovieLens 100K not found at {ML100K} (set DMP_ML100K)")
     logging.basicConfig(level=logging.WARNING)

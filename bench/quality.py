@@ -267,9 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--merge", action="store_true",
                     help="keep the logs of results/quality.json that this run does not measure (each keeps its command)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
+    output.add_arguments(ap)
     args = ap.parse_args(argv)
+    needs = {**({"implicit": "the als / bpr anchors"} if {"als", "bpr"} & set(args.anchors) else {}),
+             **({"cornac": "the vaecf anchor"} if "vaecf" in args.anchors else {})}
+    output.require(needs, "bench/quality.py", "or leave those anchors out, e.g. --anchors popularity ease")
+    output.use(args, quick=args.quick)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    output.use(args.quick or args.scratch)
     results, body, skipped = {}, [DEFINITIONS, ""], []
     previous: dict[str, Any] = {}
     if args.merge and (output.common.RESULTS_DIR / "quality.json").exists():

@@ -322,11 +322,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes into bench/out/")
     parser.add_argument("--scratch", action="store_true", help="write into bench/out/, not bench/RESULTS.md")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the synthetic training run")
+    output.add_arguments(parser)
     args = parser.parse_args()
+    output.require({"httpx": "the HTTP clients"}, "bench/realtime.py")
+    output.use(args, quick=args.quick)
     if args.quick:
         args.batches, args.single, args.memory_events = 3, 30, 5000
         args.overrides = ["data.source.n_users=400", "data.source.n_items=150", "data.source.n_events=12000", *args.overrides]
-    output.use(args.quick or args.scratch)
     at_start = common.machine()  # the load average when the run starts
     root = Path(tempfile.mkdtemp(prefix="dmp-realtime-bench-"))
     try:

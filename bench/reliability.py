@@ -38,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import output  # noqa: E402
 from common import ROOT, command, compose_train_cfg, machine, markdown_table, write_section
 
 TOKEN = "reliability-journal-token"
@@ -279,7 +280,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="journal part: concurrent client threads")
     parser.add_argument("--batches", type=int, default=40, help="journal part: batches per client")
     parser.add_argument("--artifacts", help="journal part: a bundle to use instead of training a small one")
+    output.add_arguments(parser)
     args = parser.parse_args()
+    output.require({"httpx": "the HTTP clients"}, "bench/reliability.py")
+    output.use(args)
     status = 0
     if args.part in ("all", "inputs"):
         status |= inputs_part()

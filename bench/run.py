@@ -2,15 +2,19 @@
 
     python bench/run.py all                 # quality, train, serve, scale (on 2 CPU cores: under ~10 min each)
     python bench/run.py quality train       # some sections
-    python bench/run.py all --quick         # tiny sizes into bench/out/: checks that everything runs
-    python bench/run.py quality --scratch   # real sizes, but into bench/out/ (RESULTS.md untouched)
+    python bench/run.py all --quick         # tiny sizes: checks that everything runs
+    python bench/run.py quality --results /tmp/quality.md   # the results into a file of yours
+    python bench/run.py all --write-results # rewrite the tracked bench/RESULTS.md and bench/results/
     python bench/run.py privacy             # also any other bench/<name>.py present (audience, privacy, load, ...), run with its defaults
 
-Each section prints its command, machine and versions and its table, writes a dated section to
-``bench/RESULTS.md`` and its numbers to ``bench/results/<section>.json``; afterwards the
-"Headline" block at the top of ``bench/RESULTS.md`` is rewritten from those JSON files (ours vs
-the best anchor for quality, vs implicit for training time, ANN vs exact for serving, growth
-slopes). ``--quick`` writes to the git-ignored ``bench/out/`` instead.
+Each section prints its command, machine and versions and its table, and writes a dated section to
+the results file and its numbers to ``results/<section>.json`` beside it; afterwards the
+"Headline" block at the top of that file is rewritten from those JSON files (ours vs the best
+anchor for quality, vs implicit for training time, ANN vs exact for serving, growth slopes). The
+results file is the git-ignored ``bench/out/RESULTS.md`` unless ``--results FILE`` or
+``--write-results`` (the tracked ``bench/RESULTS.md``) names another. Before any section runs, the
+packages of every section asked for are checked: a missing one is one ``error:`` line naming it and
+the pip extra to install (exit status 2).
 
 Sections on their own, with all their options: ``bench/quality.py``, ``bench/train_speed.py``,
 ``bench/serve.py`` (the serving issue's script; ``serve`` here runs it at its small scale),
@@ -96,8 +100,30 @@ def serving_headline(rows: list[dict]) -> dict:
     return {"ann": ann}
 
 
-def run_section(name: str, quick: bool, scratch: bool = False) -> None:
-    q = (["--quick"] if quick else []) + (["--scratch"] if scratch else [])
+# The optional packages each section imports (package -> what for); see output.require.
+SECTION_NEEDS = {
+    "quality": {"implicit": "the als / bpr anchors", "cornac": "the vaecf anchor"},
+    "train": {"implicit": "the ALS / BPR anchors"},
+    "serve": {"httpx": "the HTTP clients"},
+    "load": {"httpx": "the HTTP clients"},
+    "realtime": {"httpx": "the HTTP clients"},
+    "reliability": {"httpx": "the HTTP clients"},
+    "api_contract": {"schemathesis": "the generated requests", "hypothesis": "their search"},
+    "privacy": {"opacus": "the DP-SGD accountant"},
+}
+
+
+def needs_of(names: list[str]) -> dict[str, str]:
+    """The packages (package -> what for, with the sections) of the sections ``names``."""
+    needs: dict[str, list[str]] = {}
+    for name in names:
+        for package, why in SECTION_NEEDS.get(name, {}).items():
+            needs.setdefault(package, []).append(f"{name}: {why}")
+    return {package: "; ".join(whys) for package, whys in needs.items()}
+
+
+def run_section(name: str, quick: bool, scratch: bool = False, results: list[str] | None = None) -> None:
+    q = (["--quick"] if quick else []) + (["--scratch"] if scratch else []) + list(results or [])
     if name == "quality":
         import quality
 
@@ -113,9 +139,9 @@ def run_section(name: str, quick: bool, scratch: bool = False) -> None:
 
         scale.main(q)
     elif quick or scratch:
-        print(f"{name}: not run with --quick / --scratch (bench/{name}.py runs with its own defaults and writes bench/RESULTS.md)")
-    else:  # another bench script, with its own defaults and its own RESULTS.md section
-        subprocess.run([sys.executable, str(BENCH / f"{name}.py")], check=True)
+        print(f"{name}: not run with --quick / --scratch (bench/{name}.py runs with its own defaults)")
+    else:  # another bench script, with its own defaults and its own section of the results file
+        subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *(results or [])], check=True)
 
 
 def _load(name: str) -> dict | None:
@@ -208,17 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sections", nargs="+", choices=[*SECTIONS, "all", *extra])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, results into bench/out/ (a plumbing check)")
-    ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored), not bench/RESULTS.md")
+    ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored; the default)")
+    output.add_arguments(ap)
     args = ap.parse_args(argv)
     names = list(dict.fromkeys(n for s in args.sections for n in (SECTIONS if s == "all" else (s,))))
-    output.use(args.quick or args.scratch)
+    output.require(needs_of(names), f"bench/run.py {' '.join(args.sections)}")
+    output.use(args, quick=args.quick)
+    results = output.forward(args)
     print(f"$ {common.command()}\n{common.machine_line(common.machine())}", flush=True)
     failed = []
     for name in names:
         t0 = time.perf_counter()
         print(f"\n=== {name} ===", flush=True)
         try:
-            run_section(name, args.quick, args.scratch)
+            run_section(name, args.quick, args.scratch, results)
         except Exception:  # one broken section must not lose the others' results
             traceback.print_exc()
             failed.append(name)

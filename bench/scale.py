@@ -394,7 +394,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--baseline", help="data stage: also measure this commit's dmp_dl (git archive)")
     ap.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
+    output.add_arguments(ap)
     args = ap.parse_args(argv)
+    output.use(args, quick=args.quick)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.child:
         kind, size = args.child[0], int(args.child[1])
@@ -405,7 +407,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.quick:
         args.events, args.items, args.steps, args.queries = [30_000, 120_000], [2_000, 20_000], 20, 200
         args.data_events, args.repeats = [30_000, 100_000], 1
-    output.use(args.quick or args.scratch)
     if args.data_stage:
         return data_stage(args)
     t0 = time.perf_counter()

@@ -204,14 +204,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the run (after --)")
+    output.add_arguments(ap)
     args = ap.parse_args(argv)
+    output.use(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.child:
         args.child_out.write_text(json.dumps(child(*args.child, args), default=str))
         return None
     if not len(args.users) == len(args.items) == len(args.events):
         ap.error("--users, --items and --events need the same number of values (one run per position)")
-    output.use(args.scratch)
     with tempfile.TemporaryDirectory(prefix="dmp-bench-scale-run-") as tmp:
         results = [run_child(u, i, e, args, Path(tmp)) for u, i, e in zip(args.users, args.items, args.events)]
     body, slopes = summarise(results)

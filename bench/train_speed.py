@@ -221,12 +221,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check, not numbers")
     ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored), not bench/RESULTS.md")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
+    output.add_arguments(ap)
     args = ap.parse_args(argv)
+    output.require({"implicit": "the ALS / BPR anchors"} if args.implicit else {}, "bench/train_speed.py", "or leave them out with --implicit (no names)")
+    output.use(args, quick=args.quick)
     if args.quick:
         args.users, args.items, args.events, args.epochs = 1000, 300, 20_000, 2
         args.gpu_events, args.gpu_users, args.gpu_items, args.gpu_steps = 50_000, 2000, 500, 20
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    output.use(args.quick or args.scratch)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmp-bench-train-") as tmp:
         cpu = cpu_part(args, Path(tmp))

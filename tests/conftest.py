@@ -10,9 +10,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from dmp_dl import Recommender
+from dmp_dl.core.open_settings import register as register_open_settings
 from dmp_dl.pipeline.run import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+register_open_settings()  # the configs of conf/ list these, as every command registers them on import (dmp_dl/core/cli.py)
 ML100K = Path(os.environ.get("DMP_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
 
 # A small but learnable synthetic problem: trains in seconds on 2 CPU cores.

@@ -328,7 +328,7 @@ def test_forget_command_line(erased, tmp_path):
     bundle = Path(shutil.copytree(erased["before"], tmp_path / "artifacts"))
     ids = tmp_path / "ids.txt"
     ids.write_text("u000300\n\nu000301\n")
-    env = {**os.environ, "DMP_PSEUDONYM_KEY": SECRET}
+    env = {**os.environ, "DMP_PSEUDONYM_KEY": SECRET, "PYTHONPATH": str(REPO)}  # this tree's package, run from tmp_path
     cmd = [sys.executable, "-m", "dmp_dl.privacy", "forget", f"artifacts={bundle}", f"user_ids={ids}",
            f"erasure_list={tmp_path}/list.txt", f"audit_log={tmp_path}/audit.jsonl"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -337,6 +337,7 @@ def test_forget_command_line(erased, tmp_path):
     assert summary["removed_from_bundle"] == 2 and summary["users_after"] == Bundle.open(bundle).manifest["counts"]["users"]
     assert not RAW_ID.search((done.stdout + done.stderr).encode())
     assert len((tmp_path / "audit.jsonl").read_text().splitlines()) == 2
+    assert f"erasure list: {tmp_path}/list.txt; later training runs apply it when given privacy.erasure_list=" in done.stderr
     done = subprocess.run([*cmd[:5], f"user_ids={tmp_path / 'none.txt'}"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2 and "none.txt" in done.stderr and "Traceback" not in done.stderr

@@ -173,7 +173,7 @@ def read_outcomes(path: str, cleaning: CleaningOptions | None = None, columns: M
         raise ConfigError("outcomes is required: the event log after the campaign's start (user_id, timestamp, "
                           "event_type, value)")
     table = read_table(path, what="outcome events", key="outcomes", required=(USER, TIME), sep=sep,
-                       rename=dict(columns or {}))
+                       rename=dict(columns or {}), columns_key="outcome_columns", sep_key="outcome_sep")
     raw = table.frame
     if ITEM not in raw.columns:  # an outcome needs no item
         raw = raw.assign(**{ITEM: NO_ITEM})

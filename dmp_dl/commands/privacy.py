@@ -18,6 +18,8 @@ from dmp_dl.core.cli import CONF_DIR, report_errors
 from dmp_dl.data.id_lists import read_id_file
 
 COMMANDS = ("forget",)
+# privacy.erasure_list's default (conf/privacy/default.yaml), relative to the folder a training run starts in
+DEFAULT_LIST = Path("privacy_data") / "erased_users.txt"
 USAGE = ("usage: python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE [erasure_list=FILE] [audit_log=FILE] "
          "[secret_env=NAME] [secret_file=FILE]")
 
@@ -27,6 +29,17 @@ def read_user_ids(path: str | Path) -> list[str]:
     for a header and skipped), as :func:`dmp_dl.data.id_lists.read_id_file` reads text: byte-order
     mark, CRLF, blank and ``#`` lines handled."""
     return read_id_file(path, "user_ids", tables=False)
+
+
+def erasure_list_notice(erasure_list: str | Path) -> str:
+    """One line saying where the erasure list is and which later training runs apply it."""
+    path = Path(erasure_list).absolute()
+    if path.parts[-2:] == DEFAULT_LIST.parts:
+        return (f"erasure list: {path}; every later training run started in {path.parents[1]} applies it "
+                f"(privacy.erasure_list defaults to {DEFAULT_LIST} there) and drops these users' events; "
+                f"a run started elsewhere applies it with privacy.erasure_list={path}")
+    return (f"erasure list: {path}; later training runs apply it when given privacy.erasure_list={path} "
+            f"(the default is {DEFAULT_LIST} under the folder a run starts in)")
 
 
 def forget(cfg: DictConfig) -> dict:
@@ -47,7 +60,9 @@ def forget(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="privacy_cli")
 def _forget_command(cfg: DictConfig) -> None:
     with report_errors():
-        print(json.dumps(forget(cfg), indent=1))
+        summary = forget(cfg)
+        print(json.dumps(summary, indent=1))
+        print(erasure_list_notice(summary["erasure_list"]), file=sys.stderr)
 
 
 def main() -> None:

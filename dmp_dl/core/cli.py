@@ -12,12 +12,15 @@ from omegaconf import DictConfig, open_dict
 
 from dmp_dl.core.errors import DmpError
 from dmp_dl.core.logs import quiet_third_party
+from dmp_dl.core.open_settings import register as register_open_settings
 
 log = logging.getLogger("dmp_dl")
 
 # conf/ beside the package, as an absolute path: Hydra reads a relative config_path against the
 # package of a command run as a module (python -m), not against its file.
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The configs in conf/ list these in their defaults: every command composes after importing this module.
+register_open_settings()
 
 
 def user_error(exc: BaseException) -> DmpError | None:

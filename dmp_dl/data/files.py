@@ -141,6 +141,8 @@ def read_table(
     sep: str = "auto",
     encoding: str = "utf-8",
     rename: dict[str, str] | None = None,
+    columns_key: str = "data.source.columns",
+    sep_key: str = "data.source.sep",
 ) -> Table:
     """Read a CSV or Parquet table and check it has the ``required`` columns.
 
@@ -153,6 +155,7 @@ def read_table(
     sep: CSV field separator, or ``"auto"`` to detect it from the header line.
     encoding: CSV text encoding.
     rename: map of canonical column name -> column name in the file.
+    columns_key, sep_key: the settings that give ``rename`` and ``sep``, named in messages.
 
     Raises
     ------
@@ -184,7 +187,7 @@ def read_table(
         if missing_src:
             raise DataError(
                 f"{path}: column mapping names {missing_src} but the file has columns "
-                f"{list(frame.columns)}; fix data.source.columns (canonical name -> your column name)"
+                f"{list(frame.columns)}; fix {columns_key} (canonical name -> your column name)"
             )
         frame = frame.rename(columns=inverse)
     dup = frame.columns[frame.columns.duplicated()].tolist()
@@ -197,11 +200,11 @@ def read_table(
             hint = (f"; the header holds NUL bytes: a UTF-16/32 file without a byte-order mark? set {ENCODING_KEY} "
                     f"(e.g. {ENCODING_KEY}=utf-16-le)")
         elif kind == "csv" and len(frame.columns) == 1:
-            hint = f"; the header parsed as a single column {frame.columns[0]!r}: is data.source.sep right?"
+            hint = f"; the header parsed as a single column {frame.columns[0]!r}: is {sep_key} right?"
         raise DataError(
             f"{path}: {what} file lacks required column {missing[0]!r} "
             f"(found columns: {list(frame.columns)}){hint}; if the file names it differently, map it with "
-            f"data.source.columns={{{missing[0]}: YOUR_COLUMN}}"
+            f"'{columns_key}={{{missing[0]}: YOUR_COLUMN}}'"
         )
     table.frame = frame
     return table

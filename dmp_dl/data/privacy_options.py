@@ -73,10 +73,14 @@ class PrivacyOptions:
         pseudonymise); salted and raw entries need nothing."""
         p = self.pseudonymizer() if self.pseudonymize else None
         entries = ErasureEntries()
-        if extra_erasure_list:
-            read_erasure_list(extra_erasure_list, entries, required=True)
-        if self.erasure_list:
-            read_erasure_list(self.erasure_list, entries, required=False)
+        applied: list[str] = []  # "FILE (N entries, the setting)" of each list that holds entries
+        for path, setting, required in ((extra_erasure_list, "data.erasure_list", True),
+                                        (self.erasure_list, "privacy.erasure_list", False)):
+            if path:
+                before = len(entries)
+                read_erasure_list(path, entries, required=required)
+                if len(entries) > before:
+                    applied.append(f"{Path(path).absolute()} ({len(entries) - before} entries, {setting})")
         erased: set[str] = set()
         if len(entries):
             ids = log_user_ids(raw)
@@ -84,7 +88,8 @@ class PrivacyOptions:
             key = p if p is not None else (self.pseudonymizer() if entries.tagged else None)
             found = entries.resolve(ids, key, pseudonyms)
             erased = set((pseudonyms if p is not None else ids)[found].tolist())
-            log.info("erasure lists: %d entries, %d of the log's users erased", len(entries), len(erased))
+            # One line, so that a list left behind by `forget` in the folder a run starts from is never silent.
+            log.info("erasure list applied: %s; %d of the log's users erased", " and ".join(applied), len(erased))
         if p is not None:
             raw = pseudonymize_log(raw, p)
         return raw, erased

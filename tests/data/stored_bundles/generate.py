@@ -101,8 +101,10 @@ def _train(name: str, overrides: list[str], out: Path, work: Path) -> Path:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from dmp_dl.core.open_settings import register
     from dmp_dl.pipeline.run import run
 
+    register()  # the dict settings of conf/ that take new keys
     conf = Path(__file__).resolve().parents[3] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=[*DATA, *QUIET, *overrides])

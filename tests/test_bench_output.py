@@ -1,0 +1,97 @@
+"""The bench scripts check their optional packages before any work, and write their results where
+the user says: the tracked bench/RESULTS.md only when asked."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import output  # noqa: E402
+
+
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """Make the named packages look uninstalled to the checks."""
+    real = importlib.util.find_spec
+
+    def hide(*names: str) -> None:
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
+
+    return hide
+
+
+@pytest.fixture
+def results_paths(monkeypatch, tmp_path):
+    """Where write_section writes, restored after the test; bench/out/ moved into tmp_path."""
+    monkeypatch.setattr(common, "RESULTS_MD", common.RESULTS_MD)
+    monkeypatch.setattr(common, "RESULTS_DIR", common.RESULTS_DIR)
+    monkeypatch.setattr(output, "QUICK_DIR", tmp_path / "out")
+    return tmp_path
+
+
+def test_run_all_stops_before_any_section_with_one_line_naming_the_package_and_extra(without, monkeypatch, capsys):
+    run = bench_module("run")
+    ran = []
+    monkeypatch.setattr(run, "run_section", lambda name, *a: ran.append(name))
+    without("implicit")
+    with pytest.raises(SystemExit) as stopped:
+        run.main(["all", "--quick"])
+    assert stopped.value.code == 2 and ran == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bench/run.py all needs implicit (quality: ")
+    assert "pip install -e '.[bench]'" in err[0] and "Traceback" not in err[0]
+
+
+def test_a_bench_names_every_missing_package_and_each_extra(without, capsys):
+    without("implicit", "schemathesis")
+    with pytest.raises(SystemExit) as stopped:
+        output.require({"implicit": "the anchors", "schemathesis": "the requests", "numpy": "arrays"}, "bench/x.py")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == ("error: bench/x.py needs implicit (the anchors), schemathesis (the requests), "
+                                       "not installed; install with: pip install -e '.[bench,dev]'\n")
+
+
+def test_quality_checks_only_the_anchors_it_is_asked_for(without, results_paths, capsys):
+    quality = bench_module("quality")
+    without("implicit", "cornac")
+    with pytest.raises(SystemExit):
+        quality.main(["--quick", "--anchors", "popularity", "vaecf"])
+    err = capsys.readouterr().err
+    assert "cornac (the vaecf anchor)" in err and "implicit" not in err and "--anchors popularity ease" in err
+
+
+def test_results_go_to_the_named_file_and_never_to_the_tracked_one_unless_asked(results_paths, capsys):
+    tracked = output.RECORDED_MD.read_bytes()
+    assert output.results_file(Namespace()) == results_paths / "out" / "RESULTS.md"
+    assert output.results_file(Namespace(results=None, write_results=True)) == output.RECORDED_MD
+    mine = results_paths / "mine" / "bench.md"
+    assert output.use(Namespace(results=mine, write_results=False)) == mine
+    common.write_section("demo", "Demo", "a table", {"rows": [1]})
+    assert "<!-- section:demo -->" in mine.read_text() and (mine.parent / "results" / "demo.json").exists()
+    assert f"results: {mine}" in capsys.readouterr().out
+    output.use(Namespace())
+    common.write_section("demo", "Demo", "a table", {"rows": [1]})
+    assert (results_paths / "out" / "RESULTS.md").exists()
+    assert output.RECORDED_MD.read_bytes() == tracked
+
+
+def test_quick_numbers_never_go_into_the_tracked_file(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        output.results_file(Namespace(results=None, write_results=True), quick=True)
+    assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: --quick measures tiny sizes")

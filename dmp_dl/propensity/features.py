@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pandas as pd
 
+from dmp_dl.core.arrays import distinct_pairs
 from dmp_dl.core.errors import DataError
 from dmp_dl.data.cleaning import MISSING_TOKENS, parse_timestamps
 from dmp_dl.data.datamodule import last_items
@@ -94,8 +95,7 @@ def behaviour_features(row: np.ndarray, timestamp: np.ndarray, type_code: np.nda
         return np.bincount(r, weights=w, minlength=n_rows).astype(np.float64)
 
     def distinct(codes: np.ndarray) -> np.ndarray:
-        keys = np.unique(np.stack([row, codes], axis=1), axis=0) if len(row) else np.zeros((0, 2), np.int64)
-        return np.bincount(keys[:, 0], minlength=n_rows).astype(np.float64)
+        return np.bincount(distinct_pairs(row, codes)[0], minlength=n_rows).astype(np.float64)
 
     first = -_last_time(row, -t, n_rows, -as_of)
     day = np.floor(t / SECONDS_PER_DAY).astype(np.int64)

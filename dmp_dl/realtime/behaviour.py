@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dmp_dl.core.arrays import distinct_pairs
 from dmp_dl.propensity.features import SECONDS_PER_DAY, BehaviourSpec, behaviour_columns
 
 
@@ -63,8 +64,7 @@ class BehaviourStats:
         age = np.maximum(ref - t, 0.0) / SECONDS_PER_DAY
         s[:, self.N] = np.bincount(user, minlength=n_users)
         day = np.floor(t / SECONDS_PER_DAY)
-        pairs = np.unique(np.stack([user.astype(np.float64), day], axis=1), axis=0) if len(user) else np.zeros((0, 2))
-        s[:, self.DAYS] = np.bincount(pairs[:, 0].astype(np.int64), minlength=n_users)
+        s[:, self.DAYS] = np.bincount(distinct_pairs(user, day)[0], minlength=n_users)
         np.maximum.at(s[:, self.LAST_DAY], user, day)
         np.minimum.at(s[:, self.FIRST], user, t)
         np.maximum.at(s[:, self.LAST], user, t)
@@ -107,9 +107,8 @@ class BehaviourStats:
         s[:, self.N] += np.bincount(user, minlength=n_users)
         day = np.floor(t / SECONDS_PER_DAY)
         if len(t):
-            pairs = np.unique(np.stack([user.astype(np.float64), day], axis=1), axis=0)
-            pair_user = pairs[:, 0].astype(np.int64)
-            fresh = pairs[:, 1] > s[pair_user, self.LAST_DAY]  # days after the last active day are new
+            pair_user, pair_day = distinct_pairs(user, day)
+            fresh = pair_day > s[pair_user, self.LAST_DAY]  # days after the last active day are new
             s[:, self.DAYS] += np.bincount(pair_user[fresh], minlength=n_users)
         np.maximum.at(s[:, self.LAST_DAY], user, day)
         np.minimum.at(s[:, self.FIRST], user, t)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from dmp_dl.core.arrays import unique_sorted
 from dmp_dl.core.errors import DmpError, UnknownIdError
 from dmp_dl.data.pseudonymize import bundle_pseudonymizer
 from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
@@ -64,7 +65,7 @@ def _ragged_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> t
 
 def _distinct_rows(rows: np.ndarray, ids: np.ndarray, n_rows: int, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, id) pairs -> CSR (indptr, ids) with each row's distinct ids."""
-    keys = np.unique(rows.astype(np.int64) * n_ids + ids)
+    keys = unique_sorted(rows.astype(np.int64) * n_ids + ids)
     counts = np.bincount(keys // n_ids, minlength=n_rows)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])

@@ -141,9 +141,9 @@ def main() -> None:
             lines += [f"**{name}** (training {seconds:.0f} s; model: {rec.manifest.get('scoring', {}).get('score', '?')}): "
                       f"half-life {prof.half_life_days:.0f} days ({prof.half_life_rule}); profiles near zero "
                       f"{100 * near_zero:.1f} %; K={seg['k']}, repeated labels: {seg['repeats']}; first label "
-                      f"category's lift: min {min(seg['lifts']):.2f}", ""]
+                      f"category's lift: min {min(seg['lifts']):.3f}", ""]
             lines += ["| segment | label | lift of first label category |", "| --- | --- | --- |"]
-            lines += [f"| {s} | {lab} | {lift:.2f} |" for s, (lab, lift) in enumerate(zip(seg["labels"], seg["lifts"]))]
+            lines += [f"| {s} | {lab} | {lift:.3f} |" for s, (lab, lift) in enumerate(zip(seg["labels"], seg["lifts"]))]
             lines += ["", f"| query | genres | method | share a genre (of {K}) | mean ratings of the {K} | first three |",
                       "| --- | --- | --- | --- | --- | --- |"]
             lines += [f"| {r['query']} | {r['genres']} | {r['method']} | {r['match']}/{r['n']} | {r['mean_ratings']:.0f} | "

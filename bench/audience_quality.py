@@ -100,7 +100,7 @@ def neighbour_check(rec: Recommender, items: pd.DataFrame, counts: pd.Series) ->
         for method, ids in (("similar_items", [i for i, _ in rec.similar_items(qid, K)]),
                             ("item-vector inner product", rec.item_vocab.ids[ids_old[0][ids_old[0] >= 0]].tolist())):
             match = sum(bool(genres.get(i, set()) & genres[qid]) for i in ids)
-            rows.append({"query": hit["title"].iloc[0], "genres": "|".join(sorted(genres[qid])), "method": method,
+            rows.append({"query": hit["title"].iloc[0], "genres": "/".join(sorted(genres[qid])), "method": method,
                          "match": match, "n": len(ids), "mean_ratings": float(counts.reindex(ids).fillna(0).mean()),
                          "top3": "; ".join(re.sub(r" \(\d{4}\)$", "", items.set_index("item_id").at[i, "title"]) for i in ids[:3])})
     return rows

@@ -447,8 +447,9 @@ class Recommender:
         weights = self.served.shallow.weights if self.served is not None else None
         if weights is not None:
             unit = self._unit_item_item_rows(weights)
+            # items that predict nothing in common with the query score 0 and come after every
+            # positive one (B is sparse), so k results come back whenever the catalogue has k others
             scores = (unit[rows] @ unit.T).toarray().astype(np.float32)
-            scores[scores == 0] = -np.inf  # no item predicted by both: no evidence they are alike (B is sparse)
         else:
             taste = self._item_taste_vectors()
             if taste is None:

@@ -97,7 +97,8 @@ def load_profiles(bundle: Bundle, n_users: int) -> Profiles | None:
                           f"the {len(meta['categories'])} categories of profiles.json")
     return Profiles(categories=list(meta["categories"]), event_types=list(meta["event_types"]), as_of=int(meta["as_of"]),
                     half_life_days=float(meta["half_life_days"]), category_column=meta.get("category_column"),
-                    event_weights=meta.get("event_weights"), **arrays)
+                    event_weights=meta.get("event_weights"), half_life_rule=str(meta.get("half_life_rule", "fixed")),
+                    **arrays)
 
 
 @dataclass

@@ -10,6 +10,13 @@ half) and 0 for the others. The affinity to event type ``t`` is Σ 2^(-age_e / h
 events of type ``t`` (recency-weighted counts). Both are sparse matrix products over all events at
 once: (users × items decayed weights) @ (items × categories shares).
 
+The half-life is a number of days, or ``auto``: the larger of 30 days and the median time from a
+user's latest event to the end of the log (:func:`auto_half_life_days`). A fixed 30 days on a log
+spanning years leaves most users' weights at 1e-40 or exactly 0 (their latest event is hundreds of
+half-lives old), so their profiles say nothing; with ``auto`` the typical user's latest event keeps at
+least half its weight however long the log. Either way a warning names the share of users whose latest
+event is more than :data:`NEAR_ZERO_HALF_LIVES` half-lives old when they are most users.
+
 A bundle stores each user's top-N categories with their I(c, u), the total Σ_c I(c, u) (so shares
 can be given) and the event-type affinities (see :mod:`dmp_dl.audience.bundle`).
 """
@@ -31,13 +38,19 @@ log = logging.getLogger(__name__)
 # Item-table columns read as the category when profiles.category_column is null, first found wins.
 CATEGORY_COLUMNS = ("category", "categories", "genre", "genres")
 SECONDS_PER_DAY = 86400.0
+AUTO = "auto"
+# auto never picks a half-life shorter than this (a log where everyone was active on its last day)
+MIN_AUTO_HALF_LIFE_DAYS = 30.0
+# a user whose latest event is older than this many half-lives has all weights below 2^-10 ~ 0.001
+NEAR_ZERO_HALF_LIVES = 10.0
 
 
 @dataclass
 class ProfileOptions:
     """``audience.profiles`` in the train config.
 
-    half_life_days: an event's weight halves every ``half_life_days`` before the end of the data.
+    half_life_days: an event's weight halves every ``half_life_days`` before the end of the data;
+        ``auto`` derives it from the log (:func:`auto_half_life_days`).
     top_n: categories kept per user in the bundle.
     category_column: the item-table column holding categories (multi-valued with ``|``); null picks
         the first of :data:`CATEGORY_COLUMNS` the item table has.
@@ -45,14 +58,22 @@ class ProfileOptions:
         (``data.cleaning.event_weights``, 1 for every type when that is null).
     """
 
-    half_life_days: float = 30.0
+    half_life_days: float | str = AUTO
     top_n: int = 10
     category_column: str | None = None
     event_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if not np.isfinite(self.half_life_days) or self.half_life_days <= 0:
-            raise ConfigError(f"audience.profiles.half_life_days must be > 0, got {self.half_life_days}")
+        if isinstance(self.half_life_days, str) and self.half_life_days.strip().lower() == AUTO:
+            self.half_life_days = AUTO
+        else:
+            try:
+                days = float(self.half_life_days)
+            except (TypeError, ValueError):
+                days = float("nan")
+            if not np.isfinite(days) or days <= 0:
+                raise ConfigError(f"audience.profiles.half_life_days must be > 0 or auto, got {self.half_life_days!r}")
+            self.half_life_days = days
         if int(self.top_n) < 1:
             raise ConfigError(f"audience.profiles.top_n must be >= 1, got {self.top_n}")
         self.top_n = int(self.top_n)
@@ -73,7 +94,8 @@ class Profiles:
     top_weights: (n_users, N) float32 I(c, u) of those categories, 0 as padding.
     interest_total: (n_users,) float32 Σ_c I(c, u) over all categories (not only the top N).
     event_type_affinity: (n_users, T) float32 recency-weighted event counts per type.
-    as_of: epoch seconds the ages are measured from (the last event); half_life_days as used.
+    as_of: epoch seconds the ages are measured from (the last event); half_life_days as used (a number
+    also when derived by ``auto``: real-time updates decay with it); half_life_rule: ``auto`` or ``fixed``.
     category_column: the item column the categories came from (None: the items had none).
     """
 
@@ -87,6 +109,7 @@ class Profiles:
     half_life_days: float
     category_column: str | None = None
     event_weights: dict[str, float] | None = field(default=None)
+    half_life_rule: str = "fixed"
 
     @property
     def n_users(self) -> int:
@@ -111,6 +134,7 @@ class Profiles:
             "event_types": list(self.event_types),
             "as_of": int(self.as_of),
             "half_life_days": float(self.half_life_days),
+            "half_life_rule": self.half_life_rule,
             "top_n": int(self.top_categories.shape[1]),
             "category_column": self.category_column,
             "event_weights": self.event_weights,
@@ -171,6 +195,44 @@ def top_n_rows(matrix: sp.csr_matrix, n: int) -> tuple[np.ndarray, np.ndarray]:
     return cols, vals
 
 
+def last_event_ages_days(user: np.ndarray, t: np.ndarray, n_users: int, as_of: int) -> np.ndarray:
+    """(users with events,) float64 days from each user's latest event to ``as_of``.
+
+    user: (n,) user rows; t: (n,) epoch seconds of the events.
+    """
+    last = np.full(n_users, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(last, user, t)
+    active = last > np.iinfo(np.int64).min
+    return (as_of - last[active]).astype(np.float64) / SECONDS_PER_DAY
+
+
+def auto_half_life_days(ages_days: np.ndarray) -> float:
+    """The ``auto`` half-life: max(:data:`MIN_AUTO_HALF_LIFE_DAYS`, median of ``ages_days``).
+
+    ages_days: (users,) days from each user's latest event to the end of the log. With the median as
+    half-life, half the users keep at least half the weight of a fresh event on their latest one, and a
+    user twice as stale a quarter, on a log of a week as on one of twenty years.
+    """
+    median = float(np.median(ages_days)) if len(ages_days) else 0.0
+    return max(MIN_AUTO_HALF_LIFE_DAYS, median)
+
+
+def warn_if_near_zero(ages_days: np.ndarray, half_life_days: float, rule: str) -> float:
+    """Log one warning when most users' latest event is over :data:`NEAR_ZERO_HALF_LIVES` half-lives
+    old (all their weights below ~0.001 of a fresh event's, or 0 in float32). Returns that share."""
+    if not len(ages_days):
+        return 0.0
+    stale = float(np.mean(ages_days > NEAR_ZERO_HALF_LIVES * half_life_days))
+    if stale > 0.5:
+        hint = (f"set audience.profiles.half_life_days=auto (here: {auto_half_life_days(ages_days):.0f} days) or a "
+                "longer half-life" if rule != AUTO else "set a longer audience.profiles.half_life_days")
+        log.warning("interest profiles: %.0f%% of users' latest event is more than %g half-lives (%.0f days) before the "
+                    "end of the log, so their interest weights are near zero (below 0.001 of a fresh event's) and "
+                    "segments and rules over them compare eras, not tastes; %s", 100 * stale, NEAR_ZERO_HALF_LIVES,
+                    NEAR_ZERO_HALF_LIVES * half_life_days, hint)
+    return stale
+
+
 def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_vocab, n_users: int,
                      options: ProfileOptions | None = None) -> Profiles:
     """Interest profiles of ``n_users`` users from clean ``events``.
@@ -185,7 +247,14 @@ def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_voca
     t = events[TIME].to_numpy(np.int64)
     types = events[TYPE].astype(str).to_numpy()
     as_of = int(t.max()) if len(t) else 0
-    decay = np.exp2(-(as_of - t) / (opts.half_life_days * SECONDS_PER_DAY))
+    ages = last_event_ages_days(user, t, n_users, as_of)
+    rule = AUTO if opts.half_life_days == AUTO else "fixed"
+    half_life_days = auto_half_life_days(ages) if rule == AUTO else float(opts.half_life_days)
+    if rule == AUTO:
+        log.info("interest profiles: half-life %.1f days (auto: the larger of %g days and the median age of users' "
+                 "latest event)", half_life_days, MIN_AUTO_HALF_LIFE_DAYS)
+    warn_if_near_zero(ages, half_life_days, rule)
+    decay = np.exp2(-(as_of - t) / (half_life_days * SECONDS_PER_DAY))
 
     event_types, type_code = np.unique(types, return_inverse=True)
     if opts.event_weights is None:
@@ -220,7 +289,8 @@ def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_voca
         interest_total=np.asarray(interest.sum(axis=1), dtype=np.float32).ravel(),
         event_type_affinity=affinity.astype(np.float32),
         as_of=as_of,
-        half_life_days=float(opts.half_life_days),
+        half_life_days=float(half_life_days),
         category_column=column,
         event_weights=opts.event_weights,
+        half_life_rule=rule,
     )

@@ -4,10 +4,13 @@ K is given (``k``) or chosen by the silhouette score (scikit-learn) over ``k_min
 computed on a random sample of users: each candidate K is clustered on the sample and the K with
 the highest mean silhouette wins; the final clustering then runs on every user with that K.
 
-Each segment is described by its size, the categories its users are most interested in (mean
-share of interest and lift over all users, from the interest profiles), its mean propensity (when
-there is a propensity model), the attribute values over- or under-represented in it (from the user
-attribute table the network was trained with), and representative users (closest to the centre).
+Each segment is described by its size, the categories over-represented in it (from the interest
+profiles: the segment's mean share of interest in a category against all users' mean share, ranked by
+share x log(lift), so a category must be both more frequent than in the population and not negligible),
+its mean propensity (when there is a propensity model), the attribute values over-represented in it
+(ranked the same way, from the user attribute table the network was trained with), representative
+users (closest to the centre), and a label (:func:`label_segments`): its most over-represented
+categories and attribute value, unique across the segments.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class SegmentOptions:
     gpu: use FAISS GPUs when FAISS has any (``auto``), never (false) or always (true).
     representatives: users listed per segment (nearest to its centre).
     top_categories, top_attributes: entries listed per segment description.
+    label_categories: at most this many categories in a segment's label.
+    label_min_lift: a category or attribute value enters a label (and leads the lists) only when its
+        lift, the segment's share over the population's, is above this (where any is).
     """
 
     k: int | None = None
@@ -50,6 +56,8 @@ class SegmentOptions:
     representatives: int = 5
     top_categories: int = 3
     top_attributes: int = 3
+    label_categories: int = 2
+    label_min_lift: float = 1.2
 
     def __post_init__(self) -> None:
         if self.k is not None and int(self.k) < 1:
@@ -59,6 +67,10 @@ class SegmentOptions:
         for name in ("sample", "niter", "nredo"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"audience.segments.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.label_categories) < 1:
+            raise ConfigError(f"audience.segments.label_categories must be >= 1, got {self.label_categories}")
+        if not np.isfinite(float(self.label_min_lift)) or float(self.label_min_lift) < 1:
+            raise ConfigError(f"audience.segments.label_min_lift must be >= 1, got {self.label_min_lift}")
         if self.gpu not in ("auto", True, False):
             raise ConfigError(f"audience.segments.gpu must be auto, true or false, got {self.gpu!r}")
 
@@ -208,9 +220,27 @@ def representatives(assignments: np.ndarray, distances: np.ndarray, k: int, n: i
     return np.split(order[keep], np.searchsorted(seg[keep], np.arange(1, k)))
 
 
-def attribute_skew(assignments: np.ndarray, k: int, features, top: int) -> list[dict]:
+def over_represented_order(seg_share: np.ndarray, all_share: np.ndarray, min_lift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment, the columns ranked from most to least over-represented.
+
+    seg_share: (k, m) mean share per segment; all_share: (m,) over all users. Columns whose lift
+    (seg_share / all_share) is above ``min_lift`` come first, by share x log(lift), the column's term in
+    the segment's divergence from the population (a large share barely above the population's and a
+    tiny share far above it both rank low); then the rest by lift. Ties go to the lower column.
+    Returns (k, m) int64 column order and (k, m) float64 lift (0 where the population share is 0).
+    """
+    lift = np.divide(seg_share, all_share, out=np.zeros_like(seg_share, dtype=np.float64), where=all_share > 0)
+    eligible = lift > min_lift
+    score = np.where(eligible, seg_share * np.log(np.where(eligible, lift, 1.0)), 0.0)
+    cols = np.broadcast_to(np.arange(seg_share.shape[1]), seg_share.shape)
+    order = np.lexsort((cols, -lift, -score, ~eligible), axis=-1) if seg_share.size else np.zeros(seg_share.shape, np.int64)
+    return order, lift
+
+
+def attribute_skew(assignments: np.ndarray, k: int, features, top: int, min_lift: float = 1.0) -> list[dict]:
     """Per segment: numeric attributes' segment mean vs overall mean (original units), and the
-    ``top`` categorical values (``column=value``) most over-represented in it (share, overall, lift).
+    ``top`` categorical values (``column=value``) most over-represented in it (share, overall, lift;
+    ranked by :func:`over_represented_order`).
 
     features: the user :class:`~dmp_dl.data.features.FeatureTable` (rows aligned with the users; its
     extra last row, the unknown user, is ignored). A missing numeric value is encoded as the mean,
@@ -235,11 +265,11 @@ def attribute_skew(assignments: np.ndarray, k: int, features, top: int) -> list[
         onehot.data[:] = 1.0
         seg_share = _segment_means(assignments, k, onehot)
         all_share = np.asarray(onehot.mean(axis=0)).ravel()
-        lift = np.divide(seg_share, all_share, out=np.zeros_like(seg_share), where=all_share > 0)
+        order, lift = over_represented_order(seg_share, all_share, min_lift)
         for s in range(k):
-            for t in np.lexsort((np.arange(len(all_share)), -lift[s]))[:top]:
-                if seg_share[s, t] <= 0:
-                    break
+            for t in order[s][:top]:
+                if seg_share[s, t] <= 0 or lift[s, t] <= 1:
+                    continue
                 out[s]["over_represented"].append({"value": features.token_vocab[t], "share": float(seg_share[s, t]),
                                                    "overall": float(all_share[t]), "lift": float(lift[s, t])})
     return out
@@ -257,24 +287,68 @@ def describe_segments(seg: Segmentation, user_ids: np.ndarray, profiles=None, pr
     sizes = seg.sizes()
     a = seg.assignments.astype(np.int64)
     reps = representatives(a, seg.distances, k, int(opts.representatives))
-    skew = attribute_skew(a, k, user_features, int(opts.top_attributes))
+    skew = attribute_skew(a, k, user_features, int(opts.top_attributes), float(opts.label_min_lift))
     cat_share = cat_all = None
     if profiles is not None and len(profiles.categories):
         shares = profiles.share_matrix()
         cat_share = _segment_means(a, k, shares)
         cat_all = np.asarray(shares.mean(axis=0)).ravel()
+        cat_order, cat_lift = over_represented_order(cat_share, cat_all, float(opts.label_min_lift))
     prop_mean = _segment_means(a, k, np.asarray(propensity, dtype=np.float64)[:, None])[:, 0] if propensity is not None else None
     out = []
     for s in range(k):
         d: dict = {"segment": s, "size": int(sizes[s]), "share": float(sizes[s] / n)}
         if cat_share is not None:
-            top = np.lexsort((np.arange(len(cat_all)), -cat_share[s]))[: int(opts.top_categories)]
+            top = [c for c in cat_order[s] if cat_share[s, c] > 0][: int(opts.top_categories)]
             d["top_categories"] = [{"category": profiles.categories[c], "share": float(cat_share[s, c]),
-                                    "lift": float(cat_share[s, c] / cat_all[c]) if cat_all[c] > 0 else None} for c in top]
+                                    "lift": float(cat_lift[s, c]) if cat_all[c] > 0 else None} for c in top]
         d["mean_propensity"] = float(prop_mean[s]) if prop_mean is not None else None
         d["attributes"] = skew[s]
         d["representatives"] = [str(u) for u in np.asarray(user_ids)[reps[s]]]
         out.append(d)
+    if cat_share is None:
+        candidates = [[] for _ in range(k)]
+    else:
+        candidates = [[profiles.categories[c] for c in cat_order[s] if cat_share[s, c] > 0 and cat_lift[s, c] > opts.label_min_lift]
+                      or [profiles.categories[c] for c in cat_order[s][:1] if cat_share[s, c] > 0] for s in range(k)]
+    attributes = [[a["value"] for a in skew[s]["over_represented"] if a["lift"] > opts.label_min_lift] for s in range(k)]
+    for d, (label, cats) in zip(out, label_segments(candidates, attributes, sizes, int(opts.label_categories))):
+        d["label"], d["label_categories"] = label, cats
     return out
+
+
+def label_segments(categories: list[list[str]], attributes: list[list[str]], sizes: np.ndarray,
+                   n_categories: int = 2) -> list[tuple[str, list[str]]]:
+    """A label per segment, no two alike: up to ``n_categories`` of its over-represented categories and
+    its most over-represented attribute value (``Horror, Thriller, gender=M``).
+
+    categories, attributes: per segment, its over-represented categories / attribute values, most
+    over-represented first; sizes: (k,) users per segment. Larger segments choose first: each takes the
+    first combination of its candidates (as a set; the first ``n_categories``, then pairs further down
+    its list, then single categories) that no segment has taken, followed by its first attribute value;
+    when every combination is taken, ``segment <s>`` is appended. Returns (label, label categories)
+    per segment, in segment order.
+    """
+    from itertools import combinations
+
+    k = len(categories)
+    taken: set = set()
+    chosen: list[tuple[str, list[str]]] = [("", [])] * k
+    for s in sorted(range(k), key=lambda s: (-int(sizes[s]), s)):
+        cands = categories[s][:6]
+        n = min(n_categories, len(cands))
+        options = [list(c) for size in range(n, 0, -1) for c in combinations(cands, size)] or [[]]
+        attr = attributes[s][:1]
+        label_cats, label = options[0], None
+        for combo in options:
+            text = ", ".join(combo + attr)
+            if frozenset(combo) not in taken and text and text not in taken:
+                label_cats, label = combo, text
+                break
+        if label is None:  # every combination taken: the segment number keeps the label unique
+            label = ", ".join(label_cats + attr + [f"segment {s}"])
+        taken.update({frozenset(label_cats), label})
+        chosen[s] = (label, label_cats)
+    return chosen
 
 

@@ -168,7 +168,11 @@ def _propensity_section(inputs: PropensityInputs, calibration_bins: int) -> tupl
 
 
 def segment_label(description: dict) -> str:
-    """A short human label: top categories and the most over-represented attribute value."""
+    """A short human label: the segment's own ``label`` (over-represented categories, unique across
+    segments; :func:`dmp_dl.audience.segments.label_segments`), else, for descriptions written
+    without one, its first two categories and the most over-represented attribute value."""
+    if description.get("label"):
+        return str(description["label"])
     parts = [c["category"] for c in description.get("top_categories", [])[:2]]
     over = description.get("attributes", {}).get("over_represented", [])
     if over:

@@ -156,7 +156,7 @@ PROPENSITY_RULES: dict[str, Rule] = {
 }
 AUDIENCE_RULES: dict[str, Rule] = {
     "audience.num_threads": THREADS,
-    "audience.profiles.half_life_days": POSITIVE,
+    "audience.profiles.half_life_days": OrAuto(POSITIVE),
     "audience.profiles.top_n": COUNT,
     "audience.segments.k": Int(1, None, null=True),
     "audience.segments.k_min": Int(2, None),
@@ -168,6 +168,8 @@ AUDIENCE_RULES: dict[str, Rule] = {
     "audience.segments.representatives": Int(0, None),
     "audience.segments.top_categories": Int(0, None),
     "audience.segments.top_attributes": Int(0, None),
+    "audience.segments.label_categories": COUNT,
+    "audience.segments.label_min_lift": Num(1, None),
 }
 DP_RULES: dict[str, Rule] = {
     "privacy.dp.target_epsilon": Num(0, None, lo_open=True, null=True),

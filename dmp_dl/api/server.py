@@ -461,7 +461,10 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         ranked = current(request).lookalike(bounded(body.seed_user_ids, "seed_user_ids"), body.k, body.exclude_seeds, body.method)
         return {"users": [{"user_id": u, "score": s} for u, s in ranked]}
 
-    @app.post("/propensity", dependencies=guarded, response_model=UserList, responses={**post_errors, **error_responses(409)})
+    @app.post("/propensity", dependencies=guarded, response_model=UserList, responses={
+        **post_errors, 409: {"model": ErrorBody, "description": "The bundle has no propensity model (error `unavailable`); "
+                             "`detail` says why: trained with propensity.enabled=false, or enabled and skipped (or "
+                             "failed) in the training run, with the reason the run recorded (e.g. too few positives)."}})
     def propensity(request: Request, body: PropensityRequest) -> dict:
         """Purchase propensity of known users, in the order given."""
         ids = bounded(body.user_ids, "user_ids")

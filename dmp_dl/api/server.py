@@ -8,7 +8,8 @@ published at the served path (a directory an export replaced, or a re-pointed sy
 refused (409) while the current one keeps serving.
 
 Errors: unknown ids -> 404, bad parameters -> 422, a part the bundle lacks (propensity, cold
-start) -> 409, a missing/invalid bearer token -> 401, a body over the size limit -> 413; always
+start) -> 409, a missing/invalid bearer token -> 401, a write (events, erasure, reload) on a server
+without a token -> 403, a body over the size limit -> 413; always
 the JSON body of :mod:`dmp_dl.api.http_errors` (``detail`` says what is wrong, ``error`` is a
 machine-readable code), and each route declares the statuses it can answer in the OpenAPI
 document. The request models carry their limits (``k`` in 1..max_k, at most ``max_ids`` ids, the

@@ -102,6 +102,10 @@ def test_reevaluating_a_bundle_on_its_data_reproduces_the_runs_metrics(trained, 
     assert data["data_quality"] == json.loads((trained["dir"] / "data_quality.json").read_text())
     assert "user_vectors.npy include the test period" in data["protocol"]["statements"]["bundle"]
     assert "vocabularies are the bundle's" in data["protocol"]["statements"]["data"]
+    # every held-out pair is in the bundle's data, but its run's own split kept them out of the model
+    overlap = data["train"]["heldout_overlap"]
+    assert overlap == result["overlap"] and overlap["share"] == 1.0 and overlap["same_split"] is True
+    assert overlap["warning"] is None and "leakage" not in data["protocol"]["statements"]
     md = (out / "report.md").read_text()
     for title in SECTIONS.values():
         assert f"## {title}" in md
@@ -191,6 +195,54 @@ def test_other_data_are_mapped_by_id_and_unknown_ids_are_counted_not_scored(trai
     assert f"{counts['users_unknown']} users and {counts['items_unknown']} items the bundle does not know" in \
         data["protocol"]["statements"]["data"]
     assert "not the propensity model's training data" in data["sections_absent"]["propensity"]
+
+
+# -- leakage -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refitted(tmp_path_factory):
+    """A tiny run of the default model, refitted on every event (test period included) before export."""
+    out = tmp_path_factory.mktemp("evaluate_refit") / "run"
+    result = run(compose_cfg([*TINY_DATA, *QUIET_TRAINER, "debug=fdr", "logger=none", "propensity.enabled=false",
+                              "audience.enabled=false", "evaluation.report=null"], out))
+    assert Bundle.open(result["bundle_dir"]).manifest["scoring"]["refit"], "the default model refits"
+    return Path(result["bundle_dir"])
+
+
+def leakage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("leakage:")]
+
+
+def test_a_bundle_evaluated_on_the_events_it_was_fitted_on_warns_once(refitted, tmp_path, caplog):
+    result = evaluate(refitted, tmp_path / "report")
+    overlap = result["overlap"]
+    assert overlap["refit"] and overlap["share"] == 1.0 and overlap["in_bundle_training_data"] == overlap["heldout_pairs"] > 0
+    lines = leakage_lines(caplog)
+    assert lines == [overlap["warning"]], lines  # printed once
+    assert lines[0].startswith(f"leakage: 100% of the evaluated held-out user-item pairs ({overlap['heldout_pairs']} of "
+                               f"{overlap['heldout_pairs']}) are events of the bundle's training data and it was "
+                               "refitted on every event")
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert data["train"]["heldout_overlap"]["warning"] == lines[0]
+    assert "not held-out numbers" in data["protocol"]["statements"]["leakage"]
+    assert "not held-out numbers" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_training_data_split_anew_warn_and_other_data_do_not(trained, tmp_path, caplog):
+    """A model that was not refitted: the same events split another way leak (the run trained on some
+    of the new held-out pairs); the same events split as in training, or other events, do not."""
+    resplit = evaluate(trained["bundle"], tmp_path / "resplit", "data=synthetic", *TINY_DATA,
+                       "data.split.method=random_per_user")
+    assert resplit["overlap"]["share"] == 1.0 and not resplit["overlap"]["same_split"]
+    assert leakage_lines(caplog) == [resplit["overlap"]["warning"]] and "split anew" in resplit["overlap"]["warning"]
+    caplog.clear()
+    again = evaluate(trained["bundle"], tmp_path / "same", "data=synthetic", *TINY_DATA)
+    assert again["overlap"]["same_split"] and again["overlap"]["warning"] is None
+    assert_same_ranking(again["ranking"], trained["metrics"]["ranking"])
+    other = evaluate(trained["bundle"], tmp_path / "other", "data=synthetic", *TINY_DATA, "data.source.seed=7")
+    assert other["overlap"]["share"] < 0.1 and other["overlap"]["warning"] is None, other["overlap"]
+    assert leakage_lines(caplog) == []
 
 
 def test_mapping_onto_other_vocabularies_keeps_every_pair_by_id():

@@ -154,7 +154,7 @@ def test_scores_segments_and_lookalike_of_a_pseudonymised_bundle_carry_pseudonym
 
     run_export(export_cfg("task=scores", f"artifacts={bundle}", f"output_dir={tmp_path}", "format=parquet"))
     scores = read(tmp_path / "scores.parquet")
-    assert list(scores.columns) == ["user_id", "probability", "rank", "decile"]
+    assert list(scores.columns) == ["user_id", "probability", "rank", "decile", "segment", "segment_label", "top_interest"]
     assert scores["user_id"].tolist() == rec.user_vocab.ids.tolist()  # pseudonyms, every user once
     assert key.one("u000042") in set(scores["user_id"]) and "u000042" not in set(scores["user_id"])
     np.testing.assert_allclose(scores["probability"], rec.propensity_rows(np.arange(rec.n_users)))
@@ -162,11 +162,13 @@ def test_scores_segments_and_lookalike_of_a_pseudonymised_bundle_carry_pseudonym
     top = scores.sort_values("rank")
     assert top["probability"].is_monotonic_decreasing and top["decile"].is_monotonic_increasing
     assert set(scores["decile"]) == set(range(1, 11))
+    assert_user_details(rec, scores)
 
     run_export(export_cfg("task=segments", f"artifacts={bundle}", f"output_dir={tmp_path}"))
     seg = read(tmp_path / "segments.csv")
-    assert list(seg.columns) == ["user_id", "segment", "label", "distance"]
+    assert list(seg.columns) == ["user_id", "segment", "label", "distance", "top_interest", "probability"]
     assert seg["user_id"].tolist() == rec.user_vocab.ids.tolist()
+    assert_user_details(rec, seg)
     np.testing.assert_array_equal(seg["segment"], rec.stored_segments.assignments)
     labels = {d["segment"]: d["label"] for d in jobs.segment_descriptions(rec)}
     assert (seg["label"] == seg["segment"].map(labels)).all() and seg["label"].str.len().min() > 0
@@ -183,8 +185,66 @@ def test_scores_segments_and_lookalike_of_a_pseudonymised_bundle_carry_pseudonym
     assert len(look) == 25 == summary["rows"] and look["rank"].tolist() == list(range(1, 26))
     expected = rec.lookalike(["u000042", "u000101"], k=25)
     assert look["user_id"].tolist() == [u for u, _ in expected]
+    assert list(look.columns) == ["user_id", "rank", "score", "segment", "segment_label", "top_interest", "probability"]
+    assert_user_details(rec, look)
     assert not {key.one("u000042"), key.one("u000101")} & set(look["user_id"])
     assert summary["user_ids"] == "pseudonyms"
+
+
+def assert_user_details(rec, table: pd.DataFrame) -> None:
+    """The user columns of an export are the bundle's answers for each row's user."""
+    rows = rec.user_vocab.index_of(table["user_id"].tolist())
+    labels = {d["segment"]: d["label"] for d in jobs.segment_descriptions(rec)}
+    if "segment_label" in table:
+        np.testing.assert_array_equal(table["segment"], rec.stored_segments.assignments[rows])
+        assert table["segment_label"].tolist() == [labels[s] for s in table["segment"]]
+    if "probability" in table:
+        np.testing.assert_allclose(table["probability"], rec.propensity_rows(rows))
+    every = max(1, len(table) // 20)
+    for row, user, interest in zip(rows[::every], table["user_id"].iloc[::every], table["top_interest"].iloc[::every]):
+        if rec.pseudonymizer is None:  # the API's profile, by id
+            interests = [i["category"] for i in rec.profile(user)["interests"]]
+        else:  # ids are pseudonyms, which the API would hash again: the stored profile of the row
+            interests = [rec.profiles.categories[c] for c in rec.profiles.top_categories[row] if c >= 0]
+        assert (interest if isinstance(interest, str) else "") == (interests[0] if interests else ""), user
+
+
+def test_users_are_exported_in_the_natural_order_of_their_ids():
+    numbers = np.array(sorted(["1", "10", "100", "2", "20", "3", "007", "7"]), dtype=object)  # a vocabulary: text order
+    assert numbers[jobs.id_order(numbers)].tolist() == ["1", "2", "3", "007", "7", "10", "20", "100"]
+    huge = np.array(sorted(["18446744073709551616", "9"]), dtype=object)  # past 64 bits
+    assert huge[jobs.id_order(huge)].tolist() == ["9", "18446744073709551616"]
+    mixed = np.array(sorted(["u10", "u2", "7"]), dtype=object)
+    assert jobs.id_order(mixed).tolist() == [0, 1, 2], "not every id a number: the bundle's order"
+    assert jobs.id_order(np.array([], dtype=object)).tolist() == []
+
+
+@pytest.fixture(scope="module")
+def numeric_ids(tmp_path_factory):
+    """A one-batch run on a log whose user ids are plain numbers ("42", not "u000042")."""
+    from dmp_dl.data.synthetic import SyntheticSource
+
+    root = tmp_path_factory.mktemp("export_numeric")
+    events = SyntheticSource(n_users=300, n_items=120, n_events=9000, seed=3).load().events
+    events["user_id"] = events["user_id"].str.lstrip("u").str.lstrip("0").replace("", "0")
+    events.to_csv(root / "events.csv", index=False)
+    result = run(compose_cfg(["data=events", f"data.path={root / 'events.csv'}", *QUIET_TRAINER, "debug=fdr",
+                              "logger=none", "propensity.enabled=false", "evaluation.report=null"], root / "run"))
+    return result["bundle_dir"]
+
+
+def test_every_user_export_lists_numeric_ids_by_value(numeric_ids, tmp_path):
+    rec = Recommender.load(numeric_ids)
+    assert rec.user_vocab.ids[:3].tolist() == ["0", "1", "10"], "the vocabulary holds them in text order"
+    by_value = sorted(rec.user_vocab.ids.tolist(), key=int)
+    run_export(export_cfg("task=recommendations", f"artifacts={numeric_ids}", "k=3", f"output_dir={tmp_path}"))
+    recs = read(tmp_path / "recommendations.csv")
+    assert recs["user_id"].iloc[::3].tolist() == by_value
+    assert recs["rank"].tolist() == [1, 2, 3] * len(by_value)
+    run_export(export_cfg("task=segments", f"artifacts={numeric_ids}", f"output_dir={tmp_path}", "format=parquet"))
+    seg = read(tmp_path / "segments.parquet")
+    assert seg["user_id"].tolist() == by_value and list(seg.columns) == ["user_id", "segment", "label", "distance", "top_interest"]
+    assert_user_details(rec, seg)
 
 
 def test_segments_of_a_bundle_without_segments_is_one_line(trained, tmp_path):

@@ -97,8 +97,8 @@ def test_a_seven_day_click_log(tmp_path):
     stage = metrics["stages"]["propensity"]
     assert stage["status"] == "skipped" and "horizon_days=30 is not shorter than the data's time range" in stage["reason"]
     assert "propensity" not in metrics and "propensity" not in Bundle.open(result["bundle_dir"]).manifest
-    with pytest.raises(MissingPartError):  # the API answers 409 for it
-        Recommender.load(result["bundle_dir"]).propensity(["u000001"])
+    with pytest.raises(MissingPartError, match="enabled, but the training run's propensity stage skipped: .*horizon_days=30 is not shorter"):
+        Recommender.load(result["bundle_dir"]).propensity(["u000001"])  # the API answers 409 with this
     assert metrics["stages"]["evaluation"]["status"] == "ok" and metrics["ranking"]
 
 
@@ -106,6 +106,17 @@ def test_a_ratings_log_with_few_positives_in_its_last_month(tmp_path):
     result, metrics = train(tmp_path, ratings_log_with_a_quiet_last_month(tmp_path / "ratings.csv"))
     stage = metrics["stages"]["propensity"]
     assert stage["status"] == "skipped" and "eligible users are positive" in stage["reason"]
+    # the API's 409 says the stage was enabled and skipped, and why (not "train with propensity enabled")
+    from fastapi.testclient import TestClient
+
+    from dmp_dl.api.server import create_app
+
+    rec = Recommender.load(result["bundle_dir"])
+    r = TestClient(create_app(rec, token="t")).post("/propensity", json={"user_ids": [rec.user_vocab.ids[0]]},
+                                                    headers={"Authorization": "Bearer t"})
+    assert r.status_code == 409 and r.json()["error"] == "unavailable", r.text
+    assert r.json()["detail"] == ("this bundle has no propensity model: propensity was enabled, but the training run's "
+                                  f"propensity stage skipped: {stage['reason']}")
     quality = json.loads((tmp_path / "run" / "data_quality.json").read_text())
     assert quality["split"]["method"] == "leave_last_n" and quality["split"]["method_requested"] == "auto"
     assert "one cut in time would leave" in quality["split"]["method_reason"]
@@ -150,6 +161,9 @@ def test_an_optional_stage_that_breaks_is_failed_and_the_run_goes_on(tiny_cfg, m
     stages = result["metrics"]["stages"]
     assert stages["audience"] == {"status": "failed", "reason": "RuntimeError: disk on fire", "seconds": stages["audience"]["seconds"]}
     assert stages["propensity"]["status"] == "skipped" and stages["propensity"]["reason"] == "propensity.enabled=false"
+    bundle = Recommender.load(result["bundle_dir"])
+    with pytest.raises(MissingPartError, match="it was trained with propensity.enabled=false"):
+        bundle.propensity(bundle.user_vocab.ids[:1].tolist())
     assert stages["export"]["status"] == stages["report"]["status"] == "ok"
     assert [r.levelname for r in caplog.records if "audience failed" in r.getMessage()] == ["ERROR"]  # logged once
     assert "profiles" not in Bundle.open(result["bundle_dir"]).manifest

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,8 +295,48 @@ def test_a_new_user_is_served_by_every_endpoint(any_live):
     assert "/events" in client.get("/openapi.json", headers=auth).json()["paths"]
 
 
+def test_events_need_the_token_or_the_explicit_setting(live, bundle, monkeypatch):
+    """Events enter the next training run: a server with a token takes them with the token only; a
+    server without one refuses them (403, saying how to set a token) unless events_without_token."""
+    item = live.item_vocab.ids[0]
+    batch = {"events": [{"user_id": "stranger", "item_id": item, "event_type": "view", "timestamp": data_end(live) + 1}]}
+    r = TestClient(create_app(live)).post("/events", json=batch)
+    assert r.status_code == 403 and r.json()["error"] == "token_required", r.text
+    assert "token=" in r.json()["detail"] and "events_without_token=true" in r.json()["detail"]
+    assert len(read_journal(live._service.journal_dir)[0]) == 0, "nothing journaled"
+    with pytest.raises(UnknownIdError):
+        live.recommend("stranger", 3)
+    guarded = TestClient(create_app(live, token="tok"))
+    assert guarded.post("/events", json=batch).status_code == 401
+    assert guarded.post("/events", json=batch, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert len(read_journal(live._service.journal_dir)[0]) == 0
+    r = guarded.post("/events", json=batch, headers={"Authorization": "Bearer tok"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    r = TestClient(create_app(live, events_without_token=True)).post("/events", json={"events": [
+        {**batch["events"][0], "user_id": "neighbour"}]})
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    assert len(read_journal(live._service.journal_dir)[0]) == 2
+    # serve.py passes the setting through (uvicorn is not started here)
+    import uvicorn
+    from omegaconf import OmegaConf
+
+    from dmp_dl.api.server import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.delenv("DMP_SERVE_TOKEN", raising=False)
+    settings = Path(__file__).resolve().parents[1] / "conf" / "serve.yaml"
+    assert OmegaConf.load(settings).events_without_token is False, "refused unless asked for"
+    for allowed in (False, True):
+        cfg = OmegaConf.load(settings)
+        cfg.artifacts, cfg.realtime.enabled, cfg.events_without_token = str(bundle), False, allowed
+        serve(cfg)
+    statuses = [TestClient(app).post("/events", json=batch).json()["error"] for app in apps]
+    assert statuses == ["token_required", "unavailable"], "the setting reached the app (realtime off: 409)"
+
+
 def test_bad_events_are_counted_never_a_crash(live):
-    client = TestClient(create_app(live, max_ids=40, max_body_bytes=8192))
+    client = TestClient(create_app(live, max_ids=40, max_body_bytes=8192, events_without_token=True))
     item = live.item_vocab.ids[0]
     user = live.user_vocab.ids[0]
     t = data_end(live)
@@ -350,7 +391,7 @@ def test_post_events_keeps_the_api_contract(live):
     app = create_app(live, token="tok", max_ids=20, max_body_bytes=1 << 16)
     spec = TestClient(app).get("/openapi.json", headers={"Authorization": "Bearer tok"}).json()
     op = spec["paths"]["/events"]["post"]
-    assert {"400", "401", "409", "413", "422"} <= set(op["responses"]) and op.get("security")
+    assert {"400", "401", "403", "409", "413", "422"} <= set(op["responses"]) and op.get("security")
     assert spec["components"]["schemas"]["EventsRequest"]["properties"]["events"]["maxItems"] == 20
     result = bench.fuzz(bench.load_schema(app, "tok").include(path="/events"), examples=25)
     assert not result["failures"], "\n\n".join(result["failures"][:3])
@@ -417,7 +458,8 @@ def test_small_batches_are_cleaned_like_a_training_log(options):
 
 
 def test_a_server_without_real_time_answers_409(rec):
-    r = TestClient(create_app(rec)).post("/events", json={"events": [{"user_id": "u", "item_id": "i"}]})
+    r = TestClient(create_app(rec, token="tok")).post("/events", json={"events": [{"user_id": "u", "item_id": "i"}]},
+                                                      headers={"Authorization": "Bearer tok"})
     assert r.status_code == 409 and "real-time events are off" in r.json()["detail"]
 
 

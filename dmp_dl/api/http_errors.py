@@ -70,7 +70,7 @@ class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     detail: str = Field(description="what is wrong and what to do, in one line")
     error: str = Field(description="machine-readable code: " + ", ".join(sorted(set(ERROR_CODES.values()) - {"internal"}
-                                                                              | {"unknown_id", "bad_bundle"})))
+                                                                              | {"unknown_id", "bad_bundle", "token_required"})))
     kind: str | None = Field(None, description="with unknown_id: which kind of id (user, item)")
     errors: list[FieldError] | None = Field(None, description="with a validation error: each failing field")
 

@@ -8,7 +8,8 @@ published at the served path (a directory an export replaced, or a re-pointed sy
 refused (409) while the current one keeps serving.
 
 Errors: unknown ids -> 404, bad parameters -> 422, a part the bundle lacks (propensity, cold
-start) -> 409, a missing/invalid bearer token -> 401, a body over the size limit -> 413; always
+start) -> 409, a missing/invalid bearer token -> 401, a write (events, erasure, reload) on a server
+without a token -> 403, a body over the size limit -> 413; always
 the JSON body of :mod:`dmp_dl.api.http_errors` (``detail`` says what is wrong, ``error`` is a
 machine-readable code), and each route declares the statuses it can answer in the OpenAPI
 document. The request models carry their limits (``k`` in 1..max_k, at most ``max_ids`` ids, the
@@ -402,7 +403,8 @@ def _factors(pairs: list[str] | None, key: str) -> dict[str, float] | None:
 
 def create_app(recommender: Recommender, token: str | None = None, max_ids: int = 10_000,
                max_body_bytes: int = 1 << 20, faiss_threads: int | None = None, eraser=None,
-               reload: Callable[[], Recommender] | None = None, reload_without_token: bool = False) -> FastAPI:
+               reload: Callable[[], Recommender] | None = None, reload_without_token: bool = False,
+               events_without_token: bool = False) -> FastAPI:
     """The API app over ``recommender``.
 
     token: if set, every endpoint but ``/health`` (docs included) needs ``Authorization: Bearer <token>``
@@ -414,6 +416,8 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     when no token is set: erasure rewrites the bundle, so it is never open to anonymous callers).
     reload: loads the bundle to switch to, for ``POST /reload`` (e.g. :func:`bundle_loader`);
     refused with 403 when no token is set, unless ``reload_without_token``.
+    events_without_token: ``POST /events`` writes what the next training run learns from, so without a
+    token it is refused with 403 (error ``token_required``) unless this is true.
     """
     if token is not None:
         from dmp_dl.pipeline.checks import token_from
@@ -535,7 +539,10 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         ranked = current(request).lookalike(bounded(body.seed_user_ids, "seed_user_ids"), body.k, body.exclude_seeds, body.method)
         return {"users": [{"user_id": u, "score": s} for u, s in ranked]}
 
-    @app.post("/propensity", dependencies=guarded, response_model=UserList, responses={**post_errors, **error_responses(409)})
+    @app.post("/propensity", dependencies=guarded, response_model=UserList, responses={
+        **post_errors, 409: {"model": ErrorBody, "description": "The bundle has no propensity model (error `unavailable`); "
+                             "`detail` says why: trained with propensity.enabled=false, or enabled and skipped (or "
+                             "failed) in the training run, with the reason the run recorded (e.g. too few positives)."}})
     def propensity(request: Request, body: PropensityRequest) -> dict:
         """Purchase propensity of known users, in the order given."""
         ids = bounded(body.user_ids, "user_ids")
@@ -568,15 +575,25 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
 
     @app.post("/events", dependencies=guarded, response_model=IngestAnswer, response_model_exclude_none=True,
               responses={**error_responses(400, 401, 413, 422),
+                         403: {"model": ErrorBody, "description": "The server has no token (error `token_required`): "
+                               "events feed the next training run, so they need `Authorization: Bearer <token>` of a "
+                               "server started with token=... (or $DMP_SERVE_TOKEN); a server nobody else can reach "
+                               "may take them without one with events_without_token=true."},
                          409: {"model": ErrorBody, "description": "Real-time events are off on this server (error "
                                "`unavailable`), or the event journal cannot be written (error `journal_unavailable`: "
                                "nothing of the batch was accepted; send it again later)."}})
     def events(request: Request, body: EventsRequest) -> dict:
         """Real-time events: cleaned like a training log, journaled to disk, then applied at once to
         the users' history, vector, profile, segment and propensity. Answers how many were accepted
-        and how many were refused, per reason."""
+        and how many were refused, per reason. Needs the bearer token: a server without one answers
+        403 (``token_required``) unless started with ``events_without_token=true``."""
         from dmp_dl.realtime.service import JournalError
 
+        if token is None and not events_without_token:
+            return error_response(403, "POST /events needs an authenticated server (its events enter the next "
+                                       "training run): start serve.py with token=... (or $DMP_SERVE_TOKEN) and send "
+                                       "Authorization: Bearer <token>, or accept events without a token with "
+                                       "events_without_token=true", "token_required")
         rec = current(request)
         if not hasattr(rec, "ingest"):
             raise MissingPartError("real-time events are off on this server (start serve.py with realtime.enabled=true)")
@@ -699,7 +716,8 @@ def serve(cfg) -> None:
         log.info("real-time events: journal %s", realtime.journal_dir)
     app = create_app(rec, token=token, max_ids=int(cfg.max_ids), max_body_bytes=int(cfg.max_body_bytes),
                      faiss_threads=threads, eraser=eraser, reload=load,
-                     reload_without_token=bool(cfg.get("reload_without_token", False)))
+                     reload_without_token=bool(cfg.get("reload_without_token", False)),
+                     events_without_token=bool(cfg.get("events_without_token", False)))
     if rec.pseudonymizer is not None:  # raw user ids travel in query strings: keep them out of the access log
         from dmp_dl.privacy.redact import redact_access_log_queries
 

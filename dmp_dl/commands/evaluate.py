@@ -27,6 +27,7 @@ from typing import Any
 
 import hydra
 import numpy as np
+import scipy.sparse as sp
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -35,7 +36,7 @@ from dmp_dl.audience.bundle import load_segments
 from dmp_dl.core.cli import CONF_DIR, report_errors
 from dmp_dl.core.errors import BundleError, ConfigError, DataError, DmpError
 from dmp_dl.data.vocab import IdVocab
-from dmp_dl.evaluation.heldout import evaluate_model_and_baselines, map_to_vocabularies
+from dmp_dl.evaluation.heldout import evaluate_model_and_baselines, map_to_vocabularies, pair_matrix
 from dmp_dl.evaluation.report import PropensityInputs, SegmentInputs
 from dmp_dl.models.parts import load_network
 from dmp_dl.pipeline.checks import check_data_config, check_evaluate_config
@@ -206,12 +207,54 @@ def propensity_inputs(bundle: Bundle, run_cfg: DictConfig, dm) -> tuple[Propensi
     return PropensityInputs(metrics=metrics, labels=labels, predictions={served: predictions}, served=served), note
 
 
+# -- leakage ----------------------------------------------------------------------------------
+OVERLAP_WARNING_SHARE = 0.1  # a later log shares a few pairs with the old one (repeat buyers); the same log nearly all
+
+
+def heldout_overlap(bundle: Bundle, dm, split, counts: Mapping, origin: str, same_split_config: bool) -> dict[str, Any]:
+    """How many evaluated held-out pairs the bundle's model may have learned from.
+
+    The bundle's seen-items matrix holds every (user, item) pair of its training data, test period
+    included. A held-out pair found there was fitted on when the bundle was refitted on every event
+    (``scoring.refit``), or when the data were split anew: the training run's split put some of
+    those pairs into what the model was trained on. Only the run's own split of its own data (the
+    same pairs, the same split settings) keeps them out of a model that was not refitted.
+
+    dm: the evaluated data; split: their :class:`HeldOutSplit` in the bundle's index space. Returns
+    ``{"heldout_pairs", "in_bundle_training_data", "share", "refit", "same_split", "warning"}``
+    (``warning``: the one line to print, or None).
+    """
+    from dmp_dl.store.bundle import SEEN_INDPTR, SEEN_ITEMS
+
+    relevant = (split.test.relevant > 0).astype(np.int8).tocsr()
+    indptr, items = bundle.array(SEEN_INDPTR), bundle.array(SEEN_ITEMS)
+    trained_pairs = sp.csr_matrix((np.ones(len(items), np.int8), items, indptr), shape=relevant.shape)
+    total, inside = int(relevant.nnz), int(relevant.multiply(trained_pairs).nnz)
+    scoring = bundle.manifest.get("scoring")
+    refit = bool(isinstance(scoring, dict) and scoring.get("refit"))
+    same_split = origin == "training"
+    if not same_split and same_split_config and counts["same_vocabularies"]:  # then the indices are the bundle's
+        evaluated_pairs = pair_matrix(*relevant.shape, dm.events["user_idx"].to_numpy(), dm.events["item_idx"].to_numpy())
+        same_split = (evaluated_pairs.astype(bool) != trained_pairs.astype(bool)).nnz == 0
+    share = inside / total if total else 0.0
+    warning = None
+    if share >= OVERLAP_WARNING_SHARE and (refit or not same_split):
+        how = ("it was refitted on every event of its training data" if refit else
+               "these data were split anew, and the training run's split trained the model on some of them")
+        warning = (f"leakage: {share:.0%} of the evaluated held-out user-item pairs ({inside} of {total}) are events "
+                   f"of the bundle's training data and {how}: these metrics are not held-out numbers; evaluate on "
+                   "events after its training data, or read the training run's metrics.json")
+    return {"heldout_pairs": total, "in_bundle_training_data": inside, "share": share, "refit": refit,
+            "same_split": bool(same_split), "warning": warning}
+
+
 # -- the report -------------------------------------------------------------------------------
 def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
     """Recompute the bundle's test metrics and write its report into ``cfg.output_dir``.
 
-    Returns ``ranking`` (name -> metrics), ``counts`` (what the id mapping left out),
-    ``propensity`` (:class:`PropensityInputs` or None) and ``report`` (format -> path).
+    Returns ``ranking`` (name -> metrics), ``counts`` (what the id mapping left out), ``overlap``
+    (:func:`heldout_overlap`: held-out pairs the bundle may have been fitted on; also in
+    ``report.json["train"]["heldout_overlap"]``), ``propensity`` (:class:`PropensityInputs` or None) and ``report`` (format -> path).
     """
     if OmegaConf.is_missing(cfg, "artifacts") or not cfg.get("artifacts"):
         raise ConfigError("artifacts: set artifacts=DIR to an exported bundle (e.g. outputs/<run>/artifacts)")
@@ -242,9 +285,10 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
     from dmp_dl.models.scoring import load_scoring
 
     ranking = evaluate_model_and_baselines(net, model_name, split, settings, served=load_scoring(bundle, split.n_items))
-    if isinstance(scoring, dict) and scoring.get("refit") and origin == "training":
-        log.warning("the bundle was refitted on every event of its training data, test period included: its test "
-                    "metrics on that data are not held-out numbers (metrics.json of the run has those)")
+    same_split_config = config_to_dict(data_node.get("split") or {}) == config_to_dict((run_cfg.get("data") or {}).get("split") or {})
+    overlap = heldout_overlap(bundle, dm, split, counts, origin, same_split_config)
+    if overlap["warning"]:
+        log.warning(overlap["warning"])
     for name, m in ranking.items():
         log.info("test %-12s recall@20=%.4f ndcg@20=%.4f", name, m.get("recall@20", float("nan")), m.get("ndcg@20", float("nan")))
 
@@ -260,6 +304,8 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
     }
     trained_settings = config_to_dict(run_cfg.evaluation) if run_cfg.get("evaluation") is not None else {}
     changed = [k for k in RANKING_SETTINGS if k in trained_settings and settings.get(k) != trained_settings[k]]
+    if overlap["warning"]:
+        notes["leakage"] = overlap["warning"][len("leakage: "):] + "."
     if changed:
         notes["settings"] = ("Evaluation settings differ from the training run's (" + "; ".join(
             f"{k}: {settings.get(k)} instead of {trained_settings[k]}" for k in changed) + ").")
@@ -281,6 +327,7 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
         "bundle_users": len(user_vocab),
         "bundle_items": len(item_vocab),
         "dmp_dl_version": (bundle.manifest.get("packages") or {}).get("dmp_dl"),
+        "heldout_overlap": overlap,
     }
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +335,7 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
         out, config=config, data_quality=data_quality, ranking=ranking, model_name=model_name, train=bundle_facts,
         propensity=propensity, segments=segments, protocol_notes=notes, absent=absent,
     )
-    return {"ranking": ranking, "counts": counts, "propensity": propensity, "report": paths}
+    return {"ranking": ranking, "counts": counts, "overlap": overlap, "propensity": propensity, "report": paths}
 
 
 def segment_inputs(bundle: Bundle, n_users: int) -> SegmentInputs | None:

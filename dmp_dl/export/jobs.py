@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from dmp_dl.audience.jobs import lookalike_job, user_rows_or_skip
@@ -51,6 +52,16 @@ COLUMNS = {
         "segment": "the user's segment (when the bundle has segments)",
     },
 }
+# What the bundle knows of a user besides the task's own columns, appended when the bundle has the part.
+USER_DETAILS = {
+    "segment": "the user's segment number (when the bundle has segments)",
+    "segment_label": "the label of the user's segment (when the bundle has segments)",
+    "top_interest": "the user's strongest interest category (when the bundle has interest profiles; empty for a "
+                    "user without one)",
+    "probability": "calibrated propensity of the user (when the bundle has a propensity model)",
+}
+DETAILS_OF = {"scores": ("segment", "segment_label", "top_interest"), "segments": ("top_interest", "probability"),
+              "lookalike": ("segment_label", "top_interest", "probability")}
 
 
 @dataclass
@@ -70,12 +81,55 @@ def _strings(ids: np.ndarray) -> pa.Array:
     return pa.array(np.asarray(ids, dtype=object).tolist(), type=pa.string())
 
 
+def id_order(ids: np.ndarray) -> np.ndarray:
+    """The rows of ``ids`` (n,) in the natural order of the ids: by value when every id is a number
+    ("2" before "10"), else as given (a bundle's vocabulary: text order). (n,) int64; ties (ids of
+    one value, "7" and "007") keep their given order."""
+    rows = np.arange(len(ids), dtype=np.int64)
+    values = pd.to_numeric(pd.Series(np.asarray(ids, dtype=object)), errors="coerce")
+    if not len(ids) or values.isna().any() or values.dtype == object:  # object: beyond 64-bit and float
+        return rows
+    return np.lexsort((rows, values.to_numpy()))
+
+
+DETAIL_TYPES = {"segment": pa.int32(), "segment_label": pa.string(), "top_interest": pa.string(), "probability": pa.float64()}
+
+
+def detail_names(rec, task: str) -> list[str]:
+    """The :data:`USER_DETAILS` columns of ``task`` that the bundle ``rec`` can fill."""
+    has = {"segment": rec.stored_segments is not None, "segment_label": rec.stored_segments is not None,
+           "top_interest": rec.profiles is not None, "probability": rec.has_propensity}
+    return [name for name in DETAILS_OF.get(task, ()) if has[name]]
+
+
+def user_details(rec, rows: np.ndarray, names: Sequence[str], labels: pa.Array | None = None) -> dict[str, pa.Array]:
+    """The :data:`USER_DETAILS` columns among ``names`` that the bundle has, for the users at
+    ``rows`` (n,): name -> (n,) Arrow array. ``labels``: the segments' labels, by segment number."""
+    out: dict[str, pa.Array] = {}
+    seg = rec.stored_segments
+    profiles = rec.profiles
+    if seg is not None and "segment" in names:
+        out["segment"] = pa.array(np.asarray(seg.assignments, dtype=np.int32)[rows])
+    if seg is not None and "segment_label" in names:
+        labels = labels if labels is not None else pa.array([d["label"] for d in segment_descriptions(rec)], pa.string())
+        out["segment_label"] = labels.take(pa.array(np.asarray(seg.assignments, dtype=np.int64)[rows]))
+    if profiles is not None and "top_interest" in names:
+        top = np.asarray(profiles.top_categories[rows, 0] if profiles.top_categories.shape[1] else np.full(len(rows), -1),
+                         dtype=np.int64)
+        categories = pa.array(list(map(str, profiles.categories)), pa.string())
+        out["top_interest"] = categories.take(pa.array(top, mask=top < 0))  # null: no interest
+    if rec.has_propensity and "probability" in names:
+        out["probability"] = pa.array(rec.propensity_rows(rows), pa.float64())
+    return out
+
+
 def select_users(rec, user_ids: Sequence[str] | None, source: str = "users", skip_unknown: bool = False) -> tuple[np.ndarray, dict]:
-    """Vocabulary rows of the users to export: all (``user_ids`` None), else the given ids in
-    their order, each once. Unknown ids stop the export (naming up to five) unless
-    ``skip_unknown``; returns the rows and counts (``given``, ``duplicates``, ``unknown_skipped``)."""
+    """Vocabulary rows of the users to export: all (``user_ids`` None) in the natural order of
+    their ids (:func:`id_order`), else the given ids in their order, each once. Unknown ids stop
+    the export (naming up to five) unless ``skip_unknown``; returns the rows and counts (``given``,
+    ``duplicates``, ``unknown_skipped``)."""
     if user_ids is None:
-        return np.arange(rec.n_users, dtype=np.int64), {"given": "all"}
+        return id_order(rec.user_vocab.ids), {"given": "all"}
     ids = list(user_ids)
     rows, n_unknown = user_rows_or_skip(rec, ids, source, skip_unknown)
     known = rows[rows >= 0]
@@ -145,15 +199,19 @@ def scores(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
     rank = np.empty(len(p), dtype=np.int64)
     rank[order] = np.arange(1, len(p) + 1)
     decile = np.minimum(10, (rank - 1) * 10 // max(len(p), 1) + 1).astype(np.int8)
-    schema = pa.schema([("user_id", pa.string()), ("probability", pa.float64()), ("rank", pa.int64()), ("decile", pa.int8())])
+    details = detail_names(rec, "scores")
+    schema = pa.schema([("user_id", pa.string()), ("probability", pa.float64()), ("rank", pa.int64()), ("decile", pa.int8()),
+                        *((name, DETAIL_TYPES[name]) for name in details)])
     users = _strings(rec.user_vocab.ids)
+    labels = _segment_labels(rec) if "segment_label" in details else None
     stats = {"probability_mean": float(p.mean()) if len(p) else None}
 
     def chunks() -> Iterator[tuple[int, pa.Table]]:
         for s in range(0, len(rows), chunk):
             sl = slice(s, s + chunk)
             yield len(rows[sl]), pa.table({"user_id": users.take(pa.array(rows[sl])), "probability": pa.array(p[sl]),
-                                           "rank": pa.array(rank[sl]), "decile": pa.array(decile[sl])})
+                                           "rank": pa.array(rank[sl]), "decile": pa.array(decile[sl]),
+                                           **user_details(rec, rows[sl], details, labels)})
 
     return Export("scores", schema, len(rows), chunks(), stats)
 
@@ -166,12 +224,20 @@ def segment_descriptions(rec) -> list[dict]:
     return descriptions
 
 
+def _segment_labels(rec) -> pa.Array:
+    """(K,) the segments' labels, by segment number."""
+    return pa.array([d["label"] for d in segment_descriptions(rec)], type=pa.string())
+
+
 def segments(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
-    """Segment membership of each user at ``rows``: ``user_id, segment, label, distance``."""
+    """Segment membership of each user at ``rows``: ``user_id, segment, label, distance`` (+
+    ``top_interest``, ``probability`` when the bundle has them)."""
     descriptions = segment_descriptions(rec)
     stored = rec.stored_segments
     labels = pa.array([d["label"] for d in descriptions], type=pa.string())
-    schema = pa.schema([("user_id", pa.string()), ("segment", pa.int32()), ("label", pa.string()), ("distance", pa.float32())])
+    details = detail_names(rec, "segments")
+    schema = pa.schema([("user_id", pa.string()), ("segment", pa.int32()), ("label", pa.string()), ("distance", pa.float32()),
+                        *((name, DETAIL_TYPES[name]) for name in details)])
     users = _strings(rec.user_vocab.ids)
     seg = np.asarray(stored.assignments, dtype=np.int32)
     dist = np.asarray(stored.distances, dtype=np.float32)
@@ -181,7 +247,8 @@ def segments(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
         for s in range(0, len(rows), chunk):
             r = rows[s : s + chunk]
             yield len(r), pa.table({"user_id": users.take(pa.array(r)), "segment": pa.array(seg[r]),
-                                    "label": labels.take(pa.array(seg[r])), "distance": pa.array(dist[r])})
+                                    "label": labels.take(pa.array(seg[r])), "distance": pa.array(dist[r]),
+                                    **user_details(rec, r, details, labels)})
 
     return Export("segments", schema, len(rows), chunks(), stats)
 
@@ -189,10 +256,14 @@ def segments(rec, rows: np.ndarray, chunk: int = 262144) -> Export:
 def lookalike(rec, seed_ids: Sequence[str], size: int, method: str = "contrast", source: str = "seeds",
               skip_unknown: bool = False) -> Export:
     """The ``size`` users most like the seeds, as ``python -m dmp_dl.audience task=lookalike``:
-    ``user_id, rank, score`` (+ ``segment``)."""
+    ``user_id, rank, score`` (+ ``segment``, ``segment_label``, ``top_interest``, ``probability``
+    when the bundle has them), best first."""
     table, summary = lookalike_job(rec, seed_ids, size, method, source, skip_unknown)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.cast(pa.schema([(f.name, pa.string() if f.name == "user_id" else f.type) for f in arrow.schema]))
+    found = rec.user_vocab.index_of(table["user_id"].tolist())
+    for name, column in user_details(rec, np.asarray(found, dtype=np.int64), detail_names(rec, "lookalike")).items():
+        arrow = arrow.append_column(pa.field(name, DETAIL_TYPES[name]), column)
     stats = {k: v for k, v in summary.items() if k != "task"}
     return Export("lookalike", arrow.schema, len(table), iter([(len(table), arrow)]), stats)
 
@@ -220,4 +291,4 @@ def write_export(export: Export, path, fmt: str, progress: bool | None = None,
     return {"task": export.task, "file": str(path), "format": fmt, "users": int(export.users), "rows": int(writer.rows),
             **export.stats, "seconds": round(seconds, 3),
             "rows_per_second": round(writer.rows / seconds) if seconds > 0 else None,
-            "columns": {name: COLUMNS[export.task].get(name, "") for name in export.schema.names}}
+            "columns": {name: COLUMNS[export.task].get(name) or USER_DETAILS.get(name, "") for name in export.schema.names}}

@@ -190,6 +190,8 @@ SERVE_RULES: dict[str, Rule] = {
     "timeout_keep_alive": Int(1, 86_400),
     "log_level": Choice(("critical", "error", "warning", "info", "debug", "trace")),
     "torch_threads": THREADS,
+    "reload_without_token": Choice((True, False)),
+    "events_without_token": Choice((True, False)),
     "realtime.enabled": Choice((True, False)),
     "realtime.segment_bytes": Int(4096, 1 << 40),
     "realtime.lookalike_refresh_seconds": NON_NEGATIVE,

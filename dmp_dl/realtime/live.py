@@ -460,7 +460,7 @@ class LiveRecommender(Recommender):
     def propensity(self, user_ids: Sequence[object]) -> list[float]:
         """:meth:`Recommender.propensity`, live users scored as of their latest event."""
         if self._propensity is None:
-            raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+            raise self.missing_propensity()
         ids = self._check_ids(user_ids, "user_ids")
         self._check_served(ids)
         live = [self._users.get(self._key(x)) for x in ids]

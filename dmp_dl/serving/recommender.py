@@ -598,17 +598,32 @@ class Recommender:
         return np.diff(self._seen_indptr)
 
     # -- propensity ----------------------------------------------------------------------------
+    def missing_propensity(self) -> MissingPartError:
+        """The error for a bundle without a propensity model, saying why it has none: the training
+        run's propensity stage as the manifest records it (``stages.propensity``: switched off,
+        skipped with the data's reason, or failed)."""
+        stage = (self.manifest.get("stages") or {}).get("propensity") or {}
+        status, reason = stage.get("status"), stage.get("reason")
+        if status == "skipped" and reason == "propensity.enabled=false":
+            return MissingPartError("this bundle has no propensity model: it was trained with propensity.enabled=false "
+                                    "(train with propensity.enabled=true and export again)")
+        if status in ("skipped", "failed") and reason:
+            what = "skipped" if status == "skipped" else "failed"
+            return MissingPartError(f"this bundle has no propensity model: propensity was enabled, but the training "
+                                    f"run's propensity stage {what}: {reason}")
+        return MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+
     def propensity(self, user_ids: Sequence[object]) -> list[float]:
         """Purchase propensity of known users, one float each (in the order given)."""
         if self._propensity is None:
-            raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+            raise self.missing_propensity()
         rows = self._user_rows_of(self._check_ids(user_ids, "user_ids"))
         return self.propensity_rows(rows).astype(float).tolist()
 
     def propensity_rows(self, rows: np.ndarray) -> np.ndarray:
         """Array form of :meth:`propensity` for user rows (n,): (n,) float64 probabilities."""
         if self._propensity is None:
-            raise MissingPartError("this bundle has no propensity model (train with propensity enabled and export again)")
+            raise self.missing_propensity()
         return np.asarray(self._propensity.score_known(np.asarray(rows, dtype=np.int64)), dtype=np.float64)
 
     # -- uplift --------------------------------------------------------------------------------

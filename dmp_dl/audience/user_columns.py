@@ -12,9 +12,10 @@
                         events, distinct days with an event, days from the last / first event to the end
                         of the data (bundles trained with propensity, which stores these statistics)
 ``attr.<column>``       a user-table (CRM) column the bundle encodes: numeric ones as numbers (a
-                        missing value reads as the column's mean), categorical ones by value (``==``,
-                        ``!=``, ``in``; a multi-valued cell ``a|b`` holds both). ``<column>`` alone works
-                        too where no other column has that name.
+                        missing value matches no comparison), categorical ones by value (``==``,
+                        ``in``: holds the value; ``!=``, ``not in``: does not, users without a value
+                        included; a multi-valued cell ``a|b`` holds both). ``<column>`` alone works too
+                        where no other column has that name.
 =====================  ===============================================================================
 
 Every column is built the first time a rule names it, with whole-array operations, and kept.
@@ -46,6 +47,28 @@ def _attribute_table(rec):
         return rec.user_features
     scorer = getattr(rec, "_propensity", None)
     return getattr(getattr(scorer, "features", None), "attributes", None)
+
+
+def _unstandardised(table, j: int, n: int) -> np.ndarray:
+    """Column ``j`` of ``table.numeric`` in its own units, (n,) float64, NaN where the user had no
+    value.
+
+    The bundle stores z-scores as float32, so a value comes back off by up to one float32 step of
+    its z-score; rounding to the decimal just above that step gives back the value written (an age
+    of 40 reads 40, not 39.9999990, so that ``age >= 40`` holds for it). A missing value is stored
+    as z = 0 (the mean), which a real value hits only when it equals the mean to the last bit; read
+    as missing, it matches no comparison, as a rule's user expects (unless every z is 0: a column
+    of one value)."""
+    z = table.numeric[:n, j].astype(np.float64)
+    std, mean = float(table.numeric_std[j]), float(table.numeric_mean[j])
+    raw = z * std + mean
+    largest_error = (float(np.abs(z).max(initial=0.0)) * std + abs(mean)) * 2.0**-23
+    if largest_error > 0:
+        raw = np.round(raw, int(-np.ceil(np.log10(2 * largest_error))))
+    missing = z == 0
+    if not missing.all():
+        raw[missing] = np.nan
+    return raw
 
 
 def bundle_activity(rec) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -138,10 +161,7 @@ class UserColumns:
             return
         n = self.n_users
         for j, column in enumerate(table.numeric_columns):
-            def numeric(j=j) -> Values:
-                raw = table.numeric[:n, j].astype(np.float64) * table.numeric_std[j] + table.numeric_mean[j]
-                return Values(numbers=raw)
-            self._add("attr", f"attr.{column}", numeric)
+            self._add("attr", f"attr.{column}", lambda j=j: Values(numbers=_unstandardised(table, j, n)))
         for column in table.categorical_columns:
             prefix = f"{column}="
             codes = {text[len(prefix):]: t + 1 for t, text in enumerate(table.token_vocab) if text.startswith(prefix)}
@@ -158,9 +178,9 @@ class UserColumns:
         why = self._missing.get(name) or (self._missing.get(family) if "." in name else None)
         if why:
             raise UnknownColumnError(f"rule: column {name!r} is not available: {why}")
-        close = difflib.get_close_matches(name, list(self._builders), n=1, cutoff=0.75)
-        if not close:
-            close = [k for k in self._builders if k.lower() == name.lower()][:1]
+        # a different case, a family prefix left out (Horror for interest.Horror), or a near spelling
+        close = [k for k in self._builders if name.lower() in (k.lower(), k.split(".", 1)[-1].lower())][:1]
+        close = close or difflib.get_close_matches(name, list(self._builders), n=1, cutoff=0.75)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownColumnError(f"rule: unknown column {name!r}{hint}; the columns are: {self.describe()}")
 

@@ -21,6 +21,7 @@ import pandas as pd
 from dmp_dl.audience.rule import Rule, RuleError, evaluate, parse_rule
 from dmp_dl.audience.user_columns import columns_of
 from dmp_dl.core.errors import ConfigError, UnknownIdError
+from dmp_dl.data.id_lists import read_id_file
 from dmp_dl.data.schema import normalize_ids
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,7 @@ def audience_members(rec, name: str, spec: Mapping) -> tuple[np.ndarray, dict]:
             raise error
         return (seg.assignments == int(value)) & served(rec), {**about, "segment": int(value)}
     if kind == "file":
-        from dmp_dl.audience.jobs import read_seed_ids
-
-        ids, source = read_seed_ids(str(value), "user_id", what="users"), str(value)
+        ids, source = read_id_file(str(value), f"audiences.{name}"), str(value)
     else:
         ids, source = value, f"audience {name!r}"
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):

@@ -27,12 +27,28 @@ import output  # noqa: E402
 TOKEN = "contract-check-token"
 
 
+def audience_rules():
+    """Valid audience rules (the ``audience-rule`` string format of ``/audiences/*``, a language
+    JSON Schema cannot express): comparisons of ``distinct_items``, a column every bundle has,
+    joined by and / or / not with parentheses."""
+    from hypothesis import strategies as st
+
+    number = st.floats(-1e6, 1e6, allow_nan=False).map(lambda x: f"{x:g}")
+    compare = st.builds("distinct_items {} {}".format, st.sampled_from(["<", "<=", ">", ">=", "==", "!=", "="]), number)
+    member = st.lists(number, min_size=1, max_size=4).map(lambda xs: f"distinct_items in [{', '.join(xs)}]")
+    return st.recursive(compare | member, lambda inner: st.one_of(
+        st.builds("({}) and ({})".format, inner, inner), st.builds("{} or {}".format, inner, inner),
+        inner.map("not ({})".format)), max_leaves=6)
+
+
 def load_schema(source, token: str):
     """The schemathesis schema of a URL (``.../openapi.json``) or an ASGI app, with the bearer token
     as schemathesis auth: applied to every generated request, dropped or mangled only where a case
     tests the auth itself (which must then be refused)."""
     import schemathesis
     from schemathesis.config import SchemathesisConfig
+
+    schemathesis.openapi.format("audience-rule", audience_rules())
 
     # schemathesis' list of refusals plus 413: a body over max_body_bytes is refused before it is
     # parsed (declared on every POST), so an invalid request that large (max_ids + 1 long ids) gets 413

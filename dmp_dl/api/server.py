@@ -31,9 +31,11 @@ import faiss
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from dmp_dl.api.audience_routes import add_audience_routes
 from dmp_dl.api.http_errors import ErrorBody, error_response, error_responses, install_error_handlers
+from dmp_dl.api.json_types import JsonInt
 from dmp_dl.core.errors import BundleError, DmpError
 from dmp_dl.data.schema import MAX_ABS_VALUE
 from dmp_dl.serving.recommender import InvalidRequestError, Ranked, Recommender
@@ -41,13 +43,6 @@ from dmp_dl.store.bundle import MANIFEST, MissingPartError
 
 log = logging.getLogger(__name__)
 
-def _integral(value: Any) -> Any:
-    """JSON Schema's ``integer`` includes ``3.0``: take an integral float as the int it is (strict
-    validation still refuses ``3.5``, ``"3"`` and ``true``)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-JsonInt = Annotated[int, BeforeValidator(_integral)]
 Id = str | JsonInt
 
 
@@ -482,6 +477,7 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
     guarded = [Depends(known_query), *([Depends(authorised)] if token is not None else [])]
     get_errors = error_responses(401, 404, 422)
     post_errors = error_responses(400, 401, 404, 413, 422)
+    add_audience_routes(app, current, guarded, max_ids)  # POST /audiences/rule, /audiences/overlap; GET /audiences/columns
 
     @app.get("/health", response_model=Health)
     def health(request: Request) -> dict:

@@ -1,8 +1,11 @@
-"""``python -m dmp_dl.audience task=lookalike|segments|target|measure|uplift ...`` (config:
+"""``python -m dmp_dl.audience task=lookalike|segments|target|rule|overlap|measure|uplift ...`` (config:
 ``conf/audience_cli.yaml``).
 
-lookalike, segments, target: write the audience to ``<output_dir>/<task>.csv`` (or ``.parquet``)
-and the summary to ``<task>_summary.json`` (``target`` also writes ``gains.csv``). measure: the
+lookalike, segments, target, rule: write the audience to ``<output_dir>/<task>.csv`` (or ``.parquet``)
+and the summary to ``<task>_summary.json`` (``target`` also writes ``gains.csv``; ``rule`` with
+``preview=true`` writes nothing and prints the size). overlap: the sizes, pairwise intersections
+and Jaccard indexes of two or more audiences, printed as a table and written to ``overlap.csv``
+and ``overlap_summary.json``. measure: the
 campaign's lift (``measure_summary.json``, ``measure.md``, ``measure.html``). uplift: an uplift
 model trained on a measured campaign, added to the bundle (``uplift_summary.json``, ``qini.csv``,
 ``uplift.md``, ``uplift.html``). Each prints its summary. A bad bundle, file, id or parameter is
@@ -24,9 +27,9 @@ from dmp_dl.pipeline.checks import check_audience_config
 
 log = logging.getLogger("dmp_dl.audience")  # not __main__ under python -m
 
-TASKS = ("lookalike", "segments", "target", "measure", "uplift")
+TASKS = ("lookalike", "segments", "target", "rule", "overlap", "measure", "uplift")
 ALIASES = {"segment": "segments", "targeting": "target", "measurement": "measure"}
-USAGE = "python -m dmp_dl.audience task=lookalike|segments|target|measure|uplift artifacts=DIR ..."
+USAGE = "python -m dmp_dl.audience task=lookalike|segments|target|rule|overlap|measure|uplift artifacts=DIR ..."
 
 
 def _plain(value):
@@ -72,6 +75,8 @@ def run_task(cfg: DictConfig) -> dict:
     if task == "uplift":
         options = _uplift_options(cfg)
     rec = Recommender.load(cfg.artifacts, max_k=1000)
+    if task in ("rule", "overlap"):
+        return _rule_task(rec, cfg, task, out, fmt)
     if size > rec.n_users:
         log.warning("size=%d is more than the bundle's %d users: the audience can hold at most all of them", size, rec.n_users)
         size = rec.n_users
@@ -108,6 +113,50 @@ def run_task(cfg: DictConfig) -> dict:
     return summary
 
 
+def _audience_specs(given) -> dict[str, dict]:
+    """``audiences=`` as named specs: a number is a segment, ``file:PATH`` a saved audience, any
+    other text a rule; a list is named by its entries (``segment 2``, the rule's text, the path)."""
+    given = _plain(given)
+    if isinstance(given, list):
+        given = {(f"segment {v}" if isinstance(v, int) and not isinstance(v, bool) else str(v)): v for v in given}
+    if not isinstance(given, dict):
+        raise ConfigError("audiences must name two or more audiences, e.g. 'audiences={horror: \"interest.Horror > 0.2\", "
+                          f"vip: \"file:vip.csv\", s1: 1}}' (a number: a segment); got {given!r}")
+    specs = {}
+    for name, value in given.items():
+        if isinstance(value, dict):
+            specs[str(name)] = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            specs[str(name)] = {"segment": value}
+        elif isinstance(value, str) and value.startswith("file:"):
+            specs[str(name)] = {"file": value[len("file:"):]}
+        else:
+            specs[str(name)] = {"rule": value}
+    return specs
+
+
+def _rule_task(rec, cfg: DictConfig, task: str, out: Path, fmt: str) -> dict:
+    from dmp_dl.audience import jobs, rule_audience
+    from dmp_dl.campaign.jobs import summary_json
+
+    if task == "rule":
+        if cfg.get("rule") is None:
+            raise ConfigError("rule is required, e.g. 'rule=\"interest.Horror > 0.2 and recency_days <= 90\"'")
+        table, summary = rule_audience.rule_job(rec, str(cfg.rule))
+        if cfg.get("preview", False):
+            summary["preview"] = True
+            log.info("rule: %d of %d users (preview: nothing written)", summary["users"], rec.n_users)
+            return summary
+    else:
+        table, summary = rule_audience.overlap_job(rec, _audience_specs(cfg.get("audiences")))
+    summary["files"] = {"audience" if task == "rule" else "pairs": str(jobs.write_table(table, out / f"{task}.{fmt}", fmt))}
+    summary_path = out / f"{task}_summary.json"
+    summary["files"]["summary"] = str(summary_path)
+    atomic_write_text(summary_path, summary_json(summary))
+    log.info("%s: %d rows written to %s", task, len(table), out / f"{task}.{fmt}")
+    return summary
+
+
 def _campaign_files(cfg: DictConfig):
     from dmp_dl.campaign.jobs import CampaignFiles
 
@@ -133,6 +182,8 @@ def _uplift_options(cfg: DictConfig):
 def short(summary: dict) -> dict:
     """The summary to print: segment descriptions cut to size, label and mean propensity; a
     measurement without its per-segment and per-decile tables (the summary file has them in full)."""
+    if summary.get("task") == "overlap":
+        return {k: v for k, v in summary.items() if k not in ("pairs", "intersection")}
     if summary.get("task") in ("measure", "uplift"):
         return {k: v for k, v in summary.items() if k not in ("by_segment", "by_decile", "overall", "uplift_by_decile")}
     if "segments" not in summary:
@@ -155,10 +206,16 @@ def run_limited(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="audience_cli")
 def main(cfg: DictConfig) -> None:
     with report_errors():
-        summary = short(run_limited(cfg))
+        summary = run_limited(cfg)
         from dmp_dl.campaign.jobs import summary_json
 
-        print(summary_json(summary))
+        if summary.get("task") == "overlap":
+            from dmp_dl.audience.rule_audience import overlap_text
+
+            print(overlap_text(summary))
+            print(f"written: {summary['files']['pairs']}, {summary['files']['summary']}")
+            return
+        print(summary_json(short(summary)))
 
 
 if __name__ == "__main__":

@@ -217,7 +217,8 @@ CAMPAIGN_RULES: dict[str, Rule] = {
 # python -m dmp_dl.audience: the rules of every task, then those of each task (None: every task).
 AUDIENCE_CLI_RULES: dict[str | None, dict[str, Rule]] = {
     None: {
-        "task": Choice(("lookalike", "segments", "target", "measure", "uplift", "segment", "targeting", "measurement")),
+        "task": Choice(("lookalike", "segments", "target", "rule", "overlap", "measure", "uplift", "segment", "targeting",
+                        "measurement")),
         "format": Choice(("csv", "parquet")),
         "num_threads": THREADS,
     },
@@ -236,6 +237,7 @@ AUDIENCE_CLI_RULES: dict[str | None, dict[str, Rule]] = {
         "control_frac": FRACTION,
         "control_seed": Int(0, MAX_SEED, null=True),
     },
+    "rule": {"rule": Text(null=True), "preview": Flag()},  # null: refused with an example of a rule
     "measure": {
         **CAMPAIGN_RULES,
         "artifacts": Text(null=True),

@@ -35,6 +35,7 @@ import scipy.sparse as sp
 from dmp_dl.audience.profiles import item_category_shares
 from dmp_dl.core.errors import BundleError
 from dmp_dl.data.schema import ITEM, TIME, TYPE, VALUE
+from dmp_dl.propensity.features import SECONDS_PER_DAY
 from dmp_dl.realtime.behaviour import BehaviourStats
 from dmp_dl.store.bundle import Bundle, BundleWriter
 from dmp_dl.store.parts import BundlePart
@@ -120,6 +121,20 @@ class RealtimePart:
     @property
     def journals(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in (self.entry.get("journals") or {}).items()}
+
+    def activity(self) -> dict[str, np.ndarray] | None:
+        """Per user, as of ``data_end``: ``events``, ``active_days`` (distinct days with an event),
+        ``recency_days`` / ``tenure_days`` (days from the last / first event to ``data_end``; NaN
+        for a user without events), each (n_users,) float64; None without behaviour statistics."""
+        stats, end = self.behaviour_stats, self.data_end
+        if stats is None or end is None:
+            return None
+        last, first = stats[:, BehaviourStats.LAST], stats[:, BehaviourStats.FIRST]
+        with np.errstate(invalid="ignore"):
+            recency = np.where(np.isfinite(last), (end - last) / SECONDS_PER_DAY, np.nan)
+            tenure = np.where(np.isfinite(first), (end - first) / SECONDS_PER_DAY, np.nan)
+        return {"events": stats[:, BehaviourStats.N].astype(np.float64), "active_days": stats[:, BehaviourStats.DAYS].astype(np.float64),
+                "recency_days": recency, "tenure_days": tenure}
 
 
 def load_realtime_part(bundle: Bundle, n_users: int, n_items: int) -> RealtimePart:

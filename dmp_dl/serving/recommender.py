@@ -168,6 +168,7 @@ class Recommender:
         self.pseudonymizer = pseudonymizer
         self.profiles, self.stored_segments = profiles, segments
         self.uplift_model = None  # a campaign.bundle.UpliftScorer, when the bundle has one
+        self.bundle_root = None  # the folder :meth:`load` read (parts not served are read from there)
         # How recommendations are scored: None or a plain dot product -> the FAISS item index;
         # with the item-item (EASE) term -> exact scores over the catalogue (dmp_dl.models.scoring)
         self.served = served if served is not None and served.uses_shallow else None
@@ -193,6 +194,7 @@ class Recommender:
                              pseudonymizer=pseudonymizer)
         # the uplift model reads the inputs above, so it is checked against them
         rec.uplift_model = load_parts(b, ("uplift",), {"recommender": rec})["uplift"]
+        rec.bundle_root = b.root
         return rec
 
     @classmethod

@@ -245,7 +245,6 @@ def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_voca
     user = events["user_idx"].to_numpy(np.int64)
     item = events["item_idx"].to_numpy(np.int64)
     t = events[TIME].to_numpy(np.int64)
-    types = events[TYPE].astype(str).to_numpy()
     as_of = int(t.max()) if len(t) else 0
     ages = last_event_ages_days(user, t, n_users, as_of)
     rule = AUTO if opts.half_life_days == AUTO else "fixed"
@@ -256,7 +255,8 @@ def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_voca
     warn_if_near_zero(ages, half_life_days, rule)
     decay = np.exp2(-(as_of - t) / (half_life_days * SECONDS_PER_DAY))
 
-    event_types, type_code = np.unique(types, return_inverse=True)
+    type_code, event_types = pd.factorize(events[TYPE].astype(str), sort=True)  # np.unique of strings: 20x slower
+    event_types = [str(e) for e in event_types]
     if opts.event_weights is None:
         weight = events[WEIGHT].to_numpy(np.float64)
     else:

@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.privacy.dp import DPSGD, DPOptions, clip_factors, planned_steps, sample_rate, steps_per_epoch
 from dmp_dl.training.fit import FiniteLossGuard, _instantiate_all, instantiate_trainer
+from dmp_dl.training.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -215,25 +216,28 @@ class AutoencoderDPSGD(DPSGD):
                           "model, vocabularies or popularity counts)"}
 
 
-def fit_private_autoencoder(cfg, dm, rows: sp.csr_matrix, options: DPOptions,
-                            loggers: list | None = None) -> tuple[AutoencoderDPSGD, nn.Module, dict]:
+def fit_private_autoencoder(cfg, dm, rows: sp.csr_matrix, options: DPOptions, loggers: list | None = None,
+                            previous=None) -> tuple[AutoencoderDPSGD, nn.Module, dict]:
     """Train ``cfg.model.vae`` on ``rows`` ((n_users, n_items) training strengths) with user-level
     DP-SGD for ``trainer.max_epochs`` epochs (or ``trainer.max_steps`` steps): no early stopping,
     no time budget and no validation during training, since choosing the epoch on validation users
-    would read data outside the mechanism. Returns (the engine, the net in eval mode, facts)."""
+    would read data outside the mechanism. ``previous``: the ``init_from`` network the fit starts
+    from (row by row by id). Returns (the engine, the net in eval mode, facts)."""
     node = cfg.model.vae
     if node.module.get("scheduler") is not None:
         raise ConfigError("privacy.dp.enabled=true does not step a learning-rate scheduler: set "
                           "model.vae.module.scheduler=null")
     if "ddp" in str(cfg.trainer.get("strategy", "") or ""):
         raise ConfigError("privacy.dp.enabled=true trains on one device: drop trainer=ddp")
-    if cfg.get("init_from"):
-        log.warning("init_from is not applied under privacy.dp with model=%s: the DP fit starts from a fresh "
-                    "network, so that (epsilon, delta) covers everything the network learned", cfg.model.get("name"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features,
                                                  sparse_gradients=False)
     net.attach_rows(rows)
+    warm = None
+    if previous is not None:
+        warm = warm_start(net, previous, {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids})
+        log.warning("privacy.dp: the (epsilon, delta) guarantee covers this run's training only, not the model "
+                    "init_from starts it from")
     users = np.flatnonzero(np.diff(sp.csr_matrix(rows).indptr) > 0)
     if len(users) == 0:
         raise ConfigError("privacy.dp: no users with training events")
@@ -258,6 +262,6 @@ def fit_private_autoencoder(cfg, dm, rows: sp.csr_matrix, options: DPOptions,
         trainer.fit(module, train_dataloaders=loader)
     net.eval()
     facts = {"fit_seconds": time.perf_counter() - t0, "epochs_run": int(trainer.current_epoch), "epochs": int(trainer.current_epoch),
-             "batch_users": options.batch_users, "steps": int(module._batches), "warm_start": None,
+             "batch_users": options.batch_users, "steps": int(module._batches), "warm_start": warm,
              "dense_gradients": True}
     return engine, net, facts

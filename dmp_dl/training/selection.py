@@ -413,7 +413,7 @@ def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: 
 def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=None) -> ModelChoice:
     """Steps 1-4 of the module docstring on the prepared DataModule ``dm``.
 
-    private_fit: ``(cfg, dm, rows, loggers) -> (net, facts)``, the DP-SGD fit of the autoencoder
+    private_fit: ``(cfg, dm, rows, loggers, previous) -> (net, facts)``, the DP-SGD fit of the autoencoder
     (``privacy.dp``, :mod:`dmp_dl.privacy.dp_autoencoder`): it replaces the autoencoder's fit, which
     is then the only candidate (EASE and the blend read every user's data outside the mechanism)
     and is not refitted (a second fit would spend a second privacy budget).
@@ -459,7 +459,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
         floor = float(budget_facts.get("min_time_budget_s", 0.0))  # auto only: a number given is kept
         vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, floor / 2.0, 0.1 * budget)
     if private_fit is not None:
-        net, vae_facts = private_fit(cfg, dm, rows_train, loggers)
+        net, vae_facts = private_fit(cfg, dm, rows_train, loggers, previous)
     else:
         net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
                                          time_budget_s=vae_budget, previous=previous, val_users=val_sample)

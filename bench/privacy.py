@@ -130,11 +130,11 @@ def markdown(res: dict) -> str:
 
 
 def bench_auto(data: str, epsilons: list[float], epochs: int, overrides: list[str], dp_overrides: list[str],
-               workdir: Path) -> dict:
-    """The default model on ``data`` (a key of DATA): the automatic choice without DP, then the
-    autoencoder under DP-SGD at each ε."""
+               workdir: Path, dp_only: bool = False) -> dict:
+    """The default model on ``data`` (a key of DATA): the automatic choice without DP (unless
+    ``dp_only``), then the autoencoder under DP-SGD at each ε."""
     results, references = [], {}
-    for i, (name, extra) in enumerate(settings(epsilons, "default model (no DP)")):
+    for i, (name, extra) in enumerate(settings(epsilons, "default model (no DP)")[int(dp_only):]):
         extra = [*extra, *dp_overrides] if extra else extra
         cfg = compose_train_cfg([*DATA[data], *QUIET, f"trainer.max_epochs={epochs}", *extra, *overrides],
                                 workdir / f"{data}{i}")
@@ -166,7 +166,7 @@ def bench_auto(data: str, epsilons: list[float], epochs: int, overrides: list[st
 def markdown_auto(runs: list[dict]) -> str:
     parts = []
     for res in runs:
-        base = res["rows"][0]["ndcg@20"]
+        base = res["rows"][0]["ndcg@20"] if res["rows"][0]["epsilon"] is None else None
         rows = []
         for r in res["rows"]:
             eps = r["epsilon"]
@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--dp-overrides", nargs="*", default=None,
                     help=f"Hydra overrides of the DP runs only (two_tower default: {' '.join(DP_OVERRIDES)}; auto: none)")
+    ap.add_argument("--dp-only", action="store_true", help="--model auto: the DP runs only, no run without DP")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
     args = ap.parse_args()
@@ -219,7 +220,7 @@ def main() -> None:
         dp_overrides = args.dp_overrides if args.dp_overrides is not None else []
         for data in args.data:  # a section per data set, written as soon as it is done
             with tempfile.TemporaryDirectory(prefix="dmp_bench_privacy_") as tmp:
-                runs = [bench_auto(data, args.epsilons, args.epochs, args.overrides, dp_overrides, Path(tmp))]
+                runs = [bench_auto(data, args.epsilons, args.epochs, args.overrides, dp_overrides, Path(tmp), args.dp_only)]
             if args.no_write:
                 print(markdown_auto(runs))
             else:

@@ -1,4 +1,5 @@
-"""User-level DP-SGD for the embedding model: per-user gradients, clipping, decoupling, accounting."""
+"""User-level DP-SGD for the embedding models (two-tower / MF and the default autoencoder): per-user
+gradients, clipping, decoupling, accounting."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import json
 import math
 from functools import partial
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.data.features import FeatureTable
+from dmp_dl.models.autoencoder import UserAutoencoder
+from dmp_dl.models.autoencoder_module import AutoencoderModule
 from dmp_dl.models.mf import MatrixFactorization
 from dmp_dl.models.retrieval import RetrievalModule
 from dmp_dl.models.two_tower import TwoTowerNet
@@ -18,6 +24,7 @@ pytest.importorskip("opacus", reason="the DP accountant needs the `dp` extra (pi
 
 from dmp_dl.pipeline.run import run  # noqa: E402
 from dmp_dl.privacy.dp import DPSGD, DPOptions, _UserLoss, calibrate_noise, epsilon_spent  # noqa: E402
+from dmp_dl.privacy.dp_autoencoder import AutoencoderDPSGD  # noqa: E402
 
 N_USERS, N_ITEMS, E, L = 12, 9, 5, 3
 
@@ -154,5 +161,130 @@ def test_dp_refuses_what_breaks_the_guarantee(tiny_cfg):
 
 
 def test_dp_with_a_model_that_has_no_dp_training_is_one_line(tiny_cfg):
-    with pytest.raises(ConfigError, match="model=two_tower"):
-        run(tiny_cfg("privacy.dp.enabled=true"))
+    with pytest.raises(ConfigError, match="model=ease has no DP training, use model=auto"):
+        run(tiny_cfg("model=ease", "privacy.dp.enabled=true"))
+
+
+# -- the default model's autoencoder ------------------------------------------------------------
+AE_USERS, AE_ITEMS = 10, 30
+
+
+def autoencoder_module(clip=1e3, sigma=0.0, full_softmax_max_items=50_000, variational=False, attributes=None):
+    """A small autoencoder with rows attached (user u has 2 + u % 5 items) and its DP engine."""
+    torch.manual_seed(0)
+    g = np.random.default_rng(0)
+    rows = np.zeros((AE_USERS, AE_ITEMS), np.float32)
+    for u in range(AE_USERS):
+        rows[u, g.choice(AE_ITEMS, 2 + u % 5, replace=False)] = g.uniform(1, 5, 2 + u % 5)
+    net = UserAutoencoder(AE_USERS, AE_ITEMS, dim=6, hidden=12, layers=2, dropout=0.0, variational=variational,
+                          user_features=attributes, attribute_dropout=0.0, sparse_gradients=False)
+    net.attach_rows(sp.csr_matrix(rows)).train()
+    options = DPOptions(enabled=True, noise_multiplier=sigma, max_grad_norm=clip, batch_users=AE_USERS,
+                        num_negatives=8, chunk_users=3)
+    engine = AutoencoderDPSGD(options, AE_USERS, planned_steps=1)
+    module = AutoencoderModule(net, partial(torch.optim.SGD, lr=0.1), full_softmax_max_items=full_softmax_max_items,
+                               num_negatives=8, dp=engine)
+    return module, engine, rows
+
+
+def batch_loss(module, users):
+    """The non-private training loss of ``users`` (AutoencoderModule's, a mean over users), by autograd."""
+    net = module.net
+    offsets, items, values = net.gather_rows(users)
+    mean, _ = net.encode(offsets, items, values, net.known_attributes(users))
+    row = torch.bucketize(torch.arange(len(items)), offsets, right=True) - 1
+    log_p = torch.log_softmax(net.logits(mean), dim=1)[row, items]
+    return -(values * log_p).sum() / len(users)
+
+
+def user_attributes():
+    """Two token columns and one numeric column for AE_USERS users (row AE_USERS: the unknown user)."""
+    g = np.random.default_rng(1)
+    tokens = np.c_[g.integers(1, 4, AE_USERS + 1), g.integers(4, 6, AE_USERS + 1)]
+    tokens[-1] = 0
+    numeric = g.normal(size=(AE_USERS + 1, 1)).astype(np.float32)
+    numeric[-1] = 0
+    return FeatureTable(tokens, numeric, ["a", "b", "c", "x", "y"], ["t1", "t2"], ["n"], [0.0], [1.0])
+
+
+@pytest.mark.parametrize("attributes", [False, True])
+def test_autoencoder_per_user_gradients_are_the_models_own_gradient_when_nothing_is_clipped(attributes):
+    module, engine, _ = autoencoder_module(attributes=user_attributes() if attributes else None)
+    users = torch.arange(7)
+    grads, loss = engine.clipped_noisy_gradients(module, {"user": users})
+    module.net.zero_grad()
+    reference = batch_loss(module, users)
+    (reference * len(users)).backward()  # the sum of the users' gradients
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    expected = engine.sample_rate * engine.n_users
+    for name, p in module.net.named_parameters():
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(grads["net." + name] * expected, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("softmax", ["exact", "sampled"])
+def test_autoencoder_each_users_gradient_is_clipped_to_max_grad_norm(softmax):
+    clip = 1e-3
+    module, engine, _ = autoencoder_module(clip=clip, variational=True,
+                                           full_softmax_max_items=50_000 if softmax == "exact" else 10)
+    expected = engine.sample_rate * engine.n_users
+    for user in range(4):
+        module.net.zero_grad()
+        batch_loss(module, torch.tensor([user])).backward()
+        unclipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in module.net.parameters() if p.grad is not None))
+        assert unclipped > clip  # so the bound is the clipping at work
+        grads, loss = engine.clipped_noisy_gradients(module, {"user": torch.tensor([user])})
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values())) * expected
+        assert math.isfinite(loss.item())
+        assert norm == pytest.approx(clip, rel=1e-3)
+
+
+def test_autoencoder_users_contributions_add_up_independently():
+    # one user's clipped gradient is the same whoever else is sampled: the loss couples no users
+    module, engine, _ = autoencoder_module(clip=0.05)
+    both, _ = engine.clipped_noisy_gradients(module, {"user": torch.tensor([2, 5, 8])})
+    parts = [engine.clipped_noisy_gradients(module, {"user": torch.tensor(u)})[0] for u in ([2], [5, 8])]
+    for name in both:
+        torch.testing.assert_close(both[name], parts[0][name] + parts[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_autoencoder_noise_covers_every_parameter_on_an_empty_draw():
+    sigma, clip = 2.0, 0.5
+    module, engine, _ = autoencoder_module(clip=clip, sigma=sigma)
+    torch.manual_seed(1)
+    grads, _ = engine.clipped_noisy_gradients(module, {"user": torch.zeros(0, dtype=torch.int64)})
+    flat = torch.cat([g.reshape(-1) for g in grads.values()]) * (engine.sample_rate * engine.n_users)
+    assert flat.numel() == sum(p.numel() for p in module.net.parameters())
+    assert flat.std().item() == pytest.approx(sigma * clip, rel=0.1)
+
+
+def test_the_default_model_trains_with_dp_and_reports_epsilon(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("privacy.dp.enabled=true", "privacy.dp.target_epsilon=4", "privacy.dp.batch_users=100",
+                   "trainer.max_epochs=2", "model.dim=16", "model.vae.net.hidden=32", "propensity.enabled=false",
+                   f"privacy.erasure_list={tmp_path}/erased.txt")
+    run(cfg)
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    dp = metrics["train"]["privacy"]["dp"]
+    assert dp["unit"] == "user" and dp["steps"] == 2 * 4  # q = 100 / 400: 4 steps an epoch
+    assert 3.5 < dp["epsilon"] <= 4.0
+    assert dp["epsilon"] == pytest.approx(epsilon_spent(dp["noise_multiplier"], dp["sample_rate"], dp["steps"], dp["delta"]))
+    # the autoencoder alone: no EASE candidate or blend, no refit on every event
+    assert metrics["model"]["selected"] == "vae" and list(metrics["model"]["candidates"]) == ["vae"]
+    assert metrics["model"]["refit"] is False
+    assert metrics["model"]["candidates"]["vae"]["details"]["dense_gradients"] is True
+    manifest = json.loads((out / "artifacts" / "manifest.json").read_text())
+    assert manifest["privacy"]["dp"]["epsilon"] == dp["epsilon"]
+    assert "test" in metrics["model"]["candidates"]["vae"] and "auto" in metrics["ranking"]
+
+
+def test_dp_plans_ten_epochs_when_max_epochs_is_unset_and_refuses_minus_one():
+    from omegaconf import OmegaConf
+
+    from dmp_dl.core.errors import ConfigError
+    from dmp_dl.privacy.dp import DEFAULT_DP_EPOCHS, planned_epochs, planned_steps
+
+    assert planned_epochs(OmegaConf.create({"max_epochs": None})) == DEFAULT_DP_EPOCHS == 10
+    assert planned_steps(OmegaConf.create({"max_epochs": 3}), 0.25) == 12
+    with pytest.raises(ConfigError, match="trainer.max_epochs=-1"):
+        planned_epochs(OmegaConf.create({"max_epochs": -1}))

@@ -63,6 +63,8 @@ class AutoencoderModule(RetrievalModule):
     full_softmax_max_items: catalogues up to this size use the exact softmax.
     num_negatives: uniform negatives per step of the sampled softmax.
     steps_per_epoch: optimizer steps in one epoch (for the annealing schedule).
+    dp: a :class:`dmp_dl.privacy.dp_autoencoder.AutoencoderDPSGD` engine: each step is its
+        user-level DP-SGD step (clipped, noised per-user gradients) with one dense optimiser.
 
     The encoder's item rows train with ``torch.optim.SparseAdam`` (only the rows of a batch's items
     move: a step's cost follows the batch, not the catalogue); the other weights with ``optimizer``.
@@ -72,7 +74,7 @@ class AutoencoderModule(RetrievalModule):
                  beta: float = 0.2, anneal_epochs: float = 10.0, anneal_max_steps: int | None = None,
                  full_softmax_max_items: int = 50_000,
                  num_negatives: int = 8192, steps_per_epoch: int = 1, val_ks: Sequence[int] = (10, 20),
-                 scheduler: Callable | None = None, **_unused):
+                 scheduler: Callable | None = None, dp=None, **_unused):
         if beta < 0 or anneal_epochs < 0 or (anneal_max_steps is not None and anneal_max_steps < 0):
             raise ConfigError(f"model.module.beta, anneal_epochs and anneal_max_steps must be >= 0, got {beta}, "
                               f"{anneal_epochs}, {anneal_max_steps}")
@@ -80,7 +82,7 @@ class AutoencoderModule(RetrievalModule):
             raise ConfigError(f"model.module.num_negatives must be >= 1, got {num_negatives}")
         super().__init__(net, optimizer, item_counts=item_counts, loss="softmax", temperature=1.0,
                          full_softmax_max_items=full_softmax_max_items, num_negatives=num_negatives,
-                         val_ks=val_ks, scheduler=scheduler)
+                         val_ks=val_ks, scheduler=scheduler, dp=dp)
         steps = float(anneal_epochs) * max(int(steps_per_epoch), 1)
         if anneal_max_steps is not None:
             steps = min(steps, float(anneal_max_steps))
@@ -91,6 +93,8 @@ class AutoencoderModule(RetrievalModule):
         self._batches = 0
 
     def configure_optimizers(self):
+        if self.dp is not None and self.net.encoder.sparse:
+            raise ConfigError("privacy.dp clips each user's whole gradient: the autoencoder needs sparse_gradients=false")
         if not self.net.encoder.sparse:
             return [self.optimizer_factory(params=self.net.parameters())]
         sparse = [p for n, p in self.net.named_parameters() if n == "encoder.weight"]
@@ -103,6 +107,8 @@ class AutoencoderModule(RetrievalModule):
         return self.beta * min(1.0, self._batches / self.anneal_steps)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.dp is not None:
+            return self.dp.training_step(self, batch)
         net = self.net
         offsets, items, values = net.gather_rows(batch["user"])
         b = offsets.shape[0]

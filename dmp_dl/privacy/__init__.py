@@ -5,7 +5,8 @@ an erasure list that later training honours), and user-level differentially priv
 * :mod:`~dmp_dl.data.erasure_list`: the list of erased users that loaders honour.
 * :mod:`~dmp_dl.privacy.erasure`: ``forget_users`` / ``erase_from_bundle``: remove users from every
   per-user artifact of a bundle, atomically, and audit it.
-* :mod:`~dmp_dl.privacy.dp`: DP-SGD for the embedding model and its (ε, δ).
+* :mod:`~dmp_dl.privacy.dp`: DP-SGD for the embedding model and its (ε, δ);
+  :mod:`~dmp_dl.privacy.dp_autoencoder`: the same for the default model's autoencoder.
 * ``python -m dmp_dl.privacy forget artifacts=DIR user_ids=FILE``: the command line.
 """
 

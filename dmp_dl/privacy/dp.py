@@ -1,4 +1,6 @@
-"""Differentially private training of the embedding model: user-level DP-SGD.
+"""Differentially private training of the embedding model: user-level DP-SGD (the accounting and the
+clipping shared by every model; the two-tower and MF losses here, the default model's autoencoder
+in :mod:`dmp_dl.privacy.dp_autoencoder`).
 
 The unit of privacy is a **user** (all of their events), not an event: a user's history feeds the
 user tower of every one of their examples, so removing one event changes several examples, and
@@ -68,9 +70,11 @@ class DPOptions:
     delta: δ; null: the smaller of 1e-5 and 1 / (10 × users).
     max_grad_norm: C, the L2 bound of one user's gradient.
     batch_users: expected users per step (sampling rate q = batch_users / users).
-    max_events_per_user: events of a sampled user used in one step (a random window of them).
+    max_events_per_user: events of a sampled user used in one step (a random window of them;
+        two-tower / MF: the autoencoder reads the user's whole row).
     num_negatives: uniform negatives shared by a step's users (softmax); the whole catalogue when it
         has at most this many items. With ``loss=bpr``: negatives per event (model.module.num_negatives).
+        Two-tower / MF only: the autoencoder's are ``model.vae.module.*``.
     chunk_users: users per vectorised per-user-gradient pass (bounds memory: chunk × parameters).
     """
 
@@ -142,6 +146,26 @@ def sample_rate(options: DPOptions, n_users: int) -> float:
 def steps_per_epoch(q: float) -> int:
     """Steps in which each user is sampled once on average."""
     return max(1, math.ceil(1.0 / q))
+
+
+DEFAULT_DP_EPOCHS = 10  # planned epochs when trainer.max_epochs is not set (the default model leaves it unset)
+
+
+def planned_epochs(trainer) -> int:
+    """The epochs a DP run is planned for: ``trainer.max_epochs`` when set (-1, until early
+    stopping, plans nothing and is refused), else :data:`DEFAULT_DP_EPOCHS`. Without early stopping every one runs."""
+    epochs = int(trainer.get("max_epochs") or DEFAULT_DP_EPOCHS)
+    if epochs < 1:
+        raise ConfigError(f"privacy.dp needs a planned number of epochs (no early stopping under DP): "
+                          f"trainer.max_epochs={epochs} plans none; set a number, e.g. trainer.max_epochs=10")
+    return epochs
+
+
+def planned_steps(trainer, q: float) -> int:
+    """The steps a run is configured for (``trainer.max_steps`` when set, else :func:`planned_epochs`
+    epochs of 1 / q steps): the noise is calibrated so that they spend at most the target ε."""
+    max_steps = int(trainer.get("max_steps", -1) or -1)
+    return max_steps if max_steps > 0 else steps_per_epoch(q) * planned_epochs(trainer)
 
 
 # -- batches ------------------------------------------------------------------------------------
@@ -222,6 +246,37 @@ class _UserLoss(nn.Module):
         return (per_event * weight).sum() / weight.sum().clamp(min=1e-12)
 
 
+# -- per-user clipping ---------------------------------------------------------------------------
+def clip_factors(grads: dict[str, torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Per-user gradients (parameter name -> (B, *shape)) -> (B,) factors ``min(1, C / ||g_u||)``,
+    the norm taken over every parameter together, so that ``factor_u * g_u`` has norm <= C."""
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
+                                                  for g in grads.values()], 1), dim=1)
+    return (float(max_norm) / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clipped_gradient_sum(per_user, params: dict[str, torch.Tensor], inputs: tuple, in_dims: tuple, n: int,
+                         chunk: int, max_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Sum over ``n`` users of their gradients, each clipped to L2 norm ``max_norm``.
+
+    per_user: ``(params, *inputs) -> (grads (B, *shape) per parameter, losses (B,))`` (a
+    ``vmap(grad_and_value(...))``); inputs: tensors batched on axis 0 (``in_dims`` 0) or shared
+    (``in_dims`` None), taken ``chunk`` users at a time (memory: chunk x parameters).
+    Returns (parameter name -> clipped sum, every user's loss (n,)).
+    """
+    summed = {name: torch.zeros_like(p) for name, p in params.items()}
+    losses = []
+    for start in range(0, n, chunk):
+        part = [x if d is None else x[start:start + chunk] for x, d in zip(inputs, in_dims)]
+        grads, loss = per_user(params, *part)
+        factor = clip_factors(grads, max_norm)
+        for name, g in grads.items():
+            summed[name] += torch.tensordot(factor.to(g.dtype), g, dims=1)
+        losses.append(loss.detach())
+    device = next(iter(params.values())).device
+    return summed, torch.cat(losses) if losses else torch.zeros(0, device=device)
+
+
 # -- the optimiser step -------------------------------------------------------------------------
 class DPSGD:
     """Clipped, noised per-user gradients for a :class:`~dmp_dl.models.retrieval.RetrievalModule`
@@ -281,28 +336,23 @@ class DPSGD:
             return functional_call(wrapper, (p, buffers), (user, item, weight, history, neg))
 
         per_user = vmap(grad_and_value(user_loss), in_dims=(None, 0, 0, 0, 0, neg_dim), randomness="different")
-        clip = float(self.options.max_grad_norm)
-        summed = {n: torch.zeros_like(p) for n, p in params.items()}
-        losses = []
-        n = len(batch["user"])
+        inputs = (batch["user"], batch["item"], batch["weight"], batch["history"], negatives)
         with torch.autocast(device_type=device.type, enabled=False):
-            for s in range(0, n, self.options.chunk_users):
-                part = slice(s, s + self.options.chunk_users)
-                neg = negatives if neg_dim is None else negatives[part]
-                grads, loss = per_user(params, batch["user"][part], batch["item"][part], batch["weight"][part],
-                                       batch["history"][part], neg)
-                norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values()))
-                factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-                for name, g in grads.items():
-                    summed[name] += torch.tensordot(factor, g, dims=1)
-                losses.append(loss.detach())
+            summed, losses = clipped_gradient_sum(per_user, params, inputs, (0, 0, 0, 0, neg_dim), len(batch["user"]),
+                                                  self.options.chunk_users, float(self.options.max_grad_norm))
+        return self.noisy_mean(summed), losses.mean() if len(losses) else torch.zeros((), device=device)
+
+    def noisy_mean(self, summed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The sum of a step's clipped per-user gradients -> the noisy mean gradient: Gaussian noise
+        of standard deviation ``noise_multiplier * C`` on every coordinate, divided by the expected
+        batch size ``q * n_users`` (a constant: dividing by the sampled size would leak it)."""
+        clip = float(self.options.max_grad_norm)
         expected = self.sample_rate * self.n_users
         noisy = {}
         for name, total in summed.items():
             noise = torch.randn_like(total) * (self.noise_multiplier * clip) if self.noise_multiplier > 0 else 0.0
             noisy[name] = (total + noise) / expected
-        mean_loss = torch.cat(losses).mean() if losses else torch.zeros((), device=device)
-        return noisy, mean_loss
+        return noisy
 
     def training_step(self, module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One DP-SGD step with the module's optimiser (manual optimisation). Returns the mean
@@ -352,10 +402,7 @@ def build_dp_training(cfg, dm, options: DPOptions):
         raise ConfigError("privacy.dp.enabled=true does not step a learning-rate scheduler: set model.module.scheduler=null")
     examples = dm.train_dataset()
     n_users = int(len(np.unique(examples.user.numpy())))
-    max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
-    epochs = int(cfg.trainer.get("max_epochs") or 1)
-    planned = max_steps if max_steps > 0 else steps_per_epoch(sample_rate(options, n_users)) * epochs
-    engine = DPSGD(options, n_users, planned)
+    engine = DPSGD(options, n_users, planned_steps(cfg.trainer, sample_rate(options, n_users)))
     net = instantiate(cfg.model.net, _convert_="all")(**dm.net_kwargs())
     # no item counts: the DP loss has no logQ correction, and the counts are a private statistic
     module = instantiate(cfg.model.module, _convert_="all")(net=net, item_counts=None, dp=engine)

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 
 from dmp_dl.data.privacy_options import PrivacyOptions
 from dmp_dl.privacy.dp import build_dp_training
+from dmp_dl.privacy.dp_autoencoder import fit_private_autoencoder
 from dmp_dl.training.fit import build_module
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,22 @@ class PrivacyHooks:
             return build_module(cfg, dm), {"datamodule": dm}
 
         self.dp, module, batches = build_dp_training(cfg, dm, self.options.dp)
-        if cfg.get("propensity") is not None and cfg.propensity.get("enabled", False):
-            log.warning("privacy.dp covers the embedding model only: the propensity model trains without DP "
-                        "(propensity.enabled=false leaves it out of the bundle)")
+        _warn_propensity(cfg)
         return module, {"train_dataloaders": batches, "val_dataloaders": dm.val_dataloader()}
+
+    def private_autoencoder_fit(self):
+        """Under ``privacy.dp.enabled``: the fit the automatic model choice uses in place of its own
+        (``(cfg, dm, rows, loggers, previous) -> (net, facts)``, user-level DP-SGD of the autoencoder alone,
+        :mod:`dmp_dl.privacy.dp_autoencoder`); else None."""
+        if self.options is None or not self.options.dp_enabled:
+            return None
+
+        def fit(cfg, dm, rows, loggers=None, previous=None):
+            self.dp, net, facts = fit_private_autoencoder(cfg, dm, rows, self.options.dp, loggers, previous)
+            _warn_propensity(cfg)
+            return net, facts
+
+        return fit
 
     def summary(self, steps: int) -> dict[str, Any]:
         """``metrics.json``'s ``train.privacy``: pseudonymisation and the DP guarantee (ε, δ)."""
@@ -54,3 +67,9 @@ class PrivacyHooks:
             return {}
         entry = self.options.manifest_entry(self.dp_report)
         return {"privacy": lambda writer: entry}
+
+
+def _warn_propensity(cfg) -> None:
+    if cfg.get("propensity") is not None and cfg.propensity.get("enabled", False):
+        log.warning("privacy.dp covers the embedding model only: the propensity model trains without DP "
+                    "(propensity.enabled=false leaves it out of the bundle)")

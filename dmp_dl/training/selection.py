@@ -409,10 +409,18 @@ def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: 
     return batch_scores
 
 
-def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoice:
-    """Steps 1-4 of the module docstring on the prepared DataModule ``dm``."""
+def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=None) -> ModelChoice:
+    """Steps 1-4 of the module docstring on the prepared DataModule ``dm``.
+
+    private_fit: ``(cfg, dm, rows, loggers, previous) -> (net, facts)``, the DP-SGD fit of the autoencoder
+    (``privacy.dp``, :mod:`dmp_dl.privacy.dp_autoencoder`): it replaces the autoencoder's fit, which
+    is then the only candidate (EASE and the blend read every user's data outside the mechanism)
+    and is not refitted (a second fit would spend a second privacy budget).
+    """
     model = cfg.model
     wanted = [str(c) for c in model.get("candidates", [DEEP, SHALLOW])]  # settings checked by dmp_dl.pipeline.checks
+    if private_fit is not None:
+        wanted = [DEEP]
     metric = model.get("selection_metric", "ndcg@20")
     device = stage_device(cfg)
     has_val = len(dm.val_users) > 0
@@ -450,8 +458,11 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
         ease_details = candidates.get(SHALLOW, {}).get("details", {})
         ease_seconds = ease_details.get("fit_seconds" if device.type == "cuda" else "cpu_seconds", 0.0)
         vae_budget = max((budget - 1.5 * ease_seconds) / 2.0, 0.1 * budget)
-    net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
-                                     time_budget_s=vae_budget, previous=previous, val_users=val_sample)
+    if private_fit is not None:
+        net, vae_facts = private_fit(cfg, dm, rows_train, loggers, previous)
+    else:
+        net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
+                                         time_budget_s=vae_budget, previous=previous, val_users=val_sample)
     users = user_vectors(net.to(device), np.arange(dm.n_users), dm.train_history, device=device)
     items = item_vectors(net, dm.n_items, device=device)
     net.cpu()
@@ -531,10 +542,10 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None) -> ModelChoic
     }
     train = {"epochs": vae_facts.get("epochs"), "fit_seconds": fit_seconds, "selection_fit_seconds": fit_seconds,
              "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)},
-             "warm_start": vae_facts.get("warm_start")}
+             "warm_start": vae_facts.get("warm_start"), "steps": vae_facts.get("steps")}
     choice = ModelChoice(net=net, served=served, name=chosen, record=record, ranking=ranking, train=train)
     held_out = len(dm.train_idx) < len(dm.events)
-    if bool(model.get("refit", True)) and held_out:
+    if bool(model.get("refit", True)) and held_out and private_fit is None:
         refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers, previous)
     else:
         choice.record["refit"] = False

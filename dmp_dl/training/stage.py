@@ -75,18 +75,20 @@ def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
     """Candidates, choice on validation, test metrics of the held-out fits, refit
     (:func:`dmp_dl.training.selection.choose_model`); the bundle gets the ``scoring`` part."""
     privacy, dm = state["privacy"], state["datamodule"]
-    if privacy.options is not None and privacy.options.dp_enabled:
-        raise ConfigError("privacy.dp.enabled trains with DP-SGD, which model=two_tower and model=mf support; "
-                          f"set model=two_tower (model={cfg.model.get('name')} has no DP training)")
+    private_fit = privacy.private_autoencoder_fit()  # privacy.dp: the autoencoder alone, with DP-SGD
+    if private_fit is not None and "vae" not in [str(c) for c in cfg.model.get("candidates", ["vae"])]:
+        raise ConfigError("privacy.dp.enabled trains the autoencoder with DP-SGD; EASE has no DP form (its item-item "
+                          f"weights are a closed-form fit on every user's data): model={cfg.model.get('name')} has no DP "
+                          "training, use model=auto (or model=vae, model=two_tower)")
     if cfg.get("ckpt_path") not in (None, "", "null"):
         log.warning("ckpt_path is ignored by model=%s: it has no resumable epochs (its fits are bounded by "
                     "the data and settings and start afresh); resuming applies to model=two_tower and model=mf",
                     cfg.model.get("name"))
-    choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")))
+    choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")), private_fit=private_fit)
     ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")
     state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
                  network_kwargs=FITTERS["auto"].network_kwargs(cfg),
                  history_len=max(dm.history_len, int(cfg.model.get("history_len", 2048))))
     state["bundle_parts"] = {**state.get("bundle_parts", {}),
                              SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2)}
-    state["metrics"].update(train={**choice.train, "privacy": privacy.summary(0)}, model=choice.record)
+    state["metrics"].update(train={**choice.train, "privacy": privacy.summary(choice.train.get("steps", 0))}, model=choice.record)

@@ -17,6 +17,20 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 register_open_settings()  # the configs of conf/ list these, as every command registers them on import (dmp_dl/core/cli.py)
 ML100K = Path(os.environ.get("DMP_ML100K", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def nothing_erased_into_the_working_folder():
+    """A run's default erasure list and audit log live in ``privacy_data/`` under the folder it starts
+    in, and every later run started there applies that list: a test that erases into it would drop
+    users from the tests after it. Tests give their own files; this fails the session if one did not."""
+    folders = {Path.cwd() / "privacy_data", Path(CONF_DIR).parent / "privacy_data"}
+    before = {f for f in folders if f.exists()}
+    yield
+    created = sorted(str(f) for f in folders - before if f.exists())
+    assert not created, f"a test wrote the default erasure list or audit log into {created}: give it privacy.erasure_list= and privacy.audit_log= under tmp_path"
+
+
 # A small but learnable synthetic problem: trains in seconds on 2 CPU cores.
 TINY_DATA = [
     "data.source.n_users=400",

@@ -49,7 +49,7 @@ def truth():
 def bundle(tmp_path_factory) -> Path:
     """A tiny trained run with propensity and segments on the planted log: its bundle directory."""
     out = tmp_path_factory.mktemp("campaign") / "run"
-    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=2", "logger=none", "evaluation.report=null",
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "logger=none", "evaluation.report=null",
                        "data.source.campaign_response=true", "audience.segments.k=4", "~propensity.baselines",
                        "propensity.early_stopping.patience=3"], out)
     return Path(run(cfg)["bundle_dir"])

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def no_data_read(monkeypatch):
     """Fail the test if the pipeline starts loading data."""
 
-    def refuse(cfg):
+    def refuse(cfg, source=None):
         raise AssertionError("the data were read before the settings were checked")
 
     monkeypatch.setattr(pipeline, "load_data", refuse)

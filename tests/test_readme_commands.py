@@ -32,12 +32,14 @@ COMMANDS = shell_commands()
 
 
 def localize(arg: str, work: Path) -> str:
-    """``arg`` with the README's absolute and placeholder paths moved under ``work``."""
+    """``arg`` with the README's absolute and placeholder paths moved under ``work`` (and the shared
+    MovieLens 100K folder to where this machine has it, untouched by the other rules)."""
+    shared = "\0ml100k\0"
+    arg = arg.replace("../shared/data/ml-100k", shared)
     for old, new in (("/tmp/", f"{work}/tmp/"), ("/data/", f"{work}/data/"), ("outputs/<run>/", f"{work}/tmp/run/"),
-                     ("../shared/data/ml-100k", str(ML100K)), ("=NEW_DIR", f"={work}/moved"),
-                     ("=DIR", f"={work}/tmp/run/artifacts")):
+                     ("=NEW_DIR", f"={work}/moved"), ("=DIR", f"={work}/tmp/run/artifacts")):
         arg = arg.replace(old, new)
-    return arg
+    return arg.replace(shared, str(ML100K))
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
@@ -72,8 +74,9 @@ def test_hydra_commands_compose_and_pass_their_checks(command: Command, tmp_path
             missing = [p for p in paths_in(overrides) if p in str(exc) and not Path(p).exists()]
             assert missing, f"{command.id}: {exc}"  # only a file of the reader's that is not here
         else:
-            # an error the README shows comes from these checks, or from loading the data (the slow test runs it)
-            assert command.documented_error is None or command.args[:1] == ["index=ivf"], command.id
+            # an error the README shows comes from these checks, or from loading the data or the bundle
+            # (a rule naming a column the bundle lacks): the slow test runs those
+            assert command.documented_error is None or command.args[:1] in (["index=ivf"], ["task=rule"]), command.id
 
 
 class Parsed(Exception):

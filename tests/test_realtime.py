@@ -687,7 +687,7 @@ def test_pseudonymised_bundles_journal_pseudonyms_only(tmp_path, monkeypatch, rt
     out = tmp_path / "p"
     cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=1", "logger=none", "evaluation.report=null",
                        "propensity.enabled=false", "audience.enabled=false", "privacy.pseudonymize=true",
-                       f"privacy.erasure_list={tmp_path / 'erased.txt'}"], out)
+                       f"privacy.erasure_list={tmp_path / 'erased.txt'}", f"privacy.audit_log={tmp_path / 'audit.jsonl'}"], out)
     run(cfg)
     with LiveRecommender.load(out / "artifacts") as live:
         answer = live.ingest([{"user_id": "u000001", "item_id": "i00002", "event_type": "view", "timestamp": 1767225600},

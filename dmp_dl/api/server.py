@@ -44,6 +44,10 @@ from dmp_dl.store.bundle import MANIFEST, MissingPartError
 log = logging.getLogger(__name__)
 
 Id = str | JsonInt
+QUERY_LIST_MAX = 32  # values per list parameter of a GET query string (a POST body takes max_ids)
+# the request line and headers the HTTP server reads (uvicorn's default, 16 KiB, refuses a GET with
+# QUERY_LIST_MAX long values in plain text, outside the documented JSON errors)
+MAX_REQUEST_HEAD_BYTES = 1 << 20
 
 
 class ScoredItem(BaseModel):
@@ -453,10 +457,12 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
             faiss.omp_set_num_threads(faiss_threads)
         return request.app.state.recommender
 
-    def bounded(ids: list, name: str, empty_ok: bool = False) -> list:
-        """``ids`` within the request schema's 1..max_ids (``empty_ok``: 0..max_ids)."""
-        if len(ids) > max_ids:
-            raise InvalidRequestError(f"{name} has {len(ids)} ids, at most {max_ids} per request")
+    def bounded(ids: list, name: str, empty_ok: bool = False, limit: int | None = None) -> list:
+        """``ids`` within the request schema's 1..limit (``empty_ok``: 0..limit; default limit max_ids)."""
+        limit = max_ids if limit is None else limit
+        if len(ids) > limit:
+            raise InvalidRequestError(f"{name} has {len(ids)} ids, at most {limit} per request"
+                                      + (" in a query string (POST the body for more)" if limit < max_ids else ""))
         if not ids and not empty_ok:
             raise InvalidRequestError(f"{name} is empty: give at least one id")
         return ids
@@ -489,10 +495,13 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
         ok = journal is None or (journal["writable"] and not journal["erased_rows_pending"])
         return {"status": "ok" if ok else "degraded", **rec.info(), "journal": journal}
 
-    id_list = {"json_schema_extra": {"maxItems": max_ids}}
-    categories = {"json_schema_extra": {"maxItems": max_ids, "items": category_schema(recommender)}}
-    boosts = {"json_schema_extra": {"maxItems": max_ids, "items": boost_schema(recommender)}}
-    item_boosts = {"json_schema_extra": {"maxItems": max_ids, "items": {"type": "string", "pattern": f"^.+:{FACTOR}$"}}}
+    # a query string stays short enough for the HTTP server's request-line limit (serve(): 1 MiB):
+    # at most query_max values per list parameter of a GET; POST /recommend takes max_ids
+    query_max = min(max_ids, QUERY_LIST_MAX)
+    id_list = {"json_schema_extra": {"maxItems": query_max}}
+    categories = {"json_schema_extra": {"maxItems": query_max, "items": category_schema(recommender)}}
+    boosts = {"json_schema_extra": {"maxItems": query_max, "items": boost_schema(recommender)}}
+    item_boosts = {"json_schema_extra": {"maxItems": query_max, "items": {"type": "string", "pattern": f"^.+:{FACTOR}$"}}}
 
     @app.get("/recommend", dependencies=guarded, response_model=ItemList, responses={**get_errors, **error_responses(409)},
              description="Top-k items for a known user, best first.\n\n" + RULES_DOC)
@@ -506,11 +515,12 @@ def create_app(recommender: Recommender, token: str | None = None, max_ids: int 
                                                            **boosts)] = None,
                   boost_items: Annotated[list[str] | None, Query(description="ITEM_ID:FACTOR, as boost", **item_boosts)] = None,
                   ) -> dict:
-        rules = {"exclude_categories": bounded(exclude_categories or [], "exclude_categories", True),
-                 "exclude_items": bounded(exclude_items or [], "exclude_items", True),
-                 "include_items": None if include_items is None else bounded(include_items, "include_items"),
-                 "boost": _factors(bounded(boost or [], "boost", True), "boost"),
-                 "boost_items": _factors(bounded(boost_items or [], "boost_items", True), "boost_items")}
+        rules = {"exclude_categories": bounded(exclude_categories or [], "exclude_categories", True, query_max),
+                 "exclude_items": bounded(exclude_items or [], "exclude_items", True, query_max),
+                 "include_items": None if include_items is None else bounded(include_items, "include_items",
+                                                                             limit=query_max),
+                 "boost": _factors(bounded(boost or [], "boost", True, query_max), "boost"),
+                 "boost_items": _factors(bounded(boost_items or [], "boost_items", True, query_max), "boost_items")}
         return _items(current(request).recommend(user_id, k, exclude_seen, **rules))
 
     @app.post("/recommend", dependencies=guarded, response_model=ItemList, responses={**post_errors, **error_responses(409)},
@@ -719,4 +729,5 @@ def serve(cfg) -> None:
 
         redact_access_log_queries()
     uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.get("log_level", "info"),
-                timeout_keep_alive=int(cfg.get("timeout_keep_alive", 5)))
+                timeout_keep_alive=int(cfg.get("timeout_keep_alive", 5)),
+                h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)

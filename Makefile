@@ -35,7 +35,7 @@ test-slow: setup
 # Every README command and example: checked against the configs and parsers (fast), then run on small data (slow).
 docs-check: setup
 	$(PY) -m pytest -q tests/test_readme_commands.py
-	$(PY) -m pytest -q -m slow tests/test_readme_run.py
+	$(PY) -m pytest -q -m readme tests/test_readme_run.py
 
 bench: setup
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

@@ -93,7 +93,9 @@ def trained_run(tmp_path_factory, *overrides: str) -> dict:
     """
     if overrides not in _TRAINED:
         out = tmp_path_factory.mktemp("trained") / "run"
-        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", *overrides], out)
+        # its own erasure list and audit log: servers of this bundle (the API fuzzer's /erase) write there
+        privacy = [f"privacy.erasure_list={out.parent / 'erased_users.txt'}", f"privacy.audit_log={out.parent / 'audit.jsonl'}"]
+        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", *privacy, *overrides], out)
         _TRAINED[overrides] = run(without_propensity(cfg))
     return _TRAINED[overrides]
 

@@ -31,7 +31,8 @@ from .conftest import ML100K
 from .readme_commands import ROOT, Command, python_snippets, shell_commands
 from .test_readme_commands import localize
 
-pytestmark = pytest.mark.slow
+# Its own marker: `make docs-check` runs it (minutes per README command on 2 cores), `-m slow` does not.
+pytestmark = pytest.mark.readme
 
 # Small data for every train.py line on the synthetic log: the README's examples name users up to
 # u000977 and items up to i00231, so 1,000 users and 300 items.

@@ -166,7 +166,7 @@ def propensity_inputs(bundle: Bundle, run_cfg: DictConfig, dm) -> tuple[Propensi
     from dmp_dl.propensity import load_propensity
     from dmp_dl.propensity.bundle import SPEC_FILE
     from dmp_dl.propensity.features import UserFeatures
-    from dmp_dl.propensity.train import build_task, limited_threads, split_users, threads_for
+    from dmp_dl.propensity.train import build_task, split_users, stage_threads
 
     p = run_cfg.get("propensity")
     if p is None:
@@ -176,7 +176,7 @@ def propensity_inputs(bundle: Bundle, run_cfg: DictConfig, dm) -> tuple[Propensi
     not_training_data = ("the data are not the propensity model's training data ({}), and its test users, cutoff "
                          "and labels are defined on those; its recorded test metrics are in the bundle's manifest "
                          "(propensity.metrics)")
-    with limited_threads(threads_for(p.get("num_threads", "auto"), dm.n_users)):
+    with stage_threads(p, dm.n_users):
         used = scorer.features
         features = UserFeatures.build(dm, used.behaviour, bool(p.features.get("attributes", True)),
                                       used.encoder_attributes is not None, p.get("label_column"))

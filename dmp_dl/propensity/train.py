@@ -216,8 +216,13 @@ def train_propensity(cfg: DictConfig, dm, net: torch.nn.Module | None = None) ->
     dm: the prepared :class:`~dmp_dl.data.datamodule.InteractionDataModule`.
     net: the trained embedding network (for the user-embedding feature; copied, never changed).
     """
-    with limited_threads(threads_for(cfg.propensity.get("num_threads", "auto"), dm.n_users)):
+    with stage_threads(cfg.propensity, dm.n_users):
         return _train(cfg, dm, net)
+
+
+def stage_threads(p: DictConfig, n_users: int):
+    """The thread limit ``propensity.num_threads`` sets for a log of ``n_users`` users (a context manager)."""
+    return limited_threads(threads_for(p.get("num_threads", "auto"), n_users))
 
 
 AUTO_STEPS_PER_EPOCH = 200  # batch_size auto: about this many steps per epoch on large logs

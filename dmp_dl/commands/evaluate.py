@@ -275,6 +275,8 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
         raise DataError(f"{exc}; these are the files of the bundle's training config: give their current "
                         "location with +data.path=... (or choose other data with data=...)") from None
     log.info(dm.report.summary())
+    rows_entry = bundle.manifest.get("user_rows")  # users are encoded from rows decayed as the bundle's were
+    dm.use_half_life(rows_entry.get("half_life_days") if isinstance(rows_entry, dict) else None)
 
     split, counts = map_to_vocabularies(dm, user_vocab, item_vocab, history_len)
     settings = evaluation_settings(cfg, run_cfg)

@@ -157,7 +157,8 @@ def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: H
     users = user_vectors(net, np.arange(split.n_users), split.train_history, device=device)
     items = item_vectors(net, split.n_items, device=device)
     if served is not None and served.uses_shallow:
-        scorers: dict[str, Any] = {model_name: BlendScorer(served, users, items, split.train_seen)}
+        rows = split.train_rows if served.reads_rows and split.train_rows is not None else split.train_seen
+        scorers: dict[str, Any] = {model_name: BlendScorer(served, users, items, rows)}
     else:
         scorers = {model_name: EmbeddingScorer(users, items)}
     for name in setting("baselines", DEFAULT_BASELINES):

@@ -30,6 +30,7 @@ from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
 from dmp_dl.data.vocab import IdVocab
 
 log = logging.getLogger(__name__)
+_RESOLVED = object()  # interaction_rows' default half-life: the data module's own
 
 
 def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray,
@@ -324,6 +325,8 @@ class InteractionDataModule(pl.LightningDataModule):
         and :meth:`user_item_sums` from now on (the automatic model choice's pick for ``auto``, or a
         bundle's, to score it as it was trained). Ignored, as no decay, for a log without event times."""
         self.half_life_days = float(half_life_days) if half_life_days is not None and self.has_timestamps else None
+        for key in [k for k in self._interaction_rows if k[1] != self.half_life_days]:
+            del self._interaction_rows[key]  # the rows of half-lives tried and not kept
 
     def recency_candidates(self) -> list[float | None]:
         """The half-lives to choose from on validation (:func:`dmp_dl.data.recency.candidates`): for
@@ -453,13 +456,13 @@ class InteractionDataModule(pl.LightningDataModule):
             setattr(view, f"{stage}_users", np.zeros(0, dtype=np.int64))
         return view
 
-    def interaction_rows(self, which: str = "train", half_life_days: float | None | str = "resolved") -> sp.csr_matrix:
+    def interaction_rows(self, which: str = "train", half_life_days: float | None | object = _RESOLVED) -> sp.csr_matrix:
         """Per-user interaction strengths (:func:`weighted_rows`) of the training events
         (``which="train"``, ages measured to each user's latest training event) or of every event
         (``"all"``), event weights decayed with ``half_life_days`` (default: the run's,
         :attr:`half_life_days`). (n_users, n_items) CSR, the caller's own copy (built once per
         ``which`` and half-life)."""
-        h = self.half_life_days if half_life_days == "resolved" else half_life_days
+        h = self.half_life_days if half_life_days is _RESOLVED else half_life_days
         key = ("train" if which == "train" else "all", h if self.has_timestamps else None)
         built = self._interaction_rows.get(key)
         if built is None:

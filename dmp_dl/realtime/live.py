@@ -150,8 +150,9 @@ class LiveRecommender(Recommender):
         live._counts = {"events_applied": 0, "events_replayed": 0}
         live._data_end = part.data_end
         live._timeless = part.entry.get("timestamps") is False
-        # rows continue from the bundle's decayed sums when it stores them (and each user's reference time)
-        live._keeps_rows = rec._seen_sums is not None and part.reference_times is not None
+        # a network that encodes rows reads them, continued from the bundle's decayed sums when it stores
+        # them and each user's reference time (older bundles: the cold-start encoder on the history)
+        live._keeps_rows = rec.encodes_rows and rec._seen_sums is not None and part.reference_times is not None
         live._half_life = None if live._timeless else rec.half_life_days
         live._behaviour = None
         live._propensity_items = None
@@ -421,7 +422,7 @@ class LiveRecommender(Recommender):
         if self.network is not None:
             attributes = [d["attributes"] for d in drafts]
             attributes = attributes if any(a for a in attributes) else None
-            if self._keeps_rows and self.encodes_rows:
+            if self._keeps_rows:
                 indptr, items, strength = self._rows_of(drafts)
                 vectors = self.row_user_vectors(indptr, items, strength, attributes)
             else:
@@ -511,7 +512,7 @@ class LiveRecommender(Recommender):
             for i in hit:  # known users keep their exported vector
                 out[i] = super().recommend_batch([ids[i]], k, exclude_seen, **rules)[0]
             return out  # type: ignore[return-value]
-        if self._keeps_rows and self.encodes_rows:  # the live vector and row, scored as the bundle scores its users
+        if self._keeps_rows:  # the live vector and row, scored as the bundle scores its users
             users = [live[i] for i in hit]
             indptr, items, strength = self._rows_of(users)
             rows_of = (indptr, items)

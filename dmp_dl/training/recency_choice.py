@@ -44,8 +44,10 @@ def fixed(dm, reason: str | None = None) -> tuple[float | None, dict]:
             reason = "data.recency_half_life_days=null"
         elif not dm.has_timestamps:
             reason = "the log has no event times"
+        elif dm.recency_setting == AUTO:
+            reason = "the training events span no time"
         else:
-            reason = f"data.recency_half_life_days={dm.recency_setting}" if dm.recency_setting != AUTO else "auto"
+            reason = f"data.recency_half_life_days={dm.recency_setting:g}"
     return h, {"setting": dm.recency_setting, "half_life_days": h, "chosen_by": reason, "reference": REFERENCE}
 
 

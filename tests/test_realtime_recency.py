@@ -18,8 +18,10 @@ import dmp_dl
 from dmp_dl.api.server import create_app
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.data import recency
-from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.data.datamodule import InteractionDataModule, last_items, pair_matrix
+from dmp_dl.data.split import TEST
 from dmp_dl.data.synthetic import SyntheticSource
+from dmp_dl.evaluation.heldout import HeldOutSplit
 from dmp_dl.pipeline.run import run
 from dmp_dl.realtime import LiveRecommender
 from dmp_dl.training.recency_choice import label
@@ -166,6 +168,26 @@ def test_a_live_user_gets_exactly_the_row_and_vector_of_the_next_training_run(re
     with torch.no_grad():
         want = network.eval().user_vectors(torch.tensor([11])).numpy()[0]
     np.testing.assert_allclose(states[user].vector, want, rtol=1e-5, atol=1e-5)
+
+
+def test_test_users_are_scored_from_everything_before_the_test_period(recency_run):
+    """Offline, as in real time: a test user's input is every event before the test period
+    (training and validation, decayed to the latest of them), never a test event; the weights stay
+    those fitted on the training period."""
+    dm = recency_run["datamodule"]
+    split = HeldOutSplit.from_datamodule(dm)
+    history, seen, rows = split.inputs()
+    ev = dm.events
+    u, i, part = ev["user_idx"].to_numpy(), ev["item_idx"].to_numpy(), ev["split"].to_numpy()
+    before = part != TEST
+    assert (history == last_items(u[before], i[before], dm.n_users, dm.history_len, dm.n_items)).all()
+    assert (seen != pair_matrix(dm.n_users, dm.n_items, u[before], i[before])).nnz == 0
+    sums, _ = recency.decayed_sums(dm.n_users, dm.n_items, u[before], i[before], ev["weight"].to_numpy()[before],
+                                   ev["timestamp"].to_numpy()[before], dm.half_life_days)
+    np.testing.assert_allclose(rows.toarray(), np.log2(1 + sums.toarray()), rtol=1e-6)
+    users = split.test.users
+    assert (seen[users] != dm.train_seen[users]).nnz > 0, "validation events are part of the test users' input"
+    assert (dm.test_relevant.multiply(seen) != 0).nnz == 0, "no test pair is part of the input"
 
 
 def test_a_log_without_times_has_no_decay_and_says_so_once(caplog, tmp_path):

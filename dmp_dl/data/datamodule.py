@@ -399,6 +399,9 @@ class InteractionDataModule(pl.LightningDataModule):
                                                  self.history_len, pad=n_items)
         self.all_seen = pairs.all()
         self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
+        before_test = s[by_user] != TEST  # what a test user did before the test period: their input when ranked
+        self.test_input_history = _last_items_grouped(u_by_user[before_test], i_by_user[before_test], n_users,
+                                                      self.history_len, pad=n_items)
         per_part = np.bincount(s, minlength=3)  # events per split part, then those of users / items unseen in training
         cold_user = np.bincount(s[~pairs.warm[u]], minlength=3)
         cold_item = np.bincount(s[self.item_counts[i] == 0], minlength=3)
@@ -451,19 +454,22 @@ class InteractionDataModule(pl.LightningDataModule):
         ev = self.events
         view.train_idx = np.arange(len(ev))
         view.item_counts = np.bincount(ev["item_idx"].to_numpy(), minlength=self.n_items).astype(np.int64)
-        view.train_seen, view.train_history = self.all_seen, self.full_history
+        view.train_seen, view.train_history, view.test_input_history = self.all_seen, self.full_history, self.full_history
         for stage in ("val", "test"):
             setattr(view, f"{stage}_users", np.zeros(0, dtype=np.int64))
         return view
 
     def interaction_rows(self, which: str = "train", half_life_days: float | None | object = _RESOLVED) -> sp.csr_matrix:
         """Per-user interaction strengths (:func:`weighted_rows`) of the training events
-        (``which="train"``, ages measured to each user's latest training event) or of every event
-        (``"all"``), event weights decayed with ``half_life_days`` (default: the run's,
-        :attr:`half_life_days`). (n_users, n_items) CSR, the caller's own copy (built once per
-        ``which`` and half-life)."""
+        (``which="train"``, ages measured to each user's latest training event), of the events
+        before the test period (``"before_test"``: training and validation, a test user's input) or
+        of every event (``"all"``), event weights decayed with ``half_life_days`` (default: the
+        run's, :attr:`half_life_days`). (n_users, n_items) CSR, the caller's own copy (built once
+        per ``which`` and half-life)."""
+        if which not in ("train", "before_test", "all"):
+            raise ValueError(f"which must be train, before_test or all, got {which!r}")
         h = self.half_life_days if half_life_days is _RESOLVED else half_life_days
-        key = ("train" if which == "train" else "all", h if self.has_timestamps else None)
+        key = (which, h if self.has_timestamps else None)
         built = self._interaction_rows.get(key)
         if built is None:
             users, items, weights, times = self._events_of(key[0])
@@ -483,9 +489,11 @@ class InteractionDataModule(pl.LightningDataModule):
 
     def _events_of(self, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """user rows, item rows, type weights and (when the log has them) times of the training
-        events (``train``) or of every event (``all``)."""
+        events (``train``), of those before the test period (``before_test``) or of every event (``all``)."""
         ev = self.events
-        rows = np.flatnonzero(ev["split"].to_numpy() == TRAIN) if which == "train" else slice(None)
+        split = ev["split"].to_numpy()
+        rows = {"train": lambda: np.flatnonzero(split == TRAIN), "before_test": lambda: np.flatnonzero(split != TEST),
+                "all": lambda: slice(None)}[which]()
         times = ev[TIME].to_numpy()[rows] if self.has_timestamps else None
         return (ev["user_idx"].to_numpy()[rows], ev["item_idx"].to_numpy()[rows], ev[WEIGHT].to_numpy()[rows], times)
 
@@ -499,9 +507,10 @@ class InteractionDataModule(pl.LightningDataModule):
         )
 
     def eval_dataset(self, stage: str) -> EvalUsers:
-        """``stage`` is ``val`` or ``test``."""
+        """``stage`` is ``val`` or ``test``. A user's history is what they did before the period
+        ranked: their training events for ``val``, training and validation events for ``test``."""
         return EvalUsers(
-            getattr(self, f"{stage}_users"), self.train_history,
+            getattr(self, f"{stage}_users"), self.train_history if stage == "val" else self.test_input_history,
             getattr(self, f"{stage}_seen"), getattr(self, f"{stage}_relevant"),
         )
 

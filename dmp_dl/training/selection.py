@@ -11,7 +11,8 @@
    the same epochs and vectors on an idle or a busy machine.
 2. Score them on the validation users, and the blend of both, ``vae + w * ease``, for a grid of w
    (:mod:`dmp_dl.models.scoring`); the best validation ``selection_metric`` wins.
-3. Score every candidate and the baselines on the test users (these are the reported numbers).
+3. Score every candidate and the baselines on the test users (these are the reported numbers),
+   each user from everything they did before the test period (:func:`test_inputs`).
 4. Refit the winner on every event (``model.refit``), so the bundle knows every user and item,
    also those seen only in the held-out period; the epochs and l2 are those chosen in 1.
 
@@ -553,6 +554,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     ranking: dict[str, dict] = {}
     if len(dm.test_users):
         tested = [n for n in (DEEP, SHALLOW, BLEND) if n in candidates and (n == DEEP or candidates[n]["status"] == "ok")]
+        scores = test_inputs(dm, net, items, shallow, device, shallow_input)
         tests, baselines = _test_pass(cfg, dm, scores, tested, blend_weight, candidates, ease_skipped)
         for name in tested:
             candidates[name]["test"] = tests[name]
@@ -614,6 +616,19 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
     choice.record.update(refit=True, refit_facts=facts)
     choice.train.update(refit_seconds=facts["seconds"], fit_seconds=choice.train["selection_fit_seconds"] + facts["seconds"])
     return choice
+
+
+def test_inputs(dm, net, items: np.ndarray, shallow, device: torch.device, shallow_input: str) -> CandidateScores:
+    """The candidates' scores of the test users from everything they did before the test period
+    (training and validation events), as a server that takes events in real time ranks them: their
+    rows re-encoded by the autoencoder fitted on the training period, EASE's term reading the same
+    rows. Every weight stays as fitted on the training period. Leaves ``net`` attached to those rows."""
+    rows = dm.interaction_rows("before_test")
+    net.attach_rows(rows)
+    users = user_vectors(net.to(device), np.arange(dm.n_users), dm.test_input_history, device=device)
+    net.cpu()
+    return CandidateScores(users, items, dm.test_seen if shallow_input == BINARY else rows, shallow, device,
+                           shallow_input, dm.test_seen)
 
 
 def _default_l2(cfg: DictConfig, x: sp.csr_matrix) -> float:

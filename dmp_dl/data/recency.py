@@ -13,8 +13,8 @@ of None means no decay (the type weight alone).
 Decayed sums move forward exactly, so a server keeps each user's summed weights per item and their
 reference time, and an event updates them in O(items of the user):
 ``S(T') = 0.5 ** ((T' - T) / h) * S(T) + sum over new events of w * 0.5 ** ((T' - t) / h)`` — the
-same :func:`decayed` on both sides (:func:`advance`). A user's row (what the user-level models read)
-is ``log2(1 + S)`` per item (:func:`row_strength`).
+same :func:`decayed` on both sides (the sums taken as events of time T). A user's row (what the
+user-level models read) is ``log2(1 + S)`` per item (:func:`row_strength`).
 
 Both training (:func:`dmp_dl.data.datamodule.weighted_rows`) and the real-time path
 (:mod:`dmp_dl.realtime.live`) compute weights with the functions of this module, and nothing else.
@@ -99,14 +99,6 @@ def row_strength(sums: np.ndarray) -> np.ndarray:
     """The value a user-level model reads for an item: ``log2(1 + summed weight)`` (float32): one
     event of weight 1 gives 1; repeated or heavier events count more, with diminishing returns."""
     return np.log2(1.0 + np.maximum(np.asarray(sums, dtype=np.float64), 0.0)).astype(np.float32)
-
-
-def advance(sums: np.ndarray, ref: float, new_ref: float, half_life_days: float | None) -> np.ndarray:
-    """Summed weights as of ``ref`` moved forward to ``new_ref`` (>= ``ref``): :func:`decayed` of the
-    sums as events of time ``ref``. A user without events yet (``ref = -inf``) has nothing to move."""
-    if half_life_days is None or not np.isfinite(ref):
-        return np.asarray(sums, dtype=np.float64).copy()
-    return decayed(sums, ref, new_ref, half_life_days)
 
 
 def half_life_grid(span_seconds: float) -> list[float]:

@@ -145,6 +145,18 @@ def test_a_time_partition_is_the_time_column_and_prunes_whole_folders(tmp_path, 
     assert read_days and min(d for d in read_days if d[0].isdigit()) >= "2025-12-25"
 
 
+def test_a_placeholder_time_in_every_row_is_no_time_as_from_a_csv(tmp_path):
+    """Every row at time 0 lies outside the window: the dataset is read in full after all, and the
+    log counts as having no times, as the same CSV does (not as every row out of range)."""
+    frame = pd.DataFrame({"user_id": np.repeat([f"u{i}" for i in range(40)], 5), "item_id": [f"i{i % 17}" for i in range(200)],
+                          "timestamp": 0})
+    frame.to_csv(tmp_path / "zero.csv", index=False)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "zero.parquet")
+    csv, parquet = prepare(tmp_path / "zero.csv"), prepare(tmp_path / "zero.parquet")
+    assert not parquet.report.has_timestamps and parquet.report.events.rows_out == 200
+    assert_same_data(csv, parquet)
+
+
 def test_a_partition_may_be_the_event_type(tmp_path, logs):
     frame = logs["frame"]
     parquet = prepare(write_hive(frame.drop(columns=["event_type"]), tmp_path / "by_type", frame["event_type"], "event_type"))

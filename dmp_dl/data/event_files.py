@@ -155,8 +155,8 @@ def add_extra_events(raw: EventLog, paths: Sequence[str], timestamp_unit: str = 
 
 @dataclass
 class EventFileSource:
-    """Reads ``path`` (events: a file, a folder of event files or a journal folder) and optionally
-    ``users`` / ``items`` attribute files.
+    """Reads ``path`` (events: a file, a folder of event files with its partition subfolders, a glob
+    pattern or a journal folder) and optionally ``users`` / ``items`` attribute files.
 
     columns: map of canonical column name -> the file's column name, e.g.
         ``{user_id: customer_id, item_id: sku, timestamp: ts}``.

@@ -26,12 +26,21 @@ Every size runs in its own child process (``--child``), so its peak RSS (``VmHWM
   ``--baseline COMMIT`` the same is measured on that commit's ``dmp_dl`` (``git archive``), its
   steps timed from outside (its ``vocabularies`` is what remains of ``prepare()``).
 
+* **data stage from files** (``--data-stage --files``, its own section): the same ``prepare()`` of
+  ``data=events`` on the generator's log (``--files-days`` days) written as one CSV file, one
+  Parquet file and a hive-partitioned Parquet dataset (``date=YYYY-MM-DD/part-0.parquet``, one folder
+  per day); then the CSV and the dataset again with ``data.cleaning.min_timestamp`` at the last
+  ``--files-window-days`` days (the dataset skips the older days while reading). Wall and CPU seconds
+  of ``load`` (reading the files), of the rest of ``prepare()``, and peak RSS, the best of
+  ``--repeats`` runs by CPU seconds.
+
 Slope: least-squares fit of log(cost) on log(size); 1 is linear growth.
 
     python bench/scale.py                         # default sizes (CPU: minutes)
     python bench/scale.py --quick                 # tiny sizes: checks the plumbing
     python bench/scale.py --events 1000000 4000000 16000000 64000000 --items 10000 100000 1000000 10000000
     python bench/scale.py --data-stage --baseline 746f240   # the data stage, now and at a commit
+    python bench/scale.py --data-stage --files --data-events 1000000   # CSV vs Parquet vs hive Parquet
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 import output  # noqa: E402
-from common import ROOT, markdown_table, write_section  # noqa: E402
+from common import ROOT, compose_train_cfg, markdown_table, write_section  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -160,6 +169,104 @@ def child_data(n_events: int, args) -> dict[str, Any]:
             "primitives": numpy_primitives(n_events, dm.n_users)}
 
 
+FILE_FORMS = ("csv", "parquet", "hive", "csv, window", "hive, window")
+
+
+def write_event_files(n_events: int, args, folder: Path) -> dict[str, Any]:
+    """The generator's log at ``n_events`` as ``events.csv``, ``events.parquet`` and ``events/``
+    (hive: one ``date=`` folder per day); their paths and sizes, and the window's first day."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmp_dl.data.synthetic import SyntheticSource
+
+    source = SyntheticSource(n_users=max(1, n_events // args.data_events_per_user),
+                             n_items=max(100, n_events // args.data_events_per_item), n_events=n_events,
+                             days=args.files_days)
+    events = source.load().events
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": folder / "events.csv", "parquet": folder / "events.parquet", "hive": folder / "events"}
+    events.to_csv(paths["csv"], index=False)
+    table = pa.Table.from_pandas(events, preserve_index=False)
+    pq.write_table(table, paths["parquet"])
+    days = pd.to_datetime(events["timestamp"], unit="s", utc=True).dt.strftime("%Y-%m-%d")
+    for day, rows in events.groupby(days, sort=True):
+        (paths["hive"] / f"date={day}").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), paths["hive"] / f"date={day}" / "part-0.parquet")
+    since = (pd.Timestamp(source.end, tz="UTC") - pd.Timedelta(days=args.files_window_days)).strftime("%Y-%m-%d")
+    sizes = {k: (sum(f.stat().st_size for f in p.rglob("*.parquet")) if p.is_dir() else p.stat().st_size) / 2**20
+             for k, p in paths.items()}
+    return {"paths": {k: str(p) for k, p in paths.items()}, "mib": sizes, "since": since,
+            "partitions": len(list(paths["hive"].glob("date=*")))}
+
+
+def child_files(n_events: int, args) -> dict[str, Any]:
+    """One ``prepare()`` of ``data=events`` on ``--files-path`` (with ``--files-since``: the window)."""
+    from hydra.utils import instantiate
+
+    overrides = ["data=events", f"data.path={args.files_path}"]
+    if args.files_since:
+        overrides.append(f"data.cleaning.min_timestamp={args.files_since}")
+    dm = instantiate(compose_train_cfg(overrides, Path(args.workdir) / "files").data, _convert_="all")
+    load_average = os.getloadavg()[0]
+    wall, cpu = time.perf_counter(), time.process_time()
+    dm.prepare()
+    total = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    rep = dm.report.events
+    unread = sum(dm.raw_meta.get("unread_rows", {}).values())  # rows the window left unread (Parquet)
+    return {"events": n_events, "form": args.files_form, "rows_in": rep.rows_in, "rows_read": rep.rows_in - unread,
+            "rows_out": rep.rows_out,
+            "dropped": rep.dropped, "users": dm.n_users, "items": dm.n_items, "steps": dict(dm.step_seconds),
+            "total": total, "load_average_at_start": load_average, "peak_rss_mib": peak_rss_mib()}
+
+
+def data_files(args) -> dict:
+    """The ``--data-stage --files`` section: ``prepare()`` from CSV, Parquet and hive Parquet."""
+    t0 = time.perf_counter()
+    runs: list[dict] = []
+    written: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="dmp-bench-files-") as tmp:
+        for n in args.data_events:
+            files = written[n] = write_event_files(n, args, Path(tmp) / f"log-{n}")
+            print(f"[scale] files {n:,}: {json.dumps(files)}", flush=True)
+            for form in FILE_FORMS:
+                kind, _, window = form.partition(", ")
+                child_args = argparse.Namespace(**{**vars(args), "files_form": form, "files_path": files["paths"][kind],
+                                                   "files_since": files["since"] if window else None})
+                tries = [run_child("files", n, child_args, Path(tmp)) for _ in range(max(1, args.repeats))]
+                ok = [r for r in tries if "error" not in r]
+                best = min(ok, key=lambda r: r["total"]["cpu"]) if ok else {**tries[0], "form": form}
+                runs.append({**best, "cpu_runs": [r["total"]["cpu"] for r in ok], "mib": files["mib"][kind]})
+    rows = []
+    for r in runs:
+        if "error" in r:
+            rows.append({"events": f"{r['size']:,}", "input": r["form"], "total s (CPU / wall)": r["error"]})
+            continue
+        load = r["steps"]["load"]
+        rest = {k: r["total"][k] - load[k] for k in ("cpu", "wall")}
+        rows.append({"events": f"{r['events']:,}", "input": r["form"], "on disk MiB": f"{r['mib']:,.1f}",
+                     "rows read": f"{r['rows_read']:,}",
+                     "kept": f"{r['rows_out']:,}", "load s (CPU / wall)": f"{load['cpu']:.2f} / {load['wall']:.2f}",
+                     "rest of prepare s": f"{rest['cpu']:.2f} / {rest['wall']:.2f}",
+                     "total s (CPU / wall)": f"**{r['total']['cpu']:.2f}** / {r['total']['wall']:.2f}",
+                     "peak RSS MiB": f"{r['peak_rss_mib']:,.0f}", "load at start": f"{r['load_average_at_start']:.1f}"})
+    first = next(iter(written.values()), {})
+    body = [f"`InteractionDataModule.prepare()` of `train.py data=events` (its default cleaning) on the generator's log "
+            f"(users = events / {args.data_events_per_user}, items = events / {args.data_events_per_item}, "
+            f"{args.files_days} days) written as one CSV file, one Parquet file (pyarrow, snappy) and a hive-partitioned "
+            f"Parquet dataset ({first.get('partitions', '?')} `date=` folders, one file each); `window`: "
+            f"`data.cleaning.min_timestamp={first.get('since', '?')}` (the last {args.files_window_days} days). One process "
+            f"per run, the best of {args.repeats} runs by CPU seconds. `load` reads the files (CPU seconds count every "
+            "thread); `rest of prepare` is cleaning, vocabularies, split, evaluation sets and features. `rows read`: rows "
+            "loaded into memory (the dataset with a window leaves the older days unread; CSV reads every row and cleaning "
+            "drops them).", "", markdown_table(rows)]
+    data = {"runs": runs, "files": written, "seconds": time.perf_counter() - t0, "cpu_threads": os.cpu_count()}
+    body.append(f"\nSection wall time: {data['seconds']:.0f} s.")
+    write_section("data_files", "Data stage from files", "\n".join(body), data)
+    return data
+
+
 def numpy_primitives(n: int, n_users: int, repeats: int = 5) -> dict[str, float]:
     """CPU seconds of plain linear numpy work on arrays of the log's size (best of ``repeats``): how
     this machine's cost per element grows with the size (caches) for work that is linear."""
@@ -231,6 +338,9 @@ def run_child(kind: str, size: int, args, workdir: Path) -> dict[str, Any]:
 def child_flags(args) -> list[str]:
     flags = ["--data-events-per-user", str(args.data_events_per_user), "--data-events-per-item",
              str(args.data_events_per_item)] + (["--tree", str(args.tree)] if args.tree else [])
+    for name in ("files_form", "files_path", "files_since"):
+        if getattr(args, name, None):
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     flags += ["--models", *args.models, "--indexes", *args.indexes, "--steps", str(args.steps),
              "--events-per-user", str(args.events_per_user), "--events-per-item", str(args.events_per_item),
              "--queries", str(args.queries), "--dim", str(args.dim), "--noise", str(args.noise)]
@@ -393,6 +503,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--repeats", type=int, default=2, help="data stage: runs per size, the best by CPU seconds kept")
     ap.add_argument("--baseline", help="data stage: also measure this commit's dmp_dl (git archive)")
     ap.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--files", action="store_true",
+                    help="data stage: from a CSV file, a Parquet file and a hive-partitioned Parquet dataset (its own section)")
+    ap.add_argument("--files-days", type=int, default=30, help="--files: days of the log (one partition folder each)")
+    ap.add_argument("--files-window-days", type=int, default=7, help="--files: the window of the windowed runs, in days")
+    ap.add_argument("--files-form", help=argparse.SUPPRESS)
+    ap.add_argument("--files-path", help=argparse.SUPPRESS)
+    ap.add_argument("--files-since", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
     output.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -400,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.child:
         kind, size = args.child[0], int(args.child[1])
-        child = {"events": child_events, "data": child_data, "catalogue": child_catalogue}[kind]
+        child = {"events": child_events, "data": child_data, "catalogue": child_catalogue, "files": child_files}[kind]
         res = child(size, args)
         args.child_out.write_text(json.dumps(res, default=str))
         return None
@@ -408,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.events, args.items, args.steps, args.queries = [30_000, 120_000], [2_000, 20_000], 20, 200
         args.data_events, args.repeats = [30_000, 100_000], 1
     if args.data_stage:
-        return data_stage(args)
+        return data_files(args) if args.files else data_stage(args)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmp-bench-scale-") as tmp:
         events = [run_child("events", n, args, Path(tmp)) for n in args.events]

@@ -136,17 +136,29 @@ def run_snippet(code: str, line: int, namespace: dict, work: Path) -> None:
             exec(compile(source, f"README.md:{line}", "exec"), namespace)
 
 
-def test_readme_commands_run(tmp_path):
+def run_readme_snippet(snippet, namespace: dict, work: Path) -> None:
+    if "ml-100k" in snippet.code and not (ML100K / "u.data").exists():
+        return
+    run_snippet(snippet.code, snippet.line, namespace, work)
+
+
+def test_readme_commands_run(tmp_path, monkeypatch):
     if shutil.which("curl") is None:
         pytest.skip("curl not installed")
     work = tmp_path
     write_inputs(work)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DMP_ML100K": str(ML100K)}
     env.pop("DMP_SERVE_TOKEN", None)
+    monkeypatch.chdir(work)  # the Python examples run here, in this process, like the shell lines
     commands = shell_commands()
+    # README order: an example reads the bundle as the lines above it left it (a later `forget` erases u000042)
+    snippets = sorted(python_snippets(), key=lambda s: s.line)
+    namespace: dict = {}
     seconds: dict[str, float] = {}
     ran_yesterday = False
     for i, command in enumerate(commands):
+        while snippets and snippets[0].line < command.line:
+            run_readme_snippet(snippets.pop(0), namespace, work)
         if command.kind in ("not-run", "bench", "curl") or any("=NEW_DIR" in a for a in command.args):
             continue  # see NOT_RUN_HERE; the curl lines without a token run with their serve.py line
         if any("ml-100k" in a for a in command.argv) and not (ML100K / "u.data").exists():
@@ -168,10 +180,7 @@ def test_readme_commands_run(tmp_path):
         else:
             check_result(command, run_line(command, work, env))
         seconds[command.id] = time.perf_counter() - t0
-    namespace: dict = {}
-    for snippet in python_snippets():
-        if "ml-100k" in snippet.code and not (ML100K / "u.data").exists():
-            continue
-        run_snippet(snippet.code, snippet.line, namespace, work)
+    for snippet in snippets:
+        run_readme_snippet(snippet, namespace, work)
     print("\n".join(f"{s:6.1f} s  {name}" for name, s in seconds.items()))
     assert len(seconds) >= 30

@@ -124,6 +124,13 @@ class CleaningOptions:
             types = [types] if isinstance(types, str) else types  # one type given as a plain string
             self.positive_event_types = [str(t).strip().lower() for t in types]
 
+    def time_bounds(self) -> tuple[float, float]:
+        """(lowest, highest) event time kept, epoch seconds: ``min_timestamp`` and ``max_timestamp``
+        (None: one day after now)."""
+        lo = _to_epoch_seconds(self.min_timestamp)
+        hi = _to_epoch_seconds(self.max_timestamp) if self.max_timestamp is not None else time.time() + 86400.0
+        return lo, hi
+
 
 @dataclass
 class TableReport:
@@ -328,11 +335,16 @@ class _CleanEvents:
 
 
 def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: int, exclude_users: Collection[str],
-                  sources: Sequence[tuple[str, int, int]], carry: Sequence[str],
-                  constant_time_is_no_time: bool, index_ids: bool = False) -> _CleanEvents:
-    """:func:`clean_events`; ``index_ids``: see :func:`clean_log`."""
-    rep = TableReport(rows_in=len(raw) + malformed_rows)
+                  sources: Sequence[tuple], carry: Sequence[str],
+                  constant_time_is_no_time: bool, index_ids: bool = False,
+                  unread_rows: Mapping[str, int] | None = None) -> _CleanEvents:
+    """:func:`clean_events`; ``index_ids``: see :func:`clean_log`; ``unread_rows``: rows the reader
+    left out by the reason cleaning would drop them for (reason -> rows), counted in and dropped."""
+    unread = {reason: int(n) for reason, n in (unread_rows or {}).items() if n}
+    rep = TableReport(rows_in=len(raw) + malformed_rows + sum(unread.values()))
     rep.drop("malformed_row", malformed_rows)
+    for reason, n in unread.items():
+        rep.drop(reason, n)
     rep.ignored_columns = [c for c in raw.columns if c not in (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID, *carry)]
     n = len(raw)
     keep = np.ones(n, dtype=bool)
@@ -351,8 +363,7 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     if TIME in raw.columns:
         ts = parse_timestamps(raw[TIME], opts.timestamp_unit)
         drop(~np.isfinite(ts), "bad_timestamp")
-        lo = _to_epoch_seconds(opts.min_timestamp)
-        hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
+        lo, hi = opts.time_bounds()
         with np.errstate(invalid="ignore"):
             outside = (ts < lo) | (ts > hi)
         kept_ts = ts[keep]
@@ -499,8 +510,7 @@ def clean_few_events(users: Sequence, items: Sequence, times: Sequence, types: S
     dropped: dict[str, int] = {}
     unknown_types: dict[str, int] = {}
     scale = 1000.0 if opts.timestamp_unit == "ms" else 1.0
-    lo = _to_epoch_seconds(opts.min_timestamp)
-    hi = _to_epoch_seconds(opts.max_timestamp) if opts.max_timestamp is not None else time.time() + 86400.0
+    lo, hi = opts.time_bounds()
     weights = opts.event_weights
     positive = set(opts.positive_event_types) if opts.positive_event_types is not None else None
     excluded = set(exclude_users) if exclude_users else ()
@@ -567,17 +577,18 @@ def clean_few_events(users: Sequence, items: Sequence, times: Sequence, types: S
     return columns, dropped
 
 
-def _per_source(sources: Sequence[tuple[str, int, int]], kept_rows: np.ndarray, n_raw: int) -> dict[str, dict[str, int]]:
-    """Rows in and out of each file of a table read from several files one after the other."""
-    counts = np.array([int(n) for _, n, _ in sources], dtype=np.int64)
+def _per_source(sources: Sequence[tuple], kept_rows: np.ndarray, n_raw: int) -> dict[str, dict[str, int]]:
+    """Rows in and out of each file of a table read from several files one after the other: each
+    source is (name, rows in the table, malformed rows[, rows left unread])."""
+    counts = np.array([int(source[1]) for source in sources], dtype=np.int64)
     if counts.sum() != n_raw:
         raise AssertionError(f"sources cover {counts.sum()} rows of a table of {n_raw}")
     ends = np.cumsum(counts)
     out_per = np.bincount(np.searchsorted(ends, kept_rows, side="right"), minlength=len(counts))
     out: dict[str, dict[str, int]] = {}
-    for (name, n, malformed), kept in zip(sources, out_per.tolist()):
+    for (name, n, malformed, *unread), kept in zip(sources, out_per.tolist()):
         entry = out.setdefault(str(name), {"rows_in": 0, "rows_out": 0})
-        entry["rows_in"] += int(n) + int(malformed)
+        entry["rows_in"] += int(n) + int(malformed) + sum(int(u) for u in unread)
         entry["rows_out"] += int(kept)
     return out
 
@@ -703,8 +714,9 @@ def clean_log(
     malformed: Mapping[str, int] = raw.meta.get("malformed_rows", {})
     cleaned = _clean_events(raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users,
                             sources=raw.meta.get("sources", ()), carry=(), constant_time_is_no_time=True,
-                            index_ids=index_ids)
+                            index_ids=index_ids, unread_rows=raw.meta.get("unread_rows"))
     events, ev_rep = cleaned.events, cleaned.report
+    ev_rep.ignored_columns += [c for c in raw.meta.get("unread_columns", ()) if c not in ev_rep.ignored_columns]
     report = QualityReport(source=raw.source, events=ev_rep)
     if ev_rep.rows_out == 0:
         raise DataError(

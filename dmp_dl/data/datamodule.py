@@ -267,7 +267,7 @@ class InteractionDataModule(pl.LightningDataModule):
             return self
         clock = StepClock()
         with clock.step("load"):
-            raw = self.source.load()
+            raw = _load(self.source, self.cleaning)
             if self.extra_paths:
                 raw = add_extra_events(raw, self.extra_paths, self.cleaning.timestamp_unit)
             self._check_journals(raw.meta.get("journals", {}))
@@ -553,6 +553,16 @@ def count_unmatched(table: pd.DataFrame | None, id_col: str, vocab: IdVocab, rep
         log.info("%s: %d of %d rows have an %s that is no id of the events; their attributes are unused",
                  key, n, len(table), id_col)
     return n
+
+
+def _load(source, cleaning: CleaningOptions):
+    """``source.load()``, told the cleaning options when it takes them (a source that can skip the
+    rows they drop while reading, e.g. :class:`~dmp_dl.data.event_files.EventFileSource`)."""
+    try:
+        takes_cleaning = "cleaning" in inspect.signature(source.load).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        takes_cleaning = False
+    return source.load(cleaning=cleaning) if takes_cleaning else source.load()
 
 
 def _make_source(source, *, path, users, items, name):

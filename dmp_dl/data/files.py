@@ -25,11 +25,9 @@ import pyarrow.parquet as pq
 
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.io import regular_file_problem
+from dmp_dl.data.event_paths import COMPRESSION_SUFFIXES, CSV_SUFFIXES, PARQUET_SUFFIXES
 from dmp_dl.data.schema import ITEM, USER
 
-CSV_SUFFIXES = (".csv", ".tsv", ".txt")
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
-PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 SEPARATORS = (",", "\t", ";", "|")
 # first bytes -> pyarrow codec name
 MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\x28\xb5\x2f\xfd", "zstd"))
@@ -176,7 +174,7 @@ def read_table(
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for corrupt files
             raise DataError(f"{path}: cannot read as Parquet ({type(exc).__name__}: {exc})") from None
-        _decode_binary_ids(frame, pq.read_schema(path), path, rename or {})
+        decode_binary_ids(frame, pq.read_schema(path), path, rename or {})
         table = Table(frame, str(path))
     else:
         table = _read_csv(path, sep=sep, encoding=encoding)
@@ -210,7 +208,7 @@ def read_table(
     return table
 
 
-def _decode_binary_ids(frame: pd.DataFrame, schema: pa.Schema, path: Path, rename: dict[str, str]) -> None:
+def decode_binary_ids(frame: pd.DataFrame, schema: pa.Schema, path: Path, rename: dict[str, str]) -> None:
     """Id columns stored as Parquet ``binary`` become text (UTF-8), not ``"b'u0'"``; bytes that are
     not UTF-8 are refused naming the column and row."""
     for canonical in (USER, ITEM):

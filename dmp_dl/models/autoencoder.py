@@ -28,6 +28,20 @@ from dmp_dl.models.two_tower import AttributeEncoder
 SPARSE_ABOVE_ITEMS = 10_000
 
 
+def sparse_gradients_for(setting: bool | None, n_items: int, processes: int = 1) -> tuple[bool, str | None]:
+    """Whether the encoder's item rows get sparse gradients: ``setting`` when given, else on
+    catalogues above ``SPARSE_ABOVE_ITEMS`` items; never when ``processes`` > 1 train it
+    data-parallel (DDP averages dense gradients only: gloo and NCCL cannot all-reduce sparse ones).
+    Returns (sparse, the log line saying why sparse gradients were wanted and are not used, or None)."""
+    wanted = n_items > SPARSE_ABOVE_ITEMS if setting is None else bool(setting)
+    if wanted and processes > 1:
+        why = "sparse_gradients=true" if setting is not None else f"{n_items} items > {SPARSE_ABOVE_ITEMS}"
+        return False, (f"autoencoder: dense gradients for the encoder's item rows ({why} would train them sparse): "
+                       f"data-parallel training over {processes} processes averages dense gradients only; "
+                       "each step all-reduces the whole encoder")
+    return wanted, None
+
+
 def padded_to_rows(history: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L) item indices padded with ``pad`` -> CSR pieces (offsets (B,), items (nnz,), values (nnz,)).
 
@@ -77,7 +91,7 @@ class UserAutoencoder(nn.Module):
         self.dropout, self.variational, self.attribute_dropout = dropout, variational, attribute_dropout
         self.normalized = False
         # sparse gradients on large catalogues: a step updates the rows of the batch's items only
-        sparse = n_items > SPARSE_ABOVE_ITEMS if sparse_gradients is None else bool(sparse_gradients)
+        sparse, _ = sparse_gradients_for(sparse_gradients, n_items)
         self.encoder = nn.EmbeddingBag(n_items + 1, hidden, mode="sum", padding_idx=n_items, sparse=sparse)
         self.encoder_bias = nn.Parameter(torch.zeros(hidden))
         self.user_attr = AttributeEncoder(user_features if use_attributes else None, n_users, hidden)

@@ -44,10 +44,14 @@ class UserBatches(Dataset):
         return self.__getitems__([i])
 
 
+def users_with_rows(rows) -> np.ndarray:
+    """The users (row indices, ascending) with at least one entry in ``rows`` (CSR)."""
+    return np.flatnonzero(np.diff(rows.indptr) > 0)
+
+
 def user_loader(rows, batch_size: int, shuffle: bool = True) -> DataLoader:
     """A loader of the users that have a row in ``rows`` (CSR), ``batch_size`` at a time."""
-    users = np.flatnonzero(np.diff(rows.indptr) > 0)
-    return DataLoader(UserBatches(users), batch_size=batch_size, shuffle=shuffle, collate_fn=lambda b: b)
+    return DataLoader(UserBatches(users_with_rows(rows)), batch_size=batch_size, shuffle=shuffle, collate_fn=lambda b: b)
 
 
 class AutoencoderModule(RetrievalModule):
@@ -102,6 +106,11 @@ class AutoencoderModule(RetrievalModule):
         lr = float(getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3))
         return [torch.optim.SparseAdam(sparse, lr=lr), self.optimizer_factory(params=dense)]
 
+    @property
+    def _data_parallel(self) -> bool:
+        """Trained by more than one process: the logged training loss is their mean."""
+        return self._trainer is not None and self.trainer.world_size > 1
+
     def kl_weight(self) -> float:
         # batches seen, not global_step: with two optimisers Lightning counts two steps a batch
         return self.beta * min(1.0, self._batches / self.anneal_steps)
@@ -130,8 +139,8 @@ class AutoencoderModule(RetrievalModule):
         if logvar is not None:
             kl = 0.5 * (torch.exp(logvar) + mean.pow(2) - 1.0 - logvar).sum(1).mean()
             loss = nll + self.kl_weight() * kl
-            self.log("train/kl", kl, on_step=False, on_epoch=True, batch_size=b)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=b)
+            self.log("train/kl", kl, on_step=False, on_epoch=True, batch_size=b, sync_dist=self._data_parallel)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=b, sync_dist=self._data_parallel)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         for opt in optimizers:

@@ -57,6 +57,7 @@ from dmp_dl.core.rules import (
     check_rules,
     select,
 )
+from dmp_dl.data.event_paths import is_glob, list_event_files
 from dmp_dl.export import TASK_ALIASES, TASKS
 from dmp_dl.store.manifest import FORMAT, MANIFEST
 from dmp_dl.training.fitters import FITTERS
@@ -278,9 +279,14 @@ EXPORT_CLI_RULES: dict[str | None, dict[str, Rule]] = {
 
 
 # -- paths ---------------------------------------------------------------------------------------
-def check_input_file(path: str | os.PathLike, key: str, *, must_exist: bool = True, allow_dir: bool = False) -> None:
+def check_input_file(path: str | os.PathLike, key: str, *, must_exist: bool = True, allow_dir: bool = False,
+                     allow_glob: bool = False) -> None:
     """:class:`DataError` naming ``key`` when ``path`` is missing (if ``must_exist``) or is not a
-    regular file (a directory is accepted when ``allow_dir``, e.g. a MovieLens folder)."""
+    regular file (a directory is accepted when ``allow_dir``, e.g. a MovieLens folder; a glob
+    pattern of event files when ``allow_glob``, if it matches some)."""
+    if allow_glob and is_glob(path):
+        list_event_files(path, key)
+        return
     p = Path(path)
     if not p.exists():
         if must_exist:
@@ -409,9 +415,9 @@ def check_data_config(cfg: DictConfig, paths: bool = True) -> None:
         raise ConfigError(f"data.split.val_frac + data.split.test_frac must be below 1, got {val} + {test}")
     if not paths:
         return
-    data_dir = select(cfg, "data.name") in ("movielens", ABSENT)  # a folder of files, or not known yet
+    data_dir = select(cfg, "data.name") in ("movielens", "events", ABSENT)  # a folder of files, or not known yet
     _input_paths(cfg, {
-        "data.path": {"allow_dir": data_dir},
+        "data.path": {"allow_dir": data_dir, "allow_glob": select(cfg, "data.name") == "events"},
         "data.users": {},
         "data.items": {},
         "data.erasure_list": {},
@@ -425,7 +431,7 @@ def check_data_config(cfg: DictConfig, paths: bool = True) -> None:
         for i, value in enumerate(extra):
             if not isinstance(value, (str, os.PathLike)) or str(value).strip() == "":
                 raise ConfigError(f"data.extra_paths[{i}] must be a path, got {value!r}")
-            check_input_file(value, f"data.extra_paths[{i}]", allow_dir=True)
+            check_input_file(value, f"data.extra_paths[{i}]", allow_dir=True, allow_glob=True)
 
 
 def check_train_config(cfg: DictConfig) -> None:

@@ -45,10 +45,23 @@ from torch.utils.data import DataLoader
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.evaluation.ranking import evaluate_scorers, sample_users
 from dmp_dl.models import ease as ease_lib
-from dmp_dl.models.autoencoder_module import user_loader
+from dmp_dl.models.autoencoder import sparse_gradients_for
+from dmp_dl.models.autoencoder_module import user_loader, users_with_rows
 from dmp_dl.models.embeddings import item_vectors, user_vectors
 from dmp_dl.models.scoring import BINARY, ROWS, ServedScore
 from dmp_dl.training import recency_choice
+from dmp_dl.training.data_parallel import (
+    ONE_PROCESS,
+    Processes,
+    ProcessSeed,
+    check_processes,
+    data_parallel_strategy,
+    leave_process_group,
+    per_process_batch,
+    processes_of,
+    sharded_user_loader,
+    validation_share,
+)
 from dmp_dl.training.fit import FiniteLossGuard, _instantiate_all, instantiate_trainer
 from dmp_dl.training.warm_start import load_previous, warm_start
 
@@ -118,6 +131,11 @@ class TimeBudget(Callback):
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.t0 = self.clock()
 
+    @staticmethod
+    def _agreed(trainer: pl.Trainer, over: bool) -> bool:
+        """``over`` in any process (data-parallel: each reads its own clock, all stop at the same step)."""
+        return bool(trainer.strategy.reduce_boolean_decision(over, all=False)) if trainer.world_size > 1 else over
+
     def _stop(self, trainer: pl.Trainer, why: str) -> None:
         if not self.fired:
             log.warning("time budget: %s after %.1f of %.1f %s (model.time_budget_s): the epochs, and so the "
@@ -127,13 +145,13 @@ class TimeBudget(Callback):
         trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.clock() - self.t0 > self.seconds:
+        if self._agreed(trainer, self.clock() - self.t0 > self.seconds):
             self._stop(trainer, f"epoch {trainer.current_epoch + 1} cut short")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         elapsed = self.clock() - self.t0
         per_epoch = elapsed / (trainer.current_epoch + 1)
-        if not self.fired and elapsed + per_epoch > self.seconds:
+        if self._agreed(trainer, not self.fired and elapsed + per_epoch > self.seconds):
             self._stop(trainer, f"stopping after {trainer.current_epoch + 1} epoch(s), another would not fit")
 
 
@@ -196,16 +214,20 @@ def epoch_limit(cfg: DictConfig, n_events: int) -> tuple[int, str]:
 
 # -- fitting ------------------------------------------------------------------------------------
 def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: float | None, validate: bool,
-             loggers: list, clock=compute_seconds) -> pl.Trainer:
-    """``cfg.trainer`` for one autoencoder fit: one device, no checkpoint files (the best epoch is
-    kept in memory), the configured callbacks other than checkpointing and early stopping (the
-    per-epoch log line among them) plus ``callbacks``."""
+             loggers: list, clock=compute_seconds, processes: Processes = ONE_PROCESS) -> pl.Trainer:
+    """``cfg.trainer`` for one autoencoder fit: one device, or with ``processes.count`` > 1 the
+    configured devices data-parallel (the loaders shard the users themselves:
+    :mod:`dmp_dl.training.data_parallel`); no checkpoint files (the best epoch is kept in memory),
+    the configured callbacks other than checkpointing and early stopping (the per-epoch log line
+    among them) plus ``callbacks``."""
     from pytorch_lightning.callbacks import ModelCheckpoint
-
 
     configured = [c for c in _instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
     callbacks = [FiniteLossGuard(), *callbacks, *configured]
-    extra: dict[str, Any] = {"max_epochs": int(max_epochs), "devices": 1, "strategy": "auto", "min_epochs": 0,
+    placement: dict[str, Any] = {"devices": 1, "strategy": "auto"}
+    if processes.count > 1:
+        placement = {"strategy": data_parallel_strategy(), "use_distributed_sampler": False}
+    extra: dict[str, Any] = {"max_epochs": int(max_epochs), **placement, "min_epochs": 0,
                              "enable_model_summary": False,
                              "enable_checkpointing": False, "num_sanity_val_steps": 0}
     if cfg.trainer.get("enable_progress_bar") == "auto":  # a bar on a terminal, none in a piped or captured log
@@ -219,7 +241,7 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
 
 def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool, max_epochs: int,
                     loggers: list | None = None, time_budget_s: float | None = None,
-                    previous=None, val_users=None) -> tuple[torch.nn.Module, dict]:
+                    previous=None, val_users=None, processes: Processes = ONE_PROCESS) -> tuple[torch.nn.Module, dict]:
     """Train ``cfg.model.vae`` on ``rows`` ((n_users, n_items) interaction strengths).
 
     With ``validate``, early stopping on the validation users (``val_users``: an ``EvalUsers``,
@@ -227,38 +249,53 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
     else ``max_epochs`` epochs run. Training also stops after ``time_budget_s`` seconds (None: no
     limit; a cap that fires makes the result depend on the machine's load). ``previous``: a
     :class:`~dmp_dl.training.warm_start.PreviousNetwork` (``init_from``) the net starts from, row by row by
-    id. Returns (net, facts).
+    id. ``processes``: with more than one, this process's part of a data-parallel fit
+    (:mod:`dmp_dl.training.data_parallel`; every process calls this with the same arguments and
+    gets the same net). Returns (net, facts).
     """
     node = cfg.model.vae
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features)
+    sparse, dense_why = sparse_gradients_for(node.net.get("sparse_gradients"), dm.n_items, processes.count)
+    if dense_why and processes.main:
+        log.info("%s", dense_why)
+    net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features,
+                                                 sparse_gradients=sparse)
     net.attach_rows(rows)
     warm = None
     if previous is not None:
         warm = warm_start(net, previous, {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids})
-    loader = user_loader(rows, batch_users(node.get("batch_users"), dm.n_users))
+    step_users = batch_users(node.get("batch_users"), dm.n_users)
+    if processes.count > 1:
+        loader = sharded_user_loader(rows, per_process_batch(step_users, processes), processes, int(cfg.seed))
+    else:
+        loader = user_loader(rows, step_users)
     counts = np.bincount(sp.csr_matrix(rows).indices, minlength=dm.n_items)
     module = instantiate(node.module, _convert_="all")(net=net, item_counts=counts, steps_per_epoch=len(loader))
     metric = f"val/{cfg.model.get('selection_metric', 'ndcg@20')}"
-    callbacks: list = []
+    callbacks: list = [ProcessSeed(int(cfg.seed))] if processes.count > 1 else []
     keep = None
     validate = validate and len(dm.val_users) > 0
     val_loader = None
     if validate:
         keep = KeepBest(metric)
-        callbacks = [keep, EarlyStopping(monitor=metric, mode="max", patience=int(node.get("patience", 5)))]
-        val_loader = DataLoader(val_users if val_users is not None else validation_sample(cfg, dm),
-                                batch_size=dm.eval_batch_size, shuffle=False, collate_fn=lambda batch: batch)
+        callbacks += [keep, EarlyStopping(monitor=metric, mode="max", patience=int(node.get("patience", 5)))]
+        val_sample = val_users if val_users is not None else validation_sample(cfg, dm)
+        val_loader = DataLoader(validation_share(val_sample, processes), batch_size=dm.eval_batch_size, shuffle=False,
+                                collate_fn=lambda batch: batch)
     device = stage_device(cfg)
-    trainer = _trainer(cfg, callbacks, max_epochs, time_budget_s, validate, loggers or [], budget_clock(device))
+    trainer = _trainer(cfg, callbacks, max_epochs, time_budget_s, validate, loggers or [], budget_clock(device), processes)
     budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
     t0 = time.perf_counter()
     with warnings.catch_warnings(), matmul_precision(device, str(cfg.trainer.get("precision", "32-true"))):
         warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")  # a final fit without validation users is intended
+        # data-parallel: the validation metrics are means over every process already (torchmetrics syncs them)
+        warnings.filterwarnings("ignore", message=r".*self.log\('val/.*sync_dist=True.*")
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
     seconds = time.perf_counter() - t0
-    facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size,
+    facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size * processes.count,
              "steps": int(module._batches), "warm_start": warm, "time_budget_fired": bool(budget and budget.fired)}
+    if processes.count > 1:
+        facts.update(processes=processes.count, batch_users_per_process=loader.batch_size, sparse_gradients=sparse)
     if keep is not None and keep.state is not None:
         module.load_state_dict(keep.state)
         facts.update(best_epoch=keep.best_epoch, epochs=keep.best_epoch + 1, val_best=keep.best)
@@ -422,14 +459,20 @@ def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: 
     return batch_scores
 
 
-def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=None) -> ModelChoice:
+def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=None) -> ModelChoice | None:
     """Steps 1-4 of the module docstring on the prepared DataModule ``dm``.
 
     private_fit: ``(cfg, dm, rows, loggers, previous) -> (net, facts)``, the DP-SGD fit of the autoencoder
     (``privacy.dp``, :mod:`dmp_dl.privacy.dp_autoencoder`): it replaces the autoencoder's fit, which
     is then the only candidate (EASE and the blend read every user's data outside the mechanism)
     and is not refitted (a second fit would spend a second privacy budget).
+
+    Under ``trainer=ddp`` (:func:`~dmp_dl.training.data_parallel.processes_of`) every process runs
+    the autoencoder's fits data-parallel: the held-out fit, then at once its refit on every event
+    (the epochs are known; EASE's refit waits for the choice). The other steps run in the main
+    process alone; the others return None after the fits (their job ends there).
     """
+    processes = processes_of(cfg)
     model = cfg.model
     wanted = [str(c) for c in model.get("candidates", [DEEP, SHALLOW])]  # settings checked by dmp_dl.pipeline.checks
     if private_fit is not None:
@@ -451,7 +494,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
 
     shallow = None
     ease_skipped = None
-    if SHALLOW in wanted:
+    if SHALLOW in wanted and processes.main:  # data-parallel: the other processes fit the autoencoder only
         ease_skipped = ease_lib.check_memory(dm.n_users, dm.n_items, model.ease.get("max_memory_gb", "auto"), device)
         if ease_skipped is not None:
             if wanted == [SHALLOW]:
@@ -473,13 +516,16 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     elif choose_recency and not has_val:
         half_life, recency = recency_choice.fixed(dm, "no validation users to choose with: no decay")
         choose_recency = False
-    elif choose_recency and shallow is not None:
+    elif choose_recency and shallow is not None and processes.count == 1:
+        # data-parallel: only process 0 has EASE, so every process chooses alike with the autoencoder (below)
         half_life, recency = recency_choice.by_ease(cfg, dm, shallow, val_sample, metric, _ks(cfg), device)
         choose_recency = False
     else:  # nothing to choose, or the autoencoder chooses once fitted without decay
         half_life, recency = recency_choice.fixed(dm)
     dm.use_half_life(half_life)
     rows_train = dm.interaction_rows("train")
+    if processes.count > 1:
+        _announce_data_parallel(cfg, dm, rows_train, processes)
 
     # 1b. the autoencoder: always fitted, its vectors are the bundle's. Its share of a time cap: what
     # EASE left, halved (the final fit on every event repeats it), less one more EASE fit for that refit
@@ -492,12 +538,26 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
         net, vae_facts = private_fit(cfg, dm, rows_train, loggers, previous)
     else:
         net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
-                                         time_budget_s=vae_budget, previous=previous, val_users=val_sample)
+                                         time_budget_s=vae_budget, previous=previous, val_users=val_sample,
+                                         processes=processes)
     if choose_recency:  # no EASE: the autoencoder fitted without decay reads each half-life's rows
         half_life, recency = recency_choice.by_autoencoder(net.to(device), dm, val_sample, metric, _ks(cfg), device)
         dm.use_half_life(half_life)
         rows_train = dm.interaction_rows("train")
         net.attach_rows(rows_train)
+    held_out = len(dm.train_idx) < len(dm.events)
+    refit_reason = _refit_reason(cfg, held_out, private_fit is not None)
+    refitted = None
+    if processes.count > 1:
+        if refit_reason is None:  # every process takes part in the refit now, while they are all here
+            refitted = fit_autoencoder(cfg, dm, dm.interaction_rows("all"), validate=False,
+                                       max_epochs=int(vae_facts.get("epochs", 1)), loggers=loggers,
+                                       time_budget_s=vae_budget, previous=previous, processes=processes)
+        leave_process_group()
+        if not processes.main:
+            log.info("autoencoder: this process's part of the data-parallel fits is done; process 0 runs the rest "
+                     "of the job and writes the bundle")
+            return None
     users = user_vectors(net.to(device), np.arange(dm.n_users), dm.train_history, device=device)
     items = item_vectors(net, dm.n_items, device=device)
     net.cpu()
@@ -581,36 +641,70 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
              "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)},
              "warm_start": vae_facts.get("warm_start"), "steps": vae_facts.get("steps")}
     choice = ModelChoice(net=net, served=served, name=chosen, record=record, ranking=ranking, train=train)
-    held_out = len(dm.train_idx) < len(dm.events)
-    if bool(model.get("refit", True)) and held_out and private_fit is None:
-        refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers, previous)
+    if refit_reason is None:
+        refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers, previous, autoencoder=refitted)
+        refit_reason = ("model.refit=true: trained again on every event with the epochs and l2 chosen on validation"
+                        + (f", data-parallel over {processes.count} processes like the held-out fit"
+                           if processes.count > 1 else ""))
     else:
         choice.record["refit"] = False
         net.attach_rows(dm.interaction_rows("all"))
+    choice.train["refit"] = {"done": bool(choice.record["refit"]), "reason": refit_reason, "processes": processes.count}
     return choice
 
 
+def _refit_reason(cfg: DictConfig, held_out: bool, private: bool) -> str | None:
+    """Why the winner is not trained again on every event (None: it is)."""
+    if not bool(cfg.model.get("refit", True)):
+        return "model.refit=false"
+    if not held_out:
+        return "no held-out events: the models already saw every event"
+    if private:
+        return "privacy.dp: a second fit would spend a second privacy budget"
+    return None
+
+
+def _announce_data_parallel(cfg: DictConfig, dm, rows: sp.csr_matrix, processes: Processes) -> None:
+    """One line on how the autoencoder trains data-parallel; refuses more processes than users
+    (:func:`~dmp_dl.training.data_parallel.check_processes`)."""
+    step = batch_users(cfg.model.vae.get("batch_users"), dm.n_users)
+    each = per_process_batch(step, processes)
+    warning = check_processes(len(users_with_rows(rows)), each, processes)
+    if warning:
+        log.warning("%s", warning)
+    if processes.main:
+        log.info("autoencoder: data-parallel over %d processes (trainer=ddp): each trains on its own share of the "
+                 "users every epoch, %d users a step (%d a step in all) and scores its share of the validation users; "
+                 "EASE, the choice, the test metrics and the export run in this process alone",
+                 processes.count, each, each * processes.count)
+
+
 def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: sp.csr_matrix,
-          loggers: list | None = None, previous=None) -> ModelChoice:
+          loggers: list | None = None, previous=None, autoencoder: tuple[torch.nn.Module, dict] | None = None) -> ModelChoice:
     """Step 4: train ``choice``'s winner again on ``rows`` (interaction strengths) and ``seen``
     (0/1, the EASE input), with the epochs and l2 chosen on validation; updates ``choice`` in place.
+    ``autoencoder``: (net, facts) of the autoencoder's refit when it already ran (data-parallel:
+    every process took part before the choice), else it is fitted here.
 
     The pipeline passes every event; a benchmark can pass the training and validation events only.
     """
     t0 = time.perf_counter()
     facts: dict[str, Any] = {}
     vae = choice.record["candidates"][DEEP]["details"]
-    net, fitted = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=int(vae.get("epochs", 1)), loggers=loggers,
-                                  time_budget_s=vae.get("time_budget_s"), previous=previous)
+    earlier = 0.0 if autoencoder is None else float(autoencoder[1]["fit_seconds"])  # seconds it took before t0
+    if autoencoder is None:
+        autoencoder = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=int(vae.get("epochs", 1)), loggers=loggers,
+                                      time_budget_s=vae.get("time_budget_s"), previous=previous)
+    net, fitted = autoencoder
     facts.update(vae_seconds=fitted["fit_seconds"], vae_epochs_run=fitted["epochs_run"],
-                 vae_time_budget_fired=fitted["time_budget_fired"])
+                 vae_time_budget_fired=fitted["time_budget_fired"], processes=int(fitted.get("processes", 1)))
     served = choice.served
     if served.uses_shallow:
         t1 = time.perf_counter()
         shallow, _ = fit_ease(cfg, dm, seen, l2=choice.record["candidates"][SHALLOW]["details"]["l2"])
         facts["ease_seconds"] = time.perf_counter() - t1
         served = ServedScore(served.deep_weight, served.shallow_weight, shallow, served.shallow_input)
-    facts["seconds"] = time.perf_counter() - t0
+    facts["seconds"] = time.perf_counter() - t0 + earlier
     net.attach_rows(rows)
     choice.net, choice.served = net, served
     choice.record.update(refit=True, refit_facts=facts)

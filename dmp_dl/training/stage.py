@@ -85,6 +85,9 @@ def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
                     "the data and settings and start afresh); resuming applies to model=two_tower and model=mf",
                     cfg.model.get("name"))
     choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")), private_fit=private_fit)
+    if choice is None:  # trainer=ddp, a process other than the main one: its part of the fits is done
+        state["halt"] = True
+        return
     ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")
     state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
                  network_kwargs=FITTERS["auto"].network_kwargs(cfg),

@@ -93,6 +93,7 @@ def fit_choice(model: str, spec: dict, tune_over: list[str], dm_tune, dm_final, 
                                   *args.overrides], workdir / f"{model}-tune")
     t0 = time.perf_counter()
     choice = choose_model(cfg, dm_tune)
+    dm_final.use_half_life(dm_tune.half_life_days)  # the recency half-life chosen on the carve-out
     refit(cfg, dm_final, choice, dm_final.interaction_rows("train"), dm_final.train_seen)
     seconds = time.perf_counter() - t0
     net = choice.net.attach_rows(dm_final.interaction_rows("train"))
@@ -102,7 +103,8 @@ def fit_choice(model: str, spec: dict, tune_over: list[str], dm_tune, dm_final, 
     vals = {n: c.get("val", {}).get(spec["metric"]) for n, c in record["candidates"].items()}
     setting = f"chose {record['selected']} ({record['served_score']}); " + ", ".join(
         f"val {n} {v:.4f}" for n, v in vals.items() if v is not None)
-    return {"scorer": BlendScorer(choice.served, users, items, dm_final.train_seen), "fit_seconds": seconds,
+    rows = dm_final.interaction_rows("train") if choice.served.reads_rows else dm_final.train_seen
+    return {"scorer": BlendScorer(choice.served, users, items, rows), "fit_seconds": seconds,
             "setting": setting, "tuning": {"record": record}}
 
 

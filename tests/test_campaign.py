@@ -47,9 +47,13 @@ def truth():
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    """A tiny trained run with propensity and segments on the planted log: its bundle directory."""
+    """A tiny trained run with propensity and segments on the planted log: its bundle directory.
+    The planted responses are a lasting trait of each user, so the user vectors read undecayed
+    rows (``data.recency_half_life_days=null``): decayed to their latest sessions they carry less
+    of it (with ``auto`` on this log the uplift model's test Qini fell below the propensity
+    ranking's, measured -0.0085 against -0.0067)."""
     out = tmp_path_factory.mktemp("campaign") / "run"
-    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "logger=none", "evaluation.report=null",
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "logger=none", "evaluation.report=null", "data.recency_half_life_days=null",
                        "data.source.campaign_response=true", "audience.segments.k=4", "~propensity.baselines",
                        "propensity.early_stopping.patience=3"], out)
     return Path(run(cfg)["bundle_dir"])

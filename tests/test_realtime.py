@@ -139,10 +139,18 @@ def test_live_user_updates_segment_propensity_and_vector(any_live):
     assert set(state.items[:-6].tolist()) == set(seen.tolist()), "the whole known history, then the new items"
     assert live.item_vocab.ids[state.items[-6:]].tolist() == live.item_vocab.ids[10:16].tolist()
     assert not np.allclose(state.vector, stored_vector)
-    # the vector is the model's cold-start encoder on the whole history, as recommend_for_history scores it
-    history = live.item_vocab.ids[state.items].tolist()
-    want = live.recommend_for_history(history, k=10, attributes=state.attributes)
-    assert live.recommend(user, 10) == want
+    if live.encodes_rows:
+        # the default autoencoder: the vector encodes the user's whole row (every item of the history,
+        # with its decayed event weights) as training encodes its users
+        assert state.row_items.tolist() == sorted(set(state.items.tolist()))
+        indptr, items, strength = live._rows_of([state])
+        want_vector = live.row_user_vectors(indptr, items, strength, [state.attributes])[0]
+        np.testing.assert_allclose(state.vector, want_vector, atol=1e-5)
+    else:
+        # the vector is the model's cold-start encoder on the whole history, as recommend_for_history scores it
+        history = live.item_vocab.ids[state.items].tolist()
+        want = live.recommend_for_history(history, k=10, attributes=state.attributes)
+        assert live.recommend(user, 10) == want
     seg = live.segment(user)
     from dmp_dl.audience.segments import assign
 
@@ -154,7 +162,9 @@ def test_live_user_updates_segment_propensity_and_vector(any_live):
 def test_live_recommendations_are_the_bundles_served_score_of_the_live_history(live):
     """The default bundle scores deep + shallow (autoencoder dot product + weighted EASE item-item
     term); a live user, known or new, is scored by exactly that formula on their whole live history,
-    with the autoencoder's vector re-encoded from it."""
+    with the autoencoder's vector re-encoded from it: their row of decayed event weights, what the
+    EASE term reads too when the run chose a half-life (else their 0/1 items)."""
+    from dmp_dl.data.recency import row_strength
     from dmp_dl.models.scoring import rows_matrix
 
     assert live.served is not None and live.served.uses_shallow, "the tiny default run serves the blend"
@@ -172,9 +182,11 @@ def test_live_recommendations_are_the_bundles_served_score_of_the_live_history(l
         items = np.unique(state.items)
         expected_items = np.union1d(seen, fresh) if user == known else np.array(sorted(fresh))
         assert items.tolist() == expected_items.tolist(), "the whole live history: trained items and new ones"
-        vector, _, _ = live.cold_user_vectors([live.item_vocab.ids[state.items].tolist()], [state.attributes])
+        assert state.row_items.tolist() == items.tolist()
+        indptr = np.array([0, len(items)])
+        vector = live.row_user_vectors(indptr, items, row_strength(state.row_sums), [state.attributes])
         np.testing.assert_allclose(state.vector, vector[0], atol=1e-5)
-        x = rows_matrix(np.array([0, len(items)]), items, live.n_items)
+        x = rows_matrix(indptr, items, live.n_items, row_strength(state.row_sums) if live.served.reads_rows else None)
         expected = live.served.scores(state.vector[None], live.item_vectors, x).numpy()[0]
         expected[items] = -np.inf
         top = np.argsort(-expected, kind="stable")[:10]

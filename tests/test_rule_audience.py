@@ -272,8 +272,10 @@ def test_withheld_users_are_in_no_audience(rec):
 
 def test_cli_rule_preview_writes_nothing_and_a_run_writes_the_members(trained, rec, tmp_path):
     art = f"artifacts={trained['bundle_dir']}"
-    rule = "segment == 1 and distinct_items >= 30"
-    expected = rec.user_vocab.ids[(rec.stored_segments.assignments == 1) & (rec.user_activity() >= 30)]
+    activity, segments = rec.user_activity(), rec.stored_segments.assignments
+    segment = int(segments[np.argmax(activity)])  # the most active user's: a segment with members of 30+ items
+    rule = f"segment == {segment} and distinct_items >= 30"
+    expected = rec.user_vocab.ids[(segments == segment) & (activity >= 30)]
     summary = run_task(cli_cfg("task=rule", art, f"output_dir={tmp_path / 'preview'}", f"rule='{rule}'", "preview=true"))
     assert summary["users"] == len(expected) > 0 and summary["preview"] and "files" not in summary
     assert not (tmp_path / "preview").exists() or not any((tmp_path / "preview").iterdir())

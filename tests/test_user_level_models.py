@@ -72,7 +72,8 @@ def test_planted_groups_are_recovered_and_served(planted_log, tmp_path, model):
 
 def test_served_score_is_the_models_score(planted_log, tmp_path):
     """What Recommender returns is the score the model selection evaluated: vector dot product plus
-    the weighted item-item term, over the whole catalogue, seen items excluded."""
+    the weighted item-item term (of the user's decayed row when the run chose a recency half-life,
+    else of their 0/1 items), over the whole catalogue, seen items excluded."""
     result = run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.candidates=[vae,ease]"))
     rec = Recommender.load(result["bundle_dir"])
     choice = result["choice"]
@@ -81,7 +82,8 @@ def test_served_score_is_the_models_score(planted_log, tmp_path):
     row = dm.user_vocab.index_of([user])[0]
     seen = dm.all_seen[row]
     users = rec.user_vectors[[row]]
-    expected = choice.served.scores(users, rec.item_vectors, seen).numpy()[0]
+    x = dm.interaction_rows("all")[row] if choice.served.reads_rows else seen
+    expected = choice.served.scores(users, rec.item_vectors, x).numpy()[0]
     expected[seen.indices] = -np.inf
     top = np.argsort(-expected, kind="stable")[:10]
     got = rec.recommend(user, k=10)

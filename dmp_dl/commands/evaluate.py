@@ -9,7 +9,7 @@
 bundle (checksums verified) -> network rebuilt from ``network/`` -> data: the bundle's training data
 rebuilt from its manifest's config, or ``data=...`` -> the test split in the bundle's index space
 (unknown users and items counted and left out) -> the network and the baselines ranked with the
-protocol of ``train.py``, user vectors from training histories -> propensity test predictions
+protocol of ``train.py``, user vectors from the events before the test period -> propensity test predictions
 re-derived when the bundle has the model and the data are its training data ->
 ``report.json``, ``report.md``, ``report.html`` in ``output_dir``.
 
@@ -275,6 +275,8 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
         raise DataError(f"{exc}; these are the files of the bundle's training config: give their current "
                         "location with +data.path=... (or choose other data with data=...)") from None
     log.info(dm.report.summary())
+    rows_entry = bundle.manifest.get("user_rows")  # users are encoded from rows decayed as the bundle's were
+    dm.use_half_life(rows_entry.get("half_life_days") if isinstance(rows_entry, dict) else None)
 
     split, counts = map_to_vocabularies(dm, user_vocab, item_vocab, history_len)
     settings = evaluation_settings(cfg, run_cfg)
@@ -298,7 +300,7 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
     notes = {
         "bundle": f"Re-created by python -m dmp_dl.evaluate from the bundle {bundle.root.resolve()} (exported "
                   f"{bundle.manifest.get('created_at', '?')}): the network is rebuilt from its stored weights and each "
-                  "user's vector is recomputed from their training history (the bundle's user_vectors.npy include the "
+                  "user's vector is recomputed from their events before the test period (the bundle's user_vectors.npy include the "
                   "test period and are not used); the baselines are refitted on the training split.",
         "data": mapping_note(counts, origin),
     }

@@ -24,22 +24,26 @@ from dmp_dl.data.features import FeatureTable
 from dmp_dl.data.grouping import group_bounds, sorted_order, stable_order
 from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix: part of this module's API)
 from dmp_dl.data.privacy_options import log_user_ids
+from dmp_dl.data.recency import AUTO, check_half_life, decayed_sums, describe, row_strength
 from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT
 from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
 from dmp_dl.data.vocab import IdVocab
 
 log = logging.getLogger(__name__)
+_RESOLVED = object()  # interaction_rows' default half-life: the data module's own
 
 
-def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> sp.csr_matrix:
+def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray,
+                  times: np.ndarray | None = None, half_life_days: float | None = None) -> sp.csr_matrix:
     """(n_users, n_items) CSR of interaction strength: log2(1 + the summed event weights of a pair).
 
     One event of weight 1 gives 1; repeated or heavier events (a purchase after views) count more,
-    with diminishing returns. The input of the user-level models.
+    with diminishing returns. With ``times`` (epoch seconds) and ``half_life_days``, each event's
+    weight halves every ``half_life_days`` before its user's latest event (:mod:`dmp_dl.data.recency`,
+    the one definition training and real-time updates share). The input of the user-level models.
     """
-    m = sp.csr_matrix((np.asarray(weights, dtype=np.float32), (users, items)), shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data = np.log2(1.0 + np.maximum(m.data, 0.0)).astype(np.float32)
+    sums, _ = decayed_sums(n_users, n_items, users, items, weights, times, half_life_days)
+    m = sp.csr_matrix((row_strength(sums.data), sums.indices, sums.indptr), shape=sums.shape)
     m.eliminate_zeros()
     return m
 
@@ -198,6 +202,10 @@ class InteractionDataModule(pl.LightningDataModule):
         sequence number read of each journal (the bundle records it, so that a server does not
         apply those events twice).
     erasure_list: file of erased user ids (one per line); their events are dropped on load.
+    recency_half_life_days: how event weights decay with age in each user's row
+        (:mod:`dmp_dl.data.recency`): a number of days, null (no decay), or ``auto`` (the automatic
+        model choice picks it on validation, :meth:`use_half_life`; other models read no decay). A
+        log without event times has no decay, whatever the setting (said once in the log).
     privacy: a :class:`dmp_dl.privacy.PrivacyOptions` (``privacy`` in the train config): user ids
         are replaced by keyed pseudonyms right after loading when ``privacy.pseudonymize``, and the
         erasure lists (``privacy.erasure_list`` and ``erasure_list``) may hold keyed-hash entries.
@@ -220,6 +228,7 @@ class InteractionDataModule(pl.LightningDataModule):
         name: str = "data",
         privacy: object | None = None,
         extra_paths: list[str] | None = None,
+        recency_half_life_days: float | str | None = None,
     ):
         super().__init__()
         self.source = _make_source(source, path=path, users=users, items=items, name=name)
@@ -241,7 +250,9 @@ class InteractionDataModule(pl.LightningDataModule):
             extra_paths = [extra_paths]
         self.extra_paths = [str(x) for x in (extra_paths or [])]
         self.journal_marks: dict[str, int] = {}
-        self._interaction_rows: dict[str, sp.csr_matrix] = {}
+        self.recency_setting = check_half_life(recency_half_life_days)
+        self.half_life_days: float | None = self.recency_setting if self.recency_setting != AUTO else None
+        self._interaction_rows: dict[tuple, sp.csr_matrix] = {}
         self.step_seconds: dict[str, dict[str, float]] = {}
         self.name = name
         self._prepared = False
@@ -297,9 +308,37 @@ class InteractionDataModule(pl.LightningDataModule):
             **{f"items.{k}": v for k, v in self.item_features.skipped_columns.items()},
         }
         self.step_seconds = clock.seconds
+        self._resolve_recency()
         log.debug("data stage: %s", ", ".join(f"{k} {v['wall']:.2f} s" for k, v in clock.seconds.items()))
         self._prepared = True
         return self
+
+    def _resolve_recency(self) -> None:
+        """No decay for a log without event times, said once."""
+        if self.recency_setting is not None and not self.report.has_timestamps:
+            log.info("recency: the log has no event times, so event weights do not decay with age "
+                     "(data.recency_half_life_days=%s is not used)", self.recency_setting)
+            self.half_life_days = None
+
+    def use_half_life(self, half_life_days: float | None) -> None:
+        """Decay event weights with this half-life (days; None: no decay) in :meth:`interaction_rows`
+        and :meth:`user_item_sums` from now on (the automatic model choice's pick for ``auto``, or a
+        bundle's, to score it as it was trained). Ignored, as no decay, for a log without event times."""
+        self.half_life_days = float(half_life_days) if half_life_days is not None and self.has_timestamps else None
+        for key in [k for k in self._interaction_rows if k[1] != self.half_life_days]:
+            del self._interaction_rows[key]  # the rows of half-lives tried and not kept
+
+    def recency_candidates(self) -> list[float | None]:
+        """The half-lives to choose from on validation (:func:`dmp_dl.data.recency.candidates`): for
+        ``auto``, no decay and shares of the training events' time span; else the one setting."""
+        from dmp_dl.data.recency import candidates
+
+        span = None
+        if self.has_timestamps:
+            t = self.events[TIME].to_numpy()[self.train_idx]
+            span = float(t.max() - t.min()) if len(t) else 0.0
+        setting = self.recency_setting if self.recency_setting == AUTO else self.half_life_days
+        return list(candidates(setting, span, self.has_timestamps))
 
     def _resolve_history_sampling(self, split_method: str) -> str:
         """``history_sampling`` with ``auto`` resolved for ``split_method`` (left ``auto`` while the
@@ -360,6 +399,9 @@ class InteractionDataModule(pl.LightningDataModule):
                                                  self.history_len, pad=n_items)
         self.all_seen = pairs.all()
         self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
+        before_test = s[by_user] != TEST  # what a test user did before the test period: their input when ranked
+        self.test_input_history = _last_items_grouped(u_by_user[before_test], i_by_user[before_test], n_users,
+                                                      self.history_len, pad=n_items)
         per_part = np.bincount(s, minlength=3)  # events per split part, then those of users / items unseen in training
         cold_user = np.bincount(s[~pairs.warm[u]], minlength=3)
         cold_item = np.bincount(s[self.item_counts[i] == 0], minlength=3)
@@ -412,24 +454,48 @@ class InteractionDataModule(pl.LightningDataModule):
         ev = self.events
         view.train_idx = np.arange(len(ev))
         view.item_counts = np.bincount(ev["item_idx"].to_numpy(), minlength=self.n_items).astype(np.int64)
-        view.train_seen, view.train_history = self.all_seen, self.full_history
+        view.train_seen, view.train_history, view.test_input_history = self.all_seen, self.full_history, self.full_history
         for stage in ("val", "test"):
             setattr(view, f"{stage}_users", np.zeros(0, dtype=np.int64))
         return view
 
-    def interaction_rows(self, which: str = "train") -> sp.csr_matrix:
+    def interaction_rows(self, which: str = "train", half_life_days: float | None | object = _RESOLVED) -> sp.csr_matrix:
         """Per-user interaction strengths (:func:`weighted_rows`) of the training events
-        (``which="train"``) or of every event (``"all"``). (n_users, n_items) CSR, the caller's own
-        copy (the matrix is built once per ``which``)."""
-        key = "train" if which == "train" else "all"
+        (``which="train"``, ages measured to each user's latest training event), of the events
+        before the test period (``"before_test"``: training and validation, a test user's input) or
+        of every event (``"all"``), event weights decayed with ``half_life_days`` (default: the
+        run's, :attr:`half_life_days`). (n_users, n_items) CSR, the caller's own copy (built once
+        per ``which`` and half-life)."""
+        if which not in ("train", "before_test", "all"):
+            raise ValueError(f"which must be train, before_test or all, got {which!r}")
+        h = self.half_life_days if half_life_days is _RESOLVED else half_life_days
+        key = (which, h if self.has_timestamps else None)
         built = self._interaction_rows.get(key)
         if built is None:
-            ev = self.events
-            rows = np.flatnonzero(ev["split"].to_numpy() == TRAIN) if key == "train" else slice(None)
-            built = weighted_rows(self.n_users, self.n_items, ev["user_idx"].to_numpy()[rows],
-                                  ev["item_idx"].to_numpy()[rows], ev[WEIGHT].to_numpy()[rows])
+            users, items, weights, times = self._events_of(key[0])
+            built = weighted_rows(self.n_users, self.n_items, users, items, weights, times, key[1])
             self._interaction_rows[key] = built
+            if key[1] is not None:
+                log.debug("interaction rows (%s events): %s", key[0], describe(key[1]))
         return built.copy()
+
+    def user_item_sums(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Every event's summed weights per (user, item), decayed with :attr:`half_life_days` to
+        each user's latest event, and those reference times: what real-time updates continue from
+        (:func:`dmp_dl.data.recency.decayed_sums`; the rows of :meth:`interaction_rows` ``("all")``
+        are ``log2(1 + sums)``)."""
+        users, items, weights, times = self._events_of("all")
+        return decayed_sums(self.n_users, self.n_items, users, items, weights, times, self.half_life_days)
+
+    def _events_of(self, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """user rows, item rows, type weights and (when the log has them) times of the training
+        events (``train``), of those before the test period (``before_test``) or of every event (``all``)."""
+        ev = self.events
+        split = ev["split"].to_numpy()
+        rows = {"train": lambda: np.flatnonzero(split == TRAIN), "before_test": lambda: np.flatnonzero(split != TEST),
+                "all": lambda: slice(None)}[which]()
+        times = ev[TIME].to_numpy()[rows] if self.has_timestamps else None
+        return (ev["user_idx"].to_numpy()[rows], ev["item_idx"].to_numpy()[rows], ev[WEIGHT].to_numpy()[rows], times)
 
     def train_dataset(self) -> TrainExamples:
         ev = self.events
@@ -441,9 +507,10 @@ class InteractionDataModule(pl.LightningDataModule):
         )
 
     def eval_dataset(self, stage: str) -> EvalUsers:
-        """``stage`` is ``val`` or ``test``."""
+        """``stage`` is ``val`` or ``test``. A user's history is what they did before the period
+        ranked: their training events for ``val``, training and validation events for ``test``."""
         return EvalUsers(
-            getattr(self, f"{stage}_users"), self.train_history,
+            getattr(self, f"{stage}_users"), self.train_history if stage == "val" else self.test_input_history,
             getattr(self, f"{stage}_seen"), getattr(self, f"{stage}_relevant"),
         )
 

@@ -176,8 +176,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def iso_seconds(epoch: np.ndarray) -> list[str]:
     """Epoch seconds (int) -> ISO-8601 UTC strings (``2026-01-05T10:00:00Z``)."""
-    stamps = pd.to_datetime(np.asarray(epoch, dtype=np.int64), unit="s", utc=True)
-    return list(stamps.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    seconds = np.asarray(epoch, dtype=np.int64).astype("datetime64[s]")
+    return [f"{s}Z" for s in np.datetime_as_string(seconds, unit="s").tolist()]
 
 
 class Journal:

@@ -39,13 +39,15 @@ class EASEScorer:
     :class:`dmp_dl.models.ease.EASESolver` in float32 (primal or dual, whichever is cheaper), each
     item's ``keep_per_item`` largest weights kept (default: what ``model.ease.max_bundle_mb`` =
     256 keeps) — so a run's report and ``python -m dmp_dl.evaluate`` score the same weights.
-    Scoring multiplies the users' training rows of X by B on the device (a sparse x dense product).
+    Scoring multiplies the users' rows of X by B on the device (a sparse x dense product); ``rows``:
+    other 0/1 rows to score users from (e.g. their items up to the test period), default X's.
     """
 
     def __init__(self, interactions: sp.csr_matrix, l2: float = 500.0, device: str | torch.device | None = None,
-                 precise: bool = True, keep_per_item: int | None = None):
+                 precise: bool = True, keep_per_item: int | None = None, rows: sp.csr_matrix | None = None):
         self.device = _device(device)
         self.x = sp.csr_matrix(interactions, dtype=np.float32)
+        self.rows = self.x if rows is None else sp.csr_matrix(rows, dtype=np.float32)
         self.served = None
         if precise:
             gram = ease_lib.gram_matrix(ease_lib.binary(self.x), self.device).double()
@@ -62,7 +64,7 @@ class EASEScorer:
             solver.release()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = self.x[batch["user"].cpu().numpy()]
+        rows = self.rows[batch["user"].cpu().numpy()]
         if self.served is not None:
             return self.served(rows)
 

@@ -42,12 +42,14 @@ class HeldOutSplit:
 
     n_users, n_items: sizes of the index space (the model's vocabularies).
     train_history: (n_users, L) int64, each user's most recent training items, most recent first,
-        padded with ``n_items``: what the model's user vectors are computed from.
-    train_seen: (n_users, n_items) binary CSR of the training user-item pairs (EASE's input).
+        padded with ``n_items``.
+    train_seen: (n_users, n_items) binary CSR of the training user-item pairs (what EASE is fitted on).
     item_counts: (n_items,) int64 training events per item (popularity baseline, novelty).
     test: the users to evaluate (``EvalUsers``: their excluded and relevant items, as CSR rows).
-    train_rows: (n_users, n_items) CSR of training interaction strengths, what user-level models
-        encode a user from (None: ``train_seen``).
+    train_rows: (n_users, n_items) CSR of training interaction strengths (None: ``train_seen``).
+    input_history, input_seen, input_rows: the same of every event before the test period
+        (training and validation): what a test user is scored from, as a server that takes events
+        in real time scores them (None: the training ones).
     """
 
     n_users: int
@@ -57,12 +59,22 @@ class HeldOutSplit:
     item_counts: np.ndarray
     test: EvalUsers
     train_rows: sp.csr_matrix | None = None
+    input_history: np.ndarray | None = None
+    input_seen: sp.csr_matrix | None = None
+    input_rows: sp.csr_matrix | None = None
 
     @classmethod
     def from_datamodule(cls, dm) -> "HeldOutSplit":
         """The test split of a prepared ``InteractionDataModule``, in its own index space."""
         return cls(dm.n_users, dm.n_items, dm.train_history, dm.train_seen, dm.item_counts, dm.eval_dataset("test"),
-                   dm.interaction_rows("train"))
+                   dm.interaction_rows("train"), dm.test_input_history, dm.test_seen, dm.interaction_rows("before_test"))
+
+    def inputs(self) -> tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix]:
+        """(history, 0/1 pairs, rows) a test user is scored from."""
+        history = self.input_history if self.input_history is not None else self.train_history
+        seen = self.input_seen if self.input_seen is not None else self.train_seen
+        rows = self.input_rows if self.input_rows is not None else (self.train_rows if self.train_rows is not None else seen)
+        return history, seen, rows
 
 
 def _selection(index_map: np.ndarray, n_out: int) -> sp.csr_matrix:
@@ -105,10 +117,13 @@ def map_to_vocabularies(dm, user_vocab: IdVocab, item_vocab: IdVocab, history_le
     relevant, seen = project(dm.test_relevant), project(dm.test_seen)
     test_users = np.flatnonzero(np.diff(relevant.indptr) > 0)
     history = last_items(u[train], i[train], n_users, history_len, pad=n_items)
+    before = (s != TEST) & known
+    input_history = last_items(u[before], i[before], n_users, history_len, pad=n_items)
     split = HeldOutSplit(
         n_users, n_items, history, pair_matrix(n_users, n_items, u[train], i[train]),
-        np.bincount(i[train], minlength=n_items).astype(np.int64), EvalUsers(test_users, history, seen, relevant),
-        project(dm.interaction_rows("train")),
+        np.bincount(i[train], minlength=n_items).astype(np.int64), EvalUsers(test_users, input_history, seen, relevant),
+        project(dm.interaction_rows("train")), input_history, pair_matrix(n_users, n_items, u[before], i[before]),
+        project(dm.interaction_rows("before_test")),
     )
     counts = {
         "same_vocabularies": bool(dm.user_vocab == user_vocab and dm.item_vocab == item_vocab),
@@ -128,7 +143,9 @@ def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: H
                                  evaluation: Mapping[str, Any] | None = None, served=None) -> dict[str, dict]:
     """Test metrics of the trained ``net`` and of the configured baselines on ``split``, same protocol.
 
-    Users are represented as of the end of training (their training history only): no test leakage.
+    Weights are fitted on the training period only (the network, EASE, popularity); each test user
+    is scored from every event before the test period (training and validation), as a server that
+    takes events in real time scores them: no test event is read.
     served: the bundle's :class:`~dmp_dl.models.scoring.ServedScore` when its score is not the plain
     dot product (the item-item term then reads each user's training items).
 
@@ -152,12 +169,13 @@ def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: H
     popularity = torch.as_tensor(split.item_counts / max(split.item_counts.sum(), 1), dtype=torch.float32)
     device = inference_device()
     net.to(device).eval()
-    if hasattr(net, "attach_rows"):  # user-level models encode a user from their training row
-        net.attach_rows(split.train_rows if split.train_rows is not None else split.train_seen)
-    users = user_vectors(net, np.arange(split.n_users), split.train_history, device=device)
+    history, seen, rows = split.inputs()
+    if hasattr(net, "attach_rows"):  # user-level models encode a user from their row
+        net.attach_rows(rows)
+    users = user_vectors(net, np.arange(split.n_users), history, device=device)
     items = item_vectors(net, split.n_items, device=device)
     if served is not None and served.uses_shallow:
-        scorers: dict[str, Any] = {model_name: BlendScorer(served, users, items, split.train_seen)}
+        scorers: dict[str, Any] = {model_name: BlendScorer(served, users, items, rows if served.reads_rows else seen)}
     else:
         scorers = {model_name: EmbeddingScorer(users, items)}
     for name in setting("baselines", DEFAULT_BASELINES):
@@ -167,7 +185,7 @@ def evaluate_model_and_baselines(net: torch.nn.Module, model_name: str, split: H
             if split.n_items > int(setting("ease_max_items", 20000)):
                 log.warning("EASE skipped: %d items > evaluation.ease_max_items", split.n_items)
                 continue
-            scorers[name] = EASEScorer(split.train_seen, float(setting("ease_l2", 500.0)), precise=False)
+            scorers[name] = EASEScorer(split.train_seen, float(setting("ease_l2", 500.0)), precise=False, rows=seen)
         else:
             raise ConfigError(f"unknown baseline {name!r} in evaluation.baselines (popularity | ease)")
     results = {}

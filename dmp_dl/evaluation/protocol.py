@@ -92,9 +92,9 @@ def describe_protocol(config: Mapping, data_quality: Mapping, ranking: Mapping[s
         "exclusion": "Items the user interacted with in the training or validation period are excluded (score set "
         "to -inf before ranking) and never recommended; validation excludes training items only.",
         "ties": "Equal scores rank the lower item index first, so every number is deterministic.",
-        "inputs": f"{model_name} and the baselines see training interactions only: user vectors are computed from "
-        "each user's training history, EASE is fitted on the training user-item matrix, popularity counts "
-        "training events.",
+        "inputs": f"{model_name} and the baselines are fitted on training interactions only (the network, EASE's "
+        "item-item matrix, popularity counts); each test user is scored from everything they did before the test "
+        "period (training and validation events), as a server that takes events in real time scores them.",
         "split": split_description(split_cfg, split_stats),
         "relevant_set": "A user's relevant set is the distinct items of their test events, minus items they already "
         f"had in training or validation ({counts['test_pairs_already_seen']} such user-item pairs removed); "

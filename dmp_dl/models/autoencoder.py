@@ -185,14 +185,22 @@ class UserAutoencoder(nn.Module):
                           numeric: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) item indices of new users, padded with ``n_items``, and optional attribute
         ``tokens`` (B, T) / ``numeric`` (B, D) -> (B, dim + 1)."""
+        return self.row_user_vectors(*padded_to_rows(history, self.n_items), tokens, numeric)
+
+    def row_user_vectors(self, offsets: torch.Tensor, items: torch.Tensor, values: torch.Tensor,
+                         tokens: torch.Tensor | None = None, numeric: torch.Tensor | None = None) -> torch.Tensor:
+        """Users given by their rows as CSR pieces (offsets (B,), items (nnz,), values (nnz,): the
+        interaction strengths training attaches, :func:`dmp_dl.data.datamodule.weighted_rows`) and
+        optional attribute ``tokens`` (B, T) / ``numeric`` (B, D) -> (B, dim + 1): the encoding of
+        :meth:`user_vectors`, for rows that were not attached (a user's row after real-time events)."""
         attributes: torch.Tensor | float = 0.0
         if self.user_attr.active:
             if tokens is None and numeric is None:  # the unknown-user row: no attributes
-                unknown = torch.full((history.shape[0],), self.n_users, dtype=torch.int64, device=history.device)
+                unknown = torch.full((offsets.shape[0],), self.n_users, dtype=torch.int64, device=offsets.device)
                 attributes = self.user_attr(rows=unknown)
             else:
                 attributes = self.user_attr(tokens=tokens, numeric=numeric)
-        mean, _ = self.encode(*padded_to_rows(history, self.n_items), attributes)
+        mean, _ = self.encode(offsets, items, values, attributes)
         return self._vectors(mean)
 
     def item_vectors(self, item: torch.Tensor) -> torch.Tensor:

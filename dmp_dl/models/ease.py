@@ -210,7 +210,7 @@ def keep_per_item_for(n_items: int, max_bundle_mb: float) -> int:
 
 
 class ItemItemScorer:
-    """Scores ``x_u B`` of users given as binary rows, with a sparse B (served form of EASE).
+    """Scores ``x_u B`` of users given by their rows (0/1 or weighted), with a sparse B (served form of EASE).
 
     weights: (n_items, n_items) CSR. ``__call__(rows)`` takes a (B, n_items) sparse matrix of the
     users' items and returns (B, n_items) float32 scores as a torch tensor (on the CPU, or on the
@@ -240,11 +240,15 @@ class ItemItemScorer:
         """Drop the device copy (scoring goes back to the sparse product on the CPU)."""
         self._on_device, self.device = None, torch.device("cpu")
 
-    def __call__(self, rows: sp.spmatrix) -> torch.Tensor:
+    def __call__(self, rows: sp.spmatrix, weighted: bool = False) -> torch.Tensor:
+        """(B, n_items) scores of the users whose items are ``rows`` ((B, n_items) sparse), read as
+        0/1 (which items a user has) or, when ``weighted``, with their values (each item's strength
+        in the user's row, :mod:`dmp_dl.data.recency`)."""
+        x = sp.csr_matrix(rows, dtype=np.float32) if weighted else binary(rows)
         if self._on_device is None:
-            out = binary(rows) @ self.weights
+            out = x @ self.weights
             return torch.from_numpy(np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float32))
-        x = sparse_rows(binary(rows), self.device)
+        x = sparse_rows(x, self.device)
         out = torch.sparse.mm(x, self._on_device)
         return out.to_dense() if out.layout != torch.strided else out
 

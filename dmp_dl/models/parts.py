@@ -29,6 +29,7 @@ from dmp_dl.store.bundle import (
     NETWORK_WEIGHTS,
     SEEN_INDPTR,
     SEEN_ITEMS,
+    SEEN_SUMS,
     USER_INDEX,
     USER_VECTORS,
     USER_VOCAB,
@@ -58,7 +59,13 @@ def check_finite_vectors(vectors: np.ndarray, what: str) -> None:
 class BundleVectors:
     """The vectors part: vocabularies (row i of every array is id i), user_vectors (n_users, dim)
     and item_vectors (n_items, dim) float32, seen (n_users, n_items) CSR of the items each user
-    interacted with, item_popularity (n_items,) training events per item (not read when loading)."""
+    interacted with, item_popularity (n_items,) training events per item (not read when loading).
+
+    seen_sums: optional (n_users, n_items) float64 CSR, each user's summed event weights per item
+    decayed to the user's latest event with ``half_life_days`` (None: no decay), the rows the
+    user-level models read being ``log2(1 + sums)`` (:mod:`dmp_dl.data.recency`); stored for the
+    pairs of ``seen`` (loaded with exactly its pattern). Real-time updates continue from them.
+    """
 
     user_vocab: IdVocab
     item_vocab: IdVocab
@@ -66,6 +73,21 @@ class BundleVectors:
     item_vectors: np.ndarray
     seen: sp.csr_matrix
     item_popularity: np.ndarray | None = None
+    seen_sums: sp.csr_matrix | None = None
+    half_life_days: float | None = None
+
+
+def aligned_values(pattern: sp.csr_matrix, values: sp.csr_matrix) -> np.ndarray:
+    """The entries of ``values`` at each stored entry of ``pattern`` (same shape, sorted indices), in
+    ``pattern``'s order: (pattern.nnz,) float64, 0 where ``values`` has none."""
+    values = sp.csr_matrix(values, dtype=np.float64)
+    values.sum_duplicates()
+    n_cols = pattern.shape[1]
+    want = np.repeat(np.arange(pattern.shape[0], dtype=np.int64), np.diff(pattern.indptr)) * n_cols + pattern.indices
+    have = np.repeat(np.arange(values.shape[0], dtype=np.int64), np.diff(values.indptr)) * n_cols + values.indices
+    at = np.searchsorted(have, want).clip(max=max(len(have) - 1, 0))
+    found = (have[at] == want) if len(have) else np.zeros(len(want), dtype=bool)
+    return np.where(found, values.data[at] if len(have) else 0.0, 0.0)
 
 
 class VectorsPart(BundlePart):
@@ -93,8 +115,15 @@ class VectorsPart(BundlePart):
         writer.save_array(SEEN_INDPTR, seen.indptr.astype(np.int64))
         writer.save_array(SEEN_ITEMS, seen.indices.astype(np.int32))
         writer.save_array(ITEM_POPULARITY, np.asarray(value.item_popularity, dtype=np.int64))
-        return {"dim": int(items.shape[1]), "metric": METRIC,
-                "counts": {"users": n_users, "items": n_items, "seen_pairs": int(seen.nnz)}}
+        entry: dict[str, Any] = {"dim": int(items.shape[1]), "metric": METRIC,
+                                 "counts": {"users": n_users, "items": n_items, "seen_pairs": int(seen.nnz)}}
+        if value.seen_sums is not None:
+            if value.seen_sums.shape != seen.shape:
+                raise ValueError(f"seen sums of shape {value.seen_sums.shape} != {seen.shape}")
+            writer.save_array(SEEN_SUMS, aligned_values(seen, value.seen_sums))
+            entry["user_rows"] = {"file": SEEN_SUMS, "half_life_days": value.half_life_days,
+                                  "reference": "each user's latest event"}
+        return entry
 
     def load(self, bundle: Bundle, loaded: Mapping[str, Any], **options: Any) -> BundleVectors:
         user_vocab = IdVocab.load(bundle.file(USER_VOCAB))
@@ -112,7 +141,16 @@ class VectorsPart(BundlePart):
         if indptr.shape != (n_users + 1,) or indptr[-1] != len(seen_items) or (len(seen_items) and seen_items.max() >= n_items):
             raise BundleError(f"{bundle.root / SEEN_INDPTR}: seen-items rows do not match the vocabularies")
         seen = sp.csr_matrix((np.ones(len(seen_items), np.float32), seen_items, indptr), shape=(n_users, n_items))
-        return BundleVectors(user_vocab, item_vocab, users, items, seen)
+        sums, half_life = None, None
+        rows_entry = bundle.manifest.get("user_rows")
+        if isinstance(rows_entry, dict) and bundle.has(SEEN_SUMS):
+            values = bundle.array(SEEN_SUMS)
+            if values.shape != (len(seen_items),) or not np.isfinite(values).all() or (values < 0).any():
+                raise BundleError(f"{bundle.root / SEEN_SUMS}: {values.shape[0] if values.ndim else 0} summed weights "
+                                  f"for {len(seen_items)} seen pairs, or not all finite and >= 0 (export the bundle again)")
+            sums = sp.csr_matrix((values.astype(np.float64), seen_items, indptr), shape=(n_users, n_items))
+            half_life = rows_entry.get("half_life_days")
+        return BundleVectors(user_vocab, item_vocab, users, items, seen, seen_sums=sums, half_life_days=half_life)
 
     def drop_users(self, bundle: Bundle, erasure: UserErasure, writer: BundleWriter) -> None:
         vocab = IdVocab.load(bundle.file(USER_VOCAB))
@@ -131,6 +169,13 @@ class VectorsPart(BundlePart):
         writer.save_array(SEEN_ITEMS, seen.indices.astype(np.int32))
         erasure.removed[SEEN_INDPTR] = "seen-items row"
         erasure.removed[SEEN_ITEMS] = "seen items"
+        if bundle.has(SEEN_SUMS):
+            sums = bundle.array(SEEN_SUMS)
+            if sums.shape != seen_items.shape:
+                raise BundleError(f"{bundle.root / SEEN_SUMS}: {sums.shape[0]} summed weights for {len(seen_items)} seen pairs")
+            kept = sp.csr_matrix((sums.astype(np.float64), seen_items, indptr), shape=(n, n_items))[keep]
+            writer.save_array(SEEN_SUMS, kept.data.astype(np.float64))
+            erasure.removed[SEEN_SUMS] = "summed event weights"
         content = erasure.content
         content["counts"] = {**(content.get("counts") or {}), "users": erasure.users_after, "seen_pairs": int(seen.nnz)}
 

@@ -69,6 +69,7 @@ DATA_RULES: dict[str, Rule] = {
     "data.num_workers": Int(0, 1024),
     "data.history_len": Int(0, 100_000),
     "data.history_sampling": Choice(("auto", "recent", "random")),
+    "data.recency_half_life_days": OrAuto(Num(0, None, lo_open=True, null=True)),  # days; null: no decay
     "data.split.val_frac": FRACTION,
     "data.split.test_frac": FRACTION,
     "data.split.n": COUNT,

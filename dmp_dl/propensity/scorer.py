@@ -90,7 +90,8 @@ class PropensityScorer:
     @torch.no_grad()
     def logits(self, snap: Snapshot, batch_size: int = 8192) -> np.ndarray:
         """The served model's raw logits (N,) float64 for ``snap``'s users."""
-        self.net.eval()
+        if self.net.training:  # walking the modules costs more than a one-user forward pass
+            self.net.eval()
         inputs = snapshot_tensors(snap)
         out = []
         for s in range(0, len(snap), batch_size):

@@ -8,10 +8,14 @@ called by :class:`~dmp_dl.realtime.service.RealtimeService`) updates, for each u
 
 * the item history: the user's whole known history, oldest first (the bundle's seen items, its
   recorded most recent items in order, then the new events' items);
-* the user vector: the model's cold-start encoder on that whole history and the user's stored
-  attributes (:meth:`Recommender.cold_user_vectors`), so any exported model works unchanged;
-  recommendations for a live user are :meth:`Recommender.recommend_for_histories` of the same
-  history, i.e. scored exactly as that model scores a history;
+* the user's row: each item's summed event weights, decayed to the user's latest event exactly as
+  the next training run will decay them (:mod:`dmp_dl.data.recency`: the bundle's sums moved
+  forward, plus the new events' weights);
+* the user vector: for a network that encodes rows (the default autoencoder), its encoding of that
+  row and the user's stored attributes (:meth:`Recommender.row_user_vectors`), the vector the next
+  training run's encoder gives the same events; for other networks, the cold-start encoder on the
+  whole history (:meth:`Recommender.cold_user_vectors`). Recommendations for a live user are the
+  bundle's served score of that vector and row (or of that history);
 * the interest profile, decayed and added to exactly as in training (2^(-age/half-life), ages to
   the user's latest event) and the event-type affinities;
 * the segment: the nearest centre of the bundle's segments;
@@ -48,6 +52,7 @@ from dmp_dl.audience.segments import assign
 from dmp_dl.core.errors import UnknownIdError
 from dmp_dl.data.erasure_list import SALTED_PREFIX
 from dmp_dl.data.pseudonymize import parse_tag
+from dmp_dl.data.recency import decayed, row_strength
 from dmp_dl.data.schema import MULTI_VALUE_SEP, canonical_id
 from dmp_dl.index.ann import build_index
 from dmp_dl.propensity.features import Snapshot
@@ -70,6 +75,9 @@ class LiveUser:
     the user's attributes for the encoder (known users: as stored), or None. vector: (dim,)
     float32 or None (no cold-start network). interest: (C,) float64 I(c, u) as of ``as_of``;
     affinity: (T,) event-type affinities; stats: (S,) behaviour statistics as of ``stats_ref``.
+    row_items: (m,) int64 the distinct items of the user's row, sorted, and row_sums: (m,) float64
+    their summed event weights decayed to ``row_ref`` (the user's latest event); None when the
+    bundle stores no sums (written before it did).
     """
 
     key: str
@@ -88,6 +96,9 @@ class LiveUser:
     propensity: float | None
     events: int
     last_event: int
+    row_items: np.ndarray | None = None
+    row_sums: np.ndarray | None = None
+    row_ref: float = -np.inf
 
 
 @dataclass
@@ -139,6 +150,10 @@ class LiveRecommender(Recommender):
         live._counts = {"events_applied": 0, "events_replayed": 0}
         live._data_end = part.data_end
         live._timeless = part.entry.get("timestamps") is False
+        # a network that encodes rows reads them, continued from the bundle's decayed sums when it stores
+        # them and each user's reference time (older bundles: the cold-start encoder on the history)
+        live._keeps_rows = rec.encodes_rows and rec._seen_sums is not None and part.reference_times is not None
+        live._half_life = None if live._timeless else rec.half_life_days
         live._behaviour = None
         live._propensity_items = None
         scorer = rec._propensity
@@ -247,8 +262,10 @@ class LiveRecommender(Recommender):
                             np.zeros(len(prof.categories)) if prof is not None else None, 0.0,
                             np.zeros(len(prof.event_types)) if prof is not None else None, -np.inf,
                             self._behaviour.empty(1)[0] if self._behaviour is not None else None,
-                            float(self._data_end) if self._data_end is not None else -np.inf, None, 0, 0)
-        seen = self._seen_items[self._seen_indptr[row] : self._seen_indptr[row + 1]]
+                            float(self._data_end) if self._data_end is not None else -np.inf, None, 0, 0,
+                            *((np.zeros(0, np.int64), np.zeros(0, np.float64)) if self._keeps_rows else (None, None)))
+        lo, hi = self._seen_indptr[row], self._seen_indptr[row + 1]
+        seen = self._seen_items[lo:hi]
         if part.recent_items is not None:
             recent = part.recent_items[row]
             recent = recent[recent >= 0][::-1]  # oldest first
@@ -268,7 +285,9 @@ class LiveRecommender(Recommender):
                         int(seg.assignments[row]) if seg is not None else None,
                         float(seg.distances[row]) if seg is not None else None,
                         interest, total, affinity, as_of, stats,
-                        float(self._data_end) if self._data_end is not None else -np.inf, score, 0, 0)
+                        float(self._data_end) if self._data_end is not None else -np.inf, score, 0, 0,
+                        *((seen.astype(np.int64), self._seen_sums[lo:hi].copy(), float(part.reference_times[row]))
+                          if self._keeps_rows else (None, None)))
 
     def _stored_attributes(self, row: int) -> dict | None:
         """The user's attributes as the encoder's attribute table stores them, as a record
@@ -363,6 +382,8 @@ class LiveRecommender(Recommender):
                                                       user, t, self._behaviour.type_codes(types), value)
             for i in range(n_users):
                 fields[i].update(stats=stats[i].copy(), stats_ref=float(refs[i]))
+        if self._keeps_rows:
+            self._updated_rows(users, user, item, t, weight, last, fields)
         out = []
         for i, u in enumerate(users):
             lo, hi = bounds[i], bounds[i + 1]
@@ -372,13 +393,41 @@ class LiveRecommender(Recommender):
             out.append(draft)
         return out
 
+    def _updated_rows(self, users: list[LiveUser], user: np.ndarray, item: np.ndarray, t: np.ndarray,
+                      weight: np.ndarray, last: np.ndarray, fields: list[dict]) -> None:
+        """Each user's row after their events, into ``fields``: the summed weights as of their
+        previous reference time moved forward to their latest event, plus the new events' weights
+        decayed to it (:func:`~dmp_dl.data.recency.decayed`, the function training sums with), one
+        vectorised pass over the batch. ``last``: (U,) each user's latest event in the batch."""
+        n_users, n_items = len(users), self.n_items
+        old_ref = np.array([u.row_ref for u in users], dtype=np.float64)
+        new_ref = np.maximum(old_ref, last)
+        sizes = np.fromiter((len(u.row_items) for u in users), dtype=np.int64, count=n_users)
+        owner = np.repeat(np.arange(n_users, dtype=np.int64), sizes)
+        old_items = np.concatenate([u.row_items for u in users]) if sizes.sum() else np.zeros(0, np.int64)
+        old_sums = np.concatenate([u.row_sums for u in users]) if sizes.sum() else np.zeros(0, np.float64)
+        moved = decayed(old_sums, old_ref[owner], new_ref[owner], self._half_life)  # old refs are finite: they have events
+        added = decayed(weight, t.astype(np.float64), new_ref[user], self._half_life)
+        keys, where = np.unique(np.concatenate([owner * n_items + old_items, user.astype(np.int64) * n_items + item]),
+                                return_inverse=True)
+        sums = np.bincount(where, weights=np.concatenate([moved, added]), minlength=len(keys))
+        bounds = np.searchsorted(keys // n_items, np.arange(n_users + 1))
+        for i in range(n_users):
+            lo, hi = bounds[i], bounds[i + 1]
+            fields[i].update(row_items=keys[lo:hi] % n_items, row_sums=sums[lo:hi], row_ref=float(new_ref[i]))
+
     def _with_vectors(self, drafts: list[dict]) -> list[LiveUser]:
         """The updated users (fields from :meth:`_updated`) with their vectors (one network pass),
         segments and propensity scores."""
         if self.network is not None:
-            histories = [self.item_vocab.ids[d["items"]].tolist() for d in drafts]
             attributes = [d["attributes"] for d in drafts]
-            vectors, _, _ = self.cold_user_vectors(histories, attributes if any(a for a in attributes) else None)
+            attributes = attributes if any(a for a in attributes) else None
+            if self._keeps_rows:
+                indptr, items, strength = self._rows_of(drafts)
+                vectors = self.row_user_vectors(indptr, items, strength, attributes)
+            else:
+                histories = [self.item_vocab.ids[d["items"]].tolist() for d in drafts]
+                vectors, _, _ = self.cold_user_vectors(histories, attributes)
             for d, v in zip(drafts, vectors):
                 d["vector"] = v
         seg = self.stored_segments
@@ -394,6 +443,19 @@ class LiveRecommender(Recommender):
             for d, score in zip(scored, scores.tolist()):
                 d["propensity"] = float(score)
         return [LiveUser(**d) for d in drafts]
+
+    @staticmethod
+    def _rows_of(users) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of live users (:class:`LiveUser` or their fields) as CSR pieces: indptr (U + 1,),
+        item rows (nnz,) and each item's strength ``log2(1 + sum)`` (nnz,) float32."""
+        get = (lambda u, k: u[k]) if users and isinstance(users[0], dict) else getattr
+        sizes = np.fromiter((len(get(u, "row_items")) for u in users), dtype=np.int64, count=len(users))
+        indptr = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=indptr[1:])
+        if not indptr[-1]:
+            return indptr, np.zeros(0, np.int64), np.zeros(0, np.float32)
+        items = np.concatenate([get(u, "row_items") for u in users]).astype(np.int64)
+        return indptr, items, row_strength(np.concatenate([get(u, "row_sums") for u in users]))
 
     def _snapshot(self, users: list[dict]):
         """The propensity model's inputs of updated users (:meth:`_updated` fields), as of their statistics."""
@@ -450,9 +512,18 @@ class LiveRecommender(Recommender):
             for i in hit:  # known users keep their exported vector
                 out[i] = super().recommend_batch([ids[i]], k, exclude_seen, **rules)[0]
             return out  # type: ignore[return-value]
-        histories = [self.item_vocab.ids[live[i].items].tolist() for i in hit]
-        attributes = [live[i].attributes for i in hit]
-        answers = self.recommend_for_histories(histories, k, exclude_seen, attributes if any(attributes) else None, **rules)
+        if self._keeps_rows:  # the live vector and row, scored as the bundle scores its users
+            users = [live[i] for i in hit]
+            indptr, items, strength = self._rows_of(users)
+            rows_of = (indptr, items)
+            ids, scores = self._top_items(np.stack([u.vector for u in users]), rows_of, k,
+                                          rows_of if exclude_seen else (None, None), self.item_rules(**rules), strength)
+            answers = self._ranked(ids, scores, self.item_vocab)
+        else:
+            histories = [self.item_vocab.ids[live[i].items].tolist() for i in hit]
+            attributes = [live[i].attributes for i in hit]
+            answers = self.recommend_for_histories(histories, k, exclude_seen, attributes if any(attributes) else None,
+                                                   **rules)
         for i, ranked in zip(hit, answers):
             out[i] = ranked
         return out  # type: ignore[return-value]

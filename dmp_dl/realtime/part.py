@@ -5,7 +5,9 @@ entry ``realtime`` and the files::
 
     realtime/recent_items.npy        (n_users, L) int32 each user's last L items, most recent
                                      first, -1 padding (the bundle's seen-items rows are unordered)   } user-
-    realtime/behaviour_stats.npy     (n_users, S) float64 propensity sufficient statistics as of     } aligned
+    realtime/reference_times.npy     (n_users,) float64 each user's latest event: the time the       } user-
+                                     bundle's summed event weights (``seen_sums.npy``) decay to      } aligned
+    realtime/behaviour_stats.npy     (n_users, S) float64 propensity sufficient statistics as of     }
                                      ``data_end`` (:mod:`dmp_dl.realtime.behaviour`)                 }
     realtime/propensity_tokens.npy   (n_users, T) int32  } the propensity model's attribute inputs of }
     realtime/propensity_numeric.npy  (n_users, D) float32 } each user (known users are not otherwise  }
@@ -34,6 +36,7 @@ import scipy.sparse as sp
 
 from dmp_dl.audience.profiles import item_category_shares
 from dmp_dl.core.errors import BundleError
+from dmp_dl.data.recency import reference_times
 from dmp_dl.data.schema import ITEM, TIME, TYPE, VALUE
 from dmp_dl.propensity.features import SECONDS_PER_DAY
 from dmp_dl.realtime.behaviour import BehaviourStats
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PART = "realtime"
 RECENT = "recent_items"
+REFERENCE = "reference_times"
 STATS = "behaviour_stats"
 PROPENSITY_INPUTS = ("propensity_tokens", "propensity_numeric", "encoder_tokens", "encoder_numeric")
 CATEGORIES = ("item_categories_indptr", "item_categories_index", "item_categories_share")
@@ -60,8 +64,10 @@ def realtime_part(dm, propensity=None, audience=None) -> Callable[[BundleWriter]
     n_users, n_items = dm.n_users, dm.n_items
     events = dm.events
     data_end = int(events[TIME].max())
-    arrays: dict[str, np.ndarray] = {RECENT: np.where(dm.full_history >= n_items, -1, dm.full_history).astype(np.int32)}
-    aligned = [RECENT]
+    arrays: dict[str, np.ndarray] = {RECENT: np.where(dm.full_history >= n_items, -1, dm.full_history).astype(np.int32),
+                                     REFERENCE: reference_times(events["user_idx"].to_numpy(np.int64),
+                                                                events[TIME].to_numpy(np.float64), n_users)}
+    aligned = [RECENT, REFERENCE]
     entry: dict = {"data_end": data_end, "journals": dict(dm.journal_marks), "history_len": int(dm.full_history.shape[1]),
                    "timestamps": bool(getattr(dm.report, "has_timestamps", True))}
     if propensity is not None:
@@ -112,6 +118,7 @@ class RealtimePart:
     encoder_tokens: np.ndarray | None
     encoder_numeric: np.ndarray | None
     item_categories: sp.csr_matrix | None
+    reference_times: np.ndarray | None = None
 
     @property
     def data_end(self) -> int | None:
@@ -153,6 +160,9 @@ def load_realtime_part(bundle: Bundle, n_users: int, n_items: int) -> RealtimePa
             raise BundleError(f"{bundle.root / _file(name)}: {a.shape[0] if a.ndim else 0} rows for {n_users} users")
         return a
 
+    reference = array(REFERENCE)
+    if reference is not None and (reference.ndim != 1 or np.isnan(reference).any() or (reference == np.inf).any()):
+        raise BundleError(f"{bundle.root / _file(REFERENCE)}: not one time (or -inf) per user")
     recent = array(RECENT)
     if recent is not None and recent.size and int(recent.max()) >= n_items:
         raise BundleError(f"{bundle.root / _file(RECENT)}: item rows beyond the {n_items} items")
@@ -169,7 +179,7 @@ def load_realtime_part(bundle: Bundle, n_users: int, n_items: int) -> RealtimePa
             raise BundleError(f"{bundle.root / _file(CATEGORIES[0])}: item categories do not match {n_items} items")
         categories = sp.csr_matrix((share, index, indptr), shape=(n_items, n_cat))
     inputs = {name: array(name) for name in PROPENSITY_INPUTS}
-    return RealtimePart(entry, recent, stats, item_categories=categories, **inputs)
+    return RealtimePart(entry, recent, stats, item_categories=categories, reference_times=reference, **inputs)
 
 
 class RealtimeInputsPart(BundlePart):

@@ -34,8 +34,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from dmp_dl.core.arrays import unique_sorted
-from dmp_dl.core.errors import DmpError, UnknownIdError
+from dmp_dl.core.errors import BundleError, DmpError, UnknownIdError
 from dmp_dl.data.pseudonymize import bundle_pseudonymizer
+from dmp_dl.data.recency import row_strength
 from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.index.ann import search_excluding
@@ -55,12 +56,18 @@ class InvalidRequestError(DmpError, ValueError):
     """A parameter of a query is out of range or malformed."""
 
 
-def _ragged_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The CSR rows ``rows`` of (indptr, indices) as a new (indptr, indices) pair, vectorised."""
+def _ragged_gather(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR rows ``rows`` of ``indptr``: their new indptr (len(rows) + 1,) and the positions (nnz',)
+    of their entries in the old arrays, vectorised."""
     starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
     new_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(counts, out=new_indptr[1:])
-    gather = np.repeat(starts - new_indptr[:-1], counts) + np.arange(new_indptr[-1], dtype=np.int64)
+    return new_indptr, np.repeat(starts - new_indptr[:-1], counts) + np.arange(new_indptr[-1], dtype=np.int64)
+
+
+def _ragged_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR rows ``rows`` of (indptr, indices) as a new (indptr, indices) pair, vectorised."""
+    new_indptr, gather = _ragged_gather(indptr, rows)
     return new_indptr, indices[gather].astype(np.int64)
 
 
@@ -140,6 +147,10 @@ class Recommender:
         :class:`~dmp_dl.audience.bundle.StoredSegments` (or None).
     item_categories: the bundle's :class:`~dmp_dl.serving.item_rules.ItemCategories` (or None), read
         by the category rules of :meth:`recommend`.
+    seen_sums: (n_users, n_items) CSR with ``seen``'s pattern: each pair's summed event weights,
+        decayed with ``half_life_days`` to the user's latest event (:mod:`dmp_dl.data.recency`), or
+        None (bundles written before they were stored). A user's row, as the user-level models and
+        a ``rows``-reading served score read it, is ``log2(1 + sums)``.
 
     ``metrics`` holds the training run's metrics when the Recommender comes from
     :func:`dmp_dl.fit` (None when loaded from a bundle).
@@ -149,7 +160,8 @@ class Recommender:
                  item_vectors: np.ndarray, seen: sp.csr_matrix, item_index, user_index,
                  network=None, user_features=None, history_len: int = 20, propensity=None,
                  manifest: Mapping[str, Any] | None = None, max_k: int = DEFAULT_MAX_K, pseudonymizer=None,
-                 profiles=None, segments=None, served=None, item_categories=None):
+                 profiles=None, segments=None, served=None, item_categories=None, seen_sums=None,
+                 half_life_days: float | None = None):
         if int(max_k) < 1:
             raise InvalidRequestError(f"max_k must be >= 1, got {max_k}")
         self.user_vocab, self.item_vocab = user_vocab, item_vocab
@@ -160,6 +172,14 @@ class Recommender:
         self.item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
         seen = sp.csr_matrix(seen)
         self._seen_indptr, self._seen_items = seen.indptr.astype(np.int64), seen.indices.astype(np.int64)
+        self._seen_sums = self._seen_strength = None
+        if seen_sums is not None:
+            sums = sp.csr_matrix(seen_sums)
+            if sums.shape != seen.shape or not np.array_equal(sums.indptr, seen.indptr) or not np.array_equal(sums.indices, seen.indices):
+                raise ValueError("seen_sums must have exactly the pattern of seen")
+            self._seen_sums = np.asarray(sums.data, dtype=np.float64)
+            self._seen_strength = row_strength(self._seen_sums)
+        self.half_life_days = None if half_life_days is None else float(half_life_days)
         self.item_index, self.user_index = item_index, user_index
         self.network, self.user_features, self.history_len = network, user_features, int(history_len)
         self._propensity = propensity
@@ -172,6 +192,9 @@ class Recommender:
         # How recommendations are scored: None or a plain dot product -> the FAISS item index;
         # with the item-item (EASE) term -> exact scores over the catalogue (dmp_dl.models.scoring)
         self.served = served if served is not None and served.uses_shallow else None
+        if self.served is not None and self.served.reads_rows and self._seen_strength is None:
+            raise BundleError("the served score reads each user's weighted row (scoring.shallow_input=rows), and the "
+                              "bundle stores none (user_rows); export the bundle again")
         self.item_categories = item_categories
         self.metrics: dict | None = None
 
@@ -209,7 +232,8 @@ class Recommender:
                    user_index=indexes["users"], network=network, user_features=user_features, history_len=history_len,
                    propensity=parts.get("propensity"), manifest=bundle.manifest, max_k=max_k, pseudonymizer=pseudonymizer,
                    profiles=parts.get("profiles"), segments=parts.get("segments"), served=parts.get("scoring"),
-                   item_categories=parts.get("item_categories"))
+                   item_categories=parts.get("item_categories"), seen_sums=vectors.seen_sums,
+                   half_life_days=vectors.half_life_days)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -345,16 +369,21 @@ class Recommender:
                        rules: ItemRules | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Array form for user rows (B,): item rows (B, k) padded with -1 and scores (B, k)."""
         rows = np.asarray(rows, dtype=np.int64)
-        seen = _ragged_rows(self._seen_indptr, self._seen_items, rows)
+        indptr, gather = _ragged_gather(self._seen_indptr, rows)
+        seen = indptr, self._seen_items[gather]
         exclude = seen if exclude_seen else (None, None)
-        return self._top_items(self.user_vectors[rows], seen, k, exclude, rules)
+        strength = self._seen_strength[gather] if self._seen_strength is not None else None
+        return self._top_items(self.user_vectors[rows], seen, k, exclude, rules, strength)
 
     def _top_items(self, vectors: np.ndarray, items_of: tuple[np.ndarray, np.ndarray], k: int,
-                   exclude: tuple, rules: ItemRules | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` items for users given by their vectors (B, dim) and their items (CSR pieces):
-        a FAISS search, or exact scores over the catalogue when the bundle's score has the
-        item-item term (:mod:`dmp_dl.models.scoring`) or ``rules`` leave items out or boost them
-        (exact, so that no rule depends on what an approximate index fetched)."""
+                   exclude: tuple, rules: ItemRules | None = None,
+                   strength: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` items for users given by their vectors (B, dim) and their items (CSR pieces;
+        ``strength``: each entry's value in the user's row, None: 1 each): a FAISS search, or exact
+        scores over the catalogue when the bundle's score has the item-item term
+        (:mod:`dmp_dl.models.scoring`, reading the rows' values when it reads weighted rows) or
+        ``rules`` leave items out or boost them (exact, so that no rule depends on what an
+        approximate index fetched)."""
         if self.served is None and (rules is None or not rules.active):
             return search_excluding(self.item_index, self.item_vectors, vectors, k, *exclude)
         from dmp_dl.models.scoring import exact_top_k, rows_matrix  # torch, for exact scoring only
@@ -365,9 +394,12 @@ class Recommender:
             def score(lo: int, hi: int):
                 return torch.from_numpy(np.ascontiguousarray(vectors[lo:hi], dtype=np.float32) @ self.item_vectors.T)
         else:
+            weighted = strength is not None and self.served.reads_rows
+
             def score(lo: int, hi: int):
-                part = _ragged_rows(*items_of, np.arange(lo, hi, dtype=np.int64))
-                return self.served.scores(vectors[lo:hi], self.item_vectors, rows_matrix(*part, self.n_items))
+                indptr, gather = _ragged_gather(items_of[0], np.arange(lo, hi, dtype=np.int64))
+                x = rows_matrix(indptr, items_of[1][gather], self.n_items, strength[gather] if weighted else None)
+                return self.served.scores(vectors[lo:hi], self.item_vectors, x)
 
         step = max(1, EXACT_SCORES_PER_STEP // max(self.n_items, 1))  # bounded (B, n_items) temporaries
         ids, scores = [], []
@@ -435,6 +467,44 @@ class Recommender:
         history = np.full((b, self.history_len), self.n_items, dtype=np.int64)
         history[rows[keep], recency[keep]] = items[keep]
 
+        tokens, numeric, has_attrs = self._attribute_inputs(attributes, b)
+        empty = np.flatnonzero((lengths == 0) & ~has_attrs)
+        if len(empty):
+            which = "history" if b == 1 else f"histories[{int(empty[0])}]"
+            raise InvalidRequestError(f"{which} is empty: give at least one item id (or attributes)")
+        with torch.no_grad():
+            vec = self.network.cold_user_vectors(torch.from_numpy(history), tokens, numeric)
+        return self._finite_vectors(vec, b), rows, items
+
+    @property
+    def encodes_rows(self) -> bool:
+        """Whether the network encodes a user from their weighted row (:meth:`row_user_vectors`), as
+        the user-level models encode every user in training, rather than from a list of items."""
+        return self.network is not None and hasattr(self.network, "row_user_vectors")
+
+    def row_user_vectors(self, indptr: np.ndarray, items: np.ndarray, strength: np.ndarray,
+                         attributes=None) -> np.ndarray:
+        """Vectors (B, dim) of users given by their rows: CSR pieces indptr (B + 1,), item rows
+        (nnz,) and each item's strength in the row (nnz,), ``log2(1 + decayed summed weights)``
+        (:mod:`dmp_dl.data.recency`), plus optional attribute records (B). The same encoding the
+        training run gave its users (:attr:`encodes_rows` networks only)."""
+        import torch
+
+        b = len(indptr) - 1
+        tokens, numeric, _ = self._attribute_inputs(attributes, b)
+        with torch.no_grad():
+            vec = self.network.row_user_vectors(torch.as_tensor(np.asarray(indptr[:-1], dtype=np.int64)),
+                                                torch.as_tensor(np.asarray(items, dtype=np.int64)),
+                                                torch.as_tensor(np.asarray(strength, dtype=np.float32)), tokens, numeric)
+        return self._finite_vectors(vec, b)
+
+    def _attribute_inputs(self, attributes, b: int):
+        """Attribute records (B, or None) -> (tokens, numeric) tensors for the network (None, None
+        when no record has a value) and (B,) bool: which users have attributes. Refuses (one
+        :class:`InvalidRequestError`) a record that is not an object, unknown columns and numeric
+        values out of range."""
+        import torch
+
         tokens = numeric = None
         has_attrs = np.zeros(b, dtype=bool)
         for i, a in enumerate(attributes or []):
@@ -452,19 +522,18 @@ class Recommender:
                 self._check_numeric_attributes(a or {}, "attributes" if b == 1 else f"attributes[{i}]")
             t, n = self.user_features.encode_records([dict(a or {}) for a in attributes])
             tokens, numeric = torch.from_numpy(t), torch.from_numpy(n)
-        empty = np.flatnonzero((lengths == 0) & ~has_attrs)
-        if len(empty):
-            which = "history" if b == 1 else f"histories[{int(empty[0])}]"
-            raise InvalidRequestError(f"{which} is empty: give at least one item id (or attributes)")
-        with torch.no_grad():
-            vec = self.network.cold_user_vectors(torch.from_numpy(history), tokens, numeric)
+        return tokens, numeric, has_attrs
+
+    @staticmethod
+    def _finite_vectors(vec, b: int) -> np.ndarray:
+        """The network's output (B, dim) as float32, refused when a row overflowed."""
         vectors = np.ascontiguousarray(vec.float().numpy())
         broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
         if len(broken):  # e.g. {"age": 1e308}: the search would silently return nothing
             which = "attributes" if b == 1 else f"attributes[{int(broken[0])}]"
             raise InvalidRequestError(f"{which}: a numeric value is too far outside the range this model was "
                                       "trained on (the user vector overflows); send a realistic value or leave it out")
-        return vectors, rows, items
+        return vectors
 
     def _check_numeric_attributes(self, attributes: Mapping[str, object], where: str) -> None:
         """:class:`InvalidRequestError` for a numeric attribute that is not a number (or numeric

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 USER_VOCAB, ITEM_VOCAB = "users.json", "items.json"
 USER_VECTORS, ITEM_VECTORS = "user_vectors.npy", "item_vectors.npy"
 SEEN_INDPTR, SEEN_ITEMS = "seen_indptr.npy", "seen_items.npy"
+SEEN_SUMS = "seen_sums.npy"  # optional: each seen pair's decayed summed event weights (dmp_dl.data.recency)
 ITEM_POPULARITY = "item_popularity.npy"
 ITEM_INDEX, USER_INDEX = "item_index.faiss", "user_index.faiss"
 NETWORK_WEIGHTS, NETWORK_SPEC = "network/weights.pt", "network/network.json"

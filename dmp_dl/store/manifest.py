@@ -112,6 +112,15 @@ class Counts(_Open):
     seen_pairs: Count
 
 
+class UserRowsEntry(_Open):
+    """Each seen pair's summed event weights (:mod:`dmp_dl.data.recency`): the file, the half-life
+    they decay with (null: none) and what ages are measured to."""
+
+    file: Name
+    half_life_days: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    reference: str = ""
+
+
 class IndexEntry(_Open):
     file: Name
     factory: Name
@@ -176,6 +185,7 @@ class ScoringEntry(_Open):
     ease_l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     score: str = ""
     shallow: ShallowEntry | None = None
+    shallow_input: Literal["binary", "rows"] = "binary"
 
 
 SCORING_FILES = ("scoring/item_item_indptr.npy", "scoring/item_item_indices.npy", "scoring/item_item_weights.npy")
@@ -218,6 +228,7 @@ class Manifest(_Open):
     dim: Annotated[int, Field(ge=1, le=MAX_DIM)] = None
     metric: Literal["inner_product"] = None
     counts: Counts = None
+    user_rows: UserRowsEntry = None
     indexes: dict[Literal["items", "users"], IndexEntry] = None
     index_options: dict[str, Any] = None
     network: NetworkEntry = None
@@ -281,6 +292,9 @@ def check_manifest(manifest: dict, path: Path) -> None:
         for name in CORE_FILES:
             if name not in files:
                 raise _field_error(path, f"files[{name!r}]", "missing (every exported bundle has it)")
+    user_rows = manifest.get("user_rows")
+    if user_rows is not None and user_rows["file"] not in files:
+        raise _field_error(path, "user_rows.file", f"{user_rows['file']!r} is not in the bundle")
     indexes = manifest.get("indexes")
     if indexes is not None:
         for side in ("items", "users"):

@@ -38,6 +38,8 @@ def export_bundle(
     propensity: Any = None,
     parts: Mapping[str, Callable[[BundleWriter], Mapping[str, Any]]] | None = None,
     config: Mapping[str, Any] | None = None,
+    seen_sums: sp.csr_matrix | None = None,
+    half_life_days: float | None = None,
 ) -> Path:
     """Write a complete bundle to ``target`` (atomically, :class:`~dmp_dl.store.bundle.BundleWriter`): every part
     given, in the order of :data:`dmp_dl.store.contents.PART_CLASSES` (:mod:`dmp_dl.store.parts`).
@@ -56,9 +58,14 @@ def export_bundle(
         ``user_aligned`` list names the part's files whose first axis is the user vocabulary, so
         that jobs which remove users (erasure) can find every per-user row.
     config: the resolved run configuration, stored in the manifest.
+    seen_sums, half_life_days: each user's summed event weights per item, decayed with
+        ``half_life_days`` to the user's latest event (:meth:`InteractionDataModule.user_item_sums
+        <dmp_dl.data.datamodule.InteractionDataModule.user_item_sums>`), stored for the pairs of
+        ``seen``: what real-time updates continue from.
     """
     values: dict[str, Any] = {
-        "vectors": BundleVectors(user_vocab, item_vocab, user_vectors, item_vectors, seen, item_popularity),
+        "vectors": BundleVectors(user_vocab, item_vocab, user_vectors, item_vectors, seen, item_popularity,
+                                 seen_sums, half_life_days),
         "indexes": index_options, "network": network, "propensity": propensity, **(parts or {}),
     }
     values = {name: value for name, value in values.items() if value is not None or name == "indexes"}
@@ -76,6 +83,7 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
     dm, net = result["datamodule"], result["module"].net
     options = instantiate(cfg.index, _convert_="all") if cfg.get("index") is not None else IndexOptions()
     users, items = export_embeddings(net, dm.full_history)
+    sums, _ = dm.user_item_sums()
     net_kwargs = result.get("network_kwargs")
     if net_kwargs is None:
         net_kwargs = fitter_of(cfg).network_kwargs(cfg) if cfg.get("model") is not None else {}
@@ -90,4 +98,5 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
         propensity=result.get("propensity"),
         parts=result.get("bundle_parts"),
         config=config_to_dict(cfg),
+        seen_sums=sums, half_life_days=dm.half_life_days,
     )

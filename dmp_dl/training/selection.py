@@ -2,13 +2,17 @@
 
 1. Fit each candidate that fits the data on the training split: EASE (:mod:`dmp_dl.models.ease`,
    l2 chosen on validation from a grid relative to the data), when its item x item matrix fits in
-   memory, and the user-level autoencoder (:mod:`dmp_dl.models.autoencoder`, epochs chosen by early
-   stopping on validation NDCG, the best epoch kept, at most :func:`epoch_limit` of them). No clock
-   decides anything unless ``model.time_budget_s`` sets a cap (:func:`time_budget`): the same data,
-   seed and settings give the same epochs and vectors on an idle or a busy machine.
+   memory; then the recency half-life of the users' rows (``data.recency_half_life_days=auto``:
+   :mod:`dmp_dl.training.recency_choice`); then the user-level autoencoder on those rows
+   (:mod:`dmp_dl.models.autoencoder`, epochs chosen by early stopping on validation NDCG, the best
+   epoch kept, at most :func:`epoch_limit` of them). With a half-life, EASE's term reads the same
+   decayed rows (``ServedScore.shallow_input="rows"``). No clock decides anything unless
+   ``model.time_budget_s`` sets a cap (:func:`time_budget`): the same data, seed and settings give
+   the same epochs and vectors on an idle or a busy machine.
 2. Score them on the validation users, and the blend of both, ``vae + w * ease``, for a grid of w
    (:mod:`dmp_dl.models.scoring`); the best validation ``selection_metric`` wins.
-3. Score every candidate and the baselines on the test users (these are the reported numbers).
+3. Score every candidate and the baselines on the test users (these are the reported numbers),
+   each user from everything they did before the test period (:func:`test_inputs`).
 4. Refit the winner on every event (``model.refit``), so the bundle knows every user and item,
    also those seen only in the held-out period; the epochs and l2 are those chosen in 1.
 
@@ -44,7 +48,8 @@ from dmp_dl.models import ease as ease_lib
 from dmp_dl.models.autoencoder import sparse_gradients_for
 from dmp_dl.models.autoencoder_module import user_loader, users_with_rows
 from dmp_dl.models.embeddings import item_vectors, user_vectors
-from dmp_dl.models.scoring import ServedScore
+from dmp_dl.models.scoring import BINARY, ROWS, ServedScore
+from dmp_dl.training import recency_choice
 from dmp_dl.training.data_parallel import (
     ONE_PROCESS,
     Processes,
@@ -377,21 +382,29 @@ class CandidateScores:
     products and EASE's item-item scores once per batch, the blends added from them.
 
     users (n_users, d), items (n_items, d): the autoencoder's vectors; rows: (n_users, n_items) CSR
-    of the items each user's EASE score reads; shallow: the served EASE weights, or None.
+    of the items each user's EASE score reads, read as 0/1 or (``shallow_input="rows"``) with
+    their values; shallow: the served EASE weights, or None. binary_rows: the users' 0/1 items, what
+    the EASE baseline reads (default: ``rows``).
     """
 
     def __init__(self, users: np.ndarray, items: np.ndarray, rows: sp.csr_matrix,
-                 shallow: ease_lib.ItemItemScorer | None, device: torch.device):
+                 shallow: ease_lib.ItemItemScorer | None, device: torch.device, shallow_input: str = BINARY,
+                 binary_rows: sp.csr_matrix | None = None):
         self.device = device
         self.users = torch.as_tensor(np.ascontiguousarray(users, dtype=np.float32), device=device)
         self.items_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=device).T.contiguous()
-        self.rows, self.shallow = sp.csr_matrix(rows), shallow
+        self.rows, self.shallow, self.shallow_input = sp.csr_matrix(rows), shallow, shallow_input
+        self.binary_rows = self.rows if binary_rows is None else sp.csr_matrix(binary_rows)
 
     def deep(self, user: torch.Tensor) -> torch.Tensor:
         return self.users[user.to(self.device)] @ self.items_t
 
     def ease(self, user: torch.Tensor) -> torch.Tensor:
-        return self.shallow(self.rows[user.cpu().numpy()]).to(self.device)
+        return self.shallow(self.rows[user.cpu().numpy()], weighted=self.shallow_input == ROWS).to(self.device)
+
+    def plain_ease(self, user: torch.Tensor) -> torch.Tensor:
+        """EASE as a baseline reads users: their 0/1 items, no recency."""
+        return self.shallow(self.binary_rows[user.cpu().numpy()]).to(self.device)
 
 
 def blend_on_validation(cfg: DictConfig, dm, scores: CandidateScores, dataset) -> dict[float, float]:
@@ -416,12 +429,12 @@ def blend_on_validation(cfg: DictConfig, dm, scores: CandidateScores, dataset) -
 
 
 # -- the whole choice ------------------------------------------------------------------------------
-def _served(name: str, weight: float, shallow: ease_lib.ItemItemScorer | None) -> ServedScore:
+def _served(name: str, weight: float, shallow: ease_lib.ItemItemScorer | None, shallow_input: str = BINARY) -> ServedScore:
     if name == DEEP or shallow is None:
         return ServedScore(1.0, 0.0, None)
     if name == SHALLOW:
-        return ServedScore(0.0, 1.0, shallow)
-    return ServedScore(1.0, float(weight), shallow)
+        return ServedScore(0.0, 1.0, shallow, shallow_input)
+    return ServedScore(1.0, float(weight), shallow, shallow_input)
 
 
 def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: float,
@@ -469,13 +482,10 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     has_val = len(dm.val_users) > 0
     val_sample = validation_sample(cfg, dm) if has_val else None
     x_train = dm.train_seen
-    rows_train = dm.interaction_rows("train")
     candidates: dict[str, dict] = {}
-    max_epochs, epochs_from = epoch_limit(cfg, int(rows_train.nnz))
+    max_epochs, epochs_from = epoch_limit(cfg, int(dm.interaction_rows("train").nnz))
     log.info("autoencoder: at most %d epochs (%s)%s", max_epochs, epochs_from,
              ", early stopping on validation" if has_val else "")
-    if processes.count > 1:
-        _announce_data_parallel(cfg, dm, rows_train, processes)
     budget, budget_facts = time_budget(cfg)
     previous = None
     if cfg.get("init_from"):  # a previous run's bundle or checkpoint: the autoencoder starts from it
@@ -495,6 +505,27 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
             shallow, ease_facts = (fit_ease(cfg, dm, x_train, val_users=val_sample) if has_val
                                    else fit_ease(cfg, dm, x_train, l2=_default_l2(cfg, x_train)))
             candidates[SHALLOW] = {"status": "ok", "reason": None, "fit_seconds": ease_facts["fit_seconds"], "details": ease_facts}
+            shallow.to(device)
+
+    # 1a'. the recency half-life of the users' rows (dmp_dl.training.recency_choice), before the
+    # autoencoder trains on them
+    choose_recency = len(dm.recency_candidates()) > 1
+    if choose_recency and private_fit is not None:
+        half_life, recency = recency_choice.fixed(dm, "privacy.dp: no choice on validation outside the mechanism, no decay")
+        choose_recency = False
+    elif choose_recency and not has_val:
+        half_life, recency = recency_choice.fixed(dm, "no validation users to choose with: no decay")
+        choose_recency = False
+    elif choose_recency and shallow is not None and processes.count == 1:
+        # data-parallel: only process 0 has EASE, so every process chooses alike with the autoencoder (below)
+        half_life, recency = recency_choice.by_ease(cfg, dm, shallow, val_sample, metric, _ks(cfg), device)
+        choose_recency = False
+    else:  # nothing to choose, or the autoencoder chooses once fitted without decay
+        half_life, recency = recency_choice.fixed(dm)
+    dm.use_half_life(half_life)
+    rows_train = dm.interaction_rows("train")
+    if processes.count > 1:
+        _announce_data_parallel(cfg, dm, rows_train, processes)
 
     # 1b. the autoencoder: always fitted, its vectors are the bundle's. Its share of a time cap: what
     # EASE left, halved (the final fit on every event repeats it), less one more EASE fit for that refit
@@ -509,6 +540,11 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
         net, vae_facts = fit_autoencoder(cfg, dm, rows_train, validate=has_val, max_epochs=max_epochs, loggers=loggers,
                                          time_budget_s=vae_budget, previous=previous, val_users=val_sample,
                                          processes=processes)
+    if choose_recency:  # no EASE: the autoencoder fitted without decay reads each half-life's rows
+        half_life, recency = recency_choice.by_autoencoder(net.to(device), dm, val_sample, metric, _ks(cfg), device)
+        dm.use_half_life(half_life)
+        rows_train = dm.interaction_rows("train")
+        net.attach_rows(rows_train)
     held_out = len(dm.train_idx) < len(dm.events)
     refit_reason = _refit_reason(cfg, held_out, private_fit is not None)
     refitted = None
@@ -531,9 +567,9 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     if DEEP not in wanted:
         candidates[DEEP]["status"] = "skipped"
         candidates[DEEP]["reason"] = "not in model.candidates: fitted for the vectors only"
-    if shallow is not None:
-        shallow.to(device)
-    scores = CandidateScores(users, items, x_train, shallow, device)
+    shallow_input = BINARY if dm.half_life_days is None else ROWS  # EASE reads what the autoencoder reads: decayed rows
+    scores = CandidateScores(users, items, x_train if shallow_input == BINARY else rows_train, shallow, device,
+                             shallow_input, x_train)
 
     # 2. validation: the blend's weight on the sample, then the candidates on every validation user
     val_scores: dict[str, float] = {}
@@ -578,6 +614,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     ranking: dict[str, dict] = {}
     if len(dm.test_users):
         tested = [n for n in (DEEP, SHALLOW, BLEND) if n in candidates and (n == DEEP or candidates[n]["status"] == "ok")]
+        scores = test_inputs(dm, net, items, shallow, device, shallow_input)
         tests, baselines = _test_pass(cfg, dm, scores, tested, blend_weight, candidates, ease_skipped)
         for name in tested:
             candidates[name]["test"] = tests[name]
@@ -586,7 +623,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     scores = None
     if shallow is not None:
         shallow.release()
-    served = _served(chosen, blend_weight, shallow)
+    served = _served(chosen, blend_weight, shallow, shallow_input)
     fit_seconds = sum(c.get("fit_seconds", 0.0) for c in candidates.values())
     record = {
         "selected": chosen,
@@ -598,6 +635,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
         "validation_users": {"sample": len(val_sample) if val_sample is not None else 0, "all": int(len(dm.val_users))},
         "candidates": {n: dict(c) for n, c in candidates.items()},
         "best_baseline": _best_baseline(ranking, candidates),
+        "recency": recency,
     }
     train = {"epochs": vae_facts.get("epochs"), "fit_seconds": fit_seconds, "selection_fit_seconds": fit_seconds,
              "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)},
@@ -665,13 +703,26 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
         t1 = time.perf_counter()
         shallow, _ = fit_ease(cfg, dm, seen, l2=choice.record["candidates"][SHALLOW]["details"]["l2"])
         facts["ease_seconds"] = time.perf_counter() - t1
-        served = ServedScore(served.deep_weight, served.shallow_weight, shallow)
+        served = ServedScore(served.deep_weight, served.shallow_weight, shallow, served.shallow_input)
     facts["seconds"] = time.perf_counter() - t0 + earlier
     net.attach_rows(rows)
     choice.net, choice.served = net, served
     choice.record.update(refit=True, refit_facts=facts)
     choice.train.update(refit_seconds=facts["seconds"], fit_seconds=choice.train["selection_fit_seconds"] + facts["seconds"])
     return choice
+
+
+def test_inputs(dm, net, items: np.ndarray, shallow, device: torch.device, shallow_input: str) -> CandidateScores:
+    """The candidates' scores of the test users from everything they did before the test period
+    (training and validation events), as a server that takes events in real time ranks them: their
+    rows re-encoded by the autoencoder fitted on the training period, EASE's term reading the same
+    rows. Every weight stays as fitted on the training period. Leaves ``net`` attached to those rows."""
+    rows = dm.interaction_rows("before_test")
+    net.attach_rows(rows)
+    users = user_vectors(net.to(device), np.arange(dm.n_users), dm.test_input_history, device=device)
+    net.cpu()
+    return CandidateScores(users, items, dm.test_seen if shallow_input == BINARY else rows, shallow, device,
+                           shallow_input, dm.test_seen)
 
 
 def _default_l2(cfg: DictConfig, x: sp.csr_matrix) -> float:
@@ -705,9 +756,11 @@ def _test_pass(cfg: DictConfig, dm, scores: CandidateScores, tested: list[str], 
     batches = _candidate_batches(scores, tested, blend_weight, popularity)
     fitted = (candidates.get(SHALLOW, {}).get("details") or {}).get("l2")
     wanted_l2 = evaluation.get("ease_l2")
-    reuse = "ease" in names and SHALLOW in tested and (wanted_l2 is None or float(wanted_l2) == fitted)
+    same_l2 = "ease" in names and SHALLOW in tested and (wanted_l2 is None or float(wanted_l2) == fitted)
+    reuse = same_l2 and scores.shallow_input == BINARY
+    plain = same_l2 and not reuse  # the candidate reads decayed rows: the baseline is its weights on 0/1 items
     own = None
-    if "ease" in names and not reuse:
+    if "ease" in names and not reuse and not plain:
         reason = ease_skipped or ease_lib.check_memory(dm.n_users, dm.n_items, cfg.model.ease.get("max_memory_gb", "auto"),
                                                         scores.device)
         if reason is None and dm.n_items <= int(evaluation.get("ease_max_items", 20000)):
@@ -717,12 +770,13 @@ def _test_pass(cfg: DictConfig, dm, scores: CandidateScores, tested: list[str], 
         elif reason is not None:
             log.warning("EASE baseline skipped: %s", reason)
     scorer = batches
-    if own is not None:
-        rows = scores.rows
+    if own is not None or plain:
+        rows = scores.binary_rows
 
         def scorer(batch: dict) -> dict[str, torch.Tensor]:
             out = batches(batch)
-            out[BASELINE + "ease"] = own(rows[batch["user"].cpu().numpy()]).to(scores.device)
+            out[BASELINE + "ease"] = (own(rows[batch["user"].cpu().numpy()]).to(scores.device) if own is not None
+                                      else scores.plain_ease(batch["user"]))
             return out
 
     results = evaluate_scorers(scorer, dm.eval_dataset("test"), dm.n_items, ks, share, device=scores.device)

@@ -115,6 +115,8 @@ MODEL_RULES: dict[str, Rule] = {
     "model.val_users": Int(1, None, null=True),
     "model.ease.max_bundle_mb": POSITIVE,
     "model.ease.short_grid_above_items": Int(0, None),
+    "model.ease.dropout": OrAuto(FRACTION),  # EDLAE's dropout p; 0: EASE
+    "model.ease.dropout_grid": Each(FRACTION, null=True),
     "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping
     "trainer.min_epochs": Int(0, None, null=True),
     "callbacks.early_stopping.patience": Int(0, None),

@@ -85,10 +85,12 @@ def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
                     "the data and settings and start afresh); resuming applies to model=two_tower and model=mf",
                     cfg.model.get("name"))
     choice = choose_model(cfg, dm, loggers=_instantiate_all(cfg.get("logger")), private_fit=private_fit)
-    ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")
+    ease = choice.record["candidates"].get("ease", {}).get("details") or {}
+    ease_l2 = (ease.get("plain_ease") or {}).get("l2", ease.get("l2"))  # the report's EASE baseline's l2
     state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
                  network_kwargs=FITTERS["auto"].network_kwargs(cfg),
                  history_len=max(dm.history_len, int(cfg.model.get("history_len", 2048))))
     state["bundle_parts"] = {**state.get("bundle_parts", {}),
-                             SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2)}
+                             SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2,
+                                                       {k: ease[k] for k in ("l2", "dropout") if k in ease})}
     state["metrics"].update(train={**choice.train, "privacy": privacy.summary(choice.train.get("steps", 0))}, model=choice.record)

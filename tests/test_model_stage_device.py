@@ -71,9 +71,12 @@ def test_validation_reads_a_fixed_sample_and_the_choice_every_user(planted_log, 
     all_val, all_test = len(dm.val_users), len(dm.test_users)
     assert all_val > 20
     assert loaders == [20]  # the autoencoder's per-epoch validation
-    # the l2 grid (5 values) and the blend grid on the sample, the choice on every validation user, the test once
-    assert seen_sizes == [20] * 5 + [20, all_val, all_test]
     record = result["metrics"]["model"]
+    ease = record["candidates"]["ease"]["details"]
+    grid_points = len(ease["l2_grid"]) + sum(len(tried) for tried in ease["dropout_grid"].values())
+    assert len(ease["l2_grid"]) == 5 and grid_points > 5  # EASE's l2 grid and EDLAE's dropouts beside it
+    # the l2 / dropout grid and the blend grid on the sample, the choice on every validation user, the test once
+    assert seen_sizes == [20] * grid_points + [20, all_val, all_test]
     assert record["validation_users"] == {"sample": 20, "all": all_val}
 
 

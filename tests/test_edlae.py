@@ -85,6 +85,14 @@ def test_a_dropout_outside_0_1_is_one_clear_error():
             ease_lib.ease_weights(x, 3.0, dropout=bad)
 
 
+def test_the_default_is_plain_ease(tmp_path):
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.model.name == "auto" and cfg.model.ease.dropout == 0
+    assert ease_dropouts(cfg, 100, l2_searched=True) == [0.0]
+
+
 def _ease_cfg(**ease) -> OmegaConf:
     base = {"l2": None, "l2_scales": [2, 4, 8, 16, 32], "short_grid_above_items": 8000, "dropout": "auto",
             "dropout_grid": [0.1, 0.25, 0.5]}
@@ -112,7 +120,7 @@ def _count_inverses(monkeypatch) -> list:
 def test_the_choice_records_the_dropout_and_the_baseline_stays_plain_ease(planted_log, tmp_path, monkeypatch):  # noqa: F811
     calls = _count_inverses(monkeypatch)
     result = run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.refit=false",
-                             "model.ease.dropout_grid=[0.5]"))
+                             "model.ease.dropout=auto", "model.ease.dropout_grid=[0.5]"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     details = metrics["model"]["candidates"]["ease"]["details"]
     assert details["dropout"] in (0.0, 0.5)
@@ -135,18 +143,20 @@ def test_the_choice_records_the_dropout_and_the_baseline_stays_plain_ease(plante
 
 def test_a_dropout_given_is_served_and_the_report_still_compares_with_plain_ease(planted_log, tmp_path, monkeypatch):  # noqa: F811
     calls = _count_inverses(monkeypatch)
-    run(planted_cfg(planted_log, tmp_path / "run", "model=ease", "model.refit=false", "model.ease.l2=12.0",
-                    "model.ease.dropout=0.5"))
+    run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.candidates=[ease]", "model.refit=false",
+                    "model.ease.l2=12.0", "model.ease.dropout=0.5"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     details = metrics["model"]["candidates"]["ease"]["details"]
     assert (details["l2"], details["dropout"]) == (12.0, 0.5)
     assert sorted(calls, key=str) == [12.0, "edlae"]  # plain EASE (the baseline), then the candidate
-    assert metrics["ranking"]["ease"] != metrics["model"]["candidates"]["ease"]["test"]
+    assert metrics["model"]["selected"] == "ease"
+    assert metrics["ranking"]["auto"] == metrics["model"]["candidates"]["ease"]["test"]  # the served EDLAE
+    assert metrics["ranking"]["ease"] != metrics["ranking"]["auto"]  # the baseline: plain EASE, fitted beside it
 
 
 def test_large_catalogues_factorise_as_often_as_before(planted_log, tmp_path, monkeypatch):  # noqa: F811
     calls = _count_inverses(monkeypatch)
-    run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.refit=false",
+    run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.refit=false", "model.ease.dropout=auto",
                     "model.ease.short_grid_above_items=10"))  # the planted catalogue counts as large
     details = json.loads((tmp_path / "run" / "metrics.json").read_text())["model"]["candidates"]["ease"]["details"]
     assert calls == [details["l2"]] and details["dropout"] == 0.0 and details["dropout_grid"] == {}

@@ -71,12 +71,9 @@ def test_validation_reads_a_fixed_sample_and_the_choice_every_user(planted_log, 
     all_val, all_test = len(dm.val_users), len(dm.test_users)
     assert all_val > 20
     assert loaders == [20]  # the autoencoder's per-epoch validation
+    # the l2 grid (5 values) and the blend grid on the sample, the choice on every validation user, the test once
+    assert seen_sizes == [20] * 5 + [20, all_val, all_test]
     record = result["metrics"]["model"]
-    ease = record["candidates"]["ease"]["details"]
-    grid_points = len(ease["l2_grid"]) + sum(len(tried) for tried in ease["dropout_grid"].values())
-    assert len(ease["l2_grid"]) == 5 and grid_points > 5  # EASE's l2 grid and EDLAE's dropouts beside it
-    # the l2 / dropout grid and the blend grid on the sample, the choice on every validation user, the test once
-    assert seen_sizes == [20] * grid_points + [20, all_val, all_test]
     assert record["validation_users"] == {"sample": 20, "all": all_val}
 
 
@@ -153,9 +150,11 @@ def test_every_scoring_path_gives_the_same_ease_scores(n_users, n_items):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_and_cpu_give_the_same_ease_weights():
     x = _random_binary(500, 120, 0.05, seed=5)
-    cpu = ease_lib.ease_weights(x, 7.0, "cpu").numpy()
-    gpu = ease_lib.ease_weights(x, 7.0, "cuda").cpu().numpy()
-    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4)
+    wide = _random_binary(40, 120, 0.05, seed=6)  # the dual form
+    for data, dropout in ((x, 0.0), (x, 0.5), (wide, 0.0), (wide, 0.5)):  # EASE and EDLAE
+        cpu = ease_lib.ease_weights(data, 7.0, "cpu", dropout=dropout).numpy()
+        gpu = ease_lib.ease_weights(data, 7.0, "cuda", dropout=dropout).cpu().numpy()
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4)
     assert ease_lib.model_device("auto").type == "cuda" and ease_lib.model_device("cpu").type == "cpu"
 
 

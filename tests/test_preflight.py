@@ -83,6 +83,7 @@ def one_line(exc: BaseException) -> str:
     (["model.ease.dropout=1"], "model.ease.dropout must be auto or a number in [0, 1), got 1"),
     (["model.ease.dropout=-0.2"], "model.ease.dropout must be auto or a number in [0, 1), got -0.2"),
     (["model.ease.dropout_grid=[0.2,1.5]"], "model.ease.dropout_grid must be a non-empty list, each a number in [0, 1)"),
+    (["model=ease", "model.ease.dropout=auto"], "model.ease.dropout must be 0 for model=ease (plain EASE"),
     (["model.val_users=0"], "model.val_users must be an integer >= 1 or null"),
     (["model.selection_metric=auc"], "model.selection_metric must be ndcg@K or recall@K with K >= 1"),
     (["model.candidates=[vae,als]"], "model.candidates must be a non-empty list, each one of vae | ease"),

@@ -435,6 +435,10 @@ def check_train_config(cfg: DictConfig) -> None:
     check_finite(cfg)
     check_data_config(cfg)
     check_rules(cfg, MODEL_RULES)
+    dropout = select(cfg, "model.ease.dropout")
+    if select(cfg, "model.name") == "ease" and dropout not in (ABSENT, 0, 0.0):
+        raise ConfigError(f"model.ease.dropout must be 0 for model=ease (plain EASE, also the report's EASE baseline), "
+                          f"got {dropout!r}; for EDLAE use model=auto (with model.candidates=[ease]: the item-item model alone)")
     check_fitter(cfg)
     if _enabled(cfg, "propensity"):
         check_rules(cfg, PROPENSITY_RULES)

@@ -280,11 +280,11 @@ def validation_sample(cfg: DictConfig, dm):
 
 def ease_dropouts(cfg: DictConfig, n_items: int, l2_searched: bool) -> list[float]:
     """The EDLAE dropout values the item-item candidate may take (``model.ease.dropout``): a number
-    is that value alone; ``auto`` is 0 (EASE) and ``dropout_grid`` when the l2 is searched on
-    validation and the catalogue is at most ``short_grid_above_items`` wide — above it a default
-    run factorises no more matrices than EASE alone."""
+    is that value alone (0, the default: plain EASE); ``auto`` is 0 and ``dropout_grid`` when the l2
+    is searched on validation and the catalogue is at most ``short_grid_above_items`` wide — above
+    it ``auto`` factorises no more matrices than EASE alone."""
     node = cfg.model.ease
-    setting = node.get("dropout", "auto")
+    setting = node.get("dropout", 0.0)
     if setting not in (None, "auto"):
         return [ease_lib.check_dropout(setting)]
     if not l2_searched or n_items > int(node.get("short_grid_above_items", 8000)):

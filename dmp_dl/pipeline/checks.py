@@ -113,6 +113,8 @@ MODEL_RULES: dict[str, Rule] = {
     "model.vae.module.optimizer.lr": POSITIVE,
     "model.ease.l2": Num(0, None, lo_open=True, null=True),
     "model.ease.l2_scales": Each(POSITIVE),
+    "model.ease.l2_extend_factor": Num(1, None, lo_open=True),
+    "model.ease.l2_extend_max": Int(0, 64),
     "model.ease.max_memory_gb": OrAuto(Num(0, None, lo_open=True)),
     "model.val_users": Int(1, None, null=True),
     "model.ease.max_bundle_mb": POSITIVE,

@@ -339,12 +339,14 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
     """The item-item candidate on the binary matrix ``x`` on the stage's device: EASE, or EDLAE with a
     dropout p > 0 (:mod:`dmp_dl.models.ease`). ``l2`` given: that l2 alone, else ``model.ease.l2`` or,
     when that is null, the best of the l2 grid on the validation users (``val_users``, default
-    :func:`validation_sample`); ``dropout`` given: that p alone, else :func:`ease_dropouts`.
+    :func:`validation_sample`), the grid grown past its edge while the edge wins
+    (:func:`extend_l2_grid`); ``dropout`` given: that p alone, else :func:`ease_dropouts`.
 
     Plain EASE (p = 0) is searched over the l2 grid first: it is the report's EASE baseline. Each
     p > 0 is then tried at plain EASE's l2 and at the grid's value below it: two factorisations a p.
 
     Returns the served (pruned) weights, facts (``l2``, ``dropout``, the grids' validation scores,
+    ``l2_search``: how the l2 grid was grown and why it stopped,
     ``plain_ease``: plain EASE's l2 and validation score, fit seconds) and, when ``dropout`` is not
     given and the candidate is not plain EASE, plain EASE's served weights at its l2 (else None)."""
     node = cfg.model.ease
@@ -375,7 +377,15 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
         return out
 
     plain_results = validate([(v, 0.0) for v in grid]) if len(grid) > 1 else {}
-    plain_l2 = max(plain_results, key=plain_results.get)[0] if plain_results else grid[0]
+    search = None
+    if plain_results:  # the best at an edge of the grid: further values past it, each from the same solver
+        scored, search = extend_l2_grid(lambda v: validate([(v, 0.0)])[(v, 0.0)],
+                                        {v: plain_results[(v, 0.0)] for v in grid},
+                                        float(node.get("l2_extend_factor", 4.0)), int(node.get("l2_extend_max", 4)))
+        # the grid's values first, then those added: a tie keeps the earlier, as the search did
+        plain_results = {(v, 0.0): scored[v] for v in [*search["grid"], *search["added"]]}
+        grid = sorted(scored)
+    plain_l2 = search["best"] if search else grid[0]
     results = dict(plain_results) if 0.0 in dropouts else {}
     emphasised = [p for p in dropouts if p > 0.0]
     plain = None
@@ -394,10 +404,45 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
     facts = {"l2": best_l2, "dropout": best_p, "fit_seconds": time.perf_counter() - t0,
              "cpu_seconds": compute_seconds() - c0, "kept_per_item": keep, "form": "dual" if solver.dual else "primal",
              "device": device.type,
-             "l2_grid": {f"{v:g}": score for (v, _), score in plain_results.items()},
+             "l2_grid": {f"{v:g}": score for (v, _), score in sorted(plain_results.items())}, "l2_search": search,
              "dropout_grid": {f"{p:g}": {f"{v:g}": score for (v, q), score in results.items() if q == p} for p in emphasised},
              "plain_ease": {"l2": plain_l2, "val": {metric: plain_results.get((plain_l2, 0.0))} if plain_results else None}}
     return shallow, facts, plain
+
+
+def extend_l2_grid(score_l2, scores: dict[float, float], factor: float, most: int) -> tuple[dict[float, float], dict]:
+    """The l2 grid's validation ``scores`` (l2 -> score), grown past its edge when the best l2 is
+    the largest (or smallest) value: the next value is ``factor`` times (or 1 / ``factor`` times)
+    the last one, scored by ``score_l2(l2)``, until a value scores no better than the best so far
+    or ``most`` values were added (0: the grid alone). A search whose best is at the edge of its
+    range stopped early: the penalty the data needs may lie outside the range set in advance.
+
+    Returns (every l2 tried -> score, facts: ``best`` (the best l2; a tie keeps the grid's smaller
+    value, and the grid's over one added), ``grid`` (the values given), ``extended`` (up | down |
+    None), ``added`` (the values tried past the edge, in order), ``stopped`` (why the search
+    ended: interior — the best is inside the grid; no_gain — the last value added scored no
+    better; cap — ``most`` values added; off — ``most`` is 0; no_score — the grid has no finite score))."""
+    scores = dict(scores)
+    initial = sorted(scores)
+    best = max(initial, key=lambda v: (scores[v] if math.isfinite(scores[v]) else -math.inf))
+    step = factor if best == initial[-1] else 1.0 / factor if best == initial[0] else None
+    facts = {"best": best, "grid": initial, "extended": None, "added": [], "stopped": "interior"}
+    if not math.isfinite(scores[best]):
+        facts["stopped"] = "no_score"
+    elif step is not None and most <= 0:
+        facts["stopped"] = "off"
+    elif step is not None:
+        facts.update(extended="up" if step > 1.0 else "down", stopped="cap")
+        edge = best
+        for _ in range(most):
+            edge *= step
+            scores[edge] = float(score_l2(edge))
+            facts["added"].append(edge)
+            if not scores[edge] > scores[best]:
+                facts["stopped"] = "no_gain"
+                break
+            best = facts["best"] = edge
+    return scores, facts
 
 
 def time_budget(cfg: DictConfig) -> tuple[float | None, dict]:

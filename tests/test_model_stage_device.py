@@ -31,7 +31,10 @@ def test_one_ease_fit_per_run_and_the_baseline_is_the_candidate(planted_log, tmp
     calls = []
     inverse = ease_lib.regularised_inverse
     monkeypatch.setattr(ease_lib, "regularised_inverse", lambda gram, l2, *a: calls.append(l2) or inverse(gram, l2, *a))
-    run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.ease.l2=12.0", "model.refit=false"))
+    # no recency decay: the candidate reads 0/1 rows, as the baseline does (a decayed candidate's
+    # baseline is its weights on 0/1 rows, another score)
+    run(planted_cfg(planted_log, tmp_path / "run", "model=auto", "model.ease.l2=12.0", "model.refit=false",
+                    "data.recency_half_life_days=null"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert calls == [12.0]  # the candidate's fit; the report's EASE baseline did not fit again
     assert metrics["ranking"]["ease"] == metrics["model"]["candidates"]["ease"]["test"]
@@ -71,9 +74,12 @@ def test_validation_reads_a_fixed_sample_and_the_choice_every_user(planted_log, 
     all_val, all_test = len(dm.val_users), len(dm.test_users)
     assert all_val > 20
     assert loaders == [20]  # the autoencoder's per-epoch validation
-    # the l2 grid (5 values) and the blend grid on the sample, the choice on every validation user, the test once
-    assert seen_sizes == [20] * 5 + [20, all_val, all_test]
     record = result["metrics"]["model"]
+    # the l2 grid (5 values and any tried past its edge) and the blend grid on the sample, the
+    # choice on every validation user, the test once
+    tried = len(record["candidates"]["ease"]["details"]["l2_grid"])
+    assert tried >= 5
+    assert seen_sizes == [20] * tried + [20, all_val, all_test]
     assert record["validation_users"] == {"sample": 20, "all": all_val}
 
 
@@ -150,9 +156,11 @@ def test_every_scoring_path_gives_the_same_ease_scores(n_users, n_items):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_and_cpu_give_the_same_ease_weights():
     x = _random_binary(500, 120, 0.05, seed=5)
-    cpu = ease_lib.ease_weights(x, 7.0, "cpu").numpy()
-    gpu = ease_lib.ease_weights(x, 7.0, "cuda").cpu().numpy()
-    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4)
+    wide = _random_binary(40, 120, 0.05, seed=6)  # the dual form
+    for data, dropout in ((x, 0.0), (x, 0.5), (wide, 0.0), (wide, 0.5)):  # EASE and EDLAE
+        cpu = ease_lib.ease_weights(data, 7.0, "cpu", dropout=dropout).numpy()
+        gpu = ease_lib.ease_weights(data, 7.0, "cuda", dropout=dropout).cpu().numpy()
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4)
     assert ease_lib.model_device("auto").type == "cuda" and ease_lib.model_device("cpu").type == "cpu"
 
 

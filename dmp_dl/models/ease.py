@@ -1,13 +1,19 @@
 """EASE (Steck, WWW 2019): the closed-form item-item model, as a model of its own and as the
-shallow path beside a deep one.
+shallow path beside a deep one; with ``dropout`` p > 0, its emphasised-denoising form EDLAE (Steck,
+NeurIPS 2020, "Autoencoders that don't overfit towards the Identity").
 
-``B = I - P / diag(P)`` with ``P = (X'X + l2 I)^-1`` over the binary user-item matrix X; a user's
-scores are ``x_u B`` (zero diagonal: an item never recommends itself). Two exact ways to get P:
+``B = I - P / diag(P)`` with ``P = (X'X + L)^-1`` over the binary user-item matrix X; a user's
+scores are ``x_u B`` (zero diagonal: an item never recommends itself). EASE: ``L = l2 I``. EDLAE:
+``L = l2 I + p / (1 - p) diagMat(diag(X'X))``, the L2 penalty that dropping each input item with
+probability p (the dropped items emphasised in the loss) induces: a popular item's weights are
+shrunk in proportion to its frequency. p = 0 is EASE, computed by the same operations. Two exact
+ways to get P:
 
-* primal, ``(X'X + l2 I)^-1``: one Cholesky of an (items x items) matrix — O(items^3);
-* dual, through the Woodbury identity ``P = (I - X' (XX' + l2 I)^-1 X) / l2``: one Cholesky of a
-  (users x users) matrix plus a product — O(users^2 items + users^3), far cheaper when a catalogue
-  is wider than its user base (few users, many items).
+* primal, ``(X'X + L)^-1``: one Cholesky of an (items x items) matrix — O(items^3);
+* dual, through the Woodbury identity ``P = (I - X' (XX' + l2 I)^-1 X) / l2`` (EDLAE: the same on
+  ``Y = X L^-1/2``, ``P = L^-1/2 (I - Y' (YY' + I)^-1 Y) L^-1/2``): one Cholesky of a (users x users)
+  matrix plus a product — O(users^2 items + users^3), far cheaper when a catalogue is wider than its
+  user base (few users, many items).
 
 B is dense (items x items), so the catalogue size is bounded by memory:
 :func:`check_memory` refuses one line before anything is allocated. The served form is sparse:
@@ -129,12 +135,38 @@ def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_user
     return gram
 
 
-def regularised_inverse(gram: torch.Tensor, l2: float, what: str = "X'X + l2 I") -> torch.Tensor:
-    """``(gram + l2 I)^-1`` of the symmetric positive semi-definite float32 ``gram`` (modified in
-    place, then no longer needed), through a Cholesky factorisation on ``gram``'s device; in float64
-    when float32 is not accurate enough (a factorisation that fails, or an inverse that is not
-    finite and positive on its diagonal). Returns float32. Peak memory: two matrices of float32
-    (five in the float64 fallback)."""
+def check_dropout(dropout: float) -> float:
+    """``dropout`` as a float when it is a probability in [0, 1), else a ConfigError naming the key."""
+    value = float(dropout)
+    if not (0.0 <= value < 1.0):
+        raise ConfigError(f"model.ease.dropout must be a number in [0, 1) (0: EASE), got {dropout}")
+    return value
+
+
+def penalty(item_counts: torch.Tensor, l2: float, dropout: float = 0.0) -> float | torch.Tensor:
+    """The diagonal of L (module docstring): ``l2`` itself for EASE (``dropout`` 0), else the float64
+    vector ``l2 + p / (1 - p) * item_counts`` (item_counts: (n_items,), the diagonal of X'X)."""
+    if not math.isfinite(l2) or l2 <= 0:
+        raise ConfigError(f"model.ease.l2 must be a finite number > 0, got {l2}")
+    dropout = check_dropout(dropout)
+    if dropout == 0.0:
+        return l2
+    return l2 + (dropout / (1.0 - dropout)) * item_counts.double()
+
+
+def item_counts(x: sp.csr_matrix, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(n_items,) float64: each item's users in the binary matrix ``x``, the diagonal of X'X."""
+    counts = np.bincount(sp.csr_matrix(x).indices, minlength=x.shape[1]).astype(np.float64)
+    return torch.as_tensor(counts, device=torch.device(device))
+
+
+def regularised_inverse(gram: torch.Tensor, l2: float | torch.Tensor, what: str = "X'X + L") -> torch.Tensor:
+    """``(gram + diagMat(l2))^-1`` of the symmetric positive semi-definite float32 ``gram`` (modified
+    in place, then no longer needed), through a Cholesky factorisation on ``gram``'s device; ``l2``
+    is a number (``l2 I``: EASE) or an (n_items,) tensor (:func:`penalty`). In float64 when float32
+    is not accurate enough (a factorisation that fails, or an inverse that is not finite and
+    positive on its diagonal). Returns float32. Peak memory: two matrices of float32 (five in the
+    float64 fallback)."""
     diagonal = gram.diagonal().double()  # float32 may round l2 away next to large counts: the fallback adds it again
     gram.diagonal().add_(l2)
     factor, info = torch.linalg.cholesky_ex(gram)
@@ -147,7 +179,8 @@ def regularised_inverse(gram: torch.Tensor, l2: float, what: str = "X'X + l2 I")
         del inverse
     else:
         del factor
-    log.warning("EASE: %s is too ill-conditioned for float32 (l2=%g); solving it in float64", what, l2)
+    log.warning("EASE: %s is too ill-conditioned for float32 (l2=%s); solving it in float64", what,
+                f"{l2:g}" if not torch.is_tensor(l2) else f"{float(l2.min()):g}..{float(l2.max()):g}")
     precise = gram.double()
     precise.diagonal().copy_(diagonal + l2)
     factor = torch.linalg.cholesky(precise)
@@ -155,19 +188,43 @@ def regularised_inverse(gram: torch.Tensor, l2: float, what: str = "X'X + l2 I")
     return torch.cholesky_inverse(factor).float()
 
 
-def ease_weights(x: sp.csr_matrix, l2: float, device: str | torch.device = "cpu") -> torch.Tensor:
+def emphasised_dual(x: sp.csr_matrix, l2: torch.Tensor, device: str | torch.device = "cpu"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dual form's parts for a per-item penalty ``l2`` ((n_items,) float64, :func:`penalty`) on
+    the binary ``x`` (n_users, n_items): ``Y = X L^-1/2`` and ``K^-1 Y`` with ``K = YY' + I`` (both
+    (n_users, n_items) float32), ``scale = L^-1/2`` (n_items,) and ``diag(P)`` (n_items,), so that
+    ``P = diagMat(scale) (I - Y' K^-1 Y) diagMat(scale)`` and a training user u's ``x_u P`` is
+    ``(K^-1 Y)_u * scale``. One Cholesky of the (users x users) K, in float64 (K's eigenvalues are
+    >= 1; diag(P) is a difference of nearly equal numbers on rare items)."""
+    device = torch.device(device)
+    scale = l2.to(device=device, dtype=torch.float64).rsqrt()
+    y = torch.as_tensor(binary(x).toarray(), dtype=torch.float64, device=device).mul_(scale)
+    kernel = y @ y.T
+    kernel.diagonal().add_(1.0)
+    solved = torch.cholesky_solve(y, torch.linalg.cholesky(kernel))
+    del kernel
+    diag = (1.0 - (y * solved).sum(0)).mul_(scale.pow(2)).clamp_(min=1e-30)
+    return y.float(), solved.float(), scale.float(), diag.float()
+
+
+def ease_weights(x: sp.csr_matrix, l2: float, device: str | torch.device = "cpu", dropout: float = 0.0) -> torch.Tensor:
     """The dense (n_items, n_items) float32 EASE weights of the binary matrix ``x`` (n_users, n_items),
-    on ``device``.
+    on ``device``; EDLAE's with ``dropout`` p > 0 (module docstring).
 
     Uses the primal or the dual form, whichever is cheaper (module docstring); both are exact.
     """
-    if not math.isfinite(l2) or l2 <= 0:
-        raise ConfigError(f"model.ease.l2 must be a finite number > 0, got {l2}")
     x = binary(x)
     n_users, n_items = x.shape
     device = torch.device(device)
+    lam = penalty(item_counts(x, device), l2, dropout)
     if n_items <= n_users:
-        p = regularised_inverse(gram_matrix(x, device), l2)
+        p = regularised_inverse(gram_matrix(x, device), lam)
+    elif torch.is_tensor(lam):
+        y, solved, scale, _ = emphasised_dual(x, lam, device)
+        p = y.T @ solved  # Y' K^-1 Y
+        del y, solved
+        p.neg_().diagonal().add_(1.0)
+        p.mul_(scale[:, None]).mul_(scale[None, :])
     else:
         dense = torch.as_tensor(x.toarray(), dtype=torch.float32, device=device)  # (n_users, n_items)
         kernel = dense @ dense.T
@@ -254,13 +311,16 @@ class ItemItemScorer:
 
 
 class EASESolver:
-    """EASE on one binary matrix for several l2 values: validation scores per l2, then the served weights.
+    """EASE on one binary matrix for several l2 values (and EDLAE's ``dropout`` values): validation
+    scores per value, then the served weights.
 
     Dual form (more items than users): one eigendecomposition of XX' = V diag(s) V' serves every
     l2: with Z = V'X, ``diag(P) = (1 - sum_k Z_kj^2 / (s_k + l2)) / l2`` and a user's scores on the
     items they do not have are ``-(V_u diag(1 / (s + l2)) Z)_j / diag(P)_j`` (Woodbury), so trying
-    an l2 costs a product for the validation users, not a new solve. Primal form: the Gram matrix
-    X'X once, then one Cholesky per l2 (the last dense B is kept). Everything runs on ``device``.
+    an l2 costs a product for the validation users, not a new solve; a dropout > 0 makes the
+    penalty differ per item, and each (l2, dropout) then costs one Cholesky of a (users x users)
+    matrix (:func:`emphasised_dual`, the last one kept). Primal form: the Gram matrix X'X once,
+    then one Cholesky per (l2, dropout) (the last dense B is kept). Everything runs on ``device``.
     """
 
     def __init__(self, x: sp.csr_matrix, device: str | torch.device = "cpu"):
@@ -268,7 +328,9 @@ class EASESolver:
         self.device = torch.device(device)
         self.n_users, self.n_items = self.x.shape
         self.dual = self.n_items >= 2 * self.n_users  # an eigendecomposition of XX' beats Choleskys of X'X
-        self._dense: tuple[float, torch.Tensor] | None = None
+        self.counts = item_counts(self.x, self.device)
+        self._dense: tuple[tuple[float, float], torch.Tensor] | None = None
+        self._emphasised: tuple[tuple[float, float], tuple] | None = None
         self._gram: torch.Tensor | None = None
         if self.dual:
             dense = torch.as_tensor(self.x.toarray(), dtype=torch.float64, device=self.device)
@@ -282,45 +344,61 @@ class EASESolver:
         diag = (1.0 - (self.z.pow(2) * inv[:, None]).sum(0)) / l2
         return inv, diag.clamp(min=1e-12)
 
-    def scores(self, users: np.ndarray, l2: float) -> torch.Tensor:
-        """(B, n_items) scores of training users ``users`` (their own rows of x) under l2, on the device."""
+    def _emphasised_parts(self, l2: float, dropout: float) -> tuple:
+        """:func:`emphasised_dual` for (l2, dropout), the last one kept."""
+        if self._emphasised is None or self._emphasised[0] != (l2, dropout):
+            self._emphasised = None
+            self._emphasised = ((l2, dropout), emphasised_dual(self.x, penalty(self.counts, l2, dropout), self.device))
+        return self._emphasised[1]
+
+    def scores(self, users: np.ndarray, l2: float, dropout: float = 0.0) -> torch.Tensor:
+        """(B, n_items) scores of training users ``users`` (their own rows of x) under (l2, dropout), on the device."""
         rows = sparse_rows(self.x[users], self.device)
+        if self.dual and check_dropout(dropout) > 0.0:
+            _, solved, scale, diag = self._emphasised_parts(l2, dropout)
+            return rows.to_dense() - solved[torch.as_tensor(users, device=self.device)] * (scale / diag)
         if self.dual:
             inv, diag = self._dual_parts(l2)
             solved = (self.v[torch.as_tensor(users, device=self.device)] * inv) @ self.z  # rows of K^-1 X
             return rows.to_dense() - solved / diag
-        return torch.sparse.mm(rows, self.dense(l2))
+        return torch.sparse.mm(rows, self.dense(l2, dropout))
 
-    def dense(self, l2: float) -> torch.Tensor:
-        """The dense (n_items, n_items) B for ``l2`` on the device (primal form; the last one is cached)."""
-        if self._dense is None or self._dense[0] != l2:
-            if not math.isfinite(l2) or l2 <= 0:
-                raise ConfigError(f"model.ease.l2 must be a finite number > 0, got {l2}")
+    def dense(self, l2: float, dropout: float = 0.0) -> torch.Tensor:
+        """The dense (n_items, n_items) B for (l2, dropout) on the device (primal form; the last one is cached)."""
+        if self._dense is None or self._dense[0] != (l2, dropout):
+            lam = penalty(self.counts, l2, dropout)
             self._dense = None
             if self._gram is None:
                 self._gram = gram_matrix(self.x, self.device)
-            p = regularised_inverse(self._gram.clone(), l2)
+            p = regularised_inverse(self._gram.clone(), lam)
             b = p.div_(-p.diagonal())
             b.diagonal().zero_()
-            self._dense = (l2, b)
+            self._dense = ((l2, dropout), b)
         return self._dense[1]
 
     def release(self) -> None:
-        """Free the Gram matrix and the cached B (what a solver holds on its device)."""
-        self._gram = self._dense = None
+        """Free the Gram matrix, the cached B and dual parts (what a solver holds on its device)."""
+        self._gram = self._dense = self._emphasised = None
 
-    def served(self, l2: float, keep_per_item: int, chunk: int = 2048) -> "ItemItemScorer":
-        """The pruned weights for ``l2`` (:func:`prune_rows`); the dual form builds B ``chunk`` rows at a time."""
+    def served(self, l2: float, keep_per_item: int, dropout: float = 0.0, chunk: int = 2048) -> "ItemItemScorer":
+        """The pruned weights for (l2, dropout) (:func:`prune_rows`); the dual form builds B ``chunk`` rows at a time."""
         if not self.dual:
-            return ItemItemScorer(prune_rows(self.dense(l2), keep_per_item))
-        inv, diag = self._dual_parts(l2)
-        scaled = self.z * inv[:, None]
+            return ItemItemScorer(prune_rows(self.dense(l2, dropout), keep_per_item))
+        emphasised = check_dropout(dropout) > 0.0
+        if emphasised:
+            y, solved, scale, diag = self._emphasised_parts(l2, dropout)
+        else:
+            inv, diag = self._dual_parts(l2)
+            scaled = self.z * inv[:, None]
         blocks = []
         for s in range(0, self.n_items, chunk):
             cols = slice(s, min(s + chunk, self.n_items))
-            p = -(self.z[:, cols].T @ scaled) / l2  # P rows (identity part added below)
+            if emphasised:  # P rows: scale_i (I - Y' K^-1 Y)_ij scale_j, the identity part added below
+                p = -(y[:, cols].T @ solved) * scale[cols, None] * scale[None, :]
+            else:
+                p = -(self.z[:, cols].T @ scaled) / l2  # P rows (identity part added below)
             rows = torch.arange(p.shape[0], device=p.device)
-            p[rows, rows + s] += 1.0 / l2
+            p[rows, rows + s] += scale[cols].pow(2) if emphasised else 1.0 / l2
             b = p / -diag[None, :]
             b[rows, rows + s] = 0.0
             blocks.append(prune_rows(b, keep_per_item))

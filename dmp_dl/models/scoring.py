@@ -128,10 +128,13 @@ def rows_matrix(indptr: np.ndarray, ids: np.ndarray, n_cols: int, values: np.nda
 SCORING_DIR = "scoring"
 
 
-def scoring_part(served: ServedScore, name: str, refit: bool = False, ease_l2: float | None = None):
+def scoring_part(served: ServedScore, name: str, refit: bool = False, ease_l2: float | None = None,
+                 shallow_fit: dict | None = None):
     """The writer of the ``scoring`` part (:class:`ScoringPart`) storing ``served`` (the sparse item-item weights
-    as CSR arrays and the two weights); its manifest entry says how scores are computed and whether
-    the model was refitted on every event (``refit``)."""
+    as CSR arrays and the two weights); its manifest entry says how scores are computed, whether
+    the model was refitted on every event (``refit``), the l2 of the report's plain EASE baseline
+    (``ease_l2``, which ``python -m dmp_dl.evaluate`` fits again) and the served item-item weights'
+    ``l2`` and EDLAE ``dropout`` (``shallow_fit``; 0: EASE)."""
 
     def write(writer) -> dict:
         entry = {"model": name, "refit": bool(refit), "ease_l2": ease_l2, "deep_weight": float(served.deep_weight),
@@ -142,7 +145,8 @@ def scoring_part(served: ServedScore, name: str, refit: bool = False, ease_l2: f
             writer.save_array(f"{SCORING_DIR}/item_item_indptr.npy", w.indptr.astype(np.int64))
             writer.save_array(f"{SCORING_DIR}/item_item_indices.npy", w.indices.astype(np.int32))
             writer.save_array(f"{SCORING_DIR}/item_item_weights.npy", w.data.astype(np.float32))
-            entry["shallow"] = {"kind": "ease", "items": int(w.shape[0]), "nnz": int(w.nnz)}
+            entry["shallow"] = {"kind": "ease", "items": int(w.shape[0]), "nnz": int(w.nnz),
+                                **{k: float(v) for k, v in (shallow_fit or {}).items()}}
         return entry
 
     return write

@@ -113,10 +113,14 @@ MODEL_RULES: dict[str, Rule] = {
     "model.vae.module.optimizer.lr": POSITIVE,
     "model.ease.l2": Num(0, None, lo_open=True, null=True),
     "model.ease.l2_scales": Each(POSITIVE),
+    "model.ease.l2_extend_factor": Num(1, None, lo_open=True),
+    "model.ease.l2_extend_max": Int(0, 64),
     "model.ease.max_memory_gb": OrAuto(Num(0, None, lo_open=True)),
     "model.val_users": Int(1, None, null=True),
     "model.ease.max_bundle_mb": POSITIVE,
     "model.ease.short_grid_above_items": Int(0, None),
+    "model.ease.dropout": OrAuto(FRACTION),  # EDLAE's dropout p; 0: EASE
+    "model.ease.dropout_grid": Each(FRACTION, null=True),
     "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping
     "trainer.min_epochs": Int(0, None, null=True),
     "callbacks.early_stopping.patience": Int(0, None),
@@ -440,6 +444,10 @@ def check_train_config(cfg: DictConfig) -> None:
     check_finite(cfg)
     check_data_config(cfg)
     check_rules(cfg, MODEL_RULES)
+    dropout = select(cfg, "model.ease.dropout")
+    if select(cfg, "model.name") == "ease" and dropout not in (ABSENT, 0, 0.0):
+        raise ConfigError(f"model.ease.dropout must be 0 for model=ease (plain EASE, also the report's EASE baseline), "
+                          f"got {dropout!r}; for EDLAE use model=auto (with model.candidates=[ease]: the item-item model alone)")
     check_fitter(cfg)
     if _enabled(cfg, "propensity"):
         check_rules(cfg, PROPENSITY_RULES)

@@ -170,9 +170,13 @@ class PrivacyEntry(_Closed):
 
 
 class ShallowEntry(_Open):
+    """The served item-item weights: EASE, or EDLAE with ``dropout`` > 0 (same arrays)."""
+
     kind: Literal["ease"]
     items: Count
     nnz: Count
+    l2: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | None = None
 
 
 class ScoringEntry(_Open):

@@ -320,12 +320,35 @@ def validation_sample(cfg: DictConfig, dm):
     return sample_users(dm.eval_dataset("val"), None if n is None else int(n), int(cfg.get("seed", 0)))
 
 
-def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None,
-             val_users=None) -> tuple[ease_lib.ItemItemScorer, dict]:
-    """EASE on the binary matrix ``x`` on the stage's device: with ``l2`` given, one fit; else the
-    l2 of ``model.ease.l2`` or, when that is null, the best of the grid on the validation users
-    (``val_users``, default :func:`validation_sample`). Returns the served (pruned) weights and facts
-    (l2, grid results, fit seconds)."""
+def ease_dropouts(cfg: DictConfig, n_items: int, l2_searched: bool) -> list[float]:
+    """The EDLAE dropout values the item-item candidate may take (``model.ease.dropout``): a number
+    is that value alone (0, the default: plain EASE); ``auto`` is 0 and ``dropout_grid`` when the l2
+    is searched on validation and the catalogue is at most ``short_grid_above_items`` wide — above
+    it ``auto`` factorises no more matrices than EASE alone."""
+    node = cfg.model.ease
+    setting = node.get("dropout", 0.0)
+    if setting not in (None, "auto"):
+        return [ease_lib.check_dropout(setting)]
+    if not l2_searched or n_items > int(node.get("short_grid_above_items", 8000)):
+        return [0.0]
+    return [0.0, *sorted({ease_lib.check_dropout(p) for p in node.get("dropout_grid") or []} - {0.0})]
+
+
+def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val_users=None,
+             dropout: float | None = None) -> tuple[ease_lib.ItemItemScorer, dict, ease_lib.ItemItemScorer | None]:
+    """The item-item candidate on the binary matrix ``x`` on the stage's device: EASE, or EDLAE with a
+    dropout p > 0 (:mod:`dmp_dl.models.ease`). ``l2`` given: that l2 alone, else ``model.ease.l2`` or,
+    when that is null, the best of the l2 grid on the validation users (``val_users``, default
+    :func:`validation_sample`), the grid grown past its edge while the edge wins
+    (:func:`extend_l2_grid`); ``dropout`` given: that p alone, else :func:`ease_dropouts`.
+
+    Plain EASE (p = 0) is searched over the l2 grid first: it is the report's EASE baseline. Each
+    p > 0 is then tried at plain EASE's l2 and at the grid's value below it: two factorisations a p.
+
+    Returns the served (pruned) weights, facts (``l2``, ``dropout``, the grids' validation scores,
+    ``l2_search``: how the l2 grid was grown and why it stopped,
+    ``plain_ease``: plain EASE's l2 and validation score, fit seconds) and, when ``dropout`` is not
+    given and the candidate is not plain EASE, plain EASE's served weights at its l2 (else None)."""
     node = cfg.model.ease
     device = stage_device(cfg)
     keep = ease_lib.keep_per_item_for(dm.n_items, float(node.get("max_bundle_mb", ease_lib.DEFAULT_BUNDLE_MB)))
@@ -338,21 +361,88 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None,
         if not solver.dual and dm.n_items > int(node.get("short_grid_above_items", 8000)):
             scales = [scales[len(scales) // 2]]  # a Cholesky per value: the middle one alone on large catalogues
         grid = ease_lib.l2_grid(x, scales)
-    results: dict[float, float] = {}
-    if len(grid) > 1:
-        val = val_users if val_users is not None else validation_sample(cfg, dm)
-        metric = cfg.model.get("selection_metric", "ndcg@20")
-        for value in grid:
-            scored = evaluate_scorers(lambda batch, v=value: {"ease": solver.scores(batch["user"].numpy(), v)},
+    dropouts = [ease_lib.check_dropout(dropout)] if dropout is not None else ease_dropouts(cfg, dm.n_items, len(grid) > 1)
+    metric = cfg.model.get("selection_metric", "ndcg@20")
+    val = None
+
+    def validate(points: list[tuple[float, float]]) -> dict[tuple[float, float], float]:
+        nonlocal val
+        if val is None:
+            val = val_users if val_users is not None else validation_sample(cfg, dm)
+        out = {}
+        for value, p in points:
+            scored = evaluate_scorers(lambda batch, v=value, p=p: {"ease": solver.scores(batch["user"].numpy(), v, p)},
                                       val, dm.n_items, _ks(cfg), device=device, mrr=False)
-            results[value] = float(scored["ease"][metric]) if scored else float("nan")
-    best = max(results, key=results.get) if results else grid[0]
-    shallow = solver.served(best, keep)
+            out[(value, p)] = float(scored["ease"][metric]) if scored else float("nan")
+        return out
+
+    plain_results = validate([(v, 0.0) for v in grid]) if len(grid) > 1 else {}
+    search = None
+    if plain_results:  # the best at an edge of the grid: further values past it, each from the same solver
+        scored, search = extend_l2_grid(lambda v: validate([(v, 0.0)])[(v, 0.0)],
+                                        {v: plain_results[(v, 0.0)] for v in grid},
+                                        float(node.get("l2_extend_factor", 4.0)), int(node.get("l2_extend_max", 4)))
+        # the grid's values first, then those added: a tie keeps the earlier, as the search did
+        plain_results = {(v, 0.0): scored[v] for v in [*search["grid"], *search["added"]]}
+        grid = sorted(scored)
+    plain_l2 = search["best"] if search else grid[0]
+    results = dict(plain_results) if 0.0 in dropouts else {}
+    emphasised = [p for p in dropouts if p > 0.0]
+    plain = None
+    if emphasised:
+        l2s = [v for v in grid if v <= plain_l2][-2:]  # the penalty p adds moves the best l2 down, if at all
+        if dropout is None:  # the baseline, before the other fits replace the cached factorisation
+            plain = solver.served(plain_l2, keep)
+        if len(dropouts) * len(l2s) > 1:
+            results.update(validate([(v, p) for p in emphasised for v in l2s]))
+    best_l2, best_p = max(results, key=results.get) if results else (plain_l2, dropouts[-1])
+    if best_p == 0.0:
+        shallow, plain = (plain if plain is not None else solver.served(best_l2, keep)), None
+    else:
+        shallow = solver.served(best_l2, keep, best_p)
     solver.release()
-    facts = {"l2": best, "fit_seconds": time.perf_counter() - t0, "cpu_seconds": compute_seconds() - c0,
-             "kept_per_item": keep, "form": "dual" if solver.dual else "primal", "device": device.type,
-             "l2_grid": {f"{k:g}": v for k, v in results.items()}}
-    return shallow, facts
+    facts = {"l2": best_l2, "dropout": best_p, "fit_seconds": time.perf_counter() - t0,
+             "cpu_seconds": compute_seconds() - c0, "kept_per_item": keep, "form": "dual" if solver.dual else "primal",
+             "device": device.type,
+             "l2_grid": {f"{v:g}": score for (v, _), score in sorted(plain_results.items())}, "l2_search": search,
+             "dropout_grid": {f"{p:g}": {f"{v:g}": score for (v, q), score in results.items() if q == p} for p in emphasised},
+             "plain_ease": {"l2": plain_l2, "val": {metric: plain_results.get((plain_l2, 0.0))} if plain_results else None}}
+    return shallow, facts, plain
+
+
+def extend_l2_grid(score_l2, scores: dict[float, float], factor: float, most: int) -> tuple[dict[float, float], dict]:
+    """The l2 grid's validation ``scores`` (l2 -> score), grown past its edge when the best l2 is
+    the largest (or smallest) value: the next value is ``factor`` times (or 1 / ``factor`` times)
+    the last one, scored by ``score_l2(l2)``, until a value scores no better than the best so far
+    or ``most`` values were added (0: the grid alone). A search whose best is at the edge of its
+    range stopped early: the penalty the data needs may lie outside the range set in advance.
+
+    Returns (every l2 tried -> score, facts: ``best`` (the best l2; a tie keeps the grid's smaller
+    value, and the grid's over one added), ``grid`` (the values given), ``extended`` (up | down |
+    None), ``added`` (the values tried past the edge, in order), ``stopped`` (why the search
+    ended: interior — the best is inside the grid; no_gain — the last value added scored no
+    better; cap — ``most`` values added; off — ``most`` is 0; no_score — the grid has no finite score))."""
+    scores = dict(scores)
+    initial = sorted(scores)
+    best = max(initial, key=lambda v: (scores[v] if math.isfinite(scores[v]) else -math.inf))
+    step = factor if best == initial[-1] else 1.0 / factor if best == initial[0] else None
+    facts = {"best": best, "grid": initial, "extended": None, "added": [], "stopped": "interior"}
+    if not math.isfinite(scores[best]):
+        facts["stopped"] = "no_score"
+    elif step is not None and most <= 0:
+        facts["stopped"] = "off"
+    elif step is not None:
+        facts.update(extended="up" if step > 1.0 else "down", stopped="cap")
+        edge = best
+        for _ in range(most):
+            edge *= step
+            scores[edge] = float(score_l2(edge))
+            facts["added"].append(edge)
+            if not scores[edge] > scores[best]:
+                facts["stopped"] = "no_gain"
+                break
+            best = facts["best"] = edge
+    return scores, facts
 
 
 def time_budget(cfg: DictConfig) -> tuple[float | None, dict]:
@@ -492,7 +582,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
 
         previous = load_previous(cfg.init_from)
 
-    shallow = None
+    shallow = plain_ease = None
     ease_skipped = None
     if SHALLOW in wanted and processes.main:  # data-parallel: the other processes fit the autoencoder only
         ease_skipped = ease_lib.check_memory(dm.n_users, dm.n_items, model.ease.get("max_memory_gb", "auto"), device)
@@ -502,8 +592,8 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
             log.warning("EASE candidate skipped: %s", ease_skipped)
             candidates[SHALLOW] = {"status": "skipped", "reason": ease_skipped}
         else:
-            shallow, ease_facts = (fit_ease(cfg, dm, x_train, val_users=val_sample) if has_val
-                                   else fit_ease(cfg, dm, x_train, l2=_default_l2(cfg, x_train)))
+            shallow, ease_facts, plain_ease = (fit_ease(cfg, dm, x_train, val_users=val_sample) if has_val
+                                               else fit_ease(cfg, dm, x_train, l2=_default_l2(cfg, x_train)))
             candidates[SHALLOW] = {"status": "ok", "reason": None, "fit_seconds": ease_facts["fit_seconds"], "details": ease_facts}
             shallow.to(device)
 
@@ -610,12 +700,12 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
              ", ".join(f"{n}={v:.4f}" for n, v in val_scores.items()) or "n/a")
 
     # 3. test metrics of every candidate and of the baselines (models fitted without the held-out
-    # events), in one pass over the test users; EASE's baseline is its candidate (one fit per run)
+    # events), in one pass over the test users; EASE's baseline is the candidate's plain EASE (no refit)
     ranking: dict[str, dict] = {}
     if len(dm.test_users):
         tested = [n for n in (DEEP, SHALLOW, BLEND) if n in candidates and (n == DEEP or candidates[n]["status"] == "ok")]
         scores = test_inputs(dm, net, items, shallow, device, shallow_input)
-        tests, baselines = _test_pass(cfg, dm, scores, tested, blend_weight, candidates, ease_skipped)
+        tests, baselines = _test_pass(cfg, dm, scores, tested, blend_weight, candidates, ease_skipped, plain_ease)
         for name in tested:
             candidates[name]["test"] = tests[name]
         ranking[str(model.get("name", "auto"))] = candidates[chosen]["test"]
@@ -701,7 +791,8 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
     served = choice.served
     if served.uses_shallow:
         t1 = time.perf_counter()
-        shallow, _ = fit_ease(cfg, dm, seen, l2=choice.record["candidates"][SHALLOW]["details"]["l2"])
+        chosen = choice.record["candidates"][SHALLOW]["details"]
+        shallow, _, _ = fit_ease(cfg, dm, seen, l2=chosen["l2"], dropout=chosen.get("dropout", 0.0))
         facts["ease_seconds"] = time.perf_counter() - t1
         served = ServedScore(served.deep_weight, served.shallow_weight, shallow, served.shallow_input)
     facts["seconds"] = time.perf_counter() - t0 + earlier
@@ -739,11 +830,13 @@ def _spread_ratio(scores: CandidateScores, n_users: int) -> float:
 
 
 def _test_pass(cfg: DictConfig, dm, scores: CandidateScores, tested: list[str], blend_weight: float,
-               candidates: dict, ease_skipped: str | None) -> tuple[dict[str, dict], dict[str, dict]]:
+               candidates: dict, ease_skipped: str | None,
+               plain_ease: ease_lib.ItemItemScorer | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
     """Test metrics of the ``tested`` candidates and of the report's baselines, in one pass over the
-    test users: popularity, and EASE — the EASE candidate itself when it was fitted with the l2 the
-    report asks for (``evaluation.ease_l2``, default: the one chosen on validation), else a fit of
-    its own in the same served (pruned) form, which ``python -m dmp_dl.evaluate`` scores too.
+    test users: popularity, and EASE — plain EASE (dropout 0) with the l2 the report asks for
+    (``evaluation.ease_l2``, default: the one plain EASE chose on validation): the EASE candidate
+    itself when it is that model, else plain EASE's weights fitted beside it (``plain_ease``), else a
+    fit of its own in the same served (pruned) form, which ``python -m dmp_dl.evaluate`` scores too.
     Returns (candidate name -> metrics, baseline name -> metrics)."""
     evaluation = cfg.get("evaluation") or {}
     names = list(evaluation.get("baselines") if evaluation.get("baselines") is not None else ("popularity", "ease"))
@@ -754,18 +847,23 @@ def _test_pass(cfg: DictConfig, dm, scores: CandidateScores, tested: list[str], 
         popularity = torch.as_tensor(np.log1p(np.asarray(dm.item_counts, dtype=np.float64)), dtype=torch.float32,
                                      device=scores.device)
     batches = _candidate_batches(scores, tested, blend_weight, popularity)
-    fitted = (candidates.get(SHALLOW, {}).get("details") or {}).get("l2")
+    details = candidates.get(SHALLOW, {}).get("details") or {}
+    plain_l2 = (details.get("plain_ease") or {}).get("l2", details.get("l2"))
     wanted_l2 = evaluation.get("ease_l2")
-    same_l2 = "ease" in names and SHALLOW in tested and (wanted_l2 is None or float(wanted_l2) == fitted)
-    reuse = same_l2 and scores.shallow_input == BINARY
-    plain = same_l2 and not reuse  # the candidate reads decayed rows: the baseline is its weights on 0/1 items
+    wanted = plain_l2 if wanted_l2 is None else float(wanted_l2)
+    same = ("ease" in names and SHALLOW in tested and float(details.get("dropout", 0.0)) == 0.0
+            and wanted == details.get("l2"))  # the candidate is the plain EASE the report asks for
+    reuse = same and scores.shallow_input == BINARY
+    plain = same and not reuse  # the candidate reads decayed rows: the baseline is its weights on 0/1 items
     own = None
-    if "ease" in names and not reuse and not plain:
+    if "ease" in names and not same and plain_ease is not None and wanted == plain_l2:
+        own = plain_ease.to(scores.device)
+    elif "ease" in names and not same:
         reason = ease_skipped or ease_lib.check_memory(dm.n_users, dm.n_items, cfg.model.ease.get("max_memory_gb", "auto"),
                                                         scores.device)
         if reason is None and dm.n_items <= int(evaluation.get("ease_max_items", 20000)):
-            l2 = float(wanted_l2) if wanted_l2 is not None else _default_l2(cfg, dm.train_seen)
-            own, _ = fit_ease(cfg, dm, dm.train_seen, l2=l2)
+            l2 = wanted if wanted is not None else _default_l2(cfg, dm.train_seen)
+            own, _, _ = fit_ease(cfg, dm, dm.train_seen, l2=l2, dropout=0.0)
             own.to(scores.device)
         elif reason is not None:
             log.warning("EASE baseline skipped: %s", reason)
@@ -794,5 +892,9 @@ def _best_baseline(ranking: dict, candidates: dict) -> dict | None:
     if not base:
         return None
     name = max(base, key=lambda n: base[n].get("ndcg@20", -1.0))
-    val = candidates.get(SHALLOW, {}).get("val") if name == "ease" else None
+    shallow = candidates.get(SHALLOW, {})
+    details = shallow.get("details") or {}
+    val = None
+    if name == "ease":  # plain EASE's validation score: the candidate's when it is plain EASE
+        val = shallow.get("val") if float(details.get("dropout", 0.0)) == 0.0 else (details.get("plain_ease") or {}).get("val")
     return {"name": name, "test": {k: base[name].get(k) for k in ("ndcg@20", "recall@20")}, "val": val}

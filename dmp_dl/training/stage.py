@@ -88,10 +88,12 @@ def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
     if choice is None:  # trainer=ddp, a process other than the main one: its part of the fits is done
         state["halt"] = True
         return
-    ease_l2 = (choice.record["candidates"].get("ease", {}).get("details") or {}).get("l2")
+    ease = choice.record["candidates"].get("ease", {}).get("details") or {}
+    ease_l2 = (ease.get("plain_ease") or {}).get("l2", ease.get("l2"))  # the report's EASE baseline's l2
     state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
                  network_kwargs=FITTERS["auto"].network_kwargs(cfg),
                  history_len=max(dm.history_len, int(cfg.model.get("history_len", 2048))))
     state["bundle_parts"] = {**state.get("bundle_parts", {}),
-                             SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2)}
+                             SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2,
+                                                       {k: ease[k] for k in ("l2", "dropout") if k in ease})}
     state["metrics"].update(train={**choice.train, "privacy": privacy.summary(choice.train.get("steps", 0))}, model=choice.record)

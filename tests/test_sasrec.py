@@ -13,6 +13,7 @@ import torch
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.data.sequences import TrainSequences
 from dmp_dl.models.sasrec import SASRecNet
+from dmp_dl.models.sequence_module import SequenceModule
 from dmp_dl.pipeline.checks import check_train_config
 from dmp_dl.pipeline.run import run
 from dmp_dl.realtime import LiveRecommender
@@ -47,6 +48,19 @@ def test_padding_is_not_read_and_the_user_vector_is_the_latest_position():
     torch.testing.assert_close(vector, cold)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to .self.log")  # a step outside a Trainer logs nowhere
+def test_a_step_in_bf16_mixed_precision_gives_a_finite_loss():
+    """``trainer=gpu`` trains in bf16-mixed; CPU autocast runs the same operations in bfloat16."""
+    torch.manual_seed(0)
+    net = SASRecNet(n_users=5, n_items=30, dim=16, heads=2, n_layers=2, max_len=8)
+    module = SequenceModule(net, optimizer=torch.optim.Adam, full_softmax_max_items=10)  # sampled softmax with logQ
+    batch = {"sequence": torch.randint(0, 31, (6, 8)), "target": torch.randint(0, 31, (6, 8)), "weight": torch.ones(6, 8)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(net.item_emb.weight.grad).all()
+
+
 def test_training_windows_make_every_event_but_the_first_a_target_once():
     user = np.array([0, 1, 0, 0, 1, 0, 0, 0, 0, 2])  # user 0: 7 events, user 1: 2, user 2: 1 (nothing to predict)
     item = np.array([10, 20, 11, 12, 21, 13, 14, 15, 16, 30])
@@ -64,12 +78,12 @@ def test_training_windows_make_every_event_but_the_first_a_target_once():
 
 
 # -- training on a planted sequential pattern ------------------------------------------------------
-def _sessions(n_users: int = 240, n_items: int = 60, seed: int = 0) -> pd.DataFrame:
+def _sessions(n_users: int = 150, n_items: int = 40, seed: int = 0) -> pd.DataFrame:
     """Each user walks the catalogue in order from a random item: item i is always followed by i + 1."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_users):
-        start, length = int(rng.integers(n_items)), int(rng.integers(12, 20))
+        start, length = int(rng.integers(n_items)), int(rng.integers(10, 16))
         for j in range(length):
             rows.append((f"u{u:04d}", f"i{(start + j) % n_items:03d}", 1_700_000_000 + 86_400 * u + 60 * j))
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
@@ -80,8 +94,8 @@ def planted_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sasrec_planted")
     _sessions().to_csv(folder / "events.csv", index=False)
     cfg = compose_cfg([*QUIET_TRAINER, "data=events", f"data.path={folder / 'events.csv'}", "model=sasrec",
-                       "data.split.method=leave_last_n", "trainer.max_epochs=40", "callbacks.early_stopping.patience=40",
-                       "model.module.optimizer.lr=0.005", "model.net.dropout=0.1", "logger=none",
+                       "data.split.method=leave_last_n", "data.history_len=12", "model.module.batch_sequences=32",
+                       "trainer.max_epochs=15", "callbacks.early_stopping.patience=15", "model.module.optimizer.lr=0.005", "model.net.dropout=0.1", "model.refit=false", "logger=none",
                        "propensity.enabled=false", "audience.enabled=false", "evaluation.report=null",
                        f"privacy.erasure_list={folder / 'erased.txt'}", f"privacy.audit_log={folder / 'audit.jsonl'}"],
                       folder / "run")
@@ -93,8 +107,8 @@ def test_sasrec_learns_what_comes_next_and_beats_popularity(planted_run):
     assert ranking["sasrec"]["ndcg@20"] > 0.6, ranking["sasrec"]
     assert ranking["sasrec"]["ndcg@20"] > ranking["popularity"]["ndcg@20"] + 0.4, ranking
     rec = Recommender.load(planted_run["bundle_dir"])
-    (top, _), = rec.recommend_for_history([f"i{i:03d}" for i in range(10, 24)], k=1)  # a walk as long as the users'
-    assert top == "i024"
+    (top, _), = rec.recommend_for_history([f"i{i:03d}" for i in range(10, 22)], k=1)  # a walk as long as the users'
+    assert top == "i022"
 
 
 # -- real time ----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix
 from dmp_dl.data.privacy_options import log_user_ids
 from dmp_dl.data.recency import AUTO, check_half_life, decayed_sums, describe, row_strength
 from dmp_dl.data.schema import ITEM, TIME, USER, WEIGHT
+from dmp_dl.data.sequences import TrainSequences
 from dmp_dl.data.split import TEST, TRAIN, VAL, SplitOptions, resolve_split
 from dmp_dl.data.vocab import IdVocab
 
@@ -506,6 +507,14 @@ class InteractionDataModule(pl.LightningDataModule):
             history_sampling=self.history_sampling,
         )
 
+    def train_sequences(self, length: int) -> TrainSequences:
+        """The training events as windows of each user's events in time order, a next-item target
+        at every position (:class:`dmp_dl.data.sequences.TrainSequences`)."""
+        ev = self.events
+        idx = self.train_idx
+        return TrainSequences(ev["user_idx"].to_numpy()[idx], ev["item_idx"].to_numpy()[idx], ev[WEIGHT].to_numpy()[idx],
+                              length, pad=self.n_items)
+
     def eval_dataset(self, stage: str) -> EvalUsers:
         """``stage`` is ``val`` or ``test``. A user's history is what they did before the period
         ranked: their training events for ``val``, training and validation events for ``test``."""
@@ -525,6 +534,14 @@ class InteractionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """One example per training event (:meth:`train_dataset`), unless the module being trained
+        builds its own from this data module: ``train_examples(dm) -> (dataset, batch_size)``
+        (a sequence model's windows of each user's events, :class:`dmp_dl.data.sequences.TrainSequences`)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        own = getattr(module, "train_examples", None)
+        if callable(own):
+            dataset, batch_size = own(self)
+            return self._loader(dataset, batch_size, shuffle=True)
         return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

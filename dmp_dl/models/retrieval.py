@@ -85,32 +85,37 @@ class RetrievalModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.dp is not None:
             return self.dp.training_step(self, batch)
-        h = self.hparams
         user = self.net.user_vectors(batch["user"], batch.get("history"))
-        weight = batch.get("weight")
+        loss = self.loss_of(user, batch["item"], batch.get("weight"))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=user.shape[0])
+        return loss
+
+    def loss_of(self, user: torch.Tensor, item: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The configured loss of (B, dim) user vectors against their (B,) positive items, with
+        (B,) example weights or None."""
+        h = self.hparams
         n_items = self.net.n_items
         if h.loss == "softmax" and n_items <= h.full_softmax_max_items:
             items = self.net.item_vectors(torch.arange(n_items, device=self.device))
-            loss = full_softmax_loss(user, items, batch["item"], h.temperature, weight)
+            loss = full_softmax_loss(user, items, item, h.temperature, weight)
         elif h.loss == "softmax":
-            pos = self.net.item_vectors(batch["item"])
+            pos = self.net.item_vectors(item)
             neg = neg_ids = None
             if h.num_negatives > 0:
                 neg_ids = torch.randint(n_items, (h.num_negatives,), device=self.device)
                 neg = self.net.item_vectors(neg_ids)
             loss = sampled_softmax_loss(
-                user, pos, batch["item"], h.temperature, self.log_q if h.logq_correction else None,
+                user, pos, item, h.temperature, self.log_q if h.logq_correction else None,
                 neg, neg_ids, n_items, weight,
             )
         else:
-            pos = self.net.item_vectors(batch["item"])
+            pos = self.net.item_vectors(item)
             k = max(1, h.num_negatives)
             neg_ids = torch.randint(n_items, (user.shape[0], k), device=self.device)
             neg = self.net.item_vectors(neg_ids.reshape(-1)).reshape(user.shape[0], k, -1)
             loss = bpr_loss(user, pos, neg, weight)
             if h.l2 > 0:
                 loss = loss + h.l2 * (user.pow(2).sum(-1).mean() + pos.pow(2).sum(-1).mean() + neg.pow(2).sum(-1).mean())
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=user.shape[0])
         return loss
 
     # -- validation: full ranking over the catalogue -----------------------------------------

@@ -87,6 +87,9 @@ MODEL_RULES: dict[str, Rule] = {
     "model.net.id_dropout": FRACTION,
     "model.net.history_dropout": FRACTION,
     "model.net.init_std": POSITIVE,
+    "model.net.heads": Int(1, 1024),
+    "model.net.n_layers": Int(1, 64),
+    "model.module.batch_sequences": Int(1, 2**31 - 1),
     "model.module.temperature": POSITIVE,
     "model.module.num_negatives": Int(0, 1 << 20),
     "model.module.full_softmax_max_items": Int(0, None),
@@ -479,6 +482,7 @@ def check_train_config(cfg: DictConfig) -> None:
         if Int(1, 100_000).problem(net_history):
             raise ConfigError(f"{key} must be an integer >= 1 for model={select(cfg, 'model.name')} (its user tower "
                               f"reads the recent items), got {net_history!r}; or set model.net.use_history=false")
+    _check_sequence_net(cfg)
     _input_paths(cfg, {"privacy.erasure_list": {"must_exist": False}, "privacy.secret_file": {"must_exist": False}})
     ckpt = select(cfg, "ckpt_path")
     if isinstance(ckpt, str) and ckpt not in ("", "last", "null"):
@@ -487,6 +491,19 @@ def check_train_config(cfg: DictConfig) -> None:
     output = select(cfg, "paths.output_dir")
     if output is not ABSENT:
         check_output_dir(output, "paths.output_dir")
+
+
+def _check_sequence_net(cfg: DictConfig) -> None:
+    """A sequence network (``model=sasrec``) reads at least one item, and its heads split ``model.dim`` evenly."""
+    max_len = select(cfg, "model.net.max_len")  # usually ${data.history_len}
+    if max_len is not ABSENT and Int(1, 100_000).problem(max_len):
+        key = "data.history_len" if select(cfg, "data.history_len") == max_len else "model.net.max_len"
+        raise ConfigError(f"{key} must be an integer >= 1 for model={select(cfg, 'model.name')} (it reads the user's "
+                          f"latest items), got {max_len!r}")
+    heads, dim = select(cfg, "model.net.heads"), select(cfg, "model.dim")
+    if isinstance(heads, int) and isinstance(dim, int) and heads > 0 and dim % heads:
+        raise ConfigError(f"model.net.heads={heads} must divide model.dim={dim} (each attention head reads "
+                          f"dim / heads entries); e.g. model.net.heads=2")
 
 
 def _enabled(cfg: DictConfig, group: str) -> bool:

@@ -50,15 +50,21 @@ def is_glob(path: str | os.PathLike) -> bool:
     return any(c in GLOB_CHARS for c in str(path)) and not Path(path).exists()
 
 
-def file_kind(path: Path) -> str | None:
-    """``csv``, ``parquet`` or None (not an event file) from the name, else the first bytes."""
+def kind_by_name(path: Path) -> str | None:
+    """``csv`` (compressed or not), ``parquet`` or None from the file's name alone."""
     name = path.name.lower()
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
     for suffix in COMPRESSION_SUFFIXES:
         name = name.removesuffix(suffix)
-    if name.endswith(CSV_SUFFIXES):
-        return "csv"
+    return "csv" if name.endswith(CSV_SUFFIXES) else None
+
+
+def file_kind(path: Path) -> str | None:
+    """``csv``, ``parquet`` or None (not an event file) from the name, else the first bytes."""
+    kind = kind_by_name(path)
+    if kind is not None:
+        return kind
     try:
         with open(path, "rb") as fh:
             return "parquet" if fh.read(4) == PARQUET_MAGIC else None

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.io import regular_file_problem
-from dmp_dl.data.event_paths import COMPRESSION_SUFFIXES, CSV_SUFFIXES, PARQUET_SUFFIXES
+from dmp_dl.data.event_paths import kind_by_name
 from dmp_dl.data.schema import ITEM, USER
 
 SEPARATORS = (",", "\t", ";", "|")
@@ -52,13 +52,9 @@ class Table:
 
 
 def _kind_of(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    for suffix in COMPRESSION_SUFFIXES:
-        name = name.removesuffix(suffix)
-    if name.endswith(CSV_SUFFIXES):
-        return "csv"
+    kind = kind_by_name(path)
+    if kind is not None:
+        return kind
     raise DataError(
         f"{path}: unknown file type; use a .csv/.tsv (optionally .gz, .bz2 or .zst) or .parquet file"
     )

@@ -234,6 +234,31 @@ def test_stored_attributes_round_trip_to_the_same_vector(live):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_propensity_is_scored_when_read_and_kept_until_the_next_event(any_live, monkeypatch):
+    """An event costs no propensity pass: the live score is computed when read, once per event,
+    from the user's statistics as of their latest event, and equals a fresh score of that state."""
+    live = any_live
+    scorer = live._propensity
+    calls = []
+    real = scorer.score_snapshot
+    monkeypatch.setattr(scorer, "score_snapshot", lambda snap: calls.append(len(snap.behaviour)) or real(snap))
+    user = live.user_vocab.ids[9]
+    t0 = data_end(live)
+    for j, item in enumerate(live.item_vocab.ids[30:35]):
+        live.ingest([{"user_id": user, "item_id": item, "event_type": "purchase", "value": 5.0, "timestamp": t0 + 60 * (j + 1)}])
+    assert calls == [], "ingest scores nobody"
+    first = live.propensity([user, user])
+    assert calls == [1] and first[0] == first[1]
+    assert live.propensity([user]) == [first[0]] and calls == [1], "read again: the kept score"
+    fresh = float(real(live._snapshot([vars(live.live_user(user))]))[0])
+    assert first[0] == pytest.approx(fresh, abs=1e-6)
+    live.ingest([{"user_id": user, "item_id": live.item_vocab.ids[40], "event_type": "purchase", "value": 50.0,
+                  "timestamp": t0 + 3600}])
+    after = live.propensity([user])[0]
+    assert calls == [1, 1] and after != first[0]
+    assert after == pytest.approx(float(real(live._snapshot([vars(live.live_user(user))]))[0]), abs=1e-6)
+
+
 # -- propensity statistics ------------------------------------------------------------------------
 def test_behaviour_statistics_give_the_training_features(rt_run):
     """Features from the stored statistics (and from statistics updated event by event) are the

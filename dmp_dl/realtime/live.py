@@ -19,8 +19,10 @@ called by :class:`~dmp_dl.realtime.service.RealtimeService`) updates, for each u
 * the interest profile, decayed and added to exactly as in training (2^(-age/half-life), ages to
   the user's latest event) and the event-type affinities;
 * the segment: the nearest centre of the bundle's segments;
-* the propensity features (from sufficient statistics, :mod:`dmp_dl.realtime.behaviour`) and the
-  calibrated score, as of the later of the data's end and the user's latest event.
+* the propensity features (from sufficient statistics, :mod:`dmp_dl.realtime.behaviour`); the
+  calibrated score, as of the later of the data's end and the user's latest event, is computed when
+  it is read (:meth:`LiveRecommender.propensity`) and kept until the user's next event, so an event
+  costs no propensity pass.
 
 Lookalike seeds use their current vectors at once; the users searched come from a user index that
 is rebuilt with every user's current vector (new users included) at most ``refresh_seconds`` after a
@@ -66,6 +68,23 @@ SECONDS_PER_DAY = 86400.0
 VECTOR_CHUNK = 1024  # users per cold-start network pass
 
 
+def category_sums(shares: sp.csr_matrix, user: np.ndarray, item: np.ndarray, weight: np.ndarray,
+                  n_users: int) -> np.ndarray:
+    """(n_users, C) each user's events' weights spread over their items' categories: the sum over a
+    user's events e of ``weight[e] * shares[item[e]]``, with ``shares`` the (n_items, C) CSR of
+    category shares. Reads the CSR arrays directly: a few events cost microseconds, not a sparse
+    product's set-up."""
+    out = np.zeros((n_users, shares.shape[1]))
+    starts, ends = shares.indptr[item], shares.indptr[np.asarray(item) + 1]
+    counts = ends - starts
+    total = int(counts.sum())
+    if total:
+        owner = np.repeat(np.arange(len(item)), counts)
+        flat = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)
+        np.add.at(out, (np.asarray(user)[owner], shares.indices[flat]), shares.data[flat] * np.asarray(weight)[owner])
+    return out
+
+
 @dataclass(frozen=True)
 class LiveUser:
     """One user's state after real-time events (replaced as a whole on every update).
@@ -75,7 +94,8 @@ class LiveUser:
     the user's attributes for the encoder (known users: as stored), or None. vector: (dim,)
     float32 or None (no cold-start network). interest: (C,) float64 I(c, u) as of ``as_of``;
     affinity: (T,) event-type affinities; stats: (S,) behaviour statistics as of ``stats_ref``.
-    row_items: (m,) int64 the distinct items of the user's row, sorted, and row_sums: (m,) float64
+    propensity: the bundle's score of a known user whose statistics it lacks, else None (scored from
+    ``stats`` when read). row_items: (m,) int64 the distinct items of the user's row, sorted, and row_sums: (m,) float64
     their summed event weights decayed to ``row_ref`` (the user's latest event); None when the
     bundle stores no sums (written before it did).
     """
@@ -148,6 +168,8 @@ class LiveRecommender(Recommender):
         live._table_lock = threading.Lock()
         live._changed_at: float | None = None  # first change the user index does not have yet
         live._counts = {"events_applied": 0, "events_replayed": 0}
+        # key -> (the user's event count when scored, score): a score read since the user's latest event
+        live._scored: dict[str, tuple[int, float]] = {}
         live._data_end = part.data_end
         live._timeless = part.entry.get("timestamps") is False
         # a network that encodes rows reads them, continued from the bundle's decayed sums when it stores
@@ -365,8 +387,7 @@ class LiveRecommender(Recommender):
             total = np.array([u.interest_total for u in users]) * shift
             shares = self._part.item_categories
             if shares is not None and shares.shape[1] == interest.shape[1]:
-                per_user = sp.csr_matrix((w * decay, (user, item)), shape=(n_users, shares.shape[0]))
-                added = np.asarray((per_user @ shares).todense())
+                added = category_sums(shares, user, item, w * decay, n_users)
                 interest += added
                 total += added.sum(axis=1)
             affinity = np.stack([u.affinity for u in users]) * shift[:, None]
@@ -437,11 +458,9 @@ class LiveRecommender(Recommender):
                                   bool(seg.meta.get("normalize", True)))
             for d, label, distance in zip(with_vec, labels.tolist(), dist.tolist()):
                 d["segment"], d["distance"] = int(label), float(distance)
-        scored = [d for d in drafts if d["stats"] is not None]
-        if self._propensity is not None and scored:
-            scores = self._propensity.score_snapshot(self._snapshot(scored))
-            for d, score in zip(scored, scores.tolist()):
-                d["propensity"] = float(score)
+        for d in drafts:
+            if d["stats"] is not None:  # scored from the statistics when read (:meth:`propensity`)
+                d["propensity"] = None
         return [LiveUser(**d) for d in drafts]
 
     @staticmethod
@@ -458,7 +477,7 @@ class LiveRecommender(Recommender):
         return indptr, items, row_strength(np.concatenate([get(u, "row_sums") for u in users]))
 
     def _snapshot(self, users: list[dict]):
-        """The propensity model's inputs of updated users (:meth:`_updated` fields), as of their statistics."""
+        """The propensity model's inputs of live users (their fields as dicts), as of their statistics."""
         features, part = self._propensity.features, self._part
         n = len(users)
         refs = np.array([u["stats_ref"] for u in users])
@@ -536,6 +555,22 @@ class LiveRecommender(Recommender):
         self._check_served(ids)
         live = [self._users.get(self._key(x)) for x in ids]
         out: list[float | None] = [u.propensity if u is not None else None for u in live]
+        stale: dict[str, LiveUser] = {}
+        for i, u in enumerate(live):
+            if u is not None and u.stats is not None:
+                kept = self._scored.get(u.key)
+                if kept is not None and kept[0] == u.events:
+                    out[i] = kept[1]
+                else:
+                    stale[u.key] = u
+        if stale:  # one pass for every user whose score is older than their latest event
+            users = list(stale.values())
+            scores = self._propensity.score_snapshot(self._snapshot([vars(u) for u in users])).tolist()
+            for u, score in zip(users, scores):
+                self._scored[u.key] = (u.events, float(score))
+            for i, u in enumerate(live):
+                if u is not None and u.key in stale:
+                    out[i] = self._scored[u.key][1]
         rest = [i for i, p in enumerate(out) if p is None]
         if rest:
             known = [ids[i] for i in rest]

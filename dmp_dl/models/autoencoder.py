@@ -188,14 +188,19 @@ class UserAutoencoder(nn.Module):
         return self.row_user_vectors(*padded_to_rows(history, self.n_items), tokens, numeric)
 
     def row_user_vectors(self, offsets: torch.Tensor, items: torch.Tensor, values: torch.Tensor,
-                         tokens: torch.Tensor | None = None, numeric: torch.Tensor | None = None) -> torch.Tensor:
+                         tokens: torch.Tensor | None = None, numeric: torch.Tensor | None = None,
+                         users: torch.Tensor | None = None) -> torch.Tensor:
         """Users given by their rows as CSR pieces (offsets (B,), items (nnz,), values (nnz,): the
         interaction strengths training attaches, :func:`dmp_dl.data.datamodule.weighted_rows`) and
-        optional attribute ``tokens`` (B, T) / ``numeric`` (B, D) -> (B, dim + 1): the encoding of
-        :meth:`user_vectors`, for rows that were not attached (a user's row after real-time events)."""
+        optional attribute ``tokens`` (B, T) / ``numeric`` (B, D), or ``users`` (B,): rows of the
+        attribute table as training read them (``n_users``: the unknown user) -> (B, dim + 1): the
+        encoding of :meth:`user_vectors`, for rows that were not attached (a user's row after
+        real-time events)."""
         attributes: torch.Tensor | float = 0.0
         if self.user_attr.active:
-            if tokens is None and numeric is None:  # the unknown-user row: no attributes
+            if users is not None:
+                attributes = self.user_attr(rows=users)
+            elif tokens is None and numeric is None:  # the unknown-user row: no attributes
                 unknown = torch.full((offsets.shape[0],), self.n_users, dtype=torch.int64, device=offsets.device)
                 attributes = self.user_attr(rows=unknown)
             else:

@@ -291,7 +291,11 @@ class LiveRecommender(Recommender):
         if part.recent_items is not None:
             recent = part.recent_items[row]
             recent = recent[recent >= 0][::-1]  # oldest first
-            items = np.concatenate([seen[~np.isin(seen, recent)], recent]).astype(np.int32)
+            if len(seen) * len(recent) <= 1 << 16:  # a few comparisons cost less than np.isin's sorts
+                keep = ~(seen[:, None] == recent[None, :]).any(axis=1)
+            else:
+                keep = ~np.isin(seen, recent)
+            items = np.concatenate([seen[keep], recent]).astype(np.int32)
         else:
             items = seen.astype(np.int32)
         interest = affinity = None
@@ -443,9 +447,9 @@ class LiveRecommender(Recommender):
         if self.network is not None:
             attributes = [d["attributes"] for d in drafts]
             attributes = attributes if any(a for a in attributes) else None
-            if self._keeps_rows:
+            if self._keeps_rows:  # attributes as stored for known users (their table rows), none for new ones
                 indptr, items, strength = self._rows_of(drafts)
-                vectors = self.row_user_vectors(indptr, items, strength, attributes)
+                vectors = self.row_user_vectors(indptr, items, strength, user_rows=np.array([d["row"] for d in drafts]))
             else:
                 histories = [self.item_vocab.ids[d["items"]].tolist() for d in drafts]
                 vectors, _, _ = self.cold_user_vectors(histories, attributes)

@@ -483,19 +483,26 @@ class Recommender:
         return self.network is not None and hasattr(self.network, "row_user_vectors")
 
     def row_user_vectors(self, indptr: np.ndarray, items: np.ndarray, strength: np.ndarray,
-                         attributes=None) -> np.ndarray:
+                         attributes=None, user_rows: np.ndarray | None = None) -> np.ndarray:
         """Vectors (B, dim) of users given by their rows: CSR pieces indptr (B + 1,), item rows
         (nnz,) and each item's strength in the row (nnz,), ``log2(1 + decayed summed weights)``
-        (:mod:`dmp_dl.data.recency`), plus optional attribute records (B). The same encoding the
-        training run gave its users (:attr:`encodes_rows` networks only)."""
+        (:mod:`dmp_dl.data.recency`), plus optional attribute records (B), or ``user_rows`` (B,):
+        the bundle's user rows (-1: a user it does not know), whose stored attributes are read as
+        training read them. The same encoding the training run gave its users (:attr:`encodes_rows`
+        networks only)."""
         import torch
 
         b = len(indptr) - 1
-        tokens, numeric, _ = self._attribute_inputs(attributes, b)
+        extra: dict = {}
+        if user_rows is not None:
+            rows = np.asarray(user_rows, dtype=np.int64)
+            extra["users"] = torch.as_tensor(np.where(rows >= 0, rows, len(self.user_vocab)))
+        else:
+            extra["tokens"], extra["numeric"], _ = self._attribute_inputs(attributes, b)
         with torch.no_grad():
             vec = self.network.row_user_vectors(torch.as_tensor(np.asarray(indptr[:-1], dtype=np.int64)),
                                                 torch.as_tensor(np.asarray(items, dtype=np.int64)),
-                                                torch.as_tensor(np.asarray(strength, dtype=np.float32)), tokens, numeric)
+                                                torch.as_tensor(np.asarray(strength, dtype=np.float32)), **extra)
         return self._finite_vectors(vec, b)
 
     def _attribute_inputs(self, attributes, b: int):

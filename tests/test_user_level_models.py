@@ -169,6 +169,70 @@ def test_the_refit_learns_items_seen_only_in_the_held_out_period(planted_log, tm
     assert top_share("model.refit=false") <= 0.2
 
 
+def test_on_a_large_log_the_refit_continues_the_held_out_fit(planted_log, tmp_path):
+    """Above model.vae.refit_continue_above_events (here 0) the refit continues the held-out fit for
+    refit_continue_epochs over every event, the rows of items without a training event started
+    afresh: it still learns an item seen only in the test period (measured: 7th for each of these
+    users after 10 continued epochs; in none of their top 5 when the item's rows were continued as
+    the held-out fit left them, pushed down as a negative; a refit from scratch puts it 0th-4th)."""
+    events = pd.read_csv(planted_log)
+    late = events["timestamp"].max() + 86_400
+    fans = [f"g0_u{u:02d}" for u in range(0, USERS_PER_GROUP, 2)]
+    extra = pd.DataFrame({"user_id": fans, "item_id": "g0_new", "timestamp": late + np.arange(len(fans))})
+    path = tmp_path / "events.csv"
+    pd.concat([events, extra]).to_csv(path, index=False)
+    cfg = planted_cfg(str(path), tmp_path / "run", "model=vae", "data.split.method=global_temporal",
+                      "data.split.val_frac=0.1", "data.split.test_frac=0.05", "model.vae.refit_continue_above_events=0",
+                      "model.vae.refit_continue_epochs=10")
+    result = run(cfg)
+    facts = result["metrics"]["model"]["refit_facts"]
+    assert facts["vae_refit"].startswith("continued from the fit on the training period for 10 epoch(s)")
+    assert facts["vae_epochs_run"] == 10
+    rec = Recommender.load(result["bundle_dir"])
+    others = [f"g0_u{u:02d}" for u in range(1, USERS_PER_GROUP, 2)]
+    assert facts["vae_continued"]["items_reinitialised"] >= 1  # g0_new at least
+    assert np.mean(["g0_new" in [i for i, _ in rec.recommend(u, k=10)] for u in others]) >= 0.8
+
+
+def test_on_the_cpu_a_wide_catalogue_serves_the_training_period_ease(planted_log, tmp_path):
+    """model.ease.refit=auto: above short_grid_above_items (here 10 items) on the CPU the refit fits
+    EASE no second time and says so; the served weights are the candidate's."""
+    result = run(planted_cfg(planted_log, tmp_path / "run", "model=ease", "model.ease.short_grid_above_items=10"))
+    record = result["metrics"]["model"]
+    assert record["selected"] == "ease" and record["refit"] is True
+    assert record["refit_facts"]["ease_refit"].startswith("the weights fitted on the training period are served")
+    assert "ease_seconds" not in record["refit_facts"]
+    rec = Recommender.load(result["bundle_dir"])
+    assert in_group_share(rec.recommend("g2_u03", k=5), 2) == 1.0
+    again = run(planted_cfg(planted_log, tmp_path / "again", "model=ease", "model.ease.short_grid_above_items=10",
+                            "model.ease.refit=true"))
+    assert again["metrics"]["model"]["refit_facts"]["ease_refit"].startswith("fitted again on every event")
+    assert again["metrics"]["model"]["refit_facts"]["ease_seconds"] > 0
+
+
+def test_the_scale_rules_of_the_model_stage():
+    from omegaconf import OmegaConf
+
+    from dmp_dl.training.selection import autoencoder_refit_plan, ease_refit_skipped, patience_for_data
+
+    assert [patience_for_data(n) for n in (10_000, 1_000_000, 1_300_000, 2_700_000, 5_000_000, 50_000_000)] == [5, 5, 4, 2, 1, 1]
+    cfg = OmegaConf.create({"model": {"vae": {"refit_continue_above_events": 1_000_000, "refit_continue_epochs": 2},
+                                      "ease": {"refit": "auto", "short_grid_above_items": 8000}}})
+    assert autoencoder_refit_plan(cfg, 900_000, 7)[:2] == (7, False)
+    assert autoencoder_refit_plan(cfg, 2_000_000, 7)[:2] == (2, True)
+    cfg.model.vae.refit_continue_above_events = None
+    assert autoencoder_refit_plan(cfg, 50_000_000, 7)[:2] == (7, False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ease_refit_skipped(cfg, 20_000, "primal", cpu) is not None
+    assert ease_refit_skipped(cfg, 20_000, "primal", cuda) is None
+    assert ease_refit_skipped(cfg, 20_000, "dual", cpu) is None
+    assert ease_refit_skipped(cfg, 8_000, "primal", cpu) is None
+    cfg.model.ease.refit = True
+    assert ease_refit_skipped(cfg, 20_000, "primal", cpu) is None
+    cfg.model.ease.refit = False
+    assert ease_refit_skipped(cfg, 100, "primal", cpu) is not None
+
+
 def test_the_model_record_says_what_was_fitted_and_served(planted_log, tmp_path):
     result = run(planted_cfg(planted_log, tmp_path / "run", "model=auto"))
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())["model"]

@@ -103,7 +103,9 @@ MODEL_RULES: dict[str, Rule] = {
     "model.candidates": Each(Choice(("vae", "ease"))),
     "model.vae.batch_users": OrAuto(Int(1, None, null=True)),
     "model.vae.max_epochs": OrAuto(Int(1, 1_000_000)),
-    "model.vae.patience": Int(0, None),
+    "model.vae.patience": OrAuto(Int(0, None)),
+    "model.vae.refit_continue_above_events": Int(0, None, null=True),
+    "model.vae.refit_continue_epochs": Int(1, 1_000_000),
     "model.vae.net.hidden": Int(1, 1 << 20),
     "model.vae.net.layers": Int(1, 64),
     "model.vae.net.dropout": FRACTION,
@@ -122,6 +124,7 @@ MODEL_RULES: dict[str, Rule] = {
     "model.val_users": Int(1, None, null=True),
     "model.ease.max_bundle_mb": POSITIVE,
     "model.ease.short_grid_above_items": Int(0, None),
+    "model.ease.refit": OrAuto(Flag()),
     "model.ease.dropout": OrAuto(FRACTION),  # EDLAE's dropout p; 0: EASE
     "model.ease.dropout_grid": Each(FRACTION, null=True),
     "trainer.max_epochs": Int(1, None, null=True, also=(-1,)),  # -1: until early stopping

@@ -194,6 +194,24 @@ def epochs_for_data(n_events: int) -> int:
 
 
 
+PATIENCE_EPOCHS, PATIENCE_EVENTS = 5, 5_000_000  # model.vae.patience=auto: see :func:`patience_for_data`
+
+
+def patience_for_data(n_events: int) -> int:
+    """Early stopping's patience for ``n_events`` training events (``model.vae.patience=auto``):
+    ``PATIENCE_EPOCHS`` epochs without a better validation score up to a million events, then fewer
+    (``PATIENCE_EVENTS / n_events``, rounded, at least 1): an epoch of a large log is many steps of
+    large batches, its validation curve is smooth, and each epoch waited for costs as much as the
+    log is large."""
+    return int(max(1, min(PATIENCE_EPOCHS, round(PATIENCE_EVENTS / max(int(n_events), 1)))))
+
+
+def patience(cfg: DictConfig, n_events: int) -> int:
+    """``model.vae.patience``: a number, or ``auto`` (:func:`patience_for_data`)."""
+    setting = cfg.model.vae.get("patience", "auto")
+    return patience_for_data(n_events) if setting in (None, "auto") else int(setting)
+
+
 def epoch_limit(cfg: DictConfig, n_events: int) -> tuple[int, str]:
     """The most epochs the autoencoder trains (early stopping on validation usually ends it sooner)
     and the setting that set it: ``trainer.max_epochs`` when given (-1: until early stopping), a
@@ -241,7 +259,8 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
 
 def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool, max_epochs: int,
                     loggers: list | None = None, time_budget_s: float | None = None,
-                    previous=None, val_users=None, processes: Processes = ONE_PROCESS) -> tuple[torch.nn.Module, dict]:
+                    previous=None, val_users=None, processes: Processes = ONE_PROCESS,
+                    continue_from: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict]:
     """Train ``cfg.model.vae`` on ``rows`` ((n_users, n_items) interaction strengths).
 
     With ``validate``, early stopping on the validation users (``val_users``: an ``EvalUsers``,
@@ -251,7 +270,8 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
     :class:`~dmp_dl.training.warm_start.PreviousNetwork` (``init_from``) the net starts from, row by row by
     id. ``processes``: with more than one, this process's part of a data-parallel fit
     (:mod:`dmp_dl.training.data_parallel`; every process calls this with the same arguments and
-    gets the same net). Returns (net, facts).
+    gets the same net). ``continue_from``: a net of this run (same vocabularies) whose weights the
+    fit continues, its KL weight already annealed (a warm refit). Returns (net, facts).
     """
     node = cfg.model.vae
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -260,9 +280,11 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
         log.info("%s", dense_why)
     net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features,
                                                  sparse_gradients=sparse)
-    net.attach_rows(rows)
     warm = None
-    if previous is not None:
+    if continue_from is not None:
+        warm = continue_fit(net, continue_from, dm.interaction_rows("train"))
+    net.attach_rows(rows)
+    if previous is not None and continue_from is None:
         warm = warm_start(net, previous, {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids})
     step_users = batch_users(node.get("batch_users"), dm.n_users)
     if processes.count > 1:
@@ -271,6 +293,8 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
         loader = user_loader(rows, step_users)
     counts = np.bincount(sp.csr_matrix(rows).indices, minlength=dm.n_items)
     module = instantiate(node.module, _convert_="all")(net=net, item_counts=counts, steps_per_epoch=len(loader))
+    if continue_from is not None:
+        module.anneal_steps = 1.0  # the KL weight was annealed in the fit continued: full from the first step
     metric = f"val/{cfg.model.get('selection_metric', 'ndcg@20')}"
     callbacks: list = [ProcessSeed(int(cfg.seed))] if processes.count > 1 else []
     keep = None
@@ -278,7 +302,7 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
     val_loader = None
     if validate:
         keep = KeepBest(metric)
-        callbacks += [keep, EarlyStopping(monitor=metric, mode="max", patience=int(node.get("patience", 5)))]
+        callbacks += [keep, EarlyStopping(monitor=metric, mode="max", patience=patience(cfg, int(rows.nnz)))]
         val_sample = val_users if val_users is not None else validation_sample(cfg, dm)
         val_loader = DataLoader(validation_share(val_sample, processes), batch_size=dm.eval_batch_size, shuffle=False,
                                 collate_fn=lambda batch: batch)
@@ -303,6 +327,25 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
         facts["epochs"] = max(int(trainer.current_epoch), 1)
     net.eval()
     return net, facts
+
+
+def continue_fit(net: torch.nn.Module, fitted: torch.nn.Module, trained_rows: sp.csr_matrix) -> dict:
+    """Load ``fitted``'s weights into ``net`` (a fresh net of the same run) to continue training it,
+    except the rows of items without a training event (``trained_rows``: the rows the fit read):
+    that fit only ever pushed them down as negatives, so they keep ``net``'s fresh initialisation
+    and learn from their first events like any item of a fit from scratch. Item axes come from the
+    network's ``vocab_axes``. Returns the record for ``metrics.json``."""
+    fresh = net.state_dict()
+    state = {k: v.clone() for k, v in fitted.state_dict().items()}
+    unseen = torch.from_numpy(np.bincount(trained_rows.indices, minlength=trained_rows.shape[1]) == 0)
+    axes = net.vocab_axes() if hasattr(net, "vocab_axes") else {}
+    if bool(unseen.any()):
+        for key, names in axes.items():
+            if key in state and names and names[0] == "item":
+                rows = torch.nonzero(unseen[: state[key].shape[0]]).ravel()
+                state[key][rows] = fresh[key][rows]
+    net.load_state_dict(state)
+    return {"continued": "the autoencoder fitted on the training period", "items_reinitialised": int(unseen.sum())}
 
 
 def stage_device(cfg: DictConfig) -> torch.device:
@@ -640,9 +683,11 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     refitted = None
     if processes.count > 1:
         if refit_reason is None:  # every process takes part in the refit now, while they are all here
-            refitted = fit_autoencoder(cfg, dm, dm.interaction_rows("all"), validate=False,
-                                       max_epochs=int(vae_facts.get("epochs", 1)), loggers=loggers,
-                                       time_budget_s=vae_budget, previous=previous, processes=processes)
+            epochs, held_out_fit, how = autoencoder_refit_plan(cfg, int(len(dm.train_idx)), int(vae_facts.get("epochs", 1)))
+            refitted = fit_autoencoder(cfg, dm, dm.interaction_rows("all"), validate=False, max_epochs=epochs,
+                                       loggers=loggers, time_budget_s=vae_budget, previous=previous, processes=processes,
+                                       continue_from=net if held_out_fit else None)
+            refitted[1]["refit_plan"] = how
         leave_process_group()
         if not processes.main:
             log.info("autoencoder: this process's part of the data-parallel fits is done; process 0 runs the rest "
@@ -783,24 +828,70 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
     vae = choice.record["candidates"][DEEP]["details"]
     earlier = 0.0 if autoencoder is None else float(autoencoder[1]["fit_seconds"])  # seconds it took before t0
     if autoencoder is None:
-        autoencoder = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=int(vae.get("epochs", 1)), loggers=loggers,
-                                      time_budget_s=vae.get("time_budget_s"), previous=previous)
+        epochs, held_out_fit, how = autoencoder_refit_plan(cfg, int(choice.train["train_events"]), int(vae.get("epochs", 1)))
+        autoencoder = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=epochs, loggers=loggers,
+                                      time_budget_s=vae.get("time_budget_s"), previous=previous,
+                                      continue_from=choice.net if held_out_fit else None)
+        facts["vae_refit"] = how
     net, fitted = autoencoder
+    facts.setdefault("vae_refit", fitted.get("refit_plan"))
+    if fitted.get("warm_start") and "continued" in fitted["warm_start"]:
+        facts["vae_continued"] = fitted["warm_start"]
     facts.update(vae_seconds=fitted["fit_seconds"], vae_epochs_run=fitted["epochs_run"],
                  vae_time_budget_fired=fitted["time_budget_fired"], processes=int(fitted.get("processes", 1)))
     served = choice.served
     if served.uses_shallow:
-        t1 = time.perf_counter()
         chosen = choice.record["candidates"][SHALLOW]["details"]
-        shallow, _, _ = fit_ease(cfg, dm, seen, l2=chosen["l2"], dropout=chosen.get("dropout", 0.0))
-        facts["ease_seconds"] = time.perf_counter() - t1
-        served = ServedScore(served.deep_weight, served.shallow_weight, shallow, served.shallow_input)
+        kept = ease_refit_skipped(cfg, dm.n_items, chosen.get("form", "primal"), stage_device(cfg))
+        facts["ease_refit"] = kept or "fitted again on every event with the l2 chosen on validation"
+        if kept is None:
+            t1 = time.perf_counter()
+            shallow, _, _ = fit_ease(cfg, dm, seen, l2=chosen["l2"], dropout=chosen.get("dropout", 0.0))
+            facts["ease_seconds"] = time.perf_counter() - t1
+            served = ServedScore(served.deep_weight, served.shallow_weight, shallow, served.shallow_input)
+        else:
+            log.info("EASE: %s", kept)
     facts["seconds"] = time.perf_counter() - t0 + earlier
     net.attach_rows(rows)
     choice.net, choice.served = net, served
     choice.record.update(refit=True, refit_facts=facts)
     choice.train.update(refit_seconds=facts["seconds"], fit_seconds=choice.train["selection_fit_seconds"] + facts["seconds"])
     return choice
+
+
+def autoencoder_refit_plan(cfg: DictConfig, train_events: int, epochs: int) -> tuple[int, bool, str]:
+    """How the autoencoder is trained again on every event: (epochs, whether it continues the fit
+    of the training period, why). From scratch with the epochs chosen on validation, unless the
+    training period held more than ``model.vae.refit_continue_above_events`` events (null: never):
+    then the held-out fit continues for ``model.vae.refit_continue_epochs`` epochs over every
+    event — on a large log that fit has already seen most of them many times, and a second fit
+    from scratch would double the model stage."""
+    node = cfg.model.vae
+    above = node.get("refit_continue_above_events", None)
+    if above is None or train_events <= int(above):
+        return epochs, False, f"from scratch, {epochs} epochs (as chosen on validation)"
+    more = int(node.get("refit_continue_epochs", 1))
+    return more, True, (f"continued from the fit on the training period for {more} epoch(s) over every event "
+                        f"({train_events:,} training events > model.vae.refit_continue_above_events={int(above):,})")
+
+
+def ease_refit_skipped(cfg: DictConfig, n_items: int, form: str, device: torch.device) -> str | None:
+    """Why the served item-item weights stay those fitted on the training period (None: EASE is
+    fitted again on every event). ``model.ease.refit``: true, false, or ``auto`` — again unless,
+    on the CPU, the catalogue is wider than ``model.ease.short_grid_above_items`` and the primal
+    form is used: there one Cholesky of the items x items matrix is the run's largest cost (the
+    reason the l2 grid is one value there), and the users' rows still read every event."""
+    setting = cfg.model.ease.get("refit", "auto")
+    if setting is True:
+        return None
+    if setting is False:
+        return "model.ease.refit=false: the weights fitted on the training period are served"
+    limit = int(cfg.model.ease.get("short_grid_above_items", 8000))
+    if device.type != "cuda" and form == "primal" and n_items > limit:
+        return (f"the weights fitted on the training period are served (model.ease.refit=auto: {n_items:,} items > "
+                f"model.ease.short_grid_above_items={limit:,} on the CPU, where a second Cholesky would double the "
+                "model stage; users' rows read every event)")
+    return None
 
 
 def test_inputs(dm, net, items: np.ndarray, shallow, device: torch.device, shallow_input: str) -> CandidateScores:

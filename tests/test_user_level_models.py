@@ -210,12 +210,32 @@ def test_on_the_cpu_a_wide_catalogue_serves_the_training_period_ease(planted_log
     assert again["metrics"]["model"]["refit_facts"]["ease_seconds"] > 0
 
 
+def test_early_stopping_on_a_large_log_counts_only_gains_of_one_per_cent():
+    """The validation curve of the 100,000-user x 3M-event log: with a 1 % gain required and a
+    patience of 2 the fit stops after the 5th epoch; with any gain counting it would go on."""
+    from dmp_dl.training.selection import GainEarlyStopping
+
+    curve = [0.028249, 0.029276, 0.029624, 0.029629, 0.029749, 0.029710, 0.029879, 0.02990, 0.02992]
+
+    def epochs_run(gain: float) -> int:
+        stop = GainEarlyStopping(gain, monitor="val", patience=2)
+        for epoch, value in enumerate(curve):
+            should, _ = stop._evaluate_stopping_criteria(torch.tensor(value))
+            if should:
+                return epoch + 1
+        return len(curve)
+
+    assert epochs_run(0.01) == 5
+    assert epochs_run(0.0) == len(curve)
+
+
 def test_the_scale_rules_of_the_model_stage():
     from omegaconf import OmegaConf
 
     from dmp_dl.training.selection import autoencoder_refit_plan, ease_refit_skipped, patience_for_data
 
-    assert [patience_for_data(n) for n in (10_000, 1_000_000, 1_300_000, 2_700_000, 5_000_000, 50_000_000)] == [5, 5, 4, 2, 1, 1]
+    assert [patience_for_data(n) for n in (10_000, 1_000_000, 1_300_000, 2_700_000, 5_000_000, 50_000_000)] == [
+        (5, 0.0), (5, 0.0), (4, 0.01), (2, 0.01), (1, 0.01), (1, 0.01)]
     cfg = OmegaConf.create({"model": {"vae": {"refit_continue_above_events": 1_000_000, "refit_continue_epochs": 2},
                                       "ease": {"refit": "auto", "short_grid_above_items": 8000}}})
     assert autoencoder_refit_plan(cfg, 900_000, 7)[:2] == (7, False)

@@ -199,7 +199,8 @@ LARGE_LOG_EVENTS, LARGE_LOG_GAIN = 1_000_000, 0.01  # above: an epoch must beat 
 
 
 def patience_for_data(n_events: int) -> tuple[int, float]:
-    """Early stopping for ``n_events`` training events (``model.vae.patience=auto``): (patience,
+    """Early stopping for ``n_events`` training events (the training rows' user-item pairs, as
+    :func:`epochs_for_data` counts them; ``model.vae.patience=auto``): (patience,
     relative gain). Up to ``LARGE_LOG_EVENTS``: ``PATIENCE_EPOCHS`` epochs without a better
     validation score, any gain counting. Above: fewer epochs (``PATIENCE_EVENTS / n_events``,
     rounded, at least 1), and an epoch counts as better only when it beats the best by

@@ -445,12 +445,12 @@ class LiveRecommender(Recommender):
         """The updated users (fields from :meth:`_updated`) with their vectors (one network pass),
         segments and propensity scores."""
         if self.network is not None:
-            attributes = [d["attributes"] for d in drafts]
-            attributes = attributes if any(a for a in attributes) else None
             if self._keeps_rows:  # attributes as stored for known users (their table rows), none for new ones
                 indptr, items, strength = self._rows_of(drafts)
                 vectors = self.row_user_vectors(indptr, items, strength, user_rows=np.array([d["row"] for d in drafts]))
             else:
+                attributes = [d["attributes"] for d in drafts]
+                attributes = attributes if any(a for a in attributes) else None
                 histories = [self.item_vocab.ids[d["items"]].tolist() for d in drafts]
                 vectors, _, _ = self.cold_user_vectors(histories, attributes)
             for d, v in zip(drafts, vectors):

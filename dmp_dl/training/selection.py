@@ -304,7 +304,7 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
                                                  sparse_gradients=sparse)
     warm = None
     if continue_from is not None:
-        warm = continue_fit(net, continue_from, dm.interaction_rows("train"))
+        warm = continue_fit(net, continue_from, dm.train_seen)
     net.attach_rows(rows)
     if previous is not None and continue_from is None:
         warm = warm_start(net, previous, {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids})
@@ -855,9 +855,9 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
         autoencoder = fit_autoencoder(cfg, dm, rows, validate=False, max_epochs=epochs, loggers=loggers,
                                       time_budget_s=vae.get("time_budget_s"), previous=previous,
                                       continue_from=choice.net if held_out_fit else None)
-        facts["vae_refit"] = how
+        autoencoder[1]["refit_plan"] = how
     net, fitted = autoencoder
-    facts.setdefault("vae_refit", fitted.get("refit_plan"))
+    facts["vae_refit"] = fitted.get("refit_plan")
     if fitted.get("warm_start") and "continued" in fitted["warm_start"]:
         facts["vae_continued"] = fitted["warm_start"]
     facts.update(vae_seconds=fitted["fit_seconds"], vae_epochs_run=fitted["epochs_run"],

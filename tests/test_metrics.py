@@ -295,6 +295,20 @@ def test_ease_matches_the_closed_form_and_both_scoring_paths_agree():
     assert np.abs(rows_times_dense(x[[3, 0, 77]], ease.b).numpy() - got).max() < 1e-5  # the CUDA path's product
 
 
+def test_sparse_rows_times_a_dense_matrix_match_the_exact_product_with_weights_and_empty_rows():
+    from dmp_dl.models.ease import rows_times
+
+    rng = np.random.default_rng(1)
+    x = sp.random(50, 40, density=0.1, format="csr", random_state=2, dtype=np.float32)
+    x[7] = 0.0  # a user without items scores 0 everywhere
+    x.eliminate_zeros()
+    dense = rng.standard_normal((40, 25)).astype(np.float32)
+    got = rows_times(x, torch.from_numpy(dense)).numpy()
+    assert got.shape == (50, 25) and not got[7].any()
+    assert np.abs(got - x.toarray().astype(np.float64) @ dense).max() < 1e-5
+    assert rows_times(sp.csr_matrix((3, 40), dtype=np.float32), torch.from_numpy(dense)).shape == (3, 25)
+
+
 def test_popularity_and_embedding_scorers():
     pop = PopularityScorer(np.array([5, 0, 9, 5]), device="cpu")
     out = pop({"user": torch.tensor([0, 1])})

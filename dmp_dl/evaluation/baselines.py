@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from dmp_dl.models import ease as ease_lib
-from dmp_dl.models.ease import sparse_rows
+from dmp_dl.models.ease import rows_times
 from dmp_dl.models.embeddings import inference_device
 
 
@@ -68,7 +68,7 @@ class EASEScorer:
         if self.served is not None:
             return self.served(rows)
 
-        return torch.sparse.mm(sparse_rows(rows, self.device), self.b)
+        return rows_times(rows, self.b)
 
 
 def rows_times_dense(rows: sp.csr_matrix, dense: torch.Tensor) -> torch.Tensor:

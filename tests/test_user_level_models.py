@@ -290,3 +290,21 @@ def test_a_time_budget_given_as_a_number_caps_the_autoencoder(planted_log, tmp_p
     vae = record["candidates"]["vae"]["details"]
     assert record["budget"] == {"time_budget_s": 0.05, "clock": "cpu_seconds"}
     assert 0 < vae["time_budget_s"] <= 0.05 and vae["epochs_run"] < 40 and vae["time_budget_fired"] is True
+
+
+def test_the_autoencoders_row_softmax_loss_and_its_gradients_equal_the_plain_autograd_expression():
+    from dmp_dl.models.losses import row_softmax_nll
+
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, generator=gen, requires_grad=True)
+    row = torch.tensor([0, 0, 1, 3, 3, 3, 4])  # user 2 has no items
+    items = torch.tensor([1, 8, 0, 2, 5, 7, 8])
+    values = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0, 0.25, 3.0], dtype=torch.float64)
+    want = -(values * torch.log_softmax(latent @ weight.T + bias, 1)[row, items]).sum()
+    got = row_softmax_nll(latent, weight, bias, row, items, values)
+    assert torch.allclose(got, want)
+    expected = torch.autograd.grad(want, (latent, weight, bias))
+    for g, e in zip(torch.autograd.grad(got, (latent, weight, bias)), expected):
+        assert torch.allclose(g, e)

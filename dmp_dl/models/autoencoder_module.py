@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.models.losses import row_softmax_nll
 from dmp_dl.models.retrieval import RetrievalModule
 
 
@@ -127,14 +128,15 @@ class AutoencoderModule(RetrievalModule):
             latent = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         row = torch.bucketize(torch.arange(len(items), device=items.device), offsets, right=True) - 1
         if net.n_items <= self.hparams.full_softmax_max_items:
-            log_p = F.log_softmax(net.logits(latent), dim=1)[row, items]
+            nll = row_softmax_nll(latent, net.item_embedding.weight[: net.n_items], net.item_bias[: net.n_items],
+                                  row, items, values) / b
         else:
             negatives = torch.randint(net.n_items, (self.hparams.num_negatives,), device=items.device)
             pool, position = torch.unique(torch.cat([items, negatives]), return_inverse=True)
             expected = len(items) * torch.exp(self.log_q[pool]) + self.hparams.num_negatives / net.n_items
             logits = net.logits(latent, pool) - torch.log(expected)
             log_p = F.log_softmax(logits, dim=1)[row, position[: len(items)]]
-        nll = -(values * log_p).sum() / b
+            nll = -(values * log_p).sum() / b
         loss = nll
         if logvar is not None:
             kl = 0.5 * (torch.exp(logvar) + mean.pow(2) - 1.0 - logvar).sum(1).mean()

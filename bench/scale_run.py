@@ -124,6 +124,8 @@ def child(users: int, items: int, events: int, args) -> dict[str, Any]:
         "refit_s": (record.get("refit_facts") or {}).get("seconds"),
         "test": {name: {k: m.get(k) for k in ("ndcg@20", "recall@20")} for name, m in (metrics.get("ranking") or {}).items()},
         "peak_rss_mib": peak_rss_mib(),
+        "propensity": {k: v for k, v in (((metrics.get("propensity") or {}).get("training")) or {}).items()
+                       if k in ("epochs", "train_examples", "batch_size") or k.endswith("_seconds")},
     }
     if sampler is not None:
         out["gpu"] = sampler.summary()

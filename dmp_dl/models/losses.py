@@ -85,13 +85,17 @@ def bpr_loss(
 class _RowSoftmaxNLL(torch.autograd.Function):
     """:func:`row_softmax_nll`'s forward and backward, keeping one (B, N) buffer: the logits, turned
     in place into the softmax and then into the gradient (so the graph can be walked back once: a
-    second backward through it is refused by autograd's version check)."""
+    second backward through it is refused by autograd's version check).
+
+    Under mixed precision (``trainer.precision=bf16-mixed``, on a GPU or a CPU) the three products
+    run in the autocast dtype, forward and backward alike; the softmax and its gradient stay float32.
+    """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")  # under bf16-mixed the products run in bf16 both ways ...
     def forward(ctx, latent, weight, bias, row, items, values):
-        logits = torch.addmm(bias, latent, weight.T)  # (B, N)
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # the softmax in float32 or above
+        logits = torch.addmm(bias, latent, weight.T)  # (B, N), in the autocast dtype when one is active
+        ctx.product_dtype = logits.dtype
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         picked = logits[row, items]
         top = logits.max(dim=1, keepdim=True).values
         probs = logits.sub_(top).exp_()
@@ -99,17 +103,18 @@ class _RowSoftmaxNLL(torch.autograd.Function):
         log_norm = (top + total.log()).squeeze(1)  # log-sum-exp of each row's logits
         probs.div_(total)
         ctx.save_for_backward(latent, weight, probs, row, items, values)
-        return -(values.to(probs.dtype) * (picked.to(probs.dtype) - log_norm[row])).sum()
+        return -(values.to(probs.dtype) * (picked - log_norm[row])).sum()
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         latent, weight, probs, row, items, values = ctx.saved_tensors
-        latent, weight, values = latent.to(probs.dtype), weight.to(probs.dtype), values.to(probs.dtype)
+        values = values.to(probs.dtype)
         mass = torch.zeros(probs.shape[0], dtype=probs.dtype, device=probs.device).index_add_(0, row, values)
         grad = probs.mul_((mass * grad_out)[:, None])  # d/dlogits of -sum_i v_i log softmax_i = p * sum(v) - v
         grad.index_put_((row, items), -values * grad_out, accumulate=True)
-        return grad @ weight, grad.T @ latent, grad.sum(0), None, None, None
+        low = ctx.product_dtype
+        products = grad.to(low) if low != grad.dtype else grad
+        return (products @ weight.to(low), products.T @ latent.to(low), grad.sum(0), None, None, None)
 
 
 def row_softmax_nll(latent: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, row: torch.Tensor,

@@ -121,6 +121,7 @@ def child(users: int, items: int, events: int, args) -> dict[str, Any]:
         "ease_fit_s": ease.get("fit_seconds"), "ease_status": (candidates.get("ease") or {}).get("status"),
         "vae_fit_s": (candidates.get("vae") or {}).get("fit_seconds"),
         "vae_epochs": ((candidates.get("vae") or {}).get("details") or {}).get("epochs_run"),
+        "vae_precision": ((candidates.get("vae") or {}).get("details") or {}).get("precision"),
         "refit_s": (record.get("refit_facts") or {}).get("seconds"),
         "test": {name: {k: m.get(k) for k in ("ndcg@20", "recall@20")} for name, m in (metrics.get("ranking") or {}).items()},
         "peak_rss_mib": peak_rss_mib(),

@@ -308,3 +308,37 @@ def test_the_autoencoders_row_softmax_loss_and_its_gradients_equal_the_plain_aut
     expected = torch.autograd.grad(want, (latent, weight, bias))
     for g, e in zip(torch.autograd.grad(got, (latent, weight, bias)), expected):
         assert torch.allclose(g, e)
+
+
+def test_the_cpu_bf16_rule_reads_the_cpu_flags_the_log_size_and_the_trainer_setting(tmp_path):
+    from dmp_dl.training.cpu_precision import autoencoder_precision, cpu_has_bf16
+
+    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\n"
+    (tmp_path / "with").write_text(flags.format("avx512_bf16 avx512_vnni"))
+    (tmp_path / "without").write_text(flags.format("avx512_vnni"))
+    assert cpu_has_bf16.__wrapped__(str(tmp_path / "with")) is True
+    assert cpu_has_bf16.__wrapped__(str(tmp_path / "without")) is False
+    assert cpu_has_bf16.__wrapped__(str(tmp_path / "missing")) is False
+    assert autoencoder_precision("32-true", "cpu", 2_000_000, 1_000_000, True)[0] == "bf16-mixed"
+    assert autoencoder_precision("32-true", "cpu", 2_000_000, 1_000_000, True)[1].startswith("autoencoder: bf16-mixed")
+    for args in [("32-true", "cpu", 999_999, 1_000_000, True),  # a small log
+                 ("32-true", "cpu", 2_000_000, 1_000_000, False),  # no bf16 units: emulated bf16 is slower
+                 ("32-true", "cpu", 2_000_000, None, True),  # switched off
+                 ("64-true", "cpu", 2_000_000, 1_000_000, True),  # the trainer's own choice stands
+                 ("32-true", "cuda", 2_000_000, 1_000_000, True)]:  # GPUs: trainer.precision (trainer=gpu: bf16-mixed)
+        assert autoencoder_precision(*args) == (args[0], None)
+
+
+def test_a_large_log_on_a_cpu_with_bf16_units_trains_the_autoencoder_in_bf16_mixed(planted_log, tmp_path, monkeypatch):
+    """Above model.vae.cpu_bf16_above_pairs (here 0) on a CPU with bf16 units (here said to have
+    them: emulated bf16 gives the same numbers, only slower) the autoencoder's fits run bf16-mixed,
+    say so in metrics.json, and the bundle still ranks each user's own group first."""
+    from dmp_dl.training import selection
+
+    monkeypatch.setattr(selection, "cpu_has_bf16", lambda: True)
+    result = run(planted_cfg(planted_log, tmp_path / "run", "model=vae", "model.vae.cpu_bf16_above_pairs=0"))
+    vae = result["metrics"]["model"]["candidates"]["vae"]["details"]
+    assert vae["precision"] == "bf16-mixed"
+    rec = Recommender.load(result["bundle_dir"])
+    top = [i for i, _ in rec.recommend("g0_u01", k=5)]
+    assert sum(i.startswith("g0_") for i in top) >= 4, top

@@ -106,6 +106,7 @@ MODEL_RULES: dict[str, Rule] = {
     "model.vae.patience": OrAuto(Int(0, None)),
     "model.vae.refit_continue_above_events": Int(0, None, null=True),
     "model.vae.refit_continue_epochs": Int(1, 1_000_000),
+    "model.vae.cpu_bf16_above_pairs": Int(0, None, null=True),
     "model.vae.net.hidden": Int(1, 1 << 20),
     "model.vae.net.layers": Int(1, 64),
     "model.vae.net.dropout": FRACTION,

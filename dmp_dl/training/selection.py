@@ -50,6 +50,7 @@ from dmp_dl.models.autoencoder_module import user_loader, users_with_rows
 from dmp_dl.models.embeddings import item_vectors, user_vectors
 from dmp_dl.models.scoring import BINARY, ROWS, ServedScore
 from dmp_dl.training import recency_choice
+from dmp_dl.training.cpu_precision import autoencoder_precision, cpu_has_bf16
 from dmp_dl.training.data_parallel import (
     ONE_PROCESS,
     Processes,
@@ -254,7 +255,8 @@ def epoch_limit(cfg: DictConfig, n_events: int) -> tuple[int, str]:
 
 # -- fitting ------------------------------------------------------------------------------------
 def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: float | None, validate: bool,
-             loggers: list, clock=compute_seconds, processes: Processes = ONE_PROCESS) -> pl.Trainer:
+             loggers: list, clock=compute_seconds, processes: Processes = ONE_PROCESS,
+             precision: Any = None) -> pl.Trainer:
     """``cfg.trainer`` for one autoencoder fit: one device, or with ``processes.count`` > 1 the
     configured devices data-parallel (the loaders shard the users themselves:
     :mod:`dmp_dl.training.data_parallel`); no checkpoint files (the best epoch is kept in memory),
@@ -276,6 +278,8 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
         callbacks.append(TimeBudget(time_budget_s, clock))
     if not validate:
         extra["limit_val_batches"] = 0
+    if precision is not None:
+        extra["precision"] = precision
     return instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 
@@ -330,17 +334,23 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
         val_loader = DataLoader(validation_share(val_sample, processes), batch_size=dm.eval_batch_size, shuffle=False,
                                 collate_fn=lambda batch: batch)
     device = stage_device(cfg)
-    trainer = _trainer(cfg, callbacks, max_epochs, time_budget_s, validate, loggers or [], budget_clock(device), processes)
+    precision, why = autoencoder_precision(cfg.trainer.get("precision", "32-true"), device.type, int(rows.nnz),
+                                           node.get("cpu_bf16_above_pairs"), cpu_has_bf16())
+    if why and processes.main:
+        log.info("%s", why)
+    trainer = _trainer(cfg, callbacks, max_epochs, time_budget_s, validate, loggers or [], budget_clock(device), processes,
+                       precision)
     budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), matmul_precision(device, str(cfg.trainer.get("precision", "32-true"))):
+    with warnings.catch_warnings(), matmul_precision(device, str(precision)):
         warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")  # a final fit without validation users is intended
         # data-parallel: the validation metrics are means over every process already (torchmetrics syncs them)
         warnings.filterwarnings("ignore", message=r".*self.log\('val/.*sync_dist=True.*")
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
     seconds = time.perf_counter() - t0
     facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size * processes.count,
-             "steps": int(module._batches), "warm_start": warm, "time_budget_fired": bool(budget and budget.fired)}
+             "steps": int(module._batches), "warm_start": warm, "time_budget_fired": bool(budget and budget.fired),
+             "precision": str(trainer.precision)}
     if processes.count > 1:
         facts.update(processes=processes.count, batch_users_per_process=loader.batch_size, sparse_gradients=sparse)
     if keep is not None and keep.state is not None:

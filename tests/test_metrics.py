@@ -46,7 +46,11 @@ def _reference_order(row: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_top_k_and_mrr_match_a_plain_sort_with_ties_infinities_and_nan(seed):
+@pytest.mark.parametrize("chunk", [2**20, 37], ids=["one-block", "blocks-of-rows"])
+def test_top_k_and_mrr_match_a_plain_sort_with_ties_infinities_and_nan(seed, chunk, monkeypatch):
+    import dmp_dl.metrics.ranking as ranking
+
+    monkeypatch.setattr(ranking, "CHUNK_ELEMENTS", chunk)  # 37: the CPU's blocks of rows, down to one row a block
     rng = np.random.default_rng(seed)
     n_items = int(rng.integers(5, 400))
     pool = np.array([-np.inf, np.nan, 0.0, -0.0, 1.0, 2.0, -3.5, 7.25], dtype=np.float32)

@@ -71,16 +71,6 @@ class EASEScorer:
         return rows_times(rows, self.b)
 
 
-def rows_times_dense(rows: sp.csr_matrix, dense: torch.Tensor) -> torch.Tensor:
-    """(B, n) sparse rows times (n, m) ``dense``, on ``dense``'s device via a dense (B, n) copy."""
-    coo = rows.tocoo()
-    x = torch.zeros(rows.shape, dtype=dense.dtype, device=dense.device)
-    x[torch.from_numpy(coo.row).to(dense.device), torch.from_numpy(coo.col).to(dense.device)] = torch.from_numpy(
-        coo.data
-    ).to(device=dense.device, dtype=dense.dtype)
-    return x @ dense
-
-
 class EmbeddingScorer:
     """Dot product of precomputed user vectors (by user index) with item vectors."""
 

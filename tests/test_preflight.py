@@ -123,8 +123,11 @@ def test_a_model_without_history_accepts_history_len_0(tiny_cfg, no_data_read):
 @pytest.mark.parametrize("overrides, message", [
     (["index=ivf", "index.nlist=5000"], r"index.factory='IVF5000,Flat' needs at least 5000 vectors to train, but the data "
                                          r"have 1\d\d items; set index.nlist to at most 3 or null"),
-    (["index.factory=PQ3", "index.search_params=''"], r"index.factory='PQ3' needs at least 256 vectors to train, but "
-                                                      r"the data have 1\d\d items"),
+    (["index.factory=PQ3", "index.search_params=''", "model.candidates=[vae,ease]"],
+     r"index.factory='PQ3' needs at least 256 vectors to train, but the data have 1\d\d items"),
+    (["index.factory=PQ3", "index.search_params=''"],  # 201-wide vectors fit, the sequence candidate's 64 do not
+     r"index.factory='PQ3' is not a faiss index_factory string for the 64-wide vectors \(model.sequence.dim, the "
+     r"sasrec candidate's vectors: pick a factory that fits both widths"),
 ])
 def test_index_options_are_checked_against_the_data_before_training(tiny_cfg, no_training, overrides, message):
     cfg = tiny_cfg("logger=none", *overrides)

@@ -250,6 +250,8 @@ def _overview_blocks(d: Mapping) -> list[Block]:
             rows.append([f"{best['name']} (best baseline)", "baseline", *(_num((best.get("val") or {}).get(m)) for m in metrics),
                          *(_num((best.get("test") or {}).get(m)) for m in metrics), "–", ""])
         blocks.append(Block("h3", "Model selection"))
+        if selection.get("why"):
+            blocks.append(Block("note", f"Served: {selection['why']}."))
         blocks.append(Block("table", Table(["candidate", "status", *(f"val {m}" for m in metrics),
                                             *(f"test {m}" for m in metrics), "fit s", "reason"], rows)))
         blocks.append(Block("note", "Chosen on the validation split; the test columns are for the record only."))

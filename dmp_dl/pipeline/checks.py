@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dmp_dl.campaign.outcomes import CAMPAIGN_START, WINDOW_DAYS
 from dmp_dl.core.errors import ConfigError, DataError
@@ -100,7 +100,18 @@ MODEL_RULES: dict[str, Rule] = {
     # the automatic choice (model=auto|vae|ease)
     "model.time_budget_s": Num(0, None, lo_open=True, null=True),  # a cap only: null (the default) keeps runs reproducible
     "model.selection_metric": MetricAtK(("ndcg", "recall")),
-    "model.candidates": Each(Choice(("vae", "ease"))),
+    "model.candidates": Each(Choice(("vae", "ease", "sasrec"))),
+    "model.sequence.dim": Int(1, 65_536),
+    "model.sequence.max_epochs": Int(1, 1_000_000),
+    "model.sequence.patience": Int(0, None),
+    "model.sequence.behind_stop": Num(0, 1, null=True),
+    "model.sequence.cpu_max_scores": Num(0, None, null=True),
+    "model.sequence.net.heads": Int(1, 1024),
+    "model.sequence.net.n_layers": Int(1, 64),
+    "model.sequence.net.dropout": FRACTION,
+    "model.sequence.module.batch_sequences": Int(1, 2**31 - 1),
+    "model.sequence.module.full_softmax_max_items": Int(0, None),
+    "model.sequence.module.optimizer.lr": POSITIVE,
     "model.vae.batch_users": OrAuto(Int(1, None, null=True)),
     "model.vae.max_epochs": OrAuto(Int(1, 1_000_000)),
     "model.vae.patience": OrAuto(Int(0, None)),
@@ -504,10 +515,11 @@ def _check_sequence_net(cfg: DictConfig) -> None:
         key = "data.history_len" if select(cfg, "data.history_len") == max_len else "model.net.max_len"
         raise ConfigError(f"{key} must be an integer >= 1 for model={select(cfg, 'model.name')} (it reads the user's "
                           f"latest items), got {max_len!r}")
-    heads, dim = select(cfg, "model.net.heads"), select(cfg, "model.dim")
-    if isinstance(heads, int) and isinstance(dim, int) and heads > 0 and dim % heads:
-        raise ConfigError(f"model.net.heads={heads} must divide model.dim={dim} (each attention head reads "
-                          f"dim / heads entries); e.g. model.net.heads=2")
+    for prefix, dim_key in (("model.net", "model.dim"), ("model.sequence.net", "model.sequence.dim")):
+        heads, dim = select(cfg, f"{prefix}.heads"), select(cfg, dim_key)
+        if isinstance(heads, int) and isinstance(dim, int) and heads > 0 and dim % heads:
+            raise ConfigError(f"{prefix}.heads={heads} must divide {dim_key}={dim} (each attention head reads "
+                              f"dim / heads entries); e.g. {prefix}.heads=2")
 
 
 def _enabled(cfg: DictConfig, group: str) -> bool:
@@ -545,19 +557,24 @@ def check_index_config(cfg: DictConfig) -> None:
     if select(cfg, "index") in (ABSENT, None):
         return
     check_rules(cfg, {k: v for k, v in MODEL_RULES.items() if k.startswith("index.")})
-    dim = vector_dim(cfg)
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        return
+    dims = [(vector_dim(cfg), "model.dim")]
+    candidates = select(cfg, "model.candidates")
+    if select(cfg, "model.fitter") == "auto" and isinstance(candidates, (list, ListConfig)) and "sasrec" in candidates:
+        # the vectors' width when the sequence candidate is served
+        dims.append((select(cfg, "model.sequence.dim"), "model.sequence.dim, the sasrec candidate's vectors: pick a "
+                     "factory that fits both widths, set model.sequence.dim, or leave sasrec out of model.candidates"))
+    dims = [(d, why) for d, why in dims if isinstance(d, int) and not isinstance(d, bool) and d >= 1]
     factory, approximate = select(cfg, "index.factory"), select(cfg, "index.approximate")
     for key, value in (("index.factory", factory), ("index.approximate", approximate)):
         if value is ABSENT or value is None or (key == "index.factory" and value == "auto"):
             continue
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{key} must be a faiss index_factory string (e.g. Flat, HNSW32, IVF{{nlist}},Flat), got {value!r}")
-        _empty_index(value, dim, key, select(cfg, "index.search_params"))
+        for dim, why in dims:
+            _empty_index(value, dim, key, select(cfg, "index.search_params"), why)
 
 
-def _empty_index(factory: str, dim: int, key: str, search_params: Any = None):
+def _empty_index(factory: str, dim: int, key: str, search_params: Any = None, why: str = "model.dim"):
     import faiss
 
     from dmp_dl.index.ann import is_exact, set_search_params  # faiss
@@ -567,7 +584,8 @@ def _empty_index(factory: str, dim: int, key: str, search_params: Any = None):
         index = faiss.index_factory(dim, concrete, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1].split(":")[-1].strip()
-        raise ConfigError(f"{key}={factory!r} is not a faiss index_factory string for the {dim}-wide vectors (model.dim): {msg}") from None
+        raise ConfigError(f"{key}={factory!r} is not a faiss index_factory string for the {dim}-wide vectors ({why}): "
+                          f"{msg}") from None
     if isinstance(search_params, str) and search_params and not is_exact(concrete):
         try:
             set_search_params(index, search_params)

@@ -90,7 +90,8 @@ def propensity_stage(cfg: DictConfig, state: dict) -> str | None:
         raise SkipStage("propensity.enabled=false")
     from dmp_dl.propensity import train_propensity  # a stage's modules load when it runs: a skipped one costs nothing
 
-    result = state["propensity"] = train_propensity(cfg, state["datamodule"], state["module"].net)
+    result = state["propensity"] = train_propensity(cfg, state["datamodule"], state["module"].net,
+                                                    state.get("network_kwargs"))
     state["metrics"]["propensity"] = result.summary()
     return None
 

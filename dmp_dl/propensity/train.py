@@ -154,8 +154,11 @@ def split_users(labels: np.ndarray, val_frac: float, test_frac: float, seed: int
 
 
 # -- the embedding feature -------------------------------------------------------------------------
-def encoder_for(mode: str, cfg: DictConfig, net: torch.nn.Module | None) -> tuple[torch.nn.Module | None, dict | None]:
-    """A CPU copy of the embedding network and how to rebuild it, or (None, None) when off."""
+def encoder_for(mode: str, cfg: DictConfig, net: torch.nn.Module | None,
+                network_kwargs: dict | None = None) -> tuple[torch.nn.Module | None, dict | None]:
+    """A CPU copy of the embedding network and how to rebuild it, or (None, None) when off.
+    network_kwargs: the network's constructor settings when the model stage says which (the
+    automatic choice serves the sequence candidate's network); default: the config's model."""
     if mode not in EMBEDDING_MODES:
         raise ConfigError(f"propensity.features.embedding must be one of {EMBEDDING_MODES}, got {mode!r}")
     if mode == "off":
@@ -165,7 +168,9 @@ def encoder_for(mode: str, cfg: DictConfig, net: torch.nn.Module | None) -> tupl
         log.warning("propensity: no exportable embedding network (%s): the embedding feature is off",
                     type(net).__name__ if net is not None else "none")
         return None, None
-    kwargs = fitter_of(cfg).network_kwargs(cfg) if cfg.get("model") is not None else {}
+    kwargs = network_kwargs
+    if kwargs is None:
+        kwargs = fitter_of(cfg).network_kwargs(cfg) if cfg.get("model") is not None else {}
     spec = {"class": type(net).__name__, "kwargs": kwargs, "n_users": int(net.n_users), "n_items": int(net.n_items)}
     return copy.deepcopy(net).cpu().eval(), spec
 
@@ -210,14 +215,16 @@ def _frozen_vectors(net, snap: Snapshot) -> np.ndarray | None:
     return net.user_vectors(t["history"], t["enc_tokens"], t["enc_numeric"]).numpy()
 
 
-def train_propensity(cfg: DictConfig, dm, net: torch.nn.Module | None = None) -> PropensityResult:
+def train_propensity(cfg: DictConfig, dm, net: torch.nn.Module | None = None,
+                     network_kwargs: dict | None = None) -> PropensityResult:
     """Train, calibrate and evaluate the propensity model configured under ``cfg.propensity``.
 
     dm: the prepared :class:`~dmp_dl.data.datamodule.InteractionDataModule`.
     net: the trained embedding network (for the user-embedding feature; copied, never changed).
+    network_kwargs: its constructor settings (default: the config's model's).
     """
     with stage_threads(cfg.propensity, dm.n_users):
-        return _train(cfg, dm, net)
+        return _train(cfg, dm, net, network_kwargs)
 
 
 def stage_threads(p: DictConfig, n_users: int):
@@ -276,14 +283,14 @@ def training_examples(p: DictConfig, dm, features: UserFeatures, task: Propensit
     return Snapshot.concat(parts), np.concatenate(ys), cutoffs
 
 
-def _train(cfg: DictConfig, dm, net: torch.nn.Module | None) -> PropensityResult:
+def _train(cfg: DictConfig, dm, net: torch.nn.Module | None, network_kwargs: dict | None = None) -> PropensityResult:
     p = cfg.propensity
     seed = int(cfg.get("seed", 0))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     events = dm.events
     mode = str(p.features.get("embedding", "frozen"))
-    encoder, encoder_spec = encoder_for(mode, cfg, net)
+    encoder, encoder_spec = encoder_for(mode, cfg, net, network_kwargs)
     frozen_encoder = copy.deepcopy(encoder) if mode == "finetune" and encoder is not None else None
     behaviour = BehaviourSpec(sorted(str(t) for t in events[TYPE].unique()),
                               [float(h) for h in p.features.decay_half_lives_days])

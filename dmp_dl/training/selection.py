@@ -49,7 +49,7 @@ from dmp_dl.models.autoencoder import sparse_gradients_for
 from dmp_dl.models.autoencoder_module import user_loader, users_with_rows
 from dmp_dl.models.embeddings import item_vectors, user_vectors
 from dmp_dl.models.scoring import BINARY, ROWS, ServedScore
-from dmp_dl.training import recency_choice
+from dmp_dl.training import recency_choice, sequence_candidate
 from dmp_dl.training.cpu_precision import autoencoder_precision, cpu_has_bf16
 from dmp_dl.training.data_parallel import (
     ONE_PROCESS,
@@ -69,6 +69,7 @@ from dmp_dl.training.warm_start import load_previous, warm_start
 log = logging.getLogger(__name__)
 
 DEEP, SHALLOW, BLEND = "vae", "ease", "vae+ease"
+SEQUENCE = sequence_candidate.SEQUENCE
 BASELINE = "baseline:"  # prefix of the baselines' names among the candidates' in one scoring pass
 BLEND_FACTORS = tuple(2.0 ** e for e in range(-6, 4))  # 1/64 .. 8 x the ratio of the two score spreads
 
@@ -77,10 +78,12 @@ BLEND_FACTORS = tuple(2.0 ** e for e in range(-6, 4))  # 1/64 .. 8 x the ratio o
 class ModelChoice:
     """What the model stage hands on to evaluation, propensity, audiences and export.
 
-    net: the autoencoder, rows of every event attached (its vectors are the bundle's).
-    served: how recommendations are scored. name: the winner (``vae``, ``ease`` or ``vae+ease``).
-    record: ``metrics.json["model"]``; ranking: ``metrics.json["ranking"]`` (test metrics of the
-    served model under the run's model name, and of the baselines); train: ``metrics.json["train"]``.
+    net: the network whose vectors are the bundle's: the autoencoder, rows of every event attached,
+    or the sequence network when it won. served: how recommendations are scored. name: the winner
+    (``vae``, ``ease``, ``vae+ease`` or ``sasrec``). record: ``metrics.json["model"]``; ranking:
+    ``metrics.json["ranking"]`` (test metrics of the served model under the run's model name, and
+    of the baselines); train: ``metrics.json["train"]``. network_config: the sequence candidate's
+    own config when it won (its network settings go to the bundle), else None.
     """
 
     net: torch.nn.Module
@@ -89,6 +92,7 @@ class ModelChoice:
     record: dict
     ranking: dict
     train: dict = field(default_factory=dict)
+    network_config: DictConfig | None = None
 
 
 class KeepBest(Callback):
@@ -555,12 +559,24 @@ class CandidateScores:
 
     def __init__(self, users: np.ndarray, items: np.ndarray, rows: sp.csr_matrix,
                  shallow: ease_lib.ItemItemScorer | None, device: torch.device, shallow_input: str = BINARY,
-                 binary_rows: sp.csr_matrix | None = None):
+                 binary_rows: sp.csr_matrix | None = None, sequence: tuple[np.ndarray, np.ndarray] | None = None):
         self.device = device
         self.users = torch.as_tensor(np.ascontiguousarray(users, dtype=np.float32), device=device)
         self.items_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=device).T.contiguous()
         self.rows, self.shallow, self.shallow_input = sp.csr_matrix(rows), shallow, shallow_input
         self.binary_rows = self.rows if binary_rows is None else sp.csr_matrix(binary_rows)
+        self.sequence_users = self.sequence_items_t = None
+        if sequence is not None:
+            self.with_sequence(*sequence)
+
+    def with_sequence(self, users: np.ndarray, items: np.ndarray) -> "CandidateScores":
+        """Add the sequence candidate's (n_users, d) user and (n_items, d) item vectors."""
+        self.sequence_users = torch.as_tensor(np.ascontiguousarray(users, dtype=np.float32), device=self.device)
+        self.sequence_items_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=self.device).T.contiguous()
+        return self
+
+    def sequence(self, user: torch.Tensor) -> torch.Tensor:
+        return self.sequence_users[user.to(self.device)] @ self.sequence_items_t
 
     def deep(self, user: torch.Tensor) -> torch.Tensor:
         return self.users[user.to(self.device)] @ self.items_t
@@ -596,7 +612,7 @@ def blend_on_validation(cfg: DictConfig, dm, scores: CandidateScores, dataset) -
 
 # -- the whole choice ------------------------------------------------------------------------------
 def _served(name: str, weight: float, shallow: ease_lib.ItemItemScorer | None, shallow_input: str = BINARY) -> ServedScore:
-    if name == DEEP or shallow is None:
+    if name in (DEEP, SEQUENCE) or shallow is None:
         return ServedScore(1.0, 0.0, None)
     if name == SHALLOW:
         return ServedScore(0.0, 1.0, shallow, shallow_input)
@@ -618,6 +634,8 @@ def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: 
             out[DEEP] = deep
         if SHALLOW in names:
             out[SHALLOW] = shallow
+        if SEQUENCE in names:
+            out[SEQUENCE] = scores.sequence(batch["user"])
         if popularity is not None:
             out[BASELINE + "popularity"] = popularity.expand(len(batch["user"]), -1).clone()
         return out
@@ -766,6 +784,26 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
         blend_weight = _spread_ratio(scores, dm.n_users)
     if BLEND in candidates:
         candidates[BLEND]["details"]["weight"] = blend_weight
+
+    # 2b. the sequence candidate (dmp_dl.training.sequence_candidate): it stops early once it cannot
+    # reach the others' best validation score
+    sequence_net = sequence_cfg = None
+    if SEQUENCE in wanted and private_fit is None:
+        skipped = sequence_candidate.skip_reason(cfg, dm, device, processes.count)
+        if skipped is not None:
+            log.info("sasrec candidate skipped: %s", skipped)
+            candidates[SEQUENCE] = {"status": "skipped", "reason": skipped}
+        else:
+            bar = max(val_scores.values()) if val_scores else None
+            sequence_net, seq_facts, sequence_cfg = sequence_candidate.fit_sequence(cfg, dm, metric, bar)
+            scores.with_sequence(*sequence_candidate.sequence_vectors(sequence_net, dm.n_users, dm.train_history, device))
+            full = evaluate_scorers(_candidate_batches(scores, [SEQUENCE], 0.0), dm.eval_dataset("val"), dm.n_items,
+                                    _ks(cfg), device=device, mrr=False)
+            val_scores[SEQUENCE] = float(full[SEQUENCE][metric])
+            candidates[SEQUENCE] = {"status": "ok", "reason": seq_facts["stopped"], "fit_seconds": seq_facts["fit_seconds"],
+                                    "details": seq_facts}
+            log.info("sasrec candidate: %d epoch(s), best %d, validation %s %.4f (%s)", seq_facts["epochs"],
+                     seq_facts["best_epoch"], metric, val_scores[SEQUENCE], seq_facts["stopped"])
     for name, value in val_scores.items():
         candidates[name]["val"] = {metric: value}
     eligible = [n for n in candidates if candidates[n]["status"] == "ok"]
@@ -776,13 +814,18 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
         log.warning("no validation users: model chosen without validation (%s)", chosen)
     log.info("model choice: %s (validation %s: %s)", chosen, metric,
              ", ".join(f"{n}={v:.4f}" for n, v in val_scores.items()) or "n/a")
+    why = _why(chosen, val_scores, metric)
 
     # 3. test metrics of every candidate and of the baselines (models fitted without the held-out
     # events), in one pass over the test users; EASE's baseline is the candidate's plain EASE (no refit)
     ranking: dict[str, dict] = {}
     if len(dm.test_users):
-        tested = [n for n in (DEEP, SHALLOW, BLEND) if n in candidates and (n == DEEP or candidates[n]["status"] == "ok")]
+        tested = [n for n in (DEEP, SHALLOW, BLEND, SEQUENCE)
+                  if n in candidates and (n == DEEP or candidates[n]["status"] == "ok")]
         scores = test_inputs(dm, net, items, shallow, device, shallow_input)
+        if sequence_net is not None:
+            scores.with_sequence(*sequence_candidate.sequence_vectors(sequence_net, dm.n_users, dm.test_input_history,
+                                                                      device))
         tests, baselines = _test_pass(cfg, dm, scores, tested, blend_weight, candidates, ease_skipped, plain_ease)
         for name in tested:
             candidates[name]["test"] = tests[name]
@@ -792,9 +835,12 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     if shallow is not None:
         shallow.release()
     served = _served(chosen, blend_weight, shallow, shallow_input)
+    if chosen != SEQUENCE:
+        sequence_net = sequence_cfg = None  # the candidate's network is not served: let it go
     fit_seconds = sum(c.get("fit_seconds", 0.0) for c in candidates.values())
     record = {
         "selected": chosen,
+        "why": why,
         "selection_metric": metric,
         "served_score": served.describe(),
         "fit_seconds": fit_seconds,
@@ -808,17 +854,48 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     train = {"epochs": vae_facts.get("epochs"), "fit_seconds": fit_seconds, "selection_fit_seconds": fit_seconds,
              "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)},
              "warm_start": vae_facts.get("warm_start"), "steps": vae_facts.get("steps")}
-    choice = ModelChoice(net=net, served=served, name=chosen, record=record, ranking=ranking, train=train)
-    if refit_reason is None:
+    if chosen == SEQUENCE:
+        details = candidates[SEQUENCE]["details"]
+        train.update(epochs=details["best_epoch"], steps=None, warm_start=None)
+    choice = ModelChoice(net=sequence_net if chosen == SEQUENCE else net, served=served, name=chosen, record=record,
+                         ranking=ranking, train=train, network_config=sequence_cfg)
+    if refit_reason is None and chosen == SEQUENCE:
+        _refit_sequence(dm, choice)
+        refit_reason = "model.refit=true: trained again from scratch on every event for the epochs chosen on validation"
+    elif refit_reason is None:
         refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers, previous, autoencoder=refitted)
         refit_reason = ("model.refit=true: trained again on every event with the epochs and l2 chosen on validation"
                         + (f", data-parallel over {processes.count} processes like the held-out fit"
                            if processes.count > 1 else ""))
     else:
         choice.record["refit"] = False
-        net.attach_rows(dm.interaction_rows("all"))
+        if chosen != SEQUENCE:
+            net.attach_rows(dm.interaction_rows("all"))
     choice.train["refit"] = {"done": bool(choice.record["refit"]), "reason": refit_reason, "processes": processes.count}
     return choice
+
+
+def _why(chosen: str, val_scores: dict[str, float], metric: str) -> str:
+    """One sentence: why ``chosen`` is served (``metrics.json["model"]["why"]`` and the report)."""
+    if chosen not in val_scores:
+        return f"{chosen}: no validation users to choose with; the richest model fitted is served"
+    others = sorted(((v, n) for n, v in val_scores.items() if n != chosen), reverse=True)
+    if not others:
+        return f"{chosen}: the only candidate (validation {metric} {val_scores[chosen]:.4f})"
+    best_other, name = others[0]
+    gain = f", {100 * (val_scores[chosen] / best_other - 1):+.1f} %" if best_other > 0 else ""
+    return (f"{chosen}: the best validation {metric}, {val_scores[chosen]:.4f} against {name}'s {best_other:.4f}{gain} "
+            f"(then {', '.join(f'{n} {v:.4f}' for v, n in others[1:]) or 'no other candidate'})")
+
+
+def _refit_sequence(dm, choice: ModelChoice) -> None:
+    """Step 4 for the sequence candidate: trained again on every event for its best epoch count."""
+    details = choice.record["candidates"][SEQUENCE]["details"]
+    net, facts = sequence_candidate.refit_sequence(choice.network_config, dm, int(details["best_epoch"]))
+    choice.net = net
+    choice.record.update(refit=True, refit_facts={"sasrec_epochs": facts["epochs"], "seconds": facts["seconds"]})
+    choice.train.update(refit_seconds=facts["seconds"], fit_seconds=choice.train["selection_fit_seconds"] + facts["seconds"])
+    log.info("sasrec: trained again on every event, %d epoch(s), %.1f s", facts["epochs"], facts["seconds"])
 
 
 def _refit_reason(cfg: DictConfig, held_out: bool, private: bool) -> str | None:

@@ -90,9 +90,13 @@ def fit_by_model_choice(cfg: DictConfig, state: dict) -> None:
         return
     ease = choice.record["candidates"].get("ease", {}).get("details") or {}
     ease_l2 = (ease.get("plain_ease") or {}).get("l2", ease.get("l2"))  # the report's EASE baseline's l2
-    state.update(module=_Fitted(choice.net), trainer=None, choice=choice,
-                 network_kwargs=FITTERS["auto"].network_kwargs(cfg),
-                 history_len=max(dm.history_len, int(cfg.model.get("history_len", 2048))))
+    if choice.network_config is not None:  # the sequence candidate won: its network is the bundle's
+        network_kwargs, history_len = FITTERS["lightning"].network_kwargs(choice.network_config), dm.history_len
+    else:
+        network_kwargs = FITTERS["auto"].network_kwargs(cfg)
+        history_len = max(dm.history_len, int(cfg.model.get("history_len", 2048)))
+    state.update(module=_Fitted(choice.net), trainer=None, choice=choice, network_kwargs=network_kwargs,
+                 history_len=history_len)
     state["bundle_parts"] = {**state.get("bundle_parts", {}),
                              SCORING_DIR: scoring_part(choice.served, choice.name, choice.record.get("refit", False), ease_l2,
                                                        {k: ease[k] for k in ("l2", "dropout") if k in ease})}

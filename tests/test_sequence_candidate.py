@@ -1,0 +1,124 @@
+"""The sequence candidate of the default model (``sasrec`` in ``model.candidates``): it is served where
+the order of events is what predicts the next item, says why in ``metrics.json`` and the report, and
+is left out (with its reason) where it cannot learn an order or would cost too much."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dmp_dl.core.errors import ConfigError
+from dmp_dl.models.sasrec import SASRecNet
+from dmp_dl.pipeline.checks import check_train_config
+from dmp_dl.pipeline.run import run
+from dmp_dl.serving.recommender import Recommender
+from dmp_dl.training.sequence_candidate import BehindBest, skip_reason
+
+from .conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
+
+
+def _walks(n_users: int = 200, n_items: int = 60, seed: int = 0, times: bool = True) -> pd.DataFrame:
+    """Each user walks the catalogue in one fixed random order, in three stretches from random items:
+    what follows an item is always the same item, but only the latest stretch says where the user
+    goes next (the items alone point at the ends of every stretch, both ways)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_items)
+    rows = []
+    for u in range(n_users):
+        walk = [order[(start + j) % n_items] for start, length in rng.integers((0, 4), (n_items, 7), size=(3, 2))
+                for j in range(length)]
+        rows += [(f"u{u:04d}", f"i{item:03d}", 1_700_000_000 + 86_400 * u + 60 * j) for j, item in enumerate(walk)]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    return frame if times else frame.drop(columns="timestamp")
+
+
+def _cfg(folder, *extra: str):
+    return compose_cfg([*QUIET_TRAINER, "data=events", f"data.path={folder / 'events.csv'}",
+                        "data.split.method=leave_last_n", "data.history_len=12", "model.sequence.module.batch_sequences=32",
+                        "model.sequence.module.optimizer.lr=0.005",
+                        "model.sequence.net.dropout=0.1", "logger=none", "propensity.enabled=false", "audience.enabled=false",
+                        f"privacy.erasure_list={folder / 'erased.txt'}", f"privacy.audit_log={folder / 'audit.jsonl'}",
+                        *extra], folder / "run")
+
+
+@pytest.fixture(scope="module")
+def walks_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sequence_candidate")
+    walks = _walks()
+    walks.to_csv(folder / "events.csv", index=False)
+    return run(_cfg(folder)), walks, folder / "run"
+
+
+def test_the_sequence_model_is_served_where_the_order_predicts_the_next_item(walks_run):
+    result, walks, output = walks_run
+    metrics = json.loads((output / "metrics.json").read_text())
+    model = metrics["model"]
+    assert model["selected"] == "sasrec", model["why"]
+    val = {n: c["val"]["ndcg@20"] for n, c in model["candidates"].items() if c.get("val")}
+    assert val["sasrec"] == max(val.values()) and set(val) >= {"vae", "ease", "vae+ease", "sasrec"}
+    assert model["why"].startswith("sasrec: the best validation ndcg@20") and f"{val['sasrec']:.4f}" in model["why"]
+    assert metrics["ranking"]["auto"] == model["candidates"]["sasrec"]["test"]
+    assert metrics["ranking"]["auto"]["ndcg@20"] > metrics["ranking"]["ease"]["ndcg@20"] + 0.2, metrics["ranking"]
+    report = (output / "report.html").read_text()
+    assert "sasrec (selected)" in report and model["why"].split(",")[0] in report
+
+    rec = Recommender.load(result["bundle_dir"])
+    assert isinstance(rec.network, SASRecNet)  # the bundle's network and vectors are the sequence model's
+    assert rec.item_vectors.shape[1] == rec.network.dim
+    hits = 0
+    for user in ("u0003", "u0010", "u0020", "u0030", "u0040"):
+        walk = walks[walks.user_id == user].item_id.tolist()
+        (top, _), = rec.recommend_for_history(walk[:-1], k=1)
+        hits += top == walk[-1]  # what follows the walk's latest item (unless a stretch ends there)
+    assert hits >= 4
+
+
+def test_a_log_without_times_leaves_the_sequence_model_out_and_says_why(tmp_path):
+    _walks(n_users=60, times=False).to_csv(tmp_path / "events.csv", index=False)
+    result = run(_cfg(tmp_path, "data.split.method=auto", "model.refit=false", "evaluation.report=null"))
+    model = result["metrics"]["model"]
+    assert model["candidates"]["sasrec"] == {"status": "skipped",
+                                             "reason": "the log has no event times: there is no order of events to learn from"}
+    assert model["selected"] in ("vae", "ease", "vae+ease")
+
+
+def _dm(events: int, items: int, times: bool = True, method: str = "global_temporal", val_users: int = 10):
+    return SimpleNamespace(has_timestamps=times, split_method=method, val_users=np.arange(val_users),
+                           train_idx=np.arange(events), n_items=items)
+
+
+def test_on_the_cpu_a_softmax_too_wide_for_it_is_skipped_and_on_cuda_it_runs():
+    cfg = OmegaConf.create({"model": {"sequence": {"cpu_max_scores": 1e9, "module": {"full_softmax_max_items": 50000}}}})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert skip_reason(cfg, _dm(100_000, 1_000), cpu, 1) is None
+    reason = skip_reason(cfg, _dm(2_700_000, 20_000), cpu, 1)
+    assert "5.4e+10 scores an epoch (2,700,000 training events x 20,000 items)" in reason
+    assert "model.sequence.cpu_max_scores=1e+09" in reason
+    assert skip_reason(cfg, _dm(2_700_000, 20_000), cuda, 1) is None
+    assert "not in time" in skip_reason(cfg, _dm(1000, 100, method="random_per_user"), cpu, 1)
+    assert "trainer=ddp" in skip_reason(cfg, _dm(1000, 100), cpu, 2)
+    assert "no validation users" in skip_reason(cfg, _dm(1000, 100, val_users=0), cpu, 1)
+
+
+@pytest.mark.parametrize("epoch, value, stops", [(0, 0.01, False), (1, 0.079, True), (1, 0.081, False), (5, 0.2, False)])
+def test_it_stops_from_its_second_epoch_once_it_cannot_reach_the_others(epoch, value, stops):
+    callback = BehindBest("val/ndcg@20", bar=0.1, share=0.8)
+    trainer = SimpleNamespace(callback_metrics={"val/ndcg@20": torch.tensor(value)}, current_epoch=epoch, should_stop=False)
+    callback.on_validation_end(trainer, None)
+    assert trainer.should_stop is stops
+    assert (callback.fired is not None) is stops
+
+
+def test_its_settings_are_checked_before_the_data(tmp_path):
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "model.sequence.net.heads=3"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.sequence.net.heads=3 must divide model.sequence.dim=64"):
+        check_train_config(cfg)
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "model.sequence.behind_stop=2"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.sequence.behind_stop"):
+        check_train_config(cfg)

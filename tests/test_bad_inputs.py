@@ -231,6 +231,8 @@ LOADER_CASES: dict[str, tuple[Callable[[Path], object], Err | Drops]] = {
     "directory_instead_of_file": (lambda t: (t / "e.csv").mkdir() or t / "e.csv", Err(DataError, "is a directory")),
     "missing_file": (lambda t: t / "nope.csv", Err(DataError, "not found")),
     "unknown_suffix": (lambda t: write(t / "e.json", "{}"), Err(DataError, "unknown file type")),
+    "movielens_file_as_events": (lambda t: write(t / "ratings.dat", "1::1193::5::978300760\n"),
+                                 Err(DataError, "a MovieLens file: read its folder with data=movielens data.path=")),
     "corrupt_parquet": (lambda t: write(t / "e.parquet", b"PAR1 not really parquet PAR1"), Err(DataError, "cannot read as Parquet")),
     "truncated_parquet": (_truncated_parquet, Err(DataError, "cannot read as Parquet")),
     "csv_named_parquet": (lambda t: write(t / "e.parquet", H + GOOD), Err(DataError, "cannot read as Parquet")),

@@ -55,8 +55,11 @@ def _kind_of(path: Path) -> str:
     kind = kind_by_name(path)
     if kind is not None:
         return kind
+    hint = ""
+    if path.name in ("ratings.dat", "u.data", "movies.dat", "users.dat", "u.item", "u.user"):
+        hint = f" (a MovieLens file: read its folder with data=movielens data.path={path.parent})"
     raise DataError(
-        f"{path}: unknown file type; use a .csv/.tsv (optionally .gz, .bz2 or .zst) or .parquet file"
+        f"{path}: unknown file type; use a .csv/.tsv (optionally .gz, .bz2 or .zst) or .parquet file{hint}"
     )
 
 

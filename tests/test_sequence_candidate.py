@@ -5,6 +5,7 @@ is left out (with its reason) where it cannot learn an order or would cost too m
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,8 +16,10 @@ from omegaconf import OmegaConf
 
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.models.sasrec import SASRecNet
+from dmp_dl.models.scoring import rows_matrix
 from dmp_dl.pipeline.checks import check_train_config
 from dmp_dl.pipeline.run import run
+from dmp_dl.realtime import LiveRecommender
 from dmp_dl.serving.recommender import Recommender
 from dmp_dl.training.sequence_candidate import BehindBest, skip_reason
 
@@ -61,7 +64,7 @@ def test_the_sequence_model_is_served_where_the_order_predicts_the_next_item(wal
     model = metrics["model"]
     assert model["selected"] == "sasrec", model["why"]
     val = {n: c["val"]["ndcg@20"] for n, c in model["candidates"].items() if c.get("val")}
-    assert val["sasrec"] == max(val.values()) and set(val) >= {"vae", "ease", "vae+ease", "sasrec"}
+    assert val["sasrec"] == max(val.values()) and set(val) == {"vae", "ease", "vae+ease", "sasrec", "sasrec+ease"}
     assert model["why"].startswith("sasrec: the best validation ndcg@20") and f"{val['sasrec']:.4f}" in model["why"]
     assert metrics["ranking"]["auto"] == model["candidates"]["sasrec"]["test"]
     assert metrics["ranking"]["auto"]["ndcg@20"] > metrics["ranking"]["ease"]["ndcg@20"] + 0.2, metrics["ranking"]
@@ -122,3 +125,50 @@ def test_its_settings_are_checked_before_the_data(tmp_path):
     cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "model.sequence.behind_stop=2"], tmp_path / "run")
     with pytest.raises(ConfigError, match=r"model.sequence.behind_stop"):
         check_train_config(cfg)
+
+
+# -- the sequence model blended with EASE, served in real time ----------------------------------------
+@pytest.fixture(scope="module")
+def blend_run(tmp_path_factory):
+    """The default model on a synthetic log where ``sasrec + w * ease`` wins on validation."""
+    folder = tmp_path_factory.mktemp("sequence_blend")
+    sizes = {"n_users": 800, "n_items": 150, "n_events": 30000, "n_categories": 8, "n_segments": 4}
+    cfg = compose_cfg([*(f"data.source.{k}={v}" for k, v in sizes.items()), *QUIET_TRAINER, "logger=none",
+                       "propensity.enabled=false", "audience.enabled=false", "evaluation.report=null",
+                       f"privacy.erasure_list={folder / 'erased.txt'}", f"privacy.audit_log={folder / 'audit.jsonl'}"],
+                      folder / "run")
+    return run(cfg)
+
+
+def test_a_live_user_of_the_blend_is_scored_from_their_latest_items_and_their_decayed_row(blend_run, tmp_path):
+    model = blend_run["metrics"]["model"]
+    assert model["selected"] == "sasrec+ease", model["why"]
+    weight = model["candidates"]["sasrec+ease"]["details"]["weight"]
+    assert model["served_score"].startswith(f"1 x embedding dot product + {weight:.4g} x EASE")
+    bundle = tmp_path / "artifacts"
+    shutil.copytree(blend_run["bundle_dir"], bundle)
+    with LiveRecommender.load(bundle, journal=tmp_path / "journal") as live:
+        assert isinstance(live.network, SASRecNet)
+        row = 5
+        user = live.user_vocab.ids[row]
+        before = live._seen_sums[live._seen_indptr[row]:live._seen_indptr[row + 1]].sum()
+        new_item = next(i for i in range(live.n_items) if i not in set(live._seen_items[
+            live._seen_indptr[row]:live._seen_indptr[row + 1]].tolist()))
+        answer = live.ingest([{"user_id": user, "item_id": live.item_vocab.ids[new_item], "event_type": "purchase",
+                               "timestamp": int(live._part.reference_times[row]) + 60}])
+        assert answer["accepted"] == 1
+        state = live.live_user(user)
+        # the vector: the transformer on the latest items, the new one last
+        fresh, _, _ = live.cold_user_vectors([live.item_vocab.ids[state.items].tolist()])
+        np.testing.assert_allclose(state.vector, fresh[0], rtol=1e-5, atol=1e-5)
+        assert state.items[-1] == new_item
+        # the row EASE reads: the stored decayed sums carried forward one minute, plus the purchase
+        assert new_item in state.row_items.tolist() and state.row_sums.sum() > before
+        indptr, items, strength = live._rows_of([state])
+        want = live.served.scores(state.vector[None], live.item_vectors,
+                                  rows_matrix(indptr, items, live.n_items, strength))[0].numpy()
+        ranked = live.recommend(user, 10)
+        got = dict(ranked)
+        rows = live.item_vocab.index_of(list(got))
+        np.testing.assert_allclose([got[i] for i in got], want[rows], rtol=1e-4, atol=1e-4)
+        assert new_item not in rows.tolist()

@@ -172,9 +172,11 @@ class LiveRecommender(Recommender):
         live._scored: dict[str, tuple[int, float]] = {}
         live._data_end = part.data_end
         live._timeless = part.entry.get("timestamps") is False
-        # a network that encodes rows reads them, continued from the bundle's decayed sums when it stores
-        # them and each user's reference time (older bundles: the cold-start encoder on the history)
-        live._keeps_rows = rec.encodes_rows and rec._seen_sums is not None and part.reference_times is not None
+        # a network that encodes rows reads them, and so does a served score with an item-item term of the
+        # decayed rows: continued from the bundle's decayed sums when it stores them and each user's
+        # reference time (older bundles: the cold-start encoder on the history)
+        reads_rows = rec.encodes_rows or (rec.served is not None and rec.served.reads_rows)
+        live._keeps_rows = reads_rows and rec._seen_sums is not None and part.reference_times is not None
         live._half_life = None if live._timeless else rec.half_life_days
         live._behaviour = None
         live._propensity_items = None
@@ -445,7 +447,7 @@ class LiveRecommender(Recommender):
         """The updated users (fields from :meth:`_updated`) with their vectors (one network pass),
         segments and propensity scores."""
         if self.network is not None:
-            if self._keeps_rows:  # attributes as stored for known users (their table rows), none for new ones
+            if self._keeps_rows and self.encodes_rows:  # attributes as stored for known users, none for new ones
                 indptr, items, strength = self._rows_of(drafts)
                 vectors = self.row_user_vectors(indptr, items, strength, user_rows=np.array([d["row"] for d in drafts]))
             else:

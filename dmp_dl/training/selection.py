@@ -10,15 +10,17 @@
    ``model.time_budget_s`` sets a cap (:func:`time_budget`): the same data, seed and settings give
    the same epochs and vectors on an idle or a busy machine.
 2. Score them on the validation users, and the blend of both, ``vae + w * ease``, for a grid of w
-   (:mod:`dmp_dl.models.scoring`); the best validation ``selection_metric`` wins.
+   (:mod:`dmp_dl.models.scoring`); then, on logs with event times, the sequence model
+   (:mod:`dmp_dl.training.sequence_candidate`) and its blend ``sasrec + w * ease``; the best
+   validation ``selection_metric`` wins (``metrics.json["model"]["why"]`` says by how much).
 3. Score every candidate and the baselines on the test users (these are the reported numbers),
    each user from everything they did before the test period (:func:`test_inputs`).
 4. Refit the winner on every event (``model.refit``), so the bundle knows every user and item,
    also those seen only in the held-out period; the epochs and l2 are those chosen in 1.
 
-The bundle always holds the autoencoder's vectors (FAISS, lookalike, segments and propensity
-features read them); when the winner uses the EASE path, recommendations are scored exactly with
-it (:class:`~dmp_dl.models.scoring.ServedScore`).
+The bundle holds the autoencoder's vectors (FAISS, lookalike, segments and propensity features
+read them), or the sequence model's when it won; when the winner uses the EASE path,
+recommendations are scored exactly with it (:class:`~dmp_dl.models.scoring.ServedScore`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ log = logging.getLogger(__name__)
 
 DEEP, SHALLOW, BLEND = "vae", "ease", "vae+ease"
 SEQUENCE = sequence_candidate.SEQUENCE
+SEQUENCE_BLEND = SEQUENCE + "+" + SHALLOW
+SEQUENCE_NAMES = (SEQUENCE, SEQUENCE_BLEND)  # the candidates whose network is the sequence model
 BASELINE = "baseline:"  # prefix of the baselines' names among the candidates' in one scoring pass
 BLEND_FACTORS = tuple(2.0 ** e for e in range(-6, 4))  # 1/64 .. 8 x the ratio of the two score spreads
 
@@ -566,11 +570,14 @@ class CandidateScores:
         self.rows, self.shallow, self.shallow_input = sp.csr_matrix(rows), shallow, shallow_input
         self.binary_rows = self.rows if binary_rows is None else sp.csr_matrix(binary_rows)
         self.sequence_users = self.sequence_items_t = None
+        self.sequence_weight = 0.0
         if sequence is not None:
             self.with_sequence(*sequence)
 
-    def with_sequence(self, users: np.ndarray, items: np.ndarray) -> "CandidateScores":
-        """Add the sequence candidate's (n_users, d) user and (n_items, d) item vectors."""
+    def with_sequence(self, users: np.ndarray, items: np.ndarray, weight: float = 0.0) -> "CandidateScores":
+        """Add the sequence candidate's (n_users, d) user and (n_items, d) item vectors, and the
+        weight of EASE's term in its blend (``sasrec + weight * ease``)."""
+        self.sequence_weight = float(weight)
         self.sequence_users = torch.as_tensor(np.ascontiguousarray(users, dtype=np.float32), device=self.device)
         self.sequence_items_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=self.device).T.contiguous()
         return self
@@ -627,15 +634,19 @@ def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: 
     def batch_scores(batch: dict) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         deep = scores.deep(batch["user"]) if DEEP in names or BLEND in names else None
-        shallow = scores.ease(batch["user"]) if SHALLOW in names or BLEND in names else None
+        shallow = scores.ease(batch["user"]) if {SHALLOW, BLEND, SEQUENCE_BLEND} & set(names) else None
         if BLEND in names:
             out[BLEND] = deep + blend_weight * shallow
         if DEEP in names:
             out[DEEP] = deep
         if SHALLOW in names:
             out[SHALLOW] = shallow
-        if SEQUENCE in names:
-            out[SEQUENCE] = scores.sequence(batch["user"])
+        if SEQUENCE in names or SEQUENCE_BLEND in names:
+            sequence = scores.sequence(batch["user"])
+            if SEQUENCE_BLEND in names:
+                out[SEQUENCE_BLEND] = sequence + scores.sequence_weight * shallow
+            if SEQUENCE in names:
+                out[SEQUENCE] = sequence
         if popularity is not None:
             out[BASELINE + "popularity"] = popularity.expand(len(batch["user"]), -1).clone()
         return out
@@ -802,6 +813,11 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
             val_scores[SEQUENCE] = float(full[SEQUENCE][metric])
             candidates[SEQUENCE] = {"status": "ok", "reason": seq_facts["stopped"], "fit_seconds": seq_facts["fit_seconds"],
                                     "details": seq_facts}
+            if shallow is not None:  # its blend with EASE, as for the autoencoder
+                sequence_weight, val_scores[SEQUENCE_BLEND], grid = _sequence_blend(cfg, dm, scores, val_sample, metric)
+                scores.sequence_weight = sequence_weight
+                candidates[SEQUENCE_BLEND] = {"status": "ok", "reason": None, "details": {
+                    "weight": sequence_weight, "grid": {f"{w:.4g}": v for w, v in grid.items()}}}
             log.info("sasrec candidate: %d epoch(s), best %d, validation %s %.4f (%s)", seq_facts["epochs"],
                      seq_facts["best_epoch"], metric, val_scores[SEQUENCE], seq_facts["stopped"])
     for name, value in val_scores.items():
@@ -820,12 +836,13 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     # events), in one pass over the test users; EASE's baseline is the candidate's plain EASE (no refit)
     ranking: dict[str, dict] = {}
     if len(dm.test_users):
-        tested = [n for n in (DEEP, SHALLOW, BLEND, SEQUENCE)
+        tested = [n for n in (DEEP, SHALLOW, BLEND, *SEQUENCE_NAMES)
                   if n in candidates and (n == DEEP or candidates[n]["status"] == "ok")]
+        sequence_weight = scores.sequence_weight
         scores = test_inputs(dm, net, items, shallow, device, shallow_input)
         if sequence_net is not None:
             scores.with_sequence(*sequence_candidate.sequence_vectors(sequence_net, dm.n_users, dm.test_input_history,
-                                                                      device))
+                                                                      device), sequence_weight)
         tests, baselines = _test_pass(cfg, dm, scores, tested, blend_weight, candidates, ease_skipped, plain_ease)
         for name in tested:
             candidates[name]["test"] = tests[name]
@@ -834,8 +851,9 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     scores = None
     if shallow is not None:
         shallow.release()
-    served = _served(chosen, blend_weight, shallow, shallow_input)
-    if chosen != SEQUENCE:
+    served = _served(chosen, candidates[chosen]["details"]["weight"] if chosen == SEQUENCE_BLEND else blend_weight,
+                     shallow, shallow_input)
+    if chosen not in SEQUENCE_NAMES:
         sequence_net = sequence_cfg = None  # the candidate's network is not served: let it go
     fit_seconds = sum(c.get("fit_seconds", 0.0) for c in candidates.values())
     record = {
@@ -854,13 +872,13 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     train = {"epochs": vae_facts.get("epochs"), "fit_seconds": fit_seconds, "selection_fit_seconds": fit_seconds,
              "train_events": int(len(dm.train_idx)), "val": {f"val/{metric}": val_scores.get(chosen)},
              "warm_start": vae_facts.get("warm_start"), "steps": vae_facts.get("steps")}
-    if chosen == SEQUENCE:
+    if chosen in SEQUENCE_NAMES:
         details = candidates[SEQUENCE]["details"]
         train.update(epochs=details["best_epoch"], steps=None, warm_start=None)
-    choice = ModelChoice(net=sequence_net if chosen == SEQUENCE else net, served=served, name=chosen, record=record,
+    choice = ModelChoice(net=sequence_net if chosen in SEQUENCE_NAMES else net, served=served, name=chosen, record=record,
                          ranking=ranking, train=train, network_config=sequence_cfg)
-    if refit_reason is None and chosen == SEQUENCE:
-        _refit_sequence(dm, choice)
+    if refit_reason is None and chosen in SEQUENCE_NAMES:
+        _refit_sequence(cfg, dm, choice)
         refit_reason = "model.refit=true: trained again from scratch on every event for the epochs chosen on validation"
     elif refit_reason is None:
         refit(cfg, dm, choice, dm.interaction_rows("all"), dm.all_seen, loggers, previous, autoencoder=refitted)
@@ -869,7 +887,7 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
                            if processes.count > 1 else ""))
     else:
         choice.record["refit"] = False
-        if chosen != SEQUENCE:
+        if chosen not in SEQUENCE_NAMES:
             net.attach_rows(dm.interaction_rows("all"))
     choice.train["refit"] = {"done": bool(choice.record["refit"]), "reason": refit_reason, "processes": processes.count}
     return choice
@@ -888,14 +906,55 @@ def _why(chosen: str, val_scores: dict[str, float], metric: str) -> str:
             f"(then {', '.join(f'{n} {v:.4f}' for v, n in others[1:]) or 'no other candidate'})")
 
 
-def _refit_sequence(dm, choice: ModelChoice) -> None:
-    """Step 4 for the sequence candidate: trained again on every event for its best epoch count."""
+def _refit_shallow(cfg: DictConfig, dm, choice: ModelChoice, seen: sp.csr_matrix, facts: dict) -> ServedScore:
+    """The served score after EASE's refit on ``seen`` (when the winner uses it and
+    :func:`ease_refit_skipped` allows); what happened goes into ``facts``."""
+    served = choice.served
+    if not served.uses_shallow:
+        return served
+    chosen = choice.record["candidates"][SHALLOW]["details"]
+    kept = ease_refit_skipped(cfg, dm.n_items, chosen.get("form", "primal"), stage_device(cfg))
+    facts["ease_refit"] = kept or "fitted again on every event with the l2 chosen on validation"
+    if kept is not None:
+        log.info("EASE: %s", kept)
+        return served
+    t1 = time.perf_counter()
+    shallow, _, _ = fit_ease(cfg, dm, seen, l2=chosen["l2"], dropout=chosen.get("dropout", 0.0))
+    facts["ease_seconds"] = time.perf_counter() - t1
+    return ServedScore(served.deep_weight, served.shallow_weight, shallow, served.shallow_input)
+
+
+def _refit_sequence(cfg: DictConfig, dm, choice: ModelChoice) -> None:
+    """Step 4 for the sequence candidates: the network trained again on every event for its best
+    epoch count, and EASE's term (``sasrec+ease``) as for the autoencoder's blend."""
+    t0 = time.perf_counter()
     details = choice.record["candidates"][SEQUENCE]["details"]
-    net, facts = sequence_candidate.refit_sequence(choice.network_config, dm, int(details["best_epoch"]))
+    net, fitted = sequence_candidate.refit_sequence(choice.network_config, dm, int(details["best_epoch"]))
+    facts: dict[str, Any] = {"sasrec_epochs": fitted["epochs"], "sasrec_seconds": fitted["seconds"]}
+    choice.served = _refit_shallow(cfg, dm, choice, dm.all_seen, facts)
+    facts["seconds"] = time.perf_counter() - t0
     choice.net = net
-    choice.record.update(refit=True, refit_facts={"sasrec_epochs": facts["epochs"], "seconds": facts["seconds"]})
+    choice.record.update(refit=True, refit_facts=facts)
     choice.train.update(refit_seconds=facts["seconds"], fit_seconds=choice.train["selection_fit_seconds"] + facts["seconds"])
-    log.info("sasrec: trained again on every event, %d epoch(s), %.1f s", facts["epochs"], facts["seconds"])
+    log.info("sasrec: trained again on every event, %d epoch(s), %.1f s", fitted["epochs"], fitted["seconds"])
+
+
+def _sequence_blend(cfg: DictConfig, dm, scores: CandidateScores, val_sample, metric: str
+                    ) -> tuple[float, float, dict[float, float]]:
+    """The weight of EASE's term in ``sasrec + w * ease`` chosen on the validation sample (the
+    autoencoder's blend grid, :func:`blend_on_validation`, on the sequence model's dot products),
+    and that blend's validation ``metric`` on every validation user. Returns (w, score, grid)."""
+    view = CandidateScores.__new__(CandidateScores)
+    view.__dict__.update(scores.__dict__)
+    view.users, view.items_t = scores.sequence_users, scores.sequence_items_t  # deep := the sequence model
+    grid = blend_on_validation(cfg, dm, view, val_sample)
+    weight = max(((w, v) for w, v in grid.items() if 0 < w < math.inf), key=lambda wv: wv[1])[0]
+    if len(val_sample) == len(dm.val_users):
+        return weight, grid[weight], grid
+    scores.sequence_weight = weight
+    full = evaluate_scorers(_candidate_batches(scores, [SEQUENCE_BLEND], 0.0), dm.eval_dataset("val"), dm.n_items,
+                            _ks(cfg), device=scores.device, mrr=False)
+    return weight, float(full[SEQUENCE_BLEND][metric]), grid
 
 
 def _refit_reason(cfg: DictConfig, held_out: bool, private: bool) -> str | None:
@@ -949,18 +1008,7 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
         facts["vae_continued"] = fitted["warm_start"]
     facts.update(vae_seconds=fitted["fit_seconds"], vae_epochs_run=fitted["epochs_run"],
                  vae_time_budget_fired=fitted["time_budget_fired"], processes=int(fitted.get("processes", 1)))
-    served = choice.served
-    if served.uses_shallow:
-        chosen = choice.record["candidates"][SHALLOW]["details"]
-        kept = ease_refit_skipped(cfg, dm.n_items, chosen.get("form", "primal"), stage_device(cfg))
-        facts["ease_refit"] = kept or "fitted again on every event with the l2 chosen on validation"
-        if kept is None:
-            t1 = time.perf_counter()
-            shallow, _, _ = fit_ease(cfg, dm, seen, l2=chosen["l2"], dropout=chosen.get("dropout", 0.0))
-            facts["ease_seconds"] = time.perf_counter() - t1
-            served = ServedScore(served.deep_weight, served.shallow_weight, shallow, served.shallow_input)
-        else:
-            log.info("EASE: %s", kept)
+    served = _refit_shallow(cfg, dm, choice, seen, facts)
     facts["seconds"] = time.perf_counter() - t0 + earlier
     net.attach_rows(rows)
     choice.net, choice.served = net, served

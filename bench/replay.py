@@ -241,7 +241,9 @@ def replay(name: str, args, root: Path) -> dict | None:
             "evaluated": n, "new_users_events": int((u_row < 0).sum()), "unknown_items_events": int((i_row < 0).sum()),
             "cut": pd.Timestamp(cut_time, unit="s", tz="UTC").isoformat(), "train_seconds": train_seconds,
             "replay_seconds": replay_seconds, "recency": (metrics.get("model") or {}).get("recency"),
-            "served": (metrics.get("model") or {}).get("served_score"), "scores": scores}
+            "served": (metrics.get("model") or {}).get("served_score"),
+            "selected": (metrics.get("model") or {}).get("selected"), "why": (metrics.get("model") or {}).get("why"),
+            "scores": scores}
 
 
 def verdict(ratio: float, target: float) -> str:
@@ -274,7 +276,8 @@ def render(runs: list[dict], args) -> str:
                  f"{r['replayed']:,} replayed, {r['evaluated']:,} evaluated ({r['new_users_events']:,} by users new "
                  f"since the cut, {r['unknown_items_events']:,} on items new since it). Recency: "
                  f"{'no decay' if half is None else f'half-life {half:.3g} days'} ({rec.get('chosen_by')}); served: "
-                 f"{r['served']}. Live / frozen NDCG@20 **{live / frozen:.2f}x** (target 1.2: {verdict(live / frozen, 1.2)}), "
+                 f"{r.get('selected') or 'the choice'}, {r['served']}"
+                 f"{' (' + r['why'] + ')' if r.get('why') else ''}. Live / frozen NDCG@20 **{live / frozen:.2f}x** (target 1.2: {verdict(live / frozen, 1.2)}), "
                  f"live / item-kNN **{live / knn:.2f}x** (target 1.0: {verdict(live / knn, 1.0)}). Training "
                  f"{r['train_seconds']:.0f} s, replay {r['replay_seconds']:.0f} s.\n")
     return body

@@ -107,7 +107,8 @@ def sub_config(cfg: DictConfig, metric: str = "ndcg@20") -> DictConfig:
     callbacks = {k: v for k, v in (base.get("callbacks") or {}).items()
                  if not (isinstance(v, dict) and str(v.get("_target_", "")).endswith(("ModelCheckpoint", "EarlyStopping")))}
     base["callbacks"] = callbacks
-    base["trainer"] = {**base["trainer"], "enable_checkpointing": False}
+    # one candidate among several: no checkpoint files, and no model summary table in the run's log
+    base["trainer"] = {**base["trainer"], "enable_checkpointing": False, "enable_model_summary": False}
     return OmegaConf.create(base)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import sys
@@ -70,6 +71,19 @@ class FiniteLossGuard(Callback):
                 f"training diverged: the loss is {float(loss.detach().float().mean())} at epoch {trainer.current_epoch}, "
                 f"step {trainer.global_step}; nothing was exported. Lower the learning rate "
                 "(model.module.optimizer.lr) or raise model.module.temperature, and check the data for extreme values")
+
+
+class KeepBest(Callback):
+    """Keeps the weights of the best validation epoch in memory (no checkpoint files)."""
+
+    def __init__(self, monitor: str):
+        self.monitor, self.best, self.best_epoch, self.state = monitor, -float("inf"), -1, None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and float(value) > self.best:
+            self.best, self.best_epoch = float(value), trainer.current_epoch
+            self.state = copy.deepcopy(module.state_dict())
 
 
 def _instantiate_all(group: DictConfig | None) -> list:

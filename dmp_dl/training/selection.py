@@ -26,7 +26,6 @@ recommendations are scored exactly with it (:class:`~dmp_dl.models.scoring.Serve
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import sys
@@ -65,7 +64,7 @@ from dmp_dl.training.data_parallel import (
     sharded_user_loader,
     validation_share,
 )
-from dmp_dl.training.fit import FiniteLossGuard, _instantiate_all, instantiate_trainer
+from dmp_dl.training.fit import FiniteLossGuard, KeepBest, _instantiate_all, instantiate_trainer
 from dmp_dl.training.warm_start import load_previous, warm_start
 
 log = logging.getLogger(__name__)
@@ -97,19 +96,6 @@ class ModelChoice:
     ranking: dict
     train: dict = field(default_factory=dict)
     network_config: DictConfig | None = None
-
-
-class KeepBest(Callback):
-    """Keeps the weights of the best validation epoch in memory (no checkpoint files)."""
-
-    def __init__(self, monitor: str):
-        self.monitor, self.best, self.best_epoch, self.state = monitor, -math.inf, -1, None
-
-    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None and float(value) > self.best:
-            self.best, self.best_epoch = float(value), trainer.current_epoch
-            self.state = copy.deepcopy(module.state_dict())
 
 
 def compute_seconds() -> float:
@@ -563,16 +549,14 @@ class CandidateScores:
 
     def __init__(self, users: np.ndarray, items: np.ndarray, rows: sp.csr_matrix,
                  shallow: ease_lib.ItemItemScorer | None, device: torch.device, shallow_input: str = BINARY,
-                 binary_rows: sp.csr_matrix | None = None, sequence: tuple[np.ndarray, np.ndarray] | None = None):
+                 binary_rows: sp.csr_matrix | None = None):
         self.device = device
         self.users = torch.as_tensor(np.ascontiguousarray(users, dtype=np.float32), device=device)
         self.items_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=device).T.contiguous()
         self.rows, self.shallow, self.shallow_input = sp.csr_matrix(rows), shallow, shallow_input
         self.binary_rows = self.rows if binary_rows is None else sp.csr_matrix(binary_rows)
-        self.sequence_users = self.sequence_items_t = None
+        self.sequence_users = self.sequence_items_t = None  # with_sequence adds them
         self.sequence_weight = 0.0
-        if sequence is not None:
-            self.with_sequence(*sequence)
 
     def with_sequence(self, users: np.ndarray, items: np.ndarray, weight: float = 0.0) -> "CandidateScores":
         """Add the sequence candidate's (n_users, d) user and (n_items, d) item vectors, and the
@@ -596,18 +580,20 @@ class CandidateScores:
         return self.shallow(self.binary_rows[user.cpu().numpy()]).to(self.device)
 
 
-def blend_on_validation(cfg: DictConfig, dm, scores: CandidateScores, dataset) -> dict[float, float]:
+def blend_on_validation(cfg: DictConfig, dm, scores: CandidateScores, dataset, deep=None) -> dict[float, float]:
     """Validation ``selection_metric`` of ``vae + w * ease`` for a grid of w, in one pass over the
-    users of ``dataset`` (an ``EvalUsers``).
+    users of ``dataset`` (an ``EvalUsers``); ``deep``: the network term's scores of a batch's users
+    (default: the autoencoder's, ``scores.deep``; ``scores.sequence`` for the sequence model's blend).
 
     The grid is relative to the ratio of the two scores' spreads, so it fits any data. Returns
-    w -> metric (w = 0: the autoencoder alone; w = inf: EASE alone).
+    w -> metric (w = 0: the network alone; w = inf: EASE alone).
     """
     metric = cfg.model.get("selection_metric", "ndcg@20")
     weights: list[float] = []
+    deep_of = deep or scores.deep
 
     def batch_scores(batch: dict) -> dict[float, torch.Tensor]:
-        deep, shallow = scores.deep(batch["user"]), scores.ease(batch["user"])
+        deep, shallow = deep_of(batch["user"]), scores.ease(batch["user"])
         if not weights:
             base = float(deep.std()) / (float(shallow.std()) or 1.0)
             weights.extend([0.0, *[base * f for f in BLEND_FACTORS], math.inf])
@@ -815,7 +801,6 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
                                     "details": seq_facts}
             if shallow is not None:  # its blend with EASE, as for the autoencoder
                 sequence_weight, val_scores[SEQUENCE_BLEND], grid = _sequence_blend(cfg, dm, scores, val_sample, metric)
-                scores.sequence_weight = sequence_weight
                 candidates[SEQUENCE_BLEND] = {"status": "ok", "reason": None, "details": {
                     "weight": sequence_weight, "grid": {f"{w:.4g}": v for w, v in grid.items()}}}
             log.info("sasrec candidate: %d epoch(s), best %d, validation %s %.4f (%s)", seq_facts["epochs"],
@@ -942,16 +927,14 @@ def _refit_sequence(cfg: DictConfig, dm, choice: ModelChoice) -> None:
 def _sequence_blend(cfg: DictConfig, dm, scores: CandidateScores, val_sample, metric: str
                     ) -> tuple[float, float, dict[float, float]]:
     """The weight of EASE's term in ``sasrec + w * ease`` chosen on the validation sample (the
-    autoencoder's blend grid, :func:`blend_on_validation`, on the sequence model's dot products),
-    and that blend's validation ``metric`` on every validation user. Returns (w, score, grid)."""
-    view = CandidateScores.__new__(CandidateScores)
-    view.__dict__.update(scores.__dict__)
-    view.users, view.items_t = scores.sequence_users, scores.sequence_items_t  # deep := the sequence model
-    grid = blend_on_validation(cfg, dm, view, val_sample)
+    autoencoder's blend grid, :func:`blend_on_validation`, on the sequence model's dot products; set
+    as ``scores.sequence_weight``), and that blend's validation ``metric`` on every validation user.
+    Returns (w, score, grid)."""
+    grid = blend_on_validation(cfg, dm, scores, val_sample, deep=scores.sequence)
     weight = max(((w, v) for w, v in grid.items() if 0 < w < math.inf), key=lambda wv: wv[1])[0]
+    scores.sequence_weight = weight
     if len(val_sample) == len(dm.val_users):
         return weight, grid[weight], grid
-    scores.sequence_weight = weight
     full = evaluate_scorers(_candidate_batches(scores, [SEQUENCE_BLEND], 0.0), dm.eval_dataset("val"), dm.n_items,
                             _ks(cfg), device=scores.device, mrr=False)
     return weight, float(full[SEQUENCE_BLEND][metric]), grid

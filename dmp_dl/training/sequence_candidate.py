@@ -14,8 +14,9 @@ softmax of at most ``model.sequence.cpu_max_scores`` scores an epoch. From its s
 as soon as its validation score is below ``behind_stop`` x the best other candidate's
 (:class:`BehindBest`): there it cannot win, and its epochs would only cost time.
 
-When it wins it is served alone (its dot products, no item-item term) and trained again on every
-event for the epochs chosen (:func:`refit_sequence`).
+Its blend with EASE, ``sasrec + w * ease``, is a candidate too (the autoencoder's blend grid). When
+either wins, the bundle's network and vectors are the sequence model's, trained again on every event
+for the epochs chosen (:func:`refit_sequence`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 
 from dmp_dl.models.embeddings import item_vectors, user_vectors
-from dmp_dl.training.fit import build_module, build_trainer, refit_embedding_model
+from dmp_dl.training.fit import KeepBest, build_module, build_trainer, refit_embedding_model
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,6 @@ class BehindBest(Callback):
                           f"{float(value):.4f} < {self.share:g} x the best other candidate's {self.bar:.4f}")
             log.info("sasrec candidate %s", self.fired)
             trainer.should_stop = True
-
-
-class KeepBestWeights(Callback):
-    """The network's weights at its best validation ``monitor`` (a copy in memory) and that epoch."""
-
-    def __init__(self, monitor: str):
-        self.monitor, self.best, self.best_epoch, self.state = monitor, -float("inf"), -1, None
-
-    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None and float(value) > self.best:
-            self.best, self.best_epoch = float(value), trainer.current_epoch
-            self.state = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
 
 
 def skip_reason(cfg: DictConfig, dm, device: torch.device, processes: int) -> str | None:
@@ -122,7 +110,7 @@ def fit_sequence(cfg: DictConfig, dm, metric: str, bar: float | None) -> tuple[t
     monitor = f"val/{metric}"
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_module(sub, dm)
-    keep = KeepBestWeights(monitor)
+    keep = KeepBest(monitor)
     behind = BehindBest(monitor, bar, node.get("behind_stop", None))
     stopping = EarlyStopping(monitor=monitor, mode="max", patience=int(node.get("patience", 3)))
     trainer = build_trainer(sub, has_validation=True, extra_callbacks=[keep, behind, stopping])
@@ -130,7 +118,7 @@ def fit_sequence(cfg: DictConfig, dm, metric: str, bar: float | None) -> tuple[t
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
     if keep.state is not None:
-        module.net.load_state_dict(keep.state)
+        module.load_state_dict(keep.state)
     epochs = int(trainer.current_epoch)
     if behind.fired:
         stopped = behind.fired

@@ -198,6 +198,20 @@ def test_clean_events_follows_the_rules_row_by_row(raw, opts, exclude):
 
 
 @SETTINGS
+@given(raw_logs(), cleaning_options())
+def test_text_read_as_categoricals_cleans_as_plain_text(raw, opts):
+    """A Parquet log's text columns arrive dictionary-encoded (pandas categoricals, a missing cell
+    as code -1): cleaning gives the same events and counts as from the same text stored plainly."""
+    text = [c for c in raw.columns if pd.api.types.infer_dtype(raw[c], skipna=True) in ("string", "empty")]
+    coded = raw.astype({c: "category" for c in text})
+    events, report = clean_events(raw, opts)
+    coded_events, coded_report = clean_events(coded, opts)
+    pd.testing.assert_frame_equal(coded_events, events)
+    assert (coded_report.dropped, coded_report.rows_out, coded_report.filled) == (report.dropped, report.rows_out,
+                                                                               report.filled)
+
+
+@SETTINGS
 @given(raw_logs())
 def test_ids_normalise_per_distinct_value_as_per_row(raw):
     for name in ("user_id", "item_id"):
@@ -318,10 +332,14 @@ def test_indexed_ids_are_the_vocabulary_indices(raw, opts):
     except DataError:  # nothing left to index
         return
     ev = indexed.events
-    pd.testing.assert_frame_equal(ev.drop(columns=["user_idx", "item_idx"]), plain.events)
+    text = {c: plain.events[c].dtype for c in ("user_id", "item_id", "event_type")}
+    pd.testing.assert_frame_equal(ev.drop(columns=["user_idx", "item_idx"]).astype(text), plain.events)
     for column, index in (("user_id", "user_idx"), ("item_id", "item_idx")):
         expected = IdVocab.from_values(ev[column])
         assert ev[index].dtype == np.int64
+        # held as a categorical of the vocabulary: its codes are the indices
+        assert list(ev[column].cat.categories) == list(expected.ids)
+        assert ev[column].cat.codes.tolist() == ev[index].tolist()
         assert ev[index].tolist() == expected.index_of(ev[column]).tolist()
         assert IdVocab.from_indexed(ev[column], ev[index].to_numpy()) == expected
 

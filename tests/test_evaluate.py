@@ -268,7 +268,7 @@ def test_mapping_onto_other_vocabularies_keeps_every_pair_by_id():
     ev = dm.events
     train = ev[ev["split"].to_numpy() == TRAIN]
     train = train[train["user_id"].isin(users.ids) & train["item_id"].isin(items.ids)]
-    counts_by_id = train["item_id"].value_counts()
+    counts_by_id = train["item_id"].astype(str).value_counts()
     assert {items.ids[i]: int(n) for i, n in enumerate(split.item_counts) if n} == counts_by_id.to_dict()
     for uid, events in train.groupby("user_id", sort=False):  # reference: the last 4 known items, newest first
         want = [items.get(i) for i in events["item_id"].tolist()[::-1][:4]]

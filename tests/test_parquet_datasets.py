@@ -113,6 +113,23 @@ def test_a_hive_partitioned_log_cleans_and_splits_as_its_csv(logs):
         assert "date" in parquet.report.events.ignored_columns  # the partition, not used by cleaning
 
 
+def test_ids_are_read_as_codes_block_by_block_and_clean_as_the_csv(logs, monkeypatch):
+    """Text columns are dictionary-encoded while the dataset is read, a block of rows at a time
+    (each block its own dictionary, unified at the end): each id's text is held once, not once per
+    event, and the result is the CSV's."""
+    import dmp_dl.data.parquet_dataset as parquet_dataset
+
+    monkeypatch.setattr(parquet_dataset, "CODED_ROWS", 500)  # many blocks, dictionaries that differ
+    raw = EventFileSource(path=str(logs["hive"])).load().events
+    frame = logs["frame"]
+    for column in ("user_id", "item_id", "event_type"):
+        assert isinstance(raw[column].dtype, pd.CategoricalDtype), column
+        assert len(raw[column].cat.categories) == frame[column].nunique()
+        read = sorted(raw[column].astype(object).where(raw[column].notna(), None), key=str)
+        assert read == sorted(frame[column].astype(object).where(frame[column].notna(), None), key=str)
+    assert_same_data(prepare(logs["csv"]), prepare(logs["hive"]))
+
+
 def test_a_time_window_reads_only_the_rows_it_keeps(logs):
     window = {"min_timestamp": "2025-12-20", "max_timestamp": "2025-12-31T12:00:00"}
     csv = prepare(logs["csv"], cleaning=window)

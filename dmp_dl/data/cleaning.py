@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.io import atomic_write_text
-from dmp_dl.data.distinct import Coded, per_distinct
+from dmp_dl.data.distinct import TEXT_DTYPE, Coded, per_distinct
 from dmp_dl.data.grouping import duplicated_rows, stable_order
 from dmp_dl.data.schema import (
     EVENT_ID,
@@ -403,8 +403,19 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
         drop(~type_names.isin(opts.positive_event_types).to_numpy()[types.codes], "not_positive_event")
 
     rows = np.flatnonzero(keep)  # raw row of each event still kept
+    keep = None  # freed: no drop() past this point
     times = np.floor(ts[rows]).astype(np.int64)
     values = values[rows].astype(np.float64)
+    filled = missing[rows]
+    del ts, missing
+    # from here on every array is of the kept events, the ids' codes too (those of every raw row are freed)
+    users, items, types = (_kept_codes(coded, rows) for coded in (users, items, types))
+
+    def take(selected: np.ndarray) -> None:
+        nonlocal rows, times, values, filled, users, items, types
+        rows, times, values, filled = rows[selected], times[selected], values[selected], filled[selected]
+        users, items, types = (Coded(c.codes[selected], c.values) for c in (users, items, types))
+
     dup = np.zeros(len(rows), dtype=bool)
     keyed = np.zeros(len(rows), dtype=bool)
     if EVENT_ID in raw.columns and len(rows):  # one event delivered twice (a retried real-time batch)
@@ -415,45 +426,50 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     if opts.dedupe and len(rows) and not keyed.all():
         # contents are compared among the events without an event_id only: two ids are two events
         plain = np.flatnonzero(~keyed)  # codes compare as the normalised strings do
-        dup[plain] = duplicated_rows({USER: users.codes[rows[plain]], ITEM: items.codes[rows[plain]],
-                                      TIME: times[plain], TYPE: types.codes[rows[plain]], VALUE: values[plain]})
+        dup[plain] = duplicated_rows({USER: users.codes[plain], ITEM: items.codes[plain],
+                                      TIME: times[plain], TYPE: types.codes[plain], VALUE: values[plain]})
     if dup.any():
         rep.drop("duplicate", int(np.count_nonzero(dup)))
-        rows, times, values = rows[~dup], times[~dup], values[~dup]
+        take(~dup)
+    del dup, keyed
     if opts.kcore_users > 0 or opts.kcore_items > 0:
-        core = _kcore(users.codes[rows], items.codes[rows], opts.kcore_users, opts.kcore_items, rep)
-        rows, times, values = rows[core], times[core], values[core]
+        take(_kcore(users.codes, items.codes, opts.kcore_users, opts.kcore_items, rep))
     if sources:
         rep.sources = _per_source(sources, rows, len(raw))
-    n_filled = int(np.count_nonzero(missing[rows]))
+    n_filled = int(np.count_nonzero(filled))
     if n_filled:
         rep.filled[VALUE] = n_filled
-    order = stable_order(times)  # by time, events of one time in log order
-    rows, times, values = rows[order], times[order], values[order]
+    take(stable_order(times))  # by time, events of one time in log order
     if opts.event_weights is not None:
         type_weights = np.array([opts.event_weights.get(t, 1.0) for t in types.values], dtype=np.float32)
     else:
         type_weights = np.ones(len(types.values), dtype=np.float32)
+    if index_ids:  # ids as categories of the vocabularies: codes per event, each id's text stored once
+        user_idx, user_col = _sorted_categorical(users)
+        item_idx, item_col = _sorted_categorical(items)
+        type_col = _sorted_categorical(types)[1]
+    else:
+        user_col, item_col, type_col = users.text_column(), items.text_column(), types.text_column()
     events = pd.DataFrame(
         {
-            USER: users.text_column(rows),
-            ITEM: items.text_column(rows),
+            USER: user_col,
+            ITEM: item_col,
             TIME: times,
-            TYPE: types.text_column(rows),
+            TYPE: type_col,
             VALUE: values,
             **{c: raw[c].to_numpy()[rows] for c in carry},
-            WEIGHT: type_weights[types.codes[rows]],
-        }
+            WEIGHT: type_weights[types.codes],
+            **({INDEX_COLUMNS[USER]: user_idx, INDEX_COLUMNS[ITEM]: item_idx} if index_ids else {}),
+        },
+        copy=False,  # the columns are this function's own arrays
     )
-    if index_ids:
-        events[INDEX_COLUMNS[USER]] = _sorted_rank(users, rows)
-        events[INDEX_COLUMNS[ITEM]] = _sorted_rank(items, rows)
+    del rows, times, values
     rep.rows_out = len(events)
     rep.check("events")
     _warn_unknown_types(unknown_types)
-    per_type = np.bincount(types.codes[rows], minlength=len(types.values))
-    return _CleanEvents(events, rep, _n_distinct(users.codes[rows], len(users.values)),
-                        _n_distinct(items.codes[rows], len(items.values)),
+    per_type = np.bincount(types.codes, minlength=len(types.values))
+    return _CleanEvents(events, rep, _n_distinct(users.codes, len(users.values)),
+                        _n_distinct(items.codes, len(items.values)),
                         {str(types.values[c]): int(per_type[c]) for c in sorted(np.flatnonzero(per_type),
                                                                                  key=lambda c: types.values[c])})
 
@@ -462,14 +478,28 @@ def _n_distinct(codes: np.ndarray, n_codes: int) -> int:
     return int(np.count_nonzero(np.bincount(codes, minlength=n_codes)))
 
 
-def _sorted_rank(ids: Coded, rows: np.ndarray) -> np.ndarray:
-    """(len(rows),) int64: the index of each row's id among the distinct ids of ``rows`` in string
-    order (the index :class:`~dmp_dl.data.vocab.IdVocab` gives it)."""
-    codes = ids.codes[rows]
+def _kept_codes(ids: Coded, rows: np.ndarray) -> Coded:
+    """``ids`` of ``rows`` only, its codes in the smallest integer type that holds them."""
+    return Coded(ids.codes[rows].astype(_code_dtype(len(ids.values)), copy=False), ids.values)
+
+
+def _sorted_categorical(ids: Coded) -> tuple[np.ndarray, pd.Categorical]:
+    """A column of ids as (index, column): index (n,) int64, each row's id among the distinct ids
+    in the column in string order (the index :class:`~dmp_dl.data.vocab.IdVocab` gives it);
+    column, a categorical of those ids with that index as its codes (each id's text held once)."""
+    codes = ids.codes
     used = np.flatnonzero(np.bincount(codes, minlength=len(ids.values)))
+    order = used[np.argsort(ids.values[used], kind="stable")]
     rank = np.zeros(len(ids.values), dtype=np.int64)
-    rank[used[np.argsort(ids.values[used], kind="stable")]] = np.arange(len(used))
-    return rank[codes]
+    rank[order] = np.arange(len(used))
+    index = rank[codes]
+    categories = pd.Index(ids.values[order], dtype=TEXT_DTYPE)
+    return index, pd.Categorical.from_codes(index.astype(_code_dtype(len(order)), copy=False), categories)
+
+
+def _code_dtype(n_categories: int) -> type:
+    """The smallest integer type pandas keeps a categorical's codes in for ``n_categories``."""
+    return np.int8 if n_categories < 127 else np.int16 if n_categories < 32767 else np.int32
 
 
 def _warn_unknown_types(unknown_types: Mapping[str, int]) -> None:

@@ -63,6 +63,13 @@ def _distinct_is_exact(values: pd.Series, floats: bool) -> bool:
     return False
 
 
+def _categories(values: pd.Series) -> pd.Series | None:
+    """A categorical column's categories (its distinct values) as a Series; None for other columns."""
+    if not isinstance(values.dtype, pd.CategoricalDtype):
+        return None
+    return pd.Series(values.cat.categories)
+
+
 def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series | np.ndarray], *,
                  floats_alike: bool = False, merge: bool = True) -> Coded:
     """``transform(values)`` as a :class:`Coded` column, with ``transform`` applied to each distinct
@@ -76,7 +83,12 @@ def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series |
     merge: False when the caller only reads the outputs (``take``): text outputs are then left as
         computed, possibly repeated.
     """
-    if _distinct_is_exact(values, floats_alike):
+    categories = _categories(values)
+    if categories is not None and _distinct_is_exact(categories, floats_alike):
+        codes = values.cat.codes.to_numpy().astype(np.int64)  # -1: missing, the extra last value
+        codes[codes < 0] = len(categories)
+        out = transform(pd.concat([categories, pd.Series([None], dtype=categories.dtype)], ignore_index=True))
+    elif _distinct_is_exact(values, floats_alike):
         codes, uniques = pd.factorize(values, use_na_sentinel=False)
         out = transform(pd.Series(uniques, dtype=values.dtype))
     else:

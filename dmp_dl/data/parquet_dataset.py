@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -47,6 +48,8 @@ from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE
 log = logging.getLogger(__name__)
 
 READ_COLUMNS = (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID)  # what cleaning reads (canonical names)
+CODED_COLUMNS = (USER, ITEM, TYPE)  # text columns read as codes into their distinct values (repeated per event)
+CODED_ROWS = 1 << 20  # rows dictionary-encoded at a time: each block's dictionary holds its distinct ids
 ID_COLUMNS = (USER, ITEM, EVENT_ID)
 EXACT_FLOAT_INT = 2**53
 UNITS_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
@@ -288,14 +291,16 @@ def read_parquet_events(found: EventFiles, *, key: str, rename: dict[str, str] |
         col = wanted[TIME]
         time_filter = (_partition_filter(col, list(dataset.get_fragments()), window) if col in partition_names
                        else _column_filter(col, read_schema.field(col).type, window))
-    table, read = _scan(dataset, files, list(wanted.values()), time_filter, where)
+    coded = [wanted[c] for c in CODED_COLUMNS if c in wanted]
+    table, read = _scan(dataset, files, list(wanted.values()), time_filter, where, coded)
     totals = [meta.num_rows for meta in footers]
     if time_filter is not None and sum(read) < sum(totals) and not _has_a_time(table, wanted[TIME], window.unit):
-        table, read = _scan(dataset, files, list(wanted.values()), None, where)  # see the module docstring
+        table, read = _scan(dataset, files, list(wanted.values()), None, where, coded)  # see the module docstring
     parts = [(str(f), int(r), 0, int(total - r)) for f, r, total in zip(files, read, totals)]
     table = table.replace_schema_metadata(None)  # a pandas index stored by one file does not describe the rows read
-    frame = table.to_pandas(split_blocks=True, self_destruct=True)
+    frame = table.to_pandas(split_blocks=True, self_destruct=True, memory_pool=pa.system_memory_pool())
     del table
+    pa.system_memory_pool().release_unused()  # the read's freed buffers back to the OS, not kept for later
     decode_binary_ids(frame, read_schema, Path(where), rename)
     frame.columns = list(wanted)  # canonical names, in the order of ``wanted``
     return ParquetEvents(frame, parts, [c for c in seen if c not in wanted.values()])
@@ -307,23 +312,49 @@ def _has_a_time(table: pa.Table, column: str, unit: str) -> bool:
 
 
 def _scan(dataset: ds.Dataset, files: list[Path], columns: list[str], time_filter: ds.Expression | None,
-          where: str) -> tuple[pa.Table, list[int]]:
-    """(the rows of ``columns`` that pass ``time_filter``, in file order; rows read per file)."""
+          where: str, coded: Sequence[str] = ()) -> tuple[pa.Table, list[int]]:
+    """(the rows of ``columns`` that pass ``time_filter``, in file order; rows read per file).
+
+    The text columns among ``coded`` are dictionary-encoded while reading, :data:`CODED_ROWS` rows
+    at a time (pandas then holds them as categoricals): an id repeated by every event of its user
+    is held as a 4-byte code, its text once per block instead of once per event."""
     index = {str(f): i for i, f in enumerate(files)}
     read = [0] * len(files)
-    batches = []
+    blocks: list[pa.Table] = []
+    pending: list[pa.RecordBatch] = []
     try:
         # The system allocator returns the buffers of files read ahead in parallel to the OS once
         # converted; pyarrow's default pool keeps them (about 50 MiB more peak memory at 1M events).
-        scanner = dataset.scanner(columns=columns, filter=time_filter, use_threads=True,
+        scanner = dataset.scanner(columns=columns, filter=time_filter, use_threads=True, batch_readahead=4, fragment_readahead=2,
                                   memory_pool=pa.system_memory_pool())
+        schema = scanner.projected_schema
+        text = [c for c in coded if pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type)]
         for tagged in scanner.scan_batches():  # in file order, read ahead in threads
             read[index[tagged.fragment.path]] += tagged.record_batch.num_rows
-            batches.append(tagged.record_batch)
-        return pa.Table.from_batches(batches, schema=scanner.projected_schema), read
+            pending.append(tagged.record_batch)
+            if text and sum(b.num_rows for b in pending) >= CODED_ROWS:
+                blocks.append(_dictionary_encoded(pa.Table.from_batches(pending, schema=schema), text))
+                pending.clear()
+        if not text:
+            return pa.Table.from_batches(pending, schema=schema), read
+        if pending or not blocks:
+            blocks.append(_dictionary_encoded(pa.Table.from_batches(pending, schema=schema), text))
+        pool = pa.system_memory_pool()
+        return pa.concat_tables(blocks, memory_pool=pool).unify_dictionaries(memory_pool=pool), read
     except (pa.ArrowException, OSError) as exc:
-        batches.clear()
+        pending.clear()
+        blocks.clear()
         raise _culprit(dataset, columns, exc, where) from None
+
+
+def _dictionary_encoded(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """``table`` with each of ``columns`` (text) dictionary-encoded as one array."""
+    for name in columns:
+        i = table.schema.get_field_index(name)
+        encoded = pc.dictionary_encode(table.column(i).combine_chunks(memory_pool=pa.system_memory_pool()),
+                                       memory_pool=pa.system_memory_pool())
+        table = table.set_column(i, name, encoded)
+    return table
 
 
 def _culprit(dataset: ds.Dataset, columns: list[str], exc: Exception, where: str) -> DataError:

@@ -34,6 +34,13 @@ Every size runs in its own child process (``--child``), so its peak RSS (``VmHWM
   of ``load`` (reading the files), of the rest of ``prepare()``, and peak RSS, the best of
   ``--repeats`` runs by CPU seconds.
 
+* **data stage at scale** (``--data-stage --large``, its own section): the generator's log at
+  ``--large-events`` (default 5M, 20M, 50M; users = events / 25, items = events / 1000, 90 days)
+  written once as a hive-partitioned Parquet dataset (``--large-dir`` keeps it between runs), then
+  ``prepare()`` of ``data=events`` on it in a fresh process per size: seconds of each step, peak
+  RSS of the whole stage and of each step (sampled every 20 ms), and what the prepared data module
+  still holds; with the log-log slope of each from the smallest size to the largest.
+
 Slope: least-squares fit of log(cost) on log(size); 1 is linear growth.
 
     python bench/scale.py                         # default sizes (CPU: minutes)
@@ -41,6 +48,7 @@ Slope: least-squares fit of log(cost) on log(size); 1 is linear growth.
     python bench/scale.py --events 1000000 4000000 16000000 64000000 --items 10000 100000 1000000 10000000
     python bench/scale.py --data-stage --baseline 746f240   # the data stage, now and at a commit
     python bench/scale.py --data-stage --files --data-events 1000000   # CSV vs Parquet vs hive Parquet
+    python bench/scale.py --data-stage --large --large-dir /data/dmp-large   # 5M, 20M, 50M events from hive Parquet
 """
 
 from __future__ import annotations
@@ -264,6 +272,127 @@ def data_files(args) -> dict:
     data = {"runs": runs, "files": written, "seconds": time.perf_counter() - t0, "cpu_threads": os.cpu_count()}
     body.append(f"\nSection wall time: {data['seconds']:.0f} s.")
     write_section("data_files", "Data stage from files", "\n".join(body), data)
+    return data
+
+
+def write_large_dataset(n_events: int, folder: Path) -> dict[str, Any]:
+    """The generator's log at ``n_events`` (users = events / 25, items = events / 1000, 90 days) as a
+    hive-partitioned Parquet dataset under ``folder/events`` (one ``date=`` folder per day), written
+    once (a ``done.json`` beside it marks a complete dataset); its path, size and shape."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmp_dl.data.synthetic import SyntheticSource
+
+    done = folder / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    n_users, n_items = max(1, n_events // 25), max(100, n_events // 1000)
+    events = SyntheticSource(n_users=n_users, n_items=n_items, n_events=n_events, days=90).load().events
+    table = pa.Table.from_pandas(events, preserve_index=False)
+    day = events["timestamp"].to_numpy() // 86400
+    del events
+    order = np.argsort(day, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(day[order]) != 0, True])
+    root = folder / "events"
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        name = time.strftime("%Y-%m-%d", time.gmtime(int(day[order[lo]]) * 86400))
+        (root / f"date={name}").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.take(pa.array(order[lo:hi])), root / f"date={name}" / "part-0.parquet")
+    info = {"path": str(root), "events": n_events, "users": n_users, "items": n_items, "partitions": len(bounds) - 1,
+            "mib": sum(f.stat().st_size for f in root.rglob("*.parquet")) / 2**20}
+    done.write_text(json.dumps(info))
+    return info
+
+
+def child_large(n_events: int, args) -> dict[str, Any]:
+    """One ``prepare()`` of ``data=events`` on ``--files-path``, with the peak RSS of each step."""
+    import threading
+
+    from hydra.utils import instantiate
+
+    import dmp_dl.data.datamodule as dmm
+
+    current, peaks = ["start"], {}
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def sample() -> None:
+        while True:
+            peaks[current[0]] = max(peaks.get(current[0], 0.0), rss_mib())
+            time.sleep(0.02)
+
+    step = dmm.StepClock.step
+
+    def tagged(self, name):  # the step's name for the sampler, then the package's own clock
+        current[0] = name
+        return step(self, name)
+
+    dmm.StepClock.step = tagged
+    dm = instantiate(compose_train_cfg(["data=events", f"data.path={args.files_path}"], Path(args.workdir) / "large").data,
+                     _convert_="all")
+    threading.Thread(target=sample, daemon=True).start()
+    before = rss_mib()
+    load_average = os.getloadavg()[0]
+    wall, cpu = time.perf_counter(), time.process_time()
+    dm.prepare()
+    total = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    current[0] = "after"
+    time.sleep(0.1)
+    return {"events": n_events, "rows_out": dm.report.events.rows_out, "users": dm.n_users, "items": dm.n_items,
+            "steps": dict(dm.step_seconds), "total": total, "step_peak_rss_mib": peaks, "rss_before_mib": before,
+            "held_mib": rss_mib() - before, "load_average_at_start": load_average, "peak_rss_mib": peak_rss_mib()}
+
+
+def data_large(args) -> dict:
+    """The ``--data-stage --large`` section: ``prepare()`` of hive Parquet datasets at scale."""
+    t0 = time.perf_counter()
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="dmp-bench-large-") as tmp:
+        base = Path(args.large_dir) if args.large_dir else Path(tmp)
+        for n in args.large_events:
+            g0 = time.perf_counter()
+            info = write_large_dataset(n, base / f"hive-{n}")
+            print(f"[scale] large {n:,}: dataset {info} ({time.perf_counter() - g0:.0f} s)", flush=True)
+            child_args = argparse.Namespace(**{**vars(args), "files_path": info["path"], "files_form": None,
+                                               "files_since": None})
+            res = run_child("large", n, child_args, Path(tmp))
+            runs.append({**res, "dataset": info})
+    ok = [r for r in runs if "error" not in r]
+    rows = []
+    for r in runs:
+        if "error" in r:
+            rows.append({"events": f"{r['size']:,}", "total s (CPU / wall)": r["error"]})
+            continue
+        steps = r["steps"]
+        peaks = r["step_peak_rss_mib"]
+        rows.append({"events": f"{r['events']:,}", "users x items": f"{r['users']:,} x {r['items']:,}",
+                     "on disk MiB": f"{r['dataset']['mib']:,.0f}",
+                     **{f"{k} s": f"{v['wall']:.1f}" for k, v in steps.items()},
+                     "total s (CPU / wall)": f"**{r['total']['cpu']:.1f}** / {r['total']['wall']:.1f}",
+                     "peak RSS MiB": f"**{r['peak_rss_mib']:,.0f}**",
+                     "peak step": max((k for k in peaks if k in steps), key=lambda k: peaks[k], default="-"),
+                     "held after MiB": f"{r['held_mib']:,.0f}", "load at start": f"{r['load_average_at_start']:.1f}"})
+    slopes = {}
+    if len(ok) > 1:
+        sizes = [r["events"] for r in ok]
+        slopes = {"wall": slope(sizes, [r["total"]["wall"] for r in ok]), "cpu": slope(sizes, [r["total"]["cpu"] for r in ok]),
+                  "peak_rss": slope(sizes, [r["peak_rss_mib"] for r in ok]),
+                  "peak_rss_above_start": slope(sizes, [r["peak_rss_mib"] - r["rss_before_mib"] for r in ok]),
+                  **{f"wall.{k}": slope(sizes, [r["steps"][k]["wall"] for r in ok]) for k in ok[0]["steps"]}}
+    body = ["`InteractionDataModule.prepare()` of `train.py data=events` (its default cleaning) on the generator's log "
+            "(users = events / 25, items = events / 1000, 90 days) as a hive-partitioned Parquet dataset (one `date=` "
+            "folder per day), one process per size. Step seconds are wall seconds; `peak step`: the step during "
+            "which RSS peaked (sampled every 20 ms); `held after`: RSS after `prepare()` above the process before it "
+            "(the data the model stage starts from, plus what the allocator keeps).", "", markdown_table(rows)]
+    if slopes:
+        body += ["", "Growth (slope of log cost on log events; 1 = linear): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in slopes.items() if v is not None) + "."]
+    data = {"runs": runs, "slopes": slopes, "seconds": time.perf_counter() - t0, "cpu_threads": os.cpu_count()}
+    body.append(f"\nSection wall time: {data['seconds']:.0f} s.")
+    write_section("data_large", "Data stage at scale (hive Parquet)", "\n".join(body), data)
     return data
 
 
@@ -505,6 +634,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--files", action="store_true",
                     help="data stage: from a CSV file, a Parquet file and a hive-partitioned Parquet dataset (its own section)")
+    ap.add_argument("--large", action="store_true", help="--data-stage: hive Parquet datasets at scale (its own section)")
+    ap.add_argument("--large-events", type=int, nargs="+", default=[5_000_000, 20_000_000, 50_000_000])
+    ap.add_argument("--large-dir", help="--large: keep the generated datasets here (reused when present)")
     ap.add_argument("--files-days", type=int, default=30, help="--files: days of the log (one partition folder each)")
     ap.add_argument("--files-window-days", type=int, default=7, help="--files: the window of the windowed runs, in days")
     ap.add_argument("--files-form", help=argparse.SUPPRESS)
@@ -517,14 +649,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.child:
         kind, size = args.child[0], int(args.child[1])
-        child = {"events": child_events, "data": child_data, "catalogue": child_catalogue, "files": child_files}[kind]
+        child = {"events": child_events, "data": child_data, "catalogue": child_catalogue, "files": child_files,
+                 "large": child_large}[kind]
         res = child(size, args)
         args.child_out.write_text(json.dumps(res, default=str))
         return None
     if args.quick:
         args.events, args.items, args.steps, args.queries = [30_000, 120_000], [2_000, 20_000], 20, 200
-        args.data_events, args.repeats = [30_000, 100_000], 1
+        args.data_events, args.repeats, args.large_events = [30_000, 100_000], 1, [30_000, 100_000]
     if args.data_stage:
+        if args.large:
+            return data_large(args)
         return data_files(args) if args.files else data_stage(args)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmp-bench-scale-") as tmp:

@@ -425,9 +425,14 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
         dup = keyed & pd.Series(np.where(keyed, key_codes, -1)).duplicated(keep="first").to_numpy()
     if opts.dedupe and len(rows) and not keyed.all():
         # contents are compared among the events without an event_id only: two ids are two events
-        plain = np.flatnonzero(~keyed)  # codes compare as the normalised strings do
-        dup[plain] = duplicated_rows({USER: users.codes[plain], ITEM: items.codes[plain],
-                                      TIME: times[plain], TYPE: types.codes[plain], VALUE: values[plain]})
+        # codes compare as the normalised strings do
+        contents = {USER: users.codes, ITEM: items.codes, TIME: times, TYPE: types.codes, VALUE: values}
+        if keyed.any():
+            plain = np.flatnonzero(~keyed)
+            dup[plain] = duplicated_rows({k: v[plain] for k, v in contents.items()})
+        else:  # no event ids: every event compared, without copies of the columns
+            dup = duplicated_rows(contents)
+        del contents
     if dup.any():
         rep.drop("duplicate", int(np.count_nonzero(dup)))
         take(~dup)

@@ -52,7 +52,7 @@ def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarr
 def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int) -> np.ndarray:
     """Each user's ``length`` most recent items, most recent first, padded with ``pad``.
 
-    ``user``/``item`` must be in time order. Returns (n_users, length) int64.
+    ``user``/``item`` must be in time order. Returns (n_users, length) int32 (int64 when ``pad`` does not fit).
     """
     order = stable_order(user)
     return _last_items_grouped(user[order], item[order], n_users, length, pad)
@@ -60,8 +60,9 @@ def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pa
 
 def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int,
                         chunk: int = 1 << 16) -> np.ndarray:
-    """:func:`last_items` of events already grouped by user (each user's in time order)."""
-    out = np.full((n_users, max(length, 0)), pad, dtype=np.int64)
+    """:func:`last_items` of events already grouped by user (each user's in time order): (n_users,
+    length) int32 (int64 when ``pad`` does not fit), the per-user table every model reads histories from."""
+    out = np.full((n_users, max(length, 0)), pad, dtype=np.int32 if pad < np.iinfo(np.int32).max else np.int64)
     if length <= 0 or len(user) == 0:
         return out
     starts, ends = group_bounds(user)
@@ -71,6 +72,11 @@ def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length
         pos = last[lo:lo + chunk, None] - back  # (users, length) positions, most recent first
         out[user[last[lo:lo + chunk]]] = np.where(pos >= starts[lo:lo + chunk, None], item[np.maximum(pos, 0)], pad)
     return out
+
+
+def _row_dtype(n_rows: int) -> type:
+    """The integer type of row numbers into ``n_rows`` events: int32 below 2**31 rows (half the memory)."""
+    return np.int32 if n_rows < np.iinfo(np.int32).max else np.int64
 
 
 class StepClock:
@@ -391,7 +397,7 @@ class InteractionDataModule(pl.LightningDataModule):
             raise DataError(f"{self.report.source}: the split left no training events; lower data.split.val_frac/test_frac")
         if pairs is None:
             pairs = SplitPairs.build(u, i, s, n_users, n_items)
-        self.train_idx = np.flatnonzero(train)
+        self.train_idx = np.flatnonzero(train).astype(_row_dtype(len(train)), copy=False)
         self.item_counts = np.bincount(i[self.train_idx], minlength=n_items).astype(np.int64)
         self.train_seen = pairs.train
         by_user, u_by_user = sorted_order(u)  # every event grouped by user in time order; the training ones a subsequence
@@ -453,7 +459,7 @@ class InteractionDataModule(pl.LightningDataModule):
         out: what a final fit on all data trains on (same vocabularies, features and events)."""
         view = copy.copy(self)
         ev = self.events
-        view.train_idx = np.arange(len(ev))
+        view.train_idx = np.arange(len(ev), dtype=_row_dtype(len(ev)))
         view.item_counts = np.bincount(ev["item_idx"].to_numpy(), minlength=self.n_items).astype(np.int64)
         view.train_seen, view.train_history, view.test_input_history = self.all_seen, self.full_history, self.full_history
         for stage in ("val", "test"):

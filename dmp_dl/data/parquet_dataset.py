@@ -297,13 +297,28 @@ def read_parquet_events(found: EventFiles, *, key: str, rename: dict[str, str] |
     if time_filter is not None and sum(read) < sum(totals) and not _has_a_time(table, wanted[TIME], window.unit):
         table, read = _scan(dataset, files, list(wanted.values()), None, where, coded)  # see the module docstring
     parts = [(str(f), int(r), 0, int(total - r)) for f, r, total in zip(files, read, totals)]
-    table = table.replace_schema_metadata(None)  # a pandas index stored by one file does not describe the rows read
-    frame = table.to_pandas(split_blocks=True, self_destruct=True, memory_pool=pa.system_memory_pool())
+    # (a pandas index stored by one file does not describe the rows read)
+    holder = [table.replace_schema_metadata(None)]
     del table
-    pa.system_memory_pool().release_unused()  # the read's freed buffers back to the OS, not kept for later
+    frame = _to_frame(holder)
+    pa.system_memory_pool().release_unused()  # the read's freed buffers back to the OS
     decode_binary_ids(frame, read_schema, Path(where), rename)
     frame.columns = list(wanted)  # canonical names, in the order of ``wanted``
     return ParquetEvents(frame, parts, [c for c in seen if c not in wanted.values()])
+
+
+def _to_frame(holder: list[pa.Table]) -> pd.DataFrame:
+    """The table in ``holder`` (its only reference, taken out of it) as a DataFrame, converted
+    one column at a time, each column's Arrow buffers released once converted: the peak is the
+    frame plus one column, not the frame plus the table."""
+    table = holder.pop()
+    columns = {}
+    for name in table.column_names:
+        one = pa.table({name: table.column(name)})
+        table = table.drop_columns([name])
+        columns[name] = one.to_pandas(self_destruct=True, memory_pool=pa.system_memory_pool())[name]
+        del one
+    return pd.DataFrame(columns, copy=False)
 
 
 def _has_a_time(table: pa.Table, column: str, unit: str) -> bool:

@@ -41,7 +41,7 @@ class HeldOutSplit:
     """The test split and the training data it is ranked against, in one index space.
 
     n_users, n_items: sizes of the index space (the model's vocabularies).
-    train_history: (n_users, L) int64, each user's most recent training items, most recent first,
+    train_history: (n_users, L) integer (int32 below 2**31 items), each user's most recent training items, most recent first,
         padded with ``n_items``.
     train_seen: (n_users, n_items) binary CSR of the training user-item pairs (what EASE is fitted on).
     item_counts: (n_items,) int64 training events per item (popularity baseline, novelty).

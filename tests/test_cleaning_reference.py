@@ -336,7 +336,7 @@ def test_indexed_ids_are_the_vocabulary_indices(raw, opts):
     pd.testing.assert_frame_equal(ev.drop(columns=["user_idx", "item_idx"]).astype(text), plain.events)
     for column, index in (("user_id", "user_idx"), ("item_id", "item_idx")):
         expected = IdVocab.from_values(ev[column])
-        assert ev[index].dtype == np.int64
+        assert ev[index].dtype == np.int32  # half the memory of int64 per event
         # held as a categorical of the vocabulary: its codes are the indices
         assert list(ev[column].cat.categories) == list(expected.ids)
         assert ev[column].cat.codes.tolist() == ev[index].tolist()

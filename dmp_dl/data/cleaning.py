@@ -337,9 +337,10 @@ class _CleanEvents:
 def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: int, exclude_users: Collection[str],
                   sources: Sequence[tuple], carry: Sequence[str],
                   constant_time_is_no_time: bool, index_ids: bool = False,
-                  unread_rows: Mapping[str, int] | None = None) -> _CleanEvents:
+                  unread_rows: Mapping[str, int] | None = None, release_raw: bool = False) -> _CleanEvents:
     """:func:`clean_events`; ``index_ids``: see :func:`clean_log`; ``unread_rows``: rows the reader
-    left out by the reason cleaning would drop them for (reason -> rows), counted in and dropped."""
+    left out by the reason cleaning would drop them for (reason -> rows), counted in and dropped;
+    ``release_raw``: drop each column of ``raw`` once it is read (the caller hands ``raw`` over)."""
     unread = {reason: int(n) for reason, n in (unread_rows or {}).items() if n}
     rep = TableReport(rows_in=len(raw) + malformed_rows + sum(unread.values()))
     rep.drop("malformed_row", malformed_rows)
@@ -349,6 +350,10 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     n = len(raw)
     keep = np.ones(n, dtype=bool)
 
+    def done_with(*columns: str) -> None:
+        if release_raw:  # its memory back before the next column's arrays are made
+            raw.drop(columns=[c for c in columns if c in raw.columns], inplace=True)
+
     def drop(mask: np.ndarray, reason: str) -> None:
         hit = keep & mask
         rep.drop(reason, int(np.count_nonzero(hit)))
@@ -357,11 +362,13 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     # Text columns as codes into their distinct values: every check below on a text column runs
     # once per distinct value and reaches the rows through the codes.
     users, items = coded_ids(raw[USER]), coded_ids(raw[ITEM])
+    done_with(USER, ITEM)
     drop(_missing_id(users.values)[users.codes], "missing_user_id")
     drop(_missing_id(items.values)[items.codes], "missing_item_id")
 
     if TIME in raw.columns:
         ts = parse_timestamps(raw[TIME], opts.timestamp_unit)
+        done_with(TIME)
         drop(~np.isfinite(ts), "bad_timestamp")
         lo, hi = opts.time_bounds()
         with np.errstate(invalid="ignore"):
@@ -374,14 +381,16 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     else:
         ts = np.zeros(n, dtype=np.float64)
 
-    if TYPE in raw.columns:
+    has_type = TYPE in raw.columns
+    if has_type:
         default_type = opts.default_event_type
         types = per_distinct(raw[TYPE], lambda col: _stripped_text(col).str.lower().replace("", default_type))
+        done_with(TYPE)
     else:
         types = Coded(np.zeros(n, dtype=np.int64), np.array([opts.default_event_type], dtype=object))
     type_names = pd.Series(types.values, dtype=object)
     unknown_types: dict[str, int] = {}
-    if opts.event_weights is not None and TYPE in raw.columns:
+    if opts.event_weights is not None and has_type:
         unknown = ~type_names.isin(list(opts.event_weights)).to_numpy()[types.codes]
         counts = pd.Series(types.codes[unknown & keep]).value_counts()
         unknown_types = {str(types.values[code]): int(c) for code, c in counts.items()}
@@ -389,6 +398,7 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
 
     if VALUE in raw.columns:
         values, missing, bad = _parse_values(raw[VALUE], opts.max_abs_value)
+        done_with(VALUE)
         drop(bad, "bad_value")
         values = np.where(missing, opts.value_fill, values)
     else:
@@ -440,7 +450,7 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     if opts.kcore_users > 0 or opts.kcore_items > 0:
         take(_kcore(users.codes, items.codes, opts.kcore_users, opts.kcore_items, rep))
     if sources:
-        rep.sources = _per_source(sources, rows, len(raw))
+        rep.sources = _per_source(sources, rows, n)
     n_filled = int(np.count_nonzero(filled))
     if n_filled:
         rep.filled[VALUE] = n_filled
@@ -489,21 +499,23 @@ def _kept_codes(ids: Coded, rows: np.ndarray) -> Coded:
 
 
 def _sorted_categorical(ids: Coded) -> tuple[np.ndarray, pd.Categorical]:
-    """A column of ids as (index, column): index (n,) int64, each row's id among the distinct ids
-    in the column in string order (the index :class:`~dmp_dl.data.vocab.IdVocab` gives it);
+    """A column of ids as (index, column): index (n,) int32 (int64 from 2**31 ids), each row's id
+    among the distinct ids in the column in string order (the index :class:`~dmp_dl.data.vocab.IdVocab` gives it);
     column, a categorical of those ids with that index as its codes (each id's text held once)."""
     codes = ids.codes
     used = np.flatnonzero(np.bincount(codes, minlength=len(ids.values)))
     order = used[np.argsort(ids.values[used], kind="stable")]
-    rank = np.zeros(len(ids.values), dtype=np.int64)
+    rank = np.zeros(len(ids.values), dtype=np.int32 if len(used) < np.iinfo(np.int32).max else np.int64)
     rank[order] = np.arange(len(used))
     index = rank[codes]
     categories = pd.Index(ids.values[order], dtype=TEXT_DTYPE)
-    return index, pd.Categorical.from_codes(index.astype(_code_dtype(len(order)), copy=False), categories)
+    # codes valid by construction; with as many ids as int32 codes take, the column and the index share one array
+    codes = index.astype(_code_dtype(len(order)), copy=False)
+    return index, pd.Categorical.from_codes(codes, dtype=pd.CategoricalDtype(categories), validate=False)
 
 
 def _code_dtype(n_categories: int) -> type:
-    """The smallest integer type pandas keeps a categorical's codes in for ``n_categories``."""
+    """The integer type pandas keeps a categorical's codes in for ``n_categories`` (the smallest)."""
     return np.int8 if n_categories < 127 else np.int16 if n_categories < 32767 else np.int32
 
 
@@ -710,10 +722,10 @@ def clean_attributes(
     return frame, rep, kinds
 
 
-def describe_times(raw_events: pd.DataFrame, events: pd.DataFrame) -> str | None:
-    """Why a log counts as having no event times (None when it has them): no ``timestamp`` column,
-    or fewer than two distinct times among the clean ``events``."""
-    if TIME not in raw_events.columns:
+def describe_times(has_time_column: bool, events: pd.DataFrame) -> str | None:
+    """Why a log counts as having no event times (None when it has them): no ``timestamp`` column
+    in the raw log, or fewer than two distinct times among the clean ``events``."""
+    if not has_time_column:
         return "the log has no timestamp column"
     times = events[TIME].to_numpy()
     if len(times) == 0 or times.min() == times.max():
@@ -733,23 +745,27 @@ def _bounded(vals: np.ndarray, present: np.ndarray, max_abs: float, rep: TableRe
 
 
 def clean_log(
-    raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = (), index_ids: bool = False
+    raw: EventLog, opts: CleaningOptions, *, exclude_users: Collection[str] = (), index_ids: bool = False,
+    consume: bool = False,
 ) -> tuple[EventLog, QualityReport]:
     """Clean all tables of a raw :class:`EventLog` and describe the result.
 
     index_ids: also give each clean event the index of its user and of its item among the distinct
-        ids of the clean events in string order (columns ``user_idx``, ``item_idx``, int64): the
+        ids of the clean events in string order (columns ``user_idx``, ``item_idx``, int32): the
         indices of the vocabularies of those ids (:meth:`dmp_dl.data.vocab.IdVocab.from_indexed`),
         found while the ids are still integer codes.
+    consume: the caller hands ``raw.events`` over: each of its columns is dropped once read, so
+        that the raw log and the clean one are not both held whole (a large log's peak memory).
 
     Raises
     ------
     DataError if no event survives cleaning (the message carries the per-reason counts).
     """
     malformed: Mapping[str, int] = raw.meta.get("malformed_rows", {})
+    has_time_column = TIME in raw.events.columns
     cleaned = _clean_events(raw.events, opts, malformed_rows=malformed.get("events", 0), exclude_users=exclude_users,
                             sources=raw.meta.get("sources", ()), carry=(), constant_time_is_no_time=True,
-                            index_ids=index_ids, unread_rows=raw.meta.get("unread_rows"))
+                            index_ids=index_ids, unread_rows=raw.meta.get("unread_rows"), release_raw=consume)
     events, ev_rep = cleaned.events, cleaned.report
     ev_rep.ignored_columns += [c for c in raw.meta.get("unread_columns", ()) if c not in ev_rep.ignored_columns]
     report = QualityReport(source=raw.source, events=ev_rep)
@@ -770,7 +786,7 @@ def clean_log(
         )
     report.n_users, report.n_items = cleaned.n_users, cleaned.n_items
     report.events_per_type = cleaned.events_per_type
-    report.timestamps_note = describe_times(raw.events, events)
+    report.timestamps_note = describe_times(has_time_column, events)
     report.has_timestamps = report.timestamps_note is None
     if report.has_timestamps:
         t0, t1 = int(events[TIME].min()), int(events[TIME].max())

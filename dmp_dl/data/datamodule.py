@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.core.memory import release_freed_memory
 from dmp_dl.data.cleaning import CleaningOptions, clean_log
 from dmp_dl.data.erasure_list import read_erasure_list
 from dmp_dl.data.event_files import add_extra_events
@@ -91,6 +92,7 @@ class StepClock:
         try:
             yield
         finally:
+            release_freed_memory()  # the step's temporaries, not kept by the allocator for the next one
             self.seconds[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
@@ -137,7 +139,8 @@ class TrainExamples(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        batch = {"user": self.user[idx], "item": self.item[idx], "weight": self.weight[idx]}
+        # held in the events' index type (int32 below 2**31), handed to models as int64
+        batch = {"user": self.user[idx].long(), "item": self.item[idx].long(), "weight": self.weight[idx]}
         if self.history_len > 0:
             start = self.start[idx][:, None]
             if self.history_sampling == "recent":
@@ -149,7 +152,7 @@ class TrainExamples(Dataset):
                 rel = (offset + self._offsets - 1) % count
                 pos = start + rel
                 valid = (pos != idx[:, None]) & (self._offsets <= count)
-            batch["history"] = torch.where(valid, self.item[pos.clamp(min=0)], self.pad)
+            batch["history"] = torch.where(valid, self.item[pos.clamp(min=0)], self.pad).long()
         return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -178,7 +181,7 @@ class EvalUsers(Dataset):
         rel = self.relevant[users].tocoo()
         return {
             "user": torch.from_numpy(users),
-            "history": torch.from_numpy(self.history[users]),
+            "history": torch.from_numpy(self.history[users].astype(np.int64, copy=False)),
             "seen_rows": torch.from_numpy(seen.row.astype(np.int64)),
             "seen_cols": torch.from_numpy(seen.col.astype(np.int64)),
             "rel_rows": torch.from_numpy(rel.row.astype(np.int64)),
@@ -284,7 +287,7 @@ class InteractionDataModule(pl.LightningDataModule):
                 erased = self._erased_users(raw)
             self.raw_meta = raw.meta
         with clock.step("clean"):
-            cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased, index_ids=True)
+            cleaned, report = clean_log(raw, self.cleaning, exclude_users=erased, index_ids=True, consume=True)
             del raw  # the raw columns are not needed past cleaning: free them before indexing and splitting
         with clock.step("vocabularies"):
             ev = cleaned.events  # with user_idx and item_idx, the indices of these vocabularies:
@@ -400,18 +403,22 @@ class InteractionDataModule(pl.LightningDataModule):
         self.train_idx = np.flatnonzero(train).astype(_row_dtype(len(train)), copy=False)
         self.item_counts = np.bincount(i[self.train_idx], minlength=n_items).astype(np.int64)
         self.train_seen = pairs.train
-        by_user, u_by_user = sorted_order(u)  # every event grouped by user in time order; the training ones a subsequence
-        i_by_user, train_by_user = i[by_user], train[by_user]
+        # every event grouped by user in time order (the training ones a subsequence), as int32 below 2**31
+        narrow = _row_dtype(max(len(u), n_users, n_items + 1))
+        by_user, u_by_user = sorted_order(u, dtype=narrow)
+        i_by_user, train_by_user = i.astype(narrow, copy=False)[by_user], train[by_user]
         self.train_history = _last_items_grouped(u_by_user[train_by_user], i_by_user[train_by_user], n_users,
                                                  self.history_len, pad=n_items)
         self.all_seen = pairs.all()
         self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
         before_test = s[by_user] != TEST  # what a test user did before the test period: their input when ranked
+        del by_user, train_by_user
         self.test_input_history = _last_items_grouped(u_by_user[before_test], i_by_user[before_test], n_users,
                                                       self.history_len, pad=n_items)
+        del u_by_user, i_by_user, before_test
         per_part = np.bincount(s, minlength=3)  # events per split part, then those of users / items unseen in training
         cold_user = np.bincount(s[~pairs.warm[u]], minlength=3)
-        cold_item = np.bincount(s[self.item_counts[i] == 0], minlength=3)
+        cold_item = np.bincount(s[(self.item_counts == 0)[i]], minlength=3)
         stats: dict[str, object] = {
             "events": {"train": int(per_part[TRAIN]), "val": int(per_part[VAL]), "test": int(per_part[TEST])},
             "train_time_max": int(ev[TIME].to_numpy()[self.train_idx].max()) if self.report.has_timestamps else None,

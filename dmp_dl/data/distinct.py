@@ -22,7 +22,8 @@ TEXT_DTYPE = pd.Series(np.array(["x"], dtype=object)).dtype
 class Coded:
     """A column as integer codes into its distinct values: ``values[codes]`` is the column.
 
-    codes: (n,) int64; values: (k,) the distinct values (object for text, else as computed).
+    codes: (n,) int64 (int32 from a categorical column); values: (k,) the distinct values (object for
+    text, else as computed).
     """
 
     codes: np.ndarray
@@ -85,7 +86,8 @@ def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series |
     """
     categories = _categories(values)
     if categories is not None and _distinct_is_exact(categories, floats_alike):
-        codes = values.cat.codes.to_numpy().astype(np.int64)  # -1: missing, the extra last value
+        # the categorical's own codes, widened only to hold the extra last value (-1: missing)
+        codes = values.cat.codes.to_numpy().astype(np.int32 if len(categories) < 2**31 - 1 else np.int64)
         codes[codes < 0] = len(categories)
         out = transform(pd.concat([categories, pd.Series([None], dtype=categories.dtype)], ignore_index=True))
     elif _distinct_is_exact(values, floats_alike):
@@ -94,10 +96,11 @@ def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series |
     else:
         codes, out = np.arange(len(values), dtype=np.int64), transform(values)
     out = out.to_numpy() if isinstance(out, pd.Series) else np.asarray(out)
+    codes = np.asarray(codes)  # int64, or a categorical's int32: half the memory per row
     if out.dtype != object or not merge:  # numbers: kept as computed (0.0 and -0.0 stay apart)
-        return Coded(np.asarray(codes, dtype=np.int64), out)
+        return Coded(codes, out)
     inner, distinct = pd.factorize(out, use_na_sentinel=False)
-    return Coded(inner.astype(np.int64, copy=False)[codes], np.asarray(distinct, dtype=object))
+    return Coded(inner.astype(codes.dtype, copy=False)[codes], np.asarray(distinct, dtype=object))
 
 
 def per_distinct_cells(values: pd.Series) -> Coded:

@@ -21,27 +21,34 @@ def stable_order(keys: np.ndarray) -> np.ndarray:
     return sorted_order(keys)[0]
 
 
-def sorted_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sorted_order(keys: np.ndarray, dtype: type = np.int64, block: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
     """(:func:`stable_order` of ``keys``, ``keys`` in that order), the second without a gather.
 
-    keys: (n,) integers. Returns ((n,) int64, (n,) int64).
+    keys: (n,) integers. dtype: of both results (int32 halves their memory; the caller checks that
+    n and the keys fit). Returns ((n,) dtype, (n,) dtype). Beside the results it needs one (n,)
+    int64 array: the composite key is built and taken apart ``block`` rows at a time.
     """
     keys = np.asarray(keys)
     n = len(keys)
     if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=dtype)
     low, high = int(keys.min()), int(keys.max())
     if (high - low + 1) > _INT64_MAX // max(n, 1) - 1:  # the composite key would overflow int64
-        order = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
-        return order, keys[order].astype(np.int64, copy=False)
-    composite = keys.astype(np.int64) - low
-    composite *= n
-    composite += np.arange(n, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")
+        return order.astype(dtype, copy=False), keys[order].astype(dtype, copy=False)
+    composite = keys.astype(np.int64)
+    for lo in range(0, n, block):
+        part = composite[lo:lo + block]
+        part -= low
+        part *= n
+        part += np.arange(lo, lo + len(part), dtype=np.int64)
     composite.sort()
-    order = composite % n
-    composite //= n
-    composite += low
-    return order, composite
+    order, ordered = np.empty(n, dtype=dtype), np.empty(n, dtype=dtype)
+    for lo in range(0, n, block):
+        part = composite[lo:lo + block]
+        order[lo:lo + len(part)] = part % n
+        ordered[lo:lo + len(part)] = part // n + low
+    return order, ordered
 
 
 def group_bounds(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

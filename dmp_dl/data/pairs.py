@@ -23,7 +23,7 @@ def pair_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray
 def select_entries(m: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
     """The entries of canonical CSR ``m`` where ``keep`` ((nnz,) bool) holds, as a binary float32 CSR
     of the same shape (indices stay sorted)."""
-    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+    kept_before = np.zeros(len(keep) + 1, dtype=np.int32 if len(keep) < np.iinfo(np.int32).max else np.int64)
     np.cumsum(keep, out=kept_before[1:])
     indptr = kept_before[m.indptr]
     indices = m.indices[keep]
@@ -58,10 +58,12 @@ class SplitPairs:
         return cls(parts, matrices[0], np.diff(matrices[0].indptr) > 0)
 
     def _bits(self) -> tuple[np.ndarray, np.ndarray]:
-        """(bit mask per entry, whether the entry's user is warm), each (nnz,)."""
-        bits = self.parts.data.astype(np.int8)
-        warm = np.repeat(self.warm, np.diff(self.parts.indptr))
-        return bits, warm
+        """(bit mask per entry, whether the entry's user is warm), each (nnz,), computed once."""
+        cached = self.__dict__.get("_bits_of_entries")
+        if cached is None:
+            cached = (self.parts.data.astype(np.int8), np.repeat(self.warm, np.diff(self.parts.indptr)))
+            self.__dict__["_bits_of_entries"] = cached
+        return cached
 
     def _relevant(self, code: int) -> np.ndarray:
         """(nnz,) bool: the entries of :meth:`relevant`."""
@@ -73,8 +75,10 @@ class SplitPairs:
         return select_entries(self.parts, (self.parts.data.astype(np.int8) & mask) != 0)
 
     def all(self) -> sp.csr_matrix:
-        """Binary CSR of every pair."""
-        return select_entries(self.parts, np.ones(self.parts.nnz, dtype=bool))
+        """Binary CSR of every pair (sharing :attr:`parts`' index arrays: one copy of the largest
+        structure of the split, whichever of the two outlives the other)."""
+        return sp.csr_matrix((np.ones(self.parts.nnz, dtype=np.float32), self.parts.indices, self.parts.indptr),
+                             shape=self.parts.shape)
 
     def relevant(self, code: int) -> sp.csr_matrix:
         """Binary CSR of the relevant pairs of part ``code`` (VAL or TEST): warm users' pairs that

@@ -39,13 +39,17 @@ class IdVocab:
 
         values: (n,) ids; index: (n,) int64. Raises ValueError when they do not.
         """
-        index = np.asarray(index, dtype=np.int64)
+        index = np.asarray(index)
         n_ids = int(index.max(initial=-1)) + 1
-        first = np.full(n_ids, -1, dtype=np.int64)
-        first[index[::-1]] = np.arange(len(index) - 1, -1, -1)  # the first row of each index
-        if (first < 0).any():
-            raise ValueError(f"{kind} indices skip a number")
-        ids = np.asarray(values.take(first), dtype=object)
+        if (isinstance(values.dtype, pd.CategoricalDtype) and len(values.cat.categories) == n_ids
+                and np.array_equal(values.cat.codes.to_numpy(), index)):
+            ids = np.asarray(values.cat.categories, dtype=object)  # the index already numbers the categories
+        else:
+            first = np.full(n_ids, -1, dtype=np.int64)
+            first[index[::-1]] = np.arange(len(index) - 1, -1, -1)  # the first row of each index
+            if (first < 0).any():
+                raise ValueError(f"{kind} indices skip a number")
+            ids = np.asarray(values.take(first), dtype=object)
         vocab = cls(ids, kind)
         if n_ids > 1 and not (ids[:-1] < ids[1:]).all():
             raise ValueError(f"{kind} indices do not number the ids in string order")

@@ -363,8 +363,11 @@ def _scan(dataset: ds.Dataset, files: list[Path], columns: list[str], time_filte
             return pa.Table.from_batches(pending, schema=schema), read
         if pending or not blocks:
             blocks.append(_dictionary_encoded(pa.Table.from_batches(pending, schema=schema), text))
-        pool = pa.system_memory_pool()
-        return pa.concat_tables(blocks, memory_pool=pool).unify_dictionaries(memory_pool=pool), read
+        # each block keeps its own dictionaries: pandas unifies them column by column (_to_frame), so the
+        # unified codes of all columns and the blocks' are never held at once
+        table = pa.concat_tables(blocks, memory_pool=pa.system_memory_pool())
+        blocks.clear()
+        return table, read
     except (pa.ArrowException, OSError) as exc:
         pending.clear()
         blocks.clear()

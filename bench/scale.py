@@ -135,6 +135,12 @@ def child_data(n_events: int, args) -> dict[str, Any]:
 
     if not str(Path(dmm.__file__).resolve()).startswith(str(tree)):
         raise RuntimeError(f"dmp_dl imported from {dmm.__file__}, not {tree}")
+    try:  # the dict settings that take new keys, registered as the tree's commands register them
+        from dmp_dl.core.open_settings import register
+    except ImportError:  # a tree from before they existed
+        pass
+    else:
+        register()
     users = max(1, n_events // args.data_events_per_user)
     items = max(100, n_events // args.data_events_per_item)
     with initialize_config_dir(config_dir=str(tree / "conf"), version_base="1.3"):

@@ -409,13 +409,13 @@ class InteractionDataModule(pl.LightningDataModule):
         i_by_user, train_by_user = i.astype(narrow, copy=False)[by_user], train[by_user]
         self.train_history = _last_items_grouped(u_by_user[train_by_user], i_by_user[train_by_user], n_users,
                                                  self.history_len, pad=n_items)
-        self.all_seen = pairs.all()
         self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
         before_test = s[by_user] != TEST  # what a test user did before the test period: their input when ranked
         del by_user, train_by_user
         self.test_input_history = _last_items_grouped(u_by_user[before_test], i_by_user[before_test], n_users,
                                                       self.history_len, pad=n_items)
         del u_by_user, i_by_user, before_test
+        self.all_seen = pairs.all()
         per_part = np.bincount(s, minlength=3)  # events per split part, then those of users / items unseen in training
         cold_user = np.bincount(s[~pairs.warm[u]], minlength=3)
         cold_item = np.bincount(s[(self.item_counts == 0)[i]], minlength=3)

@@ -23,9 +23,12 @@ def pair_matrix(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray
 def select_entries(m: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
     """The entries of canonical CSR ``m`` where ``keep`` ((nnz,) bool) holds, as a binary float32 CSR
     of the same shape (indices stay sorted)."""
-    kept_before = np.zeros(len(keep) + 1, dtype=np.int32 if len(keep) < np.iinfo(np.int32).max else np.int64)
-    np.cumsum(keep, out=kept_before[1:])
-    indptr = kept_before[m.indptr]
+    per_row = np.zeros(m.shape[0], dtype=np.int64)  # kept entries per row, without an (nnz,) count array
+    rows = np.flatnonzero(np.diff(m.indptr) > 0)
+    if len(rows):
+        per_row[rows] = np.add.reduceat(keep, m.indptr[rows], dtype=np.int64)
+    indptr = np.zeros(m.shape[0] + 1, dtype=np.int64)
+    np.cumsum(per_row, out=indptr[1:])
     indices = m.indices[keep]
     return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=m.shape)
 

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 READ_COLUMNS = (USER, ITEM, TIME, TYPE, VALUE, EVENT_ID)  # what cleaning reads (canonical names)
 CODED_COLUMNS = (USER, ITEM, TYPE)  # text columns read as codes into their distinct values (repeated per event)
-CODED_ROWS = 1 << 20  # rows dictionary-encoded at a time: each block's dictionary holds its distinct ids
+CODED_ROWS = 1 << 22  # rows dictionary-encoded at a time: each block's dictionary holds its distinct ids once
 ID_COLUMNS = (USER, ITEM, EVENT_ID)
 EXACT_FLOAT_INT = 2**53
 UNITS_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}

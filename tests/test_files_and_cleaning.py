@@ -57,6 +57,26 @@ def test_dirty_csv_counts_add_up(tmp_path):
     assert '"bad_value": 2' in (tmp_path / "q.json").read_text()
 
 
+@pytest.mark.parametrize("form", ["csv", "parquet"])
+def test_a_consumed_raw_log_cleans_alike_and_gives_its_columns_up(tmp_path, form):
+    """The data module hands the raw log to cleaning (``consume``): each column read is dropped from
+    it, so the raw and the clean log are not both held whole; the result is the same."""
+    frame = pd.DataFrame({"user_id": ["u1", "u2", "u1", None, "u3", "u2"], "item_id": ["a", "b", "b", "c", "a", "a"],
+                          "timestamp": [1700000000 + 60 * k for k in range(6)],
+                          "event_type": ["view", "click", "view", "view", "purchase", "view"],
+                          "value": [0.0, 1.0, None, 0.0, 9.5, 0.0], "campaign": ["x"] * 6})
+    path = tmp_path / f"events.{form}"
+    frame.to_csv(path, index=False) if form == "csv" else frame.to_parquet(path)
+    kept = EventFileSource(path=str(path)).load()
+    handed = EventFileSource(path=str(path)).load()
+    plain, plain_report = clean_log(kept, CleaningOptions(), index_ids=True)
+    consumed, consumed_report = clean_log(handed, CleaningOptions(), index_ids=True, consume=True)
+    pd.testing.assert_frame_equal(consumed.events, plain.events)
+    assert consumed_report.to_dict() == plain_report.to_dict()
+    assert {"user_id", "item_id", "timestamp", "event_type", "value"}.isdisjoint(handed.events.columns)
+    assert len(kept.events.columns) >= 5  # without consume the caller's frame is left whole
+
+
 def test_ids_are_strings_everywhere(tmp_path):
     # 123 (int column), "123" (string) and 123.0 (float column with gaps) are the same user.
     a = pd.DataFrame({"user_id": [123, 124], "item_id": ["x", "y"], "timestamp": [1.7e9, 1.7e9]})

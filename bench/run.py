@@ -209,6 +209,15 @@ def headline_lines() -> list[str]:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in sl.items())
         lines.append(f"- **Scale**, log-log slope of cost vs size (1 = linear): {shown}"
                      f" ({c['machine']['date']}{', quick' if c.get('quick') else ''}).")
+    d = _load("data_large")  # bench/scale.py --data-stage --large
+    runs = [r for r in (d or {}).get("runs", []) if "error" not in r]
+    if runs:
+        top = max(runs, key=lambda r: r["events"])
+        slope = (d.get("slopes") or {}).get("wall")
+        lines.append(f"- **Data stage at scale** (hive Parquet, `prepare()`): {top['events']:,} events "
+                     f"({top['users']:,} users x {top['items']:,} items) in {top['total']['wall']:.0f} s, peak RSS "
+                     f"**{top['peak_rss_mib']:,.0f} MiB**" + (f", time slope {slope:.2f}" if slope is not None else "")
+                     + f" ({d['machine']['date']}).")
     return lines
 
 

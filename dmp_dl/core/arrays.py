@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def index_dtype(bound: int) -> type:
+    """The integer type for indices in ``[0, bound]``: int32 (half the memory of int64) while
+    ``bound`` is below int32's maximum, else int64."""
+    return np.int32 if bound < _INT32_MAX else np.int64
+
 
 def unique_sorted(a: np.ndarray) -> np.ndarray:
     """The distinct values of the 1-d array ``a``, ascending (what ``np.unique(a)`` returns)."""

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dmp_dl.core.arrays import index_dtype
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.io import atomic_write_text
 from dmp_dl.data.distinct import TEXT_DTYPE, Coded, per_distinct
@@ -505,7 +506,7 @@ def _sorted_categorical(ids: Coded) -> tuple[np.ndarray, pd.Categorical]:
     codes = ids.codes
     used = np.flatnonzero(np.bincount(codes, minlength=len(ids.values)))
     order = used[np.argsort(ids.values[used], kind="stable")]
-    rank = np.zeros(len(ids.values), dtype=np.int32 if len(used) < np.iinfo(np.int32).max else np.int64)
+    rank = np.zeros(len(ids.values), dtype=index_dtype(len(used)))
     rank[order] = np.arange(len(used))
     index = rank[codes]
     categories = pd.Index(ids.values[order], dtype=TEXT_DTYPE)

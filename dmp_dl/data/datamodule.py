@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dmp_dl.core.arrays import index_dtype
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.memory import release_freed_memory
 from dmp_dl.data.cleaning import CleaningOptions, clean_log
@@ -63,7 +64,7 @@ def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length
                         chunk: int = 1 << 16) -> np.ndarray:
     """:func:`last_items` of events already grouped by user (each user's in time order): (n_users,
     length) int32 (int64 when ``pad`` does not fit), the per-user table every model reads histories from."""
-    out = np.full((n_users, max(length, 0)), pad, dtype=np.int32 if pad < np.iinfo(np.int32).max else np.int64)
+    out = np.full((n_users, max(length, 0)), pad, dtype=index_dtype(pad))
     if length <= 0 or len(user) == 0:
         return out
     starts, ends = group_bounds(user)
@@ -75,13 +76,11 @@ def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length
     return out
 
 
-def _row_dtype(n_rows: int) -> type:
-    """The integer type of row numbers into ``n_rows`` events: int32 below 2**31 rows (half the memory)."""
-    return np.int32 if n_rows < np.iinfo(np.int32).max else np.int64
-
-
 class StepClock:
-    """Wall and CPU seconds (all threads of the process) of named steps: ``seconds[name] = {"wall", "cpu"}``."""
+    """Wall and CPU seconds (all threads of the process) of named steps: ``seconds[name] = {"wall", "cpu"}``.
+
+    Each step ends by handing the memory it freed back to the OS (its temporaries, not carried by
+    the allocator into the next step)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, dict[str, float]] = {}
@@ -400,11 +399,11 @@ class InteractionDataModule(pl.LightningDataModule):
             raise DataError(f"{self.report.source}: the split left no training events; lower data.split.val_frac/test_frac")
         if pairs is None:
             pairs = SplitPairs.build(u, i, s, n_users, n_items)
-        self.train_idx = np.flatnonzero(train).astype(_row_dtype(len(train)), copy=False)
+        self.train_idx = np.flatnonzero(train).astype(index_dtype(len(train)), copy=False)
         self.item_counts = np.bincount(i[self.train_idx], minlength=n_items).astype(np.int64)
         self.train_seen = pairs.train
         # every event grouped by user in time order (the training ones a subsequence), as int32 below 2**31
-        narrow = _row_dtype(max(len(u), n_users, n_items + 1))
+        narrow = index_dtype(max(len(u), n_users, n_items + 1))
         by_user, u_by_user = sorted_order(u, dtype=narrow)
         i_by_user, train_by_user = i.astype(narrow, copy=False)[by_user], train[by_user]
         self.train_history = _last_items_grouped(u_by_user[train_by_user], i_by_user[train_by_user], n_users,
@@ -466,7 +465,7 @@ class InteractionDataModule(pl.LightningDataModule):
         out: what a final fit on all data trains on (same vocabularies, features and events)."""
         view = copy.copy(self)
         ev = self.events
-        view.train_idx = np.arange(len(ev), dtype=_row_dtype(len(ev)))
+        view.train_idx = np.arange(len(ev), dtype=index_dtype(len(ev)))
         view.item_counts = np.bincount(ev["item_idx"].to_numpy(), minlength=self.n_items).astype(np.int64)
         view.train_seen, view.train_history, view.test_input_history = self.all_seen, self.full_history, self.full_history
         for stage in ("val", "test"):

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dmp_dl.core.arrays import index_dtype
+
 # How pandas stores a column of Python strings by default (pandas 3: arrow-backed ``str``).
 TEXT_DTYPE = pd.Series(np.array(["x"], dtype=object)).dtype
 
@@ -87,7 +89,7 @@ def per_distinct(values: pd.Series, transform: Callable[[pd.Series], pd.Series |
     categories = _categories(values)
     if categories is not None and _distinct_is_exact(categories, floats_alike):
         # the categorical's own codes, widened only to hold the extra last value (-1: missing)
-        codes = values.cat.codes.to_numpy().astype(np.int32 if len(categories) < 2**31 - 1 else np.int64)
+        codes = values.cat.codes.to_numpy().astype(index_dtype(len(categories)))
         codes[codes < 0] = len(categories)
         out = transform(pd.concat([categories, pd.Series([None], dtype=categories.dtype)], ignore_index=True))
     elif _distinct_is_exact(values, floats_alike):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,22 +61,19 @@ class SplitPairs:
         matrices[0].data[:] = 1.0
         return cls(parts, matrices[0], np.diff(matrices[0].indptr) > 0)
 
+    @functools.cached_property
     def _bits(self) -> tuple[np.ndarray, np.ndarray]:
         """(bit mask per entry, whether the entry's user is warm), each (nnz,), computed once."""
-        cached = self.__dict__.get("_bits_of_entries")
-        if cached is None:
-            cached = (self.parts.data.astype(np.int8), np.repeat(self.warm, np.diff(self.parts.indptr)))
-            self.__dict__["_bits_of_entries"] = cached
-        return cached
+        return self.parts.data.astype(np.int8), np.repeat(self.warm, np.diff(self.parts.indptr))
 
     def _relevant(self, code: int) -> np.ndarray:
         """(nnz,) bool: the entries of :meth:`relevant`."""
-        bits, warm = self._bits()
+        bits, warm = self._bits
         return warm & ((bits & (1 << code)) != 0) & ((bits & ((1 << code) - 1)) == 0)
 
     def seen(self, mask: int) -> sp.csr_matrix:
         """Binary CSR of the pairs occurring in any part of ``mask`` (e.g. 0b011: training or validation)."""
-        return select_entries(self.parts, (self.parts.data.astype(np.int8) & mask) != 0)
+        return select_entries(self.parts, (self._bits[0] & mask) != 0)
 
     def all(self) -> sp.csr_matrix:
         """Binary CSR of every pair (sharing :attr:`parts`' index arrays: one copy of the largest
@@ -90,7 +88,7 @@ class SplitPairs:
 
     def already_seen(self, code: int) -> int:
         """Warm users' pairs of part ``code`` that also occur in an earlier part (so not relevant)."""
-        bits, warm = self._bits()
+        bits, warm = self._bits
         return int(np.count_nonzero(warm & ((bits & (1 << code)) != 0) & ((bits & ((1 << code) - 1)) != 0)))
 
     def user_counts(self) -> tuple[int, int]:

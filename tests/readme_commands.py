@@ -32,6 +32,7 @@ NOT_RUN = {
     "make": "installs the environment or runs the test suite itself",
     "ln": "re-points a deployment's bundle link (/srv): an operator's file operation",
     "mv": "re-points a deployment's bundle link (/srv): an operator's file operation",
+    "ray": "starts or stops a Ray cluster's node: an operator's command (tests/test_ray.py starts a two-node one)",
 }
 PYTHONS = ("python", ".venv/bin/python")
 

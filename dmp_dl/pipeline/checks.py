@@ -467,6 +467,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.ease.dropout must be 0 for model=ease (plain EASE, also the report's EASE baseline), "
                           f"got {dropout!r}; for EDLAE use model=auto (with model.candidates=[ease]: the item-item model alone)")
     check_fitter(cfg)
+    _check_ray(cfg)
     if _enabled(cfg, "propensity"):
         check_rules(cfg, PROPENSITY_RULES)
         val, test = select(cfg, "propensity.split.val_frac"), select(cfg, "propensity.split.test_frac")
@@ -506,6 +507,19 @@ def check_train_config(cfg: DictConfig) -> None:
     output = select(cfg, "paths.output_dir")
     if output is not ABSENT:
         check_output_dir(output, "paths.output_dir")
+
+
+def _check_ray(cfg: DictConfig) -> None:
+    """``trainer=ray`` runs the default model's autoencoder fits (``model.fitter=auto``) on Ray
+    Train, without DP-SGD (one process holds the privacy accountant); anything else is one line."""
+    if select(cfg, "trainer.strategy") != "ray":
+        return
+    fitter = select(cfg, "model.fitter")
+    if fitter != "auto":
+        raise ConfigError(f"trainer=ray trains the default model (model=auto) on Ray; model={select(cfg, 'model.name')} "
+                          "trains data-parallel with trainer=ddp, or in one process with the default trainer")
+    if _enabled(cfg, "privacy.dp"):
+        raise ConfigError("privacy.dp.enabled=true trains on one device: drop trainer=ray")
 
 
 def _check_sequence_net(cfg: DictConfig) -> None:

@@ -32,14 +32,18 @@ from dmp_dl.training.fit import instantiate_trainer
 log = logging.getLogger(__name__)
 
 DATA_PARALLEL_STRATEGY = "ddp"  # the one Lightning strategy that re-runs the script per process (trainer=ddp)
+RAY_STRATEGY = "ray"  # trainer=ray: the autoencoder's fits as Ray Train jobs (dmp_dl.training.ray_fit)
 
 
 @dataclass(frozen=True)
 class Processes:
-    """The processes of a fit: ``count`` of them (the world size), this one ``rank`` (0: the main one)."""
+    """The processes of a fit: ``count`` of them (the world size), this one ``rank`` (0: the main one),
+    started by ``launcher``: ``lightning`` (``trainer=ddp`` re-runs the script per process) or ``ray``
+    (Ray Train workers: :mod:`dmp_dl.training.ray_fit`)."""
 
     count: int = 1
     rank: int = 0
+    launcher: str = "lightning"
 
     @property
     def main(self) -> bool:
@@ -47,6 +51,11 @@ class Processes:
 
 
 ONE_PROCESS = Processes()
+
+
+def on_ray(cfg: DictConfig) -> bool:
+    """Whether ``cfg.trainer`` asks for Ray Train (``trainer=ray``)."""
+    return (cfg.get("trainer") or {}).get("strategy") == RAY_STRATEGY
 
 
 def processes_of(cfg: DictConfig) -> Processes:
@@ -141,14 +150,26 @@ def validation_share(dataset, processes: Processes):
                          dataset.relevant)
 
 
-def data_parallel_strategy():
-    """Lightning's DDP without the broadcast of buffers before every step: the autoencoder's buffers
-    are the rows of every user and the item frequencies, the same in every process by construction."""
+def _no_buffer_sync() -> dict:
+    """DDP's argument that turns off the broadcast of buffers before every step: the autoencoder's
+    buffers are the item frequencies, the same in every process by construction."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}  # torch before forward_sync_buffers
+
+
+def data_parallel_placement(processes: Processes) -> dict:
+    """The Trainer arguments of a data-parallel fit: Lightning's DDP (``trainer=ddp``) or, in a Ray
+    Train worker, Ray's subclass of it with Ray's view of the ranks (the process group is Ray's);
+    the loaders shard the users themselves (no distributed sampler)."""
+    if processes.launcher == "ray":
+        from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+
+        return {"strategy": RayDDPStrategy(**_no_buffer_sync()), "plugins": [RayLightningEnvironment()],
+                "devices": "auto", "use_distributed_sampler": False}
     from pytorch_lightning.strategies import DDPStrategy
 
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return DDPStrategy(forward_sync_buffers=False)
-    return DDPStrategy(broadcast_buffers=False)  # torch before forward_sync_buffers
+    return {"strategy": DDPStrategy(**_no_buffer_sync()), "use_distributed_sampler": False}
 
 
 class ProcessSeed(pl.Callback):

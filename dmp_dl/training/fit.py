@@ -85,6 +85,13 @@ class KeepBest(Callback):
             self.best, self.best_epoch = float(value), trainer.current_epoch
             self.state = copy.deepcopy(module.state_dict())
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint of the fit keeps (a Ray worker restarted from it resumes the search)."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "state": self.state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.state = state_dict["best"], state_dict["best_epoch"], state_dict["state"]
+
 
 def _instantiate_all(group: DictConfig | None) -> list:
     if not group:
@@ -116,9 +123,20 @@ def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list |
                                **extra)
 
 
+RAY_SETTINGS = ("num_workers", "use_gpu", "address", "max_failures", "storage_path", "cpus_per_worker",
+                "checkpoint_every_s")
+
+
 def instantiate_trainer(node: DictConfig, **kwargs: Any) -> pl.Trainer:
     """``node`` (a ``trainer`` config) built with ``kwargs``; a setting Lightning refuses (e.g.
-    ``trainer.precision=banana``, ``trainer.devices=99``) is one ``trainer: ...`` ConfigError line."""
+    ``trainer.precision=banana``, ``trainer.devices=99``) is one ``trainer: ...`` ConfigError line.
+    ``trainer=ray``'s own settings (:data:`RAY_SETTINGS`) are Ray Train's, not Lightning's: left out,
+    with ``strategy: ray`` as Lightning's ``auto`` unless ``kwargs`` place the fit."""
+    if node.get("strategy") == "ray" or any(key in node for key in RAY_SETTINGS):
+        plain = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in plain.items() if k not in RAY_SETTINGS})
+        if node.get("strategy") == "ray":
+            node.strategy = "auto"
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as exc:

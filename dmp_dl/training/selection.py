@@ -57,8 +57,9 @@ from dmp_dl.training.data_parallel import (
     Processes,
     ProcessSeed,
     check_processes,
-    data_parallel_strategy,
+    data_parallel_placement,
     leave_process_group,
+    on_ray,
     per_process_batch,
     processes_of,
     sharded_user_loader,
@@ -261,8 +262,8 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
     configured = [c for c in _instantiate_all(cfg.get("callbacks")) if not isinstance(c, (ModelCheckpoint, EarlyStopping))]
     callbacks = [FiniteLossGuard(), *callbacks, *configured]
     placement: dict[str, Any] = {"devices": 1, "strategy": "auto"}
-    if processes.count > 1:
-        placement = {"strategy": data_parallel_strategy(), "use_distributed_sampler": False}
+    if processes.count > 1 or processes.launcher != "lightning":
+        placement = data_parallel_placement(processes)
     extra: dict[str, Any] = {"max_epochs": int(max_epochs), **placement, "min_epochs": 0,
                              "enable_model_summary": False,
                              "enable_checkpointing": False, "num_sanity_val_steps": 0}
@@ -280,7 +281,8 @@ def _trainer(cfg: DictConfig, callbacks: list, max_epochs: int, time_budget_s: f
 def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool, max_epochs: int,
                     loggers: list | None = None, time_budget_s: float | None = None,
                     previous=None, val_users=None, processes: Processes = ONE_PROCESS,
-                    continue_from: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict]:
+                    continue_from: torch.nn.Module | None = None, ckpt_path: str | None = None,
+                    callbacks: list | None = None) -> tuple[torch.nn.Module, dict]:
     """Train ``cfg.model.vae`` on ``rows`` ((n_users, n_items) interaction strengths).
 
     With ``validate``, early stopping on the validation users (``val_users``: an ``EvalUsers``,
@@ -291,8 +293,21 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
     id. ``processes``: with more than one, this process's part of a data-parallel fit
     (:mod:`dmp_dl.training.data_parallel`; every process calls this with the same arguments and
     gets the same net). ``continue_from``: a net of this run (same vocabularies) whose weights the
-    fit continues, its KL weight already annealed (a warm refit). Returns (net, facts).
+    fit continues, its KL weight already annealed (a warm refit). ``ckpt_path``: a Lightning
+    checkpoint of this fit to resume (a Ray Train worker restarted after a failure); ``callbacks``:
+    more Lightning callbacks (a Ray worker's checkpoint reports). Returns (net, facts).
+
+    Under ``trainer=ray`` (in the process that runs the job, not in a Ray worker) the fit runs as a
+    Ray Train job: :func:`dmp_dl.training.ray_fit.fit_autoencoder_on_ray`.
     """
+    if on_ray(cfg) and processes.launcher != "ray":
+        from dmp_dl.training.ray_fit import fit_autoencoder_on_ray
+
+        if validate and val_users is None and len(dm.val_users) > 0:
+            val_users = validation_sample(cfg, dm)
+        return fit_autoencoder_on_ray(fit_autoencoder, cfg, dm, rows, validate=validate, max_epochs=max_epochs,
+                                      time_budget_s=time_budget_s, previous=previous, val_users=val_users,
+                                      continue_from=continue_from)
     node = cfg.model.vae
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     sparse, dense_why = sparse_gradients_for(node.net.get("sparse_gradients"), dm.n_items, processes.count)
@@ -316,7 +331,7 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
     if continue_from is not None:
         module.anneal_steps = 1.0  # the KL weight was annealed in the fit continued: full from the first step
     metric = f"val/{cfg.model.get('selection_metric', 'ndcg@20')}"
-    callbacks: list = [ProcessSeed(int(cfg.seed))] if processes.count > 1 else []
+    callbacks = [*(callbacks or []), *([ProcessSeed(int(cfg.seed))] if processes.count > 1 else [])]
     keep = None
     validate = validate and len(dm.val_users) > 0
     val_loader = None
@@ -340,7 +355,7 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
         warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")  # a final fit without validation users is intended
         # data-parallel: the validation metrics are means over every process already (torchmetrics syncs them)
         warnings.filterwarnings("ignore", message=r".*self.log\('val/.*sync_dist=True.*")
-        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader)
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - t0
     facts = {"fit_seconds": seconds, "epochs_run": int(trainer.current_epoch), "batch_users": loader.batch_size * processes.count,
              "steps": int(module._batches), "warm_start": warm, "time_budget_fired": bool(budget and budget.fired),

@@ -41,6 +41,14 @@ Every size runs in its own child process (``--child``), so its peak RSS (``VmHWM
   RSS of the whole stage and of each step (sampled every 20 ms), and what the prepared data module
   still holds; with the log-log slope of each from the smallest size to the largest.
 
+* **Ray** (``--ray``, its own section): ``train.py``'s default model (propensity, audience and the
+  report off) on the generator at ``--ray-users`` x ``--ray-items`` x ``--ray-events``, three ways:
+  in one process (no Ray), under ``trainer=ray`` with one worker (``--ray-cpus`` CPUs) and with two
+  (half of them each), each Ray run starting its own local cluster. The autoencoder's throughput
+  (users trained a second in the held-out fit, from the facts the workers return),
+  the Ray jobs' seconds (start-up, checkpoints and the fit), the run's wall time, the choice and
+  test NDCG@20. The point is the same answer; Ray adds start-up and checkpoints.
+
 Slope: least-squares fit of log(cost) on log(size); 1 is linear growth.
 
     python bench/scale.py                         # default sizes (CPU: minutes)
@@ -49,6 +57,7 @@ Slope: least-squares fit of log(cost) on log(size); 1 is linear growth.
     python bench/scale.py --data-stage --baseline 746f240   # the data stage, now and at a commit
     python bench/scale.py --data-stage --files --data-events 1000000   # CSV vs Parquet vs hive Parquet
     python bench/scale.py --data-stage --large --large-dir /data/dmp-large   # 5M, 20M, 50M events from hive Parquet
+    python bench/scale.py --ray                  # the default model with no Ray, 1 and 2 Ray workers
 """
 
 from __future__ import annotations
@@ -613,6 +622,66 @@ def data_stage(args) -> dict:
     return data
 
 
+RAY_RUNS = {  # label -> train.py overrides
+    "one process, no Ray": [],
+    "trainer=ray, 1 worker": ["trainer=ray", "trainer.num_workers=1", "trainer.cpus_per_worker={cpus}"],
+    "trainer=ray, 2 workers": ["trainer=ray", "trainer.num_workers=2", "trainer.cpus_per_worker={half}"],
+}
+
+
+def ray_run(label: str, overrides: list[str], args, workdir: Path) -> dict[str, Any]:
+    """One ``train.py`` run of the ``--ray`` section in a child process; its facts from ``metrics.json``."""
+    out = workdir / label.replace(" ", "_").replace(",", "").replace("=", "-")
+    cpus = max(int(args.ray_cpus), 1)
+    settings = [o.format(cpus=cpus, half=max(cpus / 2, 0.5)) for o in overrides]
+    cmd = [sys.executable, str(ROOT / "train.py"), f"data.source.n_users={args.ray_users}",
+           f"data.source.n_items={args.ray_items}", f"data.source.n_events={args.ray_events}", "propensity.enabled=false",
+           "audience.enabled=false", "evaluation.report=null", "logger=none", "trainer.enable_progress_bar=false",
+           f"paths.output_dir={out}", *settings, *args.overrides]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each Ray run starts its own local cluster
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{label}: train.py failed\n{done.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = metrics["model"]
+    vae = model["candidates"]["vae"]["details"]
+    refit = model.get("refit_facts") or {}
+    users = vae["steps"] * vae["batch_users"]
+    jobs = [vae.get("ray", {}).get("job_seconds"), (refit.get("vae_ray") or {}).get("job_seconds")]
+    return {"run": label, "settings": " ".join(settings) or "(default trainer)",
+            "users/s (held-out fit)": users / vae["fit_seconds"], "held-out fit s": vae["fit_seconds"],
+            "epochs": vae["epochs_run"], "refit s": refit.get("vae_seconds"), "Ray jobs s": sum(j for j in jobs if j) or None,
+            "wall s": wall, "chosen": model["selected"], "test NDCG@20": metrics["ranking"]["auto"]["ndcg@20"]}
+
+
+def ray_section(args) -> dict:
+    """The ``--ray`` section: the default model without Ray and with 1 and 2 Ray Train workers."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dmp-bench-ray-") as tmp:
+        for label, overrides in RAY_RUNS.items():
+            rows.append(ray_run(label, overrides, args, Path(tmp)))
+            print(rows[-1], flush=True)
+    base = rows[0]
+    for row in rows:
+        row["users/s vs one process"] = row["users/s (held-out fit)"] / base["users/s (held-out fit)"]
+        row["NDCG vs one process"] = row["test NDCG@20"] / base["test NDCG@20"]
+    columns = ["run", "settings", "held-out fit s", "epochs", "users/s (held-out fit)", "users/s vs one process",
+               "refit s", "Ray jobs s", "wall s", "chosen", "test NDCG@20", "NDCG vs one process"]
+    body = [f"`train.py`'s default model on the generator at {args.ray_users:,} users x {args.ray_items:,} items x "
+            f"{args.ray_events:,} events (propensity, audience and the report off), one run each, one after the other. "
+            "`held-out fit s`: the autoencoder's Lightning fit with early stopping (in the Ray runs: worker 0's, "
+            "from the facts it returns); `users/s`: users trained a second in it (steps x users a step, all workers "
+            "together); `Ray jobs s`: both Ray Train jobs (held-out fit and refit) from submission to the weights back "
+            "in the driver, with the workers' start and the checkpoints; `wall s`: the whole run, with a local Ray "
+            "cluster's start in the Ray runs.", "", markdown_table(rows, columns, floatfmt=".4g")]
+    data = {"rows": rows, "users": args.ray_users, "items": args.ray_items, "events": args.ray_events,
+            "cpus": args.ray_cpus}
+    write_section("ray", "Ray Train (trainer=ray)", "\n".join(body), data)
+    return data
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, nargs="*", default=[1_000_000, 4_000_000, 16_000_000])
@@ -648,6 +717,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--files-form", help=argparse.SUPPRESS)
     ap.add_argument("--files-path", help=argparse.SUPPRESS)
     ap.add_argument("--files-since", help=argparse.SUPPRESS)
+    ap.add_argument("--ray", action="store_true", help="the default model with no Ray, 1 and 2 Ray workers (its own section)")
+    ap.add_argument("--ray-users", type=int, default=20_000)
+    ap.add_argument("--ray-items", type=int, default=4_000)
+    ap.add_argument("--ray-events", type=int, default=600_000)
+    ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2, help="--ray: CPUs for the Ray workers in all")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
     output.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -663,6 +737,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.quick:
         args.events, args.items, args.steps, args.queries = [30_000, 120_000], [2_000, 20_000], 20, 200
         args.data_events, args.repeats, args.large_events = [30_000, 100_000], 1, [30_000, 100_000]
+    if args.ray:
+        if args.quick:
+            args.ray_users, args.ray_items, args.ray_events = 600, 200, 12_000
+        return ray_section(args)
     if args.data_stage:
         if args.large:
             return data_large(args)

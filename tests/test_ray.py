@@ -177,3 +177,22 @@ def test_a_worker_killed_mid_fit_is_restarted_and_the_run_writes_its_bundle(clus
     assert resumed and "checkpoint" in resumed
     assert (out / "artifacts" / "manifest.json").exists()
     assert "resumed from" in console.read_text()
+
+
+@pytest.mark.slow
+def test_eases_gram_matrix_is_the_sum_of_the_ray_workers_parts(cluster, monkeypatch):
+    import numpy as np
+    import scipy.sparse as sp
+
+    from dmp_dl.models.ease import gram_matrix
+    from dmp_dl.training.ray_fit import gram_on_ray
+
+    address, env = cluster
+    monkeypatch.setenv("RAY_AUTH_MODE", env["RAY_AUTH_MODE"])
+    x = sp.random(503, 70, density=0.1, format="csr", random_state=np.random.default_rng(0))
+    x.data[:] = 1.0
+    try:
+        parts = gram_on_ray(compose_cfg(["trainer=ray", f"trainer.address={address}"], Path("unused")))
+        assert torch.equal(parts(x, torch.device("cpu")), gram_matrix(x))  # 0/1 products: exact in float32
+    finally:
+        ray.shutdown()

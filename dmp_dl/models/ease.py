@@ -343,9 +343,10 @@ class EASESolver:
     then one Cholesky per (l2, dropout) (the last dense B is kept). Everything runs on ``device``.
     """
 
-    def __init__(self, x: sp.csr_matrix, device: str | torch.device = "cpu"):
+    def __init__(self, x: sp.csr_matrix, device: str | torch.device = "cpu", gram=None):
         self.x = binary(x)
         self.device = torch.device(device)
+        self.gram = gram or gram_matrix  # (x, device) -> X'X; under trainer=ray a sum of the workers' parts
         self.n_users, self.n_items = self.x.shape
         self.dual = self.n_items >= 2 * self.n_users  # an eigendecomposition of XX' beats Choleskys of X'X
         self.counts = item_counts(self.x, self.device)
@@ -389,7 +390,7 @@ class EASESolver:
             lam = penalty(self.counts, l2, dropout)
             self._dense = None
             if self._gram is None:
-                self._gram = gram_matrix(self.x, self.device)
+                self._gram = self.gram(self.x, self.device)
             p = regularised_inverse(self._gram.clone(), lam)
             b = p.div_(-p.diagonal())
             b.diagonal().zero_()

@@ -1,8 +1,9 @@
 """The autoencoder's fits as Ray Train jobs (``trainer=ray``).
 
 This process (``train.py``, Ray's *driver*) prepares the data, fits EASE, chooses, evaluates and
-writes the bundle exactly as in a one-process run. Each fit of the autoencoder (the held-out fit
-with early stopping, then the refit on every event) runs as one Ray Train job of
+writes the bundle exactly as in a one-process run; EASE's Gram matrix is the sum of Ray tasks'
+parts over ranges of users (:func:`gram_on_ray`), inverted once here. Each fit of the autoencoder
+(the held-out fit with early stopping, then the refit on every event) runs as one Ray Train job of
 ``trainer.num_workers`` workers, data-parallel with the same rules as ``trainer=ddp``
 (:mod:`dmp_dl.training.data_parallel`): in every epoch each worker trains on its own share of the
 users, gradients are averaged after every step (DDP over Ray's process group: gloo on CPUs, NCCL
@@ -13,8 +14,9 @@ What a worker gets: the run's configuration (composed once, here), the training 
 the validation sample through Ray's object store (one copy per machine), and the few facts of
 the data a fit reads (:class:`FitData`) — not the DataModule. At the end of an epoch, at most every
 ``trainer.checkpoint_every_s`` seconds, worker 0 reports a Lightning checkpoint (weights,
-optimiser, epoch, early stopping, the best epoch's weights) to ``trainer.storage_path``; when a worker dies, Ray restarts the group (up to
-``trainer.max_failures`` times) and the fit resumes from that checkpoint. Worker 0's last report
+optimiser, epoch, early stopping, the best epoch's weights) to ``trainer.storage_path``; when a
+worker dies, Ray restarts the group (up to ``trainer.max_failures`` times) and the fit resumes
+from the last checkpoint reported. Worker 0's last report
 holds the best epoch's weights and the fit's facts; this process loads them (tensors only) into
 its own copy of the network.
 """
@@ -22,6 +24,7 @@ its own copy of the network.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -175,7 +178,7 @@ def _installed_for_workers() -> bool:
     return True
 
 
-_FIT_COUNT = [0]
+_FIT_NUMBERS = itertools.count(1)  # this process's Ray jobs, numbered in their names
 
 
 def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool, max_epochs: int,
@@ -195,12 +198,12 @@ def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matr
     validate = validate and len(dm.val_users) > 0
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["trainer"]["accelerator"] = "gpu" if use_gpu else "cpu"
-    job = {"fit": fit, "cfg": plain, "data": FitData.of(dm, continue_from is not None, previous is not None), "rows": sp.csr_matrix(rows),
-           "validate": validate, "max_epochs": int(max_epochs), "time_budget_s": time_budget_s, "previous": previous,
-           "val_users": val_users if validate else None, "checkpoint_every_s": settings.checkpoint_every_s,
+    job = {"fit": fit, "cfg": plain, "data": FitData.of(dm, continue_from is not None, previous is not None),
+           "rows": sp.csr_matrix(rows), "validate": validate, "max_epochs": int(max_epochs),
+           "time_budget_s": time_budget_s, "previous": previous, "val_users": val_users if validate else None,
+           "checkpoint_every_s": settings.checkpoint_every_s,
            "continue_from": None if continue_from is None else continue_from.cpu()}
-    _FIT_COUNT[0] += 1
-    name = f"autoencoder-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{_FIT_COUNT[0]}"
+    name = f"autoencoder-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FIT_NUMBERS)}"
     storage = settings.storage_path or str(Path(cfg.paths.output_dir, "ray").resolve())
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -237,6 +240,38 @@ def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matr
         log.warning("autoencoder: a Ray worker failed during the fit; the workers were restarted and resumed from %s",
                     facts["ray"]["resumed_from"])
     return net, facts
+
+
+def gram_on_ray(cfg: DictConfig) -> Callable[[sp.csr_matrix, torch.device], torch.Tensor]:
+    """EASE's Gram matrix X'X (float32, on ``device``) as the sum of ``trainer.num_workers`` Ray
+    tasks' parts, each X_u'X_u over its own range of users (the rows reach them through the object
+    store); summed here as they arrive, to be inverted once (:class:`~dmp_dl.models.ease.EASESolver`)."""
+    settings = RaySettings.of(cfg)
+
+    def gram(x: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+        ray = connect(settings)
+        rows = ray.put(sp.csr_matrix(x))
+        bounds = np.linspace(0, x.shape[0], settings.num_workers + 1).astype(np.int64)
+        task = ray.remote(num_cpus=settings.cpus_per_worker)(_gram_part)
+        pending = [task.remote(rows, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        total = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=device)
+        t0 = time.perf_counter()
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            with warnings.catch_warnings():  # the object store's read-only array is only read
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                total.add_(torch.from_numpy(ray.get(done[0])).to(device))
+        log.info("EASE: the Gram matrix from %d Ray tasks (%.1f s)", len(bounds) - 1, time.perf_counter() - t0)
+        return total
+
+    return gram
+
+
+def _gram_part(rows: sp.csr_matrix, lo: int, hi: int) -> np.ndarray:
+    """X_u'X_u of users ``lo:hi`` of ``rows`` (one Ray task): (n_items, n_items) float32."""
+    from dmp_dl.models.ease import gram_matrix
+
+    return gram_matrix(rows[lo:hi]).numpy()
 
 
 def _network(cfg: DictConfig, dm, workers: int) -> torch.nn.Module:

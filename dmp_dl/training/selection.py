@@ -438,7 +438,12 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
     device = stage_device(cfg)
     keep = ease_lib.keep_per_item_for(dm.n_items, float(node.get("max_bundle_mb", ease_lib.DEFAULT_BUNDLE_MB)))
     t0, c0 = time.perf_counter(), compute_seconds()
-    solver = ease_lib.EASESolver(x, device)
+    gram = None
+    if on_ray(cfg):  # the Gram matrix as the sum of the Ray workers' parts, inverted once here
+        from dmp_dl.training.ray_fit import gram_on_ray
+
+        gram = gram_on_ray(cfg)
+    solver = ease_lib.EASESolver(x, device, gram)
     if l2 is not None or node.get("l2") is not None:
         grid = [float(l2 if l2 is not None else node.l2)]
     else:
@@ -1004,6 +1009,8 @@ def refit(cfg: DictConfig, dm, choice: ModelChoice, rows: sp.csr_matrix, seen: s
     facts["vae_refit"] = fitted.get("refit_plan")
     if fitted.get("warm_start") and "continued" in fitted["warm_start"]:
         facts["vae_continued"] = fitted["warm_start"]
+    if fitted.get("ray"):
+        facts["vae_ray"] = fitted["ray"]
     facts.update(vae_seconds=fitted["fit_seconds"], vae_epochs_run=fitted["epochs_run"],
                  vae_time_budget_fired=fitted["time_budget_fired"], processes=int(fitted.get("processes", 1)))
     served = _refit_shallow(cfg, dm, choice, seen, facts)

@@ -37,6 +37,19 @@ def test_trainer_ray_builds_a_plain_lightning_trainer_in_this_process():
     assert trainer.world_size == 1  # Ray's settings are Ray Train's: the driver's own Trainer is one process
 
 
+def test_the_networks_trained_in_this_process_under_trainer_ray_get_a_lightning_trainer(tiny_cfg):
+    """Under trainer=ray the sequence candidate trains in the driver; its refit is a plain Lightning fit."""
+    from hydra.utils import instantiate
+
+    from dmp_dl.training.fit import refit_embedding_model
+
+    cfg = tiny_cfg("trainer=ray", "model=two_tower", "logger=none")
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare()
+    module, facts = refit_embedding_model(cfg, dm, 1)
+    assert facts["epochs"] == 1 and module.trainer.world_size == 1 and module.trainer.current_epoch == 1
+
+
 @pytest.mark.parametrize("override, key", [("trainer.num_workers=0", "trainer.num_workers"),
                                            ("trainer.num_workers=two", "trainer.num_workers"),
                                            ("trainer.use_gpu=maybe", "trainer.use_gpu"),
@@ -85,6 +98,21 @@ def test_an_unreachable_cluster_is_one_line(monkeypatch):
     settings = ray_fit.RaySettings.of(compose_cfg(["trainer=ray", "trainer.address=127.0.0.1:1"], Path("unused")))
     with pytest.raises(ConfigError, match=r"trainer\.address=127\.0\.0\.1:1: cannot join a Ray cluster"):
         ray_fit.connect(settings)
+
+
+def test_a_cluster_over_several_machines_needs_a_shared_storage_path(tmp_path):
+    from dmp_dl.training.ray_fit import RaySettings, checkpoint_storage
+
+    cfg = compose_cfg(["trainer=ray"], tmp_path)
+    settings = RaySettings.of(cfg)
+    one_machine = [{"NodeManagerAddress": "10.0.0.5", "Alive": True}, {"NodeManagerAddress": "10.0.0.5", "Alive": True},
+                   {"NodeManagerAddress": "10.0.0.9", "Alive": False}]
+    assert checkpoint_storage(settings, cfg, one_machine) == str((tmp_path / "ray").resolve())
+    two_machines = [{"NodeManagerAddress": "10.0.0.5", "Alive": True}, {"NodeManagerAddress": "10.0.0.6", "Alive": True}]
+    with pytest.raises(ConfigError, match=r"trainer\.storage_path: the Ray cluster spans 2 machines"):
+        checkpoint_storage(settings, cfg, two_machines)
+    shared = RaySettings.of(compose_cfg(["trainer=ray", "trainer.storage_path=/mnt/shared/ray"], tmp_path))
+    assert checkpoint_storage(shared, cfg, two_machines) == "/mnt/shared/ray"
 
 
 # -- a local cluster of two nodes ---------------------------------------------------------------

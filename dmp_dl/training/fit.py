@@ -240,9 +240,9 @@ def refit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, epochs: in
     callbacks = [FiniteLossGuard(), *(c for c in _instantiate_all(cfg.get("callbacks"))
                                       if not isinstance(c, (ModelCheckpoint, EarlyStopping)))]
     extra = {"enable_progress_bar": sys.stdout.isatty()} if cfg.trainer.get("enable_progress_bar") == "auto" else {}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False,
-                          limit_val_batches=0, enable_checkpointing=False, max_epochs=max(int(epochs), 1), min_epochs=1,
-                          _convert_="all", **extra)
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False,
+                                  limit_val_batches=0, enable_checkpointing=False, max_epochs=max(int(epochs), 1),
+                                  min_epochs=1, **extra)
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # a final fit without validation users is intended, not a slip
         warnings.filterwarnings("ignore", message=".*validation_step.*no .val_dataloader.*")

@@ -204,7 +204,7 @@ def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matr
            "checkpoint_every_s": settings.checkpoint_every_s,
            "continue_from": None if continue_from is None else continue_from.cpu()}
     name = f"autoencoder-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FIT_NUMBERS)}"
-    storage = settings.storage_path or str(Path(cfg.paths.output_dir, "ray").resolve())
+    storage = checkpoint_storage(settings, cfg, ray.nodes())
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         _worker, train_loop_config={"job": ray.put(job)},
@@ -240,6 +240,21 @@ def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matr
         log.warning("autoencoder: a Ray worker failed during the fit; the workers were restarted and resumed from %s",
                     facts["ray"]["resumed_from"])
     return net, facts
+
+
+def checkpoint_storage(settings: RaySettings, cfg: DictConfig, nodes: list[dict]) -> str:
+    """Where the workers write checkpoints and the final weights: ``trainer.storage_path``, else
+    ``<run folder>/ray`` when every live node of the cluster (``ray.nodes()``) is this machine;
+    a cluster over several machines without a storage path is one ``trainer.storage_path`` line
+    (worker 0 may run on another machine, and this process must read what it writes)."""
+    if settings.storage_path is not None:
+        return settings.storage_path
+    hosts = sorted({str(node.get("NodeManagerAddress")) for node in nodes if node.get("Alive", True)})
+    if len(hosts) > 1:
+        raise ConfigError(f"trainer.storage_path: the Ray cluster spans {len(hosts)} machines ({', '.join(hosts)}) and "
+                          "its workers write checkpoints and the final weights where this process reads them: give a "
+                          "folder every machine reaches (an NFS mount, s3://bucket/path)")
+    return str(Path(cfg.paths.output_dir, "ray").resolve())
 
 
 def gram_on_ray(cfg: DictConfig) -> Callable[[sp.csr_matrix, torch.device], torch.Tensor]:

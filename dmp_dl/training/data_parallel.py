@@ -27,12 +27,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.models.autoencoder_module import UserBatches, users_with_rows
-from dmp_dl.training.fit import instantiate_trainer
+from dmp_dl.training.fit import RAY_STRATEGY, instantiate_trainer
 
 log = logging.getLogger(__name__)
 
 DATA_PARALLEL_STRATEGY = "ddp"  # the one Lightning strategy that re-runs the script per process (trainer=ddp)
-RAY_STRATEGY = "ray"  # trainer=ray: the autoencoder's fits as Ray Train jobs (dmp_dl.training.ray_fit)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,24 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from dmp_dl.core.errors import ConfigError, DmpError, NonFiniteError
 from dmp_dl.core.io import atomic_write_bytes
 from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.models.autoencoder import sparse_gradients_for
 from dmp_dl.models.retrieval import RetrievalModule
 from dmp_dl.training.fitters import fitter_of
 from dmp_dl.training.warm_start import VocabularyRecord, check_resumable, load_previous, warm_start
 
 log = logging.getLogger(__name__)
+
+
+def new_autoencoder(cfg: DictConfig, dm, processes: int = 1) -> tuple[torch.nn.Module, str | None]:
+    """The untrained autoencoder of ``cfg.model.vae`` sized from ``dm`` (any object with ``n_users``,
+    ``n_items`` and ``user_features``), its encoder's item rows with sparse gradients unless
+    ``processes`` > 1 train it data-parallel. Returns (net, the line saying why sparse gradients were
+    wanted and are not used, or None)."""
+    node = cfg.model.vae
+    sparse, dense_why = sparse_gradients_for(node.net.get("sparse_gradients"), dm.n_items, processes)
+    net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features,
+                                                 sparse_gradients=sparse)
+    return net, dense_why
 
 
 def build_module(cfg: DictConfig, dm: InteractionDataModule) -> RetrievalModule:
@@ -123,6 +136,7 @@ def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list |
                                **extra)
 
 
+RAY_STRATEGY = "ray"  # trainer=ray: the autoencoder's fits as Ray Train jobs (dmp_dl.training.ray_fit)
 RAY_SETTINGS = ("num_workers", "use_gpu", "address", "max_failures", "storage_path", "cpus_per_worker",
                 "checkpoint_every_s")
 
@@ -132,10 +146,10 @@ def instantiate_trainer(node: DictConfig, **kwargs: Any) -> pl.Trainer:
     ``trainer.precision=banana``, ``trainer.devices=99``) is one ``trainer: ...`` ConfigError line.
     ``trainer=ray``'s own settings (:data:`RAY_SETTINGS`) are Ray Train's, not Lightning's: left out,
     with ``strategy: ray`` as Lightning's ``auto`` unless ``kwargs`` place the fit."""
-    if node.get("strategy") == "ray" or any(key in node for key in RAY_SETTINGS):
+    if node.get("strategy") == RAY_STRATEGY or any(key in node for key in RAY_SETTINGS):
         plain = OmegaConf.to_container(node, resolve=True)
         node = OmegaConf.create({k: v for k, v in plain.items() if k not in RAY_SETTINGS})
-        if node.get("strategy") == "ray":
+        if node.get("strategy") == RAY_STRATEGY:
             node.strategy = "auto"
     try:
         return instantiate(node, _convert_="all", **kwargs)

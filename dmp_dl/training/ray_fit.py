@@ -40,12 +40,11 @@ import numpy as np
 import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dmp_dl.core.errors import ConfigError, DmpError
-from dmp_dl.models.autoencoder import sparse_gradients_for
-from dmp_dl.training.data_parallel import RAY_STRATEGY, Processes
+from dmp_dl.training.data_parallel import Processes
+from dmp_dl.training.fit import RAY_STRATEGY, new_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +229,7 @@ def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matr
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder, NET_FILE), map_location="cpu", weights_only=True)
         facts = json.loads(Path(folder, FACTS_FILE).read_text())
-    net = _network(cfg, dm, settings.num_workers)
+    net, _ = new_autoencoder(cfg, dm, settings.num_workers)  # the workers' shape: their weights load into it
     net.load_state_dict(state)
     net.attach_rows(rows)
     net.eval()
@@ -287,14 +286,6 @@ def _gram_part(rows: sp.csr_matrix, lo: int, hi: int) -> np.ndarray:
     from dmp_dl.models.ease import gram_matrix
 
     return gram_matrix(rows[lo:hi]).numpy()
-
-
-def _network(cfg: DictConfig, dm, workers: int) -> torch.nn.Module:
-    """A fresh network of the fit's shape (the workers' parameters load into it)."""
-    node = cfg.model.vae
-    sparse, _ = sparse_gradients_for(node.net.get("sparse_gradients"), dm.n_items, workers)
-    return instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features,
-                                                   sparse_gradients=sparse)
 
 
 def _worker_error(exc: BaseException) -> BaseException:

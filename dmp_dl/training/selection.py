@@ -46,7 +46,6 @@ from torch.utils.data import DataLoader
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.evaluation.ranking import evaluate_scorers, sample_users
 from dmp_dl.models import ease as ease_lib
-from dmp_dl.models.autoencoder import sparse_gradients_for
 from dmp_dl.models.autoencoder_module import user_loader, users_with_rows
 from dmp_dl.models.embeddings import item_vectors, user_vectors
 from dmp_dl.models.scoring import BINARY, ROWS, ServedScore
@@ -65,7 +64,7 @@ from dmp_dl.training.data_parallel import (
     sharded_user_loader,
     validation_share,
 )
-from dmp_dl.training.fit import FiniteLossGuard, KeepBest, _instantiate_all, instantiate_trainer
+from dmp_dl.training.fit import FiniteLossGuard, KeepBest, _instantiate_all, instantiate_trainer, new_autoencoder
 from dmp_dl.training.warm_start import load_previous, warm_start
 
 log = logging.getLogger(__name__)
@@ -310,11 +309,9 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
                                       continue_from=continue_from)
     node = cfg.model.vae
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    sparse, dense_why = sparse_gradients_for(node.net.get("sparse_gradients"), dm.n_items, processes.count)
+    net, dense_why = new_autoencoder(cfg, dm, processes.count)
     if dense_why and processes.main:
         log.info("%s", dense_why)
-    net = instantiate(node.net, _convert_="all")(n_users=dm.n_users, n_items=dm.n_items, user_features=dm.user_features,
-                                                 sparse_gradients=sparse)
     warm = None
     if continue_from is not None:
         warm = continue_fit(net, continue_from, dm.train_seen)
@@ -361,7 +358,8 @@ def fit_autoencoder(cfg: DictConfig, dm, rows: sp.csr_matrix, *, validate: bool,
              "steps": int(module._batches), "warm_start": warm, "time_budget_fired": bool(budget and budget.fired),
              "precision": str(trainer.precision)}
     if processes.count > 1:
-        facts.update(processes=processes.count, batch_users_per_process=loader.batch_size, sparse_gradients=sparse)
+        facts.update(processes=processes.count, batch_users_per_process=loader.batch_size,
+                     sparse_gradients=bool(net.encoder.sparse))
     if keep is not None and keep.state is not None:
         module.load_state_dict(keep.state)
         facts.update(best_epoch=keep.best_epoch, epochs=keep.best_epoch + 1, val_best=keep.best)

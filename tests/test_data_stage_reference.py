@@ -174,6 +174,11 @@ def test_datamodule_evaluation_sets_match_sets_of_pairs(method):
     train = labels == TRAIN  # histories: each user's latest training items, and latest items of all
     assert dm.train_history.tolist() == last_items(user[train], item[train], dm.n_users, 3, dm.n_items).tolist()
     assert dm.full_history.tolist() == last_items(user, item, dm.n_users, 3, dm.n_items).tolist()
+    before_test = labels != TEST  # a test user's input when ranked: what they did before the test period
+    assert dm.test_input_history.tolist() == last_items(user[before_test], item[before_test], dm.n_users, 3,
+                                                        dm.n_items).tolist()
+    if method == "global_temporal":
+        assert stats["train_time_max"] == int(ev["timestamp"].to_numpy()[train].max())
     # vocabularies: sorted ids, and every event's indices name its own ids
     assert list(dm.user_vocab.ids) == sorted(set(ev["user_id"])) and list(dm.item_vocab.ids) == sorted(set(ev["item_id"]))
     assert (dm.user_vocab.ids[user] == ev["user_id"].to_numpy()).all()

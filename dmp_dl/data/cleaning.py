@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmp_dl.core.arrays import index_dtype
+from dmp_dl.core.arrays import BLOCK, flatnonzero_blocks, index_dtype
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.io import atomic_write_text
 from dmp_dl.data.distinct import TEXT_DTYPE, Coded, per_distinct
@@ -413,7 +413,7 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
     if opts.positive_event_types is not None:
         drop(~type_names.isin(opts.positive_event_types).to_numpy()[types.codes], "not_positive_event")
 
-    rows = np.flatnonzero(keep)  # raw row of each event still kept
+    rows = flatnonzero_blocks(keep, index_dtype(n))  # raw row of each event still kept
     keep = None  # freed: no drop() past this point
     times = np.floor(ts[rows]).astype(np.int64)
     values = values[rows].astype(np.float64)
@@ -424,8 +424,14 @@ def _clean_events(raw: pd.DataFrame, opts: CleaningOptions, *, malformed_rows: i
 
     def take(selected: np.ndarray) -> None:
         nonlocal rows, times, values, filled, users, items, types
-        rows, times, values, filled = rows[selected], times[selected], values[selected], filled[selected]
-        users, items, types = (Coded(c.codes[selected], c.values) for c in (users, items, types))
+        # one column at a time: each old array is freed before the next one is gathered
+        rows = rows[selected]
+        times = times[selected]
+        values = values[selected]
+        filled = filled[selected]
+        users = Coded(users.codes[selected], users.values)
+        items = Coded(items.codes[selected], items.values)
+        types = Coded(types.codes[selected], types.values)
 
     dup = np.zeros(len(rows), dtype=bool)
     keyed = np.zeros(len(rows), dtype=bool)
@@ -632,7 +638,9 @@ def _per_source(sources: Sequence[tuple], kept_rows: np.ndarray, n_raw: int) -> 
     if counts.sum() != n_raw:
         raise AssertionError(f"sources cover {counts.sum()} rows of a table of {n_raw}")
     ends = np.cumsum(counts)
-    out_per = np.bincount(np.searchsorted(ends, kept_rows, side="right"), minlength=len(counts))
+    out_per = np.zeros(len(counts), dtype=np.int64)
+    for lo in range(0, len(kept_rows), BLOCK):  # the file of each kept row, a block of rows at a time
+        out_per += np.bincount(np.searchsorted(ends, kept_rows[lo:lo + BLOCK], side="right"), minlength=len(counts))
     out: dict[str, dict[str, int]] = {}
     for (name, n, malformed, *unread), kept in zip(sources, out_per.tolist()):
         entry = out.setdefault(str(name), {"rows_in": 0, "rows_out": 0})

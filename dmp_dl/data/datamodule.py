@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dmp_dl.core.arrays import index_dtype
+from dmp_dl.core.arrays import BLOCK, bincount_blocks, count_per_segment, flatnonzero_blocks, index_dtype
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.memory import release_freed_memory
 from dmp_dl.data.cleaning import CleaningOptions, clean_log
@@ -60,19 +60,27 @@ def last_items(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pa
     return _last_items_grouped(user[order], item[order], n_users, length, pad)
 
 
-def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int,
-                        chunk: int = 1 << 16) -> np.ndarray:
+def _last_items_grouped(user: np.ndarray, item: np.ndarray, n_users: int, length: int, pad: int) -> np.ndarray:
     """:func:`last_items` of events already grouped by user (each user's in time order): (n_users,
     length) int32 (int64 when ``pad`` does not fit), the per-user table every model reads histories from."""
-    out = np.full((n_users, max(length, 0)), pad, dtype=index_dtype(pad))
-    if length <= 0 or len(user) == 0:
-        return out
     starts, ends = group_bounds(user)
-    last = ends - 1
+    return _last_items_of_groups(item, user[starts], ends - starts, n_users, length, pad)
+
+
+def _last_items_of_groups(item: np.ndarray, group_user: np.ndarray, group_size: np.ndarray, n_users: int, length: int,
+                          pad: int, chunk: int = 1 << 16) -> np.ndarray:
+    """:func:`last_items` of items in consecutive groups, one group per user in time order:
+    ``item`` (n,), ``group_user`` (g,) the group's user and ``group_size`` (g,) its number of items
+    (0 allowed; the sizes sum to n). Returns (n_users, length) int32 (int64 when ``pad`` does not fit)."""
+    out = np.full((n_users, max(length, 0)), pad, dtype=index_dtype(pad))
+    if length <= 0 or len(item) == 0:
+        return out
+    ends = np.cumsum(group_size, dtype=np.int64)
+    starts = ends - group_size
     back = np.arange(length)
-    for lo in range(0, len(last), chunk):  # whole rows of `chunk` users at a time: bounded temporaries
-        pos = last[lo:lo + chunk, None] - back  # (users, length) positions, most recent first
-        out[user[last[lo:lo + chunk]]] = np.where(pos >= starts[lo:lo + chunk, None], item[np.maximum(pos, 0)], pad)
+    for lo in range(0, len(ends), chunk):  # whole rows of `chunk` users at a time: bounded temporaries
+        pos = ends[lo:lo + chunk, None] - 1 - back  # (users, length) positions, most recent first
+        out[group_user[lo:lo + chunk]] = np.where(pos >= starts[lo:lo + chunk, None], item[np.maximum(pos, 0)], pad)
     return out
 
 
@@ -399,28 +407,44 @@ class InteractionDataModule(pl.LightningDataModule):
             raise DataError(f"{self.report.source}: the split left no training events; lower data.split.val_frac/test_frac")
         if pairs is None:
             pairs = SplitPairs.build(u, i, s, n_users, n_items)
-        self.train_idx = np.flatnonzero(train).astype(index_dtype(len(train)), copy=False)
-        self.item_counts = np.bincount(i[self.train_idx], minlength=n_items).astype(np.int64)
+        self.train_idx = flatnonzero_blocks(train, index_dtype(len(train)))
+        del train
+        self.item_counts = np.zeros(n_items, dtype=np.int64)
+        for lo in range(0, len(self.train_idx), BLOCK):  # no gathered copy of the training items
+            self.item_counts += np.bincount(i[self.train_idx[lo:lo + BLOCK]], minlength=n_items)
         self.train_seen = pairs.train
         # every event grouped by user in time order (the training ones a subsequence), as int32 below 2**31
         narrow = index_dtype(max(len(u), n_users, n_items + 1))
         by_user, u_by_user = sorted_order(u, dtype=narrow)
-        i_by_user, train_by_user = i.astype(narrow, copy=False)[by_user], train[by_user]
-        self.train_history = _last_items_grouped(u_by_user[train_by_user], i_by_user[train_by_user], n_users,
-                                                 self.history_len, pad=n_items)
-        self.full_history = _last_items_grouped(u_by_user, i_by_user, n_users, self.history_len, pad=n_items)
-        before_test = s[by_user] != TEST  # what a test user did before the test period: their input when ranked
-        del by_user, train_by_user
-        self.test_input_history = _last_items_grouped(u_by_user[before_test], i_by_user[before_test], n_users,
-                                                      self.history_len, pad=n_items)
-        del u_by_user, i_by_user, before_test
+        starts, _ = group_bounds(u_by_user)
+        group_user = u_by_user[starts]
+        bounds = np.append(starts, len(u_by_user))
+        del u_by_user, starts
+        i_by_user, s_by_user = i.astype(narrow, copy=False)[by_user], s[by_user]
+        del by_user
+        length = self.history_len
+        train_by_user = s_by_user == TRAIN
+        self.train_history = _last_items_of_groups(i_by_user[train_by_user], group_user,
+                                                   count_per_segment(train_by_user, bounds), n_users, length, n_items)
+        del train_by_user
+        self.full_history = _last_items_of_groups(i_by_user, group_user, np.diff(bounds), n_users, length, n_items)
+        before_test = s_by_user != TEST  # what a test user did before the test period: their input when ranked
+        del s_by_user
+        self.test_input_history = _last_items_of_groups(i_by_user[before_test], group_user,
+                                                        count_per_segment(before_test, bounds), n_users, length, n_items)
+        del i_by_user, before_test, group_user, bounds
         self.all_seen = pairs.all()
-        per_part = np.bincount(s, minlength=3)  # events per split part, then those of users / items unseen in training
+        per_part = bincount_blocks(s, minlength=3)  # events per split part, then those of users / items unseen in training
         cold_user = np.bincount(s[~pairs.warm[u]], minlength=3)
         cold_item = np.bincount(s[(self.item_counts == 0)[i]], minlength=3)
+        train_time_max = None
+        if self.report.has_timestamps:
+            times = ev[TIME].to_numpy()
+            train_time_max = max(int(times[self.train_idx[lo:lo + BLOCK]].max())
+                                 for lo in range(0, len(self.train_idx), BLOCK))
         stats: dict[str, object] = {
             "events": {"train": int(per_part[TRAIN]), "val": int(per_part[VAL]), "test": int(per_part[TEST])},
-            "train_time_max": int(ev[TIME].to_numpy()[self.train_idx].max()) if self.report.has_timestamps else None,
+            "train_time_max": train_time_max,
         }
         seen = {"val": self.train_seen, "test": pairs.seen((1 << TRAIN) | (1 << VAL))}
         for name, code in (("val", VAL), ("test", TEST)):

@@ -1,7 +1,8 @@
-"""``trainer=ray``: the default model's autoencoder fits as Ray Train jobs. Fast: the settings, the
-checks and the checkpoint state. Slow: a local cluster of two Ray nodes (two ``ray start``
-processes on 127.0.0.1) runs ``train.py`` on the ML-1M subset with the choice and test metrics of
-one process, and a run whose worker is killed mid-fit still writes its bundle."""
+"""``trainer=ray``: the model stage's network fits as Ray Train jobs. Fast: the settings, the checks
+and the checkpoint state. Slow: a local cluster of two Ray nodes (two ``ray start`` processes on
+127.0.0.1) runs ``train.py`` on the ML-1M subset with the choice and test metrics of one process, a
+run whose worker is killed mid-fit still writes its bundle, and ``model=two_tower`` trains on two
+workers."""
 
 from __future__ import annotations
 
@@ -70,11 +71,14 @@ def test_use_gpu_true_on_a_cluster_without_gpus_is_one_line():
     assert RaySettings.of(compose_cfg(["trainer=ray"], Path("unused"))).gpus({"CPU": 8.0, "GPU": 2.0}) is True  # auto
 
 
-@pytest.mark.parametrize("overrides, message", [(["model=two_tower"], "trainer=ray trains the default model"),
-                                                (["privacy.dp.enabled=true"], "drop trainer=ray")])
-def test_what_ray_does_not_train_is_refused_before_reading_data(overrides, message, tmp_path):
-    with pytest.raises(ConfigError, match=message):
-        check_train_config(compose_cfg(["trainer=ray", *overrides], tmp_path))
+def test_dp_on_ray_is_refused_before_reading_data(tmp_path):
+    with pytest.raises(ConfigError, match="drop trainer=ray"):
+        check_train_config(compose_cfg(["trainer=ray", "privacy.dp.enabled=true"], tmp_path))
+
+
+@pytest.mark.parametrize("model", ["auto", "two_tower", "mf", "sasrec"])
+def test_every_model_with_a_network_passes_the_checks_on_ray(model, tmp_path):
+    check_train_config(compose_cfg(["trainer=ray", f"model={model}"], tmp_path))
 
 
 def test_the_best_epoch_is_part_of_a_checkpoint():
@@ -224,3 +228,19 @@ def test_eases_gram_matrix_is_the_sum_of_the_ray_workers_parts(cluster, monkeypa
         assert torch.equal(parts(x, torch.device("cpu")), gram_matrix(x))  # 0/1 products: exact in float32
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_tower_trains_on_two_ray_workers_and_writes_its_bundle(cluster, tmp_path):
+    address, env = cluster
+    out = tmp_path / "two_tower"
+    metrics = _metrics(_train(out, env, *TINY_DATA, "model=two_tower", "trainer.max_epochs=2", "trainer=ray",
+                              "trainer.num_workers=2", f"trainer.address={address}"), out)
+    train = metrics["train"]
+    assert train["ray"]["workers"] == 2 and train["processes"] == 2 and train["epochs"] == 2
+    assert train["refit"] == {"done": False, "reason": "data-parallel training (2 processes)"}
+    # each worker trained on half of every epoch's batches: the validation metric over both is sane
+    assert 0.0 < train["val"]["val/recall@20"] <= 1.0
+    assert train["best_checkpoint"] and Path(train["best_checkpoint"]).exists()
+    assert 0.0 < metrics["ranking"]["two_tower"]["ndcg@20"] <= 1.0  # the held-out fit, scored on the test users
+    assert (out / "artifacts" / "manifest.json").exists()

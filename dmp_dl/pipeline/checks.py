@@ -510,14 +510,11 @@ def check_train_config(cfg: DictConfig) -> None:
 
 
 def _check_ray(cfg: DictConfig) -> None:
-    """``trainer=ray`` runs the default model's autoencoder fits (``model.fitter=auto``) on Ray
-    Train, without DP-SGD (one process holds the privacy accountant); anything else is one line."""
+    """``trainer=ray`` runs the model stage's network fits on Ray Train (the default model's
+    autoencoder, ``model=two_tower|mf|sasrec``'s Lightning fit), without DP-SGD (one process holds
+    the privacy accountant); anything else is one line."""
     if select(cfg, "trainer.strategy") != "ray":
         return
-    fitter = select(cfg, "model.fitter")
-    if fitter != "auto":
-        raise ConfigError(f"trainer=ray trains the default model (model=auto) on Ray; model={select(cfg, 'model.name')} "
-                          "trains data-parallel with trainer=ddp, or in one process with the default trainer")
     if _enabled(cfg, "privacy.dp"):
         raise ConfigError("privacy.dp.enabled=true trains on one device: drop trainer=ray")
 

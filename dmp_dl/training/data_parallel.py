@@ -157,18 +157,19 @@ def _no_buffer_sync() -> dict:
     return {"broadcast_buffers": False}  # torch before forward_sync_buffers
 
 
-def data_parallel_placement(processes: Processes) -> dict:
+def data_parallel_placement(processes: Processes, distributed_sampler: bool = False) -> dict:
     """The Trainer arguments of a data-parallel fit: Lightning's DDP (``trainer=ddp``) or, in a Ray
-    Train worker, Ray's subclass of it with Ray's view of the ranks (the process group is Ray's);
-    the loaders shard the users themselves (no distributed sampler)."""
+    Train worker, Ray's subclass of it with Ray's view of the ranks (the process group is Ray's).
+    The autoencoder's loaders shard the users themselves; ``distributed_sampler``: Lightning shards
+    a DataModule's loaders (``model=two_tower|mf|sasrec`` on Ray)."""
     if processes.launcher == "ray":
         from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 
         return {"strategy": RayDDPStrategy(**_no_buffer_sync()), "plugins": [RayLightningEnvironment()],
-                "devices": "auto", "use_distributed_sampler": False}
+                "devices": "auto", "use_distributed_sampler": distributed_sampler}
     from pytorch_lightning.strategies import DDPStrategy
 
-    return {"strategy": DDPStrategy(**_no_buffer_sync()), "use_distributed_sampler": False}
+    return {"strategy": DDPStrategy(**_no_buffer_sync()), "use_distributed_sampler": distributed_sampler}
 
 
 class ProcessSeed(pl.Callback):

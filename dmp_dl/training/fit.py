@@ -112,12 +112,14 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node, _convert_="all") for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list | None = None) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list | None = None,
+                  placement: dict | None = None) -> pl.Trainer:
     """The Trainer with the configured callbacks (and ``extra_callbacks``) and loggers.
 
     Without validation users (e.g. ``val_frac=0``) validation is switched off and the callbacks that
     monitor a validation metric keep only the last checkpoint. Checkpoints are written atomically
-    (:class:`AtomicCheckpointIO`).
+    (:class:`AtomicCheckpointIO`). ``placement``: Trainer arguments that place the fit (a Ray Train
+    worker's strategy and plugins: :func:`dmp_dl.training.data_parallel.data_parallel_placement`).
     """
     callbacks = [FiniteLossGuard(), *_instantiate_all(cfg.get("callbacks")), *(extra_callbacks or [])]
     loggers = _instantiate_all(cfg.get("logger"))
@@ -132,11 +134,13 @@ def build_trainer(cfg: DictConfig, has_validation: bool, extra_callbacks: list |
                 c.monitor = None
                 c.save_top_k = 1
         extra["limit_val_batches"] = 0
-    return instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-                               **extra)
+    placement = dict(placement or {})
+    plugins = [*placement.pop("plugins", []), AtomicCheckpointIO()]
+    return instantiate_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
+                               **placement, **extra)
 
 
-RAY_STRATEGY = "ray"  # trainer=ray: the autoencoder's fits as Ray Train jobs (dmp_dl.training.ray_fit)
+RAY_STRATEGY = "ray"  # trainer=ray: the model stage's network fits as Ray Train jobs (dmp_dl.training.ray_fit)
 RAY_SETTINGS = ("num_workers", "use_gpu", "address", "max_failures", "storage_path", "cpus_per_worker",
                 "checkpoint_every_s")
 
@@ -202,44 +206,57 @@ def checkpoint_position(path: str | Path) -> dict[str, int]:
                           f"{exc})") from None
 
 
-def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy) -> tuple[RetrievalModule, dict[str, Any]]:
+def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy, *, placement: dict | None = None,
+                        extra_callbacks: list | None = None, resume_from: str | None = None,
+                        previous=None) -> tuple[RetrievalModule, dict[str, Any]]:
     """Build the configured embedding model for ``dm``, fit it and load the best checkpoint's weights.
 
     ``ckpt_path`` resumes an interrupted run on the same data; otherwise ``init_from`` (a previous
     run's bundle or checkpoint) warm-starts the network by id (:mod:`dmp_dl.training.warm_start`).
-    privacy: the run's :class:`~dmp_dl.privacy.training.PrivacyHooks` (DP-SGD when configured).
+    privacy: the run's :class:`~dmp_dl.privacy.training.PrivacyHooks` (DP-SGD when configured; None:
+    none, as in a Ray Train worker, whose run refuses DP before reading data).
+    In a Ray Train worker (:mod:`dmp_dl.training.ray_fit`): ``placement`` (its strategy and
+    plugins), ``extra_callbacks`` (its checkpoint reports), ``resume_from`` (the checkpoint Ray
+    restarted it from, before ``ckpt_path``) and ``previous`` (``init_from`` as the driver read it).
     Returns (module, the training summary for ``metrics.json["train"]``); ``module.trainer`` is the
     Trainer. On DDP ranks other than 0 the summary is empty (the rest of the job runs on rank 0).
+    The summary's ``refit_epochs`` is the epoch count of the weights kept (the best checkpoint's) and
+    ``processes`` the number of processes that trained them.
     """
-    module, fit_data = privacy.build_module(cfg, dm)
+    module, fit_data = privacy.build_module(cfg, dm) if privacy is not None else (build_module(cfg, dm), {"datamodule": dm})
     vocabs = {"user": dm.user_vocab.ids, "item": dm.item_vocab.ids}
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
+    ckpt_path = resume_from or resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir))
     warm = None
     if ckpt_path is not None:
         check_resumable(ckpt_path, module.net, vocabs)
     elif cfg.get("init_from"):
-        warm = warm_start(module.net, load_previous(cfg.init_from), vocabs)
-        if privacy.options is not None and privacy.options.dp_enabled:
+        warm = warm_start(module.net, previous if previous is not None else load_previous(cfg.init_from), vocabs)
+        if privacy is not None and privacy.options is not None and privacy.options.dp_enabled:
             log.warning("privacy.dp: the (epsilon, delta) guarantee covers this run's training only, not the model "
                         "init_from starts it from")
     trainer = build_trainer(cfg, has_validation=len(dm.val_users) > 0,
-                            extra_callbacks=[VocabularyRecord(dm.user_vocab.ids, dm.item_vocab.ids)])
+                            extra_callbacks=[VocabularyRecord(dm.user_vocab.ids, dm.item_vocab.ids),
+                                             *(extra_callbacks or [])], placement=placement)
     t0 = time.perf_counter()
     trainer.fit(module, **fit_data, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - t0
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if placement is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # Lightning's DDP; a Ray worker's group is Ray's to end
     if trainer.global_rank != 0:
         return module, {}
     n_train = len(dm.train_idx)
+    best = load_best_weights(module, trainer)
     return module, {
-        "best_checkpoint": load_best_weights(module, trainer),
+        "best_checkpoint": best,
         "epochs": trainer.current_epoch,
+        "refit_epochs": int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1 if best
+        else int(trainer.current_epoch),
+        "processes": int(trainer.world_size),
         "fit_seconds": fit_seconds,
         "train_events": n_train,
         "examples_per_second": n_train * max(trainer.current_epoch, 1) / fit_seconds if fit_seconds > 0 else None,
         "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-        "privacy": privacy.summary(trainer.global_step),
+        "privacy": privacy.summary(trainer.global_step) if privacy is not None else None,
         "warm_start": warm,
     }
 

@@ -1,29 +1,36 @@
-"""The autoencoder's fits as Ray Train jobs (``trainer=ray``).
+"""The model stage's network fits as Ray Train jobs (``trainer=ray``).
 
 This process (``train.py``, Ray's *driver*) prepares the data, fits EASE, chooses, evaluates and
 writes the bundle exactly as in a one-process run; EASE's Gram matrix is the sum of Ray tasks'
-parts over ranges of users (:func:`gram_on_ray`), inverted once here. Each fit of the autoencoder
-(the held-out fit with early stopping, then the refit on every event) runs as one Ray Train job of
-``trainer.num_workers`` workers, data-parallel with the same rules as ``trainer=ddp``
-(:mod:`dmp_dl.training.data_parallel`): in every epoch each worker trains on its own share of the
-users, gradients are averaged after every step (DDP over Ray's process group: gloo on CPUs, NCCL
-on GPUs), a step of all workers together covers as many users as one step of a one-process run,
-and each worker scores its share of the validation sample, so early stopping agrees everywhere.
+parts over ranges of users (:func:`gram_on_ray`), inverted once here. Each fit of the default
+model's autoencoder (the held-out fit with early stopping, then the refit on every event) runs as
+one Ray Train job of ``trainer.num_workers`` workers, data-parallel with the same rules as
+``trainer=ddp`` (:mod:`dmp_dl.training.data_parallel`): in every epoch each worker trains on its
+own share of the users, gradients are averaged after every step (DDP over Ray's process group:
+gloo on CPUs, NCCL on GPUs), a step of all workers together covers as many users as one step of a
+one-process run, and each worker scores its share of the validation sample, so early stopping
+agrees everywhere. What an autoencoder worker gets: the run's configuration (composed once, here),
+the training rows (CSR) and the validation sample through Ray's object store (one copy per
+machine), and the few facts of the data a fit reads (:class:`FitData`) — not the DataModule.
 
-What a worker gets: the run's configuration (composed once, here), the training rows (CSR) and
-the validation sample through Ray's object store (one copy per machine), and the few facts of
-the data a fit reads (:class:`FitData`) — not the DataModule. At the end of an epoch, at most every
-``trainer.checkpoint_every_s`` seconds, worker 0 reports a Lightning checkpoint (weights,
-optimiser, epoch, early stopping, the best epoch's weights) to ``trainer.storage_path``; when a
-worker dies, Ray restarts the group (up to ``trainer.max_failures`` times) and the fit resumes
-from the last checkpoint reported. Worker 0's last report
-holds the best epoch's weights and the fit's facts; this process loads them (tensors only) into
-its own copy of the network.
+``model=two_tower|mf|sasrec`` (the Lightning fitter) runs its held-out fit as one such job
+(:func:`fit_embedding_model_on_ray`): each worker gets the prepared DataModule through the object
+store and Lightning's distributed sampler shares every epoch's batches out, as under
+``trainer=ddp``; its final fit on every event follows the ``trainer=ddp`` rule (none with more than
+one worker, in this process with one).
+
+At the end of an epoch, at most every ``trainer.checkpoint_every_s`` seconds, worker 0 reports a
+Lightning checkpoint (weights, optimiser, epoch, early stopping, the best epoch's weights) to
+``trainer.storage_path``; when a worker dies, Ray restarts the group (up to
+``trainer.max_failures`` times) and the fit resumes from the last checkpoint reported. Worker 0's
+last report holds the best weights and the fit's facts; this process loads them (tensors only)
+into its own copy of the network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -43,7 +50,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dmp_dl.core.errors import ConfigError, DmpError
-from dmp_dl.training.data_parallel import Processes
+from dmp_dl.training.data_parallel import Processes, data_parallel_placement
 from dmp_dl.training.fit import RAY_STRATEGY, new_autoencoder
 
 log = logging.getLogger(__name__)
@@ -189,32 +196,73 @@ def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matr
     users). A fit that fails more than ``trainer.max_failures`` times is one error line. The facts
     gain ``ray`` (workers, GPUs, the checkpoint a restarted group resumed from)."""
     settings = RaySettings.of(cfg)
+    validate = validate and len(dm.val_users) > 0
+    job = {"fit": fit, "data": FitData.of(dm, continue_from is not None, previous is not None),
+           "rows": sp.csr_matrix(rows), "validate": validate, "max_epochs": int(max_epochs),
+           "time_budget_s": time_budget_s, "previous": previous, "val_users": val_users if validate else None,
+           "continue_from": None if continue_from is None else continue_from.cpu()}
+    state, facts = _run_job(_worker, job, cfg, settings, "autoencoder", f"at most {max_epochs} epochs")
+    net, _ = new_autoencoder(cfg, dm, settings.num_workers)  # the workers' shape: their weights load into it
+    net.load_state_dict(state)
+    net.attach_rows(rows)
+    net.eval()
+    return net, facts
+
+
+def fit_embedding_model_on_ray(cfg: DictConfig, dm, privacy) -> tuple[pl.LightningModule, dict]:
+    """:func:`dmp_dl.training.fit.fit_embedding_model` of ``model=two_tower|mf|sasrec`` (the Lightning
+    fitter) as a Ray Train job of ``trainer.num_workers`` workers: each gets the prepared DataModule
+    through the object store and trains on its share of every epoch's batches (Lightning's
+    distributed sampler under Ray's DDP), with checkpoints and early stopping as in one process; the
+    checkpoint files are written by worker 0 where ``paths.output_dir`` is on its machine. Returns
+    (this process's module with the best weights, the training summary with ``ray`` facts)."""
+    from dmp_dl.training.fit import build_module
+    from dmp_dl.training.warm_start import load_previous
+
+    settings = RaySettings.of(cfg)
+    previous = load_previous(cfg.init_from) if cfg.get("init_from") and cfg.get("ckpt_path") in (None, "", "null") else None
+    # the workers train without privacy hooks: DP is refused under trainer=ray before any data are
+    # read, and pseudonymisation is done (the DataModule holds pseudonyms): the copy sent leaves the
+    # privacy settings (and any key they read) in this process
+    shipped = copy.copy(dm)
+    shipped.privacy = None
+    job = {"data": shipped, "previous": previous}
+    epochs = cfg.trainer.get("max_epochs")
+    state, summary = _run_job(_lightning_worker, job, cfg, settings, str(cfg.model.get("name", "model")),
+                              f"at most {epochs} epochs" if epochs not in (None, -1) else "epochs as configured")
+    module = build_module(cfg, dm)
+    module.load_state_dict(state)
+    module.eval()
+    summary["privacy"] = privacy.summary(0)
+    return module, summary
+
+
+def _run_job(worker: Callable[[dict], None], job: dict, cfg: DictConfig, settings: RaySettings, what: str,
+             length: str) -> tuple[dict, dict]:
+    """Run ``worker`` as a Ray Train job of ``settings.num_workers`` workers on ``job`` (plus the
+    run's config, resolved here, and the checkpoint period) and return worker 0's final report:
+    (the weights, the facts with ``ray``: workers, GPUs, the job, its seconds, the checkpoint a
+    restarted group resumed from). ``what`` names the fit in its log lines and errors."""
     ray = connect(settings)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = settings.gpus(ray.cluster_resources())
-    validate = validate and len(dm.val_users) > 0
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["trainer"]["accelerator"] = "gpu" if use_gpu else "cpu"
-    job = {"fit": fit, "cfg": plain, "data": FitData.of(dm, continue_from is not None, previous is not None),
-           "rows": sp.csr_matrix(rows), "validate": validate, "max_epochs": int(max_epochs),
-           "time_budget_s": time_budget_s, "previous": previous, "val_users": val_users if validate else None,
-           "checkpoint_every_s": settings.checkpoint_every_s,
-           "continue_from": None if continue_from is None else continue_from.cpu()}
-    name = f"autoencoder-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FIT_NUMBERS)}"
+    job = {**job, "cfg": plain, "checkpoint_every_s": settings.checkpoint_every_s}
+    name = f"{what}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_FIT_NUMBERS)}"
     storage = checkpoint_storage(settings, cfg, ray.nodes())
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
-        _worker, train_loop_config={"job": ray.put(job)},
+        worker, train_loop_config={"job": ray.put(job)},
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=settings.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              # Ray Train's INFO lines (a report and a checkpoint every epoch) say nothing to a user
                              logging_config=LoggingConfig(log_level="WARNING")))
-    log.info("autoencoder: a Ray Train job of %d workers (%s) at most %d epochs; checkpoints in %s",
-             settings.num_workers, "a GPU each" if use_gpu else f"{settings.cpus_per_worker:g} CPU each", max_epochs,
-             Path(storage, name))
+    log.info("%s: a Ray Train job of %d workers (%s), %s; checkpoints in %s", what, settings.num_workers,
+             "a GPU each" if use_gpu else f"{settings.cpus_per_worker:g} CPU each", length, Path(storage, name))
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
@@ -222,23 +270,19 @@ def fit_autoencoder_on_ray(fit: Callable, cfg: DictConfig, dm, rows: sp.csr_matr
         cause = _worker_error(exc)
         if isinstance(cause, DmpError):
             raise cause from None
-        raise DmpError(f"the autoencoder's Ray Train job {name} failed after {settings.max_failures} restarts "
+        raise DmpError(f"the {what}'s Ray Train job {name} failed after {settings.max_failures} restarts "
                        f"(trainer.max_failures): {type(cause).__name__}: {' '.join(str(cause).split())[:300]}") from None
     if result.checkpoint is None:
-        raise DmpError(f"the autoencoder's Ray Train job {name} ended without the final weights")
+        raise DmpError(f"the {what}'s Ray Train job {name} ended without the final weights")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder, NET_FILE), map_location="cpu", weights_only=True)
         facts = json.loads(Path(folder, FACTS_FILE).read_text())
-    net, _ = new_autoencoder(cfg, dm, settings.num_workers)  # the workers' shape: their weights load into it
-    net.load_state_dict(state)
-    net.attach_rows(rows)
-    net.eval()
     facts["ray"] = {**facts.get("ray", {}), "workers": settings.num_workers, "gpu_per_worker": use_gpu,
                     "job": name, "job_seconds": time.perf_counter() - t0}
     if facts["ray"].get("resumed_from"):
-        log.warning("autoencoder: a Ray worker failed during the fit; the workers were restarted and resumed from %s",
-                    facts["ray"]["resumed_from"])
-    return net, facts
+        log.warning("%s: a Ray worker failed during the fit; the workers were restarted and resumed from %s",
+                    what, facts["ray"]["resumed_from"])
+    return state, facts
 
 
 def checkpoint_storage(settings: RaySettings, cfg: DictConfig, nodes: list[dict]) -> str:
@@ -326,10 +370,9 @@ class CheckpointReport(pl.Callback):
         self.last = time.monotonic()
 
 
-def _worker(config: dict) -> None:
-    """One Ray Train worker's part of a fit: resume from the last reported checkpoint if any, run
-    the job's ``fit`` on this worker's share, then worker 0 reports
-    the best weights and the facts."""
+def _worker_job(config: dict) -> tuple[dict, Processes, DictConfig]:
+    """A Ray Train worker's start: its log lines to the driver's console, the job, this worker's
+    place among the processes and the run's config."""
     import ray
     import ray.train
 
@@ -343,22 +386,62 @@ def _worker(config: dict) -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     job = ray.get(config["job"])
     context = ray.train.get_context()
-    processes = Processes(context.get_world_size(), context.get_world_rank(), RAY_STRATEGY)
-    cfg = OmegaConf.create(job["cfg"])
+    return job, Processes(context.get_world_size(), context.get_world_rank(), RAY_STRATEGY), OmegaConf.create(job["cfg"])
+
+
+@contextlib.contextmanager
+def _last_report(processes: Processes):
+    """The folder of the last checkpoint Ray reported for this job (None: a first start). When it
+    holds the final weights (the job had ended before a restart), they are reported again and the
+    context yields ``"done"``."""
+    import ray.train
+
     last = ray.train.get_checkpoint()
     with last.as_directory() if last is not None else contextlib.nullcontext(None) as folder:
         if folder is not None and Path(folder, NET_FILE).exists():  # the fit had ended: report it again
             state = torch.load(Path(folder, NET_FILE), map_location="cpu", weights_only=True)
             facts = json.loads(Path(folder, FACTS_FILE).read_text())
             _report_final(processes, state, facts)
+            yield "done"
             return
-        resume = str(Path(folder, LIGHTNING_CHECKPOINT)) if folder is not None else None
+        yield str(Path(folder, LIGHTNING_CHECKPOINT)) if folder is not None else None
+
+
+def _worker(config: dict) -> None:
+    """One Ray Train worker's part of an autoencoder fit: resume from the last reported checkpoint
+    if any, run the job's ``fit`` on this worker's share, then worker 0 reports the best weights
+    and the facts."""
+    job, processes, cfg = _worker_job(config)
+    with _last_report(processes) as resume:
+        if resume == "done":
+            return
         net, facts = job["fit"](cfg, job["data"], job["rows"], validate=job["validate"], max_epochs=job["max_epochs"],
-                                     time_budget_s=job["time_budget_s"], previous=job["previous"], val_users=job["val_users"],
-                                     processes=processes, continue_from=job["continue_from"], ckpt_path=resume,
-                                     callbacks=[CheckpointReport(job["checkpoint_every_s"])])
+                                time_budget_s=job["time_budget_s"], previous=job["previous"], val_users=job["val_users"],
+                                processes=processes, continue_from=job["continue_from"], ckpt_path=resume,
+                                callbacks=[CheckpointReport(job["checkpoint_every_s"])])
     facts["ray"] = {"resumed_from": resume}
     _report_final(processes, net.state_dict(), facts)
+
+
+def _lightning_worker(config: dict) -> None:
+    """One Ray Train worker's part of a Lightning fitter's fit (:func:`fit_embedding_model_on_ray`):
+    the DataModule's batches shared out by Lightning's distributed sampler, checkpoints reported
+    as for the autoencoder; worker 0 reports the best weights and the training summary."""
+    from dmp_dl.training.fit import fit_embedding_model
+
+    job, processes, cfg = _worker_job(config)
+    # the validation metrics are torchmetrics objects, synchronised over the workers when computed;
+    # the training loss of the epoch line is worker 0's own
+    warnings.filterwarnings("ignore", message=r".*self.log\('(val|train)/.*sync_dist=True.*")
+    with _last_report(processes) as resume:
+        if resume == "done":
+            return
+        module, summary = fit_embedding_model(cfg, job["data"], None, previous=job["previous"],
+                                              placement=data_parallel_placement(processes, distributed_sampler=True),
+                                              extra_callbacks=[CheckpointReport(job["checkpoint_every_s"])],
+                                              resume_from=resume)
+    summary["ray"] = {"resumed_from": resume}
+    _report_final(processes, module.state_dict(), summary)
 
 
 def _report_final(processes: Processes, state: dict, facts: dict) -> None:

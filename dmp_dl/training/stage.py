@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from omegaconf import DictConfig
 
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
 from dmp_dl.models.scoring import SCORING_DIR, scoring_part
+from dmp_dl.training.data_parallel import on_ray
 from dmp_dl.training.fit import _instantiate_all, fit_embedding_model, refit_embedding_model
 from dmp_dl.training.fitters import FITTERS
 from dmp_dl.training.selection import choose_model
@@ -21,9 +21,14 @@ log = logging.getLogger(__name__)
 # -- lightning -------------------------------------------------------------------------------------
 def fit_with_lightning(cfg: DictConfig, state: dict) -> None:
     """The Lightning loop (:func:`dmp_dl.training.fit.fit_embedding_model`), then the final fit."""
-    module, train = fit_embedding_model(cfg, state["datamodule"], state["privacy"])
-    state.update(module=module, trainer=module.trainer)
-    if module.trainer.global_rank != 0:  # DDP: evaluation, propensity and export run on rank 0 alone
+    if on_ray(cfg):  # trainer=ray: the fit as a Ray Train job, the rest of the run here
+        from dmp_dl.training.ray_fit import fit_embedding_model_on_ray
+
+        module, train = fit_embedding_model_on_ray(cfg, state["datamodule"], state["privacy"])
+    else:
+        module, train = fit_embedding_model(cfg, state["datamodule"], state["privacy"])
+    state.update(module=module, trainer=module._trainer)
+    if not train:  # DDP: a process other than rank 0; evaluation, propensity and export run on rank 0 alone
         state["halt"] = True
         return
     state["metrics"]["train"] = train
@@ -42,8 +47,8 @@ def _final_fit(cfg: DictConfig, state: dict, privacy) -> None:
         reason = "no held-out events: the model already saw every event"
     elif privacy.options is not None and privacy.options.dp_enabled:
         reason = "privacy.dp: a second fit would spend a second privacy budget"
-    elif module.trainer.world_size > 1:
-        reason = "data-parallel training (trainer.devices > 1)"
+    elif int(train.get("processes", 1)) > 1:
+        reason = f"data-parallel training ({train['processes']} processes)"
     if reason is not None:
         train["refit"] = {"done": False, "reason": reason}
         return
@@ -54,9 +59,7 @@ def _final_fit(cfg: DictConfig, state: dict, privacy) -> None:
                                                                      cfg.get("evaluation", {}))
     except Exception as exc:  # the evaluation stage reports it; the final fit goes on
         state["held_out_error"] = exc
-    best = train.get("best_checkpoint")
-    epochs = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1 if best else module.trainer.current_epoch
-    refitted, facts = refit_embedding_model(cfg, dm, epochs)
+    refitted, facts = refit_embedding_model(cfg, dm, int(train["refit_epochs"]))
     state["module"] = refitted
     train["refit"] = {"done": True, **facts}
     log.info("final fit on every event: %d epoch(s), %d events, %.1f s", facts["epochs"], facts["train_events"], facts["seconds"])

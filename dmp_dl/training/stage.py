@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 # -- lightning -------------------------------------------------------------------------------------
 def fit_with_lightning(cfg: DictConfig, state: dict) -> None:
     """The Lightning loop (:func:`dmp_dl.training.fit.fit_embedding_model`), then the final fit."""
-    if on_ray(cfg):  # trainer=ray: the fit as a Ray Train job, the rest of the run here
+    if on_ray(cfg):  # trainer=ray: the fit as a Ray Train job (its Trainers live in the workers), the rest here
         from dmp_dl.training.ray_fit import fit_embedding_model_on_ray
 
         module, train = fit_embedding_model_on_ray(cfg, state["datamodule"], state["privacy"])
+        state.update(module=module, trainer=None)
     else:
         module, train = fit_embedding_model(cfg, state["datamodule"], state["privacy"])
-    state.update(module=module, trainer=module._trainer)
+        state.update(module=module, trainer=module.trainer)
     if not train:  # DDP: a process other than rank 0; evaluation, propensity and export run on rank 0 alone
         state["halt"] = True
         return

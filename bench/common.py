@@ -116,6 +116,10 @@ def write_section(name: str, title: str, body: str, data: dict) -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
     print(f"\n## {title}\n{body}\n(written to {RESULTS_MD} and {RESULTS_DIR / f'{name}.json'})")
+    import headline  # imports this module: loaded when the first section is written
+
+    if name in headline.SOURCES:
+        headline.write_headline(quiet=True)
 
 
 class Timer:

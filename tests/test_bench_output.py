@@ -95,3 +95,15 @@ def test_quick_numbers_never_go_into_the_tracked_file(capsys):
     with pytest.raises(SystemExit) as stopped:
         output.results_file(Namespace(results=None, write_results=True), quick=True)
     assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: --quick measures tiny sizes")
+
+
+def test_a_section_written_alone_refreshes_the_headline_of_its_results_file(results_paths):
+    mine = results_paths / "mine" / "RESULTS.md"
+    output.use(Namespace(results=mine, write_results=False))
+    run = {"events": 50_000_000, "users": 2_000_000, "items": 50_000, "total": {"wall": 53.3}, "peak_rss_mib": 4669}
+    common.write_section("data_large", "Data stage at scale", "a table", {"runs": [run], "slopes": {"wall": 1.13}})
+    text = mine.read_text()
+    head = text[text.index("<!-- headline -->"):text.index("<!-- /headline -->")]
+    assert "50,000,000 events" in head and "**4,669 MiB**" in head and "time slope 1.13" in head
+    common.write_section("demo", "Demo", "a table", {"rows": [1]})  # not a headline section: the headline stays
+    assert mine.read_text().count("<!-- headline -->") == 1 and "4,669 MiB" in mine.read_text()

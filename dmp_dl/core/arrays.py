@@ -53,17 +53,18 @@ def count_per_segment(keep: np.ndarray, bounds: np.ndarray, block: int = BLOCK) 
     """How many entries of ``keep`` ((n,) bool) hold in each segment ``bounds[k]:bounds[k+1]``
     (``bounds``: (g + 1,) non-decreasing, from 0 to n, e.g. a CSR matrix's ``indptr``): (g,) int64."""
     keep = np.asarray(keep, dtype=bool)
+    bounds = np.asarray(bounds, dtype=np.int64)
+    n_blocks = -(-len(keep) // block)
+    totals = np.zeros(n_blocks + 1, dtype=np.int64)  # kept entries before each block
+    for k in range(n_blocks):
+        totals[k + 1] = totals[k] + np.count_nonzero(keep[k * block:(k + 1) * block])
     before = np.empty(len(bounds), dtype=np.int64)  # kept entries before each bound
-    ends = np.arange(block, len(keep) + block, block, dtype=np.int64)
-    totals = np.zeros(len(ends) + 1, dtype=np.int64)  # kept entries before each block
-    for k, lo in enumerate(range(0, len(keep), block)):
-        totals[k + 1] = totals[k] + np.count_nonzero(keep[lo:lo + block])
-    which = np.minimum(np.asarray(bounds, dtype=np.int64) // block, len(ends))  # the block a bound falls in
+    which = np.minimum(bounds // block, n_blocks)  # the block a bound falls in (n_blocks: the end)
     for k in np.unique(which):
         at = np.flatnonzero(which == k)
         lo = int(k) * block
         inside = np.concatenate(([0], np.cumsum(keep[lo:lo + block], dtype=np.int64)))
-        before[at] = totals[k] + inside[np.asarray(bounds, dtype=np.int64)[at] - lo]
+        before[at] = totals[k] + inside[bounds[at] - lo]
     return np.diff(before)
 
 

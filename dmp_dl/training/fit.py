@@ -245,12 +245,11 @@ def fit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, privacy, *, 
     if trainer.global_rank != 0:
         return module, {}
     n_train = len(dm.train_idx)
-    best = load_best_weights(module, trainer)
+    best, best_epochs = load_best_weights(module, trainer) or (None, int(trainer.current_epoch))
     return module, {
         "best_checkpoint": best,
         "epochs": trainer.current_epoch,
-        "refit_epochs": int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1 if best
-        else int(trainer.current_epoch),
+        "refit_epochs": best_epochs,
         "processes": int(trainer.world_size),
         "fit_seconds": fit_seconds,
         "train_events": n_train,
@@ -281,15 +280,16 @@ def refit_embedding_model(cfg: DictConfig, dm: InteractionDataModule, epochs: in
     return module, {"epochs": max(int(epochs), 1), "seconds": time.perf_counter() - t0, "train_events": len(view.train_idx)}
 
 
-def load_best_weights(module: RetrievalModule, trainer: pl.Trainer) -> str | None:
-    """Load the best checkpoint's weights into ``module`` (if checkpointing ran). Returns its path."""
+def load_best_weights(module: RetrievalModule, trainer: pl.Trainer) -> tuple[str, int] | None:
+    """Load the best checkpoint's weights into ``module`` (if checkpointing ran). Returns (its path,
+    the epoch count of those weights), or None."""
     ckpt = trainer.checkpoint_callback
     path = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "") if ckpt else ""
     if not path or not Path(path).exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
-    return path
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(saved["state_dict"])
+    return path, int(saved["epoch"]) + 1
 
 
 def config_to_dict(cfg: DictConfig) -> dict:

@@ -135,6 +135,23 @@ def test_well_conditioned_systems_stay_in_float32(caplog):
     np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-3, atol=1e-6)
 
 
+def test_the_ease_weights_are_laid_out_by_rows(caplog):
+    """Scoring gathers rows of B: a column-major B (LAPACK's layout) gives the same numbers ~100x slower."""
+    x = _random_binary(300, 80, 0.1)
+    gram = ease_lib.gram_matrix(x)
+    factor = torch.linalg.cholesky(gram + 5.0 * torch.eye(80))
+    inverse = ease_lib.cholesky_inverse(factor)
+    assert inverse.is_contiguous() and torch.equal(inverse, torch.cholesky_inverse(factor))
+    assert ease_lib.regularised_inverse(gram.clone(), 5.0).is_contiguous()
+    patterns = _random_binary(3, 60, 0.3, seed=1).toarray()  # the float64 fallback too
+    with caplog.at_level("WARNING"):
+        assert ease_lib.regularised_inverse(ease_lib.gram_matrix(sp.csr_matrix(np.repeat(patterns, 3000, axis=0))),
+                                            1e-4).is_contiguous()
+    assert "float64" in caplog.text
+    assert ease_lib.ease_weights(x, 5.0).is_contiguous()
+    assert ease_lib.EASESolver(x, torch.device("cpu")).dense(5.0).is_contiguous()
+
+
 @pytest.mark.parametrize("n_users,n_items", [(300, 80), (40, 200)])  # primal and dual forms
 def test_every_scoring_path_gives_the_same_ease_scores(n_users, n_items):
     x = _random_binary(n_users, n_items, 0.08, seed=3)

@@ -52,7 +52,7 @@ class EASEScorer:
         if precise:
             gram = ease_lib.gram_matrix(ease_lib.binary(self.x), self.device).double()
             gram.diagonal().add_(l2)
-            p = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # gram is symmetric positive definite
+            p = ease_lib.cholesky_inverse(torch.linalg.cholesky(gram))  # gram is symmetric positive definite
             del gram
             b = p / (-p.diagonal())
             b.diagonal().zero_()

@@ -179,6 +179,17 @@ def item_counts(x: sp.csr_matrix, device: str | torch.device = "cpu") -> torch.T
     return torch.as_tensor(counts, device=torch.device(device))
 
 
+def cholesky_inverse(factor: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``factor @ factor.T`` (``factor``: a lower Cholesky factor), in row-major order.
+
+    LAPACK writes the inverse in column-major order; it is exactly symmetric, so its transpose is the
+    same matrix laid out by rows. Every product that gathers rows of B (``embedding_bag`` in
+    :func:`rows_times`) reads those about a hundred times faster than the columns of a column-major
+    matrix (3,600 items: 1.8 s against 0.02 s for 512 users)."""
+    inverse = torch.cholesky_inverse(factor)
+    return inverse if inverse.is_contiguous() else inverse.mT
+
+
 def regularised_inverse(gram: torch.Tensor, l2: float | torch.Tensor, what: str = "X'X + L") -> torch.Tensor:
     """``(gram + diagMat(l2))^-1`` of the symmetric positive semi-definite float32 ``gram`` (modified
     in place, then no longer needed), through a Cholesky factorisation on ``gram``'s device; ``l2``
@@ -190,7 +201,7 @@ def regularised_inverse(gram: torch.Tensor, l2: float | torch.Tensor, what: str 
     gram.diagonal().add_(l2)
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0 and bool(torch.isfinite(factor.diagonal()).all()):
-        inverse = torch.cholesky_inverse(factor)
+        inverse = cholesky_inverse(factor)
         del factor
         inverse_diagonal = inverse.diagonal()
         if bool(torch.isfinite(inverse_diagonal).all()) and bool((inverse_diagonal > 0).all()):
@@ -204,7 +215,7 @@ def regularised_inverse(gram: torch.Tensor, l2: float | torch.Tensor, what: str 
     precise.diagonal().copy_(diagonal + l2)
     factor = torch.linalg.cholesky(precise)
     del precise
-    return torch.cholesky_inverse(factor).float()
+    return cholesky_inverse(factor).float()
 
 
 def emphasised_dual(x: sp.csr_matrix, l2: torch.Tensor, device: str | torch.device = "cpu"

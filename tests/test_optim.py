@@ -1,11 +1,14 @@
-"""LazyAdam: ordinary Adam on dense gradients, SparseAdam's row-wise update on embedding gradients."""
+"""LazyAdam (ordinary Adam on dense gradients, SparseAdam's row-wise update on embedding gradients), and
+build_optimizer: torch's fused Adam where a config leaves the kernel open."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
 
-from dmp_dl.models.optim import LazyAdam
+from dmp_dl.models.optim import LazyAdam, build_optimizer
 
 
 def test_matches_adam_when_every_row_has_a_gradient():
@@ -63,3 +66,27 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="LazyAdam"):
         LazyAdam([torch.nn.Parameter(torch.zeros(2, 2))], **kwargs)
+
+
+def test_adam_left_open_gets_the_fused_kernel_and_the_same_steps():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(30, 4)), torch.nn.Parameter(torch.randn(4))]
+    looped = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = build_optimizer(partial(torch.optim.Adam, lr=0.01), weights)
+    reference = torch.optim.Adam(looped, lr=0.01)
+    assert fused.defaults["fused"] is True and not reference.defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn_like(w) for w in weights]
+        for w, l, g in zip(weights, looped, grads):
+            w.grad, l.grad = g.clone(), g.clone()
+        fused.step()
+        reference.step()
+    for w, l in zip(weights, looped):
+        torch.testing.assert_close(w, l)
+    # a kernel the settings name, another optimiser, parameter groups
+    assert not build_optimizer(partial(torch.optim.Adam, lr=0.01, foreach=False), weights).defaults["fused"]
+    assert isinstance(build_optimizer(partial(torch.optim.SGD, lr=0.1), weights), torch.optim.SGD)
+    grouped = build_optimizer(partial(torch.optim.AdamW, lr=0.01),
+                              [{"params": iter(weights[:1])}, {"params": weights[1:], "lr": 0.5}])
+    assert grouped.defaults["fused"] is True
+    assert [len(g["params"]) for g in grouped.param_groups] == [1, 1] and grouped.param_groups[1]["lr"] == 0.5

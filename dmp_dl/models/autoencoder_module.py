@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.models.losses import row_softmax_nll
+from dmp_dl.models.optim import build_optimizer
 from dmp_dl.models.retrieval import RetrievalModule
 
 
@@ -101,11 +102,11 @@ class AutoencoderModule(RetrievalModule):
         if self.dp is not None and self.net.encoder.sparse:
             raise ConfigError("privacy.dp clips each user's whole gradient: the autoencoder needs sparse_gradients=false")
         if not self.net.encoder.sparse:
-            return [self.optimizer_factory(params=self.net.parameters())]
+            return [build_optimizer(self.optimizer_factory, self.net.parameters())]
         sparse = [p for n, p in self.net.named_parameters() if n == "encoder.weight"]
         dense = [p for n, p in self.net.named_parameters() if n != "encoder.weight"]
         lr = float(getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3))
-        return [torch.optim.SparseAdam(sparse, lr=lr), self.optimizer_factory(params=dense)]
+        return [torch.optim.SparseAdam(sparse, lr=lr), build_optimizer(self.optimizer_factory, dense)]
 
     @property
     def _data_parallel(self) -> bool:

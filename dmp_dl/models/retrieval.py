@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.metrics.ranking import batch_metrics
 from dmp_dl.models.losses import bpr_loss, full_softmax_loss, sampled_softmax_loss
+from dmp_dl.models.optim import build_optimizer
 
 LOSSES = ("softmax", "bpr")
 
@@ -145,7 +146,7 @@ class RetrievalModule(pl.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = build_optimizer(self.optimizer_factory, self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAUROC
 
+from dmp_dl.models.optim import build_optimizer
 from dmp_dl.propensity.features import Snapshot
 from dmp_dl.propensity.net import PropensityNet
 
@@ -122,4 +123,4 @@ class PropensityModule(pl.LightningModule):
         if encoder:
             probe = self.optimizer_factory(params=[torch.zeros(1, requires_grad=True)])
             groups.append({"params": encoder, "lr": probe.defaults["lr"] * self.encoder_lr_scale})
-        return self.optimizer_factory(params=groups)
+        return build_optimizer(self.optimizer_factory, groups)

@@ -97,3 +97,20 @@ def test_movielens_100k_real(ml100k_path):
     assert ev.rows_out == 55_375 and ev.dropped == {"below_min_value": 44_625}
     assert dm.item_features.n_tokens > 19  # genres
     assert dm.user_features.numeric_columns == ["age"]
+
+
+def test_under_data_parallel_training_a_step_of_all_processes_is_one_batch(dm):
+    from types import SimpleNamespace
+
+    try:
+        dm.trainer = SimpleNamespace(world_size=2, lightning_module=None)
+        assert dm.train_dataloader().batch_size == 128  # 256 shared out over 2 processes
+        dm.trainer = SimpleNamespace(world_size=3, lightning_module=None)
+        assert dm.train_dataloader().batch_size == 86  # rounded up: no example left out of a step
+        windows = SimpleNamespace(train_examples=lambda d: (d.train_dataset(), 100))
+        dm.trainer = SimpleNamespace(world_size=2, lightning_module=windows)
+        assert dm.train_dataloader().batch_size == 50  # a module's own examples are shared out too
+        dm.trainer = SimpleNamespace(world_size=1, lightning_module=None)
+        assert dm.train_dataloader().batch_size == 256
+    finally:
+        dm.trainer = None

@@ -572,13 +572,22 @@ class InteractionDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """One example per training event (:meth:`train_dataset`), unless the module being trained
         builds its own from this data module: ``train_examples(dm) -> (dataset, batch_size)``
-        (a sequence model's windows of each user's events, :class:`dmp_dl.data.sequences.TrainSequences`)."""
+        (a sequence model's windows of each user's events, :class:`dmp_dl.data.sequences.TrainSequences`).
+
+        Under data-parallel training (``trainer=ddp`` or ``ray``: the trainer's world size above 1)
+        the batch size is one step of all processes together, each loading its share (rounded up):
+        the same settings take steps of the same size, and as many of them an epoch, on any number
+        of processes."""
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         own = getattr(module, "train_examples", None)
-        if callable(own):
-            dataset, batch_size = own(self)
-            return self._loader(dataset, batch_size, shuffle=True)
-        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+        dataset, batch_size = own(self) if callable(own) else (self.train_dataset(), self.batch_size)
+        processes = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        if processes > 1:
+            shared = -(-int(batch_size) // processes)
+            log.info("data-parallel training over %d processes: %d examples per step in each (batch size %d)",
+                     processes, shared, batch_size)
+            batch_size = shared
+        return self._loader(dataset, batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("val"), self.eval_batch_size, shuffle=False)

@@ -184,8 +184,8 @@ def cholesky_inverse(factor: torch.Tensor) -> torch.Tensor:
 
     LAPACK writes the inverse in column-major order; it is exactly symmetric, so its transpose is the
     same matrix laid out by rows. Every product that gathers rows of B (``embedding_bag`` in
-    :func:`rows_times`) reads those about a hundred times faster than the columns of a column-major
-    matrix (3,600 items: 1.8 s against 0.02 s for 512 users)."""
+    :func:`rows_times`) reads those many times faster than the columns of a column-major matrix
+    (512 users of a 2,999-user x 3,615-item log on 2 cores: 0.086 s against 1.91 s)."""
     inverse = torch.cholesky_inverse(factor)
     return inverse if inverse.is_contiguous() else inverse.mT
 

@@ -135,6 +135,20 @@ def test_well_conditioned_systems_stay_in_float32(caplog):
     np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-3, atol=1e-6)
 
 
+def test_pruning_keeps_each_rows_largest_weights():
+    b = torch.randn(5000, 40, generator=torch.Generator().manual_seed(2))  # more rows than one block
+    pruned = ease_lib.prune_rows(b, 7)
+    assert (np.diff(pruned.indptr) == 7).all()
+    dense = b.numpy()
+    for i in (0, 1234, 4095, 4096, 4999):
+        expected = np.sort(np.argsort(-np.abs(dense[i]))[:7])
+        row = pruned[i]
+        assert np.array_equal(np.sort(row.indices), expected)
+        np.testing.assert_array_equal(row.toarray()[0, expected], dense[i, expected])
+    everything = ease_lib.prune_rows(b, 40)
+    np.testing.assert_array_equal(everything.toarray(), dense)
+
+
 def test_the_ease_weights_are_laid_out_by_rows(caplog):
     """Scoring gathers rows of B: a column-major B (LAPACK's layout) gives the same numbers ~100x slower."""
     x = _random_binary(300, 80, 0.1)

@@ -282,7 +282,7 @@ def prune_rows(b: torch.Tensor, keep_per_item: int) -> sp.csr_matrix:
     rows, cols, vals = [], [], []
     for s in range(0, n_rows, 4096):  # bounded temporaries
         block = b[s : s + 4096]
-        idx = torch.topk(block.abs(), keep, dim=1).indices
+        idx = torch.topk(block.abs(), keep, dim=1, sorted=False).indices  # a set: unsorted is about 2x faster
         rows.append(np.repeat(np.arange(s, s + block.shape[0]), keep))
         cols.append(idx.cpu().numpy().ravel())
         vals.append(torch.gather(block, 1, idx).cpu().numpy().ravel())

@@ -103,6 +103,12 @@ class StepClock:
             self.seconds[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
+def per_process_step(batch: int, processes: int) -> int:
+    """Examples each of ``processes`` data-parallel processes loads so that one step of them all
+    together is ``batch``: shared out, rounded up (at least 1)."""
+    return max(1, -(-int(batch) // max(int(processes), 1)))
+
+
 def _keep(batch):
     """collate_fn for datasets whose ``__getitems__`` already returns a batch."""
     return batch
@@ -583,7 +589,7 @@ class InteractionDataModule(pl.LightningDataModule):
         dataset, batch_size = own(self) if callable(own) else (self.train_dataset(), self.batch_size)
         processes = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
         if processes > 1:
-            shared = -(-int(batch_size) // processes)
+            shared = per_process_step(batch_size, processes)
             log.info("data-parallel training over %d processes: %d examples per step in each (batch size %d)",
                      processes, shared, batch_size)
             batch_size = shared

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.data.datamodule import per_process_step
 from dmp_dl.models.autoencoder_module import UserBatches, users_with_rows
 from dmp_dl.training.fit import RAY_STRATEGY, instantiate_trainer
 
@@ -81,7 +81,7 @@ def processes_of(cfg: DictConfig) -> Processes:
 
 def per_process_batch(batch: int, processes: Processes) -> int:
     """Users per step in each process: ``batch`` (a one-process run's step) shared out, rounded up."""
-    return max(1, math.ceil(int(batch) / processes.count))
+    return per_process_step(batch, processes.count)
 
 
 def check_processes(n_users: int, batch: int, processes: Processes) -> str | None:

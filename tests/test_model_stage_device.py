@@ -111,6 +111,21 @@ def test_the_host_reports_free_memory():
     assert 2**20 < free < 2**50
 
 
+@pytest.mark.parametrize("block", [1, 3, 50, 1 << 21])
+def test_the_gram_matrix_is_written_densely_block_by_block(block):
+    """The CPU's dense X'X equals scipy's, whatever the block of entries scattered at a time,
+    with empty rows, a row longer than a block and an all-zero matrix."""
+    x = _random_binary(200, 40, 0.15, seed=3).tolil()
+    x[:, 7] = 0  # an item nobody has: an empty row of X'X
+    x[0, :] = 1  # a user with every item: long rows
+    x = x.tocsr()
+    gram = sp.csr_matrix(x.T @ x)
+    assert torch.equal(ease_lib.csr_to_dense(gram, block=block), torch.from_numpy(gram.toarray().astype(np.float32)))
+    assert torch.equal(ease_lib.gram_matrix(x), torch.from_numpy((x.T @ x).toarray().astype(np.float32)))
+    empty = sp.csr_matrix((4, 6), dtype=np.float32)
+    assert torch.equal(ease_lib.csr_to_dense(empty, block=block), torch.zeros(4, 6))
+
+
 def test_float32_falls_back_to_float64_when_it_fails(caplog):
     patterns = _random_binary(3, 60, 0.3, seed=1).toarray()
     x = sp.csr_matrix(np.repeat(patterns, 3000, axis=0))  # 9,000 users of three kinds: X'X has rank 3

@@ -124,6 +124,9 @@ def test_the_gram_matrix_is_written_densely_block_by_block(block):
     assert torch.equal(ease_lib.gram_matrix(x), torch.from_numpy((x.T @ x).toarray().astype(np.float32)))
     empty = sp.csr_matrix((4, 6), dtype=np.float32)
     assert torch.equal(ease_lib.csr_to_dense(empty, block=block), torch.zeros(4, 6))
+    repeated = sp.csr_matrix((np.array([1.0, 2.0, 4.0], dtype=np.float32), np.array([2, 2, 0]), np.array([0, 2, 3])),
+                             shape=(2, 3))  # row 0 names column 2 twice: summed
+    assert torch.equal(ease_lib.csr_to_dense(repeated, block=block), torch.tensor([[0.0, 0.0, 3.0], [4.0, 0.0, 0.0]]))
 
 
 def test_float32_falls_back_to_float64_when_it_fails(caplog):

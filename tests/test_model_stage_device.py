@@ -129,6 +129,31 @@ def test_the_gram_matrix_is_written_densely_block_by_block(block):
     assert torch.equal(ease_lib.csr_to_dense(repeated, block=block), torch.tensor([[0.0, 0.0, 3.0], [4.0, 0.0, 0.0]]))
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 8192])
+def test_the_gpus_gram_matrix_by_user_chunks_is_the_cpus(chunk):
+    """The algorithm CUDA runs (a sum over chunks of users), run here on the CPU: the same X'X."""
+    x = _random_binary(50, 30, 0.2, seed=5)
+    assert torch.equal(ease_lib.gram_by_user_chunks(x, torch.device("cpu"), chunk), ease_lib.gram_matrix(x))
+
+
+def test_served_ease_weights_score_alike_dense_sparse_and_unplaced(monkeypatch):
+    """The served weights on a device: dense when they fit in a quarter of its free memory, sparse
+    (torch's sparse x sparse product, what a GPU short of memory runs) when not; both give the
+    scores of the unplaced scorer's scipy product, for 0/1 rows and weighted rows."""
+    weights = sp.random(40, 40, density=0.2, random_state=np.random.default_rng(2), format="csr", dtype=np.float32)
+    rows = sp.random(6, 40, density=0.15, random_state=np.random.default_rng(4), format="lil", dtype=np.float32)
+    rows[5, :] = 0  # a user with no items
+    rows = rows.tocsr()
+    expected = {w: ease_lib.ItemItemScorer(weights)(rows, weighted=w).numpy() for w in (False, True)}
+    dense = ease_lib.ItemItemScorer(weights).to("cpu")
+    monkeypatch.setattr(ease_lib, "available_bytes", lambda device="cpu": 1024)  # 40 x 40 float32 does not fit
+    sparse = ease_lib.ItemItemScorer(weights).to("cpu")
+    assert dense._on_device.layout == torch.strided and sparse._on_device.layout != torch.strided
+    for scorer in (dense, sparse):
+        for weighted in (False, True):
+            np.testing.assert_allclose(scorer(rows, weighted=weighted).numpy(), expected[weighted], rtol=1e-5, atol=1e-6)
+
+
 def test_float32_falls_back_to_float64_when_it_fails(caplog):
     patterns = _random_binary(3, 60, 0.3, seed=1).toarray()
     x = sp.csr_matrix(np.repeat(patterns, 3000, axis=0))  # 9,000 users of three kinds: X'X has rank 3

@@ -166,9 +166,15 @@ def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_user
     the dense matrix by :func:`csr_to_dense`.
     """
     device = torch.device(device)
-    n_items = x.shape[1]
     if device.type != "cuda":
         return csr_to_dense(sp.csr_matrix(x.T @ x))
+    return gram_by_user_chunks(x, device, chunk_users)
+
+
+def gram_by_user_chunks(x: sp.csr_matrix, device: torch.device, chunk_users: int = 8192) -> torch.Tensor:
+    """X'X as a sum over chunks of ``chunk_users`` users of (sparse chunk' @ dense chunk) on ``device``:
+    the CUDA path of :func:`gram_matrix` ((n_items, n_items) float32; exact for 0/1 rows)."""
+    n_items = x.shape[1]
     gram = torch.zeros(n_items, n_items, dtype=torch.float32, device=device)
     for start in range(0, x.shape[0], chunk_users):
         part = x[start : start + chunk_users]

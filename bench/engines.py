@@ -17,6 +17,9 @@ the same steps of ``python bench/scale.py --data-stage --large`` in the same RES
 * ``duckdb``: ids coded first (one ``DISTINCT`` per id column), then every step on integers, under
   ``SET memory_limit`` (``--memory-limits``; it spills to ``--spill-dir`` beyond it), 2 threads or
   ``--threads``.
+* ``duckdb-log-order``: the same with the in-memory path's order rules: the first of each set of
+  duplicates in log order (file, then row) is kept and events of one time stay in log order (each
+  event carries its file and row number through the duplicates and into the time sort).
 * ``polars``: one lazy query (``scan_parquet`` ... ``unique`` ... ``rank("dense")`` ... ``sort``)
   collected by the streaming engine, ``POLARS_MAX_THREADS`` = ``--threads``.
 
@@ -42,6 +45,8 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 import output  # noqa: E402
+
+ENGINES = {"duckdb": "duckdb", "duckdb-log-order": "duckdb", "polars": "polars"}  # engine -> its package
 
 
 def peak_rss_mib() -> float:
@@ -75,6 +80,35 @@ def run_duckdb(events: str, memory_limit: str, threads: int, spill_dir: str) -> 
             "steps": {"vocabularies": t1 - t0, "coded": t2 - t1, "dedupe_order_fetch": t3 - t2}, "seconds": t3 - t0}
 
 
+def run_duckdb_log_order(events: str, memory_limit: str, threads: int, spill_dir: str) -> dict:
+    """:func:`run_duckdb` with the in-memory path's order rules: of each set of duplicates the first in
+    log order (file, then row) is kept, and events of one time stay in log order."""
+    import duckdb
+
+    t0 = time.perf_counter()
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit='{memory_limit}'; SET threads={threads}; SET temp_directory='{spill_dir}'; "
+                "SET preserve_insertion_order=false")
+    src = f"read_parquet('{events}/*/*.parquet', hive_partitioning=false, filename=true, file_row_number=true)"
+    for column, code in (("user_id", "u"), ("item_id", "i")):
+        con.execute(f"CREATE TEMP TABLE v_{code} AS SELECT {column}, (row_number() OVER (ORDER BY {column}) - 1)::INTEGER "
+                    f"AS {code} FROM (SELECT DISTINCT {column} FROM {src} WHERE {column} IS NOT NULL)")
+    con.execute(f"CREATE TEMP TABLE v_f AS SELECT filename, (row_number() OVER (ORDER BY filename) - 1)::BIGINT AS f "
+                f"FROM (SELECT DISTINCT filename FROM {src})")
+    con.execute(f"CREATE TEMP TABLE v_t AS SELECT t, (row_number() OVER (ORDER BY t) - 1)::TINYINT AS k "
+                f"FROM (SELECT DISTINCT lower(trim(event_type)) AS t FROM {src})")
+    t1 = time.perf_counter()
+    con.execute(f"CREATE TEMP TABLE ev AS SELECT u, i, timestamp, k, value, (f << 40) + file_row_number AS pos FROM {src} s "
+                "JOIN v_u USING (user_id) JOIN v_i USING (item_id) JOIN v_f USING (filename) "
+                "JOIN v_t ON v_t.t = lower(trim(s.event_type)) WHERE timestamp IS NOT NULL")
+    t2 = time.perf_counter()
+    out = con.sql("SELECT u, i, timestamp, k, value FROM (SELECT u, i, timestamp, k, value, min(pos) AS first FROM ev "
+                  "GROUP BY ALL) ORDER BY timestamp, first").fetchnumpy()
+    t3 = time.perf_counter()
+    return {"rows_out": int(len(out["u"])), "users": int(out["u"].max()) + 1, "items": int(out["i"].max()) + 1,
+            "steps": {"vocabularies": t1 - t0, "coded": t2 - t1, "dedupe_order_fetch": t3 - t2}, "seconds": t3 - t0}
+
+
 def run_polars(events: str) -> dict:
     import polars as pl
 
@@ -96,6 +130,8 @@ def run_polars(events: str) -> dict:
 def child(args) -> None:
     if args.child == "duckdb":
         result = run_duckdb(args.events, args.memory_limit, args.threads, args.spill_dir)
+    elif args.child == "duckdb-log-order":
+        result = run_duckdb_log_order(args.events, args.memory_limit, args.threads, args.spill_dir)
     else:
         result = run_polars(args.events)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -119,12 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large-dir", default=None, help="the folder of bench/scale.py --data-stage --large's datasets")
     ap.add_argument("--large-events", type=int, nargs="+", default=[5_000_000, 20_000_000, 50_000_000])
-    ap.add_argument("--engines", nargs="+", default=["duckdb", "polars"], choices=["duckdb", "polars"])
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     ap.add_argument("--memory-limits", nargs="+", default=["4GB", "1GB"], help="DuckDB's memory_limit, one run each")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spill-dir", default="/tmp/dmp-bench-engines")
     output.add_arguments(ap)
-    ap.add_argument("--child", choices=["duckdb", "polars"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=list(ENGINES), help=argparse.SUPPRESS)
     ap.add_argument("--events", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--memory-limit", default="4GB", help=argparse.SUPPRESS)
@@ -133,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         child(args)
         return {}
-    output.require({name: f"the {name} runs" for name in args.engines}, "bench/engines.py",
+    output.require({ENGINES[name]: f"the {name} runs" for name in args.engines}, "bench/engines.py",
                    "or name the engines installed with --engines")
     output.use(args)
     if not args.large_dir:
@@ -144,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not events.is_dir():
             print(f"[engines] {events}: missing (write it with bench/scale.py --data-stage --large)", flush=True)
             continue
-        runs = [(e, lim) for e in args.engines for lim in (args.memory_limits if e == "duckdb" else [None])]
+        runs = [(e, lim) for e in args.engines for lim in (args.memory_limits if e.startswith("duckdb") else [None])]
         for engine, limit in runs:
             result = {"events": n, "engine": engine, "memory_limit": limit, **measure(engine, events, args, limit)}
             data["runs"].append(result)
@@ -162,11 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         common.markdown_table(rows, ["events", "engine", "rows out", "seconds", "peak RSS MiB"]),
     ]
     versions = {}
-    for name in args.engines:
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
+    for package in sorted({ENGINES[name] for name in args.engines}):
+        versions[package] = __import__(package).__version__
     data["engine_versions"] = versions
     body.append("\nEngine versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
     common.write_section("data_engines", "Embedded engines for the data stage (bench/engines.py)", "\n".join(body), data)

@@ -306,8 +306,9 @@ def test_sparse_rows_times_a_dense_matrix_match_the_exact_product_with_weights_a
     from dmp_dl.models.ease import rows_times
 
     rng = np.random.default_rng(1)
-    x = sp.random(50, 40, density=0.1, format="csr", random_state=2, dtype=np.float32)
-    x[7] = 0.0  # a user without items scores 0 everywhere
+    x = sp.random(50, 40, density=0.1, format="lil", random_state=2, dtype=np.float32)
+    x[7, :] = 0.0  # a user without items scores 0 everywhere
+    x = x.tocsr()
     x.eliminate_zeros()
     dense = rng.standard_normal((40, 25)).astype(np.float32)
     got = rows_times(x, torch.from_numpy(dense)).numpy()

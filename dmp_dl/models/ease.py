@@ -167,7 +167,7 @@ def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_user
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return csr_to_dense(sp.csr_matrix(x.T @ x))
+        return csr_to_dense(sp.csr_matrix(x.T) @ x)  # X' as CSR: the product comes out CSR, not a CSC to convert
     return gram_by_user_chunks(x, device, chunk_users)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import sys
 import time
@@ -42,6 +43,19 @@ def compose_train_cfg(overrides: list[str], output_dir: str | Path):
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB: VmHWM (reset at exec, unlike ``ru_maxrss``, which
+    Linux carries over from the parent), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def machine() -> dict:

@@ -67,7 +67,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -82,20 +81,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 import output  # noqa: E402
-from common import ROOT, compose_train_cfg, markdown_table, write_section  # noqa: E402
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory, MiB: VmHWM (reset at exec, unlike ``ru_maxrss``, which
-    Linux carries over from the parent), else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+from common import ROOT, compose_train_cfg, markdown_table, peak_rss_mib, write_section  # noqa: E402
 
 
 def child_events(n_events: int, args) -> dict[str, Any]:

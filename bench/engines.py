@@ -49,61 +49,31 @@ import output  # noqa: E402
 ENGINES = {"duckdb": "duckdb", "duckdb-log-order": "duckdb", "polars": "polars"}  # engine -> its package
 
 
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def run_duckdb(events: str, memory_limit: str, threads: int, spill_dir: str) -> dict:
+def run_duckdb(events: str, memory_limit: str, threads: int, spill_dir: str, log_order: bool = False) -> dict:
+    """The core on DuckDB, ids coded first; ``log_order``: with the in-memory path's order rules (of each
+    set of duplicates the first in log order, file then row, is kept; events of one time stay in log order)."""
     import duckdb
 
     t0 = time.perf_counter()
     con = duckdb.connect()
     con.execute(f"SET memory_limit='{memory_limit}'; SET threads={threads}; SET temp_directory='{spill_dir}'; "
                 "SET preserve_insertion_order=false")
-    src = f"read_parquet('{events}/*/*.parquet', hive_partitioning=false)"
-    for column, code in (("user_id", "u"), ("item_id", "i")):
-        con.execute(f"CREATE TEMP TABLE v_{code} AS SELECT {column}, (row_number() OVER (ORDER BY {column}) - 1)::INTEGER "
+    src = f"read_parquet('{events}/*/*.parquet', hive_partitioning=false{', filename=true, file_row_number=true' * log_order})"
+    vocabularies = [("user_id", "u", "INTEGER"), ("item_id", "i", "INTEGER"), *([("filename", "f", "BIGINT")] * log_order)]
+    for column, code, kind in vocabularies:
+        con.execute(f"CREATE TEMP TABLE v_{code} AS SELECT {column}, (row_number() OVER (ORDER BY {column}) - 1)::{kind} "
                     f"AS {code} FROM (SELECT DISTINCT {column} FROM {src} WHERE {column} IS NOT NULL)")
     con.execute(f"CREATE TEMP TABLE v_t AS SELECT t, (row_number() OVER (ORDER BY t) - 1)::TINYINT AS k "
                 f"FROM (SELECT DISTINCT lower(trim(event_type)) AS t FROM {src})")
     t1 = time.perf_counter()
-    con.execute(f"CREATE TEMP TABLE ev AS SELECT u, i, timestamp, k, value FROM {src} s JOIN v_u USING (user_id) "
-                "JOIN v_i USING (item_id) JOIN v_t ON v_t.t = lower(trim(s.event_type)) WHERE timestamp IS NOT NULL")
-    t2 = time.perf_counter()
-    out = con.execute("SELECT u, i, timestamp, k, value FROM (SELECT DISTINCT * FROM ev) ORDER BY timestamp").fetchnumpy()
-    t3 = time.perf_counter()
-    return {"rows_out": int(len(out["u"])), "users": int(out["u"].max()) + 1, "items": int(out["i"].max()) + 1,
-            "steps": {"vocabularies": t1 - t0, "coded": t2 - t1, "dedupe_order_fetch": t3 - t2}, "seconds": t3 - t0}
-
-
-def run_duckdb_log_order(events: str, memory_limit: str, threads: int, spill_dir: str) -> dict:
-    """:func:`run_duckdb` with the in-memory path's order rules: of each set of duplicates the first in
-    log order (file, then row) is kept, and events of one time stay in log order."""
-    import duckdb
-
-    t0 = time.perf_counter()
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit='{memory_limit}'; SET threads={threads}; SET temp_directory='{spill_dir}'; "
-                "SET preserve_insertion_order=false")
-    src = f"read_parquet('{events}/*/*.parquet', hive_partitioning=false, filename=true, file_row_number=true)"
-    for column, code in (("user_id", "u"), ("item_id", "i")):
-        con.execute(f"CREATE TEMP TABLE v_{code} AS SELECT {column}, (row_number() OVER (ORDER BY {column}) - 1)::INTEGER "
-                    f"AS {code} FROM (SELECT DISTINCT {column} FROM {src} WHERE {column} IS NOT NULL)")
-    con.execute(f"CREATE TEMP TABLE v_f AS SELECT filename, (row_number() OVER (ORDER BY filename) - 1)::BIGINT AS f "
-                f"FROM (SELECT DISTINCT filename FROM {src})")
-    con.execute(f"CREATE TEMP TABLE v_t AS SELECT t, (row_number() OVER (ORDER BY t) - 1)::TINYINT AS k "
-                f"FROM (SELECT DISTINCT lower(trim(event_type)) AS t FROM {src})")
-    t1 = time.perf_counter()
-    con.execute(f"CREATE TEMP TABLE ev AS SELECT u, i, timestamp, k, value, (f << 40) + file_row_number AS pos FROM {src} s "
-                "JOIN v_u USING (user_id) JOIN v_i USING (item_id) JOIN v_f USING (filename) "
+    joins = " ".join(f"JOIN v_{code} USING ({column})" for column, code, _ in vocabularies)
+    position = ", (f << 40) + file_row_number AS pos" if log_order else ""
+    con.execute(f"CREATE TEMP TABLE ev AS SELECT u, i, timestamp, k, value{position} FROM {src} s {joins} "
                 "JOIN v_t ON v_t.t = lower(trim(s.event_type)) WHERE timestamp IS NOT NULL")
     t2 = time.perf_counter()
-    out = con.sql("SELECT u, i, timestamp, k, value FROM (SELECT u, i, timestamp, k, value, min(pos) AS first FROM ev "
-                  "GROUP BY ALL) ORDER BY timestamp, first").fetchnumpy()
+    distinct = ("(SELECT u, i, timestamp, k, value, min(pos) AS first FROM ev GROUP BY ALL) ORDER BY timestamp, first"
+                if log_order else "(SELECT DISTINCT * FROM ev) ORDER BY timestamp")
+    out = con.sql(f"SELECT u, i, timestamp, k, value FROM {distinct}").fetchnumpy()
     t3 = time.perf_counter()
     return {"rows_out": int(len(out["u"])), "users": int(out["u"].max()) + 1, "items": int(out["i"].max()) + 1,
             "steps": {"vocabularies": t1 - t0, "coded": t2 - t1, "dedupe_order_fetch": t3 - t2}, "seconds": t3 - t0}
@@ -128,13 +98,11 @@ def run_polars(events: str) -> dict:
 
 
 def child(args) -> None:
-    if args.child == "duckdb":
-        result = run_duckdb(args.events, args.memory_limit, args.threads, args.spill_dir)
-    elif args.child == "duckdb-log-order":
-        result = run_duckdb_log_order(args.events, args.memory_limit, args.threads, args.spill_dir)
+    if args.child.startswith("duckdb"):
+        result = run_duckdb(args.events, args.memory_limit, args.threads, args.spill_dir, args.child == "duckdb-log-order")
     else:
         result = run_polars(args.events)
-    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_rss_mib"] = common.peak_rss_mib()
     Path(args.child_out).write_text(json.dumps(result))
 
 

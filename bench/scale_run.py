@@ -132,7 +132,7 @@ def child(users: int, items: int, events: int, args) -> dict[str, Any]:
         out["gpu"] = sampler.summary()
     device = ease_lib.model_device("cpu" if args.cpu else "auto")
     l2 = ease.get("l2") or ease_lib.l2_grid(dm.train_seen, [8.0])[0]
-    if ease_lib.check_memory(dm.n_users, dm.n_items, "auto", device) is None:
+    if ease_lib.check_memory(dm.n_users, dm.n_items, "auto", device, keep_gram=False) is None:
         t1, c1 = time.perf_counter(), time.process_time()
         b = ease_lib.ease_weights(dm.train_seen, float(l2), device)
         if device.type == "cuda":

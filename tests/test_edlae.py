@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from omegaconf import OmegaConf
+from scipy.linalg import lapack
 
 from dmp_dl.core.errors import ConfigError
 from dmp_dl.models import ease as ease_lib
@@ -37,10 +38,14 @@ def _edlae_reference(x: sp.csr_matrix, l2: float, p: float) -> np.ndarray:
 
 def _ease_as_before(x: sp.csr_matrix, l2: float) -> torch.Tensor:
     """EASE's primal float32 fit as the package computed it before EDLAE: Gram matrix, l2 on the
-    diagonal, Cholesky, inverse, B = -P / diag(P) with a zero diagonal."""
-    gram = torch.from_numpy(np.ascontiguousarray((x.T @ x).toarray(), dtype=np.float32))
-    gram.diagonal().add_(l2)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    diagonal, LAPACK's Cholesky and inverse (what the CPU runs), B = -P / diag(P) with a zero diagonal."""
+    gram = np.asfortranarray((x.T @ x).toarray(), dtype=np.float32)
+    gram[np.diag_indices(len(gram))] += np.float32(l2)
+    factor, info = lapack.spotrf(gram, lower=1, clean=1)
+    assert info == 0
+    lower, info = lapack.spotri(factor, lower=1)
+    assert info == 0
+    inverse = torch.from_numpy(np.ascontiguousarray(np.tril(lower) + np.tril(lower, -1).T))
     b = inverse.div_(-inverse.diagonal())
     b.diagonal().zero_()
     return b

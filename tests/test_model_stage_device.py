@@ -103,7 +103,67 @@ def test_the_memory_guard_reads_the_device(monkeypatch):
     assert reason is not None and "of the 3.0 GiB free on cpu" in reason and "max_memory_gb" in reason
     monkeypatch.setattr(ease_lib, "available_bytes", lambda device="cpu": 139 * 2**30)
     assert ease_lib.check_memory(100_000, 20_000, "auto", "cpu") is None  # what a 4 GiB cap refused
-    assert ease_lib.check_memory(100_000, 20_000, 4, "cpu") is not None  # a number given is a cap
+    assert ease_lib.check_memory(100_000, 20_000, 2, "cpu") is not None  # a number given is a cap
+
+
+def test_the_memory_guard_counts_the_matrices_a_fit_holds():
+    """On the CPU one (items x items) float32 matrix is inverted in place, plus the Gram matrix when
+    an l2 grid is searched from it; elsewhere the factor and the inverse sit beside the matrix."""
+    gib = 20_000 * 20_000 * 4 / 2**30  # 1.49
+    assert ease_lib.check_memory(100_000, 20_000, 1.6, "cpu", keep_gram=False) is None
+    assert f"({2 * gib:.1f} GiB) > 1.6 GiB" in ease_lib.check_memory(100_000, 20_000, 1.6, "cpu", keep_gram=True)
+    assert f"({3 * gib:.1f} GiB)" in ease_lib.check_memory(100_000, 20_000, 1.6, "cuda", keep_gram=False)
+    assert f"({4 * gib:.1f} GiB)" in ease_lib.check_memory(100_000, 20_000, 1.6, "cuda", keep_gram=True)
+
+
+def test_the_cpu_inverse_is_written_into_the_gram_matrix(caplog):
+    x = _random_binary(400, 90, 0.1, seed=4)
+    gram = ease_lib.gram_matrix(x)
+    expected = np.linalg.inv((x.T @ x).toarray().astype(np.float64) + 5.0 * np.eye(90))
+    with caplog.at_level("WARNING"):
+        inverse = ease_lib.regularised_inverse(gram, 5.0)
+    assert "float64" not in caplog.text
+    assert inverse.data_ptr() == gram.data_ptr()  # no second (items x items) matrix
+    assert torch.equal(inverse, inverse.T)
+    np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-3, atol=1e-6)
+    patterns = _random_binary(3, 60, 0.3, seed=1).toarray()  # the float64 fallback writes its result there too
+    rank3 = ease_lib.gram_matrix(sp.csr_matrix(np.repeat(patterns, 3000, axis=0)))
+    exact = np.linalg.inv(rank3.numpy().astype(np.float64) + 1e-4 * np.eye(60))
+    with caplog.at_level("WARNING"):
+        inverse = ease_lib.regularised_inverse(rank3, 1e-4)
+    assert "float64" in caplog.text and inverse.data_ptr() == rank3.data_ptr()
+    assert torch.equal(inverse, inverse.T)
+    np.testing.assert_allclose(inverse.numpy(), exact, rtol=1e-3)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 100])
+@pytest.mark.parametrize("upper", [True, False])
+def test_a_triangle_is_mirrored_in_place(block, upper):
+    m = torch.randn(7, 7, generator=torch.Generator().manual_seed(block))
+    kept = m.triu() if upper else m.tril()
+    expected = kept + (kept.triu(1) if upper else kept.tril(-1)).T
+    out = ease_lib.mirror_triangle(m, upper=upper, block=block)
+    assert out is m and torch.equal(m, expected)
+
+
+def test_a_solver_that_keeps_no_gram_matrix_solves_every_l2_alike():
+    x = _random_binary(300, 80, 0.1, seed=6)
+    kept, single = ease_lib.EASESolver(x), ease_lib.EASESolver(x, keep_gram=False)
+    for l2 in (5.0, 40.0, 5.0):  # a second value computes the Gram matrix again instead of reading a spent one
+        assert torch.equal(single.dense(l2), kept.dense(l2))
+    assert single._gram is None and kept._gram is not None
+
+
+def test_the_gram_matrix_is_kept_only_for_a_grid():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": {"ease": {"l2": None, "l2_scales": [0.5, 1.0, 2.0], "short_grid_above_items": 50,
+                                                "dropout": "auto", "dropout_grid": [0.2]}}})
+    assert model_selection.ease_keeps_gram(cfg, 1000, 40)  # a grid of l2 (and dropout) values
+    assert not model_selection.ease_keeps_gram(cfg, 1000, 60)  # a wide catalogue: the middle l2 alone
+    cfg.model.ease.l2 = 10.0
+    cfg.model.ease.dropout = 0.0
+    assert not model_selection.ease_keeps_gram(cfg, 1000, 40)  # l2 given
 
 
 def test_the_host_reports_free_memory():

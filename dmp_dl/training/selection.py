@@ -417,6 +417,24 @@ def ease_dropouts(cfg: DictConfig, n_items: int, l2_searched: bool) -> list[floa
     return [0.0, *sorted({ease_lib.check_dropout(p) for p in node.get("dropout_grid") or []} - {0.0})]
 
 
+def ease_l2_scales(cfg: DictConfig, n_users: int, n_items: int) -> list[float]:
+    """The l2 grid's scales (``model.ease.l2_scales``; :func:`~dmp_dl.models.ease.l2_grid`) when
+    ``model.ease.l2`` is null: the middle one alone where the primal form is used on a catalogue
+    wider than ``model.ease.short_grid_above_items`` (a Cholesky per value)."""
+    node = cfg.model.ease
+    scales = list(node.l2_scales)
+    if not ease_lib.uses_dual(n_users, n_items) and n_items > int(node.get("short_grid_above_items", 8000)):
+        return [scales[len(scales) // 2]]
+    return scales
+
+
+def ease_keeps_gram(cfg: DictConfig, n_users: int, n_items: int) -> bool:
+    """Whether the item-item candidate's fit solves more than one (l2, dropout) from one Gram matrix
+    (:func:`fit_ease` on validation), so the memory guard counts the Gram matrix kept beside the solve."""
+    searched = cfg.model.ease.get("l2") is None and len(ease_l2_scales(cfg, n_users, n_items)) > 1
+    return searched or len(ease_dropouts(cfg, n_items, searched)) > 1
+
+
 def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val_users=None,
              dropout: float | None = None) -> tuple[ease_lib.ItemItemScorer, dict, ease_lib.ItemItemScorer | None]:
     """The item-item candidate on the binary matrix ``x`` on the stage's device: EASE, or EDLAE with a
@@ -441,15 +459,12 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
         from dmp_dl.training.ray_fit import gram_on_ray
 
         gram = gram_on_ray(cfg)
-    solver = ease_lib.EASESolver(x, device, gram)
     if l2 is not None or node.get("l2") is not None:
         grid = [float(l2 if l2 is not None else node.l2)]
     else:
-        scales = list(node.l2_scales)
-        if not solver.dual and dm.n_items > int(node.get("short_grid_above_items", 8000)):
-            scales = [scales[len(scales) // 2]]  # a Cholesky per value: the middle one alone on large catalogues
-        grid = ease_lib.l2_grid(x, scales)
+        grid = ease_lib.l2_grid(x, ease_l2_scales(cfg, x.shape[0], dm.n_items))
     dropouts = [ease_lib.check_dropout(dropout)] if dropout is not None else ease_dropouts(cfg, dm.n_items, len(grid) > 1)
+    solver = ease_lib.EASESolver(x, device, gram, keep_gram=len(grid) * len(dropouts) > 1)
     metric = cfg.model.get("selection_metric", "ndcg@20")
     val = None
 
@@ -694,7 +709,8 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     shallow = plain_ease = None
     ease_skipped = None
     if SHALLOW in wanted and processes.main:  # data-parallel: the other processes fit the autoencoder only
-        ease_skipped = ease_lib.check_memory(dm.n_users, dm.n_items, model.ease.get("max_memory_gb", "auto"), device)
+        ease_skipped = ease_lib.check_memory(dm.n_users, dm.n_items, model.ease.get("max_memory_gb", "auto"), device,
+                                             keep_gram=has_val and ease_keeps_gram(cfg, dm.n_users, dm.n_items))
         if ease_skipped is not None:
             if wanted == [SHALLOW]:
                 raise ConfigError(ease_skipped)
@@ -1112,7 +1128,7 @@ def _test_pass(cfg: DictConfig, dm, scores: CandidateScores, tested: list[str], 
         own = plain_ease.to(scores.device)
     elif "ease" in names and not same:
         reason = ease_skipped or ease_lib.check_memory(dm.n_users, dm.n_items, cfg.model.ease.get("max_memory_gb", "auto"),
-                                                        scores.device)
+                                                        scores.device, keep_gram=False)  # one l2
         if reason is None and dm.n_items <= int(evaluation.get("ease_max_items", 20000)):
             l2 = wanted if wanted is not None else _default_l2(cfg, dm.train_seen)
             own, _, _ = fit_ease(cfg, dm, dm.train_seen, l2=l2, dropout=0.0)

@@ -189,6 +189,20 @@ def test_the_gram_matrix_is_written_densely_block_by_block(block):
     assert torch.equal(ease_lib.csr_to_dense(repeated, block=block), torch.tensor([[0.0, 0.0, 3.0], [4.0, 0.0, 0.0]]))
 
 
+@pytest.mark.parametrize("entries", [1, 40, 1000, 10**9])
+def test_a_large_logs_gram_matrix_is_summed_over_ranges_of_users(entries):
+    """On the CPU, users whose squared lengths sum past ``product_entries`` are multiplied a range
+    at a time (a user longer than the bound is a range of its own): the same X'X as one product."""
+    x = _random_binary(300, 40, 0.15, seed=8).tolil()
+    x[3, :] = 1  # 40 items: 1,600 squared, past the smaller bounds alone
+    x[200:210, :] = 0  # users with nothing
+    x = x.tocsr()
+    expected = torch.from_numpy((x.T @ x).toarray().astype(np.float32))
+    assert torch.equal(ease_lib.gram_matrix(x, product_entries=entries), expected)
+    added = torch.ones(40, 40)
+    assert torch.equal(ease_lib.csr_to_dense(sp.csr_matrix(x.T @ x), out=added), expected + 1)  # adds into out
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 8192])
 def test_the_gpus_gram_matrix_by_user_chunks_is_the_cpus(chunk):
     """The algorithm CUDA runs (a sum over chunks of users), run here on the CPU: the same X'X."""

@@ -149,13 +149,14 @@ def rows_times(x: sp.csr_matrix, dense: torch.Tensor) -> torch.Tensor:
                            per_sample_weights=torch.from_numpy(x.data).to(dense.dtype))
 
 
-def csr_to_dense(m: sp.csr_matrix, block: int = 1 << 21) -> torch.Tensor:
+def csr_to_dense(m: sp.csr_matrix, block: int = 1 << 21, out: torch.Tensor | None = None) -> torch.Tensor:
     """(r, c) CSR -> (r, c) float32 dense torch tensor on the CPU: its entries scattered ``block`` at
-    a time into a zeroed matrix by torch's multi-threaded ``index_put_``, repeated entries summed as
-    ``toarray`` sums them. scipy's ``toarray`` runs on one thread: 2.5 s against 0.6 s for a
-    20,000 x 20,000 Gram matrix with 52M entries on 2 cores."""
+    a time into a zeroed matrix (or added into ``out``, a contiguous (r, c) float32 CPU tensor) by
+    torch's multi-threaded ``index_put_``, repeated entries summed as ``toarray`` sums them. scipy's
+    ``toarray`` runs on one thread: 2.5 s against 0.6 s for a 20,000 x 20,000 Gram matrix with 52M
+    entries on 2 cores."""
     rows, cols = m.shape
-    dense = torch.zeros(rows * cols, dtype=torch.float32)
+    dense = torch.zeros(rows * cols, dtype=torch.float32) if out is None else out.view(-1)
     indptr = m.indptr.astype(np.int64)
     counts = torch.from_numpy(np.diff(indptr))
     start_row = 0
@@ -172,17 +173,37 @@ def csr_to_dense(m: sp.csr_matrix, block: int = 1 << 21) -> torch.Tensor:
     return dense.view(rows, cols)
 
 
-def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_users: int = 8192) -> torch.Tensor:
+GRAM_PRODUCT_ENTRIES = 1 << 27  # on the CPU, users whose squared lengths sum to more are summed in chunks
+
+
+def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_users: int = 8192,
+                product_entries: int = GRAM_PRODUCT_ENTRIES) -> torch.Tensor:
     """X'X, (n_items, n_items) float32 on ``device``, of the (n_users, n_items) matrix ``x``.
 
-    On CUDA a sum over chunks of users (sparse chunk' @ dense chunk); on the CPU one sparse
-    product, whose cost follows the sum of squared user lengths, not users x items^2, written into
-    the dense matrix by :func:`csr_to_dense`.
+    On CUDA a sum over chunks of users (sparse chunk' @ dense chunk); on the CPU sparse products,
+    whose cost follows the sum of squared user lengths, not users x items^2, written into the dense
+    matrix by :func:`csr_to_dense`: one product, or on a large log one per range of users whose
+    squared lengths sum to at most ``product_entries`` (a bound on that product's entries: 2^27,
+    about 1 GiB of sparse product beside the dense matrix, where one product over 50M events
+    would hold X'X's billions of entries at once).
     """
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type == "cuda":
+        return gram_by_user_chunks(x, device, chunk_users)
+    x = sp.csr_matrix(x)
+    lengths = np.diff(x.indptr).astype(np.int64)
+    work = np.cumsum(lengths * lengths)
+    if not len(work) or work[-1] <= product_entries:
         return csr_to_dense(sp.csr_matrix(x.T) @ x)  # X' as CSR: the product comes out CSR, not a CSC to convert
-    return gram_by_user_chunks(x, device, chunk_users)
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+    start = 0
+    while start < x.shape[0]:
+        done = work[start - 1] if start else 0
+        end = max(int(np.searchsorted(work, done + product_entries, side="right")), start + 1)
+        part = x[start:end]
+        csr_to_dense(sp.csr_matrix(part.T) @ part, out=gram)
+        start = end
+    return gram
 
 
 def gram_by_user_chunks(x: sp.csr_matrix, device: torch.device, chunk_users: int = 8192) -> torch.Tensor:

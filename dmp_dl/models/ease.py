@@ -35,6 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from scipy.linalg import lapack
 
 from dmp_dl.core.errors import ConfigError
 
@@ -273,16 +274,14 @@ def mirror_triangle(m: torch.Tensor, upper: bool, block: int = 2048) -> torch.Te
 
 def _lapack_inverse(m: torch.Tensor) -> bool:
     """Overwrite the CPU matrix ``m`` (n, n) (float32 or float64, C-contiguous, symmetric positive
-    definite; only its upper triangle and diagonal are read) with its inverse, upper triangle and diagonal only,
-    through LAPACK's Cholesky (``potrf``) and inverse from the factor (``potri``) working in place;
+    definite; only its upper triangle and diagonal are read) with its inverse, upper triangle and
+    diagonal only, through LAPACK's Cholesky (``potrf``) and inverse from the factor (``potri``) in place;
     the strictly lower triangle is left as it was. False when the factorisation fails or the
     inverse's diagonal is not finite and positive (``m`` is then no inverse).
 
     One matrix of memory where :func:`torch.linalg.cholesky` and :func:`torch.cholesky_inverse`
     hold three, and SciPy's OpenBLAS: 1.4-1.5x faster than torch's LAPACK at 20,000 items on a
     2-core AMD EPYC."""
-    from scipy.linalg import lapack
-
     a = m.numpy().T  # the same memory as an (n, n) Fortran-order array: its lower triangle is m's upper
     potrf, potri = (lapack.spotrf, lapack.spotri) if a.dtype == np.float32 else (lapack.dpotrf, lapack.dpotri)
     factor, info = potrf(a, lower=1, clean=0, overwrite_a=1)
@@ -303,7 +302,8 @@ def regularised_inverse(gram: torch.Tensor, l2: float | torch.Tensor, what: str 
 
     On the CPU, LAPACK's Cholesky and inverse in ``gram``'s own memory (:func:`_lapack_inverse`):
     the result is ``gram``, and the peak is that one matrix (three in the float64 fallback). On other
-    devices, torch's Cholesky on the device: two matrices of float32 (five in the fallback)."""
+    devices, torch's Cholesky and inverse on the device: the matrix, its factor and the inverse
+    (three float32 matrices at the peak; five in the fallback)."""
     diagonal = gram.diagonal().double()  # float32 may round l2 away next to large counts: the fallback adds it again
     gram.diagonal().add_(l2)
     if gram.device.type == "cpu":

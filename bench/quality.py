@@ -21,7 +21,9 @@ the test items. Ours use the project config (``conf/model/*.yaml``) plus any ove
 
 ``fit s``: the model's whole fitting time: for ``auto`` the candidate fits, the choice and the refit
 (everything ``train.py`` spends on the model); for an anchor its final fit (tuning excluded) — so the
-anchors' column is a lower bound on what a user of that library spends.
+anchors' column is a lower bound on what a user of that library spends. EASE's is one fit of
+``dmp_dl.models.ease.ease_weights`` (the cheaper of the primal and dual forms, float32) at the chosen
+l2; its scores come from the float64 textbook form (``EASEScorer``), fitted apart.
 
     python bench/quality.py                                  # every log
     python bench/quality.py --logs ml100k-positives --quick  # plumbing check

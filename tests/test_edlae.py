@@ -65,7 +65,7 @@ def test_dropout_zero_is_ease_bit_for_bit():
     assert torch.equal(ease_lib.ease_weights(wide, 5.0, dropout=0.0), ease_lib.ease_weights(wide, 5.0))
 
 
-@pytest.mark.parametrize("shape", [(70, 25), (18, 50)], ids=["primal", "dual"])
+@pytest.mark.parametrize("shape", [(70, 25), (40, 60), (18, 50)], ids=["primal", "primal-wider", "dual"])
 @pytest.mark.parametrize("p", [0.25, 0.6])
 def test_edlae_is_the_closed_form_with_a_zero_diagonal(shape, p):
     x = _binary(*shape, seed=5)

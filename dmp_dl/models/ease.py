@@ -368,13 +368,14 @@ def ease_weights(x: sp.csr_matrix, l2: float, device: str | torch.device = "cpu"
     """The dense (n_items, n_items) float32 EASE weights of the binary matrix ``x`` (n_users, n_items),
     on ``device``; EDLAE's with ``dropout`` p > 0 (module docstring).
 
-    Uses the primal or the dual form, whichever is cheaper (module docstring); both are exact.
+    Uses the primal or the dual form, whichever is cheaper (module docstring; :func:`uses_dual`, as
+    :class:`EASESolver` decides); both are exact.
     """
     x = binary(x)
     n_users, n_items = x.shape
     device = torch.device(device)
     lam = penalty(item_counts(x, device), l2, dropout)
-    if n_items <= n_users:
+    if not uses_dual(n_users, n_items):
         p = regularised_inverse(gram_matrix(x, device), lam)
     elif torch.is_tensor(lam):
         y, solved, scale, _ = emphasised_dual(x, lam, device)

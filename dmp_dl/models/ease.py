@@ -183,10 +183,10 @@ def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_user
 
     On CUDA a sum over chunks of users (sparse chunk' @ dense chunk); on the CPU sparse products,
     whose cost follows the sum of squared user lengths, not users x items^2, written into the dense
-    matrix by :func:`csr_to_dense`: one product, or on a large log one per range of users whose
-    squared lengths sum to at most ``product_entries`` (a bound on that product's entries: 2^27,
-    about 1 GiB of sparse product beside the dense matrix, where one product over 50M events
-    would hold X'X's billions of entries at once).
+    matrix by :func:`csr_to_dense`: one product per range of users whose squared lengths sum to at
+    most ``product_entries`` (a bound on that product's entries: 2^27, about 1 GiB of sparse product
+    beside the dense matrix, where one product over 50M events would hold X'X's billions of entries
+    at once; a log of a few million events is one range).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -194,15 +194,13 @@ def gram_matrix(x: sp.csr_matrix, device: str | torch.device = "cpu", chunk_user
     x = sp.csr_matrix(x)
     lengths = np.diff(x.indptr).astype(np.int64)
     work = np.cumsum(lengths * lengths)
-    if not len(work) or work[-1] <= product_entries:
-        return csr_to_dense(sp.csr_matrix(x.T) @ x)  # X' as CSR: the product comes out CSR, not a CSC to convert
     gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
     start = 0
     while start < x.shape[0]:
         done = work[start - 1] if start else 0
         end = max(int(np.searchsorted(work, done + product_entries, side="right")), start + 1)
         part = x[start:end]
-        csr_to_dense(sp.csr_matrix(part.T) @ part, out=gram)
+        csr_to_dense(sp.csr_matrix(part.T) @ part, out=gram)  # part' as CSR: the product comes out CSR
         start = end
     return gram
 

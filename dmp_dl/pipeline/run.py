@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmp_dl.core.errors import ConfigError, InsufficientDataError
 from dmp_dl.core.io import atomic_write_text
+from dmp_dl.core.memory import reusing_freed_blocks
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
 from dmp_dl.pipeline.checks import check_index_for_data, check_train_config
@@ -172,14 +173,17 @@ def report_stage(cfg: DictConfig, state: dict) -> None:
     )
 
 
+# after the data stage (which hands its freed memory back step by step, to keep its peak low) the
+# allocator keeps freed blocks of up to 256 MiB for reuse: every training step and scoring batch
+# allocates blocks of a batch of users by the catalogue
 STAGES: tuple[Stage, ...] = (
     Stage("data", data_stage),
-    Stage("model", model_stage),
-    Stage("evaluation", evaluation_stage, optional=True),
-    Stage("propensity", propensity_stage, optional=True),
-    Stage("audience", audience_stage, optional=True),
-    Stage("export", export_stage),
-    Stage("report", report_stage, optional=True),
+    Stage("model", reusing_freed_blocks(model_stage)),
+    Stage("evaluation", reusing_freed_blocks(evaluation_stage), optional=True),
+    Stage("propensity", reusing_freed_blocks(propensity_stage), optional=True),
+    Stage("audience", reusing_freed_blocks(audience_stage), optional=True),
+    Stage("export", reusing_freed_blocks(export_stage)),
+    Stage("report", reusing_freed_blocks(report_stage), optional=True),
 )
 
 

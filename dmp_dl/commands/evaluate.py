@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dmp_dl.audience.bundle import load_segments
 from dmp_dl.core.cli import CONF_DIR, report_errors
 from dmp_dl.core.errors import BundleError, ConfigError, DataError, DmpError
+from dmp_dl.core.memory import reuse_freed_blocks
 from dmp_dl.data.vocab import IdVocab
 from dmp_dl.evaluation.heldout import evaluate_model_and_baselines, map_to_vocabularies, pair_matrix
 from dmp_dl.evaluation.report import PropensityInputs, SegmentInputs
@@ -286,7 +287,8 @@ def evaluate_bundle(cfg: DictConfig) -> dict[str, Any]:
     model_name = str((run_cfg.get("model") or {}).get("name", "model"))
     from dmp_dl.models.scoring import load_scoring
 
-    ranking = evaluate_model_and_baselines(net, model_name, split, settings, served=load_scoring(bundle, split.n_items))
+    with reuse_freed_blocks():  # scoring batches of users by the catalogue, as in the training run
+        ranking = evaluate_model_and_baselines(net, model_name, split, settings, served=load_scoring(bundle, split.n_items))
     same_split_config = config_to_dict(data_node.get("split") or {}) == config_to_dict((run_cfg.get("data") or {}).get("split") or {})
     overlap = heldout_overlap(bundle, dm, split, counts, origin, same_split_config)
     if overlap["warning"]:

@@ -18,7 +18,7 @@ from dmp_dl.core.errors import ConfigError
 from dmp_dl.pipeline.run import run
 from dmp_dl.training.selection import UNLIMITED_EPOCHS, epoch_limit, epochs_for_data
 
-from .conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
+from .conftest import AUTOENCODER_SERVED, QUIET_TRAINER, TINY_DATA, compose_cfg
 
 # the default model as a user runs it (epoch limit from the data, no time cap), on the tiny log;
 # the stages that do not touch the vectors are off to keep the test short
@@ -62,7 +62,7 @@ def test_an_idle_and_a_busy_machine_write_the_same_bundle(tmp_path, monkeypatch)
 
 def test_trainer_max_epochs_limits_the_default_models_autoencoder(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="dmp_dl.training.selection")
-    metrics, _ = _train(tmp_path / "run", "trainer.max_epochs=2", "model.vae.patience=100")
+    metrics, _ = _train(tmp_path / "run", "trainer.max_epochs=2", "model.vae.patience=100", *AUTOENCODER_SERVED)
     vae = metrics["model"]["candidates"]["vae"]["details"]
     assert vae["max_epochs"] == 2 and vae["max_epochs_from"] == "trainer.max_epochs"
     assert vae["epochs_run"] == 2 and vae["epochs"] <= 2

@@ -21,7 +21,7 @@ from dmp_dl.pipeline.run import run
 from dmp_dl.realtime import LiveRecommender, RealtimeService
 from dmp_dl.realtime.behaviour import BehaviourStats
 from dmp_dl.serving.recommender import Recommender
-from tests.conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
+from tests.conftest import AUTOENCODER_SERVED, QUIET_TRAINER, TINY_DATA, compose_cfg
 
 KEY = "realtime-test-secret-0123456789abcdef"
 
@@ -33,7 +33,7 @@ def tiny_run(tmp_path_factory, *overrides: str) -> dict:
     """A tiny run with propensity, profiles and segments (what real-time updates touch), once per module."""
     if overrides not in _RUNS:
         out = tmp_path_factory.mktemp("rt") / "run"
-        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "trainer.max_epochs=3", "logger=none", "evaluation.report=null",
+        cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, *AUTOENCODER_SERVED, "trainer.max_epochs=3", "logger=none", "evaluation.report=null",
                            f"privacy.erasure_list={out.parent / 'erased.txt'}",
                            f"privacy.audit_log={out.parent / 'audit.jsonl'}", *overrides], out)
         _RUNS[overrides] = run(cfg)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dmp_dl.models.dropout import Dropout
+
 
 class UpliftNet(nn.Module):
     """Logits (B, 2) of converting without contact (column 0) and with contact (column 1).
@@ -31,7 +33,7 @@ class UpliftNet(nn.Module):
         layers: list[nn.Module] = []
         width = int(n_features)
         for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.GELU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, int(h)), nn.GELU(), Dropout(dropout)]
             width = int(h)
         self.trunk = nn.Sequential(*layers)
         self.heads = nn.Linear(width, 2)

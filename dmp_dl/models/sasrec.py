@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.models.dropout import Dropout, attention
 from dmp_dl.models.registry import register_network
 
 
@@ -31,15 +31,14 @@ class _CausalBlock(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.ffn_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), Dropout(dropout), nn.Linear(4 * dim, dim))
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x (B, L, dim); allowed (B, 1, L, L) bool, True where a query position may read a key."""
         b, length, dim = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        att = attention(q, k, v, allowed, self.dropout, self.training)
         x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, length, dim)))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
@@ -55,7 +54,8 @@ class SASRecNet(nn.Module):
     dim: embedding width (a multiple of ``heads``); heads: attention heads; n_layers: blocks.
     max_len: the latest items read (``data.history_len``: the histories training, evaluation,
         the bundle and real-time updates give it have that length).
-    dropout: on embeddings, attention and feed-forward layers during training.
+    dropout: on embeddings, attention and feed-forward layers during training (on a CPU with byte
+        masks, :mod:`dmp_dl.models.dropout`).
     user_features, item_features: accepted for the common constructor and unused.
     """
 
@@ -72,7 +72,7 @@ class SASRecNet(nn.Module):
         self.n_users, self.n_items, self.dim, self.max_len = n_users, n_items, dim, max_len
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
         self.pos_emb = nn.Embedding(max_len, dim)
-        self.emb_drop = nn.Dropout(dropout)
+        self.emb_drop = Dropout(dropout)
         self.blocks = nn.ModuleList(_CausalBlock(dim, heads, float(dropout)) for _ in range(n_layers))
         self.final_norm = nn.LayerNorm(dim)
         nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)

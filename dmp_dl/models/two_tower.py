@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmp_dl.data.features import FeatureTable
+from dmp_dl.models.dropout import Dropout
 from dmp_dl.models.registry import register_network
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d_out))
 
 
 def _masked_mean(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dmp_dl.models.dropout import Dropout
+
 
 class PropensityNet(nn.Module):
     """One logit per user: ``P(convert) = sigmoid(logit)`` before calibration.
@@ -49,7 +51,7 @@ class PropensityNet(nn.Module):
         width = n_behaviour + n_attr_numeric + emb_dim + (token_dim if self.token_emb is not None else 0)
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.GELU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, int(h)), nn.GELU(), Dropout(dropout)]
             width = int(h)
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)

@@ -199,6 +199,29 @@ def test_rule_audiences_match_a_pandas_reference_on_a_bundle(with_propensity):
     np.testing.assert_allclose(table["recency_days"], frame.loc[table["user_id"], "recency_days"], rtol=1e-9)
 
 
+def test_a_bundle_without_per_user_crm_columns_refuses_rules_on_them_instead_of_matching_no_one(rec):
+    """A network that reads no user attributes (the sequence model) keeps no CRM column per user, and
+    the propensity model stores only their encoding for new users (one row): a rule on ``attr.region``
+    must say so, not select nobody."""
+    import copy
+
+    from dmp_dl.data.features import FeatureTable
+
+    bare = copy.copy(rec)
+    bare.user_features = None
+    with pytest.raises(UnknownColumnError, match=r"'attr.region' is not available: this bundle holds no user-table"):
+        UserColumns(bare).resolve("attr.region")
+    with pytest.raises(UnknownColumnError, match=r"unknown column 'region'; no user-table column is available"):
+        UserColumns(bare).resolve("region")
+    one_row = copy.copy(rec.user_features)
+    assert isinstance(one_row, FeatureTable) and len(one_row.tokens) > rec.n_users
+    one_row.tokens, one_row.numeric = one_row.tokens[:1], one_row.numeric[:1]
+    bare._propensity = type("Scorer", (), {"features": type("Features", (), {"attributes": one_row})()})()
+    with pytest.raises(UnknownColumnError, match=r"is not available"):
+        UserColumns(bare).resolve("attr.region")
+    assert UserColumns(rec).resolve("region") == "attr.region"  # the autoencoder's bundle has them
+
+
 def test_columns_a_bundle_lacks_are_named_with_the_reason(trained, rec):
     columns = UserColumns(rec)  # the session bundle: no propensity model, hence no event statistics
     with pytest.raises(UnknownColumnError, match=r"column 'propensity' is not available: this bundle has no propensity model"):

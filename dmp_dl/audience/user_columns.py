@@ -42,11 +42,14 @@ class UnknownColumnError(RuleError):
 
 
 def _attribute_table(rec):
-    """The user-table encoding the bundle holds: the network's, else the propensity model's."""
-    if rec.user_features is not None and (rec.user_features.categorical_columns or rec.user_features.numeric_columns):
-        return rec.user_features
-    scorer = getattr(rec, "_propensity", None)
-    return getattr(getattr(scorer, "features", None), "attributes", None)
+    """The user-table encoding the bundle holds with a row per user: the network's, else the
+    propensity model's; None when neither holds one (a network that reads no attributes, and a
+    propensity model that keeps only the encoding for new users)."""
+    tables = [rec.user_features, getattr(getattr(getattr(rec, "_propensity", None), "features", None), "attributes", None)]
+    for table in tables:
+        if table is not None and (table.categorical_columns or table.numeric_columns) and len(table.tokens) >= int(rec.n_users):
+            return table
+    return None
 
 
 def _unstandardised(table, j: int, n: int) -> np.ndarray:
@@ -157,7 +160,9 @@ class UserColumns:
     def _add_attributes(self) -> None:
         table = _attribute_table(self.rec)
         if table is None:
-            self._missing["attr"] = "this bundle holds no user-table (CRM) columns"
+            network = type(self.rec.network).__name__ if getattr(self.rec, "network", None) is not None else "none"
+            self._missing["attr"] = (f"this bundle holds no user-table (CRM) column per user: its network ({network}) "
+                                     "reads none (the autoencoder does: model.candidates=[vae,ease] serves it)")
             return
         n = self.n_users
         for j, column in enumerate(table.numeric_columns):
@@ -182,6 +187,8 @@ class UserColumns:
         close = [k for k in self._builders if name.lower() in (k.lower(), k.split(".", 1)[-1].lower())][:1]
         close = close or difflib.get_close_matches(name, list(self._builders), n=1, cutoff=0.75)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if "attr" in self._missing:
+            hint += f"; no user-table column is available: {self._missing['attr']}"
         raise UnknownColumnError(f"rule: unknown column {name!r}{hint}; the columns are: {self.describe()}")
 
     def values(self, name: str) -> Values:

@@ -187,7 +187,7 @@ class UserColumns:
         close = [k for k in self._builders if name.lower() in (k.lower(), k.split(".", 1)[-1].lower())][:1]
         close = close or difflib.get_close_matches(name, list(self._builders), n=1, cutoff=0.75)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        if "attr" in self._missing:
+        if "attr" in self._missing and not close:  # it may be a CRM column's name
             hint += f"; no user-table column is available: {self._missing['attr']}"
         raise UnknownColumnError(f"rule: unknown column {name!r}{hint}; the columns are: {self.describe()}")
 

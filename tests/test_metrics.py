@@ -57,10 +57,13 @@ def test_top_k_and_mrr_match_a_plain_sort_with_ties_infinities_and_nan(seed, chu
     tied = rng.choice(pool, size=(16, n_items))  # many ties, also at the cut-off
     smooth = rng.standard_normal((16, n_items)).astype(np.float32)  # no ties: the one-pass path
     smooth[:, : n_items // 3] = -np.inf  # excluded items
-    for s in (tied, smooth):
+    spotted = smooth.copy()  # a few NaN among enough finite scores: NaN must rank as -inf there too
+    spotted[rng.random(spotted.shape) < 0.05] = np.nan
+    whole = sorted({1, int(rng.integers(1, n_items + 1)), n_items})  # down to the whole catalogue
+    short = sorted({1, int(rng.integers(1, n_items // 2 + 1))})  # a cut-off within the finite scores
+    for s, ks in ((tied, whole), (smooth, whole), (smooth, short), (spotted, short)):
         rel = rng.random((16, n_items)) < 0.05
         rel[0] = False  # a user without held-out items
-        ks = sorted({1, int(rng.integers(1, n_items + 1)), n_items})
         m, top = ranking_metrics(torch.from_numpy(s.copy()), torch.from_numpy(rel), ks)
         for i, (row, r) in enumerate(zip(s, rel)):
             order = _reference_order(row)

@@ -99,6 +99,30 @@ def test_corrupt_file_is_refused_naming_it(bundle_copy):
         Recommender.load(bundle_copy)
 
 
+def _replace_sealed(bundle: Path, name: str, array: np.ndarray) -> None:
+    """Write ``array`` as bundle file ``name`` with a manifest that vouches for it (a bundle
+    consistent on disk whose contents do not fit)."""
+    import hashlib
+
+    np.save(bundle / name, array)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    data = (bundle / name).read_bytes()
+    manifest["files"][name] = {**manifest["files"][name], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    write_manifest(bundle, manifest)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tokens: tokens[:-1], r"user_table/tokens\.npy: shape \(\d+, \d+\), expected \d+ users' rows"),
+    (lambda tokens: tokens + 10_000, r"user_table/tokens\.npy: token ids outside the \d+ tokens"),
+])
+def test_a_user_table_that_does_not_fit_the_bundle_is_refused_naming_it(bundle_copy, change, message):
+    tokens = np.load(bundle_copy / "user_table/tokens.npy", allow_pickle=False)
+    assert tokens.shape[0] == Recommender.load(bundle_copy).n_users
+    _replace_sealed(bundle_copy, "user_table/tokens.npy", change(tokens))
+    with pytest.raises(BundleError, match=message):
+        Recommender.load(bundle_copy)
+
+
 def test_missing_file_is_refused_naming_it(bundle_copy):
     (bundle_copy / NETWORK_WEIGHTS).unlink()
     with pytest.raises(BundleError, match=r"weights\.pt: listed in the manifest but missing"):

@@ -76,10 +76,15 @@ def server(bundle: Path, **settings):
 def test_forget_on_a_default_run_needs_no_secret_and_a_fresh_run_still_trains(place):
     users = users_of(place["bundle"])
     gone = [users[3], users[10]]
+    table = Recommender.load(place["bundle"]).user_table  # the CRM columns, a row per user
     summary = forget_users(place["bundle"], gone)  # list and audit log: what the manifest records
     assert summary["removed_from_bundle"] == 2 and summary["erasure_list"] == str(place["list"])
     assert not set(gone) & set(users_of(place["bundle"]))
-    assert Recommender.load(place["bundle"]).n_users == len(users) - 2
+    after = Recommender.load(place["bundle"])
+    assert after.n_users == len(users) - 2
+    kept = [i for i, u in enumerate(users) if u not in gone] + [len(users)]  # and the unknown user's row
+    np.testing.assert_array_equal(after.user_table.tokens, table.tokens[kept])
+    np.testing.assert_array_equal(after.user_table.numeric, table.numeric[kept])
     # the list and the audit log hold salted hashes, never a raw id
     text = place["list"].read_text()
     assert len(re.findall(r"^salted-sha256:[0-9a-f]{32}:[0-9a-f]{32}$", text, re.M)) == 2

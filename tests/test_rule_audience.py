@@ -200,15 +200,16 @@ def test_rule_audiences_match_a_pandas_reference_on_a_bundle(with_propensity):
 
 
 def test_a_bundle_without_per_user_crm_columns_refuses_rules_on_them_instead_of_matching_no_one(rec):
-    """A network that reads no user attributes (the sequence model) keeps no CRM column per user, and
-    the propensity model stores only their encoding for new users (one row): a rule on ``attr.region``
-    must say so, not select nobody."""
+    """A bundle without the user_table part (exported before it, from a network that reads no user
+    attributes) keeps no CRM column per user, and the propensity model stores only their encoding
+    for new users (one row): a rule on ``attr.region`` must say so, not select nobody."""
     import copy
 
     from dmp_dl.data.features import FeatureTable
 
     bare = copy.copy(rec)
-    bare.user_features = None
+    assert rec.user_table is not None  # the part a bundle now keeps
+    bare.user_features = bare.user_table = None
     with pytest.raises(UnknownColumnError, match=r"'attr.region' is not available: this bundle holds no user-table"):
         UserColumns(bare).resolve("attr.region")
     with pytest.raises(UnknownColumnError, match=r"unknown column 'region'; no user-table column is available"):

@@ -172,3 +172,18 @@ def test_a_live_user_of_the_blend_is_scored_from_their_latest_items_and_their_de
         rows = live.item_vocab.index_of(list(got))
         np.testing.assert_allclose([got[i] for i in got], want[rows], rtol=1e-4, atol=1e-4)
         assert new_item not in rows.tolist()
+
+
+def test_its_bundle_keeps_the_crm_columns_for_audience_rules(blend_run):
+    """The sequence model reads no user attribute, yet its bundle answers rules on the user table
+    as the training data holds it (a missing age matches no comparison)."""
+    from dmp_dl.audience.rule_audience import rule_job
+
+    rec = Recommender.load(blend_run["bundle_dir"])
+    assert isinstance(rec.network, SASRecNet) and not rec.reads_user_attributes
+    users = blend_run["datamodule"].log_.users.set_index("user_id").reindex(rec.user_vocab.ids)
+    table, summary = rule_job(rec, "attr.region in ['east', 'west'] and age > 40")
+    expected = users.index[users["region"].isin(["east", "west"]) & (users["age"] > 40)]
+    assert 0 < len(expected) < rec.n_users
+    assert table["user_id"].tolist() == expected.tolist() and summary["users"] == len(expected)
+    np.testing.assert_array_equal(table["attr.age"], users.loc[expected, "age"].to_numpy(float))

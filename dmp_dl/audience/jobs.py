@@ -164,7 +164,8 @@ def segments_job(rec, k: int | None = None, options: SegmentOptions | None = Non
         options.__post_init__()
         seg = segment_users(rec.user_vectors, options, progress=progress)
         scores = rec.propensity_rows(np.arange(rec.n_users)) if rec.has_propensity else None
-        descriptions = describe_segments(seg, rec.user_vocab.ids, rec.profiles, scores, rec.user_features, options)
+        descriptions = describe_segments(seg, rec.user_vocab.ids, rec.profiles, scores,
+                                         rec.user_table if rec.user_table is not None else rec.user_features, options)
         assignments, distances, silhouette = seg.assignments, seg.distances, {}
     table = pd.DataFrame({"user_id": rec.user_vocab.ids, "segment": np.asarray(assignments, dtype=np.int64),
                           "distance": np.asarray(distances, dtype=np.float64)})

@@ -42,10 +42,11 @@ class UnknownColumnError(RuleError):
 
 
 def _attribute_table(rec):
-    """The user-table encoding the bundle holds with a row per user: the network's, else the
-    propensity model's; None when neither holds one (a network that reads no attributes, and a
-    propensity model that keeps only the encoding for new users)."""
-    tables = [rec.user_features, getattr(getattr(getattr(rec, "_propensity", None), "features", None), "attributes", None)]
+    """The user-table encoding the bundle holds with a row per user: its ``user_table`` part, else
+    (bundles written before it) the network's, else the propensity model's; None when none holds
+    one (the training data had no user table, or an older bundle whose network reads none)."""
+    tables = [getattr(rec, "user_table", None), rec.user_features,
+              getattr(getattr(getattr(rec, "_propensity", None), "features", None), "attributes", None)]
     for table in tables:
         if table is not None and (table.categorical_columns or table.numeric_columns) and len(table.tokens) >= int(rec.n_users):
             return table
@@ -160,9 +161,9 @@ class UserColumns:
     def _add_attributes(self) -> None:
         table = _attribute_table(self.rec)
         if table is None:
-            network = type(self.rec.network).__name__ if getattr(self.rec, "network", None) is not None else "none"
-            self._missing["attr"] = (f"this bundle holds no user-table (CRM) column per user: its network ({network}) "
-                                     "reads none (the autoencoder does: model.candidates=[vae,ease] serves it)")
+            self._missing["attr"] = ("this bundle holds no user-table (CRM) column per user: its training data had no "
+                                     "user table (data.users), or it was exported before bundles kept one whatever "
+                                     "their network reads (export it again)")
             return
         n = self.n_users
         for j, column in enumerate(table.numeric_columns):

@@ -138,6 +138,8 @@ class Recommender:
     item_index, user_index: FAISS inner-product indexes over item_vectors / user_vectors.
     network: the cold-start network (or None); user_features: its user FeatureTable;
     history_len: recent items the network reads.
+    user_table: the user table's (CRM) columns, encoded, a row per user and one for an unknown
+        user (a :class:`~dmp_dl.data.features.FeatureTable`), whatever the network reads; or None.
     propensity: a propensity scorer with ``score_known(user_idx)`` (or None).
     manifest: the bundle manifest; max_k: the largest ``k`` any query accepts.
     pseudonymizer: when the bundle's user ids are keyed pseudonyms (``privacy.pseudonymize``), the
@@ -161,7 +163,7 @@ class Recommender:
                  network=None, user_features=None, history_len: int = 20, propensity=None,
                  manifest: Mapping[str, Any] | None = None, max_k: int = DEFAULT_MAX_K, pseudonymizer=None,
                  profiles=None, segments=None, served=None, item_categories=None, seen_sums=None,
-                 half_life_days: float | None = None):
+                 half_life_days: float | None = None, user_table=None):
         if int(max_k) < 1:
             raise InvalidRequestError(f"max_k must be >= 1, got {max_k}")
         self.user_vocab, self.item_vocab = user_vocab, item_vocab
@@ -182,6 +184,7 @@ class Recommender:
         self.half_life_days = None if half_life_days is None else float(half_life_days)
         self.item_index, self.user_index = item_index, user_index
         self.network, self.user_features, self.history_len = network, user_features, int(history_len)
+        self.user_table = user_table
         self._propensity = propensity
         self.manifest = dict(manifest or {})
         self.max_k = int(max_k)
@@ -233,7 +236,7 @@ class Recommender:
                    propensity=parts.get("propensity"), manifest=bundle.manifest, max_k=max_k, pseudonymizer=pseudonymizer,
                    profiles=parts.get("profiles"), segments=parts.get("segments"), served=parts.get("scoring"),
                    item_categories=parts.get("item_categories"), seen_sums=vectors.seen_sums,
-                   half_life_days=vectors.half_life_days)
+                   half_life_days=vectors.half_life_days, user_table=parts.get("user_table"))
 
     # -- facts ---------------------------------------------------------------------------------
     @property

@@ -28,6 +28,7 @@ PART_CLASSES: tuple[tuple[str, str, str], ...] = (
     ("vectors", "dmp_dl.models.parts", "VectorsPart"),
     ("indexes", "dmp_dl.models.parts", "IndexesPart"),
     ("network", "dmp_dl.models.parts", "NetworkPart"),
+    ("user_table", "dmp_dl.data.table_part", "UserTablePart"),
     ("propensity", "dmp_dl.propensity.bundle", "PropensityPart"),
     ("profiles", "dmp_dl.audience.bundle", "ProfilesPart"),
     ("segments", "dmp_dl.audience.bundle", "SegmentsPart"),
@@ -38,7 +39,7 @@ PART_CLASSES: tuple[tuple[str, str, str], ...] = (
 )
 KNOWN = tuple(name for name, _, _ in PART_CLASSES)
 # Loaded by the Recommender before it exists; "uplift" reads the Recommender, "realtime" the real-time service.
-SERVED = ("vectors", "indexes", "network", "propensity", "profiles", "segments", "scoring", "item_categories")
+SERVED = ("vectors", "indexes", "network", "user_table", "propensity", "profiles", "segments", "scoring", "item_categories")
 UPLIFT = "uplift"
 
 

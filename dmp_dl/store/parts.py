@@ -7,6 +7,7 @@ A bundle (:mod:`dmp_dl.store.bundle`) is a set of parts. Each part owns some fil
     indexes      item_index.faiss, user_index.faiss (indexes,           dmp_dl.models.parts
                  index_options)
     network      network/weights.pt, network/network.json (network)     dmp_dl.models.parts
+    user_table   user_table/ (user_table)                         dmp_dl.data.table_part
     propensity   propensity/ (propensity)                        dmp_dl.propensity.bundle
     profiles     profiles/ (profiles)                             dmp_dl.audience.bundle
     segments     segments/ (segments)                             dmp_dl.audience.bundle

@@ -96,7 +96,7 @@ def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Pat
         network={"net": net, "kwargs": net_kwargs, "user_features": dm.user_features,
                  "item_features": dm.item_features, "history_len": result.get("history_len", dm.history_len)},
         propensity=result.get("propensity"),
-        parts=result.get("bundle_parts"),
+        parts={"user_table": dm.user_features, **(result.get("bundle_parts") or {})},
         config=config_to_dict(cfg),
         seen_sums=sums, half_life_days=dm.half_life_days,
     )

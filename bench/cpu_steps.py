@@ -10,6 +10,10 @@
   :func:`dmp_dl.models.dropout.dropout` on a (256, 20, 256) tensor (SASRec's feed-forward width at a
   batch of 256 sequences of 20), and attention over (256, 2, 20, 32) heads with dropout:
   ``F.scaled_dot_product_attention(dropout_p=0.2)`` against :func:`dmp_dl.models.dropout.attention`.
+* ``ranking``: the top 51 of each row of a scoring batch ((838, ``--items``) float32, 27 items a
+  row at -inf as seen items are: the evaluation's batch at 20,000 items, cut-offs up to 50) by
+  ``torch.topk`` against faiss's heaps (:func:`dmp_dl.metrics.ranking._heap_top`, what the
+  metrics use on the CPU).
 
 Each setting runs in its own child process (the allocator rule is process-wide), the settings
 alternating, ``--repeats`` times; the table gives the median of the repeats, each the mean over
@@ -35,7 +39,7 @@ if str(BENCH) not in sys.path:
 import output  # noqa: E402
 from common import markdown_table, write_section  # noqa: E402
 
-SETTINGS = ("step", "step+reuse", "dropout")
+SETTINGS = ("step", "step+reuse", "dropout", "ranking")
 
 
 def _timed(fn, steps: int) -> float:
@@ -117,8 +121,22 @@ def dropout_costs(args) -> dict:
     }
 
 
+def ranking_costs(args) -> dict:
+    import torch
+
+    from dmp_dl.metrics.ranking import _heap_top
+
+    torch.manual_seed(0)
+    scores = torch.randn(838, args.items)
+    scores.scatter_(1, torch.randint(0, args.items, (838, 27)), float("-inf"))
+    probe = min(51, args.items)
+    steps = 10 * args.steps
+    return {"torch.topk ms": 1e3 * _timed(lambda: torch.topk(scores, probe, dim=1, sorted=True), steps),
+            "faiss heaps ms": 1e3 * _timed(lambda: _heap_top(scores, probe), steps)}
+
+
 def child(args) -> None:
-    result = dropout_costs(args) if args.child == "dropout" else autoencoder_step(args)
+    result = {"dropout": dropout_costs, "ranking": ranking_costs}.get(args.child, autoencoder_step)(args)
     print(json.dumps(result), flush=True)
 
 
@@ -161,9 +179,13 @@ def main(argv: list[str] | None = None) -> None:
                                "attention with byte dropout ms")):
         a, b = median("dropout", plain), median("dropout", ours)
         table.append({"what": what, "torch / as it was": f"{a:.2f} ms", "the package's rule": f"{b:.2f} ms", "ratio": f"{a / b:.2f}x"})
+    a, b = median("ranking", "torch.topk ms"), median("ranking", "faiss heaps ms")
+    table.append({"what": f"top 51 of (838, {args.items:,}) scores", "torch / as it was": f"{a:.2f} ms",
+                  "the package's rule": f"{b:.2f} ms", "ratio": f"{a / b:.2f}x"})
     body = (f"Medians of {args.repeats} alternating child processes, each the mean of {args.steps} steps "
             f"(the dropout rows: {10 * args.steps} calls) after 3 warm-up steps. \"The package's rule\": inside "
-            "`reuse_freed_blocks` (autoencoder) or `dmp_dl.models.dropout` (dropout, attention).\n\n"
+            "`reuse_freed_blocks` (autoencoder), `dmp_dl.models.dropout` (dropout, attention) or faiss's heaps "
+            "(top K).\n\n"
             + markdown_table(table))
     write_section("cpu_steps", "Training steps on the CPU (bench/cpu_steps.py)", body, {"runs": runs, "table": table})
     print(body)

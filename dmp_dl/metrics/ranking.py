@@ -88,7 +88,7 @@ def _top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """
     n = s.shape[1]
     probe = min(k + 1, n)
-    if s.device.type == "cpu" and s.dtype == torch.float32 and s.numel() > 0:
+    if s.device.type == "cpu" and s.dtype == torch.float32 and s.numel() > 0 and n >= HEAP_MIN_RATIO * probe:
         values, idx, s = _heap_top(s, probe)
     else:
         values, idx = torch.topk(s, probe, dim=1, sorted=True)
@@ -114,12 +114,16 @@ def _top(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return values.gather(1, order), idx.gather(1, order), s
 
 
+HEAP_MIN_RATIO = 32  # heaps beat torch.topk on the CPU from about 20 columns per value kept (0.66x at 6)
+
+
 def _heap_top(s: torch.Tensor, probe: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``probe`` values and columns of float32 CPU ``s`` (B, N), best first, NaN as -inf, and
     ``s`` (with NaN replaced when a row done again had any).
 
-    faiss's heaps (one per row, rows spread over its threads) read each score once: about 2.7x
-    ``torch.topk`` at (838, 20,000), k = 21, on 2 cores. A heap keeps only values above the
+    faiss's heaps (one per row, rows spread over its threads) read each score once: 1.9x
+    ``torch.topk`` at (838, 20,000) for 51 values on 2 cores (``bench/cpu_steps.py``), but slower
+    where few columns are ranked per value kept (:data:`HEAP_MIN_RATIO`). A heap keeps only values above the
     lowest float32, so a row with fewer such values than ``probe`` (-inf for excluded items) is
     done again by ``torch.topk``; NaN never enters a heap, as -inf would not."""
     import faiss

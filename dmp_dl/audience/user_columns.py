@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from dmp_dl.audience.rule import RuleError, Values
+from dmp_dl.data.table_part import has_columns
 from dmp_dl.store.bundle import Bundle
 from dmp_dl.store.contents import load_parts
 
@@ -48,7 +49,7 @@ def _attribute_table(rec):
     tables = [getattr(rec, "user_table", None), rec.user_features,
               getattr(getattr(getattr(rec, "_propensity", None), "features", None), "attributes", None)]
     for table in tables:
-        if table is not None and (table.categorical_columns or table.numeric_columns) and len(table.tokens) >= int(rec.n_users):
+        if has_columns(table) and len(table.tokens) >= int(rec.n_users):
             return table
     return None
 

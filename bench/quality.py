@@ -29,6 +29,7 @@ l2; its scores come from the float64 textbook form (``EASEScorer``), fitted apar
     python bench/quality.py --logs ml100k-positives --quick  # plumbing check
     python bench/quality.py -- model.vae.net.hidden=300      # Hydra overrides for ours
     python bench/quality.py --logs skewed-wide --merge       # one log again; the others kept from results/quality.json
+    python bench/quality.py --logs skewed-wide --anchors popularity ease --merge   # and its other anchors' rows too
 """
 
 from __future__ import annotations
@@ -184,6 +185,26 @@ def run_log(name: str, args, workdir: Path) -> dict[str, Any]:
             "recommenders": bool(spec.get("recommenders"))}
 
 
+def keep_unmeasured_rows(result: dict, previous: dict | None) -> dict:
+    """``result`` (a log measured now) with the rows of ``previous`` (the same log in
+    results/quality.json) for the models and anchors this run did not measure, each marked with
+    the command that measured it, when the two runs saw the same data and split (equal ``sizes``);
+    otherwise ``result`` as it is, and a line says what was dropped."""
+    if not previous:
+        return result
+    measured = {r["model"] for r in result["rows"]}
+    kept = [r for r in previous.get("rows", []) if r["model"] not in measured]
+    if not kept:
+        return result
+    if previous.get("sizes") != result["sizes"]:
+        print(f"quality: {result['title']}: the rows of {', '.join(r['model'] for r in kept)} are dropped "
+              "(measured on other data or another split)", flush=True)
+        return result
+    command_then = (previous.get("run") or {}).get("command", "an earlier run")
+    rows = result["rows"] + [{**r, "measured_by": r.get("measured_by", command_then)} for r in kept]
+    return {**result, "rows": rows}
+
+
 def _value(result: dict, row: dict) -> float:
     key = result["metric"]
     return row["metrics"]["recommenders"][key] if result["recommenders"] else row["metrics"][key]
@@ -235,6 +256,12 @@ def render(result: dict) -> str:
              f"({s['test_pairs_item_unseen_in_train']} of an item never seen in training). Tuning carve-out: "
              f"{s['train_events_tuning']:,} training events, {s['val_pairs']:,} validation pairs; chosen by validation "
              f"{result['metric']}.", "", markdown_table(rows), ""]
+    earlier = {}
+    for r in result["rows"]:
+        if "measured_by" in r:
+            earlier.setdefault(r["measured_by"], []).append(r["model"])
+    lines += [f"Rows {', '.join(models)} kept from an earlier run on the same split: `{cmd}`." for cmd, models in earlier.items()]
+    lines += [""] if earlier else []
     h = result["headline"]
     if "ratio" in h:
         line = (f"{h['ours']['model']} / best of EASE, ALS, VAECF ({h['best_anchor']['model']}), {h['metric']}: "
@@ -269,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="2 epochs and tiny grids: a plumbing check, not numbers")
     ap.add_argument("--scratch", action="store_true", help="write into bench/out/ (git-ignored), not bench/RESULTS.md")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the logs of results/quality.json that this run does not measure (each keeps its command)")
+                    help="keep the logs of results/quality.json that this run does not measure (each keeps its command), "
+                         "and a measured log's rows of models and anchors left out this time (same split only)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for our models (after --)")
     output.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -295,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             workdir = Path(tmp) / name
             workdir.mkdir()
-            res = run_log(name, args, workdir)
+            res = keep_unmeasured_rows(run_log(name, args, workdir), previous.get(name))
             res["headline"] = headline(res)
             res["run"] = run_info
             results[name] = res

@@ -107,3 +107,27 @@ def test_a_section_written_alone_refreshes_the_headline_of_its_results_file(resu
     assert "50,000,000 events" in head and "**4,669 MiB**" in head and "time slope 1.13" in head
     common.write_section("demo", "Demo", "a table", {"rows": [1]})  # not a headline section: the headline stays
     assert mine.read_text().count("<!-- headline -->") == 1 and "4,669 MiB" in mine.read_text()
+
+
+def test_quality_merge_keeps_the_anchors_a_rerun_leaves_out_only_on_the_same_split(capsys):
+    quality = bench_module("quality")
+    sizes = {"events": 10, "users": 2, "items": 3, "train_events_final": 8, "train_events_tuning": 7, "val_pairs": 1,
+             "test_users": 2, "test_pairs": 2, "test_pairs_item_unseen_in_train": 0}
+
+    def row(model: str, kind: str, ndcg: float) -> dict:
+        return {"model": model, "kind": kind, "fit_seconds": 1.0, "setting": "-",
+                "metrics": {"ndcg@20": ndcg, "recall@20": ndcg, "ndcg@10": ndcg, "coverage@20": 0.5, "stderr": {"ndcg@20": 0.01}}}
+
+    base = {"title": "a log", "sizes": sizes, "ks": [20], "metric": "ndcg@20", "recommenders": False}
+    before = {**base, "rows": [row("auto", "ours", 0.30), row("ease", "anchor", 0.28), row("als", "anchor", 0.31)],
+              "run": {"command": "python bench/quality.py", "machine_line": "m"}}
+    now = {**base, "rows": [row("auto", "ours", 0.32), row("ease", "anchor", 0.29)]}
+    merged = quality.keep_unmeasured_rows(now, before)
+    assert [(r["model"], r["metrics"]["ndcg@20"]) for r in merged["rows"]] == [("auto", 0.32), ("ease", 0.29), ("als", 0.31)]
+    assert merged["rows"][-1]["measured_by"] == "python bench/quality.py" and "measured_by" not in merged["rows"][0]
+    merged["headline"] = quality.headline(merged)
+    assert merged["headline"]["best_anchor"]["model"] == "als"  # the kept anchor still counts
+    assert "Rows als kept from an earlier run on the same split: `python bench/quality.py`." in quality.render(merged)
+    other_split = {**now, "sizes": {**sizes, "test_pairs": 3}}
+    assert quality.keep_unmeasured_rows(other_split, before) == other_split
+    assert "the rows of als are dropped" in capsys.readouterr().out

@@ -17,6 +17,7 @@ import pandas as pd
 from dmp_dl.audience.lookalike import expand
 from dmp_dl.audience.segments import SegmentOptions, describe_segments, segment_label, segment_users
 from dmp_dl.audience.targeting import gains_curve, per_user, plan_contacts, random_selection_profit
+from dmp_dl.audience.user_columns import attribute_table
 from dmp_dl.campaign.control import check_fraction, draw_control
 from dmp_dl.campaign.stats import minimum_detectable_lift
 from dmp_dl.core.errors import ConfigError, DataError, UnknownIdError
@@ -164,8 +165,7 @@ def segments_job(rec, k: int | None = None, options: SegmentOptions | None = Non
         options.__post_init__()
         seg = segment_users(rec.user_vectors, options, progress=progress)
         scores = rec.propensity_rows(np.arange(rec.n_users)) if rec.has_propensity else None
-        descriptions = describe_segments(seg, rec.user_vocab.ids, rec.profiles, scores,
-                                         rec.user_table if rec.user_table is not None else rec.user_features, options)
+        descriptions = describe_segments(seg, rec.user_vocab.ids, rec.profiles, scores, attribute_table(rec), options)
         assignments, distances, silhouette = seg.assignments, seg.distances, {}
     table = pd.DataFrame({"user_id": rec.user_vocab.ids, "segment": np.asarray(assignments, dtype=np.int64),
                           "distance": np.asarray(distances, dtype=np.float64)})

@@ -42,7 +42,7 @@ class UnknownColumnError(RuleError):
     """A rule names a column the bundle does not have."""
 
 
-def _attribute_table(rec):
+def attribute_table(rec):
     """The user-table encoding the bundle holds with a row per user: its ``user_table`` part, else
     (bundles written before it) the network's, else the propensity model's; None when none holds
     one (the training data had no user table, or an older bundle whose network reads none)."""
@@ -160,7 +160,7 @@ class UserColumns:
         return np.where(profiles.top_categories == category, shares, 0.0).sum(axis=1)
 
     def _add_attributes(self) -> None:
-        table = _attribute_table(self.rec)
+        table = attribute_table(self.rec)
         if table is None:
             self._missing["attr"] = ("this bundle holds no user-table (CRM) column per user: its training data had no "
                                      "user table (data.users), or it was exported before bundles kept one whatever "

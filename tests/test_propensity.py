@@ -122,6 +122,31 @@ def test_events_after_the_cutoff_change_labels_but_never_features(tiny_cfg):
     np.testing.assert_array_equal(x1.history, x2.history)
 
 
+def test_earlier_snapshots_are_added_only_until_the_examples_are_enough(tiny_cfg, caplog):
+    caplog.set_level(logging.INFO, logger="dmp_dl.propensity.train")
+    cfg = tiny_cfg("propensity.train_snapshots=3")
+    dm = load_data(cfg)
+    task = build_task(cfg.propensity, dm)
+    features = UserFeatures.build(dm, BehaviourSpec(sorted(dm.events[TYPE].unique())))
+    users, labels = task.users, task.labels
+    at_cutoff = features.known(dm.events, users, task.cutoff)
+
+    def cutoffs(enough):
+        with open_dict(cfg):
+            cfg.propensity.enough_train_examples = enough
+        x, y, used = training_examples(cfg.propensity, dm, features, task, users, at_cutoff, labels)
+        assert len(x) == len(y)
+        return used, len(y)
+
+    every, n_every = cutoffs(None)
+    assert len(every) == 3 and n_every > len(users)
+    assert cutoffs(len(users)) == ([task.cutoff], len(users))  # the first snapshot is already enough
+    two, n_two = cutoffs(len(users) + 1)
+    assert two == every[:2] and len(users) < n_two < n_every
+    assert "enough_train_examples" in caplog.text
+    assert cutoffs(10**9) == (every, n_every)  # the default on a small log: every snapshot
+
+
 def test_behaviour_aggregates_by_hand():
     spec = BehaviourSpec(["purchase", "view"], [7.0])
     names = spec.names()

@@ -262,6 +262,9 @@ def training_examples(p: DictConfig, dm, features: UserFeatures, task: Propensit
     """The training users at T and, with ``propensity.train_snapshots = K > 1``, the same users at
     the earlier cutoffs T - H, ..., T - (K - 1) H (each with the users eligible then, features from
     events up to it and labels from its own window, which ends by T: nothing after T is read).
+    An earlier cutoff is added only while the examples so far are fewer than
+    ``propensity.enough_train_examples`` (null: no limit): the earlier windows make up for a small
+    log's few positives, and on a large one they multiply the stage's time for no gain.
 
     Returns (snapshot, labels, cutoffs used).
     """
@@ -270,7 +273,12 @@ def training_examples(p: DictConfig, dm, features: UserFeatures, task: Propensit
         return at_cutoff, labels, cutoffs
     ev = dm.events
     horizon = task.horizon_days * SECONDS_PER_DAY
+    enough = p.get("enough_train_examples")
     for k in range(1, int(p.get("train_snapshots", 1))):
+        if enough is not None and sum(len(y) for y in ys) >= int(enough):
+            log.info("propensity: %d training examples from %d snapshot(s), at least propensity.enough_train_examples="
+                     "%d: no earlier snapshot added", sum(len(y) for y in ys), len(ys), int(enough))
+            break
         cutoff = int(task.cutoff - k * horizon)
         users, y = window_labels(ev["user_idx"].to_numpy(), ev[TIME].to_numpy(), ev[TYPE].to_numpy(), dm.n_users,
                                  cutoff, task.horizon_days, task.target_resolved)

@@ -54,6 +54,31 @@ def with_propensity(tmp_path_factory):
     return run(cfg)
 
 
+
+def test_the_run_encodes_every_user_once_for_the_segments_and_the_bundle(tmp_path_factory, monkeypatch):
+    import dmp_dl.audience.build
+    import dmp_dl.models.embeddings
+    import dmp_dl.training.export
+
+    encoded = []
+    original = dmp_dl.models.embeddings.export_embeddings
+
+    def counted(net, history, *args, **kwargs):
+        encoded.append(len(history))
+        return original(net, history, *args, **kwargs)
+
+    for module in (dmp_dl.models.embeddings, dmp_dl.audience.build, dmp_dl.training.export):
+        monkeypatch.setattr(module, "export_embeddings", counted)
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "debug=fdr", "logger=none", "propensity.enabled=false"],
+                      tmp_path_factory.mktemp("once") / "run")
+    result = run(cfg)
+    n_users = result["datamodule"].n_users
+    assert encoded == [n_users]  # every user's full history once, for the segments and the bundle alike
+    assert result["audience"].segmentation is not None
+    rec = Recommender.load(result["bundle_dir"])
+    np.testing.assert_array_equal(rec.user_vectors, result["audience"].user_vectors)
+
+
 def cli_cfg(*overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("audience_cli", overrides=list(overrides))

@@ -79,17 +79,19 @@ def _options(node, cls):
     return instantiate(node, _convert_="all") if "_target_" in node else cls(**node)
 
 
-def build_audience(cfg, dm, net, propensity=None, progress: bool = False) -> Audience:
+def build_audience(cfg, dm, net, propensity=None, progress: bool = False, users: np.ndarray | None = None) -> Audience:
     """Profiles (``cfg.profiles``) and segments (``cfg.segments``) of ``dm``'s users.
 
     dm: the prepared DataModule; net: the trained embedding network (user vectors from each user's
-    full history, as exported); propensity: the propensity step's result (mean propensity per segment).
+    full history, as exported); propensity: the propensity step's result (mean propensity per segment);
+    users: those vectors (n_users, d) when the caller has them already (the bundle's own).
     """
     t0 = time.perf_counter()
     profile_opts = _options(cfg.get("profiles"), ProfileOptions)
     segment_opts = _options(cfg.get("segments"), SegmentOptions)
     profiles = compute_profiles(dm.events, dm.log_.items, dm.item_vocab, dm.n_users, profile_opts)
-    users, _ = export_embeddings(net, dm.full_history)
+    if users is None:
+        users, _ = export_embeddings(net, dm.full_history)
     users = np.ascontiguousarray(users, dtype=np.float32)
     node = cfg.get("segments")
     options = {k: v for k, v in (config_to_dict(node) if node is not None else {}).items() if not k.startswith("_")}

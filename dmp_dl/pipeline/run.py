@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -97,6 +98,17 @@ def propensity_stage(cfg: DictConfig, state: dict) -> str | None:
     return None
 
 
+def final_embeddings(state: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(user vectors (n_users, d), item vectors (n_items, d)) of the served network, each user
+    encoded from their full history: computed once (``state["embeddings"]``) for the segments and
+    the bundle, which must hold the same vectors."""
+    if state.get("embeddings") is None:
+        from dmp_dl.models.embeddings import export_embeddings
+
+        state["embeddings"] = export_embeddings(state["module"].net, state["datamodule"].full_history)
+    return state["embeddings"]
+
+
 def audience_stage(cfg: DictConfig, state: dict) -> str | None:
     if not _enabled(cfg, "audience"):
         raise SkipStage("audience.enabled=false")
@@ -105,7 +117,7 @@ def audience_stage(cfg: DictConfig, state: dict) -> str | None:
     if not state["datamodule"].has_timestamps:
         log.info("audience: the log has no event times, so interest profiles are weighted counts without time decay")
     audience = state["audience"] = build_audience(cfg.audience, state["datamodule"], state["module"].net,
-                                                  state.get("propensity"))
+                                                  state.get("propensity"), users=final_embeddings(state)[0])
     state["metrics"]["audience"] = audience.summary()
     state["bundle_parts"] = {**state.get("bundle_parts", {}), **audience.bundle_parts()}
     return f"segments not built: {audience.segments_skipped}" if audience.segments_skipped else None
@@ -155,6 +167,7 @@ def export_stage(cfg: DictConfig, state: dict) -> None:
     stages = {name: r.to_dict() for name, r in state["stage_results"].items()}
     state["bundle_parts"] = {**state.get("bundle_parts", {}), **state["privacy"].bundle_parts(),
                              **realtime_parts(state), **item_category_parts(cfg, state), "stages": lambda writer: stages}
+    final_embeddings(state)
     state["bundle_dir"] = export_run(cfg, state, Path(cfg.paths.output_dir) / "artifacts")
     log.info("bundle written to %s", state["bundle_dir"])
 

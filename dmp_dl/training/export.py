@@ -79,10 +79,12 @@ def export_bundle(
 
 def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Path:
     """Export the bundle of a finished ``pipeline.run`` (its ``datamodule``, ``module`` and, when
-    present, ``propensity`` and ``bundle_parts``, further parts for :func:`export_bundle`) to ``target``."""
+    present, ``propensity``, ``bundle_parts``, further parts for :func:`export_bundle`, and
+    ``embeddings``, the network's (user, item) vectors when already computed) to ``target``."""
     dm, net = result["datamodule"], result["module"].net
     options = instantiate(cfg.index, _convert_="all") if cfg.get("index") is not None else IndexOptions()
-    users, items = export_embeddings(net, dm.full_history)
+    embeddings = result.get("embeddings")
+    users, items = embeddings if embeddings is not None else export_embeddings(net, dm.full_history)
     sums, _ = dm.user_item_sums()
     net_kwargs = result.get("network_kwargs")
     if net_kwargs is None:

@@ -223,7 +223,8 @@ def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
     """Run the stages as configured (``source``: the data instead of ``cfg.data.source``, see
     :func:`load_data`). Returns what they built: ``datamodule``, ``module``,
     ``trainer``, ``metrics`` (also ``metrics.json``), ``stages`` (name -> :class:`StageResult`) and,
-    when they ran, ``propensity``, ``audience``, ``bundle_dir`` and ``report``.
+    when they ran, ``propensity``, ``audience``, ``embeddings`` (:func:`final_embeddings`), ``bundle_dir``
+    and ``report``.
 
     Everything is written under ``cfg.paths.output_dir``; ``metrics.json`` is rewritten after every
     stage, so it always says how far the run got.

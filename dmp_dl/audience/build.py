@@ -1,6 +1,6 @@
 """The audience step of a training run: interest profiles and segments of every known user.
 
-``build_audience(cfg.audience, dm, net, propensity)`` runs after the embedding model (and the
+``build_audience(cfg.audience, dm, user_vectors, propensity)`` runs after the embedding model (and the
 propensity model, when trained); its result goes into the bundle (:meth:`Audience.bundle_parts`),
 ``metrics.json`` (:meth:`Audience.summary`) and the report's segment section
 (:meth:`Audience.segment_inputs`).
@@ -23,7 +23,6 @@ from dmp_dl.audience.profiles import ProfileOptions, Profiles, compute_profiles
 from dmp_dl.audience.segments import Segmentation, SegmentOptions, describe_segments, segment_label, segment_users
 from dmp_dl.core.errors import DataError
 from dmp_dl.evaluation.report import SegmentInputs
-from dmp_dl.models.embeddings import export_embeddings
 from dmp_dl.training.fit import config_to_dict
 
 log = logging.getLogger(__name__)
@@ -79,20 +78,18 @@ def _options(node, cls):
     return instantiate(node, _convert_="all") if "_target_" in node else cls(**node)
 
 
-def build_audience(cfg, dm, net, propensity=None, progress: bool = False, users: np.ndarray | None = None) -> Audience:
+def build_audience(cfg, dm, user_vectors: np.ndarray, propensity=None, progress: bool = False) -> Audience:
     """Profiles (``cfg.profiles``) and segments (``cfg.segments``) of ``dm``'s users.
 
-    dm: the prepared DataModule; net: the trained embedding network (user vectors from each user's
-    full history, as exported); propensity: the propensity step's result (mean propensity per segment);
-    users: those vectors (n_users, d) when the caller has them already (the bundle's own).
+    dm: the prepared DataModule; user_vectors: (n_users, d) the trained network's vectors of each
+    user's full history, the bundle's own; propensity: the propensity step's result (mean propensity
+    per segment).
     """
     t0 = time.perf_counter()
     profile_opts = _options(cfg.get("profiles"), ProfileOptions)
     segment_opts = _options(cfg.get("segments"), SegmentOptions)
     profiles = compute_profiles(dm.events, dm.log_.items, dm.item_vocab, dm.n_users, profile_opts)
-    if users is None:
-        users, _ = export_embeddings(net, dm.full_history)
-    users = np.ascontiguousarray(users, dtype=np.float32)
+    users = np.ascontiguousarray(user_vectors, dtype=np.float32)
     node = cfg.get("segments")
     options = {k: v for k, v in (config_to_dict(node) if node is not None else {}).items() if not k.startswith("_")}
     threads = cfg.get("num_threads")

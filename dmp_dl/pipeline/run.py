@@ -116,8 +116,8 @@ def audience_stage(cfg: DictConfig, state: dict) -> str | None:
 
     if not state["datamodule"].has_timestamps:
         log.info("audience: the log has no event times, so interest profiles are weighted counts without time decay")
-    audience = state["audience"] = build_audience(cfg.audience, state["datamodule"], state["module"].net,
-                                                  state.get("propensity"), users=final_embeddings(state)[0])
+    audience = state["audience"] = build_audience(cfg.audience, state["datamodule"], final_embeddings(state)[0],
+                                                  state.get("propensity"))
     state["metrics"]["audience"] = audience.summary()
     state["bundle_parts"] = {**state.get("bundle_parts", {}), **audience.bundle_parts()}
     return f"segments not built: {audience.segments_skipped}" if audience.segments_skipped else None

@@ -275,9 +275,10 @@ def training_examples(p: DictConfig, dm, features: UserFeatures, task: Propensit
     horizon = task.horizon_days * SECONDS_PER_DAY
     enough = p.get("enough_train_examples")
     for k in range(1, int(p.get("train_snapshots", 1))):
-        if enough is not None and sum(len(y) for y in ys) >= int(enough):
+        examples = sum(len(y) for y in ys)
+        if enough is not None and examples >= int(enough):
             log.info("propensity: %d training examples from %d snapshot(s), at least propensity.enough_train_examples="
-                     "%d: no earlier snapshot added", sum(len(y) for y in ys), len(ys), int(enough))
+                     "%d: no earlier snapshot added", examples, len(ys), int(enough))
             break
         cutoff = int(task.cutoff - k * horizon)
         users, y = window_labels(ev["user_idx"].to_numpy(), ev[TIME].to_numpy(), ev[TYPE].to_numpy(), dm.n_users,

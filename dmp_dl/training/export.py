@@ -16,7 +16,6 @@ import scipy.sparse as sp
 from hydra.utils import instantiate
 
 from dmp_dl.index.ann import IndexOptions
-from dmp_dl.models.embeddings import export_embeddings
 from dmp_dl.models.parts import BundleVectors
 from dmp_dl.store.bundle import BundleWriter
 from dmp_dl.store.contents import parts_for
@@ -78,13 +77,12 @@ def export_bundle(
 
 
 def export_run(cfg, result: Mapping[str, Any], target: str | os.PathLike) -> Path:
-    """Export the bundle of a finished ``pipeline.run`` (its ``datamodule``, ``module`` and, when
-    present, ``propensity``, ``bundle_parts``, further parts for :func:`export_bundle`, and
-    ``embeddings``, the network's (user, item) vectors when already computed) to ``target``."""
+    """Export the bundle of a finished ``pipeline.run`` (its ``datamodule``, ``module``, ``embeddings``:
+    the network's (user, item) vectors of every user's full history, and, when present,
+    ``propensity`` and ``bundle_parts``, further parts for :func:`export_bundle`) to ``target``."""
     dm, net = result["datamodule"], result["module"].net
     options = instantiate(cfg.index, _convert_="all") if cfg.get("index") is not None else IndexOptions()
-    embeddings = result.get("embeddings")
-    users, items = embeddings if embeddings is not None else export_embeddings(net, dm.full_history)
+    users, items = result["embeddings"]
     sums, _ = dm.user_item_sums()
     net_kwargs = result.get("network_kwargs")
     if net_kwargs is None:

@@ -118,7 +118,23 @@ def test_the_memory_guard_counts_the_matrices_a_fit_holds():
     assert f"({4 * gib:.1f} GiB)" in ease_lib.check_memory(100_000, 20_000, 1.6, "cuda", keep_gram=True)
 
 
-def test_the_cpu_inverse_is_written_into_the_gram_matrix(caplog):
+@pytest.fixture(params=["lapack", "sweep"])
+def cpu_inverse(request, monkeypatch):
+    """The CPU inverse of a small matrix by LAPACK, or by the blocked sweep that large catalogues
+    get (small blocks, so several pivots and row ranges, the last ones partial)."""
+    if request.param == "sweep":
+        monkeypatch.setattr(ease_lib, "LAPACK_MAX_ROW_BYTES", 0)
+        monkeypatch.setattr(ease_lib, "SWEEP_BLOCK", 16)
+        monkeypatch.setattr(ease_lib, "SWEEP_ROWS", 40)
+
+        def no_lapack(m):
+            raise AssertionError("LAPACK's in-place inverse called above its size limit")
+
+        monkeypatch.setattr(ease_lib, "_lapack_inverse", no_lapack)
+    return request.param
+
+
+def test_the_cpu_inverse_is_written_into_the_gram_matrix(caplog, cpu_inverse):
     x = _random_binary(400, 90, 0.1, seed=4)
     gram = ease_lib.gram_matrix(x)
     expected = np.linalg.inv((x.T @ x).toarray().astype(np.float64) + 5.0 * np.eye(90))
@@ -136,6 +152,29 @@ def test_the_cpu_inverse_is_written_into_the_gram_matrix(caplog):
     assert "float64" in caplog.text and inverse.data_ptr() == rank3.data_ptr()
     assert torch.equal(inverse, inverse.T)
     np.testing.assert_allclose(inverse.numpy(), exact, rtol=1e-3)
+
+
+@pytest.mark.parametrize("n, block, rows", [(90, 16, 40), (50, 7, 7), (33, 64, 64), (64, 8, 1000)])
+def test_the_sweep_inverts_the_upper_triangle_and_leaves_the_lower_one(n, block, rows):
+    x = _random_binary(10 * n, n, 0.1, seed=n)
+    gram = ease_lib.gram_matrix(x)
+    gram.diagonal().add_(3.0)
+    gram.tril(-1).mul_(0)  # nothing below the diagonal is read: make it something else
+    lower = torch.arange(n * n, dtype=torch.float32).view(n, n).tril(-1)
+    gram.copy_(gram.triu() + lower)
+    symmetric = gram.triu().double() + gram.triu(1).double().T
+    assert ease_lib._sweep_inverse(gram, block, rows)
+    assert torch.equal(gram.tril(-1), lower)
+    np.testing.assert_allclose(gram.triu().numpy(), np.triu(np.linalg.inv(symmetric.numpy())), rtol=1e-4, atol=1e-7)
+
+
+def test_the_sweep_says_when_a_matrix_is_not_positive_definite():
+    m = torch.eye(40) * 2.0
+    m[30, 30] = -1.0  # one negative pivot, in the second block
+    lower = torch.randn(40, 40, generator=torch.Generator().manual_seed(0)).tril(-1)
+    m.add_(lower)
+    assert not ease_lib._sweep_inverse(m, 16, 32)
+    assert torch.equal(m.tril(-1), lower)  # the float64 fallback reads X'X from there
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 100])

@@ -270,12 +270,27 @@ def mirror_triangle(m: torch.Tensor, upper: bool, block: int = 2048) -> torch.Te
     return m
 
 
+LAPACK_MAX_ROW_BYTES = 80 * 1024  # above, the inverse is the blocked sweep: see :func:`_inverse_in_place`
+SWEEP_BLOCK, SWEEP_ROWS = 512, 1024  # :func:`_sweep_inverse`'s pivot block and row range
+
+
+def _inverse_in_place(m: torch.Tensor) -> bool:
+    """Overwrite the upper triangle and diagonal of the CPU matrix ``m`` ((n, n) float32 or float64,
+    C-contiguous, symmetric positive definite; its upper triangle and diagonal read) with its
+    inverse's, the strictly lower triangle left as it was; False when the inverse fails or its
+    diagonal is not finite and positive. LAPACK (:func:`_lapack_inverse`) while a row takes at most
+    ``LAPACK_MAX_ROW_BYTES`` (20,480 float32 or 10,240 float64 columns), the blocked sweep
+    (:func:`_sweep_inverse`) above: SciPy's OpenBLAS ``potrf`` with more than one thread crashes
+    the process outright from about 26,400 float32 or 15,000 float64 columns (OpenBLAS 0.3.30, a
+    2-core AMD EPYC), and how far below that other CPUs' kernels stay is not known."""
+    if m.shape[0] * m.element_size() <= LAPACK_MAX_ROW_BYTES:
+        return _lapack_inverse(m)
+    return _sweep_inverse(m)
+
+
 def _lapack_inverse(m: torch.Tensor) -> bool:
-    """Overwrite the CPU matrix ``m`` (n, n) (float32 or float64, C-contiguous, symmetric positive
-    definite; only its upper triangle and diagonal are read) with its inverse, upper triangle and
-    diagonal only, through LAPACK's Cholesky (``potrf``) and inverse from the factor (``potri``) in place;
-    the strictly lower triangle is left as it was. False when the factorisation fails or the
-    inverse's diagonal is not finite and positive (``m`` is then no inverse).
+    """:func:`_inverse_in_place` through LAPACK's Cholesky (``potrf``) and inverse from the factor
+    (``potri``) in place.
 
     One matrix of memory where :func:`torch.linalg.cholesky` and :func:`torch.cholesky_inverse`
     hold three, and SciPy's OpenBLAS: 1.4-1.5x faster than torch's LAPACK at 20,000 items on a
@@ -292,13 +307,60 @@ def _lapack_inverse(m: torch.Tensor) -> bool:
     return bool(torch.isfinite(diagonal).all()) and bool((diagonal > 0).all())
 
 
+def _sweep_inverse(m: torch.Tensor, block: int | None = None, rows: int | None = None) -> bool:
+    """:func:`_inverse_in_place` by the symmetric sweep operator, ``block`` pivots at a time: sweeping
+    pivot block K (D = m[K, K], C = m[:, K]) sets m[K, K] = -D^-1, m[K, j] = D^-1 m[K, j] and
+    m[i, j] -= C_i D^-1 m[K, j]; after every block m holds -m^-1. The upper triangle is read and
+    updated ``rows`` rows at a time (C from the rows above K and the columns right of it), as
+    matrix products of torch's BLAS, so the cost is that of a Cholesky and its inverse (n^3
+    multiply-adds) and the memory one matrix, two (n, block) panels and an (n, rows) copy of the
+    lower halves of the diagonal squares the products also write. Each pivot block is inverted in
+    float64 through its Cholesky factor; False when one is not positive definite (then the upper
+    triangle is no inverse)."""
+    n = m.shape[0]
+    block = block or SWEEP_BLOCK
+    rows = max((rows or SWEEP_ROWS) // block, 1) * block  # row ranges never split a pivot block
+    starts = range(0, n, rows)
+    # the row ranges' diagonal squares are updated whole: their strictly lower parts are put back at the end
+    lower = [m[r0:r0 + rows, r0:r0 + rows].tril(-1) for r0 in starts]
+    swept = True
+    for k0 in range(0, n, block):
+        k1 = min(k0 + block, n)
+        pivot = m[k0:k1, k0:k1]
+        factor, info = torch.linalg.cholesky_ex((pivot.triu() + pivot.triu(1).mT).double())
+        if int(info) != 0:
+            swept = False
+            break
+        d_inv = torch.cholesky_inverse(factor).to(m.dtype)
+        column = torch.empty(n, k1 - k0, dtype=m.dtype)  # C = m[:, K], by symmetry from the upper triangle
+        column[:k1] = m[:k1, k0:k1]
+        column[k1:] = m[k0:k1, k1:].mT
+        # (block, n): D^-1 m[K, :] by solves with the factor, not a product with D^-1: a pivot block can be
+        # far worse conditioned than the matrix (a low-rank X'X plus a small l2), and the product then loses it
+        row = torch.cholesky_solve(column.mT, factor.to(m.dtype))
+        for r0 in starts:
+            m[r0:r0 + rows, r0:].addmm_(column[r0:r0 + rows], row[:, r0:], alpha=-1.0)
+        m[:k0, k0:k1] = row[:, :k0].mT
+        m[k0:k1, k1:] = row[:, k1:]
+        pivot.copy_(-d_inv)
+        del column, row
+    diagonal = m.diagonal()
+    swept = swept and bool(torch.isfinite(diagonal).all()) and bool((diagonal < 0).all())
+    for r0, part in zip(starts, lower):
+        if swept:  # -(-m^-1)
+            m[r0:r0 + rows, r0:].neg_()
+        square = m[r0:r0 + rows, r0:r0 + rows]
+        square.copy_(square.triu() + part)
+    return swept
+
+
 def regularised_inverse(gram: torch.Tensor, l2: float | torch.Tensor, what: str = "X'X + L") -> torch.Tensor:
     """``(gram + diagMat(l2))^-1`` of the symmetric positive semi-definite float32 ``gram`` (modified
     in place, then no longer needed); ``l2`` is a number (``l2 I``: EASE) or an (n_items,) tensor
     (:func:`penalty`). In float64 when float32 is not accurate enough (a factorisation that fails,
     or an inverse that is not finite and positive on its diagonal). Returns float32.
 
-    On the CPU, LAPACK's Cholesky and inverse in ``gram``'s own memory (:func:`_lapack_inverse`):
+    On the CPU, the inverse in ``gram``'s own memory (:func:`_inverse_in_place`):
     the result is ``gram``, and the peak is that one matrix (three in the float64 fallback). On other
     devices, torch's Cholesky and inverse on the device: the matrix, its factor and the inverse
     (three float32 matrices at the peak; five in the fallback)."""
@@ -332,13 +394,13 @@ def _warn_float64(what: str, l2: float | torch.Tensor) -> None:
 def _cpu_inverse(gram: torch.Tensor, diagonal: torch.Tensor, l2: float | torch.Tensor, what: str) -> torch.Tensor:
     """:func:`regularised_inverse` on the CPU, ``gram`` already holding ``diagonal + l2`` on its diagonal."""
     gram = gram if gram.is_contiguous() else gram.contiguous()
-    if _lapack_inverse(gram):
+    if _inverse_in_place(gram):
         return mirror_triangle(gram, upper=True)
     _warn_float64(what, l2)
-    # LAPACK wrote only the upper triangle (and the diagonal): the lower one is still X'X
+    # only the upper triangle (and the diagonal) was written: the lower one is still X'X
     precise = mirror_triangle(gram.double(), upper=False)
     precise.diagonal().copy_(diagonal + l2)
-    if not _lapack_inverse(precise):
+    if not _inverse_in_place(precise):
         raise ConfigError(f"EASE: {what} is not positive definite even in float64; raise model.ease.l2")
     return gram.copy_(mirror_triangle(precise, upper=True))
 

@@ -282,6 +282,14 @@ def test_float32_falls_back_to_float64_when_it_fails(caplog):
     np.testing.assert_allclose(np.diag(inverse.numpy()), np.diag(exact), rtol=1e-3)
 
 
+def test_a_float64_fallback_that_does_not_fit_in_memory_is_refused_naming_the_setting(monkeypatch):
+    patterns = _random_binary(3, 60, 0.3, seed=1).toarray()
+    gram = ease_lib.gram_matrix(sp.csr_matrix(np.repeat(patterns, 3000, axis=0)))
+    monkeypatch.setattr(ease_lib, "available_bytes", lambda device="cpu": 8 * 60 * 60 - 1)
+    with pytest.raises(ease_lib.ConfigError, match=r"float64 solve needs .* GiB .*; raise model.ease.l2"):
+        ease_lib.regularised_inverse(gram, 1e-4)
+
+
 def test_well_conditioned_systems_stay_in_float32(caplog):
     x = _random_binary(300, 80, 0.1)
     gram = ease_lib.gram_matrix(x)

@@ -386,9 +386,12 @@ def regularised_inverse(gram: torch.Tensor, l2: float | torch.Tensor, what: str 
     return cholesky_inverse(factor).float()
 
 
+def _penalty_text(l2: float | torch.Tensor) -> str:
+    return f"{l2:g}" if not torch.is_tensor(l2) else f"{float(l2.min()):g}..{float(l2.max()):g}"
+
+
 def _warn_float64(what: str, l2: float | torch.Tensor) -> None:
-    log.warning("EASE: %s is too ill-conditioned for float32 (l2=%s); solving it in float64", what,
-                f"{l2:g}" if not torch.is_tensor(l2) else f"{float(l2.min()):g}..{float(l2.max()):g}")
+    log.warning("EASE: %s is too ill-conditioned for float32 (l2=%s); solving it in float64", what, _penalty_text(l2))
 
 
 def _cpu_inverse(gram: torch.Tensor, diagonal: torch.Tensor, l2: float | torch.Tensor, what: str) -> torch.Tensor:
@@ -396,6 +399,11 @@ def _cpu_inverse(gram: torch.Tensor, diagonal: torch.Tensor, l2: float | torch.T
     gram = gram if gram.is_contiguous() else gram.contiguous()
     if _inverse_in_place(gram):
         return mirror_triangle(gram, upper=True)
+    need, free = 8 * gram.numel(), available_bytes("cpu")
+    if need > free:  # a float64 copy that does not fit would get the process killed, not this message
+        raise ConfigError(f"EASE: {what} is too ill-conditioned for float32 (l2={_penalty_text(l2)}), and its float64 "
+                          f"solve needs {need / 2**30:.1f} GiB more than the {free / 2**30:.1f} GiB free; raise "
+                          "model.ease.l2")
     _warn_float64(what, l2)
     # only the upper triangle (and the diagonal) was written: the lower one is still X'X
     precise = mirror_triangle(gram.double(), upper=False)

@@ -216,3 +216,54 @@ def test_a_bad_half_life_is_one_line_naming_the_key(value):
         check_rules(OmegaConf.create({"data": {"recency_half_life_days": value}}), DATA_RULES)
     with pytest.raises(ConfigError, match="data.recency_half_life_days"):
         recency.check_half_life(value)
+
+
+def test_the_rows_of_a_sample_of_users_are_their_rows_among_everyones(recency_run):
+    dm = recency_run["datamodule"]
+    users = np.array([3, 17, 42, 250, 499])
+    others = np.setdiff1d(np.arange(dm.n_users), users)
+    half_lives = [None, 0.5, 30.0]
+    for h, rows in zip(half_lives, dm.rows_of_users(users, half_lives)):
+        full = dm.interaction_rows("train", h)
+        assert rows.shape == full.shape and rows[others].nnz == 0
+        assert full[users].nnz > 0 and (rows[users] != full[users]).nnz == 0
+
+
+def test_the_recency_choice_reads_the_sampled_users_rows_as_everyones_would_give_them(recency_run, monkeypatch):
+    """Both ways of choosing the half-life score the validation sample on rows built for it alone
+    (every user's rows for each half-life cost the whole log once per half-life, and were held at
+    once): the scores are those of every user's rows."""
+    from dmp_dl.evaluation.ranking import evaluate_scorers, sample_users
+    from dmp_dl.models import ease as ease_lib
+    from dmp_dl.models.embeddings import item_vectors, user_vectors
+    from dmp_dl.training import recency_choice
+
+    dm = recency_run["datamodule"]
+    sample, ks, cpu = sample_users(dm.eval_dataset("val"), 80, 0), [10, 20], torch.device("cpu")
+    options = dm.recency_candidates()
+    assert len(options) > 2 and len(sample) == 80
+
+    def reference(scores_of) -> dict[str, float]:
+        results = evaluate_scorers(scores_of, sample, dm.n_items, ks, device=cpu, mrr=False)
+        return {name: float(r["ndcg@20"]) for name, r in results.items()}
+
+    shallow = ease_lib.EASESolver(dm.train_seen).served(40.0, 100)
+    full = {label(h): (dm.interaction_rows("train", h) if h is not None else dm.train_seen) for h in options}
+    expected = reference(lambda b: {n: shallow(x[b["user"].numpy()], weighted=n != "none") for n, x in full.items()})
+    built = []
+    whole_rows = dm.interaction_rows
+    monkeypatch.setattr(dm, "interaction_rows", lambda *a, **k: built.append(a) or whole_rows(*a, **k))
+    _, record = recency_choice.by_ease(None, dm, shallow, sample, "ndcg@20", ks, cpu)
+    assert record["validation"] == expected and built == []
+
+    net = recency_run["module"].net.cpu().eval()
+    items = torch.as_tensor(item_vectors(net, dm.n_items, device=cpu))
+    everyone = {}
+    for h in options:
+        net.attach_rows(dm.interaction_rows("train", h))
+        everyone[label(h)] = torch.as_tensor(user_vectors(net, np.arange(dm.n_users), dm.train_history, device=cpu))
+    expected = reference(lambda b: {n: v[b["user"]] @ items.T for n, v in everyone.items()})
+    built.clear()
+    _, record = recency_choice.by_autoencoder(net, dm, sample, "ndcg@20", ks, cpu)
+    assert record["validation"] == pytest.approx(expected, abs=1e-6)
+    assert built == [("train", None)]  # the undecayed rows it is left attached to, and no other

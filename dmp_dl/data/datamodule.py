@@ -7,7 +7,7 @@ import copy
 import inspect
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -530,13 +530,33 @@ class InteractionDataModule(pl.LightningDataModule):
         users, items, weights, times = self._events_of("all")
         return decayed_sums(self.n_users, self.n_items, users, items, weights, times, self.half_life_days)
 
-    def _events_of(self, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    def rows_of_users(self, users: np.ndarray, half_lives: Sequence[float | None], which: str = "train"
+                      ) -> list[sp.csr_matrix]:
+        """:meth:`interaction_rows` of ``users`` alone, one (n_users, n_items) CSR per half-life of
+        ``half_lives`` (the other users' rows empty; nothing cached): what scoring a sample of users
+        reads, without every user's rows built, and copied, once per half-life. A user's row is the
+        one :meth:`interaction_rows` gives (ages run to that user's own latest event)."""
+        wanted = np.zeros(self.n_users, dtype=bool)
+        wanted[np.asarray(users, dtype=np.int64)] = True
+        users_, items, weights, times = self._events_of(which, wanted)
+        return [weighted_rows(self.n_users, self.n_items, users_, items, weights, times,
+                              h if self.has_timestamps else None) for h in half_lives]
+
+    def _events_of(self, which: str, users: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """user rows, item rows, type weights and (when the log has them) times of the training
-        events (``train``), of those before the test period (``before_test``) or of every event (``all``)."""
+        events (``train``), of those before the test period (``before_test``) or of every event (``all``);
+        ``users``: an (n_users,) bool mask, the events of those users alone."""
         ev = self.events
         split = ev["split"].to_numpy()
-        rows = {"train": lambda: np.flatnonzero(split == TRAIN), "before_test": lambda: np.flatnonzero(split != TEST),
-                "all": lambda: slice(None)}[which]()
+        if users is not None:
+            keep = users[ev["user_idx"].to_numpy()]
+            keep &= {"train": lambda: split == TRAIN, "before_test": lambda: split != TEST,
+                     "all": lambda: True}[which]()
+            rows = np.flatnonzero(keep)
+        else:
+            rows = {"train": lambda: np.flatnonzero(split == TRAIN), "before_test": lambda: np.flatnonzero(split != TEST),
+                    "all": lambda: slice(None)}[which]()
         times = ev[TIME].to_numpy()[rows] if self.has_timestamps else None
         return (ev["user_idx"].to_numpy()[rows], ev["item_idx"].to_numpy()[rows], ev[WEIGHT].to_numpy()[rows], times)
 

@@ -56,7 +56,8 @@ def by_ease(cfg, dm, shallow, dataset, metric: str, ks: list[int], device: torch
     served item-item weights) the best validation ``metric`` on ``dataset`` (an ``EvalUsers``); no
     decay wins ties. Returns (days or None, record)."""
     options = dm.recency_candidates()
-    rows = {label(h): (dm.interaction_rows("train", h) if h is not None else dm.train_seen) for h in options}
+    decayed = iter(dm.rows_of_users(dataset.users, [h for h in options if h is not None]))
+    rows = {label(h): (next(decayed) if h is not None else dm.train_seen) for h in options}
 
     def batch_scores(batch: dict) -> dict[str, torch.Tensor]:
         users = batch["user"].cpu().numpy()
@@ -74,16 +75,19 @@ def by_autoencoder(net, dm, dataset, metric: str, ks: list[int], device: torch.d
 
     options = dm.recency_candidates()
     items = torch.as_tensor(item_vectors(net, dm.n_items, device=device), device=device)
+    users = np.asarray(dataset.users, dtype=np.int64)  # only they are scored: only their rows are built and encoded
+    position = torch.full((dm.n_users,), -1, dtype=torch.int64, device=device)
+    position[torch.as_tensor(users, device=device)] = torch.arange(len(users), device=device)
+    history = dm.train_history[users]
     vectors = {}
-    for h in options:
-        net.attach_rows(dm.interaction_rows("train", h))
-        vectors[label(h)] = torch.as_tensor(user_vectors(net, np.arange(dm.n_users), dm.train_history, device=device),
-                                            device=device)
+    for h, rows in zip(options, dm.rows_of_users(users, options)):
+        net.attach_rows(rows)
+        vectors[label(h)] = torch.as_tensor(user_vectors(net, users, history, device=device), device=device)
     net.attach_rows(dm.interaction_rows("train", None))
 
     def batch_scores(batch: dict) -> dict[str, torch.Tensor]:
-        users = batch["user"].to(device)
-        return {name: v[users] @ items.T for name, v in vectors.items()}
+        rows = position[batch["user"].to(device)]
+        return {name: v[rows] @ items.T for name, v in vectors.items()}
 
     results = evaluate_scorers(batch_scores, dataset, dm.n_items, ks, device=device, mrr=False)
     return _pick(dm, options, {name: float(r[metric]) for name, r in results.items()},

@@ -549,14 +549,11 @@ class InteractionDataModule(pl.LightningDataModule):
         ``users``: an (n_users,) bool mask, the events of those users alone."""
         ev = self.events
         split = ev["split"].to_numpy()
+        keep = {"train": lambda: split == TRAIN, "before_test": lambda: split != TEST, "all": lambda: None}[which]()
         if users is not None:
-            keep = users[ev["user_idx"].to_numpy()]
-            keep &= {"train": lambda: split == TRAIN, "before_test": lambda: split != TEST,
-                     "all": lambda: True}[which]()
-            rows = np.flatnonzero(keep)
-        else:
-            rows = {"train": lambda: np.flatnonzero(split == TRAIN), "before_test": lambda: np.flatnonzero(split != TEST),
-                    "all": lambda: slice(None)}[which]()
+            of_users = users[ev["user_idx"].to_numpy()]
+            keep = of_users if keep is None else keep & of_users
+        rows = slice(None) if keep is None else np.flatnonzero(keep)
         times = ev[TIME].to_numpy()[rows] if self.has_timestamps else None
         return (ev["user_idx"].to_numpy()[rows], ev["item_idx"].to_numpy()[rows], ev[WEIGHT].to_numpy()[rows], times)
 

@@ -314,9 +314,9 @@ def _sweep_inverse(m: torch.Tensor, block: int | None = None, rows: int | None =
     updated ``rows`` rows at a time (C from the rows above K and the columns right of it), as
     matrix products of torch's BLAS, so the cost is that of a Cholesky and its inverse (n^3
     multiply-adds) and the memory one matrix, two (n, block) panels and an (n, rows) copy of the
-    lower halves of the diagonal squares the products also write. Each pivot block is inverted in
-    float64 through its Cholesky factor; False when one is not positive definite (then the upper
-    triangle is no inverse)."""
+    lower halves of the diagonal squares the products also write. Each pivot block is factored and
+    inverted in float64, and D^-1 m[K, :] solved with its factor; False when one is not positive
+    definite (then the upper triangle is no inverse)."""
     n = m.shape[0]
     block = block or SWEEP_BLOCK
     rows = max((rows or SWEEP_ROWS) // block, 1) * block  # row ranges never split a pivot block

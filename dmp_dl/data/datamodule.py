@@ -23,6 +23,7 @@ from dmp_dl.data.cleaning import CleaningOptions, clean_log
 from dmp_dl.data.erasure_list import read_erasure_list
 from dmp_dl.data.event_files import add_extra_events
 from dmp_dl.data.features import FeatureTable
+from dmp_dl.data.frame_spill import SpilledFrame, spill_frame
 from dmp_dl.data.grouping import group_bounds, sorted_order, stable_order
 from dmp_dl.data.pairs import SplitPairs, pair_matrix  # noqa: F401 (pair_matrix: part of this module's API)
 from dmp_dl.data.privacy_options import log_user_ids
@@ -276,6 +277,8 @@ class InteractionDataModule(pl.LightningDataModule):
         self.recency_setting = check_half_life(recency_half_life_days)
         self.half_life_days: float | None = self.recency_setting if self.recency_setting != AUTO else None
         self._interaction_rows: dict[tuple, sp.csr_matrix] = {}
+        # the clean events while on disk (events_on_disk): a list shared with the views of everything_as_training
+        self._events_spilled: list[SpilledFrame] = []
         self.step_seconds: dict[str, dict[str, float]] = {}
         self.name = name
         self._prepared = False
@@ -470,8 +473,47 @@ class InteractionDataModule(pl.LightningDataModule):
     # -- views ---------------------------------------------------------------------------
     @property
     def events(self) -> pd.DataFrame:
-        """Clean events with ``user_idx``, ``item_idx`` and ``split`` columns, in time order."""
+        """Clean events with ``user_idx``, ``item_idx`` and ``split`` columns, in time order (read back
+        from disk first while :meth:`events_on_disk` holds them there)."""
+        if self.log_.events is None and self._events_spilled:
+            self._read_events_back()
         return self.log_.events
+
+    @contextlib.contextmanager
+    def events_on_disk(self, directory: str | None = None):
+        """While the block runs, the clean events frame is on disk (:mod:`dmp_dl.data.frame_spill`, a
+        temporary folder under ``directory``, default ``TMPDIR``) and its memory free for a step that
+        needs memory and not the events (EASE's dense fit on the CPU); read back when the block ends,
+        or earlier if :attr:`events` is read inside it. A disk that refuses leaves the events in
+        memory (one warning)."""
+        if self._events_spilled or self.log_.events is None:
+            yield
+            return
+        try:
+            spilled = spill_frame(self.log_.events, directory)
+        except OSError as e:
+            log.warning("the clean events stay in memory during this step (writing them to %s failed: %s)",
+                        directory or "the temporary folder", e)
+            yield
+            return
+        self._events_spilled.append(spilled)
+        self.log_.events = None
+        release_freed_memory()
+        log.debug("clean events on disk (%.0f MiB) during this step", spilled.nbytes / 2**20)
+        try:
+            yield
+        finally:
+            self._read_events_back()
+
+    def _read_events_back(self) -> None:
+        if not self._events_spilled:
+            return
+        spilled = self._events_spilled.pop()
+        try:
+            if self.log_.events is None:
+                self.log_.events = spilled.load()
+        finally:
+            spilled.remove()
 
     @property
     def n_users(self) -> int:

@@ -75,6 +75,7 @@ SEQUENCE_BLEND = SEQUENCE + "+" + SHALLOW
 SEQUENCE_NAMES = (SEQUENCE, SEQUENCE_BLEND)  # the candidates whose network is the sequence model
 BASELINE = "baseline:"  # prefix of the baselines' names among the candidates' in one scoring pass
 BLEND_FACTORS = tuple(2.0 ** e for e in range(-6, 4))  # 1/64 .. 8 x the ratio of the two score spreads
+EVENTS_ASIDE_BYTES = 1 << 30  # a CPU EASE fit with dense matrices this large holds the clean events on disk (fit_ease)
 
 
 @dataclass
@@ -449,9 +450,23 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
     Returns the served (pruned) weights, facts (``l2``, ``dropout``, the grids' validation scores,
     ``l2_search``: how the l2 grid was grown and why it stopped,
     ``plain_ease``: plain EASE's l2 and validation score, fit seconds) and, when ``dropout`` is not
-    given and the candidate is not plain EASE, plain EASE's served weights at its l2 (else None)."""
-    node = cfg.model.ease
+    given and the candidate is not plain EASE, plain EASE's served weights at its l2 (else None).
+
+    A CPU fit whose dense matrices take at least ``EVENTS_ASIDE_BYTES`` runs with the clean events
+    on disk (:meth:`~dmp_dl.data.datamodule.InteractionDataModule.events_on_disk`): it reads the
+    binary matrix ``x``, not the events, and their memory goes to the matrices (at 50M events x 50k
+    items: 1.8 GiB beside a 9.3 GiB Gram matrix), for about a second a GiB written and read back."""
     device = stage_device(cfg)
+    aside = getattr(dm, "events_on_disk", None)
+    if device.type != "cpu" or aside is None or ease_lib.dense_bytes(*x.shape, device, False) < EVENTS_ASIDE_BYTES:
+        aside = contextlib.nullcontext
+    with aside():
+        return _fit_ease(cfg, dm, x, device, l2, val_users, dropout)
+
+
+def _fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, device: torch.device, l2: float | None, val_users,
+              dropout: float | None) -> tuple[ease_lib.ItemItemScorer, dict, ease_lib.ItemItemScorer | None]:
+    node = cfg.model.ease
     keep = ease_lib.keep_per_item_for(dm.n_items, float(node.get("max_bundle_mb", ease_lib.DEFAULT_BUNDLE_MB)))
     t0, c0 = time.perf_counter(), compute_seconds()
     gram = None

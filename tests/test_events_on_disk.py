@@ -1,0 +1,133 @@
+"""The clean events leave memory while EASE's dense fit runs on the CPU, and come back unchanged:
+the frame spill round trip, the data module's ``events_on_disk``, the fit that uses it, and EASE's
+binary matrix taken without a copy when it already is one."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from dmp_dl.data.datamodule import InteractionDataModule
+from dmp_dl.data.frame_spill import spill_frame
+from dmp_dl.data.synthetic import SyntheticSource
+from dmp_dl.models import ease as ease_lib
+from dmp_dl.training import selection
+
+from .test_ease_l2_search import _fit_cfg
+
+
+def _mixed_frame() -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "user": pd.Categorical(["b", "a", "b", "c"], categories=["c", "b", "a"]),
+        "when": np.array([5, 1, 3, 2], dtype=np.int64),
+        "value": np.array([0.5, np.nan, 2.0, -1.0]),
+        "weight": np.array([1, 2, 3, 4], dtype=np.float32),
+        "part": np.array([0, 1, 2, 0], dtype=np.int8),
+        "note": np.array(["x", None, "z", "w"], dtype=object),
+        "text": pd.array(["p", "q", None, "s"], dtype="string"),
+    }, index=pd.Index([10, 11, 12, 13], name="row"))
+    frame.attrs["source"] = "events.csv"
+    return frame
+
+
+def test_a_spilled_frame_reads_back_equal_and_its_files_go(tmp_path):
+    frame = _mixed_frame()
+    spilled = spill_frame(frame, tmp_path)
+    assert spilled.folder.parent == tmp_path
+    on_disk = sorted(p.name for p in spilled.folder.iterdir())
+    assert on_disk == ["0.npy", "1.npy", "2.npy", "3.npy", "4.npy"]  # the NumPy columns and the codes; not the text
+    assert spilled.nbytes > 0
+    back = spilled.load()
+    pd.testing.assert_frame_equal(back, frame)
+    assert list(back["user"].cat.categories) == ["c", "b", "a"] and back.attrs == {"source": "events.csv"}
+    spilled.remove()
+    spilled.remove()
+    assert not spilled.folder.exists()
+
+
+def test_a_truncated_column_file_is_refused(tmp_path):
+    spilled = spill_frame(_mixed_frame(), tmp_path)
+    np.save(spilled.folder / "1.npy", np.arange(3, dtype=np.int64))
+    with pytest.raises(OSError, match=r"1\.npy: \(3,\) values, expected \(4,\)"):
+        spilled.load()
+
+
+def _prepared() -> InteractionDataModule:
+    return InteractionDataModule(SyntheticSource(n_users=120, n_items=50, n_events=2000, seed=3), history_len=3).prepare()
+
+
+def test_the_events_are_on_disk_inside_the_block_and_back_after(tmp_path):
+    dm = _prepared()
+    before = dm.events.copy()
+    with dm.events_on_disk(str(tmp_path)):
+        assert dm.log_.events is None  # the frame is not held in memory inside the block
+        folders = list(tmp_path.iterdir())
+        assert len(folders) == 1 and any(folders[0].iterdir())
+    pd.testing.assert_frame_equal(dm.events, before)
+    assert list(tmp_path.iterdir()) == []  # the temporary files are removed
+
+
+def test_reading_the_events_inside_the_block_brings_them_back(tmp_path):
+    dm = _prepared()
+    before = dm.events.copy()
+    with dm.events_on_disk(str(tmp_path)):
+        pd.testing.assert_frame_equal(dm.events, before)
+        assert dm.log_.events is not None and list(tmp_path.iterdir()) == []
+    pd.testing.assert_frame_equal(dm.events, before)
+    view = dm.everything_as_training()  # a view shares the log and its spill: either reads the events back
+    with view.events_on_disk(str(tmp_path)):
+        assert dm.log_.events is None
+        pd.testing.assert_frame_equal(dm.events, before)
+        assert len(view.events) == len(before) and list(tmp_path.iterdir()) == []
+    with dm.events_on_disk(str(tmp_path)):
+        assert len(view.events) == len(before)
+    pd.testing.assert_frame_equal(dm.events, before)
+
+
+def test_a_disk_that_refuses_leaves_the_events_in_memory(tmp_path, caplog):
+    dm = _prepared()
+    frame = dm.events
+    with caplog.at_level(logging.WARNING), dm.events_on_disk(str(tmp_path / "missing")):
+        assert dm.log_.events is frame
+    assert dm.events is frame
+    assert sum("stay in memory" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("aside_bytes, expect_on_disk", [(0, True), (1 << 40, False)])
+def test_a_large_cpu_ease_fit_runs_with_the_events_on_disk(monkeypatch, tmp_path, aside_bytes, expect_on_disk):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr(selection, "EVENTS_ASIDE_BYTES", aside_bytes)
+    dm = _prepared()
+    before = dm.events.copy()
+    seen_in_memory = []
+    gram = ease_lib.gram_matrix
+
+    def spy(x, device, *args, **kwargs):
+        seen_in_memory.append(dm.log_.events is not None)
+        return gram(x, device, *args, **kwargs)
+
+    monkeypatch.setattr(ease_lib, "gram_matrix", spy)
+    shallow, facts, _ = selection.fit_ease(_fit_cfg([2.0]), dm, dm.train_seen, l2=50.0)
+    assert seen_in_memory == [not expect_on_disk]
+    pd.testing.assert_frame_equal(dm.events, before)
+    expected = ease_lib.ease_weights(dm.train_seen, 50.0).numpy()
+    served = shallow(sp.identity(dm.n_items, format="csr", dtype=np.float32)).numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-3, atol=1e-4)
+    assert [p for p in Path(tmp_path).iterdir() if p.name.startswith("dmp_dl-frame-")] == []
+
+
+def test_ease_takes_a_binary_matrix_as_it_is_and_copies_any_other():
+    ones = sp.csr_matrix(np.array([[1, 0, 1], [0, 1, 0]], dtype=np.float32))
+    assert ease_lib.binary(ones) is ones
+    counts = sp.csr_matrix(np.array([[3, 0, 1], [0, 2, 0]], dtype=np.float32))
+    out = ease_lib.binary(counts)
+    assert out is not counts and out.toarray().tolist() == [[1, 0, 1], [0, 1, 0]]
+    assert counts.toarray().tolist() == [[3, 0, 1], [0, 2, 0]]  # the input is not written into
+    wide = sp.csr_matrix(np.array([[1, 0], [0, 1]], dtype=np.float64))
+    assert ease_lib.binary(wide) is not wide and ease_lib.binary(wide).dtype == np.float32

@@ -499,7 +499,7 @@ class InteractionDataModule(pl.LightningDataModule):
         self._events_spilled.append(spilled)
         self.log_.events = None
         release_freed_memory()
-        log.debug("clean events on disk (%.0f MiB) during this step", spilled.nbytes / 2**20)
+        log.info("the clean events are on disk (%s, %.0f MiB) during this step", spilled.folder, spilled.nbytes / 2**20)
         try:
             yield
         finally:

@@ -252,9 +252,10 @@ def test_the_gpus_gram_matrix_by_user_chunks_is_the_cpus(chunk):
 
 
 def test_served_ease_weights_score_alike_dense_sparse_and_unplaced(monkeypatch):
-    """The served weights on a device: dense when they fit in a quarter of its free memory, sparse
-    (torch's sparse x sparse product, what a GPU short of memory runs) when not; both give the
-    scores of the unplaced scorer's scipy product, for 0/1 rows and weighted rows."""
+    """The served weights on a device: dense when they fit in a quarter of its free memory; when
+    not, on the CPU the scipy product of the unplaced scorer, and elsewhere torch's sparse x sparse
+    product (what a GPU short of memory runs, forced here on the CPU); all give the scores of the
+    unplaced scorer's scipy product, for 0/1 rows and weighted rows."""
     weights = sp.random(40, 40, density=0.2, random_state=np.random.default_rng(2), format="csr", dtype=np.float32)
     rows = sp.random(6, 40, density=0.15, random_state=np.random.default_rng(4), format="lil", dtype=np.float32)
     rows[5, :] = 0  # a user with no items
@@ -262,9 +263,11 @@ def test_served_ease_weights_score_alike_dense_sparse_and_unplaced(monkeypatch):
     expected = {w: ease_lib.ItemItemScorer(weights)(rows, weighted=w).numpy() for w in (False, True)}
     dense = ease_lib.ItemItemScorer(weights).to("cpu")
     monkeypatch.setattr(ease_lib, "available_bytes", lambda device="cpu": 1024)  # 40 x 40 float32 does not fit
-    sparse = ease_lib.ItemItemScorer(weights).to("cpu")
+    host = ease_lib.ItemItemScorer(weights).to("cpu")
+    sparse = ease_lib.ItemItemScorer(weights).to("cpu", form="sparse")
     assert dense._on_device.layout == torch.strided and sparse._on_device.layout != torch.strided
-    for scorer in (dense, sparse):
+    assert host._on_device is None and host.device == torch.device("cpu")
+    for scorer in (dense, host, sparse):
         for weighted in (False, True):
             np.testing.assert_allclose(scorer(rows, weighted=weighted).numpy(), expected[weighted], rtol=1e-5, atol=1e-6)
 

@@ -519,8 +519,8 @@ class ItemItemScorer:
         then one sparse x dense product, multi-threaded on the CPU) when it takes at most a quarter
         of the memory free there; else, on a GPU, as a torch sparse matrix, and on the CPU as it is
         (SciPy's sparse x sparse product: torch's on the CPU was 2x slower at 50,000 items and kept
-        about 30 MiB more memory with every batch). ``form``: ``dense`` or ``sparse`` to force one.
-        Returns self."""
+        about 30 MiB more memory with every batch). ``form``: ``dense``, ``sparse`` (torch's) or ``host``
+        (SciPy's) to force one. Returns self."""
         device = torch.device(device)
         if form is None:
             fits = BYTES_F32 * self.n_items * self.n_items <= available_bytes(device) // 4
@@ -532,7 +532,7 @@ class ItemItemScorer:
         elif form == "host":
             self._on_device = None
         else:
-            raise ValueError(f"form must be dense, sparse or None, got {form!r}")
+            raise ValueError(f"form must be dense, sparse, host or None, got {form!r}")
         self.device = device
         return self
 

@@ -14,6 +14,11 @@
   row at -inf as seen items are: the evaluation's batch at 20,000 items, cut-offs up to 50) by
   ``torch.topk`` against faiss's heaps (:func:`dmp_dl.metrics.ranking._heap_top`, what the
   metrics use on the CPU).
+* ``sparse scoring``: a batch of 335 users with 20 items each times pruned item-item weights of
+  ``--scoring-items`` items with ``--weights-per-item`` weights a row (the 50M-event log's served
+  EASE weights, scored on the CPU with SciPy's sparse product when their dense form does not fit):
+  SciPy's product on one thread against :func:`dmp_dl.core.parallel.sparse_product_dense` on the
+  process's threads.
 
 Each setting runs in its own child process (the allocator rule is process-wide), the settings
 alternating, ``--repeats`` times; the table gives the median of the repeats, each the mean over
@@ -39,7 +44,7 @@ if str(BENCH) not in sys.path:
 import output  # noqa: E402
 from common import markdown_table, write_section  # noqa: E402
 
-SETTINGS = ("step", "step+reuse", "dropout", "ranking")
+SETTINGS = ("step", "step+reuse", "dropout", "ranking", "scoring")
 
 
 def _timed(fn, steps: int) -> float:
@@ -135,8 +140,33 @@ def ranking_costs(args) -> dict:
             "faiss heaps ms": 1e3 * _timed(lambda: _heap_top(scores, probe), steps)}
 
 
+def scoring_costs(args) -> dict:
+    import numpy as np
+    import scipy.sparse as sp
+
+    from dmp_dl.core.parallel import default_threads, sparse_product_dense
+
+    rng = np.random.default_rng(0)
+    n, keep, users, per = args.scoring_items, min(args.weights_per_item, args.scoring_items), 335, 20
+    weights = sp.csr_matrix((rng.standard_normal(n * keep).astype(np.float32), rng.integers(0, n, n * keep),
+                             np.arange(0, n * keep + 1, keep)), shape=(n, n))
+    batches = [sp.csr_matrix((np.ones(users * per, np.float32), rng.integers(0, n, users * per),
+                              np.arange(0, users * per + 1, per)), shape=(users, n)) for _ in range(8)]
+    count = [0]
+
+    def batch():
+        count[0] += 1
+        return batches[count[0] % len(batches)]
+
+    threads = default_threads()
+    return {"scipy ms": 1e3 * _timed(lambda: (batch() @ weights).toarray(), args.steps),
+            "threaded ms": 1e3 * _timed(lambda: sparse_product_dense(batch(), weights, threads), args.steps),
+            "threads": threads}
+
+
 def child(args) -> None:
-    result = {"dropout": dropout_costs, "ranking": ranking_costs}.get(args.child, autoencoder_step)(args)
+    result = {"dropout": dropout_costs, "ranking": ranking_costs, "scoring": scoring_costs}.get(
+        args.child, autoencoder_step)(args)
     print(json.dumps(result), flush=True)
 
 
@@ -145,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--users-per-step", type=int, default=1024)
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--items-per-user", type=int, default=27)
+    ap.add_argument("--scoring-items", type=int, default=50_000)
+    ap.add_argument("--weights-per-item", type=int, default=671, help="the served EASE weights' width at 50,000 items")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check")
@@ -154,10 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child(args)
     if args.quick:
-        args.users_per_step, args.items, args.steps, args.repeats = 64, 500, 2, 1
+        args.users_per_step, args.items, args.steps, args.repeats, args.scoring_items = 64, 500, 2, 1, 2_000
     output.use(args, quick=args.quick)
     sizes = ["--users-per-step", str(args.users_per_step), "--items", str(args.items), "--items-per-user",
-             str(args.items_per_user), "--steps", str(args.steps)]
+             str(args.items_per_user), "--steps", str(args.steps), "--scoring-items", str(args.scoring_items),
+             "--weights-per-item", str(args.weights_per_item)]
     runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
     for _ in range(args.repeats):
         for setting in SETTINGS:
@@ -182,10 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     a, b = median("ranking", "torch.topk ms"), median("ranking", "faiss heaps ms")
     table.append({"what": f"top 51 of (838, {args.items:,}) scores", "torch / as it was": f"{a:.2f} ms",
                   "the package's rule": f"{b:.2f} ms", "ratio": f"{a / b:.2f}x"})
+    a, b = median("scoring", "scipy ms"), median("scoring", "threaded ms")
+    table.append({"what": f"335 users x {args.scoring_items:,} items, sparse weights ({args.weights_per_item} a row)",
+                  "torch / as it was": f"{a:.1f} ms (SciPy, 1 thread)",
+                  "the package's rule": f"{b:.1f} ms ({runs['scoring'][0]['threads']} threads)", "ratio": f"{a / b:.2f}x"})
     body = (f"Medians of {args.repeats} alternating child processes, each the mean of {args.steps} steps "
             f"(the dropout rows: {10 * args.steps} calls) after 3 warm-up steps. \"The package's rule\": inside "
-            "`reuse_freed_blocks` (autoencoder), `dmp_dl.models.dropout` (dropout, attention) or faiss's heaps "
-            "(top K).\n\n"
+            "`reuse_freed_blocks` (autoencoder), `dmp_dl.models.dropout` (dropout, attention), faiss's heaps "
+            "(top K) or SciPy's product over row blocks on threads (sparse scoring).\n\n"
             + markdown_table(table))
     write_section("cpu_steps", "Training steps on the CPU (bench/cpu_steps.py)", body, {"runs": runs, "table": table})
     print(body)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from scipy.linalg import lapack
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.parallel import sparse_product_dense
 
 log = logging.getLogger(__name__)
 
@@ -518,8 +519,9 @@ class ItemItemScorer:
         """Score on ``device`` from now on: B as a dense float32 matrix there (a batch of users is
         then one sparse x dense product, multi-threaded on the CPU) when it takes at most a quarter
         of the memory free there; else, on a GPU, as a torch sparse matrix, and on the CPU as it is
-        (SciPy's sparse x sparse product: torch's on the CPU was 2x slower at 50,000 items and kept
-        about 30 MiB more memory with every batch). ``form``: ``dense``, ``sparse`` (torch's) or ``host``
+        (SciPy's sparse x sparse product over row blocks on every torch thread,
+        :func:`dmp_dl.core.parallel.sparse_product_dense`: torch's on the CPU was 2x slower than one
+        thread of it at 50,000 items and kept about 30 MiB more memory with every batch). ``form``: ``dense``, ``sparse`` (torch's) or ``host``
         (SciPy's) to force one. Returns self."""
         device = torch.device(device)
         if form is None:
@@ -545,10 +547,8 @@ class ItemItemScorer:
         0/1 (which items a user has) or, when ``weighted``, with their values (each item's strength
         in the user's row, :mod:`dmp_dl.data.recency`)."""
         x = sp.csr_matrix(rows, dtype=np.float32) if weighted else binary(rows)
-        if self._on_device is None:
-            out = x @ self.weights
-            scores = torch.from_numpy(np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float32))
-            return scores.to(self.device)
+        if self._on_device is None:  # SciPy's product, one block of rows per torch thread
+            return torch.from_numpy(sparse_product_dense(x, self.weights, torch.get_num_threads())).to(self.device)
         if self._on_device.layout == torch.strided:
             return rows_times(x, self._on_device)
         out = torch.sparse.mm(sparse_rows(x, self.device), self._on_device)

@@ -210,6 +210,11 @@ def test_similar_items_from_item_item_weights_are_not_led_by_the_most_popular_it
         assert [s for _, s in similar] == sorted((s for _, s in similar), reverse=True)
     # the batch form answers the same
     assert rec.similar_items_batch(["3", "14"], k=5) == [rec.similar_items("3", k=5), rec.similar_items("14", k=5)]
+    # each score is the cosine of the query's and the item's rows of the weights
+    dense = rec.served.shallow.weights.toarray().astype(np.float64)
+    unit = dense / np.maximum(np.linalg.norm(dense, axis=1, keepdims=True), 1e-300)
+    for item, score in rec.similar_items("3", k=5):
+        assert score == pytest.approx(unit[3] @ unit[int(item)], rel=1e-5, abs=1e-6)
     # the embedding alone (its index) puts the popular item first: what the weights avoid
     rec.served = None
     assert rec.similar_items("3", k=1)[0][0] == str(popular)

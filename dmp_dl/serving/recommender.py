@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from dmp_dl.core.arrays import unique_sorted
 from dmp_dl.core.errors import BundleError, DmpError, UnknownIdError
+from dmp_dl.core.parallel import sparse_product_dense
 from dmp_dl.data.pseudonymize import bundle_pseudonymizer
 from dmp_dl.data.recency import row_strength
 from dmp_dl.data.schema import MAX_ABS_VALUE, canonical_id
@@ -596,10 +597,11 @@ class Recommender:
         self_excluded = np.arange(len(rows) + 1, dtype=np.int64), rows
         weights = self.served.shallow.weights if self.served is not None else None
         if weights is not None:
-            unit = self._unit_item_item_rows(weights)
+            scale, unit_t = self._unit_item_item_columns(weights)
+            queries = sp.csr_matrix(sp.diags(scale[rows]) @ weights[rows], dtype=np.float32)  # (B, n) unit rows
             # items that predict nothing in common with the query score 0 and come after every
             # positive one (B is sparse), so k results come back whenever the catalogue has k others
-            scores = (unit[rows] @ unit.T).toarray().astype(np.float32)
+            scores = sparse_product_dense(queries, unit_t)
         else:
             taste = self._item_taste_vectors()
             if taste is None:
@@ -608,16 +610,20 @@ class Recommender:
         scores[np.arange(len(rows)), rows] = -np.inf
         return _top_k_rows(scores, k)
 
-    def _unit_item_item_rows(self, weights: sp.csr_matrix) -> sp.csr_matrix:
-        """(n_items, n_items) CSR: the rows of the item-item weights scaled to unit L2 norm (zero rows
-        stay zero), computed once per weights."""
+    def _unit_item_item_columns(self, weights: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
+        """``scale`` (n_items,) float32, the inverse L2 norms of the rows of the item-item weights (0 for
+        a zero row), and ``unit_t`` (n_items, n_items) CSR, the transpose of the weights with their rows
+        scaled to unit norm; computed once per weights. A query row times ``unit_t`` touches only the
+        weight rows it names (a CSR x CSC product converted the whole matrix on every call: 0.35 s a
+        request at 20,000 items against about 8 ms)."""
         cached = getattr(self, "_item_item_unit", None)
         if cached is None or cached[0] is not weights:
             norms = np.sqrt(np.asarray(weights.multiply(weights).sum(axis=1), dtype=np.float64).ravel())
-            scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-            cached = (weights, sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ weights, dtype=np.float32))
+            scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+            unit_t = sp.csr_matrix((sp.diags(scale) @ weights).T, dtype=np.float32)
+            cached = (weights, scale, unit_t)
             self._item_item_unit = cached
-        return cached[1]
+        return cached[1], cached[2]
 
     def _item_taste_vectors(self) -> np.ndarray | None:
         """(n_items, d') L2-normalised item vectors without the dimensions on which every user has the

@@ -363,3 +363,24 @@ def test_a_csv_dataset_in_partition_folders_gets_its_partition_columns(tmp_path,
     by_folder = prepare(root)
     assert by_folder.report.events_per_type == prepare(logs["csv"]).report.events_per_type
     assert np.isin(list(by_folder.report.events_per_type), list(WEIGHTS)).all()
+
+
+def test_a_log_too_large_for_the_memory_free_is_refused_in_one_line_before_it_is_read(tmp_path, capsys, logs,
+                                                                                     monkeypatch):
+    from dmp_dl.data import parquet_dataset
+
+    rows = len(logs["frame"])
+    window = {"min_timestamp": "2025-12-30"}
+    kept = len(prepare(logs["hive"], cleaning=window).log_.events)
+    # room for the events of the last days, not for the whole log (the check leaves the fixed part out)
+    free = (rows // 4) * parquet_dataset.PREPARE_BYTES_PER_EVENT
+    assert kept < rows // 4
+    monkeypatch.setattr(parquet_dataset, "host_available_bytes", lambda: free)
+    scanned = []
+    monkeypatch.setattr(parquet_dataset, "_scan", lambda *a, **k: scanned.append(1) or pytest.fail("read anyway"))
+    line = _exit_line(capsys, _train(tmp_path, logs["hive"]))
+    assert str(logs["hive"]) in line and f"{rows:,} events" in line and "data.cleaning.min_timestamp" in line
+    assert not scanned
+    monkeypatch.undo()
+    monkeypatch.setattr(parquet_dataset, "host_available_bytes", lambda: free)
+    assert len(prepare(logs["hive"], cleaning=window).log_.events) == kept  # a window that fits is read

@@ -40,7 +40,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from dmp_dl.core.errors import DataError
-from dmp_dl.core.memory import release_freed_memory
+from dmp_dl.core.memory import host_available_bytes, release_freed_memory
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.event_paths import EventFiles, partition_values
 from dmp_dl.data.files import decode_binary_ids
@@ -55,6 +55,10 @@ ID_COLUMNS = (USER, ITEM, EVENT_ID)
 EXACT_FLOAT_INT = 2**53
 UNITS_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
 INT64_MAX = 2**63 - 1
+# the data stage's memory for each event it prepares: its peak grew by 78 bytes an event from 20M
+# to 50M events of the generator's hive dataset (bench/RESULTS.md, "Data stage at scale"); the
+# estimate leaves out the fixed part, so a log is refused only when it cannot fit
+PREPARE_BYTES_PER_EVENT = 78
 
 
 @dataclass(frozen=True)
@@ -292,9 +296,10 @@ def read_parquet_events(found: EventFiles, *, key: str, rename: dict[str, str] |
         col = wanted[TIME]
         time_filter = (_partition_filter(col, list(dataset.get_fragments()), window) if col in partition_names
                        else _column_filter(col, read_schema.field(col).type, window))
+    totals = [meta.num_rows for meta in footers]
+    check_fits_in_memory(dataset, sum(totals), time_filter, where)
     coded = [wanted[c] for c in CODED_COLUMNS if c in wanted]
     table, read = _scan(dataset, files, list(wanted.values()), time_filter, where, coded)
-    totals = [meta.num_rows for meta in footers]
     if time_filter is not None and sum(read) < sum(totals) and not _has_a_time(table, wanted[TIME], window.unit):
         table, read = _scan(dataset, files, list(wanted.values()), None, where, coded)  # see the module docstring
     parts = [(str(f), int(r), 0, int(total - r)) for f, r, total in zip(files, read, totals)]
@@ -306,6 +311,28 @@ def read_parquet_events(found: EventFiles, *, key: str, rename: dict[str, str] |
     decode_binary_ids(frame, read_schema, Path(where), rename)
     frame.columns = list(wanted)  # canonical names, in the order of ``wanted``
     return ParquetEvents(frame, parts, [c for c in seen if c not in wanted.values()])
+
+
+def check_fits_in_memory(dataset: ds.Dataset, rows: int, time_filter: ds.Expression | None, where: str) -> None:
+    """Refuse, in one line before anything is read, a log whose preparation cannot fit in the memory
+    the host has free: ``rows`` (the files' row count) times :data:`PREPARE_BYTES_PER_EVENT`; with a
+    time window, the rows inside it (counted from partitions and row-group statistics) when the
+    files' count does not fit."""
+    free = host_available_bytes()
+    if rows * PREPARE_BYTES_PER_EVENT <= free:
+        return
+    if time_filter is not None:
+        try:
+            rows = dataset.count_rows(filter=time_filter)
+        except (pa.ArrowException, OSError):
+            return  # the scan names the file that cannot be read
+        if rows * PREPARE_BYTES_PER_EVENT <= free:
+            return
+    need = rows * PREPARE_BYTES_PER_EVENT
+    raise DataError(f"{where}: {rows:,} events to prepare need about {need / 2**30:.1f} GiB of memory "
+                    f"({PREPARE_BYTES_PER_EVENT} bytes an event) and this machine has {free / 2**30:.1f} GiB free; "
+                    "read a time window (data.cleaning.min_timestamp / max_timestamp), point data.path at fewer "
+                    "partitions, or run where more memory is free")
 
 
 def _release_read_buffers() -> None:

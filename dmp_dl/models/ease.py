@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 
 import numpy as np
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from scipy.linalg import lapack
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.memory import host_available_bytes
 from dmp_dl.core.parallel import sparse_product_dense
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,7 @@ def available_bytes(device: str | torch.device = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: no limit from here
+    return host_available_bytes()
 
 
 def memory_limit(max_memory_gb: float | str | None, device: str | torch.device = "cpu") -> tuple[int, str]:

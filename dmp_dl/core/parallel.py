@@ -2,8 +2,8 @@
 
 ``x @ weights`` of two CSR matrices runs on one thread, and SciPy releases the GIL inside it, so a
 batch of rows cut into one block per thread uses every core: scoring 335 users of 20 items against
-50,000 x 50,000 weights with 671 a row took 80-180 ms on one thread and about 50 ms on two (2-core
-box; ``bench/cpu_steps.py``'s ``sparse scoring`` row).
+50,000 x 50,000 weights with 671 a row takes 68 ms on one thread and 42 ms on two (the 2-core box;
+``bench/cpu_steps.py``'s sparse scoring row).
 """
 
 from __future__ import annotations

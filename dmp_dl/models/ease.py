@@ -511,8 +511,8 @@ class ItemItemScorer:
         of the memory free there; else, on a GPU, as a torch sparse matrix, and on the CPU as it is
         (SciPy's sparse x sparse product over row blocks on every torch thread,
         :func:`dmp_dl.core.parallel.sparse_product_dense`: torch's on the CPU was 2x slower than one
-        thread of it at 50,000 items and kept about 30 MiB more memory with every batch). ``form``: ``dense``, ``sparse`` (torch's) or ``host``
-        (SciPy's) to force one. Returns self."""
+        thread of it at 50,000 items and kept about 30 MiB more memory with every batch).
+        ``form``: ``dense``, ``sparse`` (torch's) or ``host`` (SciPy's) to force one. Returns self."""
         device = torch.device(device)
         if form is None:
             fits = BYTES_F32 * self.n_items * self.n_items <= available_bytes(device) // 4

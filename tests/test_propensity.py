@@ -447,6 +447,39 @@ def test_a_frozen_embedding_encodes_each_user_once_however_many_epochs(tiny_cfg,
     assert encoded[0] > 0 and encoded[1] == encoded[0], encoded
 
 
+def test_the_frozen_vectors_of_a_large_training_set_are_computed_in_bounded_batches(tiny_cfg, monkeypatch):
+    """The frozen encoder's vectors of the training examples come a bounded number of users at a
+    time (every user at once held over 4 GB of activations at 1.1M examples), with the same result."""
+    from dmp_dl.propensity import train as propensity_train
+
+    cfg = tiny_cfg("propensity.trainer.max_epochs=1", "propensity.early_stopping=null")
+    dm = load_data(cfg)
+    net = build_module(cfg, dm).net
+    whole = train_propensity(cfg, dm, net)
+    original, frozen = type(net).cold_user_vectors, propensity_train._frozen_vectors
+    calls, inside = [], [False]
+
+    def counted(self, history, *args, **kwargs):
+        if inside[0]:
+            calls.append(len(history))
+        return original(self, history, *args, **kwargs)
+
+    def watched(*args, **kwargs):  # the frozen vectors of a user set, not the served scorer's batches
+        inside[0] = True
+        try:
+            return frozen(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(propensity_train, "FROZEN_VECTOR_ROWS", 50)
+    monkeypatch.setattr(propensity_train, "_frozen_vectors", watched)
+    monkeypatch.setattr(type(net), "cold_user_vectors", counted)
+    batched = train_propensity(cfg, dm, net)
+    assert calls and max(calls) <= 50 < sum(calls)
+    assert batched.training["embedding"] == "frozen"
+    np.testing.assert_allclose(batched.scorer.known_scores, whole.scorer.known_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_auto_batch_size_keeps_small_logs_at_256_and_bounds_the_steps_of_large_ones():
     from dmp_dl.propensity.train import batch_size_for, threads_for
 

@@ -219,11 +219,16 @@ def _frozen_vectors(net, snap: Snapshot, rows: int | None = None) -> np.ndarray 
         return None
     rows = int(rows or FROZEN_VECTOR_ROWS)
     t = snapshot_tensors(snap)
-    parts = [net.user_vectors(t["history"][s:s + rows], t["enc_tokens"][s:s + rows], t["enc_numeric"][s:s + rows]).numpy()
-             for s in range(0, len(snap), rows)]
-    if parts:
-        return np.concatenate(parts)
-    return net.user_vectors(t["history"], t["enc_tokens"], t["enc_numeric"]).numpy()  # (0, dim)
+
+    def vectors(s: int) -> np.ndarray:
+        return net.user_vectors(t["history"][s:s + rows], t["enc_tokens"][s:s + rows], t["enc_numeric"][s:s + rows]).numpy()
+
+    first = vectors(0)  # (0, dim) for no users
+    out = np.empty((len(snap), first.shape[1]), dtype=first.dtype)  # filled in place: no parts beside a concatenation
+    out[: len(first)] = first
+    for s in range(rows, len(snap), rows):
+        out[s:s + rows] = vectors(s)
+    return out
 
 
 def train_propensity(cfg: DictConfig, dm, net: torch.nn.Module | None = None,

@@ -13,7 +13,9 @@
 * ``ranking``: the top 51 of each row of a scoring batch ((838, ``--items``) float32, 27 items a
   row at -inf as seen items are: the evaluation's batch at 20,000 items, cut-offs up to 50) by
   ``torch.topk`` against faiss's heaps (:func:`dmp_dl.metrics.ranking._heap_top`, what the
-  metrics use on the CPU).
+  metrics use on the CPU); and the full-ranking MRR (:func:`dmp_dl.metrics.ranking._ranks_of_best`) of a
+  50M-event log's test batch ((335, ``--scoring-items``) float32) whose scores are half exact zeros,
+  as a sparse scorer's are, three held-out items a row, one of them at zero (ties broken by column).
 * ``sparse scoring``: a batch of 335 users with 20 items each times pruned item-item weights of
   ``--scoring-items`` items with ``--weights-per-item`` weights a row (the 50M-event log's served
   EASE weights, scored on the CPU with SciPy's sparse product when their dense form does not fit):
@@ -129,15 +131,21 @@ def dropout_costs(args) -> dict:
 def ranking_costs(args) -> dict:
     import torch
 
-    from dmp_dl.metrics.ranking import _heap_top
+    from dmp_dl.metrics.ranking import _heap_top, _ranks_of_best
 
     torch.manual_seed(0)
     scores = torch.randn(838, args.items)
     scores.scatter_(1, torch.randint(0, args.items, (838, 27)), float("-inf"))
     probe = min(51, args.items)
     steps = 10 * args.steps
+    sparse = torch.randn(335, args.scoring_items)
+    sparse[torch.rand(sparse.shape) < 0.5] = 0.0
+    rows = torch.arange(335).repeat_interleave(3)
+    cols = torch.randint(0, args.scoring_items, (len(rows),))
+    sparse[rows[::3], cols[::3]] = 0.0
     return {"torch.topk ms": 1e3 * _timed(lambda: torch.topk(scores, probe, dim=1, sorted=True), steps),
-            "faiss heaps ms": 1e3 * _timed(lambda: _heap_top(scores, probe), steps)}
+            "faiss heaps ms": 1e3 * _timed(lambda: _heap_top(scores, probe), steps),
+            "mrr ms": 1e3 * _timed(lambda: _ranks_of_best(sparse, rows, cols), args.steps)}
 
 
 def scoring_costs(args) -> dict:
@@ -215,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     a, b = median("ranking", "torch.topk ms"), median("ranking", "faiss heaps ms")
     table.append({"what": f"top 51 of (838, {args.items:,}) scores", "torch / as it was": f"{a:.2f} ms",
                   "the package's rule": f"{b:.2f} ms", "ratio": f"{a / b:.2f}x"})
+    table.append({"what": f"full-ranking MRR of (335, {args.scoring_items:,}) scores, half at exactly 0",
+                  "torch / as it was": "", "the package's rule": f"{median('ranking', 'mrr ms'):.1f} ms", "ratio": ""})
     a, b = median("scoring", "scipy ms"), median("scoring", "threaded ms")
     table.append({"what": f"335 users x {args.scoring_items:,} items, sparse weights ({args.weights_per_item} a row)",
                   "torch / as it was": f"{a:.1f} ms (SciPy, 1 thread)",

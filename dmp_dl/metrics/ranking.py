@@ -168,23 +168,40 @@ def topk_with_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 CHUNK_ELEMENTS = 2**20  # a CPU compares this many scores at a time: their masks stay small and in cache
 
 
-def _counts_above_and_equal(s: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) int32 counts of each row's entries of ``s`` (B, N) above / equal to ``threshold`` (B,).
+def _block_counts(part: torch.Tensor, threshold: torch.Tensor, first_col: torch.Tensor,
+                  cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_counts_above_and_tied_before` of one block of rows."""
+    above = (part > threshold[:, None]).sum(dim=1, dtype=torch.int32)
+    equal = part == threshold[:, None]
+    tied_before = torch.zeros_like(above)
+    # only rows where another column shares the threshold count the columns before it
+    tied = ((equal.sum(dim=1, dtype=torch.int32) > 1) & (threshold > float("-inf"))).nonzero().squeeze(1)
+    if len(tied):
+        tied_before[tied] = (equal[tied] & (cols[None, :] < first_col[tied, None])).sum(dim=1, dtype=torch.int32)
+    return above, tied_before
 
-    On a CPU, blocks of rows of about :data:`CHUNK_ELEMENTS` scores at a time: two (B, N) masks
-    would each be a fresh allocation the size of the scores (4x slower at 838 x 20,000)."""
+
+def _counts_above_and_tied_before(s: torch.Tensor, threshold: torch.Tensor,
+                                  first_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) int32 counts of each row's entries of ``s`` (B, N) above ``threshold`` (B,), and of its
+    entries equal to it in columns before ``first_col`` (B,) (those rank above it under the lower
+    column first).
+
+    On a CPU, blocks of rows of about :data:`CHUNK_ELEMENTS` scores at a time: the masks stay small
+    and in cache (two (B, N) masks would each be a fresh allocation the size of the scores: 4x slower
+    at 838 x 20,000), and the columns before a tie are counted on the block's equality mask while it
+    is in cache, not by reading the row again."""
     b, n = s.shape
+    cols = torch.arange(n, device=s.device)
     if s.device.type != "cpu" or b * n <= CHUNK_ELEMENTS:
-        return ((s > threshold[:, None]).sum(dim=1, dtype=torch.int32),
-                (s == threshold[:, None]).sum(dim=1, dtype=torch.int32))
+        return _block_counts(s, threshold, first_col, cols)
     above = torch.empty(b, dtype=torch.int32)
-    equal = torch.empty(b, dtype=torch.int32)
+    tied_before = torch.empty(b, dtype=torch.int32)
     rows = max(1, CHUNK_ELEMENTS // n)
     for start in range(0, b, rows):
-        part, t = s[start : start + rows], threshold[start : start + rows, None]
-        above[start : start + rows] = (part > t).sum(dim=1, dtype=torch.int32)
-        equal[start : start + rows] = (part == t).sum(dim=1, dtype=torch.int32)
-    return above, equal
+        part = slice(start, start + rows)
+        above[part], tied_before[part] = _block_counts(s[part], threshold[part], first_col[part], cols)
+    return above, tied_before
 
 
 def _ranks_of_best(s: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tensor) -> torch.Tensor:
@@ -200,14 +217,8 @@ def _ranks_of_best(s: torch.Tensor, rel_rows: torch.Tensor, rel_cols: torch.Tens
     at_best = (rel_scores == best[rel_rows]) & (rel_scores > float("-inf"))
     best_col = torch.full((b,), n, dtype=torch.int64, device=s.device).scatter_reduce(
         0, rel_rows[at_best], rel_cols[at_best], "amin")
-    above, equal = _counts_above_and_equal(s, best)
-    rank = (above + 1).to(torch.float64)
-    tied = (equal > 1) & rankable
-    if bool(tied.any()):  # items with the same score and a lower column rank above it
-        rows = tied.nonzero().squeeze(1)
-        cols = torch.arange(n, device=s.device)
-        before = ((s[rows] == best[rows, None]) & (cols[None, :] < best_col[rows, None])).sum(dim=1)
-        rank[rows] += before.to(torch.float64)
+    above, tied_before = _counts_above_and_tied_before(s, best, best_col)
+    rank = (above + tied_before + 1).to(torch.float64)
     return torch.where(rankable, rank, torch.full_like(rank, float("inf")))
 
 

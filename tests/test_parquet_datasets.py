@@ -384,3 +384,43 @@ def test_a_log_too_large_for_the_memory_free_is_refused_in_one_line_before_it_is
     monkeypatch.undo()
     monkeypatch.setattr(parquet_dataset, "host_available_bytes", lambda: free)
     assert len(prepare(logs["hive"], cleaning=window).log_.events) == kept  # a window that fits is read
+
+
+def test_a_csv_log_too_large_for_the_memory_free_is_refused_in_one_line_before_it_is_read(tmp_path, capsys, logs,
+                                                                                         monkeypatch):
+    from dmp_dl.data import event_files, memory_check
+
+    text = logs["csv"].stat().st_size
+    rows = memory_check.csv_rows_estimate(logs["csv"])  # the dirty log is longer than the sampled head
+    assert rows == pytest.approx(len(logs["frame"]), rel=0.01)
+    folder = tmp_path / "csv-folder"
+    folder.mkdir()
+    for part in range(2):
+        (folder / f"part-{part}.csv").write_bytes(logs["csv"].read_bytes())
+    need = rows * memory_check.PREPARE_BYTES_PER_EVENT + text
+    read = []
+    monkeypatch.setattr(event_files, "read_table", lambda *a, **k: read.append(1) or pytest.fail("read anyway"))
+    monkeypatch.setattr(memory_check, "host_available_bytes", lambda: need - 1)
+    line = _exit_line(capsys, _train(tmp_path, logs["csv"]))
+    assert str(logs["csv"]) in line and f"{rows:,} events" in line and "Parquet" in line
+    monkeypatch.setattr(memory_check, "host_available_bytes", lambda: need * 2 - 1)  # one file fits, two do not
+    line = _exit_line(capsys, _train(tmp_path / "folder", folder))
+    assert str(folder) in line and f"{2 * rows:,} events" in line
+    assert not read
+    monkeypatch.undo()
+    monkeypatch.setattr(memory_check, "host_available_bytes", lambda: need)
+    assert prepare(logs["csv"]).report.events.rows_in == len(logs["frame"])  # a log that fits is read
+
+
+def test_the_rows_of_a_csv_are_counted_within_its_head_and_estimated_from_its_size_beyond(tmp_path):
+    from dmp_dl.data.memory_check import CSV_SAMPLE_BYTES, csv_rows_estimate
+
+    short = tmp_path / "short.csv"
+    short.write_text("user_id,item_id\nu1,i1\nu2,i2")  # within the head, the last line without a break
+    assert csv_rows_estimate(short) == 2
+    path = tmp_path / "long.csv"
+    rng = np.random.default_rng(0)
+    lines = [f"u{rng.integers(10**6)},i{rng.integers(10**4)},{1700000000 + i}" for i in range(20_000)]
+    path.write_text("user_id,item_id,timestamp\n" + "\n".join(lines) + "\n")
+    assert path.stat().st_size > 4 * CSV_SAMPLE_BYTES
+    assert csv_rows_estimate(path) == pytest.approx(20_000, rel=0.05)

@@ -23,6 +23,7 @@ from dmp_dl.data.cleaning import CleaningOptions, parse_timestamps
 from dmp_dl.data.event_paths import EventFiles, file_kind, is_glob, list_event_files, partition_values
 from dmp_dl.data.files import read_table
 from dmp_dl.data.journal import JOURNAL_ID, JOURNAL_SEQ, is_journal, read_journal
+from dmp_dl.data.memory_check import check_csv_events_fit
 from dmp_dl.data.parquet_dataset import TimeWindow, read_parquet_events
 from dmp_dl.data.schema import ITEM, REQUIRED_EVENT_COLUMNS, TIME, USER, EventLog, normalize_ids
 
@@ -70,6 +71,7 @@ def read_events(path: str | Path, *, key: str, sep: str = "auto", encoding: str 
             if path.is_file() and file_kind(path) == "parquet":  # is_file first: never open a pipe
                 found = EventFiles("parquet", [path])
             else:  # read_table names what is wrong with the file
+                check_csv_events_fit([path], path)
                 table = read_table(path, what="events", key=key, required=REQUIRED_EVENT_COLUMNS, sep=sep,
                                    encoding=encoding, rename=rename)
                 return EventTable(table.frame, [(table.path, len(table.frame), table.malformed_rows)], {})
@@ -80,6 +82,7 @@ def read_events(path: str | Path, *, key: str, sep: str = "auto", encoding: str 
     if found.kind == "parquet":
         got = read_parquet_events(found, key=key, rename=rename, required=REQUIRED_EVENT_COLUMNS, window=window)
         return EventTable(got.frame, list(got.parts), {}, got.unread_columns)
+    check_csv_events_fit(found.files, path)
     tables = []
     for f in found.files:
         table = read_table(f, what="events", key=key, required=REQUIRED_EVENT_COLUMNS, sep=sep, encoding=encoding,

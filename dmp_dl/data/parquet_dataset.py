@@ -44,6 +44,7 @@ from dmp_dl.core.memory import host_available_bytes, release_freed_memory
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.event_paths import EventFiles, partition_values
 from dmp_dl.data.files import decode_binary_ids
+from dmp_dl.data.memory_check import PREPARE_BYTES_PER_EVENT
 from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ ID_COLUMNS = (USER, ITEM, EVENT_ID)
 EXACT_FLOAT_INT = 2**53
 UNITS_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
 INT64_MAX = 2**63 - 1
-# the data stage's memory for each event it prepares: its peak grew by 78 bytes an event from 20M
-# to 50M events of the generator's hive dataset (bench/RESULTS.md, "Data stage at scale"); the
-# estimate leaves out the fixed part, so a log is refused only when it cannot fit
-PREPARE_BYTES_PER_EVENT = 78
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,55 @@
+"""Whether a log's preparation fits in the memory the host has free, estimated before it is read,
+so that a log too large stops with one line instead of the kernel killing the process part-way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from dmp_dl.core.errors import DataError
+from dmp_dl.core.memory import host_available_bytes
+from dmp_dl.data.event_paths import COMPRESSION_SUFFIXES, kind_by_name
+
+# the data stage's memory for each event it prepares: its peak grew by 78 bytes an event from 20M
+# to 50M events of the generator's hive dataset (bench/RESULTS.md, "Data stage at scale"); the
+# estimate leaves out the fixed part, so a log is refused only when it cannot fit
+PREPARE_BYTES_PER_EVENT = 78
+CSV_SAMPLE_BYTES = 1 << 16  # the head of a CSV whose line breaks estimate its rows
+
+
+def csv_rows_estimate(path: Path) -> int:
+    """Rows of the plain-text CSV ``path`` (header left out), from its size and the line breaks in
+    its first :data:`CSV_SAMPLE_BYTES` bytes (exact when the file is no longer than that)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(CSV_SAMPLE_BYTES)
+    breaks = head.count(b"\n")
+    if len(head) >= size:  # the whole file: its rows are its line breaks (the last line may lack one)
+        return max(breaks + (0 if head.endswith(b"\n") else 1) - 1, 0)
+    return int(size * breaks / max(len(head), 1))
+
+
+def check_csv_events_fit(files: Sequence[Path], where: str | Path) -> None:
+    """Refuse, in one line before any is read, CSV event files whose preparation cannot fit in the
+    memory the host has free: their rows times :data:`PREPARE_BYTES_PER_EVENT` plus their text,
+    which is held as read (Arrow strings) while the events are prepared (the generator's log written
+    as CSV, 53 bytes a row: the data stage's peak grew by 134 bytes an event from 1M to 5M events,
+    bench/RESULTS.md). Compressed files are left out (their size says little of their text's), and so is a file that
+    cannot be read (the read names what is wrong with it)."""
+    try:
+        plain = [Path(f) for f in files if kind_by_name(Path(f)) == "csv" and Path(f).is_file()
+                 and not Path(f).name.lower().endswith(COMPRESSION_SUFFIXES)]
+        text = sum(f.stat().st_size for f in plain)
+        free = host_available_bytes()
+        if text * (PREPARE_BYTES_PER_EVENT // 2 + 1) <= free:  # fits even at two bytes a row
+            return
+        rows = sum(csv_rows_estimate(f) for f in plain)
+    except OSError:
+        return
+    need = rows * PREPARE_BYTES_PER_EVENT + text
+    if need <= free:
+        return
+    raise DataError(f"{where}: about {rows:,} events in {text / 2**30:.1f} GiB of CSV need about {need / 2**30:.1f} GiB "
+                    f"of memory to prepare and this machine has {free / 2**30:.1f} GiB free; write the log as Parquet "
+                    "(a folder of partitions) and read a time window (data.cleaning.min_timestamp / max_timestamp), "
+                    "point data.path at fewer files, or run where more memory is free")

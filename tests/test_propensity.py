@@ -122,6 +122,25 @@ def test_events_after_the_cutoff_change_labels_but_never_features(tiny_cfg):
     np.testing.assert_array_equal(x1.history, x2.history)
 
 
+def test_users_taken_in_blocks_get_the_features_of_one_pass(tiny_cfg, monkeypatch):
+    import dmp_dl.propensity.features as features_module
+
+    cfg = tiny_cfg()
+    dm = load_data(cfg)
+    task = build_task(cfg.propensity, dm)
+    features = UserFeatures.build(dm, BehaviourSpec(sorted(dm.events[TYPE].unique())))
+    users = np.random.default_rng(0).permutation(task.users)  # blocks of slots, not of user ids
+    whole = features.known(dm.events, users, task.cutoff)
+    before = dm.events[dm.events[TIME] <= task.cutoff]
+    counts = before.groupby("user_idx").size().reindex(users, fill_value=0).to_numpy()
+    np.testing.assert_allclose(whole.behaviour[:, 0], np.log1p(counts), rtol=1e-6)  # "events": the user's own
+    monkeypatch.setattr(features_module, "BLOCK_EVENTS", 97)  # many blocks of a few users each
+    blocks = features.known(dm.events, users, task.cutoff)
+    assert len(dm.events) > 20 * 97
+    for name in ("behaviour", "attr_tokens", "attr_numeric", "history", "enc_tokens", "enc_numeric"):
+        np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name), err_msg=name)
+
+
 def test_earlier_snapshots_are_added_only_until_the_examples_are_enough(tiny_cfg, caplog):
     caplog.set_level(logging.INFO, logger="dmp_dl.propensity.train")
     cfg = tiny_cfg("propensity.train_snapshots=3")

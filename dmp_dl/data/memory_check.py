@@ -34,8 +34,8 @@ def check_csv_events_fit(files: Sequence[Path], where: str | Path) -> None:
     memory the host has free: their rows times :data:`PREPARE_BYTES_PER_EVENT` plus their text,
     which is held as read (Arrow strings) while the events are prepared (the generator's log written
     as CSV, 53 bytes a row: the data stage's peak grew by 134 bytes an event from 1M to 5M events,
-    bench/RESULTS.md). Compressed files are left out (their size says little of their text's), and so is a file that
-    cannot be read (the read names what is wrong with it)."""
+    bench/RESULTS.md). Compressed files are left out (their size says little of their text's), and
+    so is a file that cannot be read (the read names what is wrong with it)."""
     try:
         plain = [Path(f) for f in files if kind_by_name(Path(f)) == "csv" and Path(f).is_file()
                  and not Path(f).name.lower().endswith(COMPRESSION_SUFFIXES)]

@@ -34,6 +34,7 @@ from dmp_dl.data.vocab import IdVocab
 log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86400.0
+BLOCK_EVENTS = 1 << 22  # the events of a block of users whose features are computed together
 
 
 @dataclass
@@ -239,30 +240,52 @@ class UserFeatures:
         """Snapshot of vocabulary users ``users`` (n,) from the clean ``events`` at or before ``as_of``.
 
         ``events``: time-sorted, with ``user_idx``, ``item_idx``, ``timestamp``, ``event_type``, ``value``.
+        The users are taken in blocks of about :data:`BLOCK_EVENTS` events (each block's events in
+        log order, so in time order): every feature is the user's own, so the blocks give the
+        snapshot one pass would, with temporaries the size of a block, not of the log (a pass over
+        50M events held about 125 bytes an event).
         """
         users = np.asarray(users, dtype=np.int64)
+        n = len(users)
         ts = events[TIME].to_numpy()
-        slot = np.full(len(self.attributes.tokens), -1, dtype=np.int64)  # n_users + 1 rows
-        slot[users] = np.arange(len(users))
+        slot = np.full(len(self.attributes.tokens), -1, dtype=np.int64 if n >= 2**31 else np.int32)  # n_users + 1 rows
+        slot[users] = np.arange(n)
         row = slot[events["user_idx"].to_numpy()]
-        keep = (row >= 0) & (ts <= as_of)
-        item = events["item_idx"].to_numpy()[keep]
-        return self._snapshot(
-            row[keep], ts[keep], events[TYPE].to_numpy()[keep], events[VALUE].to_numpy(np.float64)[keep],
-            item, item, len(users), float(as_of),
-            self.attributes.tokens[users], self.attributes.numeric[users], *self._encoder_rows(users),
-        )
+        row[~(ts <= as_of)] = -1  # nothing after as_of (nor without a time) is read
+        codes = self._type_codes(events[TYPE])
+        item, value = events["item_idx"].to_numpy(), events[VALUE].to_numpy()
+        blocks = max(1, -(-int(np.count_nonzero(row >= 0)) // BLOCK_EVENTS))
+        bounds = np.linspace(0, n, blocks + 1).astype(np.int64)
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            at = np.flatnonzero((row >= lo) & (row < hi)) if blocks > 1 else np.flatnonzero(row >= 0)
+            block_item = item[at]
+            parts.append(self._snapshot(
+                row[at].astype(np.int64) - lo, ts[at], codes[at], value[at].astype(np.float64), block_item, block_item,
+                int(hi - lo), float(as_of), self.attributes.tokens[users[lo:hi]], self.attributes.numeric[users[lo:hi]],
+                *self._encoder_rows(users[lo:hi]),
+            ))
+        return parts[0] if len(parts) == 1 else Snapshot.concat(parts)
+
+    def _type_codes(self, types: pd.Series | np.ndarray) -> np.ndarray:
+        """(n,) int32 index of each event's type in ``behaviour.event_types`` (-1: none of them); a
+        categorical column is mapped through its categories, not event by event."""
+        known_types = pd.Index(self.behaviour.event_types)
+        if isinstance(types, pd.Series) and isinstance(types.dtype, pd.CategoricalDtype):
+            by_category = np.append(known_types.get_indexer(types.cat.categories.astype(object)), -1).astype(np.int32)
+            return by_category[types.cat.codes.to_numpy()]  # code -1 (no type) reads the appended -1
+        return known_types.get_indexer(pd.Index(np.asarray(types, dtype=object), dtype=object)).astype(np.int32)
 
     def _encoder_rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.encoder_attributes is None:
             return np.zeros((len(users), 1), np.int64), np.zeros((len(users), 0), np.float32)
         return self.encoder_attributes.tokens[users], self.encoder_attributes.numeric[users]
 
-    def _snapshot(self, row, ts, types, value, item_code, history_item, n, as_of, attr_tokens, attr_numeric,
+    def _snapshot(self, row, ts, code, value, item_code, history_item, n, as_of, attr_tokens, attr_numeric,
                   enc_tokens, enc_numeric) -> Snapshot:
-        """``item_code`` tells items apart for the aggregates; ``history_item`` is the network's item
-        index (``n_items`` for items it does not know)."""
-        code = pd.Index(self.behaviour.event_types).get_indexer(pd.Index(types, dtype=object)).astype(np.int64)
+        """``code``: each event's type as :meth:`_type_codes` gives it; ``item_code`` tells items apart
+        for the aggregates; ``history_item`` is the network's item index (``n_items`` for items it
+        does not know)."""
         behaviour = behaviour_features(row, ts, code, value, item_code, n, as_of, self.behaviour)
         if self.history_len > 0:
             order = np.argsort(ts, kind="stable")
@@ -324,8 +347,8 @@ class UserFeatures:
             enc_tokens, enc_numeric = self.encoder_attributes.encode_records(records)
         else:
             enc_tokens, enc_numeric = np.zeros((n, 1), np.int64), np.zeros((n, 0), np.float32)
-        return self._snapshot(row[keep], ts[keep], types[keep], value[keep], item_code, hist_items, n, float(as_of),
-                              attr_tokens, attr_numeric, enc_tokens, enc_numeric)
+        return self._snapshot(row[keep], ts[keep], self._type_codes(types[keep]), value[keep], item_code, hist_items, n,
+                              float(as_of), attr_tokens, attr_numeric, enc_tokens, enc_numeric)
 
     @staticmethod
     def _event_frame(events: Sequence[Sequence[Mapping]]) -> tuple[pd.DataFrame, list[tuple[int, int]]]:

@@ -45,6 +45,12 @@ def test_window_labels_count_only_the_target_inside_the_window():
     assert labels.tolist() == [1, 0, 0, 0]
     _, any_labels = window_labels(user, ts, kind, 6, T, H, ANY_EVENT)
     assert any_labels.tolist() == [1, 1, 0, 0]
+    # the events' type column as the data stage keeps it (categorical, a missing type among them)
+    column = pd.Series(np.where(np.arange(len(kind)) == 3, None, kind)).astype("category")
+    for given in (column, column.astype(object).to_numpy()):
+        users_c, labels_c = window_labels(user, ts, given, 6, T, H, "purchase")
+        assert users_c.tolist() == [0, 1, 3, 4] and labels_c.tolist() == [1, 0, 0, 0]
+    assert window_labels(user, ts, column, 6, T, H, "refund")[1].tolist() == [0, 0, 0, 0]  # not a category
 
 
 def test_missing_target_event_falls_back_to_any_event_and_says_so(caplog):

@@ -136,7 +136,9 @@ def window_labels(user: np.ndarray, timestamp: np.ndarray, event_type: np.ndarra
                   cutoff: int, horizon_days: float, target: str) -> tuple[np.ndarray, np.ndarray]:
     """Eligible users and labels for the window ``(cutoff, cutoff + horizon]``.
 
-    user: (n,) int64 user index per event; timestamp: (n,) epoch seconds; event_type: (n,) str.
+    user: (n,) int64 user index per event; timestamp: (n,) epoch seconds; event_type: (n,) str, or
+    the events' type column (a categorical column is compared through its categories, not as
+    Python strings event by event).
     Returns (users (m,) int64 ascending, labels (m,) int8).
     """
     before = timestamp <= cutoff
@@ -144,7 +146,8 @@ def window_labels(user: np.ndarray, timestamp: np.ndarray, event_type: np.ndarra
     seen[user[before]] = True
     in_window = (timestamp > cutoff) & (timestamp <= cutoff + float(horizon_days) * SECONDS_PER_DAY)
     if target != ANY_EVENT:
-        in_window &= np.asarray(event_type, dtype=object) == target
+        in_window &= ((event_type == target).to_numpy(dtype=bool) if isinstance(event_type, pd.Series)
+                      else np.asarray(event_type, dtype=object) == target)
     converted = np.zeros(n_users, dtype=bool)
     converted[user[in_window]] = True
     users = np.flatnonzero(seen).astype(np.int64)

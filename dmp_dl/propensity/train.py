@@ -126,7 +126,7 @@ def build_task(p: DictConfig, dm) -> PropensityTask:
     else:
         target = resolve_target(p.get("target_event"), events[TYPE].unique())
         cutoff = resolve_cutoff(ts, float(p.horizon_days), p.get("cutoff"), p.get("cutoff_quantile"))
-        users, labels = window_labels(events["user_idx"].to_numpy(), ts, events[TYPE].to_numpy(), dm.n_users,
+        users, labels = window_labels(events["user_idx"].to_numpy(), ts, events[TYPE], dm.n_users,
                                       cutoff, float(p.horizon_days), target)
         task = PropensityTask(users, labels, cutoff, float(p.horizon_days), p.get("target_event"), target, "events")
     pos = int(task.labels.sum())
@@ -297,7 +297,7 @@ def training_examples(p: DictConfig, dm, features: UserFeatures, task: Propensit
                      "%d: no earlier snapshot added", examples, len(ys), int(enough))
             break
         cutoff = int(task.cutoff - k * horizon)
-        users, y = window_labels(ev["user_idx"].to_numpy(), ev[TIME].to_numpy(), ev[TYPE].to_numpy(), dm.n_users,
+        users, y = window_labels(ev["user_idx"].to_numpy(), ev[TIME].to_numpy(), ev[TYPE], dm.n_users,
                                  cutoff, task.horizon_days, task.target_resolved)
         keep = np.isin(users, train_users)
         if keep.sum() == 0 or len(np.unique(y[keep])) < 2:

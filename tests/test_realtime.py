@@ -292,6 +292,24 @@ def test_behaviour_statistics_give_the_training_features(rt_run):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_behaviour_statistics_of_users_in_blocks_are_those_of_one_pass(rt_run, monkeypatch):
+    import dmp_dl.realtime.behaviour as behaviour_module
+
+    dm, features = rt_run["datamodule"], rt_run["propensity"].scorer.features
+    ev = dm.events
+    layout = BehaviourStats(features.behaviour)
+    plain_codes = layout.type_codes(ev["event_type"].astype(str).to_numpy())
+    codes = layout.type_codes(ev["event_type"])  # the categorical column, through its categories
+    np.testing.assert_array_equal(codes, plain_codes)
+    assert (codes >= 0).all() and len(np.unique(codes)) > 1
+    args = (ev["user_idx"].to_numpy(), ev["timestamp"].to_numpy(), codes, ev["value"].to_numpy(), dm.n_users,
+            float(ev["timestamp"].max()))
+    whole = layout.from_events(*args)
+    monkeypatch.setattr(behaviour_module, "BLOCK_EVENTS", 50)  # blocks of a few users each
+    assert len(ev) > 20 * 50
+    np.testing.assert_array_equal(layout.from_events(*args), whole)
+
+
 # -- new users over HTTP -----------------------------------------------------------------------
 def test_a_new_user_is_served_by_every_endpoint(any_live):
     live = any_live

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from dmp_dl.core.arrays import BLOCK
 from dmp_dl.core.errors import ConfigError
 
 SECONDS_PER_DAY = 86400.0
@@ -70,8 +71,9 @@ def decayed(weight: np.ndarray | float, t: np.ndarray | float, ref: np.ndarray |
 def reference_times(user: np.ndarray, t: np.ndarray, n_users: int) -> np.ndarray:
     """(n_users,) float64: each user's latest event time (``-inf`` for users without events)."""
     ref = np.full(n_users, -np.inf)
-    if len(user):
-        np.maximum.at(ref, np.asarray(user, dtype=np.int64), np.asarray(t, dtype=np.float64))
+    for start in range(0, len(user), BLOCK):  # int64 / float64 copies of a block at a time
+        np.maximum.at(ref, np.asarray(user[start:start + BLOCK], dtype=np.int64),
+                      np.asarray(t[start:start + BLOCK], dtype=np.float64))
     return ref
 
 

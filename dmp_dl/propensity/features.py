@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pandas as pd
 
-from dmp_dl.core.arrays import distinct_pairs
+from dmp_dl.core.arrays import blocks_of_rows, distinct_pairs
 from dmp_dl.core.errors import DataError
 from dmp_dl.data.cleaning import MISSING_TOKENS, parse_timestamps
 from dmp_dl.data.datamodule import last_items
@@ -54,6 +54,18 @@ class BehaviourSpec:
         overall = ["events", "active_days", "distinct_items", "tenure_days", "recency_days", "value_sum", *decays]
         per_type = ["count", "recency_days", "never", "value_sum", "value_mean", *decays]
         return overall + [f"{t}.{name}" for t in self.event_types for name in per_type]
+
+
+def event_type_codes(event_types: Sequence[str], types: pd.Series | np.ndarray | Sequence) -> np.ndarray:
+    """(n,) int32 index of each of ``types`` (n events' types, compared as text) in ``event_types``,
+    -1 for the others; a categorical column (the clean log's) is mapped through its categories,
+    not event by event."""
+    index = pd.Index([str(t) for t in event_types], dtype=object)
+    if isinstance(types, pd.Series) and isinstance(types.dtype, pd.CategoricalDtype):
+        by_category = np.append(index.get_indexer(pd.Index(types.cat.categories.map(str), dtype=object)), -1)
+        return by_category.astype(np.int32)[types.cat.codes.to_numpy()]  # code -1 (no type) reads the appended -1
+    texts = pd.Index([str(t) for t in types], dtype=object)
+    return index.get_indexer(texts).astype(np.int32)
 
 
 def _signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -254,27 +266,18 @@ class UserFeatures:
         row[~(ts <= as_of)] = -1  # nothing after as_of (nor without a time) is read
         codes = self._type_codes(events[TYPE])
         item, value = events["item_idx"].to_numpy(), events[VALUE].to_numpy()
-        blocks = max(1, -(-int(np.count_nonzero(row >= 0)) // BLOCK_EVENTS))
-        bounds = np.linspace(0, n, blocks + 1).astype(np.int64)
         parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            at = np.flatnonzero((row >= lo) & (row < hi)) if blocks > 1 else np.flatnonzero(row >= 0)
+        for lo, hi, at in blocks_of_rows(row, n, BLOCK_EVENTS):
             block_item = item[at]
             parts.append(self._snapshot(
                 row[at].astype(np.int64) - lo, ts[at], codes[at], value[at].astype(np.float64), block_item, block_item,
-                int(hi - lo), float(as_of), self.attributes.tokens[users[lo:hi]], self.attributes.numeric[users[lo:hi]],
+                hi - lo, float(as_of), self.attributes.tokens[users[lo:hi]], self.attributes.numeric[users[lo:hi]],
                 *self._encoder_rows(users[lo:hi]),
             ))
         return parts[0] if len(parts) == 1 else Snapshot.concat(parts)
 
     def _type_codes(self, types: pd.Series | np.ndarray) -> np.ndarray:
-        """(n,) int32 index of each event's type in ``behaviour.event_types`` (-1: none of them); a
-        categorical column is mapped through its categories, not event by event."""
-        known_types = pd.Index(self.behaviour.event_types)
-        if isinstance(types, pd.Series) and isinstance(types.dtype, pd.CategoricalDtype):
-            by_category = np.append(known_types.get_indexer(types.cat.categories.astype(object)), -1).astype(np.int32)
-            return by_category[types.cat.codes.to_numpy()]  # code -1 (no type) reads the appended -1
-        return known_types.get_indexer(pd.Index(np.asarray(types, dtype=object), dtype=object)).astype(np.int32)
+        return event_type_codes(self.behaviour.event_types, types)
 
     def _encoder_rows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.encoder_attributes is None:

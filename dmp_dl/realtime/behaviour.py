@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmp_dl.core.arrays import distinct_pairs
-from dmp_dl.propensity.features import SECONDS_PER_DAY, BehaviourSpec, behaviour_columns
+from dmp_dl.core.arrays import blocks_of_rows, distinct_pairs
+from dmp_dl.propensity.features import (
+    BLOCK_EVENTS,
+    SECONDS_PER_DAY,
+    BehaviourSpec,
+    behaviour_columns,
+    event_type_codes,
+)
 
 
 class BehaviourStats:
@@ -41,8 +47,9 @@ class BehaviourStats:
         self._code = {t: k for k, t in enumerate(spec.event_types)}
 
     def type_codes(self, types) -> np.ndarray:
-        """(n,) int64 index of each event type in the spec, -1 for types it does not list."""
-        return np.fromiter((self._code.get(str(t), -1) for t in types), dtype=np.int64, count=len(types))
+        """(n,) int32 index of each event type in the spec, -1 for types it does not list (a
+        categorical column is mapped through its categories)."""
+        return event_type_codes(self.spec.event_types, types)
 
     def empty(self, n: int = 1) -> np.ndarray:
         """Statistics (n, width) of users without events."""
@@ -56,11 +63,20 @@ class BehaviourStats:
                     ref: float) -> np.ndarray:
         """Statistics (n_users, width) of every user from all their events (all at or before ``ref``).
 
-        user: (n,) int64 row of each event; t: (n,) epoch seconds; code: (n,) :meth:`type_codes`;
-        value: (n,) float64.
+        user: (n,) integer row of each event; t: (n,) epoch seconds; code: (n,) :meth:`type_codes`;
+        value: (n,) float. The users are taken in blocks of about :data:`BLOCK_EVENTS` events
+        (each block's events in log order), so temporaries are the size of a block, not of the log.
         """
         s = self.empty(n_users)
-        t = np.asarray(t, dtype=np.float64)
+        for lo, hi, at in blocks_of_rows(np.asarray(user), n_users, BLOCK_EVENTS):
+            s[lo:hi] = self._from_block(np.asarray(user)[at].astype(np.int64) - lo, np.asarray(t)[at].astype(np.float64),
+                                        np.asarray(code)[at], np.asarray(value)[at].astype(np.float64), hi - lo, ref)
+        return s
+
+    def _from_block(self, user: np.ndarray, t: np.ndarray, code: np.ndarray, value: np.ndarray, n_users: int,
+                    ref: float) -> np.ndarray:
+        """:meth:`from_events` of the events of ``n_users`` users (rows ``user`` in ``0..n_users-1``)."""
+        s = self.empty(n_users)
         age = np.maximum(ref - t, 0.0) / SECONDS_PER_DAY
         s[:, self.N] = np.bincount(user, minlength=n_users)
         day = np.floor(t / SECONDS_PER_DAY)

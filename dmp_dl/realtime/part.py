@@ -64,18 +64,17 @@ def realtime_part(dm, propensity=None, audience=None) -> Callable[[BundleWriter]
     n_users, n_items = dm.n_users, dm.n_items
     events = dm.events
     data_end = int(events[TIME].max())
+    user, times = events["user_idx"].to_numpy(), events[TIME].to_numpy()
     arrays: dict[str, np.ndarray] = {RECENT: np.where(dm.full_history >= n_items, -1, dm.full_history).astype(np.int32),
-                                     REFERENCE: reference_times(events["user_idx"].to_numpy(np.int64),
-                                                                events[TIME].to_numpy(np.float64), n_users)}
+                                     REFERENCE: reference_times(user, times, n_users)}
     aligned = [RECENT, REFERENCE]
     entry: dict = {"data_end": data_end, "journals": dict(dm.journal_marks), "history_len": int(dm.full_history.shape[1]),
                    "timestamps": bool(getattr(dm.report, "has_timestamps", True))}
     if propensity is not None:
         features = propensity.scorer.features
         layout = BehaviourStats(features.behaviour)
-        arrays[STATS] = layout.from_events(events["user_idx"].to_numpy(np.int64), events[TIME].to_numpy(np.float64),
-                                           layout.type_codes(events[TYPE].astype(str).to_numpy()),
-                                           events[VALUE].to_numpy(np.float64), n_users, float(data_end))
+        arrays[STATS] = layout.from_events(user, times, layout.type_codes(events[TYPE]), events[VALUE].to_numpy(),
+                                           n_users, float(data_end))
         aligned.append(STATS)
         for side, table in (("propensity", features.attributes), ("encoder", features.encoder_attributes)):
             if table is not None:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pandas as pd
 
-from dmp_dl.core.arrays import blocks_of_rows, distinct_pairs
+from dmp_dl.core.arrays import distinct_pairs
 from dmp_dl.core.errors import DataError
+from dmp_dl.core.row_blocks import BLOCK_ENTRIES, blocks_of_rows
 from dmp_dl.data.cleaning import MISSING_TOKENS, parse_timestamps
 from dmp_dl.data.datamodule import last_items
 from dmp_dl.data.features import FeatureTable
@@ -34,7 +35,7 @@ from dmp_dl.data.vocab import IdVocab
 log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86400.0
-BLOCK_EVENTS = 1 << 22  # the events of a block of users whose features are computed together
+BLOCK_EVENTS = BLOCK_ENTRIES  # the events of a block of users whose features are computed together
 
 
 @dataclass

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmp_dl.core.arrays import blocks_of_rows, distinct_pairs
+from dmp_dl.core.arrays import distinct_pairs
+from dmp_dl.core.row_blocks import blocks_of_rows
 from dmp_dl.propensity.features import (
     BLOCK_EVENTS,
     SECONDS_PER_DAY,

@@ -45,7 +45,6 @@ class BehaviourStats:
         self.type0 = 6 + len(self.h)
         self.per_type = 3 + len(self.h)  # count, last time, value sum, decayed sums
         self.width = self.type0 + self.n_types * self.per_type
-        self._code = {t: k for k, t in enumerate(spec.event_types)}
 
     def type_codes(self, types) -> np.ndarray:
         """(n,) int32 index of each event type in the spec, -1 for types it does not list (a

@@ -237,3 +237,24 @@ def test_similar_items_without_weights_leave_out_the_item_prior():
                       item_index=item_index, user_index=user_index)
     assert rec.similar_items("0", k=1)[0][0] == "1"
     assert rec.similar_items("3", k=1)[0][0] == "2"
+
+
+def test_profiles_of_users_in_blocks_are_those_of_one_pass(monkeypatch):
+    import dmp_dl.audience.profiles as profiles_module
+
+    events, items, vocab, n = long_log(n_users=300, seed=3)
+    events["event_type"] = pd.Categorical(np.where(np.arange(len(events)) % 3 == 0, "purchase", "view"))
+    events["weight"] = np.where(events["event_type"] == "purchase", 3.0, 1.0).astype(np.float32)
+    options = ProfileOptions(half_life_days="auto", top_n=2)
+    whole = compute_profiles(events, items, vocab, n, options)
+    assert whole.event_types == ["purchase", "view"] and whole.event_type_affinity.shape == (n, 2)
+    decay = np.exp2(-(whole.as_of - events["timestamp"]) / (whole.half_life_days * SECONDS_PER_DAY))
+    expected = decay.groupby([events["user_idx"], events["event_type"].astype(str)]).sum().unstack(fill_value=0.0)
+    np.testing.assert_allclose(whole.event_type_affinity, expected[["purchase", "view"]].to_numpy(), rtol=1e-6)
+    monkeypatch.setattr(profiles_module, "BLOCK_EVENTS", 40)  # blocks of about 5 users
+    blocks = compute_profiles(events, items, vocab, n, options)
+    for name in ("top_categories", "top_weights", "interest_total", "event_type_affinity"):
+        np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name), err_msg=name)
+    plain = events.assign(event_type=events["event_type"].astype(str))  # the same types as plain strings
+    np.testing.assert_array_equal(compute_profiles(plain, items, vocab, n, options).event_type_affinity,
+                                  whole.event_type_affinity)

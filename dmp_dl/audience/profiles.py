@@ -31,6 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.row_blocks import BLOCK_ENTRIES, blocks_of_rows
 from dmp_dl.data.schema import ITEM, MULTI_VALUE_SEP, TIME, TYPE, WEIGHT
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # Item-table columns read as the category when profiles.category_column is null, first found wins.
 CATEGORY_COLUMNS = ("category", "categories", "genre", "genres")
 SECONDS_PER_DAY = 86400.0
+BLOCK_EVENTS = BLOCK_ENTRIES  # the events of a block of users whose profiles are computed together
 AUTO = "auto"
 # auto never picks a half-life shorter than this (a log where everyone was active on its last day)
 MIN_AUTO_HALF_LIFE_DAYS = 30.0
@@ -233,6 +235,22 @@ def warn_if_near_zero(ages_days: np.ndarray, half_life_days: float, rule: str) -
     return stale
 
 
+def sorted_type_codes(types: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """(n,) int64 code of each event's type (as text) in the sorted list of the types present, and
+    that list: ``pd.factorize(types.astype(str), sort=True)``, but a categorical column (the clean
+    log's) is coded through its categories instead of as one Python string an event."""
+    if not isinstance(types.dtype, pd.CategoricalDtype):
+        codes, uniques = pd.factorize(types.astype(str), sort=True)  # np.unique of strings: 20x slower
+        return codes.astype(np.int64), [str(e) for e in uniques]
+    codes = types.cat.codes.to_numpy().astype(np.int64)
+    labels = np.array([*(str(c) for c in types.cat.categories), str(np.nan)], dtype=object)  # code -1: "nan"
+    codes[codes < 0] = len(labels) - 1
+    present = np.flatnonzero(np.bincount(codes, minlength=len(labels)))
+    names = sorted(set(labels[present].tolist()))
+    position = pd.Index(names).get_indexer(labels).astype(np.int64)  # categories absent from the events: unused
+    return position[codes], names
+
+
 def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_vocab, n_users: int,
                      options: ProfileOptions | None = None) -> Profiles:
     """Interest profiles of ``n_users`` users from clean ``events``.
@@ -242,8 +260,7 @@ def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_voca
         item_vocab: the item :class:`IdVocab` (rows of ``item_idx``).
     """
     opts = options or ProfileOptions()
-    user = events["user_idx"].to_numpy(np.int64)
-    item = events["item_idx"].to_numpy(np.int64)
+    user, item = events["user_idx"].to_numpy(), events["item_idx"].to_numpy()
     t = events[TIME].to_numpy(np.int64)
     as_of = int(t.max()) if len(t) else 0
     ages = last_event_ages_days(user, t, n_users, as_of)
@@ -253,20 +270,17 @@ def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_voca
         log.info("interest profiles: half-life %.1f days (auto: the larger of %g days and the median age of users' "
                  "latest event)", half_life_days, MIN_AUTO_HALF_LIFE_DAYS)
     warn_if_near_zero(ages, half_life_days, rule)
-    decay = np.exp2(-(as_of - t) / (half_life_days * SECONDS_PER_DAY))
 
-    type_code, event_types = pd.factorize(events[TYPE].astype(str), sort=True)  # np.unique of strings: 20x slower
-    event_types = [str(e) for e in event_types]
+    type_code, event_types = sorted_type_codes(events[TYPE])
     if opts.event_weights is None:
-        weight = events[WEIGHT].to_numpy(np.float64)
+        weight = events[WEIGHT].to_numpy()
     else:
         missing = [e for e in event_types if e not in opts.event_weights]
         if missing:
             raise ConfigError(f"audience.profiles.event_weights has no weight for event type(s) {missing}; "
                               f"add them (0 ignores a type) or set it to null to use data.cleaning.event_weights")
-        weight = np.array([opts.event_weights[e] for e in event_types])[type_code]
-
-    affinity = sp.csr_matrix((decay, (user, type_code)), shape=(n_users, len(event_types))).toarray()
+        weight = None
+        type_weight = np.array([opts.event_weights[e] for e in event_types], dtype=np.float64)
 
     n_items = len(item_vocab)
     column = pick_category_column(items, opts.category_column)
@@ -278,16 +292,29 @@ def compute_profiles(events: pd.DataFrame, items: pd.DataFrame | None, item_voca
         if uncategorised.any():
             log.info("interest profiles: %d of %d items have no %r value; their events count towards event-type "
                      "affinities only", int(uncategorised.sum()), n_items, column)
-    user_item = sp.csr_matrix((weight * decay, (user, item)), shape=(n_users, n_items))  # duplicates summed
-    interest = (user_item @ shares).tocsr()
-    top_categories, top_weights = top_n_rows(interest, min(opts.top_n, max(len(categories), 1)))
+    top = min(opts.top_n, max(len(categories), 1))
+    affinity = np.zeros((n_users, len(event_types)), dtype=np.float32)
+    top_categories = np.full((n_users, top), -1, dtype=np.int32)
+    top_weights = np.zeros((n_users, top), dtype=np.float32)
+    interest_total = np.zeros(n_users, dtype=np.float32)
+    # every profile is the user's own: a block of users at a time keeps the temporaries (decays,
+    # sparse matrices built from the events) the size of a block, not of the log
+    for lo, hi, at in blocks_of_rows(user, n_users, BLOCK_EVENTS):
+        rows, code = user[at].astype(np.int64) - lo, type_code[at]
+        decay = np.exp2(-(as_of - t[at]) / (half_life_days * SECONDS_PER_DAY))
+        affinity[lo:hi] = sp.csr_matrix((decay, (rows, code)), shape=(hi - lo, len(event_types))).toarray()
+        w = weight[at].astype(np.float64) if weight is not None else type_weight[code]
+        user_item = sp.csr_matrix((w * decay, (rows, item[at])), shape=(hi - lo, n_items))  # duplicates summed
+        interest = (user_item @ shares).tocsr()
+        top_categories[lo:hi], top_weights[lo:hi] = top_n_rows(interest, top)
+        interest_total[lo:hi] = np.asarray(interest.sum(axis=1), dtype=np.float32).ravel()
     return Profiles(
         categories=categories,
         event_types=[str(e) for e in event_types],
         top_categories=top_categories,
         top_weights=top_weights,
-        interest_total=np.asarray(interest.sum(axis=1), dtype=np.float32).ravel(),
-        event_type_affinity=affinity.astype(np.float32),
+        interest_total=interest_total,
+        event_type_affinity=affinity,
         as_of=as_of,
         half_life_days=float(half_life_days),
         category_column=column,

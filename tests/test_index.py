@@ -116,3 +116,35 @@ def test_exclusion_is_exact_even_when_ann_comes_back_short():
     # the short answers were completed by exact search
     expected = brute_force(db, q, 10, excluded)
     assert [ids[r].tolist() for r in short] == [expected[r] for r in short]
+
+
+def test_an_index_over_a_vector_file_is_filled_and_checked_a_block_at_a_time(tmp_path, monkeypatch):
+    """A bundle's vector file (memory-mapped) is read a block of rows at a time when its index is
+    built and its exact neighbours are found: the same index and neighbours as from memory, the
+    file's pages handed back after each block (at 2M users the whole file stayed mapped beside the
+    index's own copy and a second exact copy)."""
+    from dmp_dl.index import ann
+
+    db = clustered(1000, dim=16)
+    db[500] = db[10]  # a tie: the lower id first
+    np.save(tmp_path / "v.npy", db)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r", allow_pickle=False)
+    q = np.concatenate([db[[10, 3]], clustered(5, dim=16, seed=9)])
+    released, added = [], []
+    original_release = ann.release_mapped_pages
+    monkeypatch.setattr(ann, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(ann, "release_mapped_pages", lambda v: (released.append(v), original_release(v)))
+    for k in (10, 1500):
+        expected = brute_force(db, q, k, [set()] * len(q))
+        got = ann.exact_top_k(mapped, q, k)
+        assert [row[row >= 0].tolist() for row in got] == expected and (got[:, 1000:] == -1).all()
+    assert len(released) == 2 * 16 and all(v is mapped for v in released)
+    index = ann.build_index(mapped, "Flat")
+    assert index.ntotal == 1000
+    np.testing.assert_array_equal(index.search(q, 10)[1], ann.build_index(db, "Flat").search(q, 10)[1])
+    import faiss
+
+    original_add = faiss.IndexIVFFlat.add
+    monkeypatch.setattr(faiss.IndexIVFFlat, "add", lambda self, x: (added.append(len(x)), original_add(self, x)))
+    assert ann.build_index(mapped, "IVF8,Flat").ntotal == 1000
+    assert added and max(added) <= 64 and sum(added) == 1000

@@ -515,3 +515,42 @@ def test_auto_batch_size_keeps_small_logs_at_256_and_bounds_the_steps_of_large_o
     assert batch_size_for(512, 10**9) == 512
     assert threads_for("auto", 3_000) == 1 and threads_for("auto", 100_000) is None
     assert threads_for(3, 100_000) == 3 and threads_for(None, 10) is None
+
+
+def test_the_baselines_of_a_large_log_fit_on_a_bounded_sample_and_score_every_user_in_blocks(tiny_cfg, monkeypatch):
+    """``propensity.baseline_max_examples`` bounds the rows each baseline is fitted on (a dense design
+    matrix of 1.1M examples was the stage's peak at 50M events); every validation and test user is
+    still scored, a block at a time, as the bundle would score them."""
+    from sklearn.linear_model import LogisticRegression as Fitted
+
+    from dmp_dl.propensity import baselines
+
+    fitted_rows, scored_rows = [], []
+    original_fit, original_design = Fitted.fit, baselines.design_matrix
+
+    def fit(self, x, y, *args, **kwargs):
+        if np.shape(x)[1] > 1:  # not a one-column Platt calibration
+            fitted_rows.append(len(x))
+        return original_fit(self, x, y, *args, **kwargs)
+
+    def design(snap, *args, **kwargs):
+        scored_rows.append(len(snap))
+        return original_design(snap, *args, **kwargs)
+
+    monkeypatch.setattr(Fitted, "fit", fit)
+    monkeypatch.setattr(baselines, "design_matrix", design)
+    monkeypatch.setattr(baselines, "SCORE_ROWS", 16)
+    base = ["propensity.trainer.max_epochs=1", "propensity.early_stopping=null", "propensity.serve=logistic_regression"]
+    cfg = tiny_cfg(*base, "propensity.baseline_max_examples=40")
+    dm = load_data(cfg)
+    result = train_propensity(cfg, dm, build_module(cfg, dm).net)
+    n_train = result.training["train_examples"]
+    assert n_train > 40 and fitted_rows == [40] and result.training["baseline_train_examples"] == 40
+    assert max(scored_rows) <= 40 and len(result.test_predictions["logistic_regression"]) == result.split["test"]
+    # the scores of the served baseline are the ones it was evaluated with, block by block
+    test_snapshot = result.scorer.features.known(dm.events, result.test_users, result.task.cutoff)
+    np.testing.assert_allclose(result.scorer.score_snapshot(test_snapshot), result.test_predictions["logistic_regression"],
+                               rtol=1e-6, atol=1e-9)
+    fitted_rows.clear()
+    whole = train_propensity(tiny_cfg(*base), dm, build_module(cfg, dm).net)  # the default: every example of a small log
+    assert fitted_rows == [n_train] and whole.training["baseline_train_examples"] == n_train

@@ -161,6 +161,7 @@ PROPENSITY_RULES: dict[str, Rule] = {
     "propensity.cutoff_quantile": Num(0, 1, lo_open=True),
     "propensity.train_snapshots": Int(1, 1000),
     "propensity.enough_train_examples": Int(1, None, null=True),
+    "propensity.baseline_max_examples": Int(1, None, null=True),
     "propensity.split.val_frac": Num(0, 1, lo_open=True, hi_open=True),
     "propensity.split.test_frac": Num(0, 1, lo_open=True, hi_open=True),
     "propensity.split.seed": SEED,

@@ -11,7 +11,10 @@ import inspect
 
 import numpy as np
 
+from dmp_dl.propensity.calibration import to_logit
 from dmp_dl.propensity.features import Snapshot
+
+SCORE_ROWS = 1 << 16  # users a block when a baseline scores a set: its design matrix is never built whole
 
 
 def design_matrix(snap: Snapshot, n_tokens: int, vectors: np.ndarray | None = None) -> np.ndarray:
@@ -27,6 +30,33 @@ def design_matrix(snap: Snapshot, n_tokens: int, vectors: np.ndarray | None = No
     if vectors is not None:
         parts.append(vectors)
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def fit_sample(n: int, at_most: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of the examples a baseline is fitted on: all ``n``, or a seeded sample of
+    ``at_most`` (``propensity.baseline_max_examples``) when there are more."""
+    if at_most is None or n <= at_most:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, int(at_most), replace=False))
+
+
+def fit_design(snap: Snapshot, n_tokens: int, vectors: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """:func:`design_matrix` of ``snap``'s users at ``rows`` (a :func:`fit_sample`)."""
+    return design_matrix(snap.take(rows), n_tokens, None if vectors is None else vectors[rows])
+
+
+def baseline_logits(model, tabular, snap: Snapshot, n_tokens: int, vectors: np.ndarray | None,
+                    rows: int | None = None) -> np.ndarray:
+    """Raw scores (N,) float of a fitted baseline for ``snap``'s N users, ``rows`` users at a time:
+    through ``tabular`` (its :class:`~dmp_dl.propensity.tabular.TabularModel`, scored as the bundle
+    serves it) when it has one, else the logit of the classifier's probability (``rows``: default
+    :data:`SCORE_ROWS`)."""
+    rows, out = int(rows or SCORE_ROWS), []
+    for s in range(0, len(snap), rows):
+        part = np.arange(s, min(s + rows, len(snap)))
+        x = fit_design(snap, n_tokens, vectors, part)
+        out.append(tabular.logits(x) if tabular is not None else to_logit(positive_probability(model, x)))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def fit_baseline(model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):

@@ -29,9 +29,9 @@ from dmp_dl.core.errors import ConfigError, InsufficientDataError
 from dmp_dl.core.json_values import json_safe
 from dmp_dl.data.schema import TIME, TYPE
 from dmp_dl.metrics.classification import NEAR_CHANCE_ROC_AUC, binary_metrics, gains_table
-from dmp_dl.propensity.baselines import design_matrix, fit_baseline, positive_probability
+from dmp_dl.propensity.baselines import baseline_logits, fit_baseline, fit_design, fit_sample
 from dmp_dl.propensity.bundle import encoder_entry
-from dmp_dl.propensity.calibration import Calibrator, to_logit
+from dmp_dl.propensity.calibration import Calibrator
 from dmp_dl.propensity.features import BehaviourSpec, Snapshot, UserFeatures
 from dmp_dl.propensity.labels import (
     SECONDS_PER_DAY,
@@ -363,17 +363,23 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None, network_kwargs: dic
                               dm.item_vocab if encoder is not None else None)
     logits: dict[str, dict[str, np.ndarray]] = {"val": {DEEP_MODEL: scorer.logits(sets["val"][0])},
                                                 "test": {DEEP_MODEL: scorer.logits(sets["test"][0])}}
-    x = {name: design_matrix(s, features.attributes.n_tokens, vectors[name]) for name, (s, _) in sets.items()}
     y_val, y_test = sets["val"][1], sets["test"][1]
+    n_tokens = features.attributes.n_tokens
+    # the baselines fit on at most propensity.baseline_max_examples users (a seeded sample of a large
+    # log: a dense design matrix of every example was the stage's peak) and score every user in blocks
+    at_most = p.get("baseline_max_examples")
+    fit_rows = {name: fit_sample(len(sets[name][1]), at_most, seed) for name in ("train", "val")}
+    x_fit = {name: fit_design(sets[name][0], n_tokens, vectors[name], rows) for name, rows in fit_rows.items()}
     tabular: dict[str, TabularModel | None] = {}
     for name, node in (p.get("baselines") or {}).items():
         tb = time.perf_counter()
-        model = fit_baseline(instantiate(node, _convert_="all"), x["train"], y_train, x["val"], y_val)
+        model = fit_baseline(instantiate(node, _convert_="all"), x_fit["train"], y_train[fit_rows["train"]],
+                             x_fit["val"], y_val[fit_rows["val"]])
         tabular[name] = TabularModel.from_sklearn(model)  # scored as the bundle would serve it
         for split in ("val", "test"):
-            logits[split][name] = (to_logit(positive_probability(model, x[split])) if tabular[name] is None
-                                   else tabular[name].logits(x[split]))
+            logits[split][name] = baseline_logits(model, tabular[name], sets[split][0], n_tokens, vectors[split])
         timings[f"{name}_seconds"] = time.perf_counter() - tb
+    del x_fit
     calibrators = {name: Calibrator.fit(method, z, y_val) for name, z in logits["val"].items()}
     served, selection = select_served(logits["val"], y_val, tabular, str(p.get("serve", "best")))
     scorer.calibrator = calibrators[served]
@@ -405,6 +411,7 @@ def _train(cfg: DictConfig, dm, net: torch.nn.Module | None, network_kwargs: dic
         "best_val_auc": module.best_auc,
         "pos_weight": pos_weight,
         "train_examples": int(len(y_train)),
+        "baseline_train_examples": int(len(fit_rows["train"])),
         "batch_size": batch_size,
         "train_cutoffs": cutoffs,
         "n_features": {"behaviour": int(snap.behaviour.shape[1]), "attribute_tokens": features.attributes.n_tokens - 1,

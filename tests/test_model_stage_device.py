@@ -420,6 +420,31 @@ def test_freed_blocks_are_kept_for_reuse_inside_the_model_stages_and_handed_back
     assert resident_after_free() > size // 2  # unmapped at once, as glibc does by default
 
 
+def test_a_stage_frees_on_its_way_out_what_only_reference_cycles_kept():
+    """Arrays reachable only through reference cycles (a stage's trainers, modules and closures) are
+    freed when the stage ends, not whenever Python's full collection happens to run (after the model
+    stage of a 5M-event log they held 0.47 GiB)."""
+    import gc
+    import weakref
+
+    class Holder:
+        pass
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # only the stage's own collection may free the cycle
+    try:
+        with memory.reuse_freed_blocks():
+            holder = Holder()
+            holder.me, holder.block = holder, np.ones(1 << 20)
+            alive = weakref.ref(holder.block)
+            del holder
+            assert alive() is not None
+        assert alive() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def test_every_stage_after_the_data_stage_reuses_freed_blocks():
     """The data stage hands its memory back step by step (its peak is what limits the log size);
     the stages after it keep freed blocks for reuse."""

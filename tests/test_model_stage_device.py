@@ -318,6 +318,24 @@ def test_pruning_keeps_each_rows_largest_weights():
     np.testing.assert_array_equal(everything.toarray(), dense)
 
 
+def test_pruning_reads_a_bounded_number_of_bytes_at_a_time_with_the_same_result(monkeypatch):
+    """The rows of B are pruned in blocks of a fixed size in bytes, not of 4,096 rows: at 50,000 items
+    a block of 4,096 rows and its absolute values took 0.8 GiB each at the 50M run's largest moment."""
+    b = torch.randn(1000, 40, generator=torch.Generator().manual_seed(3))
+    whole = ease_lib.prune_rows(b, 7)
+    seen, topk = [], torch.topk
+
+    def counted(x, *args, **kwargs):
+        seen.append(x.shape[0] * x.shape[1] * 4)
+        return topk(x, *args, **kwargs)
+
+    monkeypatch.setattr(ease_lib, "PRUNE_BLOCK_BYTES", 4 * 40 * 333)  # 333 rows a block
+    monkeypatch.setattr(torch, "topk", counted)
+    blocked = ease_lib.prune_rows(b, 7)
+    assert len(seen) == 4 and max(seen) <= 4 * 40 * 333
+    assert (blocked != whole).nnz == 0 and np.array_equal(blocked.indices, whole.indices)
+
+
 def test_the_ease_weights_are_laid_out_by_rows(caplog):
     """Scoring gathers rows of B: a column-major B (LAPACK's layout) gives the same numbers ~100x slower."""
     x = _random_binary(300, 80, 0.1)

@@ -463,6 +463,9 @@ def ease_weights(x: sp.csr_matrix, l2: float, device: str | torch.device = "cpu"
     return b
 
 
+PRUNE_BLOCK_BYTES = 128 * 2**20  # rows of B pruned at a time: at 50,000 items 4,096 rows took 0.8 GiB a copy
+
+
 def prune_rows(b: torch.Tensor, keep_per_item: int) -> sp.csr_matrix:
     """Each row of dense ``b`` (rows, n_cols) reduced to its ``keep_per_item`` largest-magnitude
     weights, as a CSR matrix of the same shape."""
@@ -472,15 +475,22 @@ def prune_rows(b: torch.Tensor, keep_per_item: int) -> sp.csr_matrix:
         out = sp.csr_matrix(b.cpu().numpy())
         out.eliminate_zeros()
         return out
-    cols, vals = [], []
-    for s in range(0, n_rows, 4096):  # bounded temporaries
-        block = b[s : s + 4096]
+    # every row keeps exactly `keep` distinct columns: the CSR pieces directly (3x faster than from COO at
+    # 20,000 items), each block's written into arrays of the final size (lists of int64 pieces and their
+    # concatenation took 3x the pruned matrix)
+    total = n_rows * keep
+    index = np.int32 if max(total, n) < 2**31 else np.int64
+    values = np.empty(total, dtype=torch.empty(0, dtype=b.dtype).numpy().dtype)
+    columns = np.empty(total, dtype=index)
+    step = max(1, min(4096, PRUNE_BLOCK_BYTES // (4 * n)))  # |block| and topk's buffers: a fixed size, not 4,096 rows
+    for s in range(0, n_rows, step):
+        block = b[s : s + step]
         idx = torch.topk(block.abs(), keep, dim=1, sorted=False).indices  # a set: unsorted is about 2x faster
-        cols.append(idx.cpu().numpy().ravel())
-        vals.append(torch.gather(block, 1, idx).cpu().numpy().ravel())
-    # every row keeps exactly `keep` distinct columns: the CSR pieces directly (3x faster than from COO at 20,000 items)
-    indptr = np.arange(n_rows + 1, dtype=np.int64) * keep
-    out = sp.csr_matrix((np.concatenate(vals), np.concatenate(cols), indptr), shape=(n_rows, n))
+        at = slice(s * keep, (s + len(block)) * keep)
+        columns[at] = idx.cpu().numpy().ravel()
+        values[at] = torch.gather(block, 1, idx).cpu().numpy().ravel()
+    indptr = np.arange(n_rows + 1, dtype=index) * keep
+    out = sp.csr_matrix((values, columns, indptr), shape=(n_rows, n))
     out.sort_indices()
     out.eliminate_zeros()
     return out

@@ -185,7 +185,7 @@ def test_datamodule_evaluation_sets_match_sets_of_pairs(method):
     assert (dm.item_vocab.ids[item] == ev["item_id"].to_numpy()).all()
 
 
-def test_interaction_rows_are_built_once_and_handed_out_as_copies():
+def test_interaction_rows_are_built_once_and_shared_read_only():
     from dmp_dl.data.datamodule import weighted_rows
     from dmp_dl.data.synthetic import SyntheticSource
 
@@ -197,8 +197,11 @@ def test_interaction_rows_are_built_once_and_handed_out_as_copies():
                                  ev["weight"].to_numpy()[mask])
         first = dm.interaction_rows(which)
         assert (first != expected).nnz == 0 and first.dtype == np.float32
-        first.data[:] = -1.0  # a caller scaling its copy in place ...
-        again = dm.interaction_rows(which)
-        assert (again != expected).nnz == 0  # ... changes nobody else's
+        assert dm.interaction_rows(which) is first  # built once, no copy per caller ...
+        with pytest.raises(ValueError, match="read-only"):
+            first.data[:] = -1.0  # ... so a caller writing into it in place is stopped
+        scaled = first.copy()
+        scaled.data *= 2.0  # a copy is the caller's own
+        assert (dm.interaction_rows(which) != expected).nnz == 0
     view = dm.everything_as_training()
     assert (view.interaction_rows("all") != dm.interaction_rows("all")).nnz == 0

@@ -712,7 +712,8 @@ def choose_model(cfg: DictConfig, dm, loggers: list | None = None, private_fit=N
     val_sample = validation_sample(cfg, dm) if has_val else None
     x_train = dm.train_seen
     candidates: dict[str, dict] = {}
-    max_epochs, epochs_from = epoch_limit(cfg, int(dm.interaction_rows("train").nnz))
+    # the training pairs, counted without building the rows now: they would be held through EASE's dense fit
+    max_epochs, epochs_from = epoch_limit(cfg, int(x_train.nnz))
     log.info("autoencoder: at most %d epochs (%s)%s", max_epochs, epochs_from,
              ", early stopping on validation" if has_val else "")
     budget, budget_facts = time_budget(cfg)

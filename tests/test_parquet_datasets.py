@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dmp_dl.core.cli import report_errors
-from dmp_dl.core.errors import DataError
+from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.data.cleaning import CleaningOptions
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.data.event_files import EventFileSource
@@ -410,6 +410,35 @@ def test_a_csv_log_too_large_for_the_memory_free_is_refused_in_one_line_before_i
     monkeypatch.undo()
     monkeypatch.setattr(memory_check, "host_available_bytes", lambda: need)
     assert prepare(logs["csv"]).report.events.rows_in == len(logs["frame"])  # a log that fits is read
+
+
+def test_data_memory_limit_gb_caps_what_the_data_stage_plans_on(tmp_path, capsys, logs):
+    """On a machine with memory to spare, the user's own limit refuses a log that needs more, naming the
+    setting, and a limit that leaves room reads the same log."""
+    from dmp_dl.data import memory_check, parquet_dataset
+
+    rows = len(logs["frame"])
+    need_gb = rows * parquet_dataset.PREPARE_BYTES_PER_EVENT / 2**30
+    limit = f"data.memory_limit_gb={need_gb / 2:.8f}"
+
+    def cfg(path, run_dir):
+        return compose_cfg(["data=events", f"data.path={path}", limit, *QUIET_TRAINER, "logger=none"], run_dir)
+
+    line = _exit_line(capsys, lambda: run(cfg(logs["hive"], tmp_path / "run")))
+    assert str(logs["hive"]) in line and f"{rows:,} events" in line and "data.memory_limit_gb=" in line, line
+    csv_need_gb = (memory_check.csv_rows_estimate(logs["csv"]) * memory_check.PREPARE_BYTES_PER_EVENT
+                   + logs["csv"].stat().st_size) / 2**30
+    limit = f"data.memory_limit_gb={csv_need_gb / 2:.8f}"
+    line = _exit_line(capsys, lambda: run(cfg(logs["csv"], tmp_path / "run-csv")))
+    assert str(logs["csv"]) in line and "data.memory_limit_gb=" in line and "allows" in line, line
+    kept = prepare(logs["hive"], memory_limit_gb=2 * need_gb + 0.001)
+    assert kept.report.events.rows_in == rows
+
+
+@pytest.mark.parametrize("limit", [0, -1, "lots", float("inf")])
+def test_a_data_memory_limit_that_is_no_positive_number_is_refused(limit, logs):
+    with pytest.raises(ConfigError, match="data.memory_limit_gb must be a positive number"):
+        prepare(logs["hive"], memory_limit_gb=limit)
 
 
 def test_the_rows_of_a_csv_are_counted_within_its_head_and_estimated_from_its_size_beyond(tmp_path):

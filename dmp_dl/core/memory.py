@@ -7,29 +7,12 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest mmap threshold glibc's own dynamic rule reaches on 64-bit
 REUSED_BLOCK_BYTES = 256 * 2**20
-
-
-def host_available_bytes() -> int:
-    """Memory the host can give this process now without swapping: ``MemAvailable`` of
-    ``/proc/meminfo``, else the free pages; ``1 << 62`` (no limit) when neither is known."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmp_dl.core.arrays import BLOCK, bincount_blocks, count_per_segment, flatnonzero_blocks, index_dtype
 from dmp_dl.core.errors import ConfigError, DataError
+from dmp_dl.core.free_memory import memory_budget
 from dmp_dl.core.memory import release_freed_memory
 from dmp_dl.data.cleaning import CleaningOptions, clean_log
 from dmp_dl.data.erasure_list import read_erasure_list
@@ -233,6 +234,10 @@ class InteractionDataModule(pl.LightningDataModule):
     privacy: a :class:`dmp_dl.privacy.PrivacyOptions` (``privacy`` in the train config): user ids
         are replaced by keyed pseudonyms right after loading when ``privacy.pseudonymize``, and the
         erasure lists (``privacy.erasure_list`` and ``erasure_list``) may hold keyed-hash entries.
+    memory_limit_gb: the memory :meth:`prepare` may plan on, in GiB (``data.memory_limit_gb``; None:
+        what the host and the process's container have free). A log whose preparation is estimated
+        to need more stops with one line before it is read (:mod:`dmp_dl.data.memory_check`);
+        nothing is spilled to disk to stay under it.
     """
 
     def __init__(
@@ -253,6 +258,7 @@ class InteractionDataModule(pl.LightningDataModule):
         privacy: object | None = None,
         extra_paths: list[str] | None = None,
         recency_half_life_days: float | str | None = None,
+        memory_limit_gb: float | None = None,
     ):
         super().__init__()
         self.source = _make_source(source, path=path, users=users, items=items, name=name)
@@ -274,6 +280,7 @@ class InteractionDataModule(pl.LightningDataModule):
             extra_paths = [extra_paths]
         self.extra_paths = [str(x) for x in (extra_paths or [])]
         self.journal_marks: dict[str, int] = {}
+        self.memory_limit_gb = _check_memory_limit(memory_limit_gb)
         self.recency_setting = check_half_life(recency_half_life_days)
         self.half_life_days: float | None = self.recency_setting if self.recency_setting != AUTO else None
         self._interaction_rows: dict[tuple, sp.csr_matrix] = {}
@@ -291,6 +298,10 @@ class InteractionDataModule(pl.LightningDataModule):
         ``vocabularies``, ``split``, ``evaluation_sets``, ``features``)."""
         if self._prepared:
             return self
+        with memory_budget(self.memory_limit_gb, "data.memory_limit_gb"):
+            return self._prepare()
+
+    def _prepare(self) -> "InteractionDataModule":
         clock = StepClock()
         with clock.step("load"):
             raw = _load(self.source, self.cleaning)
@@ -683,6 +694,19 @@ def count_unmatched(table: pd.DataFrame | None, id_col: str, vocab: IdVocab, rep
         log.info("%s: %d of %d rows have an %s that is no id of the events; their attributes are unused",
                  key, n, len(table), id_col)
     return n
+
+
+def _check_memory_limit(limit: object) -> float | None:
+    """``data.memory_limit_gb`` as a positive number of GiB, or None."""
+    if limit is None:
+        return None
+    try:
+        value = float(limit)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"data.memory_limit_gb must be a positive number of GiB or null, got {limit!r}")
+    return value
 
 
 def _load(source, cleaning: CleaningOptions):

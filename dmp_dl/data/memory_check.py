@@ -1,4 +1,5 @@
-"""Whether a log's preparation fits in the memory the host has free, estimated before it is read,
+"""Whether a log's preparation fits in the memory this process may take (free on the host, under its
+container's limit and ``data.memory_limit_gb``), estimated before it is read,
 so that a log too large stops with one line instead of the kernel killing the process part-way."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dmp_dl.core.errors import DataError
-from dmp_dl.core.memory import host_available_bytes
+from dmp_dl.core.free_memory import describe_available, host_available_bytes
 from dmp_dl.data.event_paths import COMPRESSION_SUFFIXES, kind_by_name
 
 # the data stage's memory for each event it prepares: its peak grew by 78 bytes an event from 20M
@@ -31,7 +32,7 @@ def csv_rows_estimate(path: Path) -> int:
 
 def check_csv_events_fit(files: Sequence[Path], where: str | Path) -> None:
     """Refuse, in one line before any is read, CSV event files whose preparation cannot fit in the
-    memory the host has free: their rows times :data:`PREPARE_BYTES_PER_EVENT` plus their text,
+    memory this process may take (:func:`~dmp_dl.core.free_memory.host_available_bytes`): their rows times :data:`PREPARE_BYTES_PER_EVENT` plus their text,
     which is held as read (Arrow strings) while the events are prepared (the generator's log written
     as CSV, 53 bytes a row: the data stage's peak grew by 134 bytes an event from 1M to 5M events,
     bench/RESULTS.md). Compressed files are left out (their size says little of their text's), and
@@ -50,6 +51,6 @@ def check_csv_events_fit(files: Sequence[Path], where: str | Path) -> None:
     if need <= free:
         return
     raise DataError(f"{where}: about {rows:,} events in {text / 2**30:.1f} GiB of CSV need about {need / 2**30:.1f} GiB "
-                    f"of memory to prepare and this machine has {free / 2**30:.1f} GiB free; write the log as Parquet "
+                    f"of memory to prepare and {describe_available(free)}; write the log as Parquet "
                     "(a folder of partitions) and read a time window (data.cleaning.min_timestamp / max_timestamp), "
                     "point data.path at fewer files, or run where more memory is free")

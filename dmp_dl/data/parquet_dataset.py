@@ -40,7 +40,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from dmp_dl.core.errors import DataError
-from dmp_dl.core.memory import host_available_bytes, release_freed_memory
+from dmp_dl.core.free_memory import describe_available, host_available_bytes
+from dmp_dl.core.memory import release_freed_memory
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.event_paths import EventFiles, partition_values
 from dmp_dl.data.files import decode_binary_ids
@@ -312,7 +313,7 @@ def read_parquet_events(found: EventFiles, *, key: str, rename: dict[str, str] |
 
 def check_fits_in_memory(dataset: ds.Dataset, rows: int, time_filter: ds.Expression | None, where: str) -> None:
     """Refuse, in one line before anything is read, a log whose preparation cannot fit in the memory
-    the host has free: ``rows`` (the files' row count) times :data:`PREPARE_BYTES_PER_EVENT`; with a
+    this process may take (:func:`~dmp_dl.core.free_memory.host_available_bytes`): ``rows`` (the files' row count) times :data:`PREPARE_BYTES_PER_EVENT`; with a
     time window, the rows inside it (counted from partitions and row-group statistics) when the
     files' count does not fit."""
     free = host_available_bytes()
@@ -327,7 +328,7 @@ def check_fits_in_memory(dataset: ds.Dataset, rows: int, time_filter: ds.Express
             return
     need = rows * PREPARE_BYTES_PER_EVENT
     raise DataError(f"{where}: {rows:,} events to prepare need about {need / 2**30:.1f} GiB of memory "
-                    f"({PREPARE_BYTES_PER_EVENT} bytes an event) and this machine has {free / 2**30:.1f} GiB free; "
+                    f"({PREPARE_BYTES_PER_EVENT} bytes an event) and {describe_available(free)}; "
                     "read a time window (data.cleaning.min_timestamp / max_timestamp), point data.path at fewer "
                     "partitions, or run where more memory is free")
 

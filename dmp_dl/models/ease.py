@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from scipy.linalg import lapack
 
 from dmp_dl.core.errors import ConfigError
-from dmp_dl.core.memory import host_available_bytes
+from dmp_dl.core.free_memory import host_available_bytes
 from dmp_dl.core.parallel import sparse_product_dense
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ def model_device(accelerator: str | None = "auto") -> torch.device:
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
-    """Memory free on ``device`` now: CUDA's free memory, or the host's ``MemAvailable``."""
+    """Memory free on ``device`` now: CUDA's free memory, or what the host and the memory limits of this
+    process's control groups let it take (:func:`~dmp_dl.core.free_memory.host_available_bytes`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])

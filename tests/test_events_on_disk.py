@@ -98,6 +98,45 @@ def test_a_disk_that_refuses_leaves_the_events_in_memory(tmp_path, caplog):
     assert sum("stay in memory" in r.getMessage() for r in caplog.records) == 1
 
 
+class _Holder:
+    pass
+
+
+def test_arrays_on_disk_are_memory_maps_inside_and_the_same_values_after(tmp_path):
+    from dmp_dl.data.array_spill import arrays_on_disk
+
+    rng = np.random.default_rng(0)
+    owner = _Holder()
+    owner.history = rng.integers(0, 50, size=(40, 5)).astype(np.int32)
+    owner.same_history = owner.history  # two names, one array
+    owner.pairs = sp.random(40, 30, density=0.2, format="csr", dtype=np.float32, random_state=1)
+    owner.fitted = sp.random(40, 30, density=0.2, format="csr", dtype=np.float32, random_state=2)
+    owner.replaced = np.arange(7)
+    owner.empty, owner.text = np.zeros(0), "not an array"
+    sharer = owner.pairs  # held elsewhere too: reads the map inside, its own values after
+    expected = {"history": owner.history.copy(), "pairs": owner.pairs.toarray(), "fitted": owner.fitted.toarray()}
+    fitted_data = owner.fitted.data
+    names = ["history", "same_history", "pairs", "fitted", "replaced", "empty", "text", "missing"]
+    with arrays_on_disk(owner, names, tmp_path, keep=[owner.fitted]) as written:
+        assert written == owner.history.nbytes + sum(getattr(sharer, p).nbytes for p in ("data", "indices", "indptr")) + 7 * 8
+        assert isinstance(owner.history, np.memmap) and owner.same_history is owner.history
+        assert all(isinstance(getattr(sharer, p), np.memmap) for p in ("data", "indices", "indptr"))
+        assert not owner.history.flags.writeable
+        assert owner.fitted.data is fitted_data  # kept: left in memory
+        np.testing.assert_array_equal(owner.history, expected["history"])
+        np.testing.assert_allclose(sharer @ np.ones(30, dtype=np.float32), expected["pairs"].sum(axis=1), rtol=1e-6)
+        owner.replaced = np.array([1, 2])  # a new value set inside the block stays
+        assert len(list(tmp_path.iterdir())) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert type(owner.history) is np.ndarray and owner.same_history is owner.history
+    np.testing.assert_array_equal(owner.history, expected["history"])
+    assert all(type(getattr(sharer, p)) is np.ndarray for p in ("data", "indices", "indptr"))
+    np.testing.assert_array_equal(owner.pairs.toarray(), expected["pairs"])
+    assert owner.replaced.tolist() == [1, 2] and owner.text == "not an array"
+    with arrays_on_disk(owner, ["history"], tmp_path / "missing") as written:  # a disk that refuses
+        assert written == 0 and type(owner.history) is np.ndarray
+
+
 @pytest.mark.parametrize("aside_bytes, expect_on_disk", [(0, True), (1 << 40, False)])
 def test_a_large_cpu_ease_fit_runs_with_the_events_on_disk(monkeypatch, tmp_path, aside_bytes, expect_on_disk):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
@@ -108,18 +147,30 @@ def test_a_large_cpu_ease_fit_runs_with_the_events_on_disk(monkeypatch, tmp_path
     seen_in_memory = []
     gram = ease_lib.gram_matrix
 
+    later = {name: getattr(dm, name) for name in ("full_history", "test_input_history", "all_seen", "test_relevant")}
+    later = {name: v.copy() for name, v in later.items()}
+    mapped = []
+
     def spy(x, device, *args, **kwargs):
         seen_in_memory.append(dm.log_.events is not None)
+        mapped.append((isinstance(dm.full_history, np.memmap), isinstance(dm.all_seen.indices, np.memmap),
+                       isinstance(x.indices, np.memmap)))
         return gram(x, device, *args, **kwargs)
 
     monkeypatch.setattr(ease_lib, "gram_matrix", spy)
     shallow, facts, _ = selection.fit_ease(_fit_cfg([2.0]), dm, dm.train_seen, l2=50.0)
     assert seen_in_memory == [not expect_on_disk]
+    # the arrays prepared for later steps are memory maps during the fit (the fitted matrix is not), and come back
+    assert mapped == [(expect_on_disk, expect_on_disk, False)]
+    for name, value in later.items():
+        now = getattr(dm, name)
+        assert type(now if isinstance(now, np.ndarray) else now.indices) is np.ndarray
+        assert (now != value).nnz == 0 if sp.issparse(value) else np.array_equal(now, value)
     pd.testing.assert_frame_equal(dm.events, before)
     expected = ease_lib.ease_weights(dm.train_seen, 50.0).numpy()
     served = shallow(sp.identity(dm.n_items, format="csr", dtype=np.float32)).numpy()
     np.testing.assert_allclose(served, expected, rtol=1e-3, atol=1e-4)
-    assert [p for p in Path(tmp_path).iterdir() if p.name.startswith("dmp_dl-frame-")] == []
+    assert [p for p in Path(tmp_path).iterdir() if p.name.startswith(("dmp_dl-frame-", "dmp_dl-arrays-"))] == []
 
 
 def test_ease_takes_a_binary_matrix_as_it_is_and_copies_any_other():

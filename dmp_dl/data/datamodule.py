@@ -20,6 +20,7 @@ from dmp_dl.core.arrays import BLOCK, bincount_blocks, count_per_segment, flatno
 from dmp_dl.core.errors import ConfigError, DataError
 from dmp_dl.core.free_memory import memory_budget
 from dmp_dl.core.memory import release_freed_memory
+from dmp_dl.data.array_spill import arrays_on_disk
 from dmp_dl.data.cleaning import CleaningOptions, clean_log
 from dmp_dl.data.erasure_list import read_erasure_list
 from dmp_dl.data.event_files import add_extra_events
@@ -36,6 +37,9 @@ from dmp_dl.data.vocab import IdVocab
 
 log = logging.getLogger(__name__)
 _RESOLVED = object()  # interaction_rows' default half-life: the data module's own
+# what the data stage prepares for the steps after the model's fit (the test pass, the refit, the bundle),
+# which a fit on the training pairs does not read: on disk during EASE's dense fit (prepared_arrays_on_disk)
+PREPARED_FOR_LATER = ("full_history", "test_input_history", "all_seen", "test_relevant", "test_seen")
 
 
 def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray,
@@ -515,6 +519,14 @@ class InteractionDataModule(pl.LightningDataModule):
             yield
         finally:
             self._read_events_back()
+
+    def prepared_arrays_on_disk(self, directory: str | None = None, keep: Collection[object] = ()):
+        """While the block runs, what the data stage prepared for the steps after a fit and that a fit
+        on the training pairs does not read (:data:`PREPARED_FOR_LATER`: the histories up to each
+        user's last event and before the test period, every pair, the test sets) are memory maps of
+        files in a temporary folder under ``directory`` (:func:`dmp_dl.data.array_spill.arrays_on_disk`;
+        not those in ``keep``, e.g. the matrix being fitted); read back into memory when it ends."""
+        return arrays_on_disk(self, PREPARED_FOR_LATER, directory, keep)
 
     def _read_events_back(self) -> None:
         if not self._events_spilled:

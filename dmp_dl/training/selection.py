@@ -455,12 +455,18 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
     A CPU fit whose dense matrices take at least ``EVENTS_ASIDE_BYTES`` runs with the clean events
     on disk (:meth:`~dmp_dl.data.datamodule.InteractionDataModule.events_on_disk`): it reads the
     binary matrix ``x``, not the events, and their memory goes to the matrices (at 50M events x 50k
-    items: 1.8 GiB beside a 9.3 GiB Gram matrix), for about a second a GiB written and read back."""
+    items: 1.8 GiB beside a 9.3 GiB Gram matrix), for about a second a GiB written and read back. So
+    do the arrays the data stage prepared for later steps (the data module's ``prepared_arrays_on_disk``),
+    as memory maps, ``x`` itself left in memory."""
     device = stage_device(cfg)
-    aside = getattr(dm, "events_on_disk", None)
-    if device.type != "cpu" or aside is None or ease_lib.dense_bytes(*x.shape, device, False) < EVENTS_ASIDE_BYTES:
-        aside = contextlib.nullcontext
-    with aside():
+    large = device.type == "cpu" and ease_lib.dense_bytes(*x.shape, device, False) >= EVENTS_ASIDE_BYTES
+    events_aside = getattr(dm, "events_on_disk", None) if large else None
+    arrays_aside = getattr(dm, "prepared_arrays_on_disk", None) if large else None
+    with contextlib.ExitStack() as aside:
+        if events_aside is not None:
+            aside.enter_context(events_aside())
+        if arrays_aside is not None:
+            aside.enter_context(arrays_aside(keep=(x,)))
         return _fit_ease(cfg, dm, x, device, l2, val_users, dropout)
 
 

@@ -1,0 +1,103 @@
+"""Arrays and CSR matrices held on disk, read through memory maps, while a step that needs the memory
+more runs (EASE's dense fit on the CPU).
+
+:func:`arrays_on_disk` writes each named NumPy array, and each CSR matrix's ``data``, ``indices`` and
+``indptr``, as a ``.npy`` file in a fresh temporary folder and puts a read-only memory map of the file
+in its place: on the owner's attribute for an array, inside the matrix object itself for a CSR matrix
+(so every holder of that matrix reads the map). The pages of a map belong to its file: a step that
+does not read them never loads them, and under memory pressure the kernel drops them instead of
+killing the process. When the block ends each is read back into memory and the folder is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Collection, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from dmp_dl.core.memory import release_freed_memory
+
+log = logging.getLogger(__name__)
+CSR_PARTS = ("data", "indices", "indptr")
+
+
+def _mapped(folder: Path, name: str, values: np.ndarray) -> np.ndarray:
+    path = folder / f"{name}.npy"
+    np.save(path, np.ascontiguousarray(values), allow_pickle=False)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+@contextlib.contextmanager
+def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | None = None,
+                   keep: Collection[object] = ()) -> Iterator[int]:
+    """While the block runs, ``owner``'s attributes ``names`` that hold a NumPy array or a CSR matrix
+    (not those that are one of ``keep``, compared by identity) are memory maps of files in a
+    temporary folder under ``directory`` (default ``TMPDIR``); yields the bytes written. Attributes
+    naming the same object share one file. When the block ends, each map still in place is replaced
+    by its values read back into memory (an attribute given a new value inside the block keeps it).
+    A disk that refuses leaves everything in memory (one warning, yields 0)."""
+    kept = {id(k) for k in keep}
+    wanted = [(n, getattr(owner, n, None)) for n in names]
+    wanted = [(n, v) for n, v in wanted if id(v) not in kept
+              and ((isinstance(v, np.ndarray) and v.size > 0) or (sp.isspmatrix_csr(v) and v.nnz > 0))]
+    if not wanted:
+        yield 0
+        return
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="dmp_dl-arrays-", dir=directory))
+    except OSError as e:
+        log.warning("the prepared arrays stay in memory during this step (a folder in %s: %s)",
+                    directory or "the temporary folder", e)
+        yield 0
+        return
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # attribute -> (its array, the map)
+    matrices: dict[int, tuple[sp.csr_matrix, dict[str, np.ndarray]]] = {}  # id -> (matrix, part -> map)
+    by_id: dict[int, np.ndarray] = {}
+    written = 0
+    try:
+        for name, value in wanted:
+            if isinstance(value, np.ndarray):
+                if id(value) not in by_id:
+                    by_id[id(value)] = _mapped(folder, name, value)
+                    written += value.nbytes
+                arrays[name] = (value, by_id[id(value)])
+            elif id(value) not in matrices:
+                maps = {part: _mapped(folder, f"{name}.{part}", getattr(value, part)) for part in CSR_PARTS}
+                matrices[id(value)] = (value, maps)
+                written += sum(m.nbytes for m in maps.values())
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("the prepared arrays stay in memory during this step (writing them to %s failed: %s)", folder, e)
+        yield 0
+        return
+    for name, (_, mapped) in arrays.items():
+        setattr(owner, name, mapped)
+    for matrix, maps in matrices.values():
+        for part, mapped in maps.items():
+            setattr(matrix, part, mapped)
+    del wanted, by_id
+    arrays = {name: mapped for name, (_, mapped) in arrays.items()}  # the originals' last references go
+    release_freed_memory()
+    log.info("%.0f MiB of prepared arrays are on disk (%s) during this step", written / 2**20, folder)
+    try:
+        yield written
+    finally:
+        try:
+            restored: dict[int, np.ndarray] = {}  # attributes that shared an array share its copy
+            for name, mapped in arrays.items():
+                if getattr(owner, name, None) is mapped:
+                    if id(mapped) not in restored:
+                        restored[id(mapped)] = np.array(mapped)
+                    setattr(owner, name, restored[id(mapped)])
+            for matrix, maps in matrices.values():
+                for part, mapped in maps.items():
+                    if getattr(matrix, part) is mapped:
+                        setattr(matrix, part, np.array(mapped))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -47,11 +47,11 @@ def host_available_bytes() -> int:
 
 def describe_available(free: int) -> str:
     """``free`` bytes (from :func:`host_available_bytes`) in words for a message: "data.memory_limit_gb=2
-    allows 2.0 GiB" when the :func:`memory_budget` in force is what bounds it, else "4.0 GiB is free
+    allows 2.0 GiB (raise it ...)" when the :func:`memory_budget` in force is what bounds it, else "4.0 GiB is free
     to this process"."""
     budget = _BUDGET.get()
     if budget is not None and free == budget[0]:
-        return f"{budget[1]} allows {free / 2**30:.1f} GiB"
+        return f"{budget[1]} allows {free / 2**30:.1f} GiB (raise it where the machine has more free)"
     return f"{free / 2**30:.1f} GiB is free to this process"
 
 

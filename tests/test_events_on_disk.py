@@ -5,6 +5,7 @@ binary matrix taken without a copy when it already is one."""
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +117,15 @@ def test_arrays_on_disk_are_memory_maps_inside_and_the_same_values_after(tmp_pat
     sharer = owner.pairs  # held elsewhere too: reads the map inside, its own values after
     expected = {"history": owner.history.copy(), "pairs": owner.pairs.toarray(), "fitted": owner.fitted.toarray()}
     fitted_data = owner.fitted.data
+    # nothing but the owner holds these: on disk, their memory goes (the last one named too)
+    originals = [weakref.ref(owner.history), weakref.ref(owner.replaced)]
     names = ["history", "same_history", "pairs", "fitted", "replaced", "empty", "text", "missing"]
     with arrays_on_disk(owner, names, tmp_path, keep=[owner.fitted]) as written:
         assert written == owner.history.nbytes + sum(getattr(sharer, p).nbytes for p in ("data", "indices", "indptr")) + 7 * 8
         assert isinstance(owner.history, np.memmap) and owner.same_history is owner.history
         assert all(isinstance(getattr(sharer, p), np.memmap) for p in ("data", "indices", "indptr"))
         assert not owner.history.flags.writeable
+        assert [ref() for ref in originals] == [None, None]
         assert owner.fitted.data is fitted_data  # kept: left in memory
         np.testing.assert_array_equal(owner.history, expected["history"])
         np.testing.assert_allclose(sharer @ np.ones(30, dtype=np.float32), expected["pairs"].sum(axis=1), rtol=1e-6)

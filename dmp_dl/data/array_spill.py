@@ -56,9 +56,9 @@ def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | 
                     directory or "the temporary folder", e)
         yield 0
         return
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # attribute -> (its array, the map)
+    arrays: dict[str, np.ndarray] = {}  # attribute -> the map of its array
     matrices: dict[int, tuple[sp.csr_matrix, dict[str, np.ndarray]]] = {}  # id -> (matrix, part -> map)
-    by_id: dict[int, np.ndarray] = {}
+    by_id: dict[int, np.ndarray] = {}  # one map per array, however many attributes name it
     written = 0
     try:
         for name, value in wanted:
@@ -66,7 +66,7 @@ def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | 
                 if id(value) not in by_id:
                     by_id[id(value)] = _mapped(folder, name, value)
                     written += value.nbytes
-                arrays[name] = (value, by_id[id(value)])
+                arrays[name] = by_id[id(value)]
             elif id(value) not in matrices:
                 maps = {part: _mapped(folder, f"{name}.{part}", getattr(value, part)) for part in CSR_PARTS}
                 matrices[id(value)] = (value, maps)
@@ -76,13 +76,12 @@ def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | 
         log.warning("the prepared arrays stay in memory during this step (writing them to %s failed: %s)", folder, e)
         yield 0
         return
-    for name, (_, mapped) in arrays.items():
+    for name, mapped in arrays.items():
         setattr(owner, name, mapped)
     for matrix, maps in matrices.values():
         for part, mapped in maps.items():
             setattr(matrix, part, mapped)
-    del wanted, by_id
-    arrays = {name: mapped for name, (_, mapped) in arrays.items()}  # the originals' last references go
+    del wanted, by_id, value  # the last references to the arrays now on disk (the loop's variable too)
     release_freed_memory()
     log.info("%.0f MiB of prepared arrays are on disk (%s) during this step", written / 2**20, folder)
     try:

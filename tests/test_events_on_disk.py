@@ -174,7 +174,7 @@ def test_a_large_cpu_ease_fit_runs_with_the_events_on_disk(monkeypatch, tmp_path
     expected = ease_lib.ease_weights(dm.train_seen, 50.0).numpy()
     served = shallow(sp.identity(dm.n_items, format="csr", dtype=np.float32)).numpy()
     np.testing.assert_allclose(served, expected, rtol=1e-3, atol=1e-4)
-    assert [p for p in Path(tmp_path).iterdir() if p.name.startswith(("dmp_dl-frame-", "dmp_dl-arrays-"))] == []
+    assert [p for p in Path(tmp_path).iterdir() if p.name.startswith("dmp_dl-tmp-")] == []
 
 
 def test_ease_takes_a_binary_matrix_as_it_is_and_copies_any_other():

@@ -2,7 +2,8 @@
 more runs (EASE's dense fit on the CPU).
 
 :func:`arrays_on_disk` writes each named NumPy array, and each CSR matrix's ``data``, ``indices`` and
-``indptr``, as a ``.npy`` file in a fresh temporary folder and puts a read-only memory map of the file
+``indptr``, as a ``.npy`` file in a fresh temporary folder (:class:`~dmp_dl.core.scratch.ScratchFolder`:
+one a killed run left is removed by the next) and puts a read-only memory map of the file
 in its place: on the owner's attribute for an array, inside the matrix object itself for a CSR matrix
 (so every holder of that matrix reads the map). The pages of a map belong to its file: a step that
 does not read them never loads them, and under memory pressure the kernel drops them instead of
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
-import tempfile
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dmp_dl.core.memory import release_freed_memory
+from dmp_dl.core.scratch import ScratchFolder
 
 log = logging.getLogger(__name__)
 CSR_PARTS = ("data", "indices", "indptr")
@@ -50,12 +50,13 @@ def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | 
         yield 0
         return
     try:
-        folder = Path(tempfile.mkdtemp(prefix="dmp_dl-arrays-", dir=directory))
+        scratch = ScratchFolder("arrays", directory)
     except OSError as e:
         log.warning("the prepared arrays stay in memory during this step (a folder in %s: %s)",
                     directory or "the temporary folder", e)
         yield 0
         return
+    folder = scratch.path
     arrays: dict[str, np.ndarray] = {}  # attribute -> the map of its array
     matrices: dict[int, tuple[sp.csr_matrix, dict[str, np.ndarray]]] = {}  # id -> (matrix, part -> map)
     by_id: dict[int, np.ndarray] = {}  # one map per array, however many attributes name it
@@ -72,10 +73,13 @@ def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | 
                 matrices[id(value)] = (value, maps)
                 written += sum(m.nbytes for m in maps.values())
     except OSError as e:
-        shutil.rmtree(folder, ignore_errors=True)
+        scratch.remove()
         log.warning("the prepared arrays stay in memory during this step (writing them to %s failed: %s)", folder, e)
         yield 0
         return
+    except BaseException:  # e.g. SIGTERM raised as Terminated (dmp_dl.core.io.signals_raise)
+        scratch.remove()
+        raise
     for name, mapped in arrays.items():
         setattr(owner, name, mapped)
     for matrix, maps in matrices.values():
@@ -99,4 +103,4 @@ def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | 
                     if getattr(matrix, part) is mapped:
                         setattr(matrix, part, np.array(mapped))
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            scratch.remove()

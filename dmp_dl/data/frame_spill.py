@@ -1,7 +1,8 @@
 """A pandas frame held on disk while a step that needs the memory more runs.
 
 :func:`spill_frame` writes each column of a frame with a NumPy dtype, and the codes of each
-categorical column, as a ``.npy`` file in a fresh temporary folder; :meth:`SpilledFrame.load` reads
+categorical column, as a ``.npy`` file in a fresh temporary folder
+(:class:`~dmp_dl.core.scratch.ScratchFolder`: one a killed run left is removed by the next); :meth:`SpilledFrame.load` reads
 them back (``allow_pickle=False``) into a frame equal to the one spilled: same columns in the same
 order, dtypes, categories, index and ``attrs``. What has no NumPy form (object or extension columns,
 a categorical's categories, an index other than a ``RangeIndex``) stays in memory, held by the
@@ -11,13 +12,13 @@ events: 1.8 GiB, of which the categories are about 30 MiB).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from dmp_dl.core.scratch import ScratchFolder
 
 
 @dataclass
@@ -33,12 +34,16 @@ class SpilledFrame:
     """A frame's columns on disk (:func:`spill_frame`); :meth:`load` rebuilds it, :meth:`remove` deletes
     the files (both may be called more than once)."""
 
-    folder: Path
+    scratch: ScratchFolder
     n_rows: int
     columns: list[_Column]
     index: pd.Index
     column_index: pd.Index
     attrs: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.scratch.path
 
     @property
     def nbytes(self) -> int:
@@ -64,14 +69,15 @@ class SpilledFrame:
         return frame
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.scratch.remove()
 
 
 def spill_frame(frame: pd.DataFrame, directory: str | Path | None = None) -> SpilledFrame:
     """Write ``frame``'s NumPy columns to a new temporary folder under ``directory`` (default: the
     system's temporary folder, ``TMPDIR``). The caller drops its own reference to free the memory.
     Raises OSError (the folder removed) when the disk refuses."""
-    folder = Path(tempfile.mkdtemp(prefix="dmp_dl-frame-", dir=directory))
+    scratch = ScratchFolder("frame", directory)
+    folder = scratch.path
     columns = []
     try:
         for position in range(frame.shape[1]):
@@ -88,6 +94,6 @@ def spill_frame(frame: pd.DataFrame, directory: str | Path | None = None) -> Spi
             np.save(folder / name, values, allow_pickle=False)
             columns.append(_Column(frame.columns[position], file=name, dtype=dtype))
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        scratch.remove()
         raise
-    return SpilledFrame(folder, len(frame), columns, frame.index, frame.columns, dict(frame.attrs))
+    return SpilledFrame(scratch, len(frame), columns, frame.index, frame.columns, dict(frame.attrs))

@@ -20,7 +20,6 @@ bundle is loaded; with it, the run's files are there as ``train.py`` writes them
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dmp_dl.core.cli import CONF_DIR
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.scratch import ScratchFolder
 
 # data.* keys that name files: fit reads the DataFrames it is given instead
 FILE_KEYS = ("data.path", "data.users", "data.items", "data.extra_paths", "data.source")
@@ -98,7 +98,7 @@ def fit(events, items=None, users=None, *, output_dir: str | Path | None = None,
     if bad:
         raise ConfigError(f"fit: setting names must be text, got {bad[0]!r}")
     source = DataFrameSource(events, users, items)
-    with tempfile.TemporaryDirectory(prefix="dmp_dl-fit-") as scratch:
+    with ScratchFolder("fit") as scratch:
         out = Path(output_dir) if output_dir is not None else Path(scratch)
         state = run(compose_config(overrides, out), source=source)
         recommender = Recommender.load(state["bundle_dir"])

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -51,7 +50,6 @@ import platform
 import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -61,6 +59,7 @@ import numpy as np
 
 from dmp_dl.core.errors import BundleError
 from dmp_dl.core.io import atomic_write_text, fsync_path
+from dmp_dl.core.scratch import lock_folder, locked_tempdir
 from dmp_dl.store.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_text, read_manifest, seal
 
 log = logging.getLogger(__name__)
@@ -102,33 +101,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _lock_dir(path: Path) -> int | None:
-    """An exclusive ``flock`` on folder ``path`` (held until the returned descriptor is closed, or
-    the process ends), or None when another process holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _locked_tempdir(prefix: str, parent: Path) -> tuple[Path, int]:
-    """A new folder ``parent/prefix*`` and the lock on it, taken before anyone can clean it away."""
-    for _ in range(10):
-        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        try:
-            fd = _lock_dir(path)
-        except FileNotFoundError:  # a cleanup of stale folders took it between mkdtemp and the lock
-            continue
-        if fd is not None and path.exists() and os.path.samestat(os.fstat(fd), os.stat(path)):
-            return path, fd
-        if fd is not None:
-            os.close(fd)
-    raise OSError(f"cannot create a temporary folder in {parent}")
-
-
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     """Remove the ``.NAME.tmp-*`` / ``.NAME.old-*`` folders that a killed export or erasure left
     beside bundle ``target`` (and beside its real folder when ``target`` is a symlink). Folders a
@@ -151,7 +123,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
             if folder.is_symlink() or not folder.is_dir():
                 continue
             try:
-                fd = _lock_dir(folder)
+                fd = lock_folder(folder)
             except OSError:
                 continue
             if fd is None:  # being written right now
@@ -193,7 +165,7 @@ class BundleWriter:
         self.target = Path(target).absolute()
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.target)
-        self.root, self._lock = _locked_tempdir(f".{self.target.name}.tmp-", self.target.parent)
+        self.root, self._lock = locked_tempdir(f".{self.target.name}.tmp-", self.target.parent)
         self.committed = False
         self.sealed = False
 
@@ -312,7 +284,7 @@ class BundleWriter:
         # writer or server start moves it back.
         old = old_lock = None
         if self.target.exists() or self.target.is_symlink():
-            old, old_lock = _locked_tempdir(f".{self.target.name}.old-", self.target.parent)
+            old, old_lock = locked_tempdir(f".{self.target.name}.old-", self.target.parent)
             os.replace(self.target, old / "bundle")
         try:
             try:

@@ -44,6 +44,7 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping
 from torch.utils.data import DataLoader
 
 from dmp_dl.core.errors import ConfigError
+from dmp_dl.core.io import signals_raise
 from dmp_dl.evaluation.ranking import evaluate_scorers, sample_users
 from dmp_dl.models import ease as ease_lib
 from dmp_dl.models.autoencoder_module import user_loader, users_with_rows
@@ -457,12 +458,16 @@ def fit_ease(cfg: DictConfig, dm, x: sp.csr_matrix, l2: float | None = None, val
     binary matrix ``x``, not the events, and their memory goes to the matrices (at 50M events x 50k
     items: 1.8 GiB beside a 9.3 GiB Gram matrix), for about a second a GiB written and read back. So
     do the arrays the data stage prepared for later steps (the data module's ``prepared_arrays_on_disk``),
-    as memory maps, ``x`` itself left in memory."""
+    as memory maps, ``x`` itself left in memory. Meanwhile SIGTERM (or SIGINT without Python's handler)
+    ends the run through its ``finally`` blocks, which remove those files (a SIGKILL leaves them to the
+    next run: :class:`~dmp_dl.core.scratch.ScratchFolder`)."""
     device = stage_device(cfg)
     large = device.type == "cpu" and ease_lib.dense_bytes(*x.shape, device, False) >= EVENTS_ASIDE_BYTES
     events_aside = getattr(dm, "events_on_disk", None) if large else None
     arrays_aside = getattr(dm, "prepared_arrays_on_disk", None) if large else None
     with contextlib.ExitStack() as aside:
+        if large:
+            aside.enter_context(signals_raise())
         if events_aside is not None:
             aside.enter_context(events_aside())
         if arrays_aside is not None:

@@ -19,7 +19,7 @@ from .conftest import TINY_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \| train/loss [\d.]+ \| .*val/\S+ [\d.]+.* \| [\d,]+ examples/s \| elapsed \d+")
-TRACEBACK_LIKE = re.compile(r"Traceback|^\s+File \"|Error\(|Exception\b|swigfaiss|Warning|deprecated|💡|GPU available|TPU available")
+TRACEBACK_LIKE = re.compile(r"Traceback|^\s+File \"|Error\(|Exception\b|swigfaiss|Warning|deprecated|site-packages|💡|GPU available|TPU available")
 
 
 class Tiny(pl.LightningModule):

@@ -22,6 +22,8 @@ NOISE = {
 # third-party warnings (category, message regex) a user can do nothing about
 QUIET_WARNINGS = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning's pytree helper on torch >= 2.9
+    # a small log's epoch has fewer steps than Lightning's step-logging interval: the run logs per epoch (EpochLog)
+    (UserWarning, r"The number of training batches \(\d+\) is smaller than the logging interval"),
 )
 
 

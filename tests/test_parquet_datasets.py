@@ -435,6 +435,34 @@ def test_data_memory_limit_gb_caps_what_the_data_stage_plans_on(tmp_path, capsys
     assert kept.report.events.rows_in == rows
 
 
+def test_a_log_that_fits_only_without_the_fixed_part_is_read_after_one_warning(logs, monkeypatch, caplog):
+    """Between the floor estimate and the floor plus the fixed part the run goes on, but says first that
+    the system may stop it: the line a user sees before a kill by the kernel. Not under the user's own
+    data.memory_limit_gb (a plan), nor with room to spare."""
+    from dmp_dl.data import memory_check, parquet_dataset
+
+    rows = len(logs["frame"])
+    need = rows * parquet_dataset.PREPARE_BYTES_PER_EVENT
+    tight = need + memory_check.PREPARE_FIXED_BYTES // 2
+    csv_need = memory_check.csv_rows_estimate(logs["csv"]) * memory_check.PREPARE_BYTES_PER_EVENT + logs["csv"].stat().st_size
+    for path, module, floor in ((logs["hive"], parquet_dataset, need), (logs["csv"], memory_check, csv_need)):
+        for free, warned in ((floor + memory_check.PREPARE_FIXED_BYTES // 2, True),
+                             (floor + memory_check.PREPARE_FIXED_BYTES, False)):
+            monkeypatch.setattr(module, "host_available_bytes", lambda free=free: free)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="dmp_dl.data.memory_check"):
+                assert prepare(path).report.events.rows_in == rows
+            lines = [r.getMessage() for r in caplog.records if "may stop the run" in r.getMessage()]
+            assert len(lines) == (1 if warned else 0), (path, free, lines)
+            if warned:
+                assert str(path) in lines[0] and "is free to this process" in lines[0]
+    monkeypatch.undo()  # this machine's memory, and the same room as a plan of the user's
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dmp_dl.data.memory_check"):
+        assert prepare(logs["hive"], memory_limit_gb=tight / 2**30).report.events.rows_in == rows
+    assert "may stop the run" not in caplog.text
+
+
 @pytest.mark.parametrize("limit", [0, -1, "lots", float("inf")])
 def test_a_data_memory_limit_that_is_no_positive_number_is_refused(limit, logs):
     with pytest.raises(ConfigError, match="data.memory_limit_gb must be a positive number"):

@@ -50,9 +50,16 @@ def describe_available(free: int) -> str:
     allows 2.0 GiB (raise it ...)" when the :func:`memory_budget` in force is what bounds it, else "4.0 GiB is free
     to this process"."""
     budget = _BUDGET.get()
-    if budget is not None and free == budget[0]:
+    if bounded_by_budget(free):
         return f"{budget[1]} allows {free / 2**30:.1f} GiB (raise it where the machine has more free)"
     return f"{free / 2**30:.1f} GiB is free to this process"
+
+
+def bounded_by_budget(free: int) -> bool:
+    """Whether ``free`` (from :func:`host_available_bytes`) is the :func:`memory_budget` in force, a plan
+    set by the user, rather than what the host and the container have free."""
+    budget = _BUDGET.get()
+    return budget is not None and free == budget[0]
 
 
 def _meminfo_available() -> int | None:

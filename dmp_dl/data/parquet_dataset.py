@@ -45,7 +45,7 @@ from dmp_dl.core.memory import release_freed_memory
 from dmp_dl.data.cleaning import parse_timestamps
 from dmp_dl.data.event_paths import EventFiles, partition_values
 from dmp_dl.data.files import decode_binary_ids
-from dmp_dl.data.memory_check import PREPARE_BYTES_PER_EVENT
+from dmp_dl.data.memory_check import PREPARE_BYTES_PER_EVENT, PREPARE_FIXED_BYTES, warn_when_tight
 from dmp_dl.data.schema import EVENT_ID, ITEM, TIME, TYPE, USER, VALUE
 
 log = logging.getLogger(__name__)
@@ -315,22 +315,24 @@ def check_fits_in_memory(dataset: ds.Dataset, rows: int, time_filter: ds.Express
     """Refuse, in one line before anything is read, a log whose preparation cannot fit in the memory
     this process may take (:func:`~dmp_dl.core.free_memory.host_available_bytes`): ``rows`` (the files' row count) times :data:`PREPARE_BYTES_PER_EVENT`; with a
     time window, the rows inside it (counted from partitions and row-group statistics) when the
-    files' count does not fit."""
+    files' count does not fit. A log that fits only without the fixed part is read after a warning
+    (:func:`~dmp_dl.data.memory_check.warn_when_tight`)."""
     free = host_available_bytes()
-    if rows * PREPARE_BYTES_PER_EVENT <= free:
+    if rows * PREPARE_BYTES_PER_EVENT + PREPARE_FIXED_BYTES <= free:
         return
     if time_filter is not None:
         try:
             rows = dataset.count_rows(filter=time_filter)
         except (pa.ArrowException, OSError):
             return  # the scan names the file that cannot be read
-        if rows * PREPARE_BYTES_PER_EVENT <= free:
-            return
     need = rows * PREPARE_BYTES_PER_EVENT
+    advice = ("read a time window (data.cleaning.min_timestamp / max_timestamp), point data.path at fewer "
+              "partitions, or run where more memory is free")
+    if need <= free:
+        warn_when_tight(need, free, where, f"{rows:,} events", advice)
+        return
     raise DataError(f"{where}: {rows:,} events to prepare need about {need / 2**30:.1f} GiB of memory "
-                    f"({PREPARE_BYTES_PER_EVENT} bytes an event) and {describe_available(free)}; "
-                    "read a time window (data.cleaning.min_timestamp / max_timestamp), point data.path at fewer "
-                    "partitions, or run where more memory is free")
+                    f"({PREPARE_BYTES_PER_EVENT} bytes an event) and {describe_available(free)}; {advice}")
 
 
 def _release_read_buffers() -> None:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmp_dl.core.errors import ConfigError, InsufficientDataError
 from dmp_dl.core.io import atomic_write_text
 from dmp_dl.core.memory import reusing_freed_blocks
+from dmp_dl.core.memory_watch import MemoryWatch
 from dmp_dl.data.datamodule import InteractionDataModule
 from dmp_dl.evaluation.heldout import HeldOutSplit, evaluate_model_and_baselines
 from dmp_dl.pipeline.checks import check_index_for_data, check_train_config
@@ -244,5 +245,7 @@ def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
         if not state.get("halt"):
             atomic_write_text(out / "metrics.json", json.dumps(state["metrics"], indent=2, default=str))
 
-    state["stages"] = run_stages(cfg, STAGES, state, after_each=record)
+    with MemoryWatch(stage=STAGES[0].name) as watch:  # a warning in the log before the system stops a run short of memory
+        state["stages"] = run_stages(cfg, STAGES, state, after_each=record,
+                                     before_each=lambda name: setattr(watch, "stage", name))
     return state

@@ -109,13 +109,17 @@ def run_stage(cfg: DictConfig, stage: Stage, state: dict) -> StageResult:
 
 
 def run_stages(cfg: DictConfig, stages: Sequence[Stage], state: dict,
-               after_each: Callable[[dict[str, StageResult]], None] | None = None) -> dict[str, StageResult]:
-    """Run ``stages`` in order; ``after_each(results so far)`` is called after each one. A stage may
-    set ``state["halt"] = True`` to end the job early (e.g. on DDP ranks other than 0)."""
+               after_each: Callable[[dict[str, StageResult]], None] | None = None,
+               before_each: Callable[[str], None] | None = None) -> dict[str, StageResult]:
+    """Run ``stages`` in order; ``before_each(stage name)`` is called before each one and
+    ``after_each(results so far)`` after it. A stage may set ``state["halt"] = True`` to end the
+    job early (e.g. on DDP ranks other than 0)."""
     for stage in stages:  # a misspelt required key is an error before anything runs
         is_required(cfg, stage)
     results: dict[str, StageResult] = {}
     for stage in stages:
+        if before_each is not None:
+            before_each(stage.name)
         results[stage.name] = run_stage(cfg, stage, state)
         if after_each is not None:
             after_each(results)

@@ -4,6 +4,7 @@ binary matrix taken without a copy when it already is one."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from pathlib import Path
@@ -139,6 +140,61 @@ def test_arrays_on_disk_are_memory_maps_inside_and_the_same_values_after(tmp_pat
     assert owner.replaced.tolist() == [1, 2] and owner.text == "not an array"
     with arrays_on_disk(owner, ["history"], tmp_path / "missing") as written:  # a disk that refuses
         assert written == 0 and type(owner.history) is np.ndarray
+
+
+def test_arrays_left_on_disk_stay_maps_readable_after_their_folder_is_gone(tmp_path):
+    from dmp_dl.data.array_spill import arrays_on_disk
+
+    owner = _Holder()
+    owner.history = np.arange(60, dtype=np.int32).reshape(12, 5)
+    owner.pairs = sp.random(12, 9, density=0.3, format="csr", dtype=np.float32, random_state=3)
+    expected = (owner.history.copy(), owner.pairs.toarray())
+    with arrays_on_disk(owner, ["history", "pairs"], tmp_path, read_back=False) as written:
+        assert written > 0 and len(list(tmp_path.iterdir())) == 1
+    assert list(tmp_path.iterdir()) == []  # the folder goes; the maps outlive it
+    assert isinstance(owner.history, np.memmap) and isinstance(owner.pairs.indices, np.memmap)
+    np.testing.assert_array_equal(owner.history, expected[0])
+    np.testing.assert_array_equal(owner.pairs.toarray(), expected[1])
+    small = owner.history.nbytes + sum(getattr(owner.pairs, p).nbytes for p in ("data", "indices", "indptr"))
+    owner.history, owner.pairs = expected[0].copy(), sp.csr_matrix(expected[1])
+    with arrays_on_disk(owner, ["history", "pairs"], tmp_path, min_bytes=small + 1) as written:  # too small to bother
+        assert written == 0 and type(owner.history) is np.ndarray and list(tmp_path.iterdir()) == []
+
+
+def test_after_evaluation_a_large_runs_model_inputs_are_maps_and_the_run_ends_clean(monkeypatch, tmp_path, caplog):
+    """The stages after evaluation run with what only the model and evaluation read on disk; a later
+    stage that reads them still gets their values, and no folder is left."""
+    from dmp_dl.data import datamodule
+    from dmp_dl.pipeline import run as run_module
+
+    from .conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr(datamodule, "MODEL_INPUTS_ASIDE_BYTES", 0)  # this small run counts as large
+    seen_in_propensity = []
+
+    def spy(stage_fn):
+        def fn(cfg, state):
+            dm = state["datamodule"]
+            seen_in_propensity.append({n: type(v.indices if sp.issparse(v) else v)
+                                       for n, v in ((n, getattr(dm, n)) for n in datamodule.READ_BY_MODEL_AND_EVALUATION)})
+            return stage_fn(cfg, state)
+        return fn
+
+    monkeypatch.setattr(run_module, "STAGES", tuple(dataclasses.replace(s, fn=spy(s.fn)) if s.name == "propensity"
+                                                    else s for s in run_module.STAGES))
+    cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "logger=none", "model.vae.max_epochs=1"], tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="dmp_dl.data.array_spill"):
+        state = run_module.run(cfg)
+    assert set(seen_in_propensity[0].values()) == {np.memmap}, seen_in_propensity
+    assert "for the rest of the run" in caplog.text
+    assert state["stages"]["export"].status == "ok" and list((tmp_path / "tmp").iterdir()) == []
+    dm, fresh = state["datamodule"], run_module.load_data(cfg)  # the same data prepared again, in memory
+    for name in datamodule.READ_BY_MODEL_AND_EVALUATION:
+        now, then = getattr(dm, name), getattr(fresh, name)
+        assert (now != then).nnz == 0 if sp.issparse(then) else np.array_equal(now, then), name
 
 
 @pytest.mark.parametrize("aside_bytes, expect_on_disk", [(0, True), (1 << 40, False)])

@@ -33,20 +33,28 @@ def _mapped(folder: Path, name: str, values: np.ndarray) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+def _nbytes(value: np.ndarray | sp.csr_matrix) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else sum(getattr(value, p).nbytes for p in CSR_PARTS)
+
+
 @contextlib.contextmanager
 def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | None = None,
-                   keep: Collection[object] = ()) -> Iterator[int]:
+                   keep: Collection[object] = (), read_back: bool = True, min_bytes: int = 0,
+                   during: str = "during this step") -> Iterator[int]:
     """While the block runs, ``owner``'s attributes ``names`` that hold a NumPy array or a CSR matrix
     (not those that are one of ``keep``, compared by identity) are memory maps of files in a
     temporary folder under ``directory`` (default ``TMPDIR``); yields the bytes written. Attributes
     naming the same object share one file. When the block ends, each map still in place is replaced
-    by its values read back into memory (an attribute given a new value inside the block keeps it).
-    A disk that refuses leaves everything in memory (one warning, yields 0)."""
+    by its values read back into memory (an attribute given a new value inside the block keeps it);
+    with ``read_back=False`` the maps stay (a map outlives its file's removal: the pages are freed
+    with the last reference), for arrays no later step is expected to read. Nothing is written when
+    the arrays take less than ``min_bytes``, and a disk that refuses leaves everything in memory
+    (one warning); both yield 0. ``during`` ends the log line."""
     kept = {id(k) for k in keep}
     wanted = [(n, getattr(owner, n, None)) for n in names]
     wanted = [(n, v) for n, v in wanted if id(v) not in kept
               and ((isinstance(v, np.ndarray) and v.size > 0) or (sp.isspmatrix_csr(v) and v.nnz > 0))]
-    if not wanted:
+    if not wanted or sum(_nbytes(v) for v in {id(v): v for _, v in wanted}.values()) < min_bytes:
         yield 0
         return
     try:
@@ -87,20 +95,26 @@ def arrays_on_disk(owner: object, names: Iterable[str], directory: str | Path | 
             setattr(matrix, part, mapped)
     del wanted, by_id, value  # the last references to the arrays now on disk (the loop's variable too)
     release_freed_memory()
-    log.info("%.0f MiB of prepared arrays are on disk (%s) during this step", written / 2**20, folder)
+    log.info("%.0f MiB of prepared arrays are on disk (%s) %s", written / 2**20, folder, during)
     try:
         yield written
     finally:
         try:
-            restored: dict[int, np.ndarray] = {}  # attributes that shared an array share its copy
-            for name, mapped in arrays.items():
-                if getattr(owner, name, None) is mapped:
-                    if id(mapped) not in restored:
-                        restored[id(mapped)] = np.array(mapped)
-                    setattr(owner, name, restored[id(mapped)])
-            for matrix, maps in matrices.values():
-                for part, mapped in maps.items():
-                    if getattr(matrix, part) is mapped:
-                        setattr(matrix, part, np.array(mapped))
+            if read_back:
+                _read_back(owner, arrays, matrices)
         finally:
             scratch.remove()
+
+
+def _read_back(owner: object, arrays: dict[str, np.ndarray], matrices: dict) -> None:
+    """Each map :func:`arrays_on_disk` put in place and still there replaced by its values in memory."""
+    restored: dict[int, np.ndarray] = {}  # attributes that shared an array share its copy
+    for name, mapped in arrays.items():
+        if getattr(owner, name, None) is mapped:
+            if id(mapped) not in restored:
+                restored[id(mapped)] = np.array(mapped)
+            setattr(owner, name, restored[id(mapped)])
+    for matrix, maps in matrices.values():
+        for part, mapped in maps.items():
+            if getattr(matrix, part) is mapped:
+                setattr(matrix, part, np.array(mapped))

@@ -40,6 +40,11 @@ _RESOLVED = object()  # interaction_rows' default half-life: the data module's o
 # what the data stage prepares for the steps after the model's fit (the test pass, the refit, the bundle),
 # which a fit on the training pairs does not read: on disk during EASE's dense fit (prepared_arrays_on_disk)
 PREPARED_FOR_LATER = ("full_history", "test_input_history", "all_seen", "test_relevant", "test_seen")
+# what only the model and evaluation stages read (the training pairs, histories and events, the validation and test
+# sets): memory maps of files for the rest of a run once those stages are done, when they take this much or more
+READ_BY_MODEL_AND_EVALUATION = ("train_idx", "train_seen", "train_history", "test_input_history", "val_seen",
+                                "test_seen", "val_relevant", "test_relevant")
+MODEL_INPUTS_ASIDE_BYTES = 64 * 2**20  # 117 MiB at 5M events; a few MiB on the logs of the tests
 
 
 def weighted_rows(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray, weights: np.ndarray,
@@ -527,6 +532,17 @@ class InteractionDataModule(pl.LightningDataModule):
         files in a temporary folder under ``directory`` (:func:`dmp_dl.data.array_spill.arrays_on_disk`;
         not those in ``keep``, e.g. the matrix being fitted); read back into memory when it ends."""
         return arrays_on_disk(self, PREPARED_FOR_LATER, directory, keep)
+
+    def model_inputs_on_disk(self, directory: str | None = None):
+        """For the block (the stages after evaluation: propensity, audience, export), what only the
+        model and evaluation stages read (:data:`READ_BY_MODEL_AND_EVALUATION`) are memory maps of
+        files in a temporary folder under ``directory``, not read back when it ends; when they take
+        less than :data:`MODEL_INPUTS_ASIDE_BYTES` (a small log) they stay as they are. The cached
+        interaction rows are dropped (built again if asked for)."""
+        self._interaction_rows.clear()
+        return arrays_on_disk(self, READ_BY_MODEL_AND_EVALUATION, directory, read_back=False,
+                              min_bytes=MODEL_INPUTS_ASIDE_BYTES,
+                              during="for the rest of the run (the model and evaluation stages' inputs)")
 
     def _read_events_back(self) -> None:
         if not self._events_spilled:

@@ -13,6 +13,7 @@ makes such a skip the one-line error it used to be. How each stage ended is in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -245,7 +246,18 @@ def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
         if not state.get("halt"):
             atomic_write_text(out / "metrics.json", json.dumps(state["metrics"], indent=2, default=str))
 
-    with MemoryWatch(stage=STAGES[0].name) as watch:  # a warning in the log before the system stops a run short of memory
-        state["stages"] = run_stages(cfg, STAGES, state, after_each=record,
-                                     before_each=lambda name: setattr(watch, "stage", name))
+    names = [stage.name for stage in STAGES]
+    after_evaluation = set(names[names.index("evaluation") + 1:])
+    aside_entered: list[str] = []
+    # the watch: a warning in the log before the system stops a run short of memory
+    with MemoryWatch(stage=names[0]) as watch, contextlib.ExitStack() as aside:
+
+        def before(name: str) -> None:
+            watch.stage = name
+            dm = state.get("datamodule")
+            if name in after_evaluation and not aside_entered and hasattr(dm, "model_inputs_on_disk"):
+                aside_entered.append(name)  # the later stages' peaks without what they never read
+                aside.enter_context(dm.model_inputs_on_disk())
+
+        state["stages"] = run_stages(cfg, STAGES, state, after_each=record, before_each=before)
     return state

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ from dmp_dl.core.memory_watch import MemoryWatch, warn_below
 from dmp_dl.pipeline.run import run
 
 from .conftest import QUIET_TRAINER, TINY_DATA, compose_cfg
+
+REPO = Path(__file__).resolve().parents[1]
 
 MIB, GIB = 2**20, 2**30
 
@@ -31,6 +34,31 @@ def test_one_warning_per_shortage_naming_the_stage(caplog):
     lines = _warnings(caplog)
     assert len(lines) == 2 and "during the model stage" in lines[0] and "100 MiB is left" in lines[0]
     assert "holds 2.0 GiB" in lines[0] and "data.cleaning.min_timestamp" in lines[0]
+
+
+def test_a_server_is_named_with_its_own_advice(caplog):
+    watch = MemoryWatch(available=lambda: 10 * MIB, held=lambda: GIB, subject="server", advice=memory_watch.SERVER_ADVICE)
+    with caplog.at_level(logging.WARNING, logger="dmp_dl.core.memory_watch"):
+        assert watch.check()
+    line = _warnings(caplog)[0]
+    assert "stops the server here, give it more memory" in line and "during" not in line
+
+
+def test_serve_runs_uvicorn_under_the_watch(monkeypatch, trained, tmp_path):
+    import uvicorn
+    from omegaconf import OmegaConf
+
+    from dmp_dl.api.server import serve
+
+    watched = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: watched.append(
+        [t.name for t in threading.enumerate() if t.name == "dmp_dl-memory-watch"]))
+    cfg = OmegaConf.load(REPO / "conf" / "serve.yaml")
+    cfg.artifacts = str(trained["bundle_dir"])
+    cfg.journal = str(tmp_path / "journal")
+    serve(cfg)
+    assert watched == [["dmp_dl-memory-watch"]]
+    assert "dmp_dl-memory-watch" not in [t.name for t in threading.enumerate()]  # it ends with the server
 
 
 def test_a_run_short_of_memory_for_long_warns_a_few_times_at_most(caplog):

@@ -37,6 +37,7 @@ from dmp_dl.api.audience_routes import add_audience_routes
 from dmp_dl.api.http_errors import ErrorBody, error_response, error_responses, install_error_handlers
 from dmp_dl.api.json_types import JsonInt
 from dmp_dl.core.errors import BundleError, DmpError
+from dmp_dl.core.memory_watch import SERVER_ADVICE, MemoryWatch
 from dmp_dl.data.schema import MAX_ABS_VALUE
 from dmp_dl.serving.recommender import InvalidRequestError, Ranked, Recommender
 from dmp_dl.store.bundle import MANIFEST, MissingPartError
@@ -728,6 +729,7 @@ def serve(cfg) -> None:
         from dmp_dl.privacy.redact import redact_access_log_queries
 
         redact_access_log_queries()
-    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.get("log_level", "info"),
-                timeout_keep_alive=int(cfg.get("timeout_keep_alive", 5)),
-                h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+    with MemoryWatch(subject="server", advice=SERVER_ADVICE):  # a line in its log before the system may kill it
+        uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.get("log_level", "info"),
+                    timeout_keep_alive=int(cfg.get("timeout_keep_alive", 5)),
+                    h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)

@@ -27,6 +27,9 @@ MIN_WARN_BYTES = 256 * 2**20  # warn below this much left, or below WARN_SHARE o
 MAX_WARN_BYTES = 2**30
 WARN_SHARE = 0.10
 MAX_WARNINGS = 3
+RUN_ADVICE = ("run where more memory is free (or with a larger container limit), or read less of the log "
+              "(data.cleaning.min_timestamp / max_timestamp)")
+SERVER_ADVICE = "give it more memory (a larger container limit), or serve a bundle of fewer users or items"
 
 
 def process_rss_bytes() -> int:
@@ -49,15 +52,18 @@ class MemoryWatch:
 
     ``available`` and ``held`` (bytes; default: the host's and containers' free memory, this process's
     RSS) can be replaced for tests; :meth:`check` is one look. A ``with`` block runs the watch in a
-    daemon thread for the block's duration; :attr:`stage` names what is running in the warning.
+    daemon thread for the block's duration; :attr:`stage` names what is running in the warning,
+    ``subject`` what the system would stop (a run, a server) and ``advice`` what to do.
     """
 
     def __init__(self, available: Callable[[], int] | None = None, held: Callable[[], int] | None = None,
-                 interval: float = INTERVAL_SECONDS, stage: str | None = None):
+                 interval: float = INTERVAL_SECONDS, stage: str | None = None, subject: str = "run",
+                 advice: str = RUN_ADVICE):
         self.available = available or host_available_bytes
         self.held = held or process_rss_bytes
         self.interval = interval
         self.stage = stage
+        self.subject, self.advice = subject, advice
         self.warnings = 0
         self._armed = True
         self._stop = threading.Event()
@@ -75,9 +81,7 @@ class MemoryWatch:
         self.warnings += 1
         during = f" during the {self.stage} stage" if self.stage else ""
         log.warning("memory is nearly exhausted%s: %.0f MiB is left to this process, which holds %.1f GiB; if the "
-                    "system stops the run here, run where more memory is free (or with a larger container limit), or "
-                    "read less of the log (data.cleaning.min_timestamp / max_timestamp)",
-                    during, free / 2**20, held / 2**30)
+                    "system stops the %s here, %s", during, free / 2**20, held / 2**30, self.subject, self.advice)
         return True
 
     def _watch(self) -> None:

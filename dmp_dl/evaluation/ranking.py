@@ -73,17 +73,21 @@ def evaluate_scorers(
 ) -> dict[str, dict]:
     """:func:`evaluate_scorer` of several scorers in one pass over the users: ``scores_fn`` maps a
     batch to ``{name: (B, n_items) scores}`` (so work the scorers share, such as one model's scores
-    that several blends add to, is done once per batch). Returns ``{name: result}``."""
+    that several blends add to, is done once per batch), or to an iterator of ``(name, scores)``
+    pairs, each matrix then made when it is ranked and freed after (a blend grid of ten weights
+    holds two (B, n_items) matrices at a time, not ten). Returns ``{name: result}``."""
     ks = check_cutoffs(ks)
     device = torch.device(device) if device is not None else inference_device()
     accs: dict[str, RankingAccumulator] = {}
     bs = batch_size or default_batch_size(n_items)
     for start in range(0, len(dataset), bs):
         batch = dataset.__getitems__(list(range(start, min(start + bs, len(dataset)))))
-        for name, scores in scores_fn(batch).items():
+        scored = scores_fn(batch)
+        for name, scores in scored.items() if isinstance(scored, dict) else scored:
             if name not in accs:
                 accs[name] = RankingAccumulator(n_items, ks, item_popularity)
             metrics, top = batch_metrics(scores.to(device=device, dtype=torch.float32), batch, ks, mrr)
+            del scores  # a lazy scorer's matrix goes before the next is made
             accs[name].update(metrics, top)
     return {name: acc.result() for name, acc in accs.items()}
 

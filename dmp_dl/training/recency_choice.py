@@ -17,6 +17,7 @@ The record goes to ``metrics.json["model"]["recency"]``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -59,9 +60,9 @@ def by_ease(cfg, dm, shallow, dataset, metric: str, ks: list[int], device: torch
     decayed = iter(dm.rows_of_users(dataset.users, [h for h in options if h is not None]))
     rows = {label(h): (next(decayed) if h is not None else dm.train_seen) for h in options}
 
-    def batch_scores(batch: dict) -> dict[str, torch.Tensor]:
-        users = batch["user"].cpu().numpy()
-        return {name: shallow(x[users], weighted=name != "none").to(device) for name, x in rows.items()}
+    def batch_scores(batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
+        users = batch["user"].cpu().numpy()  # one half-life's (B, n_items) scores at a time
+        return ((name, shallow(x[users], weighted=name != "none").to(device)) for name, x in rows.items())
 
     results = evaluate_scorers(batch_scores, dataset, dm.n_items, ks, device=device, mrr=False)
     return _pick(dm, options, {name: float(r[metric]) for name, r in results.items()}, f"EASE on validation {metric}")
@@ -85,9 +86,9 @@ def by_autoencoder(net, dm, dataset, metric: str, ks: list[int], device: torch.d
         vectors[label(h)] = torch.as_tensor(user_vectors(net, users, history, device=device), device=device)
     net.attach_rows(dm.interaction_rows("train", None))
 
-    def batch_scores(batch: dict) -> dict[str, torch.Tensor]:
+    def batch_scores(batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
         rows = position[batch["user"].to(device)]
-        return {name: v[rows] @ items.T for name, v in vectors.items()}
+        return ((name, v[rows] @ items.T) for name, v in vectors.items())
 
     results = evaluate_scorers(batch_scores, dataset, dm.n_items, ks, device=device, mrr=False)
     return _pick(dm, options, {name: float(r[metric]) for name, r in results.items()},

@@ -31,6 +31,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -651,12 +652,13 @@ def blend_on_validation(cfg: DictConfig, dm, scores: CandidateScores, dataset, d
     weights: list[float] = []
     deep_of = deep or scores.deep
 
-    def batch_scores(batch: dict) -> dict[float, torch.Tensor]:
+    def batch_scores(batch: dict) -> Iterator[tuple[float, torch.Tensor]]:
         deep, shallow = deep_of(batch["user"]), scores.ease(batch["user"])
         if not weights:
             base = float(deep.std()) / (float(shallow.std()) or 1.0)
             weights.extend([0.0, *[base * f for f in BLEND_FACTORS], math.inf])
-        return {w: shallow.clone() if math.isinf(w) else deep + w * shallow for w in weights}
+        for w in weights:  # one blend's (B, n_items) matrix at a time: ranking writes into it
+            yield w, shallow.clone() if math.isinf(w) else deep + w * shallow
 
     results = evaluate_scorers(batch_scores, dataset, dm.n_items, _ks(cfg), device=scores.device, mrr=False)
     return {w: float(r[metric]) for w, r in results.items()}
@@ -676,25 +678,28 @@ def _candidate_batches(scores: CandidateScores, names: list[str], blend_weight: 
     """``batch -> {name: scores}`` for :func:`evaluate_scorers`: each candidate of ``names`` (and the
     popularity baseline when given), the two model scores computed once per batch."""
 
-    def batch_scores(batch: dict) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def batch_scores(batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
+        # each (B, n_items) matrix made when it is ranked, the shared terms first used by a blend; ranking writes
+        # into a matrix, so a term's own entry comes after every blend that reads it
         deep = scores.deep(batch["user"]) if DEEP in names or BLEND in names else None
         shallow = scores.ease(batch["user"]) if {SHALLOW, BLEND, SEQUENCE_BLEND} & set(names) else None
         if BLEND in names:
-            out[BLEND] = deep + blend_weight * shallow
+            yield BLEND, deep + blend_weight * shallow
         if DEEP in names:
-            out[DEEP] = deep
-        if SHALLOW in names:
-            out[SHALLOW] = shallow
+            yield DEEP, deep
+        deep = None
         if SEQUENCE in names or SEQUENCE_BLEND in names:
             sequence = scores.sequence(batch["user"])
             if SEQUENCE_BLEND in names:
-                out[SEQUENCE_BLEND] = sequence + scores.sequence_weight * shallow
+                yield SEQUENCE_BLEND, sequence + scores.sequence_weight * shallow
             if SEQUENCE in names:
-                out[SEQUENCE] = sequence
+                yield SEQUENCE, sequence
+            sequence = None
+        if SHALLOW in names:
+            yield SHALLOW, shallow
+        shallow = None
         if popularity is not None:
-            out[BASELINE + "popularity"] = popularity.expand(len(batch["user"]), -1).clone()
-        return out
+            yield BASELINE + "popularity", popularity.expand(len(batch["user"]), -1).clone()
 
     return batch_scores
 
@@ -1166,11 +1171,10 @@ def _test_pass(cfg: DictConfig, dm, scores: CandidateScores, tested: list[str], 
     if own is not None or plain:
         rows = scores.binary_rows
 
-        def scorer(batch: dict) -> dict[str, torch.Tensor]:
-            out = batches(batch)
-            out[BASELINE + "ease"] = (own(rows[batch["user"].cpu().numpy()]).to(scores.device) if own is not None
+        def scorer(batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
+            yield from batches(batch)
+            yield BASELINE + "ease", (own(rows[batch["user"].cpu().numpy()]).to(scores.device) if own is not None
                                       else scores.plain_ease(batch["user"]))
-            return out
 
     results = evaluate_scorers(scorer, dm.eval_dataset("test"), dm.n_items, ks, share, device=scores.device)
     if own is not None:

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,33 +53,47 @@ def locked_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> tupl
     raise OSError(f"cannot create a temporary folder in {parent or tempfile.gettempdir()}")
 
 
+def remove_if_unheld(folder: Path, left_by: str, before: Callable[[Path], None] | None = None) -> bool:
+    """Remove ``folder`` when no process holds it (:func:`lock_folder`), holding its lock meanwhile;
+    ``before(folder)`` runs first (e.g. to move back what must not go with it). ``left_by`` says in the
+    log what left it. Returns whether it was removed; what cannot be removed is logged and kept."""
+    try:
+        fd = lock_folder(folder)
+    except OSError:
+        return False
+    if fd is None:  # in use
+        return False
+    try:
+        if before is not None:
+            before(folder)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder)
+        log.info("removed %s (%.0f MiB), left by %s", folder, size / 2**20, left_by)
+        return True
+    except OSError as exc:
+        log.warning("cannot remove %s, left by %s: %s", folder, left_by, exc)
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_unheld(pattern: str, parent: str | os.PathLike | None = None) -> list[Path]:
     """Remove the folders ``parent/pattern`` (default ``TMPDIR``) of this user that no process holds
-    locked (:func:`lock_folder`). Returns those removed; what cannot be removed is logged and kept."""
+    locked (:func:`remove_if_unheld`). Returns those removed."""
     parent = Path(parent or tempfile.gettempdir())
-    removed = []
     try:
         candidates = sorted(parent.glob(pattern))
     except OSError:
-        return removed
+        return []
+    removed = []
     for folder in candidates:
         try:
             if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.geteuid():
                 continue
-            fd = lock_folder(folder)
         except OSError:
             continue
-        if fd is None:  # in use
-            continue
-        try:
-            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            shutil.rmtree(folder)
+        if remove_if_unheld(folder, "a run that ended before it could"):
             removed.append(folder)
-            log.info("removed %s (%.0f MiB), left by a run that ended before it could", folder, size / 2**20)
-        except OSError as exc:
-            log.warning("cannot remove %s, left by a run that ended before it could: %s", folder, exc)
-        finally:
-            os.close(fd)
     return removed
 
 

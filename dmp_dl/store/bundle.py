@@ -59,7 +59,7 @@ import numpy as np
 
 from dmp_dl.core.errors import BundleError
 from dmp_dl.core.io import atomic_write_text, fsync_path
-from dmp_dl.core.scratch import lock_folder, locked_tempdir
+from dmp_dl.core.scratch import locked_tempdir, remove_if_unheld
 from dmp_dl.store.manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_text, read_manifest, seal
 
 log = logging.getLogger(__name__)
@@ -122,24 +122,14 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
         for folder in candidates:
             if folder.is_symlink() or not folder.is_dir():
                 continue
-            try:
-                fd = lock_folder(folder)
-            except OSError:
-                continue
-            if fd is None:  # being written right now
-                continue
-            try:
+            def put_back(folder: Path, place: Path = place) -> None:
                 kept = folder / "bundle"
                 if ".old-" in folder.name and kept.exists() and not (place.exists() or place.is_symlink()):
                     os.replace(kept, place)
                     log.warning("%s: an interrupted swap left the previous bundle in %s; moved it back", place, folder)
-                shutil.rmtree(folder)
+
+            if remove_if_unheld(folder, "an interrupted export or erasure", before=put_back):  # a locked one is in use
                 removed.append(folder)
-                log.info("removed %s, left by an interrupted export or erasure", folder)
-            except OSError as exc:
-                log.warning("cannot remove %s, left by an interrupted export or erasure: %s", folder, exc)
-            finally:
-                os.close(fd)
     return removed
 
 

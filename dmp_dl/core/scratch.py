@@ -5,7 +5,7 @@ uses it. The kernel drops the lock when that process ends, however it ends (SIGK
 out-of-memory killer, a power-off of a container), so an unlocked folder under a locking name was
 left by a process that is gone. :class:`ScratchFolder` makes ``TMPDIR/dmp_dl-tmp-KIND-*`` folders
 (the clean events and prepared arrays set aside during a large EASE fit: 2.9 GiB at 50M events)
-and, each time it makes one, removes those of its name that nobody holds. A lock, not a process id:
+and, each time it makes one, removes the ``dmp_dl-tmp-*`` folders there that nobody holds. A lock, not a process id:
 a pid can be reused, and a folder shared between containers sees other pid namespaces.
 """
 

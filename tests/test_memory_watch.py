@@ -3,6 +3,7 @@ naming the stage, again only after memory came back, never more than a few; a ru
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -96,8 +97,14 @@ def test_a_run_warns_in_its_log_when_memory_runs_short_and_not_otherwise(tmp_pat
     cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "logger=none", "model.vae.max_epochs=1",
                        "propensity.enabled=false"], tmp_path / "roomy")
     with caplog.at_level(logging.WARNING, logger="dmp_dl.core.memory_watch"):
-        run(cfg)
+        state = run(cfg)
     assert _warnings(caplog) == []
+    # each stage that ran says how much memory the process held at most during it, in metrics.json too
+    stages = json.loads((tmp_path / "roomy" / "metrics.json").read_text())["stages"]
+    ran = {name: s["peak_rss_gib"] for name, s in stages.items() if s["status"] == "ok"}
+    assert {"data", "model", "export"} <= set(ran) and all(0.05 < gib < 64 for gib in ran.values()), ran
+    assert ran["model"] >= ran["data"] * 0.5 and state["stages"]["model"].peak_rss_gib == ran["model"]
+    assert "peak memory GiB" in (tmp_path / "roomy" / "report.html").read_text()
     monkeypatch.setattr(memory_watch, "MIN_WARN_BYTES", 1 << 62)  # every look finds memory short
     monkeypatch.setattr(memory_watch, "MAX_WARN_BYTES", 1 << 62)
     cfg = compose_cfg([*TINY_DATA, *QUIET_TRAINER, "logger=none", "model.vae.max_epochs=1",

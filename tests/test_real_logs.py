@@ -159,7 +159,9 @@ def test_an_optional_stage_that_breaks_is_failed_and_the_run_goes_on(tiny_cfg, m
     cfg = tiny_cfg("debug=fdr", "logger=none", "propensity.enabled=false")
     result = run(cfg)
     stages = result["metrics"]["stages"]
-    assert stages["audience"] == {"status": "failed", "reason": "RuntimeError: disk on fire", "seconds": stages["audience"]["seconds"]}
+    assert stages["audience"] == {"status": "failed", "reason": "RuntimeError: disk on fire", "seconds": stages["audience"]["seconds"],
+                                  "peak_rss_gib": stages["audience"]["peak_rss_gib"]}
+    assert stages["audience"]["peak_rss_gib"] > 0  # a failed stage's memory is recorded too
     assert stages["propensity"]["status"] == "skipped" and stages["propensity"]["reason"] == "propensity.enabled=false"
     bundle = Recommender.load(result["bundle_dir"])
     with pytest.raises(MissingPartError, match="it was trained with propensity.enabled=false"):

@@ -65,6 +65,7 @@ class MemoryWatch:
         self.stage = stage
         self.subject, self.advice = subject, advice
         self.warnings = 0
+        self.peaks: dict[str | None, int] = {}  # stage -> the largest RSS a look saw during it (bytes)
         self._armed = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,6 +73,7 @@ class MemoryWatch:
     def check(self) -> bool:
         """One look: log the warning when memory is short and the watch is armed. Returns whether it warned."""
         free, held = self.available(), self.held()
+        self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), held)
         limit = warn_below(held, free)
         if free >= 2 * limit:
             self._armed = True  # memory came back: a later shortage is news again
@@ -83,6 +85,16 @@ class MemoryWatch:
         log.warning("memory is nearly exhausted%s: %.0f MiB is left to this process, which holds %.1f GiB; if the "
                     "system stops the %s here, %s", during, free / 2**20, held / 2**30, self.subject, self.advice)
         return True
+
+    def enter_stage(self, stage: str) -> None:
+        """From now on the looks are ``stage``'s (its peak starts from what the process holds now)."""
+        self.stage = stage
+        self.peaks[stage] = max(self.peaks.get(stage, 0), self.held())
+
+    def peak_gib(self, stage: str) -> float | None:
+        """The largest RSS seen during ``stage`` (GiB, 3 decimals), or None when none was seen."""
+        peak = self.peaks.get(stage)
+        return None if peak is None else round(max(peak, self.held() if stage == self.stage else 0) / 2**30, 3)
 
     def _watch(self) -> None:
         while True:

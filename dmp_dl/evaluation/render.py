@@ -143,9 +143,10 @@ def _summary_blocks(d: Mapping) -> list[Block]:
 
 
 def _stage_blocks(d: Mapping) -> list[Block]:
-    rows = [[name, s.get("status", "?"), s.get("reason") or "", _num(s.get("seconds"), 1)] for name, s in d["stages"].items()]
+    rows = [[name, s.get("status", "?"), s.get("reason") or "", _num(s.get("seconds"), 1), _num(s.get("peak_rss_gib"), 2)]
+            for name, s in d["stages"].items()]
     split = (d.get("data_quality") or {}).get("split") or {}
-    blocks = [Block("table", Table(["stage", "status", "reason", "seconds"], rows, text=True))]
+    blocks = [Block("table", Table(["stage", "status", "reason", "seconds", "peak memory GiB"], rows, text=True))]
     if split.get("method_reason"):
         blocks.append(Block("p", f"Split: {split.get('method')} ({split['method_reason']})."))
     return blocks

@@ -285,7 +285,7 @@ def build_report(
     segment_sample: at most this many users are drawn for the 2-D segment map.
     curves: per-epoch training curves (:func:`read_training_curves`), optional.
     selection: the model-selection record (``metrics.json["model"]``: ``selected``, ``candidates``,
-        ``best_baseline``), optional; stages: stage name -> ``{"status", "reason", "seconds"}``
+        ``best_baseline``), optional; stages: stage name -> ``{"status", "reason", "seconds", "peak_rss_gib"}``
         (``metrics.json["stages"]``), optional: the overview's warnings and the "Run stages" table.
     """
     from dmp_dl.evaluation import plots  # matplotlib

@@ -239,7 +239,12 @@ def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     state: dict[str, Any] = {"metrics": {"stages": {}, "ranking": {}}, "stage_results": {}, "source": source}
 
+    watch = MemoryWatch(stage=STAGES[0].name)  # a warning in the log before the system stops a run short of memory
+
     def record(results: dict[str, StageResult]) -> None:
+        for name, result in results.items():
+            if result.peak_rss_gib is None:
+                result.peak_rss_gib = watch.peak_gib(name)
         state["stage_results"] = results
         state["metrics"]["stages"] = {name: r.to_dict() for name, r in results.items()}
         state["metrics"]["total_seconds"] = time.perf_counter() - t0
@@ -249,11 +254,10 @@ def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
     names = [stage.name for stage in STAGES]
     after_evaluation = set(names[names.index("evaluation") + 1:])
     aside_entered: list[str] = []
-    # the watch: a warning in the log before the system stops a run short of memory
-    with MemoryWatch(stage=names[0]) as watch, contextlib.ExitStack() as aside:
+    with watch, contextlib.ExitStack() as aside:
 
         def before(name: str) -> None:
-            watch.stage = name
+            watch.enter_stage(name)
             dm = state.get("datamodule")
             if name in after_evaluation and not aside_entered and hasattr(dm, "model_inputs_on_disk"):
                 aside_entered.append(name)  # the later stages' peaks without what they never read

@@ -38,11 +38,14 @@ class SkipStage(Exception):
 @dataclass
 class StageResult:
     """How one stage ended: ``status`` (ok | skipped | failed), ``reason`` (why it was skipped or
-    failed, or a note on an ok stage that ran in part; None otherwise) and wall-clock ``seconds``."""
+    failed, or a note on an ok stage that ran in part; None otherwise), wall-clock ``seconds`` and
+    ``peak_rss_gib``: the most memory the process held during it, as the run's memory watch saw it
+    (every half second; None when it was not watched)."""
 
     status: str
     reason: str | None = None
     seconds: float = 0.0
+    peak_rss_gib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

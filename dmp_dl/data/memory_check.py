@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def warn_when_tight(need: int, free: int, where: str | Path, what: str, advice: str) -> None:
-    """Warn, once, when ``need`` bytes (a floor: :data:`PREPARE_BYTES_PER_EVENT`) fit in ``free`` but
+    """Warn when ``need`` bytes (a floor: :data:`PREPARE_BYTES_PER_EVENT`) fit in ``free`` but
     ``need`` plus :data:`PREPARE_FIXED_BYTES` do not: the preparation may pass its peak there, and
     the line is then what explains a run the system stops part-way. Not when ``free`` is the
     user's own ``data.memory_limit_gb`` (a plan, not what the machine has)."""

@@ -252,16 +252,14 @@ def run(cfg: DictConfig, source: object | None = None) -> dict[str, Any]:
             atomic_write_text(out / "metrics.json", json.dumps(state["metrics"], indent=2, default=str))
 
     names = [stage.name for stage in STAGES]
-    after_evaluation = set(names[names.index("evaluation") + 1:])
-    aside_entered: list[str] = []
+    after_evaluation = names[names.index("evaluation") + 1]  # every stage is announced, skipped or not
     with watch, contextlib.ExitStack() as aside:
 
         def before(name: str) -> None:
             watch.enter_stage(name)
             dm = state.get("datamodule")
-            if name in after_evaluation and not aside_entered and hasattr(dm, "model_inputs_on_disk"):
-                aside_entered.append(name)  # the later stages' peaks without what they never read
-                aside.enter_context(dm.model_inputs_on_disk())
+            if name == after_evaluation and hasattr(dm, "model_inputs_on_disk"):
+                aside.enter_context(dm.model_inputs_on_disk())  # the later stages' peaks without what they never read
 
         state["stages"] = run_stages(cfg, STAGES, state, after_each=record, before_each=before)
     return state
